@@ -1,0 +1,1 @@
+//! The ComfyUI test double (see Cargo.toml description).

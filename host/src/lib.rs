@@ -1,0 +1,2 @@
+//! flowhost: serve ComfyUI workflows as HTTP endpoints, one sandboxed WebAssembly
+//! component per endpoint.

@@ -1,0 +1,1 @@
+//! The `/flux-dev` endpoint (to be written).

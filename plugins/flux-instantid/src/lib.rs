@@ -1,0 +1,1 @@
+//! The `/flux-instantid` endpoint (to be written).

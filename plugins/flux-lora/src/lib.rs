@@ -1,0 +1,1 @@
+//! The `/flux-lora` endpoint (to be written).

@@ -1,0 +1,1 @@
+//! The `/workflow` endpoint (to be written).
