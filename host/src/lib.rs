@@ -1,2 +1,12 @@
 //! flowhost: serve ComfyUI workflows as HTTP endpoints, one sandboxed WebAssembly
 //! component per endpoint.
+//!
+//! Rooms (arrows point down only): `http` → `jobs` → (`plugins`, `flowhost_comfy`),
+//! with `media`, `models`, `events`, `auth` and `metrics` beside them.
+
+pub mod http;
+pub mod jobs;
+pub mod plugins;
+pub mod check_plugin;
+pub mod cli;
+pub mod server;

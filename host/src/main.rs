@@ -1,1 +1,50 @@
-fn main() {}
+//! The `flowhost` binary.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use flowhost::cli::{Cli, Command, LogFormat};
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing(args.log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot start the async runtime");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(flowhost::server::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!(error = %format!("{err:#}"), "flowhost stopped");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckPlugin(args) => {
+            init_tracing(LogFormat::Text);
+            match flowhost::check_plugin::run(&args, None) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(err) => {
+                    tracing::error!(error = %format!("{err:#}"), "check-plugin failed");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}

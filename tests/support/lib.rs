@@ -1,1 +1,173 @@
-//! Shared helpers for the end-to-end tests.
+//! Shared helpers for the end-to-end tests: building plugins as real wasm
+//! components, starting a real `flowhost` service on loopback, and talking to it
+//! over real sockets.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// Cargo's target dir as the outer build uses it.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+static BUILD_LOCK: Mutex<()> = Mutex::new(());
+
+/// Build package `package` for wasm32-wasip2 (release) with extra env vars and
+/// return the path of a private copy of the component. Variants with different
+/// env get their own target dir so they don't rebuild each other.
+pub fn build_component(package: &str, env: &[(&str, &str)]) -> Result<PathBuf> {
+    let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let variant: String = env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let (target, label) = if env.is_empty() {
+        (target_dir(), package.to_string())
+    } else {
+        let slug: String = variant.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        (target_dir().join("fixture-variants").join(&slug), format!("{package}-{slug}"))
+    };
+    let artifact = target.join("wasm32-wasip2/release").join(format!("{}.wasm", package.replace('-', "_")));
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root())
+        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", package])
+        .env("CARGO_TARGET_DIR", &target);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let status = cmd.status().with_context(|| format!("running cargo build for {package}"))?;
+    if !status.success() {
+        bail!("building {package} ({variant}) for wasm32-wasip2 failed");
+    }
+    let copies = target_dir().join("test-components");
+    std::fs::create_dir_all(&copies)?;
+    let copy = copies.join(format!("{label}.wasm"));
+    std::fs::copy(&artifact, &copy).with_context(|| format!("copying {}", artifact.display()))?;
+    Ok(copy)
+}
+
+/// Write `bytes` to `dir/name` atomically (temp file + rename), the way a
+/// careful publisher does.
+pub fn publish_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    Ok(())
+}
+
+/// Poll `check` until it returns `Some` or `limit` passes. For "eventually"
+/// conditions only; never used to assert speed.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A running in-process service and a client for it.
+pub struct TestServer {
+    pub server: flowhost::server::Server,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub plugins: tempfile::TempDir,
+    pub cache: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// Start `flowhost serve` (parsed from real CLI args) on 127.0.0.1:0 with the
+    /// given plugin files copied in, plus `extra_args`.
+    pub async fn start(plugins: &[(&str, &Path)], extra_args: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        for (name, path) in plugins {
+            std::fs::copy(path, dir.path().join(name))?;
+        }
+        let cache = tempfile::tempdir()?;
+        Self::start_in(dir, cache, extra_args).await
+    }
+
+    pub async fn start_in(plugins: tempfile::TempDir, cache: tempfile::TempDir, extra_args: &[&str]) -> Result<Self> {
+        let plugins_dir = plugins.path().to_string_lossy().to_string();
+        let cache_dir = cache.path().to_string_lossy().to_string();
+        let mut argv = vec!["flowhost", "serve", "--listen", "127.0.0.1:0", "--plugins", &plugins_dir, "--cache-dir", &cache_dir];
+        argv.extend_from_slice(extra_args);
+        let cli = <flowhost::cli::Cli as clap::Parser>::try_parse_from(argv)?;
+        let flowhost::cli::Command::Serve(args) = cli.command else { bail!("not a serve command") };
+        let server = flowhost::server::start(args).await?;
+        let base = format!("http://{}", server.addr);
+        Ok(Self { server, base, client: reqwest::Client::new(), plugins, cache })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> Result<reqwest::Response> {
+        Ok(self.client.post(self.url(path)).json(body).send().await?)
+    }
+
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+        Ok(self.client.get(self.url(path)).send().await?.json().await?)
+    }
+
+    /// The status entry of one plugin file in `GET /plugins`.
+    pub async fn plugin_status(&self, file: &str) -> Result<Option<serde_json::Value>> {
+        let list = self.get_json("/plugins").await?;
+        Ok(list["plugins"].as_array().and_then(|a| a.iter().find(|p| p["file"] == file).cloned()))
+    }
+}
+
+/// Decode a problem+json response, asserting the content type.
+pub async fn problem(response: reqwest::Response) -> Result<(u16, serde_json::Value)> {
+    let status = response.status().as_u16();
+    let ct = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let body: serde_json::Value = response.json().await?;
+    if ct != "application/problem+json" {
+        bail!("expected application/problem+json, got {ct:?} (status {status}, body {body})");
+    }
+    Ok((status, body))
+}
+
+/// The `flowhost` binary, built (once per test process) from this workspace.
+pub fn flowhost_binary() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(workspace_root())
+            .args(["build", "--quiet", "-p", "flowhost", "--bin", "flowhost"])
+            .status();
+        assert!(status.map(|s| s.success()).unwrap_or(false), "building the flowhost binary failed");
+        target_dir().join("debug/flowhost")
+    })
+    .clone()
+}
+
+/// Send raw HTTP/1.1 bytes (for requests a well-behaved client would normalise,
+/// such as `..` in a path) and return the status code.
+pub async fn raw_request_status(addr: std::net::SocketAddr, request_line_and_headers: &str, body: &str) -> Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("{request_line_and_headers}\r\nhost: {addr}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let status = text.split_whitespace().nth(1).context("no status line")?.parse()?;
+    Ok(status)
+}

@@ -1,0 +1,112 @@
+//! Command-line interface: `flowhost serve`, `flowhost check-plugin`,
+//! `flowhost models ...`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "flowhost", version, about = "Serve ComfyUI workflows as HTTP endpoints; each endpoint is a sandboxed WebAssembly plugin.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service.
+    Serve(ServeArgs),
+    /// Load a plugin in the same sandbox the service uses, print its manifest and,
+    /// with --request, the job it builds (or its errors). Exits non-zero on failure.
+    CheckPlugin(CheckPluginArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "FLOWHOST_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    /// Plugin folder, watched for .wasm files (hot reload).
+    #[arg(long, env = "FLOWHOST_PLUGINS", default_value = ".flowhost/plugins")]
+    pub plugins: PathBuf,
+    /// Model volume (checkpoints/, diffusion_models/, loras/, ...).
+    #[arg(long, env = "FLOWHOST_MODELS")]
+    pub models: Option<PathBuf>,
+    /// Inputs volume: request fields may name images by a path relative to it.
+    #[arg(long, env = "FLOWHOST_INPUTS")]
+    pub inputs: Option<PathBuf>,
+    /// Host-owned folder for compiled plugins (never the plugin folder).
+    #[arg(long, env = "FLOWHOST_CACHE_DIR", default_value = ".flowhost/cache")]
+    pub cache_dir: PathBuf,
+    /// Use a running ComfyUI at this URL.
+    #[arg(long, env = "FLOWHOST_COMFYUI_URL", conflicts_with_all = ["comfyui_dir", "simulate"])]
+    pub comfyui_url: Option<url::Url>,
+    /// Spawn and supervise ComfyUI from this folder (`python main.py ...`).
+    #[arg(long, env = "FLOWHOST_COMFYUI_DIR", conflicts_with = "simulate")]
+    pub comfyui_dir: Option<PathBuf>,
+    /// Extra argument for ComfyUI's main.py (repeatable).
+    #[arg(long = "comfyui-arg", allow_hyphen_values = true)]
+    pub comfyui_args: Vec<String>,
+    /// Python interpreter for --comfyui-dir.
+    #[arg(long, env = "FLOWHOST_COMFYUI_PYTHON", default_value = "python3")]
+    pub comfyui_python: String,
+    /// Seconds ComfyUI may take to answer /system_stats after (re)start.
+    #[arg(long, default_value_t = 600)]
+    pub comfyui_startup_timeout: u64,
+    /// Run against the embedded ComfyUI test double (no GPU needed). The default
+    /// when neither --comfyui-url nor --comfyui-dir is given.
+    #[arg(long)]
+    pub simulate: bool,
+    /// Jobs in flight at once; beyond that 503 + Retry-After.
+    #[arg(long, env = "FLOWHOST_MAX_IN_FLIGHT", default_value_t = 5)]
+    pub max_in_flight: usize,
+    /// Per-job deadline in seconds; then the prompt is interrupted and 504 returned.
+    #[arg(long, env = "FLOWHOST_JOB_TIMEOUT", default_value_t = 120)]
+    pub job_timeout: u64,
+    /// JPEG quality for image outputs (1-100).
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub jpeg_quality: u8,
+    /// Log format.
+    #[arg(long, value_enum, env = "FLOWHOST_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    /// Allow listening on a non-loopback address without API keys.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// Memory limit per plugin call, MiB.
+    #[arg(long, default_value_t = 64)]
+    pub plugin_memory_mb: usize,
+    /// Wall-time limit per plugin call, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub plugin_timeout_ms: u64,
+    /// Largest request body, bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds between plugin-folder rescans (network volumes send no events).
+    #[arg(long, default_value_t = 2)]
+    pub rescan_interval: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckPluginArgs {
+    /// The component to check.
+    pub file: PathBuf,
+    /// A request body (JSON text, or @FILE) to build a job for.
+    #[arg(long)]
+    pub request: Option<String>,
+    /// Model volume the plugin may list (default: none present).
+    #[arg(long)]
+    pub models: Option<PathBuf>,
+    /// Memory limit per plugin call, MiB.
+    #[arg(long, default_value_t = 64)]
+    pub plugin_memory_mb: usize,
+    /// Wall-time limit per plugin call, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub plugin_timeout_ms: u64,
+}

@@ -1,0 +1,82 @@
+//! The HTTP surface: thin handlers over the plugin registry and the job runner.
+//!
+//! `POST /{route}` is the generation endpoint of whichever plugin serves that
+//! route right now (the table changes while the service runs, so the route is
+//! looked up per request, not baked into the router). Everything that fails
+//! answers `application/problem+json` ([`problem`]).
+
+pub mod generate;
+pub mod health;
+pub mod openapi;
+pub mod plugin_list;
+pub mod problem;
+pub mod request_schema;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::http::{HeaderName, Request, StatusCode};
+use axum::routing::{get, post};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::plugins::{PluginEngine, PluginRegistry};
+pub use problem::Problem;
+
+/// Limits of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self { max_body_bytes: 16 << 20 }
+    }
+}
+
+/// What handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<PluginRegistry>,
+    pub engine: PluginEngine,
+    pub limits: HttpLimits,
+    pub jobs: Arc<crate::jobs::JobRunner>,
+    pub started_at: Instant,
+}
+
+/// The request id header, accepted from callers or generated.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Build the router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health::health))
+        .route("/plugins", get(plugin_list::list_plugins))
+        .route("/openapi.json", get(openapi::openapi))
+        .route("/{route}", post(generate::generate))
+        .fallback(fallback)
+        .with_state(state)
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                let request_id = request.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+                tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = %request_id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+async fn fallback(uri: axum::http::Uri, method: axum::http::Method) -> Problem {
+    if method != axum::http::Method::POST && method != axum::http::Method::GET {
+        return Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "Method not allowed",
+            format!("{method} is not supported here; generation endpoints take POST"),
+        );
+    }
+    Problem::not_found_route(uri.path())
+}

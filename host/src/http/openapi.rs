@@ -1,0 +1,82 @@
+//! `GET /openapi.json`: the API as it is right now, assembled from the loaded
+//! plugins' manifests (their request schemas are JSON Schema 2020-12, which
+//! OpenAPI 3.1 embeds as is).
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Map, Value, json};
+
+use super::AppState;
+
+pub async fn openapi(State(state): State<AppState>) -> Json<Value> {
+    Json(document(&state))
+}
+
+fn problem_response(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    })
+}
+
+/// The OpenAPI 3.1 document for the current plugin set.
+pub fn document(state: &AppState) -> Value {
+    let mut paths = Map::new();
+    for plugin in state.registry.snapshot().plugins() {
+        let m = &plugin.manifest;
+        let mut media = Map::new();
+        for media_type in &m.response_media_types {
+            media.insert(media_type.clone(), json!({"schema": {"type": "string", "format": "binary"}}));
+        }
+        paths.insert(
+            m.route.clone(),
+            json!({
+                "post": {
+                    "operationId": m.name,
+                    "summary": m.summary,
+                    "description": format!("Served by plugin `{}` {}. Add `?dry_run=true` to get the built ComfyUI workflow as JSON instead of running it.", m.name, m.version),
+                    "parameters": [{
+                        "name": "dry_run", "in": "query", "required": false,
+                        "schema": {"type": "boolean", "default": false},
+                        "description": "Validate and build the workflow, return it as JSON, run nothing."
+                    }],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": m.request_schema}}},
+                    "responses": {
+                        "200": {
+                            "description": "The generated media. Headers: X-Seed (seed used), X-Generation-Ms, X-Request-Id.",
+                            "content": media
+                        },
+                        "400": problem_response("Invalid request: every failing field in `errors`"),
+                        "404": problem_response("Something the request names does not exist (e.g. a LoRA file)"),
+                        "413": problem_response("Body too large"),
+                        "422": problem_response("The input cannot be processed (e.g. no face in the reference image)"),
+                        "500": problem_response("The plugin or ComfyUI failed; `plugin` and `node` say where"),
+                        "503": problem_response("Not ready (ComfyUI down, model missing) or at capacity; see Retry-After"),
+                        "504": problem_response("The generation exceeded its deadline and was cancelled")
+                    }
+                }
+            }),
+        );
+    }
+    paths.insert("/health".into(), json!({"get": {"summary": "Service, ComfyUI and per-endpoint readiness", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}}));
+    paths.insert("/plugins".into(), json!({"get": {"summary": "Plugin files: loaded or rejected, with reasons", "responses": {"200": {"description": "the list"}}}}));
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "flowhost", "version": env!("CARGO_PKG_VERSION"), "description": "ComfyUI workflows as HTTP endpoints; each endpoint is a WebAssembly plugin."},
+        "paths": paths,
+        "components": {"schemas": {"Problem": {
+            "type": "object",
+            "description": "RFC 9457 problem details",
+            "required": ["type", "title", "status", "detail"],
+            "properties": {
+                "type": {"type": "string", "format": "uri"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"},
+                "errors": {"type": "array", "items": {"type": "object", "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}},
+                "plugin": {"type": "string"},
+                "node": {"type": "object"}
+            }
+        }}}
+    })
+}

@@ -1,0 +1,96 @@
+//! Errors as `application/problem+json` (RFC 9457), the only error shape the
+//! service speaks. Every problem has a stable `type` URI per kind, a `title`, the
+//! HTTP `status`, a `detail` that says what to do, and where it applies the
+//! failing `errors` (fields), `plugin`, `node`.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+/// Base of every problem `type`.
+pub const PROBLEM_BASE: &str = "https://flowhost.dev/problems/";
+
+/// One problem response.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub status: StatusCode,
+    pub slug: &'static str,
+    pub title: String,
+    pub detail: String,
+    pub extra: Map<String, Value>,
+    pub retry_after: Option<u64>,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, slug: &'static str, title: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self { status, slug, title: title.into(), detail: detail.into(), extra: Map::new(), retry_after: None }
+    }
+
+    /// Add a member (`errors`, `plugin`, `node`, ...).
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.extra.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Ask the client to retry after `secs` (503s).
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    pub fn body(&self) -> Value {
+        let mut body = json!({
+            "type": format!("{PROBLEM_BASE}{}", self.slug),
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        if let Value::Object(map) = &mut body {
+            for (k, v) in &self.extra {
+                map.insert(k.clone(), v.clone());
+            }
+        }
+        body
+    }
+
+    // Common problems.
+
+    pub fn not_found_route(path: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "unknown_route", "No such endpoint", format!("Nothing is served at {path}; GET /plugins lists the endpoints."))
+    }
+
+    pub fn bad_json(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_json", "The body is not valid JSON", detail)
+    }
+
+    pub fn invalid_request(errors: Vec<FieldProblem>) -> Self {
+        let detail = errors.iter().map(|e| format!("{}: {}", display_field(&e.field), e.message)).collect::<Vec<_>>().join("; ");
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", "The request is invalid", detail)
+            .with("errors", serde_json::to_value(&errors).unwrap_or(Value::Null))
+    }
+}
+
+fn display_field(field: &str) -> &str {
+    if field.is_empty() { "(body)" } else { field }
+}
+
+/// One failing field.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct FieldProblem {
+    /// Field path, `/`-separated (`width`, `loras/0/name`); empty for the body.
+    pub field: String,
+    pub message: String,
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = self.body().to_string();
+        let mut response = (self.status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

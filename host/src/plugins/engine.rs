@@ -1,0 +1,186 @@
+//! The wasmtime engine every plugin runs in, and the limits each call obeys.
+//!
+//! One engine serves all plugins and all requests. It prefers the pooling
+//! allocator (instantiation in microseconds, no mmap per request) but probes for
+//! it at start: some hosts refuse the large virtual reservation, and then we fall
+//! back to on-demand allocation instead of refusing to start. Wall-clock limits use
+//! epoch interruption, advanced by a dedicated ticker thread, so a looping plugin
+//! is trapped at its deadline without any cooperation.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use wasmtime::component::Linker;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::bindings::Plugin;
+use super::sandbox::SandboxState;
+
+/// `anyhow::Context` for `wasmtime::Result` (wasmtime 48 has its own error type).
+pub(crate) trait WasmtimeContext<T> {
+    fn wt_context(self, msg: &'static str) -> Result<T>;
+}
+
+impl<T> WasmtimeContext<T> for wasmtime::Result<T> {
+    fn wt_context(self, msg: &'static str) -> Result<T> {
+        self.map_err(anyhow::Error::from).context(msg)
+    }
+}
+
+/// How often the epoch advances. A call's deadline is rounded up to this.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Limits applied to every plugin call.
+#[derive(Debug, Clone)]
+pub struct PluginLimits {
+    /// Linear memory a plugin instance may grow to.
+    pub memory_bytes: usize,
+    /// Wall time of one call (instantiate + `build`).
+    pub call_timeout: Duration,
+    /// Bytes of stdout/stderr kept per call (the rest is dropped).
+    pub output_capture_bytes: usize,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 64 << 20,
+            call_timeout: Duration::from_secs(1),
+            output_capture_bytes: 16 << 10,
+        }
+    }
+}
+
+impl PluginLimits {
+    /// Epoch ticks a call may run for.
+    pub fn deadline_ticks(&self) -> u64 {
+        let tick = EPOCH_TICK.as_micros().max(1);
+        (self.call_timeout.as_micros().div_ceil(tick) as u64).max(1)
+    }
+}
+
+/// Which instance allocator the engine ended up with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AllocatorKind {
+    Pooling,
+    OnDemand,
+}
+
+/// Allocator preference for [`PluginEngine::new`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocatorChoice {
+    /// Pooling if the OS allows the reservation, else on-demand.
+    Auto,
+    /// On-demand only (used by benchmarks to compare).
+    OnDemand,
+}
+
+/// The engine, its linker and the limits, shared by every loaded plugin.
+#[derive(Clone)]
+pub struct PluginEngine {
+    inner: Arc<EngineInner>,
+}
+
+struct EngineInner {
+    engine: Engine,
+    linker: Linker<SandboxState>,
+    limits: PluginLimits,
+    allocator: AllocatorKind,
+}
+
+impl PluginEngine {
+    /// Build the engine (probing the pooling allocator), the linker and start the
+    /// epoch ticker. The ticker stops by itself when the last clone is dropped.
+    pub fn new(limits: PluginLimits, choice: AllocatorChoice) -> Result<Self> {
+        let (engine, allocator) = match choice {
+            AllocatorChoice::Auto => match Engine::new(&base_config(&limits, true)) {
+                Ok(engine) => (engine, AllocatorKind::Pooling),
+                Err(err) => {
+                    tracing::warn!(error = %err, "pooling allocator unavailable; using on-demand allocation");
+                    (Engine::new(&base_config(&limits, false)).wt_context("creating the wasm engine")?, AllocatorKind::OnDemand)
+                }
+            },
+            AllocatorChoice::OnDemand => {
+                (Engine::new(&base_config(&limits, false)).wt_context("creating the wasm engine")?, AllocatorKind::OnDemand)
+            }
+        };
+        let linker = build_linker(&engine)?;
+        let inner = Arc::new(EngineInner { engine, linker, limits, allocator });
+        spawn_epoch_ticker(Arc::downgrade(&inner))?;
+        tracing::info!(allocator = ?allocator, "plugin engine ready");
+        Ok(Self { inner })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+    pub fn linker(&self) -> &Linker<SandboxState> {
+        &self.inner.linker
+    }
+    pub fn limits(&self) -> &PluginLimits {
+        &self.inner.limits
+    }
+    pub fn allocator(&self) -> AllocatorKind {
+        self.inner.allocator
+    }
+
+    /// A short hex digest identifying what compiled code this engine accepts;
+    /// part of the compiled-artifact cache key.
+    pub fn compatibility_digest(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.inner.engine.precompile_compatibility_hash().hash(&mut hasher);
+        format!("{:016x}", hasher.finish())
+    }
+}
+
+fn base_config(limits: &PluginLimits, pooling: bool) -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    config.parallel_compilation(true);
+    if pooling {
+        let mut pool = PoolingAllocationConfig::new();
+        // Enough slots for every request a 2-core container can have in flight
+        // plus loads; a plugin call lasts microseconds, so slots free up fast.
+        pool.total_component_instances(256);
+        pool.total_core_instances(2048);
+        pool.total_memories(512);
+        pool.total_tables(1024);
+        pool.max_memories_per_component(4);
+        pool.max_tables_per_component(16);
+        pool.max_core_instances_per_component(32);
+        pool.max_memory_size(limits.memory_bytes);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    config
+}
+
+fn build_linker(engine: &Engine) -> Result<Linker<SandboxState>> {
+    let mut linker = Linker::new(engine);
+    // WASI is linked so components built by standard toolchains instantiate, but
+    // the context behind it grants nothing (see `SandboxState::new`).
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).wt_context("linking WASI")?;
+    Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |state| state)
+        .wt_context("linking the flowhost host interface")?;
+    Ok(linker)
+}
+
+/// Without the ticker deadlines never fire, so failing to start it is fatal.
+fn spawn_epoch_ticker(inner: Weak<EngineInner>) -> Result<()> {
+    std::thread::Builder::new()
+        .name("flowhost-epoch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(EPOCH_TICK);
+                match inner.upgrade() {
+                    Some(inner) => inner.engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })
+        .context("starting the epoch ticker thread")?;
+    Ok(())
+}

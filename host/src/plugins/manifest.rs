@@ -1,0 +1,257 @@
+//! Host-owned views of what plugins say: the manifest (checked once at load) and
+//! the job (checked after every `build`). Converting here keeps generated
+//! binding types out of the rest of the host.
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use super::bindings::wit;
+
+/// A model the plugin needs: any one of `any_of` (folder, file name) will do.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelRequirement {
+    pub purpose: String,
+    pub any_of: Vec<ModelRef>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ModelRef {
+    pub folder: String,
+    pub name: String,
+}
+
+/// A plugin's manifest, validated: name, route and version are well-formed and
+/// the request schema compiles.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginManifest {
+    pub name: String,
+    pub version: String,
+    pub route: String,
+    pub summary: String,
+    /// The request's JSON Schema (as the plugin gave it).
+    pub request_schema: serde_json::Value,
+    pub response_media_types: Vec<String>,
+    pub analytics_prefix: String,
+    pub node_classes: Vec<String>,
+    pub models: Vec<ModelRequirement>,
+}
+
+impl PluginManifest {
+    /// Check and convert a manifest as returned by `describe`.
+    pub fn from_wit(m: wit::Manifest) -> Result<Self> {
+        check_name(&m.name)?;
+        check_route(&m.route)?;
+        check_semver(&m.version).with_context(|| format!("plugin {} declares version {:?}", m.name, m.version))?;
+        if !m.analytics_prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+            bail!("analytics prefix {:?} must be lowercase letters, digits and '_'", m.analytics_prefix);
+        }
+        let request_schema: serde_json::Value = serde_json::from_str(&m.request_schema)
+            .with_context(|| format!("plugin {}: request schema is not JSON", m.name))?;
+        Ok(Self {
+            name: m.name,
+            version: m.version,
+            route: m.route,
+            summary: m.summary,
+            request_schema,
+            response_media_types: m.response_media_types,
+            analytics_prefix: m.analytics_prefix,
+            node_classes: m.node_classes,
+            models: m
+                .models
+                .into_iter()
+                .map(|r| ModelRequirement {
+                    purpose: r.purpose,
+                    any_of: r.any_of.into_iter().map(|m| ModelRef { folder: m.folder, name: m.name }).collect(),
+                })
+                .collect(),
+        })
+    }
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-');
+    if !ok {
+        bail!("plugin name {name:?} must be 1-64 characters of a-z, 0-9 and '-'");
+    }
+    Ok(())
+}
+
+/// Routes are one path segment, so a plugin can never shadow `/health`,
+/// `/plugins` or another plugin's sub-paths.
+pub fn check_route(route: &str) -> Result<()> {
+    let Some(segment) = route.strip_prefix('/') else {
+        bail!("route {route:?} must start with '/'");
+    };
+    let ok = !segment.is_empty()
+        && segment.len() <= 64
+        && segment.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if !ok {
+        bail!("route {route:?} must be '/' followed by 1-64 characters of a-z, 0-9, '-' and '_'");
+    }
+    if RESERVED_ROUTES.contains(&segment) {
+        bail!("route {route:?} is reserved by the host");
+    }
+    Ok(())
+}
+
+/// Paths the host serves itself.
+pub const RESERVED_ROUTES: &[&str] = &["health", "plugins", "openapi.json", "metrics", "models", "admin", "docs"];
+
+fn check_semver(v: &str) -> Result<()> {
+    let core = v.split(['-', '+']).next().unwrap_or_default();
+    let parts: Vec<&str> = core.split('.').collect();
+    if parts.len() != 3 || parts.iter().any(|p| p.is_empty() || p.parse::<u64>().is_err()) {
+        bail!("not a semver version (expected MAJOR.MINOR.PATCH)");
+    }
+    Ok(())
+}
+
+/// Where an upload's bytes come from.
+#[derive(Debug, Clone)]
+pub enum UploadSource {
+    Bytes(Vec<u8>),
+    /// Relative to the inputs volume; resolved by the host.
+    InputPath(String),
+}
+
+/// An image to upload before submission.
+#[derive(Debug, Clone)]
+pub struct PluginUpload {
+    pub field: String,
+    pub filename: String,
+    pub source: UploadSource,
+    pub node_id: String,
+    pub input_name: String,
+}
+
+/// How image outputs are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    Jpeg,
+    Png,
+    Original,
+}
+
+/// A job as built by a plugin, checked for internal consistency.
+#[derive(Debug, Clone)]
+pub struct PluginJob {
+    /// The API-format graph (a JSON object of nodes).
+    pub workflow: serde_json::Map<String, serde_json::Value>,
+    pub uploads: Vec<PluginUpload>,
+    pub outputs: Vec<String>,
+    pub output_format: OutputFormat,
+    pub seed: Option<u64>,
+    pub analytics: serde_json::Map<String, serde_json::Value>,
+    pub caller_nodes: Vec<String>,
+}
+
+impl PluginJob {
+    /// Convert and check a job: the workflow must be a JSON object of nodes with
+    /// a `class_type` each, and every node id the job mentions must exist. A
+    /// failure here is the plugin's bug, reported as such.
+    pub fn from_wit(job: wit::Job) -> Result<Self> {
+        let workflow: serde_json::Value =
+            serde_json::from_str(&job.workflow).context("the built workflow is not valid JSON")?;
+        let serde_json::Value::Object(workflow) = workflow else {
+            bail!("the built workflow is not a JSON object of nodes");
+        };
+        for (id, node) in &workflow {
+            if node.get("class_type").and_then(|c| c.as_str()).is_none() {
+                bail!("node {id:?} of the built workflow has no class_type");
+            }
+        }
+        for out in &job.outputs {
+            if !workflow.contains_key(out) {
+                bail!("output node {out:?} is not in the built workflow");
+            }
+        }
+        let uploads = job
+            .uploads
+            .into_iter()
+            .map(|u| {
+                if !workflow.contains_key(&u.node_id) {
+                    bail!("upload for field {:?} targets node {:?}, which is not in the workflow", u.field, u.node_id);
+                }
+                Ok(PluginUpload {
+                    field: u.field,
+                    filename: u.filename,
+                    source: match u.source {
+                        wit::ImageSource::Bytes(b) => UploadSource::Bytes(b),
+                        wit::ImageSource::InputPath(p) => UploadSource::InputPath(p),
+                    },
+                    node_id: u.node_id,
+                    input_name: u.input_name,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let analytics = if job.analytics.trim().is_empty() {
+            serde_json::Map::new()
+        } else {
+            match serde_json::from_str::<serde_json::Value>(&job.analytics) {
+                Ok(serde_json::Value::Object(map)) => map,
+                Ok(_) => bail!("analytics properties are not a JSON object"),
+                Err(e) => bail!("analytics properties are not JSON: {e}"),
+            }
+        };
+        Ok(Self {
+            workflow,
+            uploads,
+            outputs: job.outputs,
+            output_format: match job.output_format {
+                wit::OutputFormat::Jpeg => OutputFormat::Jpeg,
+                wit::OutputFormat::Png => OutputFormat::Png,
+                wit::OutputFormat::Original => OutputFormat::Original,
+            },
+            seed: job.seed,
+            analytics,
+            caller_nodes: job.caller_nodes,
+        })
+    }
+
+    /// The dry-run view of the job: what would be submitted, without executing.
+    pub fn dry_run_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "workflow": self.workflow,
+            "uploads": self.uploads.iter().map(|u| serde_json::json!({
+                "field": u.field,
+                "filename": u.filename,
+                "node_id": u.node_id,
+                "input_name": u.input_name,
+                "source": match &u.source {
+                    UploadSource::Bytes(b) => serde_json::json!({"bytes": b.len()}),
+                    UploadSource::InputPath(p) => serde_json::json!({"input_path": p}),
+                },
+            })).collect::<Vec<_>>(),
+            "outputs": self.outputs,
+            "output_format": self.output_format,
+            "seed": self.seed,
+            "analytics": self.analytics,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_one_safe_segment() {
+        assert!(check_route("/flux-dev").is_ok());
+        for bad in ["flux", "/", "/a/b", "/../x", "/Flux", "/health", "/plugins", "/a b", "/a%2f"] {
+            assert!(check_route(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn versions_must_be_semver() {
+        assert!(check_semver("1.2.3").is_ok());
+        assert!(check_semver("0.1.0-beta.1").is_ok());
+        for bad in ["1.2", "v1.2.3", "1.x.3", ""] {
+            assert!(check_semver(bad).is_err(), "{bad}");
+        }
+    }
+}

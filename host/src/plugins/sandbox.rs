@@ -1,0 +1,141 @@
+//! The state behind one plugin call, and the host imports a plugin may use.
+//!
+//! A fresh [`SandboxState`] (and `Store`) is made for every call and dropped
+//! after it: an instance that trapped may have broken invariants, so nothing is
+//! ever reused. WASI is present only so that standard toolchains' components link;
+//! its context has no preopened directories, no environment, no arguments, no
+//! network and no stdin. stdout/stderr go to bounded in-memory pipes whose content
+//! is logged under the plugin's name after the call.
+
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::host_imports::{self, LogLevel, ModelFile};
+use super::engine::PluginLimits;
+
+/// Where plugins' `list-models` answers come from (the model volume in the
+/// service; a fixed list in tests and benchmarks). Called on every plugin call
+/// that asks, from a blocking thread: implementations must be cheap.
+pub trait ModelLister: Send + Sync {
+    /// Files present in `folder` (relative names, `/`-separated, with sizes).
+    /// Zero-byte files and broken links must not be listed.
+    fn list_models(&self, folder: &str) -> Vec<(String, u64)>;
+}
+
+/// A lister with no models (check-plugin without `--models`).
+pub struct NoModels;
+
+impl ModelLister for NoModels {
+    fn list_models(&self, _folder: &str) -> Vec<(String, u64)> {
+        Vec::new()
+    }
+}
+
+/// Per-call store data.
+pub struct SandboxState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+    plugin: Arc<str>,
+    request_id: String,
+    models: Arc<dyn ModelLister>,
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+}
+
+impl SandboxState {
+    /// A state that grants nothing but the flowhost host interface.
+    pub fn new(plugin: Arc<str>, request_id: String, limits: &PluginLimits, models: Arc<dyn ModelLister>) -> Self {
+        let stdout = MemoryOutputPipe::new(limits.output_capture_bytes);
+        let stderr = MemoryOutputPipe::new(limits.output_capture_bytes);
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(limits.memory_bytes)
+            .instances(64)
+            .trap_on_grow_failure(true)
+            .build();
+        Self { wasi, table: ResourceTable::new(), limits, plugin, request_id, models, stdout, stderr }
+    }
+
+    /// Log whatever the plugin wrote to stdout/stderr during the call.
+    pub fn flush_output(&self) {
+        for (stream, pipe) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
+            let bytes = pipe.contents();
+            if bytes.is_empty() {
+                continue;
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                tracing::info!(target: "plugin", plugin = %self.plugin, request_id = %self.request_id, stream, "{line}");
+            }
+        }
+    }
+}
+
+impl WasiView for SandboxState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Longest log message accepted from a plugin; longer ones are cut.
+const MAX_LOG_MESSAGE: usize = 4096;
+
+impl host_imports::Host for SandboxState {
+    fn log(&mut self, level: LogLevel, message: String) {
+        let mut message = message;
+        if message.len() > MAX_LOG_MESSAGE {
+            let mut cut = MAX_LOG_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str(" …(truncated)");
+        }
+        let (plugin, request_id) = (&*self.plugin, self.request_id.as_str());
+        match level {
+            LogLevel::Trace => tracing::trace!(target: "plugin", plugin, request_id, "{message}"),
+            LogLevel::Debug => tracing::debug!(target: "plugin", plugin, request_id, "{message}"),
+            LogLevel::Info => tracing::info!(target: "plugin", plugin, request_id, "{message}"),
+            LogLevel::Warn => tracing::warn!(target: "plugin", plugin, request_id, "{message}"),
+            LogLevel::Error => tracing::error!(target: "plugin", plugin, request_id, "{message}"),
+        }
+    }
+
+    fn list_models(&mut self, folder: String) -> Vec<ModelFile> {
+        self.models
+            .list_models(&folder)
+            .into_iter()
+            .map(|(name, size)| ModelFile { name, size })
+            .collect()
+    }
+}
+
+/// The types module also has a (empty) Host trait to satisfy.
+impl super::bindings::wit::Host for SandboxState {}
+
+impl SandboxState {
+    /// The most telling line the plugin wrote to stderr: a Rust panic's
+    /// "panicked at ...: message" (two lines since Rust 1.73, joined), else the
+    /// last non-empty line.
+    pub fn last_stderr_line(&self) -> Option<String> {
+        let bytes = self.stderr.contents();
+        let text = String::from_utf8_lossy(&bytes);
+        let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        if let Some(i) = lines.iter().position(|l| l.contains("panicked")) {
+            let message = lines.get(i + 1).filter(|l| !l.starts_with("note:")).copied().unwrap_or_default();
+            return Some(format!("{} {message}", lines[i]).trim().to_string());
+        }
+        lines.last().map(|l| l.to_string())
+    }
+}

@@ -1,0 +1,295 @@
+//! Hot reload: keep the registry in step with the plugin folder.
+//!
+//! Two triggers, because neither is enough alone: filesystem events (inotify via
+//! `notify`), debounced and coalesced so a file written in many chunks is loaded
+//! once; and a periodic rescan, because network volumes (Modal's among them)
+//! deliver no events. Each scan compares size + mtime, hashes only changed files,
+//! and compiles only new content, on a blocking thread.
+//!
+//! Failure never takes an endpoint down: a file whose new content fails to load is
+//! marked rejected (with the reason) while its previous version keeps serving; a
+//! file that claims a route another file already serves is rejected; a removed
+//! file's route disappears.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use notify::Watcher as _;
+use tokio::sync::mpsc;
+
+use super::compiled_cache::CompiledCache;
+use super::engine::PluginEngine;
+use super::loader::LoadedPlugin;
+use super::registry::{PluginRegistry, PluginSet, PluginStatus, rfc3339};
+use super::sandbox::ModelLister;
+
+/// Quiet time after the last filesystem event before a scan.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Everything a scan needs.
+#[derive(Clone)]
+pub struct LoadContext {
+    pub dir: PathBuf,
+    pub engine: PluginEngine,
+    pub cache: Option<CompiledCache>,
+    pub models: Arc<dyn ModelLister>,
+    pub registry: Arc<PluginRegistry>,
+    /// Called after each scan with (loaded, rejected) counts of *new* outcomes.
+    pub on_load: Option<Arc<dyn Fn(&LoadEvent) + Send + Sync>>,
+}
+
+/// What a scan did to one file, for metrics and events.
+#[derive(Debug, Clone)]
+pub enum LoadEvent {
+    Loaded { file: String, plugin: String, version: String },
+    Rejected { file: String, reason: String },
+    Removed { file: String },
+}
+
+/// Per-file memory between scans.
+struct FileState {
+    fingerprint: (u64, Option<SystemTime>),
+    sha256: Option<String>,
+    /// The last version of this file that loaded (serving unless its route is taken).
+    good: Option<Arc<LoadedPlugin>>,
+    /// Why the current content is unusable, if it is.
+    error: Option<String>,
+}
+
+/// Keeps the registry in step with the folder until dropped.
+pub struct PluginWatcher {
+    task: tokio::task::JoinHandle<()>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Drop for PluginWatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The scanner's state, shared between the initial scan and the watch task.
+pub struct Scanner {
+    ctx: LoadContext,
+    files: Mutex<HashMap<String, FileState>>,
+}
+
+impl Scanner {
+    pub fn new(ctx: LoadContext) -> Arc<Self> {
+        Arc::new(Self { ctx, files: Mutex::new(HashMap::new()) })
+    }
+
+    /// Scan the folder once and publish the result. Blocking.
+    pub fn scan(&self) -> Result<()> {
+        let entries = list_wasm_files(&self.ctx.dir)?;
+        let mut files = self.files.lock().map_err(|_| anyhow::anyhow!("plugin scanner state poisoned"))?;
+        let mut events = Vec::new();
+
+        files.retain(|name, _| {
+            let keep = entries.iter().any(|(n, _, _)| n == name);
+            if !keep {
+                events.push(LoadEvent::Removed { file: name.clone() });
+                tracing::info!(file = %name, "plugin file removed");
+            }
+            keep
+        });
+
+        for (name, path, fingerprint) in &entries {
+            let state = files.entry(name.clone()).or_insert(FileState {
+                fingerprint: (u64::MAX, None),
+                sha256: None,
+                good: None,
+                error: None,
+            });
+            if state.fingerprint == *fingerprint {
+                continue;
+            }
+            state.fingerprint = *fingerprint;
+            let bytes = match std::fs::read(path) {
+                Ok(bytes) => bytes,
+                Err(err) => {
+                    state.error = Some(format!("cannot read the file: {err}"));
+                    continue;
+                }
+            };
+            let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            if state.sha256.as_deref() == Some(sha.as_str()) {
+                continue;
+            }
+            state.sha256 = Some(sha);
+            match LoadedPlugin::load_bytes(&self.ctx.engine, self.ctx.cache.as_ref(), path, &bytes, self.ctx.models.clone()) {
+                Ok(plugin) => {
+                    events.push(LoadEvent::Loaded {
+                        file: name.clone(),
+                        plugin: plugin.manifest.name.clone(),
+                        version: plugin.manifest.version.clone(),
+                    });
+                    state.good = Some(Arc::new(plugin));
+                    state.error = None;
+                }
+                Err(err) => {
+                    let reason = format!("{err:#}");
+                    tracing::warn!(file = %name, reason = %reason, still_serving = ?state.good.as_ref().map(|p| p.label.to_string()), "plugin rejected");
+                    events.push(LoadEvent::Rejected { file: name.clone(), reason: reason.clone() });
+                    state.error = Some(reason);
+                }
+            }
+        }
+
+        let set = assign_routes(&files, &self.ctx.registry.snapshot(), &mut events);
+        self.ctx.registry.publish(set);
+        drop(files);
+        if let Some(hook) = &self.ctx.on_load {
+            for event in &events {
+                hook(event);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decide which file serves each route. A route stays with the file that served
+/// it before (so a newcomer cannot hijack a live route); otherwise files are
+/// considered in name order.
+fn assign_routes(files: &HashMap<String, FileState>, previous: &PluginSet, events: &mut Vec<LoadEvent>) -> PluginSet {
+    let mut names: Vec<&String> = files.keys().collect();
+    names.sort_by_key(|name| {
+        let owned_before = files[*name]
+            .good
+            .as_ref()
+            .and_then(|p| previous.get(&p.manifest.route))
+            .is_some_and(|owner| owner.file == files[*name].good.as_ref().map(|p| p.file.clone()).unwrap_or_default());
+        (!owned_before, (*name).clone())
+    });
+
+    let mut routes: HashMap<String, Arc<LoadedPlugin>> = HashMap::new();
+    let mut statuses = BTreeMap::new();
+    for name in names {
+        let state = &files[name];
+        let mut status = PluginStatus {
+            file: name.clone(),
+            status: "rejected",
+            name: None,
+            version: None,
+            route: None,
+            sha256: state.sha256.clone(),
+            loaded_at: None,
+            reason: state.error.clone(),
+            still_serving: None,
+        };
+        if let Some(plugin) = &state.good {
+            let route = plugin.manifest.route.clone();
+            status.name = Some(plugin.manifest.name.clone());
+            status.route = Some(route.clone());
+            if let Some(owner) = routes.get(&route) {
+                let reason = format!(
+                    "route {route} is already served by {} ({})",
+                    owner.file.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
+                    owner.label
+                );
+                if status.reason.is_none() {
+                    events.push(LoadEvent::Rejected { file: name.clone(), reason: reason.clone() });
+                    tracing::warn!(file = %name, reason = %reason, "plugin rejected");
+                }
+                status.reason = Some(status.reason.map_or(reason.clone(), |r| format!("{r}; {reason}")));
+                status.version = Some(plugin.manifest.version.clone());
+            } else {
+                status.version = Some(plugin.manifest.version.clone());
+                status.loaded_at = Some(rfc3339(plugin.loaded_at));
+                if state.error.is_some() {
+                    status.still_serving = Some(plugin.manifest.version.clone());
+                } else {
+                    status.status = "loaded";
+                    status.sha256 = Some(plugin.sha256.clone());
+                }
+                routes.insert(route, plugin.clone());
+            }
+        }
+        statuses.insert(name.clone(), status);
+    }
+    PluginSet::new(routes, statuses)
+}
+
+/// `*.wasm` files directly in `dir` (hidden files skipped), with their
+/// size + mtime fingerprint.
+fn list_wasm_files(dir: &Path) -> Result<Vec<(String, PathBuf, (u64, Option<SystemTime>))>> {
+    let mut out = Vec::new();
+    let read = std::fs::read_dir(dir).with_context(|| format!("reading plugin folder {}", dir.display()))?;
+    for entry in read.flatten() {
+        let path = entry.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else { continue };
+        if name.starts_with('.') || !name.ends_with(".wasm") {
+            continue;
+        }
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        out.push((name, path, (meta.len(), meta.modified().ok())));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+impl PluginWatcher {
+    /// Scan once (so the service starts with its plugins), then keep watching.
+    pub async fn start(ctx: LoadContext, rescan_interval: Duration) -> Result<Self> {
+        std::fs::create_dir_all(&ctx.dir).with_context(|| format!("creating plugin folder {}", ctx.dir.display()))?;
+        let dir = ctx.dir.clone();
+        let scanner = Scanner::new(ctx);
+        run_scan(&scanner).await;
+
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                let _ = tx.send(());
+            }
+        }) {
+            Ok(mut watcher) => match watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => Some(watcher),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot watch the plugin folder; relying on periodic rescans");
+                    None
+                }
+            },
+            Err(err) => {
+                tracing::warn!(error = %err, "no filesystem watcher; relying on periodic rescans");
+                None
+            }
+        };
+
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(rescan_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    Some(()) = rx.recv() => {
+                        // Coalesce a burst of events into one scan.
+                        loop {
+                            match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                                Ok(Some(())) => continue,
+                                _ => break,
+                            }
+                        }
+                    }
+                }
+                run_scan(&scanner).await;
+            }
+        });
+        Ok(Self { task, _watcher: watcher })
+    }
+}
+
+async fn run_scan(scanner: &Arc<Scanner>) {
+    let scanner = scanner.clone();
+    match tokio::task::spawn_blocking(move || scanner.scan()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %format!("{err:#}"), "plugin scan failed"),
+        Err(err) => tracing::error!(error = %err, "plugin scan panicked"),
+    }
+}
