@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use anyhow::bail;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -117,7 +117,10 @@ impl AccessKeys {
 
     /// The names of the configured keys, for the startup log.
     pub fn names(&self) -> Vec<(String, Role)> {
-        self.keys.iter().map(|key| (key.name.clone(), key.role)).collect()
+        self.keys
+            .iter()
+            .map(|key| (key.name.clone(), key.role))
+            .collect()
     }
 
     /// The caller a presented key belongs to, comparing against every key in constant time.
@@ -150,7 +153,12 @@ fn variable_of(role: Role) -> &'static str {
     }
 }
 
-fn parse_entry(variable: &str, position: usize, entry: &str, role: Role) -> anyhow::Result<ConfiguredKey> {
+fn parse_entry(
+    variable: &str,
+    position: usize,
+    entry: &str,
+    role: Role,
+) -> anyhow::Result<ConfiguredKey> {
     if entry.is_empty() {
         bail!("{variable}: entry {position} is empty (a doubled or trailing comma?)");
     }
@@ -189,7 +197,11 @@ fn parse_entry(variable: &str, position: usize, entry: &str, role: Role) -> anyh
 
 /// Refuse to listen beyond loopback without keys, unless the operator said
 /// `--insecure-no-auth`.
-pub fn check_listen_policy(addr: SocketAddr, keys_configured: bool, insecure_no_auth: bool) -> anyhow::Result<()> {
+pub fn check_listen_policy(
+    addr: SocketAddr,
+    keys_configured: bool,
+    insecure_no_auth: bool,
+) -> anyhow::Result<()> {
     if addr.ip().to_canonical().is_loopback() || keys_configured {
         return Ok(());
     }
@@ -225,7 +237,11 @@ enum Refusal {
 /// is required; the caller goes into the request's extensions.
 ///
 /// `axum::middleware::from_fn_with_state(access_keys.clone(), auth::require_api_key)`
-pub async fn require_api_key(State(keys): State<AccessKeys>, request: Request, next: Next) -> Response {
+pub async fn require_api_key(
+    State(keys): State<AccessKeys>,
+    request: Request,
+    next: Next,
+) -> Response {
     authorize(&keys, Role::User, request, next).await
 }
 
@@ -233,7 +249,11 @@ pub async fn require_api_key(State(keys): State<AccessKeys>, request: Request, n
 /// an admin key is required (a user key gets 403).
 ///
 /// `axum::middleware::from_fn_with_state(access_keys.clone(), auth::require_admin_key)`
-pub async fn require_admin_key(State(keys): State<AccessKeys>, request: Request, next: Next) -> Response {
+pub async fn require_admin_key(
+    State(keys): State<AccessKeys>,
+    request: Request,
+    next: Next,
+) -> Response {
     authorize(&keys, Role::Admin, request, next).await
 }
 
@@ -254,7 +274,11 @@ async fn authorize(keys: &AccessKeys, needed: Role, mut request: Request, next: 
     }
 }
 
-fn check_request(keys: &AccessKeys, needed: Role, headers: &axum::http::HeaderMap) -> Result<Caller, Refusal> {
+fn check_request(
+    keys: &AccessKeys,
+    needed: Role,
+    headers: &axum::http::HeaderMap,
+) -> Result<Caller, Refusal> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let value = values.next().ok_or(Refusal::Missing)?;
     if values.next().is_some() {
@@ -314,9 +338,10 @@ fn refusal_response(refusal: Refusal) -> Response {
         ),
     };
     let mut response = problem_response(status, slug, title, detail);
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
     response
 }
 
@@ -330,7 +355,10 @@ fn problem_response(status: StatusCode, slug: &str, title: &str, detail: &str) -
     });
     (
         status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        )],
         body.to_string(),
     )
         .into_response()
@@ -346,13 +374,30 @@ mod tests {
 
     #[test]
     fn named_and_unnamed_keys_parse_and_authenticate_with_their_role() {
-        let keys = AccessKeys::parse(Some("alice:k-alice-123, k-bob-456"), Some("ops:k-ops-789")).unwrap();
+        let keys =
+            AccessKeys::parse(Some("alice:k-alice-123, k-bob-456"), Some("ops:k-ops-789")).unwrap();
         assert!(keys.is_configured());
-        assert_eq!(keys.authenticate("k-alice-123"), Some(Caller { name: "alice".into(), role: Role::User }));
-        assert_eq!(keys.authenticate("k-ops-789").map(|c| c.role), Some(Role::Admin));
+        assert_eq!(
+            keys.authenticate("k-alice-123"),
+            Some(Caller {
+                name: "alice".into(),
+                role: Role::User
+            })
+        );
+        assert_eq!(
+            keys.authenticate("k-ops-789").map(|c| c.role),
+            Some(Role::Admin)
+        );
         let bob = keys.authenticate("k-bob-456").unwrap();
-        assert!(bob.name.starts_with("key-") && bob.name.len() == 12, "{}", bob.name);
-        assert!(!bob.name.contains("bob"), "the generated name must not reveal the key");
+        assert!(
+            bob.name.starts_with("key-") && bob.name.len() == 12,
+            "{}",
+            bob.name
+        );
+        assert!(
+            !bob.name.contains("bob"),
+            "the generated name must not reveal the key"
+        );
         assert_eq!(keys.authenticate("k-bob-45"), None);
         assert_eq!(keys.authenticate(""), None);
     }
@@ -360,13 +405,20 @@ mod tests {
     #[test]
     fn unset_or_blank_variables_mean_no_keys() {
         assert!(!AccessKeys::parse(None, None).unwrap().is_configured());
-        assert!(!AccessKeys::parse(Some("  "), Some("")).unwrap().is_configured());
+        assert!(
+            !AccessKeys::parse(Some("  "), Some(""))
+                .unwrap()
+                .is_configured()
+        );
     }
 
     #[test]
     fn a_key_may_contain_colons_after_its_name() {
         let keys = AccessKeys::parse(Some("svc:abc:def"), None).unwrap();
-        assert_eq!(keys.authenticate("abc:def").map(|c| c.name), Some("svc".into()));
+        assert_eq!(
+            keys.authenticate("abc:def").map(|c| c.name),
+            Some("svc".into())
+        );
     }
 
     #[test]
@@ -376,7 +428,10 @@ mod tests {
         assert!(error_of(Some("a:"), None).contains("entry 1 has an empty key"));
         assert!(error_of(Some(":secret1"), None).contains("empty name"));
         let duplicate = error_of(Some("a:secret1"), Some("a:secret2"));
-        assert!(duplicate.contains("FLOWHOST_ADMIN_KEYS: entry 1 reuses the key name `a`"), "{duplicate}");
+        assert!(
+            duplicate.contains("FLOWHOST_ADMIN_KEYS: entry 1 reuses the key name `a`"),
+            "{duplicate}"
+        );
         assert!(!duplicate.contains("secret"), "{duplicate}");
         let same_key = error_of(Some("a:secret1,b:secret1"), None);
         assert!(same_key.contains("same key as `a`"), "{same_key}");
@@ -389,7 +444,10 @@ mod tests {
     fn debug_output_shows_names_not_keys() {
         let keys = AccessKeys::parse(Some("alice:very-secret-key"), None).unwrap();
         let debug = format!("{keys:?}");
-        assert!(debug.contains("alice") && !debug.contains("very-secret-key"), "{debug}");
+        assert!(
+            debug.contains("alice") && !debug.contains("very-secret-key"),
+            "{debug}"
+        );
     }
 
     #[test]
@@ -403,8 +461,13 @@ mod tests {
     fn a_public_address_without_keys_is_refused_unless_insecure_no_auth() {
         for addr in ["0.0.0.0:8000", "[::]:8000", "10.1.2.3:80"] {
             let addr: SocketAddr = addr.parse().unwrap();
-            let error = check_listen_policy(addr, false, false).unwrap_err().to_string();
-            assert!(error.contains("FLOWHOST_API_KEYS") && error.contains("--insecure-no-auth"), "{error}");
+            let error = check_listen_policy(addr, false, false)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("FLOWHOST_API_KEYS") && error.contains("--insecure-no-auth"),
+                "{error}"
+            );
             check_listen_policy(addr, true, false).unwrap();
             check_listen_policy(addr, false, true).unwrap();
         }

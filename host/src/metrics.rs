@@ -22,7 +22,7 @@
 use std::sync::Arc;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus_client::collector::Collector;
@@ -36,7 +36,8 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::events::{Analytics, JobTimings};
 
 /// `Content-Type` of [`Metrics::render`]'s text.
-pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Route label of requests no route matched (never the raw path: unbounded).
 pub const UNMATCHED_ROUTE: &str = "unmatched";
@@ -131,16 +132,32 @@ impl Metrics {
             registry.register_with_unit(name, help, Unit::Seconds, family.clone());
             family
         };
-        let plugin_build = duration("plugin_build_duration", "Time in the plugin's `build` call, by route.");
+        let plugin_build = duration(
+            "plugin_build_duration",
+            "Time in the plugin's `build` call, by route.",
+        );
         let queue_wait = duration(
             "queue_wait_duration",
             "Time from handing a job to ComfyUI (uploads included) until it started executing, by route",
         );
-        let execution = duration("comfyui_execution_duration", "ComfyUI execution time, by route.");
-        let encoding = duration("output_encoding_duration", "Time fetching and encoding outputs, by route.");
-        let request = duration("request_duration", "Total time of generation requests, by route.");
+        let execution = duration(
+            "comfyui_execution_duration",
+            "ComfyUI execution time, by route.",
+        );
+        let encoding = duration(
+            "output_encoding_duration",
+            "Time fetching and encoding outputs, by route.",
+        );
+        let request = duration(
+            "request_duration",
+            "Total time of generation requests, by route.",
+        );
         let jobs_in_flight = Gauge::default();
-        registry.register("jobs_in_flight", "Generation jobs running now", jobs_in_flight.clone());
+        registry.register(
+            "jobs_in_flight",
+            "Generation jobs running now",
+            jobs_in_flight.clone(),
+        );
         let comfyui_restarts = Counter::default();
         registry.register(
             "comfyui_restarts",
@@ -148,7 +165,11 @@ impl Metrics {
             comfyui_restarts.clone(),
         );
         let plugin_loads = Family::<PluginLabels, Counter>::default();
-        registry.register("plugin_loads", "Plugins loaded (or reloaded), by plugin", plugin_loads.clone());
+        registry.register(
+            "plugin_loads",
+            "Plugins loaded (or reloaded), by plugin",
+            plugin_loads.clone(),
+        );
         let plugin_rejections = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "plugin_rejections",
@@ -177,13 +198,18 @@ impl Metrics {
     pub fn record_http(&self, route: &str, status: u16) {
         self.inner
             .http_requests
-            .get_or_create(&HttpLabels { route: route.to_owned(), status })
+            .get_or_create(&HttpLabels {
+                route: route.to_owned(),
+                status,
+            })
             .inc();
     }
 
     /// Observe the phases of one generation job that ran.
     pub fn observe_job(&self, route: &str, timings: &JobTimings) {
-        let labels = RouteLabels { route: route.to_owned() };
+        let labels = RouteLabels {
+            route: route.to_owned(),
+        };
         let inner = &self.inner;
         for (family, duration) in [
             (&inner.plugin_build, timings.plugin_build),
@@ -193,7 +219,9 @@ impl Metrics {
             (&inner.request, timings.total),
         ] {
             if let Some(duration) = duration {
-                family.get_or_create(&labels).observe(duration.as_secs_f64());
+                family
+                    .get_or_create(&labels)
+                    .observe(duration.as_secs_f64());
             }
         }
     }
@@ -201,7 +229,9 @@ impl Metrics {
     /// Mark a job as running until the returned guard is dropped.
     pub fn job_started(&self) -> InFlightJob {
         self.inner.jobs_in_flight.inc();
-        InFlightJob { gauge: self.inner.jobs_in_flight.clone() }
+        InFlightJob {
+            gauge: self.inner.jobs_in_flight.clone(),
+        }
     }
 
     /// Count a ComfyUI restart by the supervisor.
@@ -213,7 +243,9 @@ impl Metrics {
     pub fn plugin_loaded(&self, plugin: &str) {
         self.inner
             .plugin_loads
-            .get_or_create(&PluginLabels { plugin: plugin.to_owned() })
+            .get_or_create(&PluginLabels {
+                plugin: plugin.to_owned(),
+            })
             .inc();
     }
 
@@ -222,14 +254,18 @@ impl Metrics {
     pub fn plugin_rejected(&self, reason: &str) {
         self.inner
             .plugin_rejections
-            .get_or_create(&ReasonLabels { reason: reason.to_owned() })
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
             .inc();
     }
 
     /// The OpenMetrics text exposition (ends with `# EOF`).
     pub fn render(&self) -> String {
         let mut text = String::new();
-        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.inner.registry) {
+        if let Err(error) =
+            prometheus_client::encoding::text::encode(&mut text, &self.inner.registry)
+        {
             // Writing into a String cannot fail; a failing metric encoder is a bug.
             tracing::error!(%error, "encoding metrics failed");
         }
@@ -240,7 +276,10 @@ impl Metrics {
     pub fn response(&self) -> Response {
         (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS_CONTENT_TYPE))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(OPENMETRICS_CONTENT_TYPE),
+            )],
             self.render(),
         )
             .into_response()
@@ -269,10 +308,10 @@ pub async fn serve_metrics(State(metrics): State<Metrics>) -> Response {
 /// (`axum::middleware::from_fn_with_state(metrics.clone(), metrics::track_http)`,
 /// added with `Router::layer` so the matched route is known).
 pub async fn track_http(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| UNMATCHED_ROUTE.to_owned(), |path| path.as_str().to_owned());
+    let route = request.extensions().get::<MatchedPath>().map_or_else(
+        || UNMATCHED_ROUTE.to_owned(),
+        |path| path.as_str().to_owned(),
+    );
     let response = next.run(request).await;
     metrics.record_http(&route, response.status().as_u16());
     response
@@ -310,35 +349,61 @@ mod tests {
         metrics.plugin_rejected("wrong_contract_version");
         let text = metrics.render();
         assert_eq!(
-            line_value(&text, "flowhost_http_requests_total{route=\"/flux-dev\",status=\"200\"}"),
+            line_value(
+                &text,
+                "flowhost_http_requests_total{route=\"/flux-dev\",status=\"200\"}"
+            ),
             Some("2".into()),
             "{text}"
         );
         assert_eq!(
-            line_value(&text, "flowhost_http_requests_total{route=\"/flux-dev\",status=\"503\"}"),
+            line_value(
+                &text,
+                "flowhost_http_requests_total{route=\"/flux-dev\",status=\"503\"}"
+            ),
             Some("1".into())
         );
         assert_eq!(
-            line_value(&text, "flowhost_comfyui_execution_duration_seconds_count{route=\"/flux-dev\"}"),
+            line_value(
+                &text,
+                "flowhost_comfyui_execution_duration_seconds_count{route=\"/flux-dev\"}"
+            ),
             Some("1".into()),
             "{text}"
         );
         assert_eq!(
-            line_value(&text, "flowhost_comfyui_execution_duration_seconds_bucket{le=\"5.0\",route=\"/flux-dev\"}"),
+            line_value(
+                &text,
+                "flowhost_comfyui_execution_duration_seconds_bucket{le=\"5.0\",route=\"/flux-dev\"}"
+            ),
             Some("0".into()),
             "{text}"
         );
         assert_eq!(
-            line_value(&text, "flowhost_comfyui_execution_duration_seconds_bucket{le=\"10.0\",route=\"/flux-dev\"}"),
+            line_value(
+                &text,
+                "flowhost_comfyui_execution_duration_seconds_bucket{le=\"10.0\",route=\"/flux-dev\"}"
+            ),
             Some("1".into())
         );
-        assert!(text.contains("flowhost_plugin_build_duration_seconds_count{route=\"/flux-dev\"} 1"), "{text}");
+        assert!(
+            text.contains("flowhost_plugin_build_duration_seconds_count{route=\"/flux-dev\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("flowhost_request_duration_seconds_count{route=\"/flux-dev\"} 1"));
-        assert!(!text.contains("flowhost_queue_wait_duration_seconds_count{"), "a phase that did not run is not observed");
+        assert!(
+            !text.contains("flowhost_queue_wait_duration_seconds_count{"),
+            "a phase that did not run is not observed"
+        );
         assert!(text.contains("flowhost_comfyui_restarts_total 1"));
         assert!(text.contains("flowhost_plugin_loads_total{plugin=\"flux-dev\"} 1"));
-        assert!(text.contains("flowhost_plugin_rejections_total{reason=\"wrong_contract_version\"} 1"));
-        assert!(text.contains("flowhost_analytics_dropped_events_total 0"), "{text}");
+        assert!(
+            text.contains("flowhost_plugin_rejections_total{reason=\"wrong_contract_version\"} 1")
+        );
+        assert!(
+            text.contains("flowhost_analytics_dropped_events_total 0"),
+            "{text}"
+        );
         assert!(text.trim_end().ends_with("# EOF"));
     }
 

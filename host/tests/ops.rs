@@ -17,10 +17,10 @@ async fn serve(app: Router) -> SocketAddr {
 
 mod access_control {
     use super::*;
+    use axum::Extension;
     use axum::middleware::from_fn_with_state;
     use axum::routing::{get, post};
-    use axum::Extension;
-    use flowhost::auth::{require_admin_key, require_api_key, AccessKeys, Caller};
+    use flowhost::auth::{AccessKeys, Caller, require_admin_key, require_api_key};
     use reqwest::StatusCode;
 
     const USER_KEY: &str = "fh_user_4f9c2a7d1e8b";
@@ -43,11 +43,20 @@ mod access_control {
     }
 
     async fn configured() -> String {
-        service(AccessKeys::parse(Some(&format!("alice:{USER_KEY}")), Some(&format!("ops:{ADMIN_KEY}"))).unwrap()).await
+        service(
+            AccessKeys::parse(
+                Some(&format!("alice:{USER_KEY}")),
+                Some(&format!("ops:{ADMIN_KEY}")),
+            )
+            .unwrap(),
+        )
+        .await
     }
 
     async fn generate(base: &str, authorization: Option<&str>) -> reqwest::Response {
-        let mut request = reqwest::Client::new().post(format!("{base}/flux-dev")).body("{}");
+        let mut request = reqwest::Client::new()
+            .post(format!("{base}/flux-dev"))
+            .body("{}");
         if let Some(value) = authorization {
             request = request.header("Authorization", value);
         }
@@ -56,15 +65,30 @@ mod access_control {
 
     async fn assert_refused(response: reqwest::Response, status: StatusCode, slug: &str) {
         assert_eq!(response.status(), status);
-        assert_eq!(response.headers()["content-type"], "application/problem+json");
-        let challenge = response.headers()["www-authenticate"].to_str().unwrap().to_owned();
-        assert!(challenge.starts_with("Bearer realm=\"flowhost\""), "{challenge}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let challenge = response.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            challenge.starts_with("Bearer realm=\"flowhost\""),
+            "{challenge}"
+        );
         let problem: serde_json::Value = response.json().await.unwrap();
-        assert_eq!(problem["type"], format!("https://flowhost.dev/problems/{slug}"));
+        assert_eq!(
+            problem["type"],
+            format!("https://flowhost.dev/problems/{slug}")
+        );
         assert_eq!(problem["status"], status.as_u16());
         assert!(problem["title"].is_string() && problem["detail"].is_string());
         let text = problem.to_string();
-        assert!(!text.contains(USER_KEY) && !text.contains(ADMIN_KEY), "a key leaked: {text}");
+        assert!(
+            !text.contains(USER_KEY) && !text.contains(ADMIN_KEY),
+            "a key leaked: {text}"
+        );
     }
 
     #[tokio::test]
@@ -74,7 +98,11 @@ mod access_control {
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.text().await.unwrap(), "alice");
         let response = generate(&base, Some(&format!("bearer {ADMIN_KEY}"))).await;
-        assert_eq!(response.text().await.unwrap(), "ops", "admin keys also call generation routes");
+        assert_eq!(
+            response.text().await.unwrap(),
+            "ops",
+            "admin keys also call generation routes"
+        );
         let response = reqwest::Client::new()
             .get(format!("{base}/metrics"))
             .bearer_auth(ADMIN_KEY)
@@ -88,7 +116,12 @@ mod access_control {
     #[tokio::test]
     async fn missing_header() {
         let base = configured().await;
-        assert_refused(generate(&base, None).await, StatusCode::UNAUTHORIZED, "missing-api-key").await;
+        assert_refused(
+            generate(&base, None).await,
+            StatusCode::UNAUTHORIZED,
+            "missing-api-key",
+        )
+        .await;
         let response = reqwest::get(format!("{base}/plugins")).await.unwrap();
         assert_refused(response, StatusCode::UNAUTHORIZED, "missing-api-key").await;
     }
@@ -102,9 +135,19 @@ mod access_control {
             .send()
             .await
             .unwrap();
-        assert_refused(response, StatusCode::UNAUTHORIZED, "malformed-authorization").await;
+        assert_refused(
+            response,
+            StatusCode::UNAUTHORIZED,
+            "malformed-authorization",
+        )
+        .await;
         let response = generate(&base, Some(&format!("Basic {USER_KEY}"))).await;
-        assert_refused(response, StatusCode::UNAUTHORIZED, "malformed-authorization").await;
+        assert_refused(
+            response,
+            StatusCode::UNAUTHORIZED,
+            "malformed-authorization",
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -112,7 +155,12 @@ mod access_control {
         let base = configured().await;
         for value in ["Bearer", "Bearer ", "Bearer  "] {
             let response = generate(&base, Some(value)).await;
-            assert_refused(response, StatusCode::UNAUTHORIZED, "malformed-authorization").await;
+            assert_refused(
+                response,
+                StatusCode::UNAUTHORIZED,
+                "malformed-authorization",
+            )
+            .await;
         }
     }
 
@@ -158,7 +206,12 @@ mod access_control {
             assert_refused(response, StatusCode::UNAUTHORIZED, "invalid-api-key").await;
         }
         let extended = format!("Bearer {USER_KEY}0");
-        assert_refused(generate(&base, Some(&extended)).await, StatusCode::UNAUTHORIZED, "invalid-api-key").await;
+        assert_refused(
+            generate(&base, Some(&extended)).await,
+            StatusCode::UNAUTHORIZED,
+            "invalid-api-key",
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -179,7 +232,12 @@ mod access_control {
             format!("Bearer {USER_KEY}\t{USER_KEY}"),
         ] {
             let response = generate(&base, Some(&value)).await;
-            assert_refused(response, StatusCode::UNAUTHORIZED, "malformed-authorization").await;
+            assert_refused(
+                response,
+                StatusCode::UNAUTHORIZED,
+                "malformed-authorization",
+            )
+            .await;
         }
     }
 
@@ -193,7 +251,12 @@ mod access_control {
             .send()
             .await
             .unwrap();
-        assert_refused(response, StatusCode::UNAUTHORIZED, "malformed-authorization").await;
+        assert_refused(
+            response,
+            StatusCode::UNAUTHORIZED,
+            "malformed-authorization",
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -202,7 +265,13 @@ mod access_control {
         let response = generate(&base, None).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.text().await.unwrap(), "nobody");
-        assert_eq!(reqwest::get(format!("{base}/metrics")).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            reqwest::get(format!("{base}/metrics"))
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::OK
+        );
     }
 }
 
@@ -216,7 +285,7 @@ mod analytics {
     use axum::http::StatusCode;
     use axum::routing::post;
     use flowhost::events::{Analytics, AnalyticsConfig, Event};
-    use serde_json::{json, Value};
+    use serde_json::{Value, json};
 
     /// A PostHog stand-in: records every `POST /batch/` body and answers with scripted
     /// statuses (then 200).
@@ -231,11 +300,17 @@ mod analytics {
             let server = Self::default();
             server.statuses.lock().unwrap().extend(statuses);
             async fn capture(State(server): State<CaptureServer>, body: String) -> StatusCode {
-                server.bodies.lock().unwrap().push(serde_json::from_str(&body).unwrap());
+                server
+                    .bodies
+                    .lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&body).unwrap());
                 let status = server.statuses.lock().unwrap().pop_front().unwrap_or(200);
                 StatusCode::from_u16(status).unwrap()
             }
-            let app = Router::new().route("/batch/", post(capture)).with_state(server.clone());
+            let app = Router::new()
+                .route("/batch/", post(capture))
+                .with_state(server.clone());
             let addr = serve(app).await;
             (server, format!("http://{addr}"))
         }
@@ -300,7 +375,9 @@ mod analytics {
         let analytics = Analytics::new(config(&format!("{host}/")));
         let mut completed = event("modal_flux_dev_generation_completed");
         completed.properties.insert("steps".into(), 28.into());
-        completed.properties.insert("route".into(), "/flux-dev".into());
+        completed
+            .properties
+            .insert("route".into(), "/flux-dev".into());
         analytics.emit(event("modal_flux_dev_generation_requested"));
         analytics.emit(completed);
         analytics.shutdown().await;
@@ -331,22 +408,35 @@ mod analytics {
     #[tokio::test(flavor = "current_thread")]
     async fn a_full_batch_is_sent_without_waiting_for_the_flush_interval() {
         let (server, host) = CaptureServer::start(&[]).await;
-        let analytics = Analytics::new(AnalyticsConfig { batch_size: 3, ..config(&host) });
+        let analytics = Analytics::new(AnalyticsConfig {
+            batch_size: 3,
+            ..config(&host)
+        });
         let_worker_idle().await;
         for n in 1..=7 {
             analytics.emit(event(&format!("e{n}")));
         }
         server.wait_for_events(7).await;
-        let sizes: Vec<usize> = server.bodies().iter().map(|b| b["batch"].as_array().unwrap().len()).collect();
+        let sizes: Vec<usize> = server
+            .bodies()
+            .iter()
+            .map(|b| b["batch"].as_array().unwrap().len())
+            .collect();
         assert_eq!(sizes, vec![3, 3, 1]);
-        assert_eq!(server.event_names(), ["e1", "e2", "e3", "e4", "e5", "e6", "e7"]);
+        assert_eq!(
+            server.event_names(),
+            ["e1", "e2", "e3", "e4", "e5", "e6", "e7"]
+        );
         analytics.shutdown().await;
     }
 
     #[tokio::test]
     async fn a_partial_batch_is_sent_at_the_flush_interval() {
         let (server, host) = CaptureServer::start(&[]).await;
-        let analytics = Analytics::new(AnalyticsConfig { flush_interval: Duration::from_millis(20), ..config(&host) });
+        let analytics = Analytics::new(AnalyticsConfig {
+            flush_interval: Duration::from_millis(20),
+            ..config(&host)
+        });
         analytics.emit(event("lonely"));
         server.wait_for_events(1).await;
         assert_eq!(server.event_names(), ["lonely"]);
@@ -361,14 +451,20 @@ mod analytics {
         analytics.shutdown().await;
         let bodies = server.bodies();
         assert_eq!(bodies.len(), 4, "three refusals, then delivered");
-        assert!(bodies.windows(2).all(|pair| pair[0] == pair[1]), "retries resend the same batch (same uuids)");
+        assert!(
+            bodies.windows(2).all(|pair| pair[0] == pair[1]),
+            "retries resend the same batch (same uuids)"
+        );
         assert_eq!(analytics.dropped(), 0);
     }
 
     #[tokio::test]
     async fn gives_up_after_max_attempts_and_counts_the_loss() {
         let (server, host) = CaptureServer::start(&[500; 10]).await;
-        let analytics = Analytics::new(AnalyticsConfig { max_attempts: 3, ..config(&host) });
+        let analytics = Analytics::new(AnalyticsConfig {
+            max_attempts: 3,
+            ..config(&host)
+        });
         analytics.emit(event("a"));
         analytics.emit(event("b"));
         analytics.shutdown().await;
@@ -389,8 +485,14 @@ mod analytics {
     #[tokio::test]
     async fn an_unreachable_posthog_costs_events_not_requests() {
         // A port nothing listens on: bind, learn the port, close.
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let analytics = Analytics::new(AnalyticsConfig { max_attempts: 2, ..config(&format!("http://{closed}")) });
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let analytics = Analytics::new(AnalyticsConfig {
+            max_attempts: 2,
+            ..config(&format!("http://{closed}"))
+        });
         analytics.emit(event("a"));
         analytics.shutdown().await;
         assert_eq!(analytics.dropped(), 1);
@@ -407,20 +509,31 @@ mod analytics {
         analytics.shutdown().await;
         assert_eq!(server.event_names(), ["e1", "e2", "e3", "e4", "e5"]);
         analytics.emit(event("too-late"));
-        assert_eq!(analytics.dropped(), 1, "an event after shutdown is counted as dropped");
+        assert_eq!(
+            analytics.dropped(),
+            1,
+            "an event after shutdown is counted as dropped"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_full_buffer_drops_the_oldest_events() {
         let (server, host) = CaptureServer::start(&[]).await;
-        let analytics = Analytics::new(AnalyticsConfig { buffer_capacity: 3, ..config(&host) });
+        let analytics = Analytics::new(AnalyticsConfig {
+            buffer_capacity: 3,
+            ..config(&host)
+        });
         let metrics = flowhost::metrics::Metrics::new(analytics.clone());
         // No await between emits: the background task cannot run, the buffer overflows.
         for n in 1..=5 {
             analytics.emit(event(&format!("e{n}")));
         }
         assert_eq!(analytics.dropped(), 2);
-        assert!(metrics.render().contains("flowhost_analytics_dropped_events_total 2"));
+        assert!(
+            metrics
+                .render()
+                .contains("flowhost_analytics_dropped_events_total 2")
+        );
         analytics.shutdown().await;
         assert_eq!(server.event_names(), ["e3", "e4", "e5"]);
     }
@@ -428,7 +541,10 @@ mod analytics {
     #[tokio::test]
     async fn off_without_a_key() {
         let (server, host) = CaptureServer::start(&[]).await;
-        let analytics = Analytics::new(AnalyticsConfig { api_key: None, ..config(&host) });
+        let analytics = Analytics::new(AnalyticsConfig {
+            api_key: None,
+            ..config(&host)
+        });
         assert!(!analytics.is_enabled());
         analytics.emit(event("a"));
         analytics.shutdown().await;
@@ -442,7 +558,7 @@ mod metrics_endpoint {
     use axum::middleware::from_fn_with_state;
     use axum::routing::{get, post};
     use flowhost::events::Analytics;
-    use flowhost::metrics::{serve_metrics, track_http, Metrics};
+    use flowhost::metrics::{Metrics, serve_metrics, track_http};
 
     #[tokio::test]
     async fn counts_requests_by_matched_route_and_serves_openmetrics() {
@@ -455,11 +571,23 @@ mod metrics_endpoint {
             .layer(from_fn_with_state(metrics.clone(), track_http));
         let base = format!("http://{}", serve(app).await);
         let client = reqwest::Client::new();
-        client.post(format!("{base}/flux-dev")).send().await.unwrap();
-        client.post(format!("{base}/flux-dev")).send().await.unwrap();
+        client
+            .post(format!("{base}/flux-dev"))
+            .send()
+            .await
+            .unwrap();
+        client
+            .post(format!("{base}/flux-dev"))
+            .send()
+            .await
+            .unwrap();
         client.get(format!("{base}/jobs/123")).send().await.unwrap();
         client.get(format!("{base}/jobs/456")).send().await.unwrap();
-        let missing = client.get(format!("{base}/no/such/path")).send().await.unwrap();
+        let missing = client
+            .get(format!("{base}/no/such/path"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(missing.status(), 404);
         let response = client.get(format!("{base}/metrics")).send().await.unwrap();
         assert_eq!(
@@ -467,9 +595,21 @@ mod metrics_endpoint {
             "application/openmetrics-text; version=1.0.0; charset=utf-8"
         );
         let text = response.text().await.unwrap();
-        assert!(text.contains("flowhost_http_requests_total{route=\"/flux-dev\",status=\"200\"} 2"), "{text}");
-        assert!(text.contains("flowhost_http_requests_total{route=\"/jobs/{id}\",status=\"200\"} 2"), "{text}");
-        assert!(text.contains("flowhost_http_requests_total{route=\"unmatched\",status=\"404\"} 1"), "{text}");
-        assert!(!text.contains("/jobs/123") && !text.contains("/no/such/path"), "raw paths must not become labels");
+        assert!(
+            text.contains("flowhost_http_requests_total{route=\"/flux-dev\",status=\"200\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowhost_http_requests_total{route=\"/jobs/{id}\",status=\"200\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowhost_http_requests_total{route=\"unmatched\",status=\"404\"} 1"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("/jobs/123") && !text.contains("/no/such/path"),
+            "raw paths must not become labels"
+        );
     }
 }

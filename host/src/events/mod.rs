@@ -26,7 +26,7 @@ use serde_json::{Map, Value};
 
 use crate::auth::Caller;
 
-pub use names::{event_name, GenerationEvents, Stage, APP_DEPLOYED, SEED_EXTRA_EVENTS};
+pub use names::{APP_DEPLOYED, GenerationEvents, SEED_EXTRA_EVENTS, Stage, event_name};
 pub use posthog::{Analytics, AnalyticsConfig, DEFAULT_POSTHOG_HOST};
 
 /// Header a caller may set to name the end user behind a request.
@@ -48,7 +48,11 @@ pub struct Event {
 
 impl Event {
     /// An event named `name` happening now.
-    pub fn new(name: impl Into<String>, distinct_id: impl Into<String>, properties: Map<String, Value>) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        distinct_id: impl Into<String>,
+        properties: Map<String, Value>,
+    ) -> Self {
         Self {
             name: name.into(),
             distinct_id: distinct_id.into(),
@@ -134,7 +138,9 @@ pub fn distinct_id(headers: &HeaderMap, caller: Option<&Caller>) -> String {
         .get(DISTINCT_ID_HEADER)
         .and_then(|value| value.to_str().ok())
         .map(str::trim)
-        .filter(|id| !id.is_empty() && id.len() <= MAX_DISTINCT_ID_LEN && !id.chars().any(char::is_control))
+        .filter(|id| {
+            !id.is_empty() && id.len() <= MAX_DISTINCT_ID_LEN && !id.chars().any(char::is_control)
+        })
         .map(str::to_owned)
         .or_else(|| caller.map(|caller| caller.name.clone()))
         .unwrap_or_else(|| ANONYMOUS.to_owned())
@@ -149,7 +155,11 @@ pub fn parse_plugin_properties(plugin: &str, analytics_json: &str) -> Map<String
     match serde_json::from_str::<Value>(analytics_json) {
         Ok(Value::Object(properties)) => properties,
         Ok(other) => {
-            tracing::warn!(plugin, kind = json_kind(&other), "plugin analytics are not a JSON object; ignored");
+            tracing::warn!(
+                plugin,
+                kind = json_kind(&other),
+                "plugin analytics are not a JSON object; ignored"
+            );
             Map::new()
         }
         Err(error) => {
@@ -177,7 +187,10 @@ mod tests {
 
     #[test]
     fn distinct_id_prefers_the_header_then_the_key_name() {
-        let caller = Caller { name: "alice".into(), role: Role::User };
+        let caller = Caller {
+            name: "alice".into(),
+            role: Role::User,
+        };
         let mut headers = HeaderMap::new();
         assert_eq!(distinct_id(&headers, None), "anonymous");
         assert_eq!(distinct_id(&headers, Some(&caller)), "alice");
@@ -191,7 +204,10 @@ mod tests {
 
     #[test]
     fn plugin_properties_that_are_not_an_object_are_ignored() {
-        assert_eq!(parse_plugin_properties("p", r#"{"steps": 20}"#)["steps"], 20);
+        assert_eq!(
+            parse_plugin_properties("p", r#"{"steps": 20}"#)["steps"],
+            20
+        );
         assert!(parse_plugin_properties("p", "[1,2]").is_empty());
         assert!(parse_plugin_properties("p", "{not json").is_empty());
         assert!(parse_plugin_properties("p", "").is_empty());

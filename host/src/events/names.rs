@@ -29,7 +29,8 @@ use super::{Event, FailureKind, JobTimings};
 pub const APP_DEPLOYED: &str = "modal_app_deployed";
 
 /// Extra event names some prefixes have beyond the standard three (the seed's).
-pub const SEED_EXTRA_EVENTS: &[(&str, Stage, &str)] = &[("modal_lora", Stage::Resolved, "modal_lora_loaded")];
+pub const SEED_EXTRA_EVENTS: &[(&str, Stage, &str)] =
+    &[("modal_lora", Stage::Resolved, "modal_lora_loaded")];
 
 /// A point in a generation's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +92,11 @@ impl GenerationEvents {
 
     /// `{p}_generation_completed` with the plugin's properties and the host's timings.
     pub fn completed(&self, plugin_properties: &Map<String, Value>, timings: &JobTimings) -> Event {
-        self.event(standard_name(&self.prefix, "completed"), plugin_properties, Some(timings))
+        self.event(
+            standard_name(&self.prefix, "completed"),
+            plugin_properties,
+            Some(timings),
+        )
     }
 
     /// `{p}_generation_failed` with `error_type` and `error_message` (plugin properties
@@ -103,13 +108,26 @@ impl GenerationEvents {
         kind: FailureKind,
         message: &str,
     ) -> Event {
-        let mut event = self.event(standard_name(&self.prefix, "failed"), plugin_properties, Some(timings));
-        event.properties.insert("error_type".into(), kind.as_str().into());
-        event.properties.insert("error_message".into(), message.into());
+        let mut event = self.event(
+            standard_name(&self.prefix, "failed"),
+            plugin_properties,
+            Some(timings),
+        );
+        event
+            .properties
+            .insert("error_type".into(), kind.as_str().into());
+        event
+            .properties
+            .insert("error_message".into(), message.into());
         event
     }
 
-    fn event(&self, name: String, plugin_properties: &Map<String, Value>, timings: Option<&JobTimings>) -> Event {
+    fn event(
+        &self,
+        name: String,
+        plugin_properties: &Map<String, Value>,
+        timings: Option<&JobTimings>,
+    ) -> Event {
         // Plugin properties first; the host's own keys win. PostHog's reserved `$...`
         // keys and `distinct_id` are the host's alone.
         let mut properties: Map<String, Value> = plugin_properties
@@ -149,7 +167,13 @@ mod tests {
     #[test]
     fn the_seed_prefixes_produce_the_seed_event_names() {
         let names = |prefix: &str| {
-            [Stage::Requested, Stage::Resolved, Stage::Completed, Stage::Failed].map(|stage| event_name(prefix, stage))
+            [
+                Stage::Requested,
+                Stage::Resolved,
+                Stage::Completed,
+                Stage::Failed,
+            ]
+            .map(|stage| event_name(prefix, stage))
         };
         assert_eq!(
             names("modal_flux_dev"),
@@ -161,9 +185,19 @@ mod tests {
             ]
         );
         assert_eq!(names("modal_lora")[1], Some("modal_lora_loaded".into()));
-        assert_eq!(names("modal_lora")[2], Some("modal_lora_generation_completed".into()));
-        assert_eq!(names("modal_instantid")[0], Some("modal_instantid_generation_requested".into()));
-        assert_eq!(names("echo")[1], None, "new plugins get only the standard three");
+        assert_eq!(
+            names("modal_lora")[2],
+            Some("modal_lora_generation_completed".into())
+        );
+        assert_eq!(
+            names("modal_instantid")[0],
+            Some("modal_instantid_generation_requested".into())
+        );
+        assert_eq!(
+            names("echo")[1],
+            None,
+            "new plugins get only the standard three"
+        );
     }
 
     #[test]
@@ -199,7 +233,12 @@ mod tests {
 
     #[test]
     fn failed_carries_the_error_type_and_message() {
-        let event = lora_request().failed(&Map::new(), &JobTimings::default(), FailureKind::Timeout, "took longer than 120 s");
+        let event = lora_request().failed(
+            &Map::new(),
+            &JobTimings::default(),
+            FailureKind::Timeout,
+            "took longer than 120 s",
+        );
         assert_eq!(event.name, "modal_lora_generation_failed");
         assert_eq!(event.properties["error_type"], "timeout");
         assert_eq!(event.properties["error_message"], "took longer than 120 s");
@@ -209,8 +248,14 @@ mod tests {
 
     #[test]
     fn resolved_exists_only_for_prefixes_that_have_it() {
-        assert_eq!(lora_request().resolved(&Map::new()).map(|e| e.name), Some("modal_lora_loaded".into()));
-        let flux = GenerationEvents { prefix: "modal_flux_dev".into(), ..lora_request() };
+        assert_eq!(
+            lora_request().resolved(&Map::new()).map(|e| e.name),
+            Some("modal_lora_loaded".into())
+        );
+        let flux = GenerationEvents {
+            prefix: "modal_flux_dev".into(),
+            ..lora_request()
+        };
         assert!(flux.resolved(&Map::new()).is_none());
     }
 }

@@ -20,12 +20,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::timestamp::rfc3339_utc;
 use super::Event;
+use super::timestamp::rfc3339_utc;
 
 /// PostHog's US cloud ingestion host.
 pub const DEFAULT_POSTHOG_HOST: &str = "https://us.i.posthog.com";
@@ -80,7 +80,12 @@ impl std::fmt::Debug for AnalyticsConfig {
 impl AnalyticsConfig {
     /// `POSTHOG_API_KEY` and `POSTHOG_HOST` (blank = unset), defaults for the rest.
     pub fn from_env() -> Self {
-        let non_blank = |name: &str| std::env::var(name).ok().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let non_blank = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
         Self {
             api_key: non_blank("POSTHOG_API_KEY"),
             host: non_blank("POSTHOG_HOST").unwrap_or_else(|| DEFAULT_POSTHOG_HOST.to_owned()),
@@ -134,7 +139,11 @@ impl Analytics {
     /// Start delivering to PostHog (spawns the background task on the current tokio
     /// runtime). Without an API key, or outside a runtime, analytics are off.
     pub fn new(config: AnalyticsConfig) -> Self {
-        if config.api_key.as_deref().is_none_or(|key| key.trim().is_empty()) {
+        if config
+            .api_key
+            .as_deref()
+            .is_none_or(|key| key.trim().is_empty())
+        {
             tracing::info!("analytics off: POSTHOG_API_KEY is not set");
             return Self::disabled();
         }
@@ -170,7 +179,9 @@ impl Analytics {
         });
         let worker = runtime.spawn(run_worker(Arc::clone(&shared), client, url));
         *lock(&shared.worker) = Some(worker);
-        Self { shared: Some(shared) }
+        Self {
+            shared: Some(shared),
+        }
     }
 
     /// Whether events are sent anywhere.
@@ -212,20 +223,25 @@ impl Analytics {
         lock(&shared.queue).closed = true;
         shared.wake.notify_one();
         let worker = lock(&shared.worker).take();
-        if let Some(mut worker) = worker {
-            if tokio::time::timeout(shared.config.shutdown_timeout, &mut worker).await.is_err() {
-                worker.abort();
-                let lost = shared.in_flight.swap(0, Ordering::Relaxed);
-                shared.dropped.fetch_add(lost, Ordering::Relaxed);
-                tracing::warn!(
-                    timeout = ?shared.config.shutdown_timeout,
-                    "analytics shutdown timed out; unsent events dropped"
-                );
-            }
+        if let Some(mut worker) = worker
+            && tokio::time::timeout(shared.config.shutdown_timeout, &mut worker)
+                .await
+                .is_err()
+        {
+            worker.abort();
+            let lost = shared.in_flight.swap(0, Ordering::Relaxed);
+            shared.dropped.fetch_add(lost, Ordering::Relaxed);
+            tracing::warn!(
+                timeout = ?shared.config.shutdown_timeout,
+                "analytics shutdown timed out; unsent events dropped"
+            );
         }
         let left = std::mem::take(&mut lock(&shared.queue).events).len() as u64;
         shared.dropped.fetch_add(left, Ordering::Relaxed);
-        tracing::info!(dropped_total = shared.dropped.load(Ordering::Relaxed), "analytics flushed and stopped");
+        tracing::info!(
+            dropped_total = shared.dropped.load(Ordering::Relaxed),
+            "analytics flushed and stopped"
+        );
     }
 
     /// Events lost so far: buffer overflow, batches given up on, emitted after shutdown.
@@ -238,7 +254,9 @@ impl Analytics {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves the data consistent, so a poisoned lock is usable.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn run_worker(shared: Arc<Shared>, client: reqwest::Client, url: String) {
@@ -247,7 +265,9 @@ async fn run_worker(shared: Arc<Shared>, client: reqwest::Client, url: String) {
             let mut queue = lock(&shared.queue);
             let take = queue.events.len().min(shared.config.batch_size);
             let batch: Vec<Event> = queue.events.drain(..take).collect();
-            shared.in_flight.store(batch.len() as u64, Ordering::Relaxed);
+            shared
+                .in_flight
+                .store(batch.len() as u64, Ordering::Relaxed);
             (batch, queue.closed)
         };
         if batch.is_empty() {
@@ -283,7 +303,9 @@ async fn deliver(shared: &Shared, client: &reqwest::Client, url: &str, batch: &[
                 tracing::debug!(events = count, attempt, "analytics batch delivered");
                 return;
             }
-            Ok(response) if response.status().as_u16() == 429 || response.status().is_server_error() => {
+            Ok(response)
+                if response.status().as_u16() == 429 || response.status().is_server_error() =>
+            {
                 tracing::debug!(status = %response.status(), attempt, "PostHog busy; will retry the batch");
             }
             Ok(response) => {
@@ -303,7 +325,11 @@ async fn deliver(shared: &Shared, client: &reqwest::Client, url: &str, batch: &[
             backoff = (backoff * 2).min(config.max_backoff);
         }
     }
-    tracing::warn!(events = count, attempts = config.max_attempts, "giving up on an analytics batch; dropped");
+    tracing::warn!(
+        events = count,
+        attempts = config.max_attempts,
+        "giving up on an analytics batch; dropped"
+    );
     shared.dropped.fetch_add(count, Ordering::Relaxed);
 }
 
@@ -334,7 +360,11 @@ mod tests {
 
     #[test]
     fn the_batch_body_has_posthogs_shape() {
-        let mut event = Event::new("modal_flux_dev_generation_requested", "alice", serde_json::Map::new());
+        let mut event = Event::new(
+            "modal_flux_dev_generation_requested",
+            "alice",
+            serde_json::Map::new(),
+        );
         event.timestamp = UNIX_EPOCH + Duration::from_secs(1_798_761_599);
         event.properties.insert("steps".into(), 20.into());
         let body: Value = serde_json::from_slice(&batch_body("phc_test", &[event])).unwrap();
@@ -358,7 +388,10 @@ mod tests {
 
     #[test]
     fn the_config_debug_output_hides_the_key() {
-        let config = AnalyticsConfig { api_key: Some("phc_secret".into()), ..Default::default() };
+        let config = AnalyticsConfig {
+            api_key: Some("phc_secret".into()),
+            ..Default::default()
+        };
         assert!(!format!("{config:?}").contains("phc_secret"));
     }
 }

@@ -27,10 +27,17 @@ pub const SECTION: &str = "flowhost";
 /// The YAML text for a volume at `volume_root` (made absolute, not resolved through
 /// symlinks).
 pub fn render_extra_model_paths(volume_root: &Path) -> anyhow::Result<String> {
-    let root = std::path::absolute(volume_root)
-        .with_context(|| format!("making the model volume path {} absolute", volume_root.display()))?;
+    let root = std::path::absolute(volume_root).with_context(|| {
+        format!(
+            "making the model volume path {} absolute",
+            volume_root.display()
+        )
+    })?;
     let root = root.to_str().with_context(|| {
-        format!("the model volume path {} is not UTF-8; ComfyUI's YAML cannot name it", root.display())
+        format!(
+            "the model volume path {} is not UTF-8; ComfyUI's YAML cannot name it",
+            root.display()
+        )
     })?;
     let mut yaml = String::new();
     yaml.push_str("# Written by flowhost at startup: where ComfyUI finds the model volume.\n");
@@ -93,7 +100,10 @@ mod tests {
     #[test]
     fn names_every_folder_relative_to_the_volume() {
         let yaml = render_extra_model_paths(Path::new("/root/models")).unwrap();
-        assert!(yaml.contains("flowhost:\n    base_path: /root/models\n    checkpoints: checkpoints\n"), "{yaml}");
+        assert!(
+            yaml.contains("flowhost:\n    base_path: /root/models\n    checkpoints: checkpoints\n"),
+            "{yaml}"
+        );
         for line in [
             "    text_encoders: text_encoders\n",
             "    clip: clip\n",
@@ -114,7 +124,10 @@ mod tests {
     #[test]
     fn a_volume_path_with_spaces_or_quotes_is_quoted() {
         let yaml = render_extra_model_paths(Path::new("/mnt/my models/\"x\"")).unwrap();
-        assert!(yaml.contains("    base_path: \"/mnt/my models/\\\"x\\\"\"\n"), "{yaml}");
+        assert!(
+            yaml.contains("    base_path: \"/mnt/my models/\\\"x\\\"\"\n"),
+            "{yaml}"
+        );
     }
 
     #[test]
@@ -124,13 +137,22 @@ mod tests {
         std::fs::write(&out, "stale").unwrap();
         write_extra_model_paths(Path::new("/root/models"), &out).unwrap();
         let written = std::fs::read_to_string(&out).unwrap();
-        assert_eq!(written, render_extra_model_paths(Path::new("/root/models")).unwrap());
+        assert_eq!(
+            written,
+            render_extra_model_paths(Path::new("/root/models")).unwrap()
+        );
     }
 
     #[test]
     fn an_unwritable_destination_names_the_file() {
-        let error = write_extra_model_paths(Path::new("/root/models"), Path::new("/nonexistent-dir/extra.yaml"))
-            .unwrap_err();
-        assert!(format!("{error:#}").contains("/nonexistent-dir"), "{error:#}");
+        let error = write_extra_model_paths(
+            Path::new("/root/models"),
+            Path::new("/nonexistent-dir/extra.yaml"),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{error:#}").contains("/nonexistent-dir"),
+            "{error:#}"
+        );
     }
 }

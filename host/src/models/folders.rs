@@ -102,8 +102,14 @@ mod tests {
 
     #[test]
     fn legacy_names_resolve_to_the_folder_comfyui_uses() {
-        assert_eq!(resolve_folder("clip").map(|f| f.name), Some("text_encoders"));
-        assert_eq!(resolve_folder("unet").map(|f| f.name), Some("diffusion_models"));
+        assert_eq!(
+            resolve_folder("clip").map(|f| f.name),
+            Some("text_encoders")
+        );
+        assert_eq!(
+            resolve_folder("unet").map(|f| f.name),
+            Some("diffusion_models")
+        );
         assert_eq!(resolve_folder("loras").map(|f| f.name), Some("loras"));
         assert!(resolve_folder("../etc").is_none());
         assert!(resolve_folder("").is_none());

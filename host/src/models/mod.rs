@@ -11,7 +11,7 @@ pub mod volume;
 
 pub use extra_paths::{render_extra_model_paths, write_extra_model_paths};
 pub use status::{
-    check, render_text, ModelsReport, PluginModelsStatus, PluginNeeds, Requirement,
-    RequirementState, RequirementStatus,
+    ModelsReport, PluginModelsStatus, PluginNeeds, Requirement, RequirementState,
+    RequirementStatus, check, render_text,
 };
 pub use volume::{ModelFile, ModelVolume};

@@ -56,7 +56,11 @@ pub struct RequirementStatus {
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum RequirementState {
     /// The first alternative found on the volume.
-    Present { folder: String, name: String, size: u64 },
+    Present {
+        folder: String,
+        name: String,
+        size: u64,
+    },
     /// None of the alternatives is present (`folder/name` each).
     Missing { looked_for: Vec<String> },
 }
@@ -150,7 +154,10 @@ pub fn render_text(report: &ModelsReport) -> String {
                     );
                 }
                 RequirementState::Missing { looked_for } if looked_for.is_empty() => {
-                    let _ = writeln!(text, "  MISSING  {purpose:<width$}  (the plugin names no file)");
+                    let _ = writeln!(
+                        text,
+                        "  MISSING  {purpose:<width$}  (the plugin names no file)"
+                    );
                 }
                 RequirementState::Missing { looked_for } => {
                     let _ = writeln!(
@@ -215,7 +222,10 @@ mod tests {
     fn requirement(purpose: &str, any_of: &[(&str, &str)]) -> Requirement {
         Requirement {
             purpose: purpose.into(),
-            any_of: any_of.iter().map(|(f, n)| (f.to_string(), n.to_string())).collect(),
+            any_of: any_of
+                .iter()
+                .map(|(f, n)| (f.to_string(), n.to_string()))
+                .collect(),
         }
     }
 
@@ -227,7 +237,10 @@ mod tests {
                 requirements: vec![
                     requirement(
                         "Flux diffusion model",
-                        &[("diffusion_models", "flux1-dev.safetensors"), ("diffusion_models", "flux1-dev-fp8.safetensors")],
+                        &[
+                            ("diffusion_models", "flux1-dev.safetensors"),
+                            ("diffusion_models", "flux1-dev-fp8.safetensors"),
+                        ],
                     ),
                     requirement("Flux VAE", &[("vae", "ae.safetensors")]),
                 ],
@@ -241,7 +254,8 @@ mod tests {
     }
 
     #[test]
-    fn a_present_alternative_is_reported_with_its_file_and_a_missing_one_with_what_was_looked_for() {
+    fn a_present_alternative_is_reported_with_its_file_and_a_missing_one_with_what_was_looked_for()
+    {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "unet/flux1-dev-fp8.safetensors", &[0; 1500]);
         let volume = ModelVolume::new(dir.path());
@@ -259,9 +273,14 @@ mod tests {
         );
         assert_eq!(
             flux.requirements[1].state,
-            RequirementState::Missing { looked_for: vec!["vae/ae.safetensors".into()] }
+            RequirementState::Missing {
+                looked_for: vec!["vae/ae.safetensors".into()]
+            }
         );
-        assert!(report.plugins[1].ready, "a plugin without model needs is ready");
+        assert!(
+            report.plugins[1].ready,
+            "a plugin without model needs is ready"
+        );
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["plugins"][0]["requirements"][1]["status"], "missing");
         assert_eq!(json["plugins"][0]["requirements"][0]["size"], 1500);
@@ -274,18 +293,33 @@ mod tests {
         write(dir.path(), "vae/ae.safetensors", b"w");
         let report = check(&ModelVolume::new(dir.path()), &flux_needs());
         assert!(report.ready);
-        assert!(render_text(&report).contains("2 of 2 plugins ready; 0 model requirements missing."));
+        assert!(
+            render_text(&report).contains("2 of 2 plugins ready; 0 model requirements missing.")
+        );
     }
 
     #[test]
     fn the_text_names_each_missing_file_and_the_fix() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "diffusion_models/flux1-dev.safetensors", &vec![1; 23_800_000]);
+        write(
+            dir.path(),
+            "diffusion_models/flux1-dev.safetensors",
+            &vec![1; 23_800_000],
+        );
         let text = render_text(&check(&ModelVolume::new(dir.path()), &flux_needs()));
         assert!(text.contains("flux-dev  /flux-dev  NOT READY"), "{text}");
-        assert!(text.contains("diffusion_models/flux1-dev.safetensors (23.8 MB)"), "{text}");
-        assert!(text.contains("MISSING  Flux VAE              looked for vae/ae.safetensors"), "{text}");
-        assert!(text.contains("1 of 2 plugins ready; 1 model requirement missing."), "{text}");
+        assert!(
+            text.contains("diffusion_models/flux1-dev.safetensors (23.8 MB)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("MISSING  Flux VAE              looked for vae/ae.safetensors"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1 of 2 plugins ready; 1 model requirement missing."),
+            "{text}"
+        );
         assert!(text.contains("flowhost models pull"), "{text}");
     }
 

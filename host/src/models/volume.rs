@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::folders::{resolve_folder, FileFilter, ModelFolder};
+use super::folders::{FileFilter, ModelFolder, resolve_folder};
 
 /// How long a listing is trusted without re-walking, even when no mtime changed.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(1);
@@ -102,7 +102,9 @@ impl ModelVolume {
     fn lock_listings(&self) -> MutexGuard<'_, HashMap<&'static str, Arc<FolderListing>>> {
         // A panic while holding the lock cannot leave the map inconsistent (single
         // insert), so a poisoned lock is still usable.
-        self.listings.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.listings
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn walk_folder(&self, folder: &ModelFolder) -> FolderListing {
@@ -150,8 +152,10 @@ struct FolderWalk {
 impl FolderWalk {
     fn walk(&mut self, dir: &Path, prefix: &str, depth: usize) {
         let meta = fs::metadata(dir).ok();
-        self.walked_dirs
-            .push((dir.to_path_buf(), meta.as_ref().and_then(|m| m.modified().ok())));
+        self.walked_dirs.push((
+            dir.to_path_buf(),
+            meta.as_ref().and_then(|m| m.modified().ok()),
+        ));
         if !meta.is_some_and(|m| m.is_dir()) {
             return;
         }
@@ -214,8 +218,14 @@ mod tests {
         assert_eq!(
             volume.list("loras"),
             vec![
-                ModelFile { name: "flux/realism.safetensors".into(), size: 6 },
-                ModelFile { name: "style.safetensors".into(), size: 3 },
+                ModelFile {
+                    name: "flux/realism.safetensors".into(),
+                    size: 6
+                },
+                ModelFile {
+                    name: "style.safetensors".into(),
+                    size: 3
+                },
             ]
         );
     }
@@ -227,7 +237,11 @@ mod tests {
         write(dir.path(), "loras/big.safetensors.part", b"partial");
         write(dir.path(), "loras/.cache/huggingface/x.safetensors", b"x");
         write(dir.path(), "loras/notes.txt", b"not a model");
-        std::os::unix::fs::symlink(dir.path().join("nowhere.safetensors"), dir.path().join("loras/dangling.safetensors")).unwrap();
+        std::os::unix::fs::symlink(
+            dir.path().join("nowhere.safetensors"),
+            dir.path().join("loras/dangling.safetensors"),
+        )
+        .unwrap();
         write(dir.path(), "loras/real.safetensors", b"weights");
         let volume = ModelVolume::new(dir.path());
         assert_eq!(names(&volume.list("loras")), vec!["real.safetensors"]);
@@ -238,9 +252,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "store/blob", b"12345");
         fs::create_dir_all(dir.path().join("vae")).unwrap();
-        std::os::unix::fs::symlink(dir.path().join("store/blob"), dir.path().join("vae/ae.safetensors")).unwrap();
+        std::os::unix::fs::symlink(
+            dir.path().join("store/blob"),
+            dir.path().join("vae/ae.safetensors"),
+        )
+        .unwrap();
         let volume = ModelVolume::new(dir.path());
-        assert_eq!(volume.find("vae", "ae.safetensors").map(|f| f.size), Some(5));
+        assert_eq!(
+            volume.find("vae", "ae.safetensors").map(|f| f.size),
+            Some(5)
+        );
     }
 
     #[test]
@@ -262,8 +283,14 @@ mod tests {
         write(dir.path(), "clip/t5xxl_fp16.safetensors", b"shadowed");
         let volume = ModelVolume::new(dir.path());
         let expected = vec![
-            ModelFile { name: "clip_l.safetensors".into(), size: 4 },
-            ModelFile { name: "t5xxl_fp16.safetensors".into(), size: 2 },
+            ModelFile {
+                name: "clip_l.safetensors".into(),
+                size: 4,
+            },
+            ModelFile {
+                name: "t5xxl_fp16.safetensors".into(),
+                size: 2,
+            },
         ];
         assert_eq!(volume.list("text_encoders"), expected);
         assert_eq!(volume.list("clip"), expected);
@@ -272,9 +299,16 @@ mod tests {
     #[test]
     fn insightface_lists_onnx_models_in_nested_folders() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "insightface/models/antelopev2/glintr100.onnx", b"onnx");
+        write(
+            dir.path(),
+            "insightface/models/antelopev2/glintr100.onnx",
+            b"onnx",
+        );
         let volume = ModelVolume::new(dir.path());
-        assert_eq!(names(&volume.list("insightface")), vec!["models/antelopev2/glintr100.onnx"]);
+        assert_eq!(
+            names(&volume.list("insightface")),
+            vec!["models/antelopev2/glintr100.onnx"]
+        );
     }
 
     #[test]
@@ -285,11 +319,21 @@ mod tests {
         let volume = ModelVolume::with_max_age(dir.path(), Duration::from_secs(3600));
         assert_eq!(names(&volume.list("loras")), vec!["old.safetensors"]);
         write(dir.path(), "loras/new.safetensors.part", b"new");
-        fs::rename(dir.path().join("loras/new.safetensors.part"), dir.path().join("loras/new.safetensors")).unwrap();
+        fs::rename(
+            dir.path().join("loras/new.safetensors.part"),
+            dir.path().join("loras/new.safetensors"),
+        )
+        .unwrap();
         // Make the change visible even on file systems with coarse mtimes.
         let later = SystemTime::now() + Duration::from_secs(5);
-        fs::File::open(dir.path().join("loras")).unwrap().set_modified(later).unwrap();
-        assert_eq!(names(&volume.list("loras")), vec!["new.safetensors", "old.safetensors"]);
+        fs::File::open(dir.path().join("loras"))
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        assert_eq!(
+            names(&volume.list("loras")),
+            vec!["new.safetensors", "old.safetensors"]
+        );
     }
 
     #[test]
@@ -315,7 +359,8 @@ mod tests {
     fn a_symlink_loop_is_walked_once() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "loras/a.safetensors", b"a");
-        std::os::unix::fs::symlink(dir.path().join("loras"), dir.path().join("loras/again")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("loras"), dir.path().join("loras/again"))
+            .unwrap();
         let volume = ModelVolume::new(dir.path());
         assert_eq!(names(&volume.list("loras")), vec!["a.safetensors"]);
     }
