@@ -62,7 +62,7 @@ impl Event {
     }
 
     /// `modal_app_deployed`, emitted once at startup with the plugins being served
-    /// (`(name, version, route)` each).
+    /// (`(name, version, route)` each). Its `distinct_id` is `flowhost` (the service itself).
     pub fn app_deployed(flowhost_version: &str, plugins: &[(String, String, String)]) -> Self {
         let mut properties = Map::new();
         properties.insert("flowhost_version".into(), flowhost_version.into());
@@ -200,6 +200,20 @@ mod tests {
         assert_eq!(distinct_id(&headers, Some(&caller)), "alice");
         headers.insert("X-Distinct-Id", "x".repeat(201).parse().unwrap());
         assert_eq!(distinct_id(&headers, None), "anonymous");
+    }
+
+    #[test]
+    fn app_deployed_lists_the_served_plugins() {
+        let plugins = vec![(
+            "flux-dev".to_owned(),
+            "1.0.0".to_owned(),
+            "/flux-dev".to_owned(),
+        )];
+        let event = Event::app_deployed("0.1.0", &plugins);
+        assert_eq!(event.name, "modal_app_deployed");
+        assert_eq!(event.properties["plugin_count"], 1);
+        assert_eq!(event.properties["plugins"][0]["route"], "/flux-dev");
+        assert_eq!(event.properties["flowhost_version"], "0.1.0");
     }
 
     #[test]
