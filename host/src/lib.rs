@@ -4,9 +4,13 @@
 //! Rooms (arrows point down only): `http` → `jobs` → (`plugins`, `flowhost_comfy`),
 //! with `media`, `models`, `events`, `auth` and `metrics` beside them.
 
-pub mod http;
-pub mod jobs;
-pub mod plugins;
+pub mod auth;
 pub mod check_plugin;
 pub mod cli;
+pub mod events;
+pub mod http;
+pub mod jobs;
+pub mod metrics;
+pub mod models;
+pub mod plugins;
 pub mod server;

@@ -1,0 +1,421 @@
+//! Prometheus metrics (OpenMetrics text at `/metrics`): HTTP requests, job phase
+//! durations, jobs in flight, ComfyUI restarts, plugin loads/rejections and analytics drops.
+//!
+//! Owns the metric families and their names/labels. Must never take a label value from
+//! caller input (only matched routes, status codes, plugin names and fixed reasons), so
+//! the number of series stays bounded, and never hold a lock across an await.
+//!
+//! | family                                          | type      | labels          |
+//! |-------------------------------------------------|-----------|-----------------|
+//! | `flowhost_http_requests_total`                  | counter   | `route, status` |
+//! | `flowhost_plugin_build_duration_seconds`        | histogram | `route`         |
+//! | `flowhost_queue_wait_duration_seconds`          | histogram | `route`         |
+//! | `flowhost_comfyui_execution_duration_seconds`   | histogram | `route`         |
+//! | `flowhost_output_encoding_duration_seconds`     | histogram | `route`         |
+//! | `flowhost_request_duration_seconds`             | histogram | `route`         |
+//! | `flowhost_jobs_in_flight`                       | gauge     |                 |
+//! | `flowhost_comfyui_restarts_total`               | counter   |                 |
+//! | `flowhost_plugin_loads_total`                   | counter   | `plugin`        |
+//! | `flowhost_plugin_rejections_total`              | counter   | `reason`        |
+//! | `flowhost_analytics_dropped_events_total`       | counter   |                 |
+
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::events::{Analytics, JobTimings};
+
+/// `Content-Type` of [`Metrics::render`]'s text.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Route label of requests no route matched (never the raw path: unbounded).
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// Bucket bounds (seconds) shared by every duration histogram: 5 ms to 10 min.
+const DURATION_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+type DurationFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+/// All metrics of the service. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    http_requests: Family<HttpLabels, Counter>,
+    plugin_build: DurationFamily,
+    queue_wait: DurationFamily,
+    execution: DurationFamily,
+    encoding: DurationFamily,
+    request: DurationFamily,
+    jobs_in_flight: Gauge,
+    comfyui_restarts: Counter,
+    plugin_loads: Family<PluginLabels, Counter>,
+    plugin_rejections: Family<ReasonLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Reads the analytics drop count at scrape time.
+#[derive(Debug)]
+struct AnalyticsDrops(Analytics);
+
+impl Collector for AnalyticsDrops {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counter = ConstCounter::new(self.0.dropped());
+        let metric = encoder.encode_descriptor(
+            "analytics_dropped_events",
+            "Analytics events lost (buffer full, PostHog unreachable or refusing, after shutdown)",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)
+    }
+}
+
+impl Metrics {
+    /// Every family registered, reading analytics drops from `analytics`.
+    pub fn new(analytics: Analytics) -> Self {
+        let mut registry = Registry::with_prefix("flowhost");
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by matched route and status code",
+            http_requests.clone(),
+        );
+        let mut duration = |name: &str, help: &str| {
+            let family = DurationFamily::new_with_constructor(duration_histogram);
+            registry.register_with_unit(name, help, Unit::Seconds, family.clone());
+            family
+        };
+        let plugin_build = duration(
+            "plugin_build_duration",
+            "Time in the plugin's `build` call, by route.",
+        );
+        let queue_wait = duration(
+            "queue_wait_duration",
+            "Time from handing a job to ComfyUI (uploads included) until it started executing, by route",
+        );
+        let execution = duration(
+            "comfyui_execution_duration",
+            "ComfyUI execution time, by route.",
+        );
+        let encoding = duration(
+            "output_encoding_duration",
+            "Time fetching and encoding outputs, by route.",
+        );
+        let request = duration(
+            "request_duration",
+            "Total time of generation requests, by route.",
+        );
+        let jobs_in_flight = Gauge::default();
+        registry.register(
+            "jobs_in_flight",
+            "Generation jobs running now",
+            jobs_in_flight.clone(),
+        );
+        let comfyui_restarts = Counter::default();
+        registry.register(
+            "comfyui_restarts",
+            "Times the supervisor restarted ComfyUI",
+            comfyui_restarts.clone(),
+        );
+        let plugin_loads = Family::<PluginLabels, Counter>::default();
+        registry.register(
+            "plugin_loads",
+            "Plugins loaded (or reloaded), by plugin",
+            plugin_loads.clone(),
+        );
+        let plugin_rejections = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "plugin_rejections",
+            "Plugin files refused at load time, by reason",
+            plugin_rejections.clone(),
+        );
+        registry.register_collector(Box::new(AnalyticsDrops(analytics)));
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                http_requests,
+                plugin_build,
+                queue_wait,
+                execution,
+                encoding,
+                request,
+                jobs_in_flight,
+                comfyui_restarts,
+                plugin_loads,
+                plugin_rejections,
+            }),
+        }
+    }
+
+    /// Count one answered HTTP request. `route` must be a matched route pattern.
+    pub fn record_http(&self, route: &str, status: u16) {
+        self.inner
+            .http_requests
+            .get_or_create(&HttpLabels {
+                route: route.to_owned(),
+                status,
+            })
+            .inc();
+    }
+
+    /// Observe the phases of one generation job that ran.
+    pub fn observe_job(&self, route: &str, timings: &JobTimings) {
+        let labels = RouteLabels {
+            route: route.to_owned(),
+        };
+        let inner = &self.inner;
+        for (family, duration) in [
+            (&inner.plugin_build, timings.plugin_build),
+            (&inner.queue_wait, timings.queue_wait),
+            (&inner.execution, timings.execution),
+            (&inner.encoding, timings.encode),
+            (&inner.request, timings.total),
+        ] {
+            if let Some(duration) = duration {
+                family
+                    .get_or_create(&labels)
+                    .observe(duration.as_secs_f64());
+            }
+        }
+    }
+
+    /// Mark a job as running until the returned guard is dropped.
+    pub fn job_started(&self) -> InFlightJob {
+        self.inner.jobs_in_flight.inc();
+        InFlightJob {
+            gauge: self.inner.jobs_in_flight.clone(),
+        }
+    }
+
+    /// Count a ComfyUI restart by the supervisor.
+    pub fn comfyui_restarted(&self) {
+        self.inner.comfyui_restarts.inc();
+    }
+
+    /// Count a plugin (re)load.
+    pub fn plugin_loaded(&self, plugin: &str) {
+        self.inner
+            .plugin_loads
+            .get_or_create(&PluginLabels {
+                plugin: plugin.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Count a plugin file refused at load time. `reason` must come from a small fixed
+    /// set (`invalid_component`, `wrong_contract_version`, `duplicate_route`, ...).
+    pub fn plugin_rejected(&self, reason: &str) {
+        self.inner
+            .plugin_rejections
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition (ends with `# EOF`).
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        if let Err(error) =
+            prometheus_client::encoding::text::encode(&mut text, &self.inner.registry)
+        {
+            // Writing into a String cannot fail; a failing metric encoder is a bug.
+            tracing::error!(%error, "encoding metrics failed");
+        }
+        text
+    }
+
+    /// The `/metrics` response: [`Metrics::render`] with the OpenMetrics content type.
+    pub fn response(&self) -> Response {
+        (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(OPENMETRICS_CONTENT_TYPE),
+            )],
+            self.render(),
+        )
+            .into_response()
+    }
+}
+
+/// Counts a running job in `flowhost_jobs_in_flight` while alive.
+#[derive(Debug)]
+pub struct InFlightJob {
+    gauge: Gauge,
+}
+
+impl Drop for InFlightJob {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Handler for `GET /metrics` (`.route("/metrics", get(metrics::serve_metrics))` with
+/// `Metrics` reachable through `FromRef` from the router state).
+pub async fn serve_metrics(State(metrics): State<Metrics>) -> Response {
+    metrics.response()
+}
+
+/// Middleware counting every answered request by matched route and status
+/// (`axum::middleware::from_fn_with_state(metrics.clone(), metrics::track_http)`,
+/// added with `Router::layer` so the matched route is known).
+pub async fn track_http(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map_or_else(
+        || UNMATCHED_ROUTE.to_owned(),
+        |path| path.as_str().to_owned(),
+    );
+    let response = next.run(request).await;
+    metrics.record_http(&route, response.status().as_u16());
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn line_value(text: &str, line_start: &str) -> Option<String> {
+        text.lines()
+            .find(|line| line.starts_with(line_start))
+            .and_then(|line| line.rsplit(' ').next())
+            .map(str::to_owned)
+    }
+
+    #[test]
+    fn recorded_values_appear_with_their_labels() {
+        let metrics = Metrics::new(Analytics::disabled());
+        metrics.record_http("/flux-dev", 200);
+        metrics.record_http("/flux-dev", 200);
+        metrics.record_http("/flux-dev", 503);
+        metrics.observe_job(
+            "/flux-dev",
+            &JobTimings {
+                plugin_build: Some(Duration::from_millis(4)),
+                execution: Some(Duration::from_secs(8)),
+                total: Some(Duration::from_secs(9)),
+                ..Default::default()
+            },
+        );
+        metrics.comfyui_restarted();
+        metrics.plugin_loaded("flux-dev");
+        metrics.plugin_rejected("wrong_contract_version");
+        let text = metrics.render();
+        assert_eq!(
+            line_value(
+                &text,
+                "flowhost_http_requests_total{route=\"/flux-dev\",status=\"200\"}"
+            ),
+            Some("2".into()),
+            "{text}"
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                "flowhost_http_requests_total{route=\"/flux-dev\",status=\"503\"}"
+            ),
+            Some("1".into())
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                "flowhost_comfyui_execution_duration_seconds_count{route=\"/flux-dev\"}"
+            ),
+            Some("1".into()),
+            "{text}"
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                "flowhost_comfyui_execution_duration_seconds_bucket{le=\"5.0\",route=\"/flux-dev\"}"
+            ),
+            Some("0".into()),
+            "{text}"
+        );
+        assert_eq!(
+            line_value(
+                &text,
+                "flowhost_comfyui_execution_duration_seconds_bucket{le=\"10.0\",route=\"/flux-dev\"}"
+            ),
+            Some("1".into())
+        );
+        assert!(
+            text.contains("flowhost_plugin_build_duration_seconds_count{route=\"/flux-dev\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("flowhost_request_duration_seconds_count{route=\"/flux-dev\"} 1"));
+        assert!(
+            !text.contains("flowhost_queue_wait_duration_seconds_count{"),
+            "a phase that did not run is not observed"
+        );
+        assert!(text.contains("flowhost_comfyui_restarts_total 1"));
+        assert!(text.contains("flowhost_plugin_loads_total{plugin=\"flux-dev\"} 1"));
+        assert!(
+            text.contains("flowhost_plugin_rejections_total{reason=\"wrong_contract_version\"} 1")
+        );
+        assert!(
+            text.contains("flowhost_analytics_dropped_events_total 0"),
+            "{text}"
+        );
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn the_in_flight_gauge_follows_running_jobs() {
+        let metrics = Metrics::new(Analytics::disabled());
+        let first = metrics.job_started();
+        let second = metrics.job_started();
+        assert!(metrics.render().contains("flowhost_jobs_in_flight 2"));
+        drop(first);
+        assert!(metrics.render().contains("flowhost_jobs_in_flight 1"));
+        drop(second);
+        assert!(metrics.render().contains("flowhost_jobs_in_flight 0"));
+    }
+}

@@ -1,0 +1,17 @@
+//! The model volume: which model files exist (`volume`), where ComfyUI finds them
+//! (`extra_paths`), and whether every plugin's declared models are present (`status`).
+//!
+//! Owns reading the volume. Must never write model files (downloads are `models pull`)
+//! and never create symlinks or move files around.
+
+pub mod extra_paths;
+pub mod folders;
+pub mod status;
+pub mod volume;
+
+pub use extra_paths::{render_extra_model_paths, write_extra_model_paths};
+pub use status::{
+    ModelsReport, PluginModelsStatus, PluginNeeds, Requirement, RequirementState,
+    RequirementStatus, check, render_text,
+};
+pub use volume::{ModelFile, ModelVolume};
