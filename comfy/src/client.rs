@@ -194,8 +194,8 @@ impl ComfyClient {
             let rejected: PromptRejected = serde_json::from_str(&text)
                 .map_err(|e| ComfyError::protocol(format!("{what} 400 with an unreadable body ({e}): {}", snippet(&text))))?;
             let mut node_errors = node_issues_from(&rejected.node_errors);
-            if node_errors.is_empty() && rejected.error.kind == "invalid_prompt" {
-                if let Some(node_id) = node_id_from_details(&rejected.error.details) {
+            if node_errors.is_empty() && rejected.error.kind == "invalid_prompt"
+                && let Some(node_id) = node_id_from_details(&rejected.error.details) {
                     let class_type = graph.get(&node_id).and_then(|n| n.get("class_type")).and_then(Value::as_str).unwrap_or("").to_string();
                     node_errors.push(NodeIssue {
                         node_id,
@@ -205,7 +205,6 @@ impl ComfyClient {
                         message: rejected.error.message.clone(),
                     });
                 }
-            }
             let message = if rejected.error.details.is_empty() {
                 rejected.error.message
             } else {

@@ -65,11 +65,10 @@ impl Catalogue {
             let inputs = node.get("inputs").and_then(Value::as_object).unwrap_or(&empty);
             self.check_node(id, class, inputs, nodes, &mut issues);
             for value in inputs.values() {
-                if let Some((source, _)) = as_link(value) {
-                    if let Some((key, _)) = nodes.get_key_value(source.as_str()) {
+                if let Some((source, _)) = as_link(value)
+                    && let Some((key, _)) = nodes.get_key_value(source.as_str()) {
                         stack.push(key);
                     }
-                }
             }
         }
         if issues.is_empty() { Ok(()) } else { Err(issues) }
@@ -235,16 +234,14 @@ fn check_bounds(
     value: &Value,
     report: &mut dyn FnMut(&str, String),
 ) {
-    if let Some(min) = min {
-        if compare(value, converted, min).is_lt() {
+    if let Some(min) = min
+        && compare(value, converted, min).is_lt() {
             report("value_smaller_than_min", format!("Value {} smaller than min of {min}: {name}", short(value)));
         }
-    }
-    if let Some(max) = max {
-        if compare(value, converted, max).is_gt() {
+    if let Some(max) = max
+        && compare(value, converted, max).is_gt() {
             report("value_bigger_than_max", format!("Value {} bigger than max of {max}: {name}", short(value)));
         }
-    }
 }
 
 fn combo_equal(option: &Value, value: &Value) -> bool {

@@ -431,11 +431,10 @@ pub fn file_refs_in_ui_output(output: &Value) -> Vec<FileRef> {
         for value in obj.values() {
             if let Some(items) = value.as_array() {
                 for item in items {
-                    if item.get("filename").is_some() {
-                        if let Ok(r) = serde_json::from_value::<FileRef>(item.clone()) {
+                    if item.get("filename").is_some()
+                        && let Ok(r) = serde_json::from_value::<FileRef>(item.clone()) {
                             refs.push(r);
                         }
-                    }
                 }
             }
         }

@@ -100,14 +100,13 @@ struct PromptGuard {
 impl Drop for PromptGuard {
     fn drop(&mut self) {
         self.client.tracker().unregister(&self.prompt_id);
-        if self.cancel_on_drop {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        if self.cancel_on_drop
+            && let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 let client = self.client.clone();
                 let prompt_id = self.prompt_id.clone();
                 tracing::info!(prompt_id, "caller went away; cancelling the prompt");
                 runtime.spawn(async move { client.cancel(&prompt_id).await });
             }
-        }
     }
 }
 
@@ -266,12 +265,11 @@ pub(crate) async fn run_prompt(
                 }
             }
             changed = health.changed() => {
-                if changed.is_ok() {
-                    if let BackendHealth::Down { reason } = &*health.borrow_and_update() {
+                if changed.is_ok()
+                    && let BackendHealth::Down { reason } = &*health.borrow_and_update() {
                         guard.cancel_on_drop = false;
                         return Err(ComfyError::unavailable(format!("ComfyUI went down while prompt {prompt_id} was running: {reason}")));
                     }
-                }
             }
             _ = tokio::time::sleep_until(deadline) => {
                 guard.cancel_on_drop = false;

@@ -225,11 +225,10 @@ async fn wait_until_answering(
 ) -> Startup {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if let Ok(resp) = http.get(url).send().await {
-            if resp.status().is_success() {
+        if let Ok(resp) = http.get(url).send().await
+            && resp.status().is_success() {
                 return Startup::Ready;
             }
-        }
         tokio::select! {
             status = child.wait() => {
                 return Startup::Died(match status {
@@ -290,11 +289,10 @@ async fn forward_lines(stream: impl AsyncRead + Unpin, stream_name: &'static str
                 let line = line.trim_end();
                 if let Some(node) = import_failure_in(line) {
                     tracing::warn!(target: "comfyui", stream = stream_name, custom_node = %node, "custom node failed to import: {line}");
-                    if let Ok(mut list) = import_failures.lock() {
-                        if !list.contains(&node) {
+                    if let Ok(mut list) = import_failures.lock()
+                        && !list.contains(&node) {
                             list.push(node);
                         }
-                    }
                 } else {
                     tracing::info!(target: "comfyui", stream = stream_name, "{line}");
                 }

@@ -80,11 +80,10 @@ impl PromptTracker {
             | WsMessage::ExecutionInterrupted(_) => state.executing = None,
             _ => {}
         }
-        if let Some(pid) = message.prompt_id() {
-            if let Some(tx) = state.prompts.get(pid) {
+        if let Some(pid) = message.prompt_id()
+            && let Some(tx) = state.prompts.get(pid) {
                 let _ = tx.send(PromptEvent::Message(message));
             }
-        }
     }
 
     /// Route one decoded binary frame.
