@@ -393,14 +393,20 @@ mod supervision {
         let comfy_dir = tempfile::tempdir().unwrap();
         let models = tempfile::tempdir().unwrap();
         write_models(models.path());
-        // A stand-in main.py: reports a broken custom node the way ComfyUI does, then becomes the double.
+        // A stand-in main.py: reports a broken custom node the way ComfyUI does, then becomes the double
+        // (same pid, same command line: --listen/--port/--extra-model-paths-config).
         std::fs::write(
             comfy_dir.path().join("main.py"),
             format!(
-                "import os, sys\nprint('Import times for custom nodes:', flush=True)\nprint('   0.0 seconds (IMPORT FAILED): /opt/ComfyUI/custom_nodes/broken-pack', file=sys.stderr, flush=True)\nos.execvp({bin:?}, [{bin:?}] + sys.argv[1:] + ['--models-dir', {models:?}])\n",
+                "import os, sys\nprint('Import times for custom nodes:', flush=True)\nprint('   0.0 seconds (IMPORT FAILED): /opt/ComfyUI/custom_nodes/broken-pack', file=sys.stderr, flush=True)\nos.execvp({bin:?}, [{bin:?}] + sys.argv[1:])\n",
                 bin = double_binary().display().to_string(),
-                models = models.path().display().to_string(),
             ),
+        )
+        .unwrap();
+        let model_paths = comfy_dir.path().join("extra_model_paths.yaml");
+        std::fs::write(
+            &model_paths,
+            format!("flowhost:\n  base_path: {}\n  loras: loras\n  vae: vae\n  diffusion_models: diffusion_models\n  text_encoders: text_encoders\n", models.path().display()),
         )
         .unwrap();
         let port = {
@@ -411,6 +417,7 @@ mod supervision {
         sup.startup_timeout = Duration::from_secs(30);
         sup.restart_backoff_initial = Duration::from_millis(100);
         sup.stop_grace = Duration::from_secs(5);
+        sup.extra_model_paths_config = Some(model_paths);
         let mut config = backend_config(sup.url().unwrap());
         config.mode = BackendMode::Supervised(sup);
         let backend = ComfyBackend::start(config).await.unwrap();
@@ -423,6 +430,8 @@ mod supervision {
             other => panic!("import failures must degrade health, got {other:?}"),
         }
         assert!(backend.catalogue().has_class("SaveImage"));
+        let loras = backend.catalogue().combo_options("LoraLoaderModelOnly", "lora_name").unwrap().to_vec();
+        assert_eq!(loras, vec![json!("character-123.safetensors")], "--extra-model-paths-config reached the process");
         let result = backend.run(request(scale_graph(10, 10), FAILSAFE)).await.unwrap();
         assert_eq!(png_size(&result.media[0].bytes), (10, 10));
 
