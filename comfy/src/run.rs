@@ -1,0 +1,393 @@
+//! One prompt from submission to output bytes: choose the prompt_id, register with the tracker, submit,
+//! wait for the terminal event on the websocket while polling history as a fallback, enforce the
+//! deadline (interrupt + dequeue THAT prompt), cancel the prompt if the caller goes away, then collect
+//! the outputs (`executed`/history files via /view, and SaveImageWebsocket frames). Never retries a
+//! prompt and never decides HTTP statuses.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::backend::BackendHealth;
+use crate::client::ComfyClient;
+use crate::error::ComfyError;
+use crate::media::{extension_for, sniff_media_type};
+use crate::protocol::{FileRef, HistoryEntry, PromptOutcome, WsMessage, file_refs_in_ui_output};
+use crate::tracker::PromptEvent;
+
+/// Progress of a running prompt, as ComfyUI reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// ComfyUI started executing the prompt (it left the queue).
+    Started,
+    /// A node started executing.
+    Node { node_id: String },
+    /// A node reported step progress (samplers).
+    Step { node_id: Option<String>, value: f64, max: f64 },
+}
+
+/// Callback for progress; called on the waiting task, keep it cheap.
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// What to run.
+#[derive(Clone)]
+pub struct RunRequest {
+    /// API-format graph.
+    pub graph: Value,
+    /// Output node ids whose media to return; empty = the last output node that produced media.
+    pub outputs: Vec<String>,
+    /// Time allowed from submission to the terminal event.
+    pub deadline: Duration,
+    /// Sent as POST /prompt `extra_data` (echoed in history), e.g. `{"request_id": "..."}`.
+    pub extra_data: Value,
+    pub on_progress: Option<ProgressFn>,
+}
+
+impl RunRequest {
+    pub fn new(graph: Value, deadline: Duration) -> Self {
+        RunRequest { graph, outputs: Vec::new(), deadline, extra_data: Value::Null, on_progress: None }
+    }
+}
+
+impl std::fmt::Debug for RunRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunRequest").field("outputs", &self.outputs).field("deadline", &self.deadline).finish_non_exhaustive()
+    }
+}
+
+/// One output file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputMedia {
+    pub node_id: String,
+    pub bytes: Bytes,
+    /// Sniffed from the bytes (`image/png`, `image/jpeg`, `image/webp`, `image/gif`, `video/mp4`, …).
+    pub media_type: String,
+    pub filename: String,
+}
+
+/// Where the time went.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunTimings {
+    /// Submission until ComfyUI started executing (None if the start was not observed, e.g. socket lost).
+    pub queued: Option<Duration>,
+    /// Execution start (or submission) until the terminal event.
+    pub executing: Duration,
+    /// Fetching output bytes.
+    pub fetching: Duration,
+    pub total: Duration,
+}
+
+/// A successful run.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub prompt_id: String,
+    pub media: Vec<OutputMedia>,
+    pub timings: RunTimings,
+}
+
+/// Removes the prompt from the tracker always, and cancels it in ComfyUI if still armed when dropped
+/// (the caller's future was dropped: e.g. the HTTP client disconnected).
+struct PromptGuard {
+    client: Arc<ComfyClient>,
+    prompt_id: String,
+    cancel_on_drop: bool,
+}
+
+impl Drop for PromptGuard {
+    fn drop(&mut self) {
+        self.client.tracker().unregister(&self.prompt_id);
+        if self.cancel_on_drop
+            && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let client = self.client.clone();
+                let prompt_id = self.prompt_id.clone();
+                tracing::info!(prompt_id, "caller went away; cancelling the prompt");
+                runtime.spawn(async move { client.cancel(&prompt_id).await });
+            }
+    }
+}
+
+enum Source {
+    File(FileRef),
+    Socket(Bytes),
+}
+
+/// Media per node in the order nodes produced it.
+#[derive(Default)]
+struct Collected {
+    nodes: Vec<(String, Vec<Source>)>,
+    seen_files: HashSet<(String, String, String, String)>,
+}
+
+impl Collected {
+    fn slot(&mut self, node: &str) -> &mut Vec<Source> {
+        let pos = match self.nodes.iter().position(|(n, _)| n == node) {
+            Some(p) => p,
+            None => {
+                self.nodes.push((node.to_string(), Vec::new()));
+                self.nodes.len() - 1
+            }
+        };
+        &mut self.nodes[pos].1
+    }
+    fn add_ui_output(&mut self, node: &str, output: &Value) {
+        for file in file_refs_in_ui_output(output) {
+            let key = (node.to_string(), file.filename.clone(), file.subfolder.clone(), file.kind.clone());
+            if self.seen_files.insert(key) {
+                self.slot(node).push(Source::File(file));
+            }
+        }
+    }
+    fn add_history(&mut self, entry: &HistoryEntry) {
+        for (node, output) in &entry.outputs {
+            self.add_ui_output(node, output);
+        }
+    }
+}
+
+enum Poll {
+    Finished(Box<HistoryEntry>, PromptOutcome),
+    Waiting,
+    Vanished,
+}
+
+async fn poll_history(client: &ComfyClient, prompt_id: &str) -> Result<Poll, ComfyError> {
+    if let Some(entry) = client.history(prompt_id).await? {
+        if let Some(outcome) = entry.outcome(prompt_id) {
+            return Ok(Poll::Finished(Box::new(entry), outcome));
+        }
+        return Ok(Poll::Waiting);
+    }
+    let queue = client.queue().await?;
+    if queue.is_running(prompt_id) || queue.is_pending(prompt_id) {
+        return Ok(Poll::Waiting);
+    }
+    // It may have finished between the two reads.
+    if let Some(entry) = client.history(prompt_id).await? {
+        if let Some(outcome) = entry.outcome(prompt_id) {
+            return Ok(Poll::Finished(Box::new(entry), outcome));
+        }
+        return Ok(Poll::Waiting);
+    }
+    Ok(Poll::Vanished)
+}
+
+/// Submit and wait. `health` turning `Down` fails the wait at once with `Unavailable`.
+pub(crate) async fn run_prompt(
+    client: &Arc<ComfyClient>,
+    req: RunRequest,
+    mut health: watch::Receiver<BackendHealth>,
+) -> Result<RunResult, ComfyError> {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + req.deadline;
+    let prompt_id = uuid::Uuid::new_v4().to_string();
+    let mut events = client.tracker().register(&prompt_id);
+    let mut guard = PromptGuard { client: client.clone(), prompt_id: prompt_id.clone(), cancel_on_drop: false };
+
+    // The socket first, so no event can precede our knowing the prompt.
+    if !client.wait_ws_connected(Duration::from_secs(2).min(req.deadline)).await {
+        tracing::warn!(prompt_id, "ComfyUI websocket not connected; relying on history polling");
+    }
+    let mut ws_state = client.ws_state();
+    ws_state.borrow_and_update();
+    if let BackendHealth::Down { reason } = &*health.borrow_and_update() {
+        return Err(ComfyError::unavailable(reason.clone()));
+    }
+
+    guard.cancel_on_drop = true; // from here on, a dropped future must not leave the prompt running
+    match tokio::time::timeout_at(deadline, client.submit(&req.graph, &prompt_id, &req.extra_data)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            guard.cancel_on_drop = false;
+            return Err(e);
+        }
+        Err(_) => {
+            guard.cancel_on_drop = false;
+            client.cancel(&prompt_id).await;
+            return Err(ComfyError::Timeout { prompt_id, waited: started.elapsed() });
+        }
+    }
+    let submitted = Instant::now();
+    tracing::debug!(prompt_id, "prompt submitted");
+
+    let progress = |p: Progress| {
+        if let Some(f) = &req.on_progress {
+            f(p);
+        }
+    };
+    let mut collected = Collected::default();
+    let mut execution_started: Option<Instant> = None;
+    let mut outcome: Option<PromptOutcome> = None;
+    let mut final_history: Option<Box<HistoryEntry>> = None;
+    let mut poll_failures = 0u32;
+    let mut poll_timer = tokio::time::interval_at(
+        tokio::time::Instant::now() + client.config().history_poll_interval,
+        client.config().history_poll_interval,
+    );
+    poll_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ws_alive = true;
+
+    while outcome.is_none() {
+        let mut poll_now = false;
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(PromptEvent::Message(message)) => match message {
+                    WsMessage::ExecutionStart { .. } => {
+                        execution_started.get_or_insert_with(Instant::now);
+                        progress(Progress::Started);
+                    }
+                    WsMessage::Executing { node: Some(node), .. } => progress(Progress::Node { node_id: node }),
+                    WsMessage::Progress { node, value, max, .. } => progress(Progress::Step { node_id: node, value, max }),
+                    WsMessage::Executed { node, output, .. } => collected.add_ui_output(&node, &output),
+                    WsMessage::ExecutionSuccess { .. } => outcome = Some(PromptOutcome::Success),
+                    WsMessage::ExecutionError(e) => outcome = Some(PromptOutcome::Error(e)),
+                    WsMessage::ExecutionInterrupted(e) => outcome = Some(PromptOutcome::Interrupted(e)),
+                    // End marker without a terminal message seen (lost frame?): ask history.
+                    WsMessage::Executing { node: None, .. } => poll_now = true,
+                    _ => {}
+                },
+                Some(PromptEvent::Image { node_id, bytes }) => {
+                    let node = node_id.unwrap_or_default();
+                    collected.slot(&node).push(Source::Socket(bytes));
+                }
+                None => poll_now = true,
+            },
+            _ = poll_timer.tick() => poll_now = true,
+            changed = ws_state.changed() => {
+                if changed.is_ok() {
+                    let state = *ws_state.borrow_and_update();
+                    ws_alive = state.connected;
+                    // Lost or regained: events may have been missed either way.
+                    poll_now = true;
+                }
+            }
+            changed = health.changed() => {
+                if changed.is_ok()
+                    && let BackendHealth::Down { reason } = &*health.borrow_and_update() {
+                        guard.cancel_on_drop = false;
+                        return Err(ComfyError::unavailable(format!("ComfyUI went down while prompt {prompt_id} was running: {reason}")));
+                    }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                guard.cancel_on_drop = false;
+                tracing::warn!(prompt_id, waited = ?started.elapsed(), "prompt deadline expired; interrupting");
+                client.cancel(&prompt_id).await;
+                return Err(ComfyError::Timeout { prompt_id, waited: started.elapsed() });
+            }
+        }
+        if poll_now && outcome.is_none() {
+            match poll_history(client, &prompt_id).await {
+                Ok(Poll::Finished(entry, o)) => {
+                    tracing::debug!(prompt_id, "completion taken from history");
+                    outcome = Some(o);
+                    final_history = Some(entry);
+                }
+                Ok(Poll::Waiting) => poll_failures = 0,
+                Ok(Poll::Vanished) => {
+                    guard.cancel_on_drop = false;
+                    return Err(ComfyError::unavailable(format!(
+                        "prompt {prompt_id} is neither queued nor in history: ComfyUI restarted or dropped it"
+                    )));
+                }
+                Err(e) => {
+                    poll_failures += 1;
+                    let ws_down = !ws_state.borrow().connected || !ws_alive;
+                    if matches!(e, ComfyError::Unavailable { .. }) && (ws_down || poll_failures >= 3) {
+                        guard.cancel_on_drop = false;
+                        return Err(e);
+                    }
+                    tracing::warn!(prompt_id, error = %e, "history poll failed");
+                }
+            }
+        }
+    }
+    let finished = Instant::now();
+    guard.cancel_on_drop = false;
+
+    let Some(outcome) = outcome else {
+        return Err(ComfyError::protocol("wait loop ended without an outcome"));
+    };
+    match outcome {
+        PromptOutcome::Success => {}
+        PromptOutcome::Error(e) => {
+            return Err(ComfyError::Execution {
+                prompt_id,
+                node_id: e.node_id,
+                node_type: e.node_type,
+                exception_type: e.exception_type,
+                exception_message: e.exception_message.trim_end().to_string(),
+                traceback: e.traceback,
+            });
+        }
+        PromptOutcome::Interrupted(e) => {
+            return Err(ComfyError::Interrupted { prompt_id, node_id: e.node_id, node_type: e.node_type });
+        }
+    }
+
+    // History names every file output even when `executed` frames were missed.
+    let history = match final_history {
+        Some(h) => Some(h),
+        None => match client.history(&prompt_id).await {
+            Ok(h) => h.map(Box::new),
+            Err(e) => {
+                tracing::warn!(prompt_id, error = %e, "reading history after success failed; using websocket outputs only");
+                None
+            }
+        },
+    };
+    if let Some(h) = &history {
+        collected.add_history(h);
+    }
+    // Drain images that were already routed but not yet read.
+    while let Ok(event) = events.try_recv() {
+        match event {
+            PromptEvent::Image { node_id, bytes } => collected.slot(&node_id.unwrap_or_default()).push(Source::Socket(bytes)),
+            PromptEvent::Message(WsMessage::Executed { node, output, .. }) => collected.add_ui_output(&node, &output),
+            PromptEvent::Message(_) => {}
+        }
+    }
+
+    let selected: Vec<(String, Vec<Source>)> = if req.outputs.is_empty() {
+        match collected.nodes.into_iter().rev().find(|(_, s)| !s.is_empty()) {
+            Some(last) => vec![last],
+            None => return Err(ComfyError::OutputMissing { node_id: "*".into() }),
+        }
+    } else {
+        let mut picked = Vec::new();
+        for wanted in &req.outputs {
+            let pos = collected.nodes.iter().position(|(n, s)| n == wanted && !s.is_empty());
+            match pos {
+                Some(p) => picked.push(collected.nodes.swap_remove(p)),
+                None => return Err(ComfyError::OutputMissing { node_id: wanted.clone() }),
+            }
+        }
+        picked
+    };
+
+    let mut media = Vec::new();
+    for (node_id, sources) in selected {
+        for (index, source) in sources.into_iter().enumerate() {
+            let (bytes, name) = match source {
+                Source::File(file) => (client.view(&file).await?, file.filename),
+                Source::Socket(bytes) => (bytes, String::new()),
+            };
+            let media_type = sniff_media_type(&bytes).to_string();
+            let filename = if name.is_empty() {
+                format!("{node_id}_{index:05}.{}", extension_for(&media_type))
+            } else {
+                name
+            };
+            media.push(OutputMedia { node_id: node_id.clone(), bytes, media_type, filename });
+        }
+    }
+    let timings = RunTimings {
+        queued: execution_started.map(|s| s.saturating_duration_since(submitted)),
+        executing: finished.saturating_duration_since(execution_started.unwrap_or(submitted)),
+        fetching: finished.elapsed(),
+        total: started.elapsed(),
+    };
+    Ok(RunResult { prompt_id, media, timings })
+}
