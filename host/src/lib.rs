@@ -14,3 +14,5 @@ pub mod metrics;
 pub mod models;
 pub mod plugins;
 pub mod server;
+pub mod media;
+pub mod simulate;

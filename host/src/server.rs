@@ -8,12 +8,18 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 
+use flowhost_comfy::{BackendConfig, BackendHealth, BackendMode, ComfyBackend, SupervisorConfig};
+
+use crate::auth::AccessKeys;
 use crate::cli::ServeArgs;
+use crate::events::{Analytics, Event};
 use crate::http::{AppState, HttpLimits};
-use crate::jobs::JobRunner;
+use crate::jobs::{JobConfig, JobRunner};
+use crate::metrics::Metrics;
+use crate::models::ModelVolume;
 use crate::plugins::compiled_cache::CompiledCache;
 use crate::plugins::engine::AllocatorChoice;
-use crate::plugins::watcher::LoadContext;
+use crate::plugins::watcher::{LoadContext, LoadEvent};
 use crate::plugins::{ModelLister, NoModels, PluginEngine, PluginLimits, PluginRegistry, PluginWatcher};
 
 /// A running service.
@@ -23,21 +29,50 @@ pub struct Server {
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
     _watcher: PluginWatcher,
+    /// The embedded ComfyUI double in `--simulate` mode (kept alive here).
+    simulated: Option<crate::simulate::SimulatedComfy>,
 }
 
 impl Server {
-    /// Stop accepting, finish in-flight requests, stop background work.
+    /// Stop accepting, finish in-flight requests, stop background work, flush analytics.
     pub async fn shutdown(mut self) -> Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        (&mut self.task).await.context("server task panicked")??;
-        Ok(())
+        let served = (&mut self.task).await.context("server task panicked")?;
+        self.state.jobs.analytics.shutdown().await;
+        if let Some(backend) = self.state.jobs.backend() {
+            backend.shutdown().await;
+        }
+        if let Some(simulated) = self.simulated.take() {
+            simulated.shutdown().await;
+        }
+        served
+    }
+}
+
+/// The model volume as plugins see it (`list-models`).
+struct VolumeLister(Arc<ModelVolume>);
+
+impl ModelLister for VolumeLister {
+    fn list_models(&self, folder: &str) -> Vec<(String, u64)> {
+        self.0.list(folder).into_iter().map(|f| (f.name, f.size)).collect()
     }
 }
 
 /// Start the service and return once it is listening with its plugins loaded.
 pub async fn start(args: ServeArgs) -> Result<Server> {
+    let keys = AccessKeys::from_env().context("reading FLOWHOST_API_KEYS / FLOWHOST_ADMIN_KEYS")?;
+    crate::auth::check_listen_policy(args.listen, keys.is_configured(), args.insecure_no_auth)?;
+    let analytics = Analytics::from_env();
+    let metrics = Metrics::new(analytics.clone());
+
+    let simulate = args.simulate || (args.comfyui_url.is_none() && args.comfyui_dir.is_none());
+    // --simulate without --models gets a scratch volume, provisioned below.
+    let scratch_models = if simulate && args.models.is_none() { Some(tempfile::Builder::new().prefix("flowhost-sim-models-").tempdir()?) } else { None };
+    let models_root = args.models.clone().or_else(|| scratch_models.as_ref().map(|d| d.path().to_path_buf()));
+    let volume = models_root.as_ref().map(|root| Arc::new(ModelVolume::new(root.clone())));
+
     let limits = PluginLimits {
         memory_bytes: args.plugin_memory_mb << 20,
         call_timeout: Duration::from_millis(args.plugin_timeout_ms),
@@ -52,25 +87,73 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         }
     };
     let registry = Arc::new(PluginRegistry::new());
-    let models: Arc<dyn ModelLister> = Arc::new(NoModels);
+    let lister: Arc<dyn ModelLister> = match &volume {
+        Some(volume) => Arc::new(VolumeLister(volume.clone())),
+        None => Arc::new(NoModels),
+    };
+    let on_load: Arc<dyn Fn(&LoadEvent) + Send + Sync> = {
+        let metrics = metrics.clone();
+        Arc::new(move |event: &LoadEvent| match event {
+            LoadEvent::Loaded { plugin, .. } => metrics.plugin_loaded(plugin),
+            LoadEvent::Rejected { reason, .. } => metrics.plugin_rejected(rejection_class(reason)),
+            LoadEvent::Removed { .. } => {}
+        })
+    };
     let watcher = PluginWatcher::start(
-        LoadContext {
-            dir: args.plugins.clone(),
-            engine: engine.clone(),
-            cache,
-            models,
-            registry: registry.clone(),
-            on_load: None,
-        },
+        LoadContext { dir: args.plugins.clone(), engine: engine.clone(), cache, models: lister, registry: registry.clone(), on_load: Some(on_load) },
         Duration::from_secs(args.rescan_interval.max(1)),
     )
     .await?;
 
+    let (backend_mode, simulated, input_dir) = if simulate {
+        let root = models_root.clone().context("simulate mode has a models folder")?;
+        if scratch_models.is_some() {
+            crate::simulate::provision_placeholder_models(&root, &registry.snapshot().plugins())?;
+        }
+        let sim = crate::simulate::SimulatedComfy::start(&root, scratch_models).await?;
+        tracing::warn!(url = %sim.url, models = %root.display(), "SIMULATED ComfyUI (test double): outputs are synthetic images, not generations");
+        let (url, input_dir) = (sim.url.clone(), sim.input_dir.clone());
+        (BackendMode::Url(url), Some(sim), Some(input_dir))
+    } else if let Some(url) = &args.comfyui_url {
+        (BackendMode::Url(url.clone()), None, None)
+    } else {
+        let dir = args.comfyui_dir.clone().context("--comfyui-dir")?;
+        let port = free_loopback_port()?;
+        let mut sup = SupervisorConfig::new(dir, port);
+        sup.python = args.comfyui_python.clone().into();
+        sup.extra_args = args.comfyui_args.clone();
+        sup.startup_timeout = Duration::from_secs(args.comfyui_startup_timeout);
+        if let Some(root) = &models_root {
+            let file = args.cache_dir.join("extra_model_paths.yaml");
+            std::fs::create_dir_all(&args.cache_dir)?;
+            crate::models::write_extra_model_paths(root, &file)?;
+            sup.extra_model_paths_config = Some(file);
+        }
+        (BackendMode::Supervised(sup), None, None)
+    };
+    let mut backend_config = BackendConfig::new(backend_mode);
+    backend_config.input_dir = input_dir;
+    let backend = ComfyBackend::start(backend_config).await.context("starting the ComfyUI backend")?;
+    spawn_restart_counter(&backend, metrics.clone());
+
+    let jobs = JobRunner::new(
+        Some(backend),
+        JobConfig {
+            max_in_flight: args.max_in_flight,
+            job_timeout: Duration::from_secs(args.job_timeout.max(1)),
+            jpeg_quality: args.jpeg_quality,
+            inputs: args.inputs.clone(),
+        },
+        volume,
+        metrics,
+        analytics.clone(),
+    );
     let state = AppState {
-        registry,
+        registry: registry.clone(),
         engine,
         limits: HttpLimits { max_body_bytes: args.max_body_bytes },
-        jobs: Arc::new(JobRunner::without_backend()),
+        jobs: Arc::new(jobs),
+        keys,
         started_at: Instant::now(),
     };
     let app = crate::http::router(state.clone());
@@ -85,8 +168,52 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
             .await
             .context("HTTP server failed")
     });
-    tracing::info!(%addr, plugins = %args.plugins.display(), "flowhost listening");
-    Ok(Server { addr, state, shutdown: Some(tx), task, _watcher: watcher })
+    let plugins: Vec<(String, String, String)> = registry
+        .snapshot()
+        .plugins()
+        .iter()
+        .map(|p| (p.manifest.name.clone(), p.manifest.version.clone(), p.manifest.route.clone()))
+        .collect();
+    analytics.emit(Event::app_deployed(env!("CARGO_PKG_VERSION"), &plugins));
+    tracing::info!(%addr, plugins = %args.plugins.display(), endpoints = plugins.len(), "flowhost listening");
+    Ok(Server { addr, state, shutdown: Some(tx), task, _watcher: watcher, simulated })
+}
+
+/// A small fixed set of reasons for the rejection metric's label.
+fn rejection_class(reason: &str) -> &'static str {
+    if reason.contains("already served") {
+        "route_conflict"
+    } else if reason.contains("contract") || reason.contains("not a flowhost plugin") || reason.contains("imports") {
+        "contract"
+    } else if reason.contains("describe") || reason.contains("manifest") || reason.contains("schema") {
+        "manifest"
+    } else {
+        "compile"
+    }
+}
+
+/// Count ComfyUI restarts: every transition from Down back to serving.
+fn spawn_restart_counter(backend: &Arc<ComfyBackend>, metrics: Metrics) {
+    let mut watch = backend.health_watch();
+    tokio::spawn(async move {
+        let mut was_down = false;
+        while watch.changed().await.is_ok() {
+            let health = watch.borrow().clone();
+            match health {
+                BackendHealth::Down { .. } => was_down = true,
+                h if h.is_serving() && was_down => {
+                    was_down = false;
+                    metrics.comfyui_restarted();
+                }
+                _ => {}
+            }
+        }
+    });
+}
+
+fn free_loopback_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port for ComfyUI")?;
+    Ok(listener.local_addr()?.port())
 }
 
 /// Run until SIGINT/SIGTERM.

@@ -171,3 +171,64 @@ pub async fn raw_request_status(addr: std::net::SocketAddr, request_line_and_hea
     let status = text.split_whitespace().nth(1).context("no status line")?.parse()?;
     Ok(status)
 }
+
+/// A ComfyUI double started by the test (so the test can inject faults), with a
+/// models folder of placeholder files for the Flux endpoints.
+pub struct ExternalComfy {
+    pub double: comfyui_double::ComfyDouble,
+    pub models: tempfile::TempDir,
+}
+
+impl ExternalComfy {
+    pub async fn start() -> Result<Self> {
+        let models = tempfile::tempdir()?;
+        for (folder, name) in [
+            ("diffusion_models", "flux1-dev.safetensors"),
+            ("text_encoders", "clip_l.safetensors"),
+            ("text_encoders", "t5xxl_fp16.safetensors"),
+            ("vae", "ae.safetensors"),
+            ("loras", "character-123.safetensors"),
+        ] {
+            std::fs::create_dir_all(models.path().join(folder))?;
+            std::fs::write(models.path().join(folder).join(name), b"placeholder weights")?;
+        }
+        let double = comfyui_double::ComfyDouble::start(comfyui_double::DoubleConfig {
+            models_dir: Some(models.path().to_path_buf()),
+            ..Default::default()
+        })
+        .await?;
+        Ok(Self { double, models })
+    }
+
+    /// `serve` arguments pointing flowhost at this double and its models.
+    pub fn args(&self) -> Vec<String> {
+        vec!["--comfyui-url".into(), self.double.url(), "--models".into(), self.models.path().to_string_lossy().into()]
+    }
+}
+
+/// The `comfyui-double` binary (a stand-in for ComfyUI's `main.py`), built once.
+pub fn double_binary() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(workspace_root())
+            .args(["build", "--quiet", "-p", "comfyui-double", "--bin", "comfyui-double"])
+            .status();
+        assert!(status.map(|s| s.success()).unwrap_or(false), "building the comfyui-double binary failed");
+        target_dir().join("debug/comfyui-double")
+    })
+    .clone()
+}
+
+/// A fake ComfyUI checkout whose `main.py` execs the double binary, so the
+/// supervisor's real spawn path (`python3 main.py --listen .. --port ..`) runs.
+pub fn fake_comfyui_dir() -> Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    let bin = double_binary();
+    std::fs::write(
+        dir.path().join("main.py"),
+        format!("import os, sys\nbinary = {:?}\nos.execv(binary, [binary] + sys.argv[1:])\n", bin.to_string_lossy()),
+    )?;
+    Ok(dir)
+}

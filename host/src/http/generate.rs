@@ -12,13 +12,16 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::problem::{FieldProblem, Problem};
 use super::{AppState, REQUEST_ID, request_schema};
+use crate::auth::Caller;
+use crate::events::{FailureKind, GenerationEvents, JobTimings, distinct_id};
+use crate::jobs::JobContext;
 use crate::plugins::bindings::wit::BuildError;
 use crate::plugins::{CallError, LoadedPlugin, PluginJob};
 
@@ -27,9 +30,10 @@ pub async fn generate(
     Path(segment): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
+    caller: Option<Extension<Caller>>,
     body: Body,
 ) -> Response {
-    match handle(state, segment, query, headers, body).await {
+    match handle(state, segment, query, headers, caller.map(|Extension(c)| c), body).await {
         Ok(response) => response,
         Err(problem) => problem.into_response(),
     }
@@ -40,6 +44,7 @@ async fn handle(
     segment: String,
     query: HashMap<String, String>,
     headers: HeaderMap,
+    caller: Option<Caller>,
     body: Body,
 ) -> Result<Response, Problem> {
     let started = Instant::now();
@@ -63,9 +68,31 @@ async fn handle(
     }
 
     let request_id = headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-    let job = call_build(plugin.clone(), body.to_string(), rand::random::<u64>(), request_id.clone()).await?;
-    let build_ms = started.elapsed().as_secs_f64() * 1000.0;
-    tracing::debug!(plugin = %plugin.label, build_ms, "plugin built the job");
+    // Dry runs are an authoring tool: they are not generations, so no events.
+    let events = (!dry_run).then(|| GenerationEvents {
+        prefix: plugin.manifest.analytics_prefix.clone(),
+        plugin: plugin.manifest.name.clone(),
+        plugin_version: plugin.manifest.version.clone(),
+        route: plugin.manifest.route.clone(),
+        request_id: request_id.clone(),
+        distinct_id: distinct_id(&headers, caller.as_ref()),
+    });
+    if let Some(events) = &events {
+        state.jobs.analytics.emit(events.requested());
+    }
+    let build_started = Instant::now();
+    let job = match call_build(plugin.clone(), body.to_string(), rand::random::<u64>(), request_id.clone()).await {
+        Ok(job) => job,
+        Err(problem) => {
+            if let Some(events) = &events {
+                let timings = JobTimings { plugin_build: Some(build_started.elapsed()), total: Some(started.elapsed()), ..JobTimings::default() };
+                state.jobs.analytics.emit(events.failed(&serde_json::Map::new(), &timings, FailureKind::WorkflowError, &problem.detail));
+            }
+            return Err(problem);
+        }
+    };
+    let plugin_build = build_started.elapsed();
+    tracing::debug!(plugin = %plugin.label, build_us = plugin_build.as_micros() as u64, "plugin built the job");
 
     if dry_run {
         let mut out = job.dry_run_json();
@@ -78,7 +105,7 @@ async fn handle(
         }
         return Ok(response);
     }
-    state.jobs.run(plugin, job, request_id, started).await
+    state.jobs.run(plugin, job, JobContext { request_id, started, plugin_build, events }).await
 }
 
 /// Run the plugin's `build` on a blocking thread (it is CPU work with a

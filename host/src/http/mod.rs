@@ -15,12 +15,14 @@ pub mod request_schema;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::Router;
+use axum::{Router, middleware};
 use axum::http::{HeaderName, Request, StatusCode};
 use axum::routing::{get, post};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::auth::{self, AccessKeys};
+use crate::metrics::Metrics;
 use crate::plugins::{PluginEngine, PluginRegistry};
 pub use problem::Problem;
 
@@ -44,21 +46,40 @@ pub struct AppState {
     pub engine: PluginEngine,
     pub limits: HttpLimits,
     pub jobs: Arc<crate::jobs::JobRunner>,
+    pub keys: AccessKeys,
     pub started_at: Instant,
+}
+
+impl axum::extract::FromRef<AppState> for Metrics {
+    fn from_ref(state: &AppState) -> Metrics {
+        state.jobs.metrics.clone()
+    }
 }
 
 /// The request id header, accepted from callers or generated.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Build the router.
+/// Build the router: open routes (`/health`, `/openapi.json`), admin routes
+/// (`/plugins`, `/metrics`: admin key when keys are configured) and the
+/// generation routes (any key when keys are configured).
 pub fn router(state: AppState) -> Router {
+    let keys = state.keys.clone();
+    let metrics = state.jobs.metrics.clone();
+    let admin = Router::new()
+        .route("/plugins", get(plugin_list::list_plugins))
+        .route("/metrics", get(crate::metrics::serve_metrics))
+        .route_layer(middleware::from_fn_with_state(keys.clone(), auth::require_admin_key));
+    let generation = Router::new()
+        .route("/{route}", post(generate::generate))
+        .route_layer(middleware::from_fn_with_state(keys, auth::require_api_key));
     Router::new()
         .route("/health", get(health::health))
-        .route("/plugins", get(plugin_list::list_plugins))
         .route("/openapi.json", get(openapi::openapi))
-        .route("/{route}", post(generate::generate))
+        .merge(admin)
+        .merge(generation)
         .fallback(fallback)
         .with_state(state)
+        .layer(middleware::from_fn_with_state(metrics, crate::metrics::track_http))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
                 let request_id = request.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");

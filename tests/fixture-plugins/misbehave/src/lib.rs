@@ -17,7 +17,7 @@ impl Plugin for Misbehave {
                 "type": "object",
                 "required": ["mode"],
                 "properties": {
-                    "mode": {"enum": ["ok", "loop", "memory-bomb", "memory-some", "panic", "open-file", "read-env", "garbage-json", "stdout"]},
+                    "mode": {"enum": ["ok", "loop", "memory-bomb", "memory-some", "panic", "open-file", "read-env", "garbage-json", "stdout", "bad-graph"]},
                     "megabytes": {"type": "integer", "minimum": 0}
                 }
             })
@@ -67,6 +67,14 @@ impl Plugin for Misbehave {
                 return Err(BuildError::Internal(format!("env: {vars:?}")));
             }
             "garbage-json" => workflow = "{this is not json".into(),
+            // A well-formed graph ComfyUI would refuse: width above EmptyImage's max.
+            "bad-graph" => {
+                workflow = serde_json::json!({
+                    "1": {"class_type": "EmptyImage", "inputs": {"width": 999999, "height": 8, "batch_size": 1, "color": 0}},
+                    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "misbehave"}},
+                })
+                .to_string()
+            }
             "stdout" => {
                 println!("hello from the plugin's stdout");
                 eprintln!("hello from the plugin's stderr");

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run every test: Rust unit + integration tests (wasm plugins are built as real
+# components first), the cargo-component author path when cargo-component is
+# installed, and the Modal deployment tests (Python, no Modal account needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
+scripts/build-plugins.sh "${CARGO_TARGET_DIR:-target}/bundled-plugins" >/dev/null
+cargo build -p flowhost --bin flowhost
+cargo test --no-fail-fast
+if [ -x deploy/modal/run_tests.sh ]; then
+  FLOWHOST_BIN="${CARGO_TARGET_DIR:-target}/debug/flowhost" deploy/modal/run_tests.sh
+fi

@@ -1,0 +1,199 @@
+//! The four bundled endpoints end to end through `flowhost serve` and the
+//! ComfyUI double: JPEGs of the requested size, the LoRA and InstantID paths,
+//! `/workflow` media passthrough, and the user-facing errors with their fields.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use base64::Engine as _;
+use flowhost_tests::{ExternalComfy, TestServer, build_component, eventually, problem};
+use serde_json::{Value, json};
+
+fn bundled() -> Vec<(String, PathBuf)> {
+    static BUILT: OnceLock<Vec<(String, PathBuf)>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            ["flux-dev", "flux-lora", "flux-instantid", "workflow"]
+                .iter()
+                .map(|p| (format!("{p}.wasm"), build_component(p, &[]).expect("plugin builds")))
+                .collect()
+        })
+        .clone()
+}
+
+async fn start(extra: &[&str]) -> TestServer {
+    let plugins = bundled();
+    let refs: Vec<(&str, &std::path::Path)> = plugins.iter().map(|(n, p)| (n.as_str(), p.as_path())).collect();
+    let server = TestServer::start(&refs, extra).await.unwrap();
+    let ready = eventually(Duration::from_secs(20), || async {
+        let h = server.get_json("/health").await.ok()?;
+        (h["comfyui"]["status"] == "ready").then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "ComfyUI never became ready");
+    server
+}
+
+async fn jpeg_size(response: reqwest::Response) -> (u32, u32) {
+    let status = response.status();
+    let ct = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+    assert_eq!(ct.as_deref(), Some("image/jpeg"));
+    let image = image::load_from_memory_with_format(&bytes, image::ImageFormat::Jpeg).expect("a real JPEG");
+    (image.width(), image.height())
+}
+
+fn face_png_data_url() -> String {
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128]));
+    let mut png = Vec::new();
+    image::DynamicImage::ImageRgb8(img).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png))
+}
+
+mod simulate {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_endpoint_returns_a_jpeg_of_the_requested_size() {
+        let server = start(&["--simulate"]).await;
+        let size = jpeg_size(server.post_json("/flux-dev", &json!({"prompt": "a lighthouse", "width": 512, "height": 768, "steps": 2})).await.unwrap()).await;
+        assert_eq!(size, (512, 768));
+        let size = jpeg_size(server.post_json("/flux-lora", &json!({"prompt": "a portrait", "lora_id": "character-123", "width": 384, "height": 256, "steps": 2})).await.unwrap()).await;
+        assert_eq!(size, (384, 256));
+        let size = jpeg_size(server.post_json("/flux-instantid", &json!({"prompt": "a portrait", "reference_image": face_png_data_url(), "width": 512, "height": 512, "steps": 2})).await.unwrap()).await;
+        assert_eq!(size, (512, 512));
+        let workflow = json!({
+            "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 320, "height": 192, "batch_size": 1}},
+            "2": {"class_type": "EmptyImage", "inputs": {"width": 320, "height": 192, "batch_size": 1, "color": 255}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "wf"}}
+        });
+        let size = jpeg_size(server.post_json("/workflow", &json!({"workflow": workflow})).await.unwrap()).await;
+        assert_eq!(size, (320, 192));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn workflow_with_an_animated_webp_output_returns_image_webp() {
+        let server = start(&["--simulate"]).await;
+        let workflow = json!({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 4, "color": 1234}},
+            "2": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["1", 0], "filename_prefix": "anim", "fps": 6.0, "lossless": false, "quality": 80, "method": "default"}}
+        });
+        let response = server.post_json("/workflow", &json!({"workflow": workflow})).await.unwrap();
+        let status = response.status();
+        let ct = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+        let bytes = response.bytes().await.unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+        assert_eq!(ct.as_deref(), Some("image/webp"));
+        assert_eq!(&bytes[..4], b"RIFF");
+        assert_eq!(&bytes[8..12], b"WEBP");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn missing_lora_is_a_404_naming_the_expected_file() {
+        let server = start(&["--simulate"]).await;
+        let (status, body) = problem(server.post_json("/flux-lora", &json!({"prompt": "x", "lora_id": "nobody-999"})).await.unwrap()).await.unwrap();
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(body["errors"][0]["field"], "lora_id");
+        assert!(body["detail"].as_str().unwrap().contains("loras/nobody-999.safetensors"), "{body}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lora_id_path_traversal_is_a_400() {
+        let server = start(&["--simulate"]).await;
+        for bad in ["../secrets", "a/b", "..", "x\u{7}y"] {
+            let (status, body) = problem(server.post_json("/flux-lora", &json!({"prompt": "x", "lora_id": bad})).await.unwrap()).await.unwrap();
+            assert_eq!(status, 400, "{bad}: {body}");
+            assert!(body["errors"].to_string().contains("lora_id"), "{body}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn misspelled_fields_of_the_old_service_get_suggestions() {
+        let server = start(&["--simulate"]).await;
+        let (status, body) = problem(server.post_json("/flux-dev", &json!({"prompt": "x", "guidance_scale": 3.5, "num_inference_steps": 30})).await.unwrap()).await.unwrap();
+        assert_eq!(status, 400);
+        let errors = body["errors"].to_string();
+        assert!(errors.contains("guidance_scale") && errors.contains("did you mean `guidance`"), "{errors}");
+        assert!(errors.contains("num_inference_steps") && errors.contains("did you mean `steps`"), "{errors}");
+    }
+}
+
+mod external_comfy {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lora_written_while_serving_is_usable_without_restart() {
+        let comfy = ExternalComfy::start().await.unwrap();
+        let args = comfy.args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = start(&args).await;
+        let body = json!({"prompt": "x", "lora_id": "hero-7", "width": 256, "height": 256, "steps": 1});
+        let (status, _) = problem(server.post_json("/flux-lora", &body).await.unwrap()).await.unwrap();
+        assert_eq!(status, 404);
+        std::fs::write(comfy.models.path().join("loras/hero-7.safetensors"), b"new lora").unwrap();
+        let served = eventually(Duration::from_secs(10), || async {
+            let r = server.post_json("/flux-lora", &body).await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+        assert!(served.is_some(), "a LoRA added to the volume must be usable without restart");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_face_detected_is_a_422_naming_reference_image() {
+        let comfy = ExternalComfy::start().await.unwrap();
+        for (folder, name) in [("checkpoints", "sd_xl_base_1.0.safetensors"), ("instantid", "ip-adapter.bin"), ("controlnet", "instantid/diffusion_pytorch_model.safetensors")] {
+            let path = comfy.models.path().join(folder).join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"placeholder").unwrap();
+        }
+        comfy.double.faults().fail_at("ApplyInstantIDAdvanced", "Exception", "Reference Image: No face detected.");
+        let args = comfy.args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = start(&args).await;
+        let response = server.post_json("/flux-instantid", &json!({"prompt": "a portrait", "reference_image": face_png_data_url(), "width": 256, "height": 256, "steps": 1})).await.unwrap();
+        let (status, body) = problem(response).await.unwrap();
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(body["errors"][0]["field"], "reference_image", "{body}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reference_image_from_the_inputs_volume_is_resolved_safely() {
+        let comfy = ExternalComfy::start().await.unwrap();
+        for (folder, name) in [("checkpoints", "sd_xl_base_1.0.safetensors"), ("instantid", "ip-adapter.bin"), ("controlnet", "instantid/diffusion_pytorch_model.safetensors")] {
+            let path = comfy.models.path().join(folder).join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"placeholder").unwrap();
+        }
+        let inputs = tempfile::tempdir().unwrap();
+        std::fs::create_dir(inputs.path().join("faces")).unwrap();
+        let data_url = face_png_data_url();
+        let png = base64::engine::general_purpose::STANDARD.decode(data_url.split_once(',').unwrap().1).unwrap();
+        std::fs::write(inputs.path().join("faces/alice.png"), png).unwrap();
+        let mut args = comfy.args();
+        args.extend(["--inputs".to_string(), inputs.path().to_string_lossy().to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = start(&args).await;
+        let ok = server.post_json("/flux-instantid", &json!({"prompt": "p", "reference_image": "faces/alice.png", "width": 256, "height": 256, "steps": 1})).await.unwrap();
+        assert_eq!(jpeg_size(ok).await, (256, 256));
+        let uploads = comfy.double.record().uploads;
+        assert!(!uploads.is_empty(), "the host uploaded the reference image");
+        let (status, body) = problem(server.post_json("/flux-instantid", &json!({"prompt": "p", "reference_image": "faces/nobody.png"})).await.unwrap()).await.unwrap();
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(body["errors"][0]["field"], "reference_image");
+        let (status, body) = problem(server.post_json("/flux-instantid", &json!({"prompt": "p", "reference_image": "../../etc/passwd"})).await.unwrap()).await.unwrap();
+        assert!(status == 400, "{status} {body}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn broken_reference_image_is_a_400_naming_the_field() {
+        let server = start(&["--simulate"]).await;
+        let bad = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(b"definitely not a png"));
+        let (status, body) = problem(server.post_json("/flux-instantid", &json!({"prompt": "p", "reference_image": bad})).await.unwrap()).await.unwrap();
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["errors"][0]["field"], "reference_image");
+        let _: Value = body;
+    }
+}
