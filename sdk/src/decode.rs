@@ -24,7 +24,10 @@ use crate::{BuildError, FieldError};
 
 /// A [`FieldError`] from a field path and a message.
 pub fn field_error(field: impl Into<String>, message: impl Into<String>) -> FieldError {
-    FieldError { field: field.into(), message: message.into() }
+    FieldError {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 /// The field name used for problems with the body as a whole (not JSON, not an object).
@@ -35,10 +38,16 @@ pub const BODY_FIELD: &str = "body";
 /// are named themselves, missing ones too).
 pub fn decode<T: DeserializeOwned>(body: &str) -> Result<T, BuildError> {
     let value: serde_json::Value = serde_json::from_str(body).map_err(|e| {
-        BuildError::InvalidRequest(vec![field_error(BODY_FIELD, format!("the body is not valid JSON: {e}"))])
+        BuildError::InvalidRequest(vec![field_error(
+            BODY_FIELD,
+            format!("the body is not valid JSON: {e}"),
+        )])
     })?;
     if !value.is_object() {
-        return Err(BuildError::InvalidRequest(vec![field_error(BODY_FIELD, "the body must be a JSON object")]));
+        return Err(BuildError::InvalidRequest(vec![field_error(
+            BODY_FIELD,
+            "the body must be a JSON object",
+        )]));
     }
     decode_value(value)
 }
@@ -69,14 +78,28 @@ fn json_path(path: &serde_path_to_error::Path) -> String {
 /// Turn serde's message into a field error; `unknown field` and `missing field`
 /// messages name the field inside the path they were found at.
 fn serde_field_error(path: &str, message: &str) -> FieldError {
-    let join = |name: &str| if path.is_empty() { name.to_string() } else { format!("{path}/{name}") };
+    let join = |name: &str| {
+        if path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{path}/{name}")
+        }
+    };
     if let Some(rest) = message.strip_prefix("unknown field `")
         && let Some((name, tail)) = rest.split_once('`')
     {
         let expected = tail.trim_start_matches(", ");
-        let hint = if expected.is_empty() { String::new() } else { format!("; {expected}") };
+        let hint = if expected.is_empty() {
+            String::new()
+        } else {
+            format!("; {expected}")
+        };
         // The path already ends at the unknown field itself.
-        let field = if path.rsplit('/').next() == Some(name) { path.to_string() } else { join(name) };
+        let field = if path.rsplit('/').next() == Some(name) {
+            path.to_string()
+        } else {
+            join(name)
+        };
         return field_error(field, format!("unknown field{hint}"));
     }
     if let Some(rest) = message.strip_prefix("missing field `")
@@ -84,7 +107,11 @@ fn serde_field_error(path: &str, message: &str) -> FieldError {
     {
         return field_error(join(name), "this field is required");
     }
-    let field = if path.is_empty() { BODY_FIELD.to_string() } else { path.to_string() };
+    let field = if path.is_empty() {
+        BODY_FIELD.to_string()
+    } else {
+        path.to_string()
+    };
     field_error(field, message)
 }
 
@@ -106,20 +133,32 @@ impl Checks {
     }
 
     /// `min <= value <= max`.
-    pub fn range<T: PartialOrd + std::fmt::Display>(&mut self, field: &str, value: T, min: T, max: T) -> &mut Self {
+    pub fn range<T: PartialOrd + std::fmt::Display>(
+        &mut self,
+        field: &str,
+        value: T,
+        min: T,
+        max: T,
+    ) -> &mut Self {
         if value < min || value > max {
-            self.fail(field, format!("must be between {min} and {max} (inclusive), got {value}"));
+            self.fail(
+                field,
+                format!("must be between {min} and {max} (inclusive), got {value}"),
+            );
         }
         self
     }
 
     /// `value` is a multiple of `step` (`step` 0 accepts everything).
     pub fn multiple_of(&mut self, field: &str, value: u64, step: u64) -> &mut Self {
-        if step != 0 && value % step != 0 {
+        if step != 0 && !value.is_multiple_of(step) {
             let lower = value - value % step;
             self.fail(
                 field,
-                format!("must be a multiple of {step}, got {value} (nearest: {lower} or {})", lower + step),
+                format!(
+                    "must be a multiple of {step}, got {value} (nearest: {lower} or {})",
+                    lower + step
+                ),
             );
         }
         self
@@ -137,7 +176,10 @@ impl Checks {
     pub fn max_chars(&mut self, field: &str, value: &str, max: usize) -> &mut Self {
         let count = value.chars().count();
         if count > max {
-            self.fail(field, format!("must be at most {max} characters, got {count}"));
+            self.fail(
+                field,
+                format!("must be at most {max} characters, got {count}"),
+            );
         }
         self
     }
@@ -145,7 +187,10 @@ impl Checks {
     /// `value` is one of `allowed`.
     pub fn one_of(&mut self, field: &str, value: &str, allowed: &[&str]) -> &mut Self {
         if !allowed.contains(&value) {
-            self.fail(field, format!("must be one of {}, got {value:?}", allowed.join(", ")));
+            self.fail(
+                field,
+                format!("must be one of {}, got {value:?}", allowed.join(", ")),
+            );
         }
         self
     }
@@ -161,7 +206,11 @@ impl Checks {
 
     /// `Ok` when nothing failed, else every problem in one `InvalidRequest`.
     pub fn finish(self) -> Result<(), BuildError> {
-        if self.errors.is_empty() { Ok(()) } else { Err(BuildError::InvalidRequest(self.errors)) }
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(BuildError::InvalidRequest(self.errors))
+        }
     }
 }
 
@@ -207,8 +256,16 @@ mod tests {
         let errors = field_errors(decode(r#"{"prompt": "a", "guidance_scale": 3}"#));
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].field, "guidance_scale");
-        assert!(errors[0].message.contains("unknown field"), "{}", errors[0].message);
-        assert!(errors[0].message.contains("prompt"), "lists the expected fields: {}", errors[0].message);
+        assert!(
+            errors[0].message.contains("unknown field"),
+            "{}",
+            errors[0].message
+        );
+        assert!(
+            errors[0].message.contains("prompt"),
+            "lists the expected fields: {}",
+            errors[0].message
+        );
     }
 
     #[test]
@@ -222,12 +279,20 @@ mod tests {
     fn a_wrongly_typed_field_is_named_by_path() {
         let errors = field_errors(decode(r#"{"prompt": "a", "width": "wide"}"#));
         assert_eq!(errors[0].field, "width");
-        assert!(errors[0].message.contains("invalid type"), "{}", errors[0].message);
+        assert!(
+            errors[0].message.contains("invalid type"),
+            "{}",
+            errors[0].message
+        );
         let errors = field_errors(decode(r#"{"prompt": "a", "width": -1}"#));
         assert_eq!(errors[0].field, "width");
-        let errors = field_errors(decode(r#"{"prompt": "a", "loras": [{"name": "x"}, {"name": 3}]}"#));
+        let errors = field_errors(decode(
+            r#"{"prompt": "a", "loras": [{"name": "x"}, {"name": 3}]}"#,
+        ));
         assert_eq!(errors[0].field, "loras/1/name");
-        let errors = field_errors(decode(r#"{"prompt": "a", "loras": [{"name": "x", "nmae": 1}]}"#));
+        let errors = field_errors(decode(
+            r#"{"prompt": "a", "loras": [{"name": "x", "nmae": 1}]}"#,
+        ));
         assert_eq!(errors[0].field, "loras/0/nmae");
     }
 
@@ -250,17 +315,36 @@ mod tests {
             .max_chars("negative_prompt", "abc", 2)
             .one_of("face_provider", "TPU", &["CPU", "CUDA"]);
         let fields: Vec<&str> = checks.errors().iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, vec!["prompt", "width", "width", "negative_prompt", "face_provider"]);
-        assert!(checks.errors()[2].message.contains("240 or 256"), "{}", checks.errors()[2].message);
+        assert_eq!(
+            fields,
+            vec![
+                "prompt",
+                "width",
+                "width",
+                "negative_prompt",
+                "face_provider"
+            ]
+        );
+        assert!(
+            checks.errors()[2].message.contains("240 or 256"),
+            "{}",
+            checks.errors()[2].message
+        );
         assert!(matches!(checks.finish(), Err(BuildError::InvalidRequest(e)) if e.len() == 5));
     }
 
     #[test]
     fn range_edges_are_inclusive() {
         let mut checks = Checks::new();
-        checks.range("a", 256, 256, 2048).range("b", 2048, 256, 2048).range("c", 0.0, 0.0, 1.0).range("d", 1.0, 0.0, 1.0);
+        checks
+            .range("a", 256, 256, 2048)
+            .range("b", 2048, 256, 2048)
+            .range("c", 0.0, 0.0, 1.0)
+            .range("d", 1.0, 0.0, 1.0);
         assert!(checks.is_ok());
-        checks.range("e", 2049, 256, 2048).range("f", 1.01, 0.0, 1.0);
+        checks
+            .range("e", 2049, 256, 2048)
+            .range("f", 1.01, 0.0, 1.0);
         assert_eq!(checks.errors().len(), 2);
     }
 

@@ -19,10 +19,15 @@ use crate::models::{describe_candidates, pick_model, requirement};
 use crate::{BuildError, Host, ModelRef, ModelRequirement};
 
 /// Diffusion models for `UNETLoader`, preferred first.
-pub const DIFFUSION_MODELS: &[(&str, &str)] =
-    &[("diffusion_models", "flux1-dev.safetensors"), ("diffusion_models", "flux1-dev-fp8.safetensors")];
+pub const DIFFUSION_MODELS: &[(&str, &str)] = &[
+    ("diffusion_models", "flux1-dev.safetensors"),
+    ("diffusion_models", "flux1-dev-fp8.safetensors"),
+];
 /// CLIP-L text encoders (`clip` is ComfyUI's legacy name of `text_encoders`).
-pub const CLIP_L: &[(&str, &str)] = &[("text_encoders", "clip_l.safetensors"), ("clip", "clip_l.safetensors")];
+pub const CLIP_L: &[(&str, &str)] = &[
+    ("text_encoders", "clip_l.safetensors"),
+    ("clip", "clip_l.safetensors"),
+];
 /// T5-XXL text encoders, fp16 preferred over fp8.
 pub const T5XXL: &[(&str, &str)] = &[
     ("text_encoders", "t5xxl_fp16.safetensors"),
@@ -69,8 +74,15 @@ pub const GUIDANCE_DEFAULT: f64 = 3.5;
 /// The model files a Flux graph loads.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FluxModels {
-    Separate { diffusion_model: ModelRef, clip_l: ModelRef, t5xxl: ModelRef, vae: ModelRef },
-    AllInOne { checkpoint: ModelRef },
+    Separate {
+        diffusion_model: ModelRef,
+        clip_l: ModelRef,
+        t5xxl: ModelRef,
+        vae: ModelRef,
+    },
+    AllInOne {
+        checkpoint: ModelRef,
+    },
 }
 
 impl FluxModels {
@@ -78,8 +90,19 @@ impl FluxModels {
     pub fn describe(&self) -> String {
         let path = |m: &ModelRef| format!("{}/{}", m.folder, m.name);
         match self {
-            FluxModels::Separate { diffusion_model, clip_l, t5xxl, vae } => {
-                format!("{} + {} + {} + {}", path(diffusion_model), path(clip_l), path(t5xxl), path(vae))
+            FluxModels::Separate {
+                diffusion_model,
+                clip_l,
+                t5xxl,
+                vae,
+            } => {
+                format!(
+                    "{} + {} + {} + {}",
+                    path(diffusion_model),
+                    path(clip_l),
+                    path(t5xxl),
+                    path(vae)
+                )
             }
             FluxModels::AllInOne { checkpoint } => path(checkpoint),
         }
@@ -93,16 +116,28 @@ pub fn pick_flux_models(host: &dyn Host) -> Result<FluxModels, BuildError> {
     let clip_l = pick_model(host, CLIP_L);
     let t5xxl = pick_model(host, T5XXL);
     let vae = pick_model(host, VAE);
-    if let (Some(diffusion_model), Some(clip_l), Some(t5xxl), Some(vae)) =
-        (diffusion_model.clone(), clip_l.clone(), t5xxl.clone(), vae.clone())
-    {
-        return Ok(FluxModels::Separate { diffusion_model, clip_l, t5xxl, vae });
+    if let (Some(diffusion_model), Some(clip_l), Some(t5xxl), Some(vae)) = (
+        diffusion_model.clone(),
+        clip_l.clone(),
+        t5xxl.clone(),
+        vae.clone(),
+    ) {
+        return Ok(FluxModels::Separate {
+            diffusion_model,
+            clip_l,
+            t5xxl,
+            vae,
+        });
     }
     if let Some(checkpoint) = pick_model(host, ALL_IN_ONE) {
         return Ok(FluxModels::AllInOne { checkpoint });
     }
     let missing: Vec<String> = [
-        ("the Flux diffusion model", diffusion_model.is_none(), DIFFUSION_MODELS),
+        (
+            "the Flux diffusion model",
+            diffusion_model.is_none(),
+            DIFFUSION_MODELS,
+        ),
         ("the CLIP-L text encoder", clip_l.is_none(), CLIP_L),
         ("the T5-XXL text encoder", t5xxl.is_none(), &T5XXL[..3]),
         ("the Flux VAE", vae.is_none(), VAE),
@@ -127,7 +162,10 @@ pub fn flux_model_requirements() -> Vec<ModelRequirement> {
         all
     };
     vec![
-        requirement("Flux.1-dev diffusion model", &with_all_in_one(DIFFUSION_MODELS)),
+        requirement(
+            "Flux.1-dev diffusion model",
+            &with_all_in_one(DIFFUSION_MODELS),
+        ),
         requirement("CLIP-L text encoder", &with_all_in_one(CLIP_L)),
         requirement("T5-XXL text encoder", &with_all_in_one(T5XXL)),
         requirement("Flux VAE", &with_all_in_one(VAE)),
@@ -145,18 +183,37 @@ pub struct FluxLoaders {
 /// Add the loader nodes for `models`.
 pub fn add_loaders(g: &mut Graph, models: &FluxModels) -> FluxLoaders {
     match models {
-        FluxModels::Separate { diffusion_model, clip_l, t5xxl, vae } => {
-            let unet = g.node("UNETLoader", json!({"unet_name": diffusion_model.name, "weight_dtype": "default"}));
+        FluxModels::Separate {
+            diffusion_model,
+            clip_l,
+            t5xxl,
+            vae,
+        } => {
+            let unet = g.node(
+                "UNETLoader",
+                json!({"unet_name": diffusion_model.name, "weight_dtype": "default"}),
+            );
             let clip = g.node(
                 "DualCLIPLoader",
                 json!({"clip_name1": clip_l.name, "clip_name2": t5xxl.name, "type": "flux"}),
             );
             let vae = g.node("VAELoader", json!({"vae_name": vae.name}));
-            FluxLoaders { model: unet.out(0), clip: clip.out(0), vae: vae.out(0) }
+            FluxLoaders {
+                model: unet.out(0),
+                clip: clip.out(0),
+                vae: vae.out(0),
+            }
         }
         FluxModels::AllInOne { checkpoint } => {
-            let ckpt = g.node("CheckpointLoaderSimple", json!({"ckpt_name": checkpoint.name}));
-            FluxLoaders { model: ckpt.out(0), clip: ckpt.out(1), vae: ckpt.out(2) }
+            let ckpt = g.node(
+                "CheckpointLoaderSimple",
+                json!({"ckpt_name": checkpoint.name}),
+            );
+            FluxLoaders {
+                model: ckpt.out(0),
+                clip: ckpt.out(1),
+                vae: ckpt.out(2),
+            }
         }
     }
 }
@@ -177,10 +234,22 @@ pub struct FluxSampling<'a> {
 /// Add the text encoders, `FluxGuidance`, the empty latent, `KSampler`
 /// (euler/simple, full denoise) and `VAEDecode`. Returns the decoded IMAGE.
 pub fn add_text_to_image(g: &mut Graph, loaders: &FluxLoaders, s: &FluxSampling<'_>) -> Link {
-    let positive = g.node("CLIPTextEncode", json!({"text": s.prompt, "clip": loaders.clip}));
-    let guided = g.node("FluxGuidance", json!({"conditioning": positive.out(0), "guidance": s.guidance}));
-    let negative = g.node("CLIPTextEncode", json!({"text": s.negative_prompt, "clip": loaders.clip}));
-    let latent = g.node("EmptySD3LatentImage", json!({"width": s.width, "height": s.height, "batch_size": 1}));
+    let positive = g.node(
+        "CLIPTextEncode",
+        json!({"text": s.prompt, "clip": loaders.clip}),
+    );
+    let guided = g.node(
+        "FluxGuidance",
+        json!({"conditioning": positive.out(0), "guidance": s.guidance}),
+    );
+    let negative = g.node(
+        "CLIPTextEncode",
+        json!({"text": s.negative_prompt, "clip": loaders.clip}),
+    );
+    let latent = g.node(
+        "EmptySD3LatentImage",
+        json!({"width": s.width, "height": s.height, "batch_size": 1}),
+    );
     let sampler = g.node(
         "KSampler",
         json!({
@@ -196,7 +265,10 @@ pub fn add_text_to_image(g: &mut Graph, loaders: &FluxLoaders, s: &FluxSampling<
             "denoise": 1.0,
         }),
     );
-    let decoded = g.node("VAEDecode", json!({"samples": sampler.out(0), "vae": loaders.vae}));
+    let decoded = g.node(
+        "VAEDecode",
+        json!({"samples": sampler.out(0), "vae": loaders.vae}),
+    );
     decoded.out(0)
 }
 
@@ -253,7 +325,11 @@ pub fn check_sampling(checks: &mut Checks, s: &FluxSampling<'_>) {
 
 /// A width/height: in range and a multiple of [`SIZE_STEP`].
 pub fn check_size(checks: &mut Checks, field: &str, value: u32) {
-    checks.range(field, value, SIZE_MIN, SIZE_MAX).multiple_of(field, u64::from(value), u64::from(SIZE_STEP));
+    checks.range(field, value, SIZE_MIN, SIZE_MAX).multiple_of(
+        field,
+        u64::from(value),
+        u64::from(SIZE_STEP),
+    );
 }
 
 pub fn default_size() -> u32 {
@@ -286,7 +362,9 @@ mod tests {
     fn separate_files_are_preferred() {
         let host = full_volume().with_model("checkpoints", "flux1-dev-fp8.safetensors", 1);
         let models = pick_flux_models(&host).unwrap();
-        assert!(matches!(models, FluxModels::Separate { ref t5xxl, .. } if t5xxl.name == "t5xxl_fp16.safetensors"));
+        assert!(
+            matches!(models, FluxModels::Separate { ref t5xxl, .. } if t5xxl.name == "t5xxl_fp16.safetensors")
+        );
     }
 
     #[test]
@@ -307,32 +385,62 @@ mod tests {
         let host = FakeHost::new()
             .with_model("diffusion_models", "flux1-dev.safetensors", 1)
             .with_model("checkpoints", "flux1-dev-fp8.safetensors", 1);
-        assert!(matches!(pick_flux_models(&host).unwrap(), FluxModels::AllInOne { .. }));
+        assert!(matches!(
+            pick_flux_models(&host).unwrap(),
+            FluxModels::AllInOne { .. }
+        ));
     }
 
     #[test]
     fn nothing_usable_is_unavailable_naming_what_is_missing() {
         let host = FakeHost::new().with_model("diffusion_models", "flux1-dev.safetensors", 1);
-        let Err(BuildError::Unavailable(message)) = pick_flux_models(&host) else { panic!("expected Unavailable") };
+        let Err(BuildError::Unavailable(message)) = pick_flux_models(&host) else {
+            panic!("expected Unavailable")
+        };
         assert!(message.contains("vae/ae.safetensors"), "{message}");
-        assert!(message.contains("text_encoders/clip_l.safetensors"), "{message}");
+        assert!(
+            message.contains("text_encoders/clip_l.safetensors"),
+            "{message}"
+        );
         assert!(message.contains("t5xxl_fp16"), "{message}");
-        assert!(!message.contains("the Flux diffusion model"), "present files are not listed as missing: {message}");
-        assert!(message.contains("checkpoints/flux1-dev-fp8.safetensors"), "{message}");
+        assert!(
+            !message.contains("the Flux diffusion model"),
+            "present files are not listed as missing: {message}"
+        );
+        assert!(
+            message.contains("checkpoints/flux1-dev-fp8.safetensors"),
+            "{message}"
+        );
     }
 
     #[test]
     fn the_all_in_one_graph_takes_clip_and_vae_from_the_checkpoint() {
         let mut g = Graph::new();
-        let loaders = add_loaders(&mut g, &FluxModels::AllInOne { checkpoint: crate::models::model_ref("checkpoints", "flux1-dev-fp8.safetensors") });
-        assert_eq!((loaders.model.output, loaders.clip.output, loaders.vae.output), (0, 1, 2));
+        let loaders = add_loaders(
+            &mut g,
+            &FluxModels::AllInOne {
+                checkpoint: crate::models::model_ref("checkpoints", "flux1-dev-fp8.safetensors"),
+            },
+        );
+        assert_eq!(
+            (
+                loaders.model.output,
+                loaders.clip.output,
+                loaders.vae.output
+            ),
+            (0, 1, 2)
+        );
         assert_eq!(g.len(), 1);
     }
 
     #[test]
     fn every_requirement_is_met_by_the_all_in_one_checkpoint() {
         for r in flux_model_requirements() {
-            assert!(r.any_of.iter().any(|m| m.folder == "checkpoints"), "{}", r.purpose);
+            assert!(
+                r.any_of.iter().any(|m| m.folder == "checkpoints"),
+                "{}",
+                r.purpose
+            );
         }
     }
 

@@ -26,7 +26,10 @@ pub struct NodeId(String);
 impl NodeId {
     /// A link to output `index` of this node (`["id", index]`).
     pub fn out(&self, index: u32) -> Link {
-        Link { node: self.0.clone(), output: index }
+        Link {
+            node: self.0.clone(),
+            output: index,
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -74,7 +77,10 @@ pub struct Graph {
 
 impl Graph {
     pub fn new() -> Self {
-        Self { nodes: Map::new(), next_id: 1 }
+        Self {
+            nodes: Map::new(),
+            next_id: 1,
+        }
     }
 
     /// Add a node of `class_type` with `inputs` (a JSON object; links as

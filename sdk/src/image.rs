@@ -73,16 +73,21 @@ impl ImageInput {
     /// `{stem}.{ext}` (ext from the decoded format, or kept from the path).
     pub fn into_upload(self, field: &str, stem: &str, node_id: &str, input_name: &str) -> Upload {
         let (filename, source) = match self {
-            ImageInput::Decoded(image) => {
-                (format!("{stem}.{}", image.format.extension()), ImageSource::Bytes(image.bytes))
-            }
+            ImageInput::Decoded(image) => (
+                format!("{stem}.{}", image.format.extension()),
+                ImageSource::Bytes(image.bytes),
+            ),
             ImageInput::InputPath(path) => {
                 let ext = path
                     .rsplit('/')
                     .next()
                     .and_then(|name| name.rsplit_once('.'))
                     .map(|(_, ext)| ext.to_ascii_lowercase())
-                    .filter(|ext| !ext.is_empty() && ext.len() <= 5 && ext.chars().all(|c| c.is_ascii_alphanumeric()))
+                    .filter(|ext| {
+                        !ext.is_empty()
+                            && ext.len() <= 5
+                            && ext.chars().all(|c| c.is_ascii_alphanumeric())
+                    })
                     .unwrap_or_else(|| "png".to_string());
                 (format!("{stem}.{ext}"), ImageSource::InputPath(path))
             }
@@ -100,7 +105,11 @@ impl ImageInput {
 /// Interpret an image field: a `data:` URL is decoded and verified (at most
 /// `max_bytes` decoded); anything else must be a relative path inside the inputs
 /// volume (no `..`, no leading `/`, no `\`, no control characters, no URL scheme).
-pub fn parse_image_input(field: &str, value: &str, max_bytes: usize) -> Result<ImageInput, FieldError> {
+pub fn parse_image_input(
+    field: &str,
+    value: &str,
+    max_bytes: usize,
+) -> Result<ImageInput, FieldError> {
     if value.len() >= 5 && value[..5].eq_ignore_ascii_case("data:") {
         return decode_data_url(field, value, max_bytes).map(ImageInput::Decoded);
     }
@@ -109,12 +118,19 @@ pub fn parse_image_input(field: &str, value: &str, max_bytes: usize) -> Result<I
 
 fn check_input_path(field: &str, path: &str) -> Result<(), FieldError> {
     let problem = if path.trim().is_empty() {
-        Some("must be a data:image/...;base64 URL or a path in the inputs volume, got an empty string")
+        Some(
+            "must be a data:image/...;base64 URL or a path in the inputs volume, got an empty string",
+        )
     } else if path.contains("://") {
-        Some("URLs are not fetched; send the image as a data:image/(jpeg|png|webp);base64,... URL or as a path in the inputs volume")
+        Some(
+            "URLs are not fetched; send the image as a data:image/(jpeg|png|webp);base64,... URL or as a path in the inputs volume",
+        )
     } else if path.starts_with('/') || path.contains('\\') {
         Some("must be a path relative to the inputs volume, using `/` (e.g. `faces/alice.png`)")
-    } else if path.split('/').any(|segment| segment == ".." || segment == "." || segment.is_empty()) {
+    } else if path
+        .split('/')
+        .any(|segment| segment == ".." || segment == "." || segment.is_empty())
+    {
         Some("must not contain `..`, `.` or empty path segments")
     } else if path.chars().any(char::is_control) {
         Some("must not contain control characters")
@@ -129,23 +145,35 @@ fn check_input_path(field: &str, path: &str) -> Result<(), FieldError> {
 
 /// Decode a `data:image/(jpeg|png|webp);base64,...` URL; verify the size, that the
 /// bytes are the declared format, and read the dimensions from the header.
-pub fn decode_data_url(field: &str, url: &str, max_bytes: usize) -> Result<DecodedImage, FieldError> {
+pub fn decode_data_url(
+    field: &str,
+    url: &str,
+    max_bytes: usize,
+) -> Result<DecodedImage, FieldError> {
     let fail = |message: String| field_error(field, message);
     let rest = url
         .get(5..)
         .filter(|_| url[..5].eq_ignore_ascii_case("data:"))
         .ok_or_else(|| fail("must be a data: URL".into()))?;
-    let (header, payload) =
-        rest.split_once(',').ok_or_else(|| fail("malformed data URL: no `,` before the data".into()))?;
+    let (header, payload) = rest
+        .split_once(',')
+        .ok_or_else(|| fail("malformed data URL: no `,` before the data".into()))?;
     let mut params = header.split(';');
     let media_type = params.next().unwrap_or_default().trim();
     let declared = ImageFormat::from_media_type(media_type).ok_or_else(|| {
-        fail(format!("unsupported image type {media_type:?}; send image/jpeg, image/png or image/webp"))
+        fail(format!(
+            "unsupported image type {media_type:?}; send image/jpeg, image/png or image/webp"
+        ))
     })?;
     if !params.any(|p| p.trim().eq_ignore_ascii_case("base64")) {
-        return Err(fail("the data URL must be base64-encoded (`data:image/png;base64,...`)".into()));
+        return Err(fail(
+            "the data URL must be base64-encoded (`data:image/png;base64,...`)".into(),
+        ));
     }
-    let payload: Vec<u8> = payload.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    let payload: Vec<u8> = payload
+        .bytes()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
     let estimated = payload.len() / 4 * 3;
     if estimated > max_bytes.saturating_add(3) {
         return Err(fail(too_large(estimated, max_bytes)));
@@ -155,12 +183,17 @@ pub fn decode_data_url(field: &str, url: &str, max_bytes: usize) -> Result<Decod
         base64::engine::GeneralPurposeConfig::new()
             .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
     );
-    let bytes = engine.decode(&payload).map_err(|e| fail(format!("the base64 data is invalid: {e}")))?;
+    let bytes = engine
+        .decode(&payload)
+        .map_err(|e| fail(format!("the base64 data is invalid: {e}")))?;
     if bytes.len() > max_bytes {
         return Err(fail(too_large(bytes.len(), max_bytes)));
     }
     let (format, width, height) = sniff_image(&bytes).ok_or_else(|| {
-        fail(format!("the data is not a readable {} image (bad or truncated header)", declared.media_type()))
+        fail(format!(
+            "the data is not a readable {} image (bad or truncated header)",
+            declared.media_type()
+        ))
     })?;
     if format != declared {
         return Err(fail(format!(
@@ -174,11 +207,19 @@ pub fn decode_data_url(field: &str, url: &str, max_bytes: usize) -> Result<Decod
             "image is {width}x{height}; width and height must be between 1 and {MAX_IMAGE_SIDE}"
         )));
     }
-    Ok(DecodedImage { format, width, height, bytes })
+    Ok(DecodedImage {
+        format,
+        width,
+        height,
+        bytes,
+    })
 }
 
 fn too_large(size: usize, max: usize) -> String {
-    format!("the image is too large ({size} bytes); the limit is {max} bytes ({} MiB)", max / (1024 * 1024))
+    format!(
+        "the image is too large ({size} bytes); the limit is {max} bytes ({} MiB)",
+        max / (1024 * 1024)
+    )
 }
 
 /// Recognise PNG, JPEG or WEBP by magic bytes and read `(format, width, height)`
@@ -245,7 +286,8 @@ fn jpeg_size(b: &[u8]) -> Option<(u32, u32)> {
         if length < 2 {
             return None;
         }
-        let is_start_of_frame = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
+        let is_start_of_frame =
+            matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
         if is_start_of_frame {
             // length(2) precision(1) height(2) width(2)
             let height = be_u16(b, at + 3)?;
@@ -265,7 +307,10 @@ fn webp_size(b: &[u8]) -> Option<(u32, u32)> {
             if b.get(23..26)? != [0x9d, 0x01, 0x2a] {
                 return None;
             }
-            Some((u32::from(le_u16(b, 26)? & 0x3fff), u32::from(le_u16(b, 28)? & 0x3fff)))
+            Some((
+                u32::from(le_u16(b, 26)? & 0x3fff),
+                u32::from(le_u16(b, 28)? & 0x3fff),
+            ))
         }
         b"VP8L" => {
             if *b.get(20)? != 0x2f {
@@ -317,7 +362,10 @@ pub mod samples {
     /// `data:{media_type};base64,{bytes}`.
     pub fn data_url(media_type: &str, bytes: &[u8]) -> String {
         use base64::Engine as _;
-        format!("data:{media_type};base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+        format!(
+            "data:{media_type};base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        )
     }
 }
 
@@ -328,9 +376,18 @@ mod tests {
 
     #[test]
     fn sniffs_png_jpeg_and_webp_dimensions() {
-        assert_eq!(sniff_image(&png_header(640, 480)), Some((ImageFormat::Png, 640, 480)));
-        assert_eq!(sniff_image(&jpeg_header(800, 600)), Some((ImageFormat::Jpeg, 800, 600)));
-        assert_eq!(sniff_image(&webp_header(320, 200)), Some((ImageFormat::Webp, 320, 200)));
+        assert_eq!(
+            sniff_image(&png_header(640, 480)),
+            Some((ImageFormat::Png, 640, 480))
+        );
+        assert_eq!(
+            sniff_image(&jpeg_header(800, 600)),
+            Some((ImageFormat::Jpeg, 800, 600))
+        );
+        assert_eq!(
+            sniff_image(&webp_header(320, 200)),
+            Some((ImageFormat::Webp, 320, 200))
+        );
     }
 
     #[test]
@@ -362,11 +419,24 @@ mod tests {
     fn a_data_url_decodes_with_its_dimensions() {
         let url = data_url("image/png", &png_header(512, 768));
         let image = decode_data_url("reference_image", &url, DEFAULT_MAX_IMAGE_BYTES).unwrap();
-        assert_eq!((image.format, image.width, image.height), (ImageFormat::Png, 512, 768));
+        assert_eq!(
+            (image.format, image.width, image.height),
+            (ImageFormat::Png, 512, 768)
+        );
         let url = data_url("image/jpeg", &jpeg_header(64, 32));
-        assert_eq!(decode_data_url("f", &url, DEFAULT_MAX_IMAGE_BYTES).unwrap().width, 64);
+        assert_eq!(
+            decode_data_url("f", &url, DEFAULT_MAX_IMAGE_BYTES)
+                .unwrap()
+                .width,
+            64
+        );
         let url = data_url("image/webp", &webp_header(64, 32));
-        assert_eq!(decode_data_url("f", &url, DEFAULT_MAX_IMAGE_BYTES).unwrap().height, 32);
+        assert_eq!(
+            decode_data_url("f", &url, DEFAULT_MAX_IMAGE_BYTES)
+                .unwrap()
+                .height,
+            32
+        );
     }
 
     #[test]
@@ -389,8 +459,14 @@ mod tests {
         assert!(message(d("data:image/png,rawdata")).contains("base64"));
         assert!(message(d("data:image/png;base64")).contains("no `,`"));
         assert!(message(d("data:image/png;base64,!!!!")).contains("base64 data is invalid"));
-        assert!(message(d(&data_url("image/png", b"not an image at all"))).contains("not a readable image/png"));
-        assert!(message(d(&data_url("image/png", &jpeg_header(8, 8)))).contains("says image/png but the bytes are image/jpeg"));
+        assert!(
+            message(d(&data_url("image/png", b"not an image at all")))
+                .contains("not a readable image/png")
+        );
+        assert!(
+            message(d(&data_url("image/png", &jpeg_header(8, 8))))
+                .contains("says image/png but the bytes are image/jpeg")
+        );
         assert!(message(d(&data_url("image/png", &png_header(0, 8)))).contains("between 1 and"));
         assert!(message(d(&data_url("image/png", &png_header(8193, 8)))).contains("between 1 and"));
     }
@@ -412,7 +488,17 @@ mod tests {
             parse_image_input("reference_image", "faces/alice.png", 10),
             Ok(ImageInput::InputPath("faces/alice.png".into()))
         );
-        for bad in ["", "/etc/passwd", "../secret.png", "faces/../../x.png", "a//b.png", "a\\b.png", "https://example.com/a.png", "a\u{0}.png", "./a.png"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../secret.png",
+            "faces/../../x.png",
+            "a//b.png",
+            "a\\b.png",
+            "https://example.com/a.png",
+            "a\u{0}.png",
+            "./a.png",
+        ] {
             let error = parse_image_input("reference_image", bad, 10).unwrap_err();
             assert_eq!(error.field, "reference_image", "{bad:?}");
         }
@@ -420,12 +506,29 @@ mod tests {
 
     #[test]
     fn uploads_carry_field_node_and_a_filename_with_the_right_extension() {
-        let decoded = parse_image_input("reference_image", &data_url("image/jpeg", &jpeg_header(4, 4)), 1 << 20).unwrap();
+        let decoded = parse_image_input(
+            "reference_image",
+            &data_url("image/jpeg", &jpeg_header(4, 4)),
+            1 << 20,
+        )
+        .unwrap();
         let upload = decoded.into_upload("reference_image", "reference", "7", "image");
         assert_eq!(upload.filename, "reference.jpg");
-        assert_eq!((upload.field.as_str(), upload.node_id.as_str(), upload.input_name.as_str()), ("reference_image", "7", "image"));
+        assert_eq!(
+            (
+                upload.field.as_str(),
+                upload.node_id.as_str(),
+                upload.input_name.as_str()
+            ),
+            ("reference_image", "7", "image")
+        );
         assert!(matches!(upload.source, ImageSource::Bytes(ref b) if b.starts_with(&[0xFF, 0xD8])));
-        let path = ImageInput::InputPath("faces/Alice.WEBP".into()).into_upload("reference_image", "reference", "7", "image");
+        let path = ImageInput::InputPath("faces/Alice.WEBP".into()).into_upload(
+            "reference_image",
+            "reference",
+            "7",
+            "image",
+        );
         assert_eq!(path.filename, "reference.webp");
         assert!(matches!(path.source, ImageSource::InputPath(ref p) if p == "faces/Alice.WEBP"));
     }

@@ -9,7 +9,9 @@ use crate::{Host, ModelFile, ModelRef, ModelRequirement};
 
 /// The file `folder/name` if the host lists it.
 pub fn find_model(host: &dyn Host, folder: &str, name: &str) -> Option<ModelFile> {
-    host.list_models(folder).into_iter().find(|f| f.name == name)
+    host.list_models(folder)
+        .into_iter()
+        .find(|f| f.name == name)
 }
 
 /// Whether the host lists `folder/name`.
@@ -37,20 +39,30 @@ pub fn pick_model(host: &dyn Host, candidates: &[(&str, &str)]) -> Option<ModelR
 
 /// A [`ModelRef`] from its parts.
 pub fn model_ref(folder: &str, name: &str) -> ModelRef {
-    ModelRef { folder: folder.to_string(), name: name.to_string() }
+    ModelRef {
+        folder: folder.to_string(),
+        name: name.to_string(),
+    }
 }
 
 /// A manifest requirement met by any of `candidates`.
 pub fn requirement(purpose: &str, candidates: &[(&str, &str)]) -> ModelRequirement {
     ModelRequirement {
         purpose: purpose.to_string(),
-        any_of: candidates.iter().map(|&(folder, name)| model_ref(folder, name)).collect(),
+        any_of: candidates
+            .iter()
+            .map(|&(folder, name)| model_ref(folder, name))
+            .collect(),
     }
 }
 
 /// `folder/a or folder/b` for messages.
 pub fn describe_candidates(candidates: &[(&str, &str)]) -> String {
-    candidates.iter().map(|(folder, name)| format!("{folder}/{name}")).collect::<Vec<_>>().join(" or ")
+    candidates
+        .iter()
+        .map(|(folder, name)| format!("{folder}/{name}"))
+        .collect::<Vec<_>>()
+        .join(" or ")
 }
 
 #[cfg(test)]
@@ -63,15 +75,24 @@ mod tests {
         let host = FakeHost::new()
             .with_model("text_encoders", "t5xxl_fp8_e4m3fn.safetensors", 5)
             .with_model("text_encoders", "t5xxl_fp16.safetensors", 9);
-        let candidates = [("text_encoders", "t5xxl_fp16.safetensors"), ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors")];
-        assert_eq!(pick_model(&host, &candidates), Some(model_ref("text_encoders", "t5xxl_fp16.safetensors")));
+        let candidates = [
+            ("text_encoders", "t5xxl_fp16.safetensors"),
+            ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"),
+        ];
+        assert_eq!(
+            pick_model(&host, &candidates),
+            Some(model_ref("text_encoders", "t5xxl_fp16.safetensors"))
+        );
         let only_fp8 = FakeHost::new().with_model("clip", "t5xxl_fp8_e4m3fn.safetensors", 5);
         let candidates = [
             ("text_encoders", "t5xxl_fp16.safetensors"),
             ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"),
             ("clip", "t5xxl_fp8_e4m3fn.safetensors"),
         ];
-        assert_eq!(pick_model(&only_fp8, &candidates), Some(model_ref("clip", "t5xxl_fp8_e4m3fn.safetensors")));
+        assert_eq!(
+            pick_model(&only_fp8, &candidates),
+            Some(model_ref("clip", "t5xxl_fp8_e4m3fn.safetensors"))
+        );
     }
 
     #[test]
@@ -80,15 +101,24 @@ mod tests {
         assert_eq!(pick_model(&host, &[("vae", "ae.safetensors")]), None);
         assert!(!has_model(&host, "vae", "ae.safetensors"));
         assert!(has_model(&host, "vae", "other.safetensors"));
-        assert_eq!(find_model(&host, "vae", "other.safetensors").map(|f| f.size), Some(1));
+        assert_eq!(
+            find_model(&host, "vae", "other.safetensors").map(|f| f.size),
+            Some(1)
+        );
     }
 
     #[test]
     fn requirements_and_descriptions_keep_the_order() {
-        let candidates = [("vae", "ae.safetensors"), ("checkpoints", "flux1-dev-fp8.safetensors")];
+        let candidates = [
+            ("vae", "ae.safetensors"),
+            ("checkpoints", "flux1-dev-fp8.safetensors"),
+        ];
         let r = requirement("Flux VAE", &candidates);
         assert_eq!(r.purpose, "Flux VAE");
         assert_eq!(r.any_of[1].folder, "checkpoints");
-        assert_eq!(describe_candidates(&candidates), "vae/ae.safetensors or checkpoints/flux1-dev-fp8.safetensors");
+        assert_eq!(
+            describe_candidates(&candidates),
+            "vae/ae.safetensors or checkpoints/flux1-dev-fp8.safetensors"
+        );
     }
 }

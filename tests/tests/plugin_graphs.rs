@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 const SDXL: &str = "sd_xl_base_1.0.safetensors";
 
 fn object_info() -> Value {
-    serde_json::from_str(comfyui_double::object_info_fixture()).expect("object_info fixture is JSON")
+    serde_json::from_str(comfyui_double::object_info_fixture())
+        .expect("object_info fixture is JSON")
 }
 
 fn catalogue_from(info: &Value) -> Catalogue {
@@ -38,8 +39,17 @@ fn object_info_with_sdxl() -> Value {
 /// The values of a combo input (`[[...], {...}]` or `["COMBO", {"options": [...]}]`).
 fn combo(info: &Value, class: &str, input: &str) -> Vec<String> {
     let spec = &info[class]["input"]["required"][input];
-    let values = if spec[0].is_array() { &spec[0] } else { &spec[1]["options"] };
-    values.as_array().unwrap_or_else(|| panic!("{class}.{input} is a combo")).iter().filter_map(|v| v.as_str().map(String::from)).collect()
+    let values = if spec[0].is_array() {
+        &spec[0]
+    } else {
+        &spec[1]["options"]
+    };
+    values
+        .as_array()
+        .unwrap_or_else(|| panic!("{class}.{input} is a combo"))
+        .iter()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect()
 }
 
 /// A model volume holding exactly the files the catalogue's loader combos list.
@@ -65,12 +75,21 @@ fn volume_of(info: &Value) -> FakeHost {
 }
 
 fn request(body: &Value) -> Request {
-    Request { body: body.to_string(), random_seed: 1234567890123, request_id: "plugin-graphs".into() }
+    Request {
+        body: body.to_string(),
+        random_seed: 1234567890123,
+        request_id: "plugin-graphs".into(),
+    }
 }
 
 /// Build `body` with plugin `P`; check the body against P's schema and the graph
 /// against the catalogue. Returns a description of every problem.
-fn check<P: Plugin>(catalogue: &Catalogue, host: &FakeHost, body: &Value, patch: impl Fn(&Job, &mut Value)) -> Vec<String> {
+fn check<P: Plugin>(
+    catalogue: &Catalogue,
+    host: &FakeHost,
+    body: &Value,
+    patch: impl Fn(&Job, &mut Value),
+) -> Vec<String> {
     let mut problems = Vec::new();
     let manifest = P::manifest();
     let schema: Value = serde_json::from_str(&manifest.request_schema).expect("schema is JSON");
@@ -88,9 +107,18 @@ fn check<P: Plugin>(catalogue: &Catalogue, host: &FakeHost, body: &Value, patch:
                     problems.push(format!("{} {body}: preflight: {issue:?}", manifest.name));
                 }
             }
-            for class in graph.as_object().into_iter().flat_map(|g| g.values()).filter_map(|n| n["class_type"].as_str()) {
-                if manifest.name != "workflow" && !manifest.node_classes.iter().any(|c| c == class) {
-                    problems.push(format!("{}: class {class} used but not declared in node_classes", manifest.name));
+            for class in graph
+                .as_object()
+                .into_iter()
+                .flat_map(|g| g.values())
+                .filter_map(|n| n["class_type"].as_str())
+            {
+                if manifest.name != "workflow" && !manifest.node_classes.iter().any(|c| c == class)
+                {
+                    problems.push(format!(
+                        "{}: class {class} used but not declared in node_classes",
+                        manifest.name
+                    ));
                 }
             }
         }
@@ -140,7 +168,12 @@ fn flux_variations() -> Vec<Value> {
 
 fn assert_clean(problems: Vec<String>, checked: usize) {
     assert!(checked > 0);
-    assert!(problems.is_empty(), "{} problem(s) in {checked} builds:\n{}", problems.len(), problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "{} problem(s) in {checked} builds:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
 }
 
 mod flux_dev_graphs {
@@ -153,7 +186,10 @@ mod flux_dev_graphs {
         let mut variations = flux_variations();
         variations.extend([json!({"guidance": 0.0}), json!({"guidance": 100.0})]);
         let bodies = variants(json!({"prompt": "a red fox in the snow"}), &variations);
-        let problems: Vec<String> = bodies.iter().flat_map(|b| check::<flux_dev::FluxDev>(&catalogue, &host, b, no_patch)).collect();
+        let problems: Vec<String> = bodies
+            .iter()
+            .flat_map(|b| check::<flux_dev::FluxDev>(&catalogue, &host, b, no_patch))
+            .collect();
         assert_clean(problems, bodies.len());
     }
 
@@ -162,7 +198,10 @@ mod flux_dev_graphs {
         let info = object_info();
         let catalogue = catalogue_from(&info);
         let host = FakeHost::new().with_model("checkpoints", "flux1-dev-fp8.safetensors", 1024);
-        assert_clean(check::<flux_dev::FluxDev>(&catalogue, &host, &json!({"prompt": "p"}), no_patch), 1);
+        assert_clean(
+            check::<flux_dev::FluxDev>(&catalogue, &host, &json!({"prompt": "p"}), no_patch),
+            1,
+        );
     }
 
     #[test]
@@ -175,8 +214,12 @@ mod flux_dev_graphs {
             .with_model("text_encoders", "clip_l.safetensors", 1)
             .with_model("text_encoders", "t5xxl_fp8_e4m3fn.safetensors", 1)
             .with_model("vae", "ae.safetensors", 1);
-        let problems = check::<flux_dev::FluxDev>(&catalogue, &host, &json!({"prompt": "p"}), no_patch);
-        assert!(problems.iter().any(|p| p.contains("DualCLIPLoader")), "{problems:?}");
+        let problems =
+            check::<flux_dev::FluxDev>(&catalogue, &host, &json!({"prompt": "p"}), no_patch);
+        assert!(
+            problems.iter().any(|p| p.contains("DualCLIPLoader")),
+            "{problems:?}"
+        );
     }
 }
 
@@ -196,8 +239,14 @@ mod flux_lora_graphs {
             json!({"trigger_word": "portrait"}),
             json!({"guidance": 100.0}),
         ]);
-        let bodies = variants(json!({"prompt": "portrait photo, studio lighting", "lora_id": "character-123"}), &variations);
-        let problems: Vec<String> = bodies.iter().flat_map(|b| check::<flux_lora::FluxLora>(&catalogue, &host, b, no_patch)).collect();
+        let bodies = variants(
+            json!({"prompt": "portrait photo, studio lighting", "lora_id": "character-123"}),
+            &variations,
+        );
+        let problems: Vec<String> = bodies
+            .iter()
+            .flat_map(|b| check::<flux_lora::FluxLora>(&catalogue, &host, b, no_patch))
+            .collect();
         assert_clean(problems, bodies.len());
     }
 }
@@ -221,8 +270,12 @@ mod flux_instantid_graphs {
         ]);
         let base = json!({"prompt": "an astronaut on mars", "reference_image": data_url("image/png", &png_header(512, 512))});
         let bodies = variants(base, &variations);
-        let problems: Vec<String> =
-            bodies.iter().flat_map(|b| check::<flux_instantid::FluxInstantId>(&catalogue, &host, b, simulate_uploads)).collect();
+        let problems: Vec<String> = bodies
+            .iter()
+            .flat_map(|b| {
+                check::<flux_instantid::FluxInstantId>(&catalogue, &host, b, simulate_uploads)
+            })
+            .collect();
         assert_clean(problems, bodies.len());
     }
 
@@ -233,8 +286,13 @@ mod flux_instantid_graphs {
         let body = json!({"prompt": "p", "reference_image": "faces/alice.png"});
         let job = flux_instantid::FluxInstantId::build(&request(&body), &host).expect("builds");
         let graph: Value = serde_json::from_str(&job.workflow).unwrap();
-        let loads: Vec<&String> =
-            graph.as_object().unwrap().iter().filter(|(_, n)| n["class_type"] == "LoadImage").map(|(id, _)| id).collect();
+        let loads: Vec<&String> = graph
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, n)| n["class_type"] == "LoadImage")
+            .map(|(id, _)| id)
+            .collect();
         assert_eq!(loads.len(), 1);
         assert_eq!(job.uploads.len(), 1);
         assert_eq!(&job.uploads[0].node_id, loads[0]);
@@ -246,13 +304,21 @@ mod workflow_graphs {
 
     /// The captured Flux graphs (a), (b), (c1), (c2) that real ComfyUI validated.
     fn captured_graphs() -> Vec<(String, Value)> {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../comfyui-double/fixtures/flux-validation.json"))
-            .expect("flux-validation fixture");
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../comfyui-double/fixtures/flux-validation.json"
+        ))
+        .expect("flux-validation fixture");
         let cases: Value = serde_json::from_str(&text).expect("fixture is JSON");
-        ["a_flux_dev_separate_loaders", "b_flux_checkpoint_loader", "c1_flux_lora_model_only", "c2_flux_lora_loader"]
-            .iter()
-            .map(|name| (name.to_string(), cases[name]["request"]["prompt"].clone()))
-            .collect()
+        [
+            "a_flux_dev_separate_loaders",
+            "b_flux_checkpoint_loader",
+            "c1_flux_lora_model_only",
+            "c2_flux_lora_loader",
+        ]
+        .iter()
+        .map(|name| (name.to_string(), cases[name]["request"]["prompt"].clone()))
+        .collect()
     }
 
     #[test]
@@ -274,7 +340,9 @@ mod workflow_graphs {
                 for (k, v) in extra.as_object().unwrap() {
                     body[k] = v.clone();
                 }
-                problems.extend(check::<workflow::Workflow>(&catalogue, &host, &body, no_patch));
+                problems.extend(check::<workflow::Workflow>(
+                    &catalogue, &host, &body, no_patch,
+                ));
                 checked += 1;
             }
         }
@@ -290,7 +358,10 @@ mod workflow_graphs {
             let built: Value = serde_json::from_str(&job.workflow).unwrap();
             // Node 4 feeds FluxGuidance → KSampler.positive; node 6 is the negative.
             assert_eq!(built["4"]["inputs"]["text"], "injected", "{name}");
-            assert_eq!(built["6"]["inputs"]["text"], graph["6"]["inputs"]["text"], "{name}");
+            assert_eq!(
+                built["6"]["inputs"]["text"], graph["6"]["inputs"]["text"],
+                "{name}"
+            );
             let mut rest = built.clone();
             rest["4"]["inputs"]["text"] = graph["4"]["inputs"]["text"].clone();
             assert_eq!(rest, graph, "{name}: nothing else changes");

@@ -7,7 +7,9 @@
 use flowhost_sdk::decode::{Checks, decode};
 use flowhost_sdk::flux::{self, FluxSampling};
 use flowhost_sdk::graph::Graph;
-use flowhost_sdk::{BuildError, Host, Job, Manifest, OutputFormat, Plugin, Request, schema, seed_or_random};
+use flowhost_sdk::{
+    BuildError, Host, Job, Manifest, OutputFormat, Plugin, Request, schema, seed_or_random,
+};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -74,14 +76,16 @@ pub struct FluxDev;
 
 impl Plugin for FluxDev {
     fn manifest() -> Manifest {
-        let mut node_classes: Vec<String> = flux::NODE_CLASSES.iter().map(|c| c.to_string()).collect();
+        let mut node_classes: Vec<String> =
+            flux::NODE_CLASSES.iter().map(|c| c.to_string()).collect();
         node_classes.push("SaveImage".into());
         Manifest {
             name: NAME.into(),
             version: env!("CARGO_PKG_VERSION").into(),
             route: ROUTE.into(),
             summary: "Flux.1-dev text-to-image".into(),
-            request_schema: schema::strict_object(&["prompt"], flux::schema_properties()).to_string(),
+            request_schema: schema::strict_object(&["prompt"], flux::schema_properties())
+                .to_string(),
             response_media_types: vec!["image/jpeg".into()],
             analytics_prefix: ANALYTICS_PREFIX.into(),
             node_classes,
@@ -101,7 +105,10 @@ impl Plugin for FluxDev {
         let mut g = Graph::new();
         let loaders = flux::add_loaders(&mut g, &models);
         let image = flux::add_text_to_image(&mut g, &loaders, &sampling);
-        let save = g.node("SaveImage", json!({"images": image, "filename_prefix": NAME}));
+        let save = g.node(
+            "SaveImage",
+            json!({"images": image, "filename_prefix": NAME}),
+        );
 
         Ok(Job {
             workflow: g.to_json_string(),
@@ -132,7 +139,11 @@ mod tests {
     }
 
     fn request(body: Value) -> Request {
-        Request { body: body.to_string(), random_seed: 987_654_321, request_id: "req-1".into() }
+        Request {
+            body: body.to_string(),
+            random_seed: 987_654_321,
+            request_id: "req-1".into(),
+        }
     }
 
     fn build(body: Value) -> Result<Job, BuildError> {
@@ -144,14 +155,21 @@ mod tests {
     }
 
     fn node<'a>(g: &'a Value, class: &str) -> &'a Value {
-        let found: Vec<&Value> = g.as_object().unwrap().values().filter(|n| n["class_type"] == class).collect();
+        let found: Vec<&Value> = g
+            .as_object()
+            .unwrap()
+            .values()
+            .filter(|n| n["class_type"] == class)
+            .collect();
         assert_eq!(found.len(), 1, "exactly one {class}");
         found[0]
     }
 
     fn invalid_fields(result: Result<Job, BuildError>) -> Vec<String> {
         match result {
-            Err(BuildError::InvalidRequest(errors)) => errors.into_iter().map(|e| e.field).collect(),
+            Err(BuildError::InvalidRequest(errors)) => {
+                errors.into_iter().map(|e| e.field).collect()
+            }
             other => panic!("expected InvalidRequest, got {other:?}"),
         }
     }
@@ -160,18 +178,40 @@ mod tests {
     fn defaults_build_the_documented_graph() {
         let job = build(json!({"prompt": "a red fox"})).unwrap();
         let g = graph(&job);
-        assert_eq!(node(&g, "UNETLoader")["inputs"]["unet_name"], "flux1-dev.safetensors");
+        assert_eq!(
+            node(&g, "UNETLoader")["inputs"]["unet_name"],
+            "flux1-dev.safetensors"
+        );
         let clip = &node(&g, "DualCLIPLoader")["inputs"];
-        assert_eq!((clip["clip_name1"].as_str(), clip["clip_name2"].as_str(), clip["type"].as_str()),
-            (Some("clip_l.safetensors"), Some("t5xxl_fp16.safetensors"), Some("flux")));
-        assert_eq!(node(&g, "VAELoader")["inputs"]["vae_name"], "ae.safetensors");
+        assert_eq!(
+            (
+                clip["clip_name1"].as_str(),
+                clip["clip_name2"].as_str(),
+                clip["type"].as_str()
+            ),
+            (
+                Some("clip_l.safetensors"),
+                Some("t5xxl_fp16.safetensors"),
+                Some("flux")
+            )
+        );
+        assert_eq!(
+            node(&g, "VAELoader")["inputs"]["vae_name"],
+            "ae.safetensors"
+        );
         assert_eq!(node(&g, "FluxGuidance")["inputs"]["guidance"], 3.5);
         let latent = &node(&g, "EmptySD3LatentImage")["inputs"];
-        assert_eq!((latent["width"].as_u64(), latent["height"].as_u64()), (Some(1024), Some(1024)));
+        assert_eq!(
+            (latent["width"].as_u64(), latent["height"].as_u64()),
+            (Some(1024), Some(1024))
+        );
         let ks = &node(&g, "KSampler")["inputs"];
         assert_eq!(ks["steps"], 20);
         assert_eq!(ks["cfg"], 1.0);
-        assert_eq!((ks["sampler_name"].as_str(), ks["scheduler"].as_str()), (Some("euler"), Some("simple")));
+        assert_eq!(
+            (ks["sampler_name"].as_str(), ks["scheduler"].as_str()),
+            (Some("euler"), Some("simple"))
+        );
         assert_eq!(ks["seed"], 987_654_321u64);
         assert_eq!(job.seed, Some(987_654_321));
         assert_eq!(job.output_format, OutputFormat::Jpeg);
@@ -186,7 +226,9 @@ mod tests {
         let g = graph(&job);
         let ks = &node(&g, "KSampler")["inputs"];
         let guidance_id = ks["positive"][0].as_str().unwrap();
-        let positive_id = g[guidance_id]["inputs"]["conditioning"][0].as_str().unwrap();
+        let positive_id = g[guidance_id]["inputs"]["conditioning"][0]
+            .as_str()
+            .unwrap();
         assert_eq!(g[positive_id]["inputs"]["text"], "a red fox");
         let negative_id = ks["negative"][0].as_str().unwrap();
         assert_eq!(g[negative_id]["inputs"]["text"], "blurry");
@@ -197,9 +239,19 @@ mod tests {
         let job = build(json!({"prompt": "p", "width": 512, "height": 768, "steps": 7, "cfg": 2.5, "seed": 5, "guidance": 4.0})).unwrap();
         let g = graph(&job);
         let latent = &node(&g, "EmptySD3LatentImage")["inputs"];
-        assert_eq!((latent["width"].as_u64(), latent["height"].as_u64()), (Some(512), Some(768)));
+        assert_eq!(
+            (latent["width"].as_u64(), latent["height"].as_u64()),
+            (Some(512), Some(768))
+        );
         let ks = &node(&g, "KSampler")["inputs"];
-        assert_eq!((ks["steps"].as_u64(), ks["cfg"].as_f64(), ks["seed"].as_u64()), (Some(7), Some(2.5), Some(5)));
+        assert_eq!(
+            (
+                ks["steps"].as_u64(),
+                ks["cfg"].as_f64(),
+                ks["seed"].as_u64()
+            ),
+            (Some(7), Some(2.5), Some(5))
+        );
         assert_eq!(node(&g, "FluxGuidance")["inputs"]["guidance"], 4.0);
         assert_eq!(job.seed, Some(5));
     }
@@ -209,27 +261,54 @@ mod tests {
         for seed in [0u64, 42, u64::MAX] {
             let job = build(json!({"prompt": "p", "seed": seed})).unwrap();
             assert_eq!(job.seed, Some(seed));
-            assert_eq!(node(&graph(&job), "KSampler")["inputs"]["seed"].as_u64(), Some(seed));
+            assert_eq!(
+                node(&graph(&job), "KSampler")["inputs"]["seed"].as_u64(),
+                Some(seed)
+            );
         }
-        assert_eq!(invalid_fields(build(json!({"prompt": "p", "seed": -1}))), vec!["seed"]);
-        let too_big = Request { body: r#"{"prompt": "p", "seed": 18446744073709551616}"#.into(), random_seed: 1, request_id: "r".into() };
-        assert_eq!(invalid_fields(FluxDev::build(&too_big, &volume())), vec!["seed"]);
+        assert_eq!(
+            invalid_fields(build(json!({"prompt": "p", "seed": -1}))),
+            vec!["seed"]
+        );
+        let too_big = Request {
+            body: r#"{"prompt": "p", "seed": 18446744073709551616}"#.into(),
+            random_seed: 1,
+            request_id: "r".into(),
+        };
+        assert_eq!(
+            invalid_fields(FluxDev::build(&too_big, &volume())),
+            vec!["seed"]
+        );
     }
 
     #[test]
     fn an_absent_seed_is_the_hosts_random_seed_not_42() {
-        let r = Request { body: json!({"prompt": "p"}).to_string(), random_seed: 77, request_id: "r".into() };
+        let r = Request {
+            body: json!({"prompt": "p"}).to_string(),
+            random_seed: 77,
+            request_id: "r".into(),
+        };
         assert_eq!(FluxDev::build(&r, &volume()).unwrap().seed, Some(77));
-        let r = Request { random_seed: u64::MAX, ..r };
+        let r = Request {
+            random_seed: u64::MAX,
+            ..r
+        };
         assert_eq!(FluxDev::build(&r, &volume()).unwrap().seed, Some(u64::MAX));
     }
 
     #[test]
     fn range_edges_are_inclusive() {
         for (field, ok) in [
-            ("width", json!(256)), ("width", json!(2048)), ("height", json!(256)), ("height", json!(2048)),
-            ("steps", json!(1)), ("steps", json!(100)), ("cfg", json!(0.0)), ("cfg", json!(30.0)),
-            ("guidance", json!(0.0)), ("guidance", json!(100.0)),
+            ("width", json!(256)),
+            ("width", json!(2048)),
+            ("height", json!(256)),
+            ("height", json!(2048)),
+            ("steps", json!(1)),
+            ("steps", json!(100)),
+            ("cfg", json!(0.0)),
+            ("cfg", json!(30.0)),
+            ("guidance", json!(0.0)),
+            ("guidance", json!(100.0)),
         ] {
             let mut body = json!({"prompt": "p"});
             body[field] = ok.clone();
@@ -240,9 +319,18 @@ mod tests {
     #[test]
     fn values_just_outside_the_ranges_name_their_field() {
         for (field, bad) in [
-            ("width", json!(240)), ("width", json!(2064)), ("width", json!(1000)), ("height", json!(240)),
-            ("height", json!(2064)), ("height", json!(1030)), ("steps", json!(0)), ("steps", json!(101)),
-            ("cfg", json!(-0.1)), ("cfg", json!(30.1)), ("guidance", json!(-0.1)), ("guidance", json!(100.1)),
+            ("width", json!(240)),
+            ("width", json!(2064)),
+            ("width", json!(1000)),
+            ("height", json!(240)),
+            ("height", json!(2064)),
+            ("height", json!(1030)),
+            ("steps", json!(0)),
+            ("steps", json!(101)),
+            ("cfg", json!(-0.1)),
+            ("cfg", json!(30.1)),
+            ("guidance", json!(-0.1)),
+            ("guidance", json!(100.1)),
         ] {
             let mut body = json!({"prompt": "p"});
             body[field] = bad.clone();
@@ -252,22 +340,36 @@ mod tests {
 
     #[test]
     fn every_bad_field_is_reported_at_once() {
-        let fields = invalid_fields(build(json!({"prompt": " ", "width": 100, "steps": 500, "cfg": 99.0})));
+        let fields = invalid_fields(build(
+            json!({"prompt": " ", "width": 100, "steps": 500, "cfg": 99.0}),
+        ));
         assert_eq!(fields, vec!["prompt", "width", "width", "steps", "cfg"]);
     }
 
     #[test]
     fn old_misspelled_fields_are_refused_not_ignored() {
-        assert_eq!(invalid_fields(build(json!({"prompt": "p", "guidance_scale": 3.5}))), vec!["guidance_scale"]);
-        assert_eq!(invalid_fields(build(json!({"prompt": "p", "num_inference_steps": 30}))), vec!["num_inference_steps"]);
+        assert_eq!(
+            invalid_fields(build(json!({"prompt": "p", "guidance_scale": 3.5}))),
+            vec!["guidance_scale"]
+        );
+        assert_eq!(
+            invalid_fields(build(json!({"prompt": "p", "num_inference_steps": 30}))),
+            vec!["num_inference_steps"]
+        );
     }
 
     #[test]
     fn wrong_types_and_a_missing_prompt_name_the_field() {
         assert_eq!(invalid_fields(build(json!({"width": 512}))), vec!["prompt"]);
         assert_eq!(invalid_fields(build(json!({"prompt": 3}))), vec!["prompt"]);
-        assert_eq!(invalid_fields(build(json!({"prompt": "p", "steps": "20"}))), vec!["steps"]);
-        assert_eq!(invalid_fields(build(json!({"prompt": "p", "steps": 20.5}))), vec!["steps"]);
+        assert_eq!(
+            invalid_fields(build(json!({"prompt": "p", "steps": "20"}))),
+            vec!["steps"]
+        );
+        assert_eq!(
+            invalid_fields(build(json!({"prompt": "p", "steps": 20.5}))),
+            vec!["steps"]
+        );
         assert_eq!(invalid_fields(build(json!({"prompt": ""}))), vec!["prompt"]);
     }
 
@@ -276,17 +378,30 @@ mod tests {
         let host = FakeHost::new().with_model("checkpoints", "flux1-dev-fp8.safetensors", 10);
         let job = FluxDev::build(&request(json!({"prompt": "p"})), &host).unwrap();
         let g = graph(&job);
-        assert_eq!(node(&g, "CheckpointLoaderSimple")["inputs"]["ckpt_name"], "flux1-dev-fp8.safetensors");
-        assert!(g.as_object().unwrap().values().all(|n| n["class_type"] != "UNETLoader"));
+        assert_eq!(
+            node(&g, "CheckpointLoaderSimple")["inputs"]["ckpt_name"],
+            "flux1-dev-fp8.safetensors"
+        );
+        assert!(
+            g.as_object()
+                .unwrap()
+                .values()
+                .all(|n| n["class_type"] != "UNETLoader")
+        );
         assert_eq!(node(&g, "VAEDecode")["inputs"]["vae"][1], 2);
     }
 
     #[test]
     fn no_models_is_unavailable_naming_the_files() {
-        let Err(BuildError::Unavailable(message)) = FluxDev::build(&request(json!({"prompt": "p"})), &FakeHost::new()) else {
+        let Err(BuildError::Unavailable(message)) =
+            FluxDev::build(&request(json!({"prompt": "p"})), &FakeHost::new())
+        else {
             panic!("expected Unavailable")
         };
-        assert!(message.contains("diffusion_models/flux1-dev.safetensors"), "{message}");
+        assert!(
+            message.contains("diffusion_models/flux1-dev.safetensors"),
+            "{message}"
+        );
         assert!(message.contains("vae/ae.safetensors"), "{message}");
     }
 
@@ -294,15 +409,26 @@ mod tests {
     fn analytics_carry_the_documented_properties() {
         let job = build(json!({"prompt": "héllo", "seed": 1})).unwrap();
         let a: Value = serde_json::from_str(&job.analytics).unwrap();
-        assert_eq!(a, json!({"workflow_type": "flux-dev", "prompt_length": 5, "width": 1024, "height": 1024, "steps": 20, "cfg": 1.0, "has_seed": true}));
-        let a: Value = serde_json::from_str(&build(json!({"prompt": "p"})).unwrap().analytics).unwrap();
+        assert_eq!(
+            a,
+            json!({"workflow_type": "flux-dev", "prompt_length": 5, "width": 1024, "height": 1024, "steps": 20, "cfg": 1.0, "has_seed": true})
+        );
+        let a: Value =
+            serde_json::from_str(&build(json!({"prompt": "p"})).unwrap().analytics).unwrap();
         assert_eq!(a["has_seed"], false);
     }
 
     #[test]
     fn the_manifest_is_strict_and_declares_classes_and_models() {
         let m = FluxDev::manifest();
-        assert_eq!((m.name.as_str(), m.route.as_str(), m.analytics_prefix.as_str()), ("flux-dev", "/flux-dev", "modal_flux_dev"));
+        assert_eq!(
+            (
+                m.name.as_str(),
+                m.route.as_str(),
+                m.analytics_prefix.as_str()
+            ),
+            ("flux-dev", "/flux-dev", "modal_flux_dev")
+        );
         let s: Value = serde_json::from_str(&m.request_schema).unwrap();
         assert_eq!(s["additionalProperties"], false);
         assert_eq!(s["required"], json!(["prompt"]));
@@ -310,7 +436,13 @@ mod tests {
         assert_eq!(s["properties"]["width"]["multipleOf"], 16);
         let g = graph(&build(json!({"prompt": "p"})).unwrap());
         for n in g.as_object().unwrap().values() {
-            assert!(m.node_classes.iter().any(|c| c == n["class_type"].as_str().unwrap()), "{}", n["class_type"]);
+            assert!(
+                m.node_classes
+                    .iter()
+                    .any(|c| c == n["class_type"].as_str().unwrap()),
+                "{}",
+                n["class_type"]
+            );
         }
         assert_eq!(m.models.len(), 4);
     }
@@ -318,6 +450,9 @@ mod tests {
     #[test]
     fn the_same_request_builds_the_same_workflow() {
         let body = json!({"prompt": "p", "seed": 3});
-        assert_eq!(build(body.clone()).unwrap().workflow, build(body).unwrap().workflow);
+        assert_eq!(
+            build(body.clone()).unwrap().workflow,
+            build(body).unwrap().workflow
+        );
     }
 }

@@ -25,8 +25,8 @@ use flowhost_sdk::graph::Graph;
 use flowhost_sdk::image::{DEFAULT_MAX_IMAGE_BYTES, parse_image_input};
 use flowhost_sdk::models::{describe_candidates, model_ref, pick_model, requirement};
 use flowhost_sdk::{
-    BuildError, ExecutionFailure, Host, Job, Manifest, ModelRef, OutputFormat, Plugin, Request, UserError, schema,
-    seed_or_random,
+    BuildError, ExecutionFailure, Host, Job, Manifest, ModelRef, OutputFormat, Plugin, Request,
+    UserError, schema, seed_or_random,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -43,11 +43,16 @@ pub const SDXL_CHECKPOINTS: &[(&str, &str)] = &[
     ("checkpoints", "sd_xl_base_1.0_0.9vae.safetensors"),
 ];
 pub const INSTANTID_MODELS: &[(&str, &str)] = &[("instantid", "ip-adapter.bin")];
-pub const INSTANTID_CONTROLNETS: &[(&str, &str)] = &[("controlnet", "instantid/diffusion_pytorch_model.safetensors")];
+pub const INSTANTID_CONTROLNETS: &[(&str, &str)] = &[(
+    "controlnet",
+    "instantid/diffusion_pytorch_model.safetensors",
+)];
 /// InsightFace's antelopev2 (InstantIDFaceAnalysis loads it from `models/insightface`).
 /// Declared for readiness only: the host's listing is the source of truth.
-pub const ANTELOPEV2_DETECTOR: &[(&str, &str)] = &[("insightface", "models/antelopev2/scrfd_10g_bnkps.onnx")];
-pub const ANTELOPEV2_RECOGNITION: &[(&str, &str)] = &[("insightface", "models/antelopev2/glintr100.onnx")];
+pub const ANTELOPEV2_DETECTOR: &[(&str, &str)] =
+    &[("insightface", "models/antelopev2/scrfd_10g_bnkps.onnx")];
+pub const ANTELOPEV2_RECOGNITION: &[(&str, &str)] =
+    &[("insightface", "models/antelopev2/glintr100.onnx")];
 
 /// Stage-2 sampling: how much of the Flux scene is re-drawn.
 pub const IDENTITY_DENOISE: f64 = 0.5;
@@ -176,14 +181,18 @@ fn schema_properties() -> serde_json::Map<String, serde_json::Value> {
 }
 
 fn unavailable(what: &str, candidates: &[(&str, &str)]) -> BuildError {
-    BuildError::Unavailable(format!("{what} is missing from the model volume: {}", describe_candidates(candidates)))
+    BuildError::Unavailable(format!(
+        "{what} is missing from the model volume: {}",
+        describe_candidates(candidates)
+    ))
 }
 
 pub struct FluxInstantId;
 
 impl Plugin for FluxInstantId {
     fn manifest() -> Manifest {
-        let mut node_classes: Vec<String> = flux::NODE_CLASSES.iter().map(|c| c.to_string()).collect();
+        let mut node_classes: Vec<String> =
+            flux::NODE_CLASSES.iter().map(|c| c.to_string()).collect();
         for class in STAGE2_NODE_CLASSES {
             if !node_classes.iter().any(|c| c == class) {
                 node_classes.push(class.to_string());
@@ -191,18 +200,29 @@ impl Plugin for FluxInstantId {
         }
         let mut models = flux::flux_model_requirements();
         models.extend([
-            requirement("SDXL checkpoint (InstantID identity stage)", SDXL_CHECKPOINTS),
+            requirement(
+                "SDXL checkpoint (InstantID identity stage)",
+                SDXL_CHECKPOINTS,
+            ),
             requirement("InstantID IP-Adapter", INSTANTID_MODELS),
             requirement("InstantID ControlNet", INSTANTID_CONTROLNETS),
             requirement("InsightFace antelopev2 face detector", ANTELOPEV2_DETECTOR),
-            requirement("InsightFace antelopev2 face recognition", ANTELOPEV2_RECOGNITION),
+            requirement(
+                "InsightFace antelopev2 face recognition",
+                ANTELOPEV2_RECOGNITION,
+            ),
         ]);
         Manifest {
             name: NAME.into(),
             version: env!("CARGO_PKG_VERSION").into(),
             route: ROUTE.into(),
-            summary: "A Flux.1-dev scene with the identity of a reference face (InstantID on SDXL)".into(),
-            request_schema: schema::strict_object(&["prompt", REFERENCE_FIELD], schema_properties()).to_string(),
+            summary: "A Flux.1-dev scene with the identity of a reference face (InstantID on SDXL)"
+                .into(),
+            request_schema: schema::strict_object(
+                &["prompt", REFERENCE_FIELD],
+                schema_properties(),
+            )
+            .to_string(),
             response_media_types: vec!["image/jpeg".into()],
             analytics_prefix: ANALYTICS_PREFIX.into(),
             node_classes,
@@ -229,7 +249,11 @@ impl Plugin for FluxInstantId {
             .range("cfg", body.cfg, flux::CFG_MIN, flux::CFG_MAX)
             .range("instantid_strength", body.instantid_strength, 0.0, 1.0)
             .range("controlnet_strength", body.controlnet_strength, 0.0, 1.0);
-        let reference = match parse_image_input(REFERENCE_FIELD, &body.reference_image, DEFAULT_MAX_IMAGE_BYTES) {
+        let reference = match parse_image_input(
+            REFERENCE_FIELD,
+            &body.reference_image,
+            DEFAULT_MAX_IMAGE_BYTES,
+        ) {
             Ok(reference) => Some(reference),
             Err(error) => {
                 checks.fail(&error.field, error.message);
@@ -237,7 +261,8 @@ impl Plugin for FluxInstantId {
             }
         };
         checks.finish()?;
-        let reference = reference.ok_or_else(|| BuildError::Internal("reference image checked but absent".into()))?;
+        let reference = reference
+            .ok_or_else(|| BuildError::Internal("reference image checked but absent".into()))?;
 
         let flux_models = flux::pick_flux_models(host)?;
         let sdxl = pick_sdxl_checkpoint(host).ok_or_else(|| {
@@ -246,7 +271,8 @@ impl Plugin for FluxInstantId {
                 describe_candidates(&SDXL_CHECKPOINTS[..1])
             ))
         })?;
-        let instantid = pick_model(host, INSTANTID_MODELS).ok_or_else(|| unavailable("the InstantID IP-Adapter", INSTANTID_MODELS))?;
+        let instantid = pick_model(host, INSTANTID_MODELS)
+            .ok_or_else(|| unavailable("the InstantID IP-Adapter", INSTANTID_MODELS))?;
         let controlnet = pick_model(host, INSTANTID_CONTROLNETS)
             .ok_or_else(|| unavailable("the InstantID ControlNet", INSTANTID_CONTROLNETS))?;
 
@@ -257,11 +283,26 @@ impl Plugin for FluxInstantId {
 
         // Stage 2: identity on SDXL, img2img over the scene.
         let ckpt = g.node("CheckpointLoaderSimple", json!({"ckpt_name": sdxl.name}));
-        let positive = g.node("CLIPTextEncode", json!({"text": body.prompt, "clip": ckpt.out(1)}));
-        let negative = g.node("CLIPTextEncode", json!({"text": body.negative_prompt, "clip": ckpt.out(1)}));
-        let instantid = g.node("InstantIDModelLoader", json!({"instantid_file": instantid.name}));
-        let face_analysis = g.node("InstantIDFaceAnalysis", json!({"provider": body.face_provider.node_value()}));
-        let controlnet = g.node("ControlNetLoader", json!({"control_net_name": controlnet.name}));
+        let positive = g.node(
+            "CLIPTextEncode",
+            json!({"text": body.prompt, "clip": ckpt.out(1)}),
+        );
+        let negative = g.node(
+            "CLIPTextEncode",
+            json!({"text": body.negative_prompt, "clip": ckpt.out(1)}),
+        );
+        let instantid = g.node(
+            "InstantIDModelLoader",
+            json!({"instantid_file": instantid.name}),
+        );
+        let face_analysis = g.node(
+            "InstantIDFaceAnalysis",
+            json!({"provider": body.face_provider.node_value()}),
+        );
+        let controlnet = g.node(
+            "ControlNetLoader",
+            json!({"control_net_name": controlnet.name}),
+        );
         // The host uploads the reference and writes its name into `image`.
         let reference_node = g.node("LoadImage", json!({"image": "reference.png"}));
         let apply = g.node(
@@ -283,7 +324,10 @@ impl Plugin for FluxInstantId {
                 "image_kps": scene_image,
             }),
         );
-        let scene_latent = g.node("VAEEncode", json!({"pixels": scene_image, "vae": ckpt.out(2)}));
+        let scene_latent = g.node(
+            "VAEEncode",
+            json!({"pixels": scene_image, "vae": ckpt.out(2)}),
+        );
         let sampler = g.node(
             "KSampler",
             json!({
@@ -299,10 +343,21 @@ impl Plugin for FluxInstantId {
                 "denoise": IDENTITY_DENOISE,
             }),
         );
-        let decoded = g.node("VAEDecode", json!({"samples": sampler.out(0), "vae": ckpt.out(2)}));
-        let save = g.node("SaveImage", json!({"images": decoded.out(0), "filename_prefix": NAME}));
+        let decoded = g.node(
+            "VAEDecode",
+            json!({"samples": sampler.out(0), "vae": ckpt.out(2)}),
+        );
+        let save = g.node(
+            "SaveImage",
+            json!({"images": decoded.out(0), "filename_prefix": NAME}),
+        );
 
-        let upload = reference.into_upload(REFERENCE_FIELD, "reference", reference_node.as_str(), "image");
+        let upload = reference.into_upload(
+            REFERENCE_FIELD,
+            "reference",
+            reference_node.as_str(),
+            "image",
+        );
         let analytics = json!({
             "workflow_type": "flux-instantid",
             "prompt_length": body.prompt.chars().count(),
@@ -323,7 +378,10 @@ impl Plugin for FluxInstantId {
 
     fn explain_failure(failure: &ExecutionFailure) -> Option<UserError> {
         let from_instantid = failure.node_type.contains("InstantID");
-        let no_face = failure.exception_message.to_lowercase().contains("no face detected");
+        let no_face = failure
+            .exception_message
+            .to_lowercase()
+            .contains("no face detected");
         (from_instantid && no_face).then(|| UserError {
             status: 422,
             title: "No face detected".into(),
@@ -353,7 +411,11 @@ mod tests {
             .with_model("checkpoints", "flux1-dev-fp8.safetensors", 10)
             .with_model("checkpoints", "sd_xl_base_1.0.safetensors", 10)
             .with_model("instantid", "ip-adapter.bin", 10)
-            .with_model("controlnet", "instantid/diffusion_pytorch_model.safetensors", 10)
+            .with_model(
+                "controlnet",
+                "instantid/diffusion_pytorch_model.safetensors",
+                10,
+            )
     }
 
     fn face() -> String {
@@ -361,7 +423,14 @@ mod tests {
     }
 
     fn build_on(host: &FakeHost, body: Value) -> Result<Job, BuildError> {
-        FluxInstantId::build(&Request { body: body.to_string(), random_seed: 99, request_id: "r".into() }, host)
+        FluxInstantId::build(
+            &Request {
+                body: body.to_string(),
+                random_seed: 99,
+                request_id: "r".into(),
+            },
+            host,
+        )
     }
 
     fn build(body: Value) -> Result<Job, BuildError> {
@@ -373,7 +442,11 @@ mod tests {
     }
 
     fn nodes<'a>(g: &'a Value, class: &str) -> Vec<(&'a String, &'a Value)> {
-        g.as_object().unwrap().iter().filter(|(_, n)| n["class_type"] == class).collect()
+        g.as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, n)| n["class_type"] == class)
+            .collect()
     }
 
     fn node<'a>(g: &'a Value, class: &str) -> (&'a String, &'a Value) {
@@ -384,20 +457,26 @@ mod tests {
 
     fn invalid_fields(result: Result<Job, BuildError>) -> Vec<String> {
         match result {
-            Err(BuildError::InvalidRequest(errors)) => errors.into_iter().map(|e| e.field).collect(),
+            Err(BuildError::InvalidRequest(errors)) => {
+                errors.into_iter().map(|e| e.field).collect()
+            }
             other => panic!("expected InvalidRequest, got {other:?}"),
         }
     }
 
     #[test]
     fn two_stages_flux_scene_then_sdxl_identity() {
-        let job = build(json!({"prompt": "an astronaut on mars", "reference_image": face()})).unwrap();
+        let job =
+            build(json!({"prompt": "an astronaut on mars", "reference_image": face()})).unwrap();
         let g = graph(&job);
         let (_, apply) = node(&g, "ApplyInstantIDAdvanced");
         let a = &apply["inputs"];
         // The InstantID model is the SDXL checkpoint, never the Flux UNet.
         let model_id = a["model"][0].as_str().unwrap();
-        assert_eq!(g[model_id]["inputs"]["ckpt_name"], "sd_xl_base_1.0.safetensors");
+        assert_eq!(
+            g[model_id]["inputs"]["ckpt_name"],
+            "sd_xl_base_1.0.safetensors"
+        );
         // image = the reference upload; image_kps = the decoded Flux scene.
         let (load_id, _) = node(&g, "LoadImage");
         assert_eq!(a["image"], json!([load_id, 0]));
@@ -410,7 +489,10 @@ mod tests {
         // The identity sampler starts from the encoded scene at partial denoise.
         let samplers = nodes(&g, "KSampler");
         assert_eq!(samplers.len(), 2);
-        let (_, identity) = samplers.iter().find(|(_, n)| n["inputs"]["denoise"] == IDENTITY_DENOISE).unwrap();
+        let (_, identity) = samplers
+            .iter()
+            .find(|(_, n)| n["inputs"]["denoise"] == IDENTITY_DENOISE)
+            .unwrap();
         let latent = identity["inputs"]["latent_image"][0].as_str().unwrap();
         assert_eq!(g[latent]["class_type"], "VAEEncode");
         assert_eq!(g[latent]["inputs"]["pixels"], json!([kps, 0]));
@@ -421,7 +503,17 @@ mod tests {
         let (save_id, save) = node(&g, "SaveImage");
         assert_eq!(job.outputs, vec![save_id.clone()]);
         let final_decode = save["inputs"]["images"][0].as_str().unwrap();
-        assert_eq!(g[final_decode]["inputs"]["samples"][0].as_str(), Some(samplers.iter().find(|(_, n)| n["inputs"]["denoise"] == IDENTITY_DENOISE).unwrap().0.as_str()));
+        assert_eq!(
+            g[final_decode]["inputs"]["samples"][0].as_str(),
+            Some(
+                samplers
+                    .iter()
+                    .find(|(_, n)| n["inputs"]["denoise"] == IDENTITY_DENOISE)
+                    .unwrap()
+                    .0
+                    .as_str()
+            )
+        );
     }
 
     #[test]
@@ -431,15 +523,30 @@ mod tests {
         let (load_id, _) = node(&g, "LoadImage");
         assert_eq!(job.uploads.len(), 1);
         let u = &job.uploads[0];
-        assert_eq!((u.field.as_str(), u.node_id.as_str(), u.input_name.as_str(), u.filename.as_str()),
-            ("reference_image", load_id.as_str(), "image", "reference.jpg"));
+        assert_eq!(
+            (
+                u.field.as_str(),
+                u.node_id.as_str(),
+                u.input_name.as_str(),
+                u.filename.as_str()
+            ),
+            (
+                "reference_image",
+                load_id.as_str(),
+                "image",
+                "reference.jpg"
+            )
+        );
         assert!(matches!(&u.source, ImageSource::Bytes(b) if b.starts_with(&[0xFF, 0xD8])));
     }
 
     #[test]
     fn an_input_volume_path_is_left_to_the_host() {
         let job = build(json!({"prompt": "p", "reference_image": "faces/alice.png"})).unwrap();
-        assert_eq!(job.uploads[0].source, ImageSource::InputPath("faces/alice.png".into()));
+        assert_eq!(
+            job.uploads[0].source,
+            ImageSource::InputPath("faces/alice.png".into())
+        );
     }
 
     #[test]
@@ -452,20 +559,31 @@ mod tests {
             "/abs/face.png".to_string(),
             "https://example.com/face.png".to_string(),
         ] {
-            assert_eq!(invalid_fields(build(json!({"prompt": "p", "reference_image": bad}))), vec!["reference_image"], "{bad}");
+            assert_eq!(
+                invalid_fields(build(json!({"prompt": "p", "reference_image": bad}))),
+                vec!["reference_image"],
+                "{bad}"
+            );
         }
-        assert_eq!(invalid_fields(build(json!({"prompt": "p"}))), vec!["reference_image"]);
+        assert_eq!(
+            invalid_fields(build(json!({"prompt": "p"}))),
+            vec!["reference_image"]
+        );
     }
 
     #[test]
     fn an_oversized_reference_image_is_refused() {
         let mut big = png_header(64, 64);
         big.resize(DEFAULT_MAX_IMAGE_BYTES + 1, 0);
-        let error = invalid_fields(build(json!({"prompt": "p", "reference_image": data_url("image/png", &big)})));
+        let error = invalid_fields(build(
+            json!({"prompt": "p", "reference_image": data_url("image/png", &big)}),
+        ));
         assert_eq!(error, vec!["reference_image"]);
         let mut fits = png_header(64, 64);
         fits.resize(DEFAULT_MAX_IMAGE_BYTES, 0);
-        assert!(build(json!({"prompt": "p", "reference_image": data_url("image/png", &fits)})).is_ok());
+        assert!(
+            build(json!({"prompt": "p", "reference_image": data_url("image/png", &fits)})).is_ok()
+        );
     }
 
     #[test]
@@ -474,7 +592,10 @@ mod tests {
             let job = build(json!({"prompt": "p", "reference_image": face(), "instantid_strength": iid, "controlnet_strength": cn})).unwrap();
             let g = graph(&job);
             let a = &node(&g, "ApplyInstantIDAdvanced").1["inputs"];
-            assert_eq!((a["ip_weight"].as_f64(), a["cn_strength"].as_f64()), (Some(iid), Some(cn)));
+            assert_eq!(
+                (a["ip_weight"].as_f64(), a["cn_strength"].as_f64()),
+                (Some(iid), Some(cn))
+            );
         }
         for field in ["instantid_strength", "controlnet_strength"] {
             for bad in [-0.01, 1.01] {
@@ -488,44 +609,120 @@ mod tests {
     #[test]
     fn face_providers_map_gpu_to_cuda() {
         for (given, node_value) in [("CPU", "CPU"), ("GPU", "CUDA"), ("CUDA", "CUDA")] {
-            let job = build(json!({"prompt": "p", "reference_image": face(), "face_provider": given})).unwrap();
+            let job =
+                build(json!({"prompt": "p", "reference_image": face(), "face_provider": given}))
+                    .unwrap();
             let g = graph(&job);
-            assert_eq!(node(&g, "InstantIDFaceAnalysis").1["inputs"]["provider"], node_value);
+            assert_eq!(
+                node(&g, "InstantIDFaceAnalysis").1["inputs"]["provider"],
+                node_value
+            );
             let a: Value = serde_json::from_str(&job.analytics).unwrap();
             assert_eq!(a["face_provider"], given);
         }
         let g = graph(&build(json!({"prompt": "p", "reference_image": face()})).unwrap());
-        assert_eq!(node(&g, "InstantIDFaceAnalysis").1["inputs"]["provider"], "CPU");
-        assert_eq!(invalid_fields(build(json!({"prompt": "p", "reference_image": face(), "face_provider": "TPU"}))), vec!["face_provider"]);
-        assert_eq!(invalid_fields(build(json!({"prompt": "p", "reference_image": face(), "face_provider": "cpu"}))), vec!["face_provider"]);
+        assert_eq!(
+            node(&g, "InstantIDFaceAnalysis").1["inputs"]["provider"],
+            "CPU"
+        );
+        assert_eq!(
+            invalid_fields(build(
+                json!({"prompt": "p", "reference_image": face(), "face_provider": "TPU"})
+            )),
+            vec!["face_provider"]
+        );
+        assert_eq!(
+            invalid_fields(build(
+                json!({"prompt": "p", "reference_image": face(), "face_provider": "cpu"})
+            )),
+            vec!["face_provider"]
+        );
     }
 
     #[test]
     fn flux_fields_keep_their_ranges_and_guidance_is_not_a_field() {
         assert!(build(json!({"prompt": "p", "reference_image": face(), "width": 256, "height": 2048, "steps": 1, "cfg": 0.0})).is_ok());
-        assert!(build(json!({"prompt": "p", "reference_image": face(), "steps": 100, "cfg": 30.0})).is_ok());
-        assert_eq!(invalid_fields(build(json!({"prompt": "p", "reference_image": face(), "width": 2064}))), vec!["width"]);
-        assert_eq!(invalid_fields(build(json!({"prompt": "p", "reference_image": face(), "cfg": 30.5}))), vec!["cfg"]);
-        assert_eq!(invalid_fields(build(json!({"prompt": "p", "reference_image": face(), "guidance": 3.5}))), vec!["guidance"]);
-        assert_eq!(invalid_fields(build(json!({"prompt": "", "reference_image": "x/../y.png"}))), vec!["prompt", "reference_image"]);
+        assert!(
+            build(json!({"prompt": "p", "reference_image": face(), "steps": 100, "cfg": 30.0}))
+                .is_ok()
+        );
+        assert_eq!(
+            invalid_fields(build(
+                json!({"prompt": "p", "reference_image": face(), "width": 2064})
+            )),
+            vec!["width"]
+        );
+        assert_eq!(
+            invalid_fields(build(
+                json!({"prompt": "p", "reference_image": face(), "cfg": 30.5})
+            )),
+            vec!["cfg"]
+        );
+        assert_eq!(
+            invalid_fields(build(
+                json!({"prompt": "p", "reference_image": face(), "guidance": 3.5})
+            )),
+            vec!["guidance"]
+        );
+        assert_eq!(
+            invalid_fields(build(
+                json!({"prompt": "", "reference_image": "x/../y.png"})
+            )),
+            vec!["prompt", "reference_image"]
+        );
     }
 
     #[test]
     fn the_seed_drives_both_samplers_and_is_returned() {
-        let job = build(json!({"prompt": "p", "reference_image": face(), "seed": u64::MAX})).unwrap();
+        let job =
+            build(json!({"prompt": "p", "reference_image": face(), "seed": u64::MAX})).unwrap();
         assert_eq!(job.seed, Some(u64::MAX));
         for (_, ks) in nodes(&graph(&job), "KSampler") {
             assert_eq!(ks["inputs"]["seed"].as_u64(), Some(u64::MAX));
         }
-        assert_eq!(build(json!({"prompt": "p", "reference_image": face()})).unwrap().seed, Some(99));
+        assert_eq!(
+            build(json!({"prompt": "p", "reference_image": face()}))
+                .unwrap()
+                .seed,
+            Some(99)
+        );
     }
 
     #[test]
     fn sdxl_checkpoint_choice() {
-        let host = |names: &[&str]| names.iter().fold(FakeHost::new(), |h, n| h.with_model("checkpoints", n, 1));
-        assert_eq!(pick_sdxl_checkpoint(&host(&["juggernautXL_v9.safetensors", "sd_xl_base_1.0.safetensors"])).unwrap().name, "sd_xl_base_1.0.safetensors");
-        assert_eq!(pick_sdxl_checkpoint(&host(&["zz_XL.safetensors", "juggernautXL_v9.safetensors", "flux1-dev-fp8.safetensors"])).unwrap().name, "juggernautXL_v9.safetensors");
-        assert_eq!(pick_sdxl_checkpoint(&host(&["flux1-dev-fp8.safetensors", "garbage.safetensors", "sd_xl_refiner_1.0.safetensors", "v1-5-pruned.safetensors"])), None);
+        let host = |names: &[&str]| {
+            names
+                .iter()
+                .fold(FakeHost::new(), |h, n| h.with_model("checkpoints", n, 1))
+        };
+        assert_eq!(
+            pick_sdxl_checkpoint(&host(&[
+                "juggernautXL_v9.safetensors",
+                "sd_xl_base_1.0.safetensors"
+            ]))
+            .unwrap()
+            .name,
+            "sd_xl_base_1.0.safetensors"
+        );
+        assert_eq!(
+            pick_sdxl_checkpoint(&host(&[
+                "zz_XL.safetensors",
+                "juggernautXL_v9.safetensors",
+                "flux1-dev-fp8.safetensors"
+            ]))
+            .unwrap()
+            .name,
+            "juggernautXL_v9.safetensors"
+        );
+        assert_eq!(
+            pick_sdxl_checkpoint(&host(&[
+                "flux1-dev-fp8.safetensors",
+                "garbage.safetensors",
+                "sd_xl_refiner_1.0.safetensors",
+                "v1-5-pruned.safetensors"
+            ])),
+            None
+        );
     }
 
     #[test]
@@ -533,10 +730,16 @@ mod tests {
         let without = |folder: &str| {
             let mut host = FakeHost::new();
             for (f, n) in [
-                ("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "clip_l.safetensors"),
-                ("text_encoders", "t5xxl_fp16.safetensors"), ("vae", "ae.safetensors"),
-                ("checkpoints", "sd_xl_base_1.0.safetensors"), ("instantid", "ip-adapter.bin"),
-                ("controlnet", "instantid/diffusion_pytorch_model.safetensors"),
+                ("diffusion_models", "flux1-dev.safetensors"),
+                ("text_encoders", "clip_l.safetensors"),
+                ("text_encoders", "t5xxl_fp16.safetensors"),
+                ("vae", "ae.safetensors"),
+                ("checkpoints", "sd_xl_base_1.0.safetensors"),
+                ("instantid", "ip-adapter.bin"),
+                (
+                    "controlnet",
+                    "instantid/diffusion_pytorch_model.safetensors",
+                ),
             ] {
                 if f != folder {
                     host = host.with_model(f, n, 1);
@@ -549,7 +752,10 @@ mod tests {
         };
         assert!(without("checkpoints").contains("checkpoints/sd_xl_base_1.0.safetensors"));
         assert!(without("instantid").contains("instantid/ip-adapter.bin"));
-        assert!(without("controlnet").contains("controlnet/instantid/diffusion_pytorch_model.safetensors"));
+        assert!(
+            without("controlnet")
+                .contains("controlnet/instantid/diffusion_pytorch_model.safetensors")
+        );
         assert!(without("vae").contains("vae/ae.safetensors"));
     }
 
@@ -564,33 +770,61 @@ mod tests {
         let error = FluxInstantId::explain_failure(&failure).unwrap();
         assert_eq!(error.status, 422);
         assert_eq!(error.field.as_deref(), Some("reference_image"));
-        let other = ExecutionFailure { exception_message: "CUDA out of memory".into(), ..failure.clone() };
+        let other = ExecutionFailure {
+            exception_message: "CUDA out of memory".into(),
+            ..failure.clone()
+        };
         assert_eq!(FluxInstantId::explain_failure(&other), None);
-        let elsewhere = ExecutionFailure { node_type: "VAELoader".into(), ..failure };
+        let elsewhere = ExecutionFailure {
+            node_type: "VAELoader".into(),
+            ..failure
+        };
         assert_eq!(FluxInstantId::explain_failure(&elsewhere), None);
     }
 
     #[test]
     fn the_manifest_declares_every_class_used_and_the_instantid_models() {
         let m = FluxInstantId::manifest();
-        assert_eq!((m.route.as_str(), m.analytics_prefix.as_str()), ("/flux-instantid", "modal_instantid"));
+        assert_eq!(
+            (m.route.as_str(), m.analytics_prefix.as_str()),
+            ("/flux-instantid", "modal_instantid")
+        );
         let g = graph(&build(json!({"prompt": "p", "reference_image": face()})).unwrap());
         for n in g.as_object().unwrap().values() {
-            assert!(m.node_classes.iter().any(|c| c == n["class_type"].as_str().unwrap()), "{}", n["class_type"]);
+            assert!(
+                m.node_classes
+                    .iter()
+                    .any(|c| c == n["class_type"].as_str().unwrap()),
+                "{}",
+                n["class_type"]
+            );
         }
         for folder in ["instantid", "controlnet", "checkpoints", "insightface"] {
-            assert!(m.models.iter().any(|r| r.any_of.iter().all(|x| x.folder == folder)), "{folder}");
+            assert!(
+                m.models
+                    .iter()
+                    .any(|r| r.any_of.iter().all(|x| x.folder == folder)),
+                "{folder}"
+            );
         }
         let s: Value = serde_json::from_str(&m.request_schema).unwrap();
         assert_eq!(s["required"], json!(["prompt", "reference_image"]));
-        assert_eq!(s["properties"]["face_provider"]["enum"], json!(["CPU", "GPU", "CUDA"]));
+        assert_eq!(
+            s["properties"]["face_provider"]["enum"],
+            json!(["CPU", "GPU", "CUDA"])
+        );
         assert!(s["properties"].get("guidance").is_none());
     }
 
     #[test]
     fn analytics_carry_the_documented_properties() {
-        let job = build(json!({"prompt": "abc", "reference_image": face(), "instantid_strength": 0.5})).unwrap();
+        let job =
+            build(json!({"prompt": "abc", "reference_image": face(), "instantid_strength": 0.5}))
+                .unwrap();
         let a: Value = serde_json::from_str(&job.analytics).unwrap();
-        assert_eq!(a, json!({"workflow_type": "flux-instantid", "prompt_length": 3, "instantid_strength": 0.5, "controlnet_strength": 0.8, "face_provider": "CPU"}));
+        assert_eq!(
+            a,
+            json!({"workflow_type": "flux-instantid", "prompt_length": 3, "instantid_strength": 0.5, "controlnet_strength": 0.8, "face_provider": "CPU"})
+        );
     }
 }

@@ -9,7 +9,10 @@ use flowhost_sdk::decode::{Checks, decode};
 use flowhost_sdk::flux::{self, FluxSampling};
 use flowhost_sdk::graph::Graph;
 use flowhost_sdk::models::find_model;
-use flowhost_sdk::{BuildError, FieldError, Host, Job, Manifest, OutputFormat, Plugin, Request, schema, seed_or_random};
+use flowhost_sdk::{
+    BuildError, FieldError, Host, Job, Manifest, OutputFormat, Plugin, Request, schema,
+    seed_or_random,
+};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -55,7 +58,9 @@ fn default_lora_strength() -> f64 {
 /// prompt already contains it (case-insensitive) or there is none.
 pub fn prompt_with_trigger(prompt: &str, trigger_word: Option<&str>) -> String {
     match trigger_word.map(str::trim).filter(|t| !t.is_empty()) {
-        Some(trigger) if !prompt.to_lowercase().contains(&trigger.to_lowercase()) => format!("{trigger}, {prompt}"),
+        Some(trigger) if !prompt.to_lowercase().contains(&trigger.to_lowercase()) => {
+            format!("{trigger}, {prompt}")
+        }
         _ => prompt.to_string(),
     }
 }
@@ -68,7 +73,10 @@ pub fn lora_id_problem(lora_id: &str) -> Option<String> {
     if lora_id.chars().count() > LORA_ID_MAX_CHARS {
         return Some(format!("must be at most {LORA_ID_MAX_CHARS} characters"));
     }
-    if let Some(bad) = lora_id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+    if let Some(bad) = lora_id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
         return Some(format!(
             "must be a LoRA file stem of letters, digits, `.`, `_` and `-` (e.g. `character-123`); {bad:?} is not allowed"
         ));
@@ -104,14 +112,16 @@ pub struct FluxLora;
 
 impl Plugin for FluxLora {
     fn manifest() -> Manifest {
-        let mut node_classes: Vec<String> = flux::NODE_CLASSES.iter().map(|c| c.to_string()).collect();
+        let mut node_classes: Vec<String> =
+            flux::NODE_CLASSES.iter().map(|c| c.to_string()).collect();
         node_classes.extend(["LoraLoaderModelOnly".to_string(), "SaveImage".to_string()]);
         Manifest {
             name: NAME.into(),
             version: env!("CARGO_PKG_VERSION").into(),
             route: ROUTE.into(),
             summary: "Flux.1-dev text-to-image with a character LoRA".into(),
-            request_schema: schema::strict_object(&["prompt", "lora_id"], schema_properties()).to_string(),
+            request_schema: schema::strict_object(&["prompt", "lora_id"], schema_properties())
+                .to_string(),
             response_media_types: vec!["image/jpeg".into()],
             analytics_prefix: ANALYTICS_PREFIX.into(),
             node_classes,
@@ -135,13 +145,23 @@ impl Plugin for FluxLora {
             seed,
         };
         let mut checks = Checks::new();
-        flux::check_sampling(&mut checks, &FluxSampling { prompt: &body.prompt, ..sampling.clone() });
+        flux::check_sampling(
+            &mut checks,
+            &FluxSampling {
+                prompt: &body.prompt,
+                ..sampling.clone()
+            },
+        );
         if let Some(problem) = lora_id_problem(&body.lora_id) {
             checks.fail("lora_id", problem);
         }
         checks.range("lora_strength", body.lora_strength, 0.0, 1.0);
         if let Some(trigger) = &body.trigger_word {
-            checks.non_empty("trigger_word", trigger).max_chars("trigger_word", trigger, TRIGGER_WORD_MAX_CHARS);
+            checks.non_empty("trigger_word", trigger).max_chars(
+                "trigger_word",
+                trigger,
+                TRIGGER_WORD_MAX_CHARS,
+            );
         }
         checks.finish()?;
 
@@ -165,7 +185,10 @@ impl Plugin for FluxLora {
         );
         loaders.model = lora.out(0);
         let image = flux::add_text_to_image(&mut g, &loaders, &sampling);
-        let save = g.node("SaveImage", json!({"images": image, "filename_prefix": NAME}));
+        let save = g.node(
+            "SaveImage",
+            json!({"images": image, "filename_prefix": NAME}),
+        );
 
         let analytics = json!({
             "workflow_type": "flux-lora",
@@ -209,7 +232,14 @@ mod tests {
     }
 
     fn build_on(host: &FakeHost, body: Value) -> Result<Job, BuildError> {
-        FluxLora::build(&Request { body: body.to_string(), random_seed: 11, request_id: "r".into() }, host)
+        FluxLora::build(
+            &Request {
+                body: body.to_string(),
+                random_seed: 11,
+                request_id: "r".into(),
+            },
+            host,
+        )
     }
 
     fn build(body: Value) -> Result<Job, BuildError> {
@@ -221,20 +251,29 @@ mod tests {
     }
 
     fn node<'a>(g: &'a Value, class: &str) -> &'a Value {
-        let found: Vec<&Value> = g.as_object().unwrap().values().filter(|n| n["class_type"] == class).collect();
+        let found: Vec<&Value> = g
+            .as_object()
+            .unwrap()
+            .values()
+            .filter(|n| n["class_type"] == class)
+            .collect();
         assert_eq!(found.len(), 1, "exactly one {class}");
         found[0]
     }
 
     fn positive_text(g: &Value) -> String {
-        let guidance = node(g, "KSampler")["inputs"]["positive"][0].as_str().unwrap();
+        let guidance = node(g, "KSampler")["inputs"]["positive"][0]
+            .as_str()
+            .unwrap();
         let encoder = g[guidance]["inputs"]["conditioning"][0].as_str().unwrap();
         g[encoder]["inputs"]["text"].as_str().unwrap().to_string()
     }
 
     fn invalid_fields(result: Result<Job, BuildError>) -> Vec<String> {
         match result {
-            Err(BuildError::InvalidRequest(errors)) => errors.into_iter().map(|e| e.field).collect(),
+            Err(BuildError::InvalidRequest(errors)) => {
+                errors.into_iter().map(|e| e.field).collect()
+            }
             other => panic!("expected InvalidRequest, got {other:?}"),
         }
     }
@@ -256,38 +295,79 @@ mod tests {
     #[test]
     fn lora_strength_edges() {
         for ok in [0.0, 0.5, 1.0] {
-            let job = build(json!({"prompt": "p", "lora_id": "character-123", "lora_strength": ok})).unwrap();
-            assert_eq!(node(&graph(&job), "LoraLoaderModelOnly")["inputs"]["strength_model"], ok);
+            let job =
+                build(json!({"prompt": "p", "lora_id": "character-123", "lora_strength": ok}))
+                    .unwrap();
+            assert_eq!(
+                node(&graph(&job), "LoraLoaderModelOnly")["inputs"]["strength_model"],
+                ok
+            );
         }
         for bad in [-0.01, 1.01] {
-            assert_eq!(invalid_fields(build(json!({"prompt": "p", "lora_id": "character-123", "lora_strength": bad}))), vec!["lora_strength"]);
+            assert_eq!(
+                invalid_fields(build(
+                    json!({"prompt": "p", "lora_id": "character-123", "lora_strength": bad})
+                )),
+                vec!["lora_strength"]
+            );
         }
     }
 
     #[test]
     fn the_trigger_word_is_prepended_once() {
-        let g = graph(&build(json!({"prompt": "portrait", "lora_id": "character-123", "trigger_word": "ch4r"})).unwrap());
+        let g = graph(
+            &build(
+                json!({"prompt": "portrait", "lora_id": "character-123", "trigger_word": "ch4r"}),
+            )
+            .unwrap(),
+        );
         assert_eq!(positive_text(&g), "ch4r, portrait");
         let g = graph(&build(json!({"prompt": "a CH4R portrait", "lora_id": "character-123", "trigger_word": "ch4r"})).unwrap());
         assert_eq!(positive_text(&g), "a CH4R portrait");
         let g = graph(&build(json!({"prompt": "portrait", "lora_id": "character-123"})).unwrap());
         assert_eq!(positive_text(&g), "portrait");
-        assert_eq!(invalid_fields(build(json!({"prompt": "p", "lora_id": "character-123", "trigger_word": "  "}))), vec!["trigger_word"]);
+        assert_eq!(
+            invalid_fields(build(
+                json!({"prompt": "p", "lora_id": "character-123", "trigger_word": "  "})
+            )),
+            vec!["trigger_word"]
+        );
     }
 
     #[test]
     fn the_trigger_word_does_not_count_in_prompt_length() {
-        let job = build(json!({"prompt": "abc", "lora_id": "character-123", "trigger_word": "ch4r"})).unwrap();
+        let job =
+            build(json!({"prompt": "abc", "lora_id": "character-123", "trigger_word": "ch4r"}))
+                .unwrap();
         let a: Value = serde_json::from_str(&job.analytics).unwrap();
         assert_eq!(a["prompt_length"], 3);
     }
 
     #[test]
     fn lora_ids_that_are_paths_or_odd_are_refused_naming_lora_id() {
-        for bad in ["../secret", "a/b", "/abs", "a..b", ".hidden", "trailing.", "tab\there", "nul\u{0}", "sp ace", "ünï", ""] {
-            assert_eq!(invalid_fields(build(json!({"prompt": "p", "lora_id": bad}))), vec!["lora_id"], "{bad:?}");
+        for bad in [
+            "../secret",
+            "a/b",
+            "/abs",
+            "a..b",
+            ".hidden",
+            "trailing.",
+            "tab\there",
+            "nul\u{0}",
+            "sp ace",
+            "ünï",
+            "",
+        ] {
+            assert_eq!(
+                invalid_fields(build(json!({"prompt": "p", "lora_id": bad}))),
+                vec!["lora_id"],
+                "{bad:?}"
+            );
         }
-        assert_eq!(invalid_fields(build(json!({"prompt": "p", "lora_id": "x".repeat(129)}))), vec!["lora_id"]);
+        assert_eq!(
+            invalid_fields(build(json!({"prompt": "p", "lora_id": "x".repeat(129)}))),
+            vec!["lora_id"]
+        );
     }
 
     #[test]
@@ -298,18 +378,29 @@ mod tests {
 
     #[test]
     fn a_missing_lora_is_not_found_naming_the_expected_file() {
-        let Err(BuildError::NotFound(error)) = build(json!({"prompt": "p", "lora_id": "character-999"})) else {
+        let Err(BuildError::NotFound(error)) =
+            build(json!({"prompt": "p", "lora_id": "character-999"}))
+        else {
             panic!("expected NotFound")
         };
         assert_eq!(error.field, "lora_id");
-        assert!(error.message.contains("loras/character-999.safetensors"), "{}", error.message);
+        assert!(
+            error.message.contains("loras/character-999.safetensors"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]
     fn a_missing_lora_id_and_other_errors_are_reported_together() {
-        assert_eq!(invalid_fields(build(json!({"prompt": "p"}))), vec!["lora_id"]);
         assert_eq!(
-            invalid_fields(build(json!({"prompt": "p", "lora_id": "a/b", "width": 17, "lora_strength": 2.0}))),
+            invalid_fields(build(json!({"prompt": "p"}))),
+            vec!["lora_id"]
+        );
+        assert_eq!(
+            invalid_fields(build(
+                json!({"prompt": "p", "lora_id": "a/b", "width": 17, "lora_strength": 2.0})
+            )),
             vec!["width", "width", "lora_id", "lora_strength"]
         );
     }
@@ -317,19 +408,35 @@ mod tests {
     #[test]
     fn flux_field_edges_are_shared_with_flux_dev() {
         assert!(build(json!({"prompt": "p", "lora_id": "character-123", "width": 2048, "height": 256, "steps": 100, "cfg": 30.0, "guidance": 100.0})).is_ok());
-        assert_eq!(invalid_fields(build(json!({"prompt": "p", "lora_id": "character-123", "steps": 101}))), vec!["steps"]);
-        assert_eq!(invalid_fields(build(json!({"prompt": "p", "lora_id": "character-123", "guidance_scale": 1}))), vec!["guidance_scale"]);
+        assert_eq!(
+            invalid_fields(build(
+                json!({"prompt": "p", "lora_id": "character-123", "steps": 101})
+            )),
+            vec!["steps"]
+        );
+        assert_eq!(
+            invalid_fields(build(
+                json!({"prompt": "p", "lora_id": "character-123", "guidance_scale": 1})
+            )),
+            vec!["guidance_scale"]
+        );
     }
 
     #[test]
     fn no_flux_models_is_unavailable() {
         let host = FakeHost::new().with_model("loras", "character-123.safetensors", 1);
-        assert!(matches!(build_on(&host, json!({"prompt": "p", "lora_id": "character-123"})), Err(BuildError::Unavailable(_))));
+        assert!(matches!(
+            build_on(&host, json!({"prompt": "p", "lora_id": "character-123"})),
+            Err(BuildError::Unavailable(_))
+        ));
     }
 
     #[test]
     fn analytics_carry_the_lora_facts() {
-        let job = build(json!({"prompt": "p", "lora_id": "character-123", "lora_strength": 0.7, "seed": 3})).unwrap();
+        let job = build(
+            json!({"prompt": "p", "lora_id": "character-123", "lora_strength": 0.7, "seed": 3}),
+        )
+        .unwrap();
         let a: Value = serde_json::from_str(&job.analytics).unwrap();
         assert_eq!(a["lora_id"], "character-123");
         assert_eq!(a["lora_strength"], 0.7);
@@ -344,7 +451,10 @@ mod tests {
     #[test]
     fn the_manifest_declares_the_lora_loader() {
         let m = FluxLora::manifest();
-        assert_eq!((m.route.as_str(), m.analytics_prefix.as_str()), ("/flux-lora", "modal_lora"));
+        assert_eq!(
+            (m.route.as_str(), m.analytics_prefix.as_str()),
+            ("/flux-lora", "modal_lora")
+        );
         assert!(m.node_classes.iter().any(|c| c == "LoraLoaderModelOnly"));
         let s: Value = serde_json::from_str(&m.request_schema).unwrap();
         assert_eq!(s["required"], json!(["prompt", "lora_id"]));

@@ -56,28 +56,53 @@ pub struct WorkflowRequest {
 /// Node classes ComfyUI marks as output nodes (from a real ComfyUI 0.3.64 catalogue),
 /// plus common custom ones. Any class starting with `Save` or `Preview` counts too.
 const OUTPUT_CLASSES: &[&str] = &[
-    "SaveImage", "PreviewImage", "SaveLatent", "MaskPreview", "SaveAnimatedWEBP", "SaveAnimatedPNG",
-    "SaveSVGNode", "SaveAudio", "SaveAudioMP3", "SaveAudioOpus", "PreviewAudio", "SaveWEBM", "SaveVideo",
-    "SaveGLB", "PreviewAny", "SaveImageWebsocket", "VHS_VideoCombine", "Image Save",
+    "SaveImage",
+    "PreviewImage",
+    "SaveLatent",
+    "MaskPreview",
+    "SaveAnimatedWEBP",
+    "SaveAnimatedPNG",
+    "SaveSVGNode",
+    "SaveAudio",
+    "SaveAudioMP3",
+    "SaveAudioOpus",
+    "PreviewAudio",
+    "SaveWEBM",
+    "SaveVideo",
+    "SaveGLB",
+    "PreviewAny",
+    "SaveImageWebsocket",
+    "VHS_VideoCombine",
+    "Image Save",
 ];
 
 /// Output classes whose media is not a still image: passed through by default.
 const MOVING_OUTPUT_CLASSES: &[&str] = &[
-    "SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveWEBM", "SaveVideo", "VHS_VideoCombine", "SaveAudio",
-    "SaveAudioMP3", "SaveAudioOpus", "PreviewAudio",
+    "SaveAnimatedWEBP",
+    "SaveAnimatedPNG",
+    "SaveWEBM",
+    "SaveVideo",
+    "VHS_VideoCombine",
+    "SaveAudio",
+    "SaveAudioMP3",
+    "SaveAudioOpus",
+    "PreviewAudio",
 ];
 
 /// Whether a node of `class_type` is an output node.
 pub fn is_output_class(class_type: &str) -> bool {
-    OUTPUT_CLASSES.contains(&class_type) || class_type.starts_with("Save") || class_type.starts_with("Preview")
+    OUTPUT_CLASSES.contains(&class_type)
+        || class_type.starts_with("Save")
+        || class_type.starts_with("Preview")
 }
 
 /// The prompt inputs of a text-encoder class (`None`: not a text encoder).
 pub fn text_inputs(class_type: &str) -> Option<&'static [&'static str]> {
     Some(match class_type {
-        "CLIPTextEncode" | "CLIPTextEncodeSDXLRefiner" | "CLIPTextEncodePixArtAlpha" | "CLIPTextEncodeControlnet" => {
-            &["text"]
-        }
+        "CLIPTextEncode"
+        | "CLIPTextEncodeSDXLRefiner"
+        | "CLIPTextEncodePixArtAlpha"
+        | "CLIPTextEncodeControlnet" => &["text"],
         "CLIPTextEncodeSDXL" => &["text_g", "text_l"],
         "CLIPTextEncodeFlux" => &["clip_l", "t5xxl"],
         "CLIPTextEncodeSD3" => &["clip_l", "clip_g", "t5xxl"],
@@ -100,14 +125,18 @@ fn inputs_of(node: &Value) -> Option<&Map<String, Value>> {
 }
 
 fn class_of(node: &Value) -> &str {
-    node.get("class_type").and_then(Value::as_str).unwrap_or_default()
+    node.get("class_type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
 }
 
 /// Text-encoder node ids on the `polarity` side of every sampler/guider.
 fn encoders_feeding(workflow: &Map<String, Value>, polarity: Polarity) -> BTreeSet<String> {
     let mut stack: Vec<String> = Vec::new();
     for node in workflow.values() {
-        let Some(inputs) = inputs_of(node) else { continue };
+        let Some(inputs) = inputs_of(node) else {
+            continue;
+        };
         let class = class_of(node);
         for (name, value) in inputs {
             let is_root = match polarity {
@@ -129,7 +158,9 @@ fn encoders_feeding(workflow: &Map<String, Value>, polarity: Polarity) -> BTreeS
         if !visited.insert(id.clone()) {
             continue;
         }
-        let Some(node) = workflow.get(&id) else { continue };
+        let Some(node) = workflow.get(&id) else {
+            continue;
+        };
         let class = class_of(node);
         if text_inputs(class).is_some() {
             encoders.insert(id);
@@ -138,11 +169,17 @@ fn encoders_feeding(workflow: &Map<String, Value>, polarity: Polarity) -> BTreeS
         if polarity == Polarity::Negative && class == "ConditioningZeroOut" {
             continue;
         }
-        let Some(inputs) = inputs_of(node) else { continue };
+        let Some(inputs) = inputs_of(node) else {
+            continue;
+        };
         let has_pair = inputs.contains_key("positive") && inputs.contains_key("negative");
         for (name, value) in inputs {
             let follow = if has_pair {
-                name == if polarity == Polarity::Positive { "positive" } else { "negative" }
+                name == if polarity == Polarity::Positive {
+                    "positive"
+                } else {
+                    "negative"
+                }
             } else {
                 name.starts_with("cond")
             };
@@ -155,7 +192,8 @@ fn encoders_feeding(workflow: &Map<String, Value>, polarity: Polarity) -> BTreeS
 }
 
 fn is_ui_format(workflow: &Map<String, Value>) -> bool {
-    workflow.get("nodes").is_some_and(Value::is_array) || workflow.get("links").is_some_and(Value::is_array)
+    workflow.get("nodes").is_some_and(Value::is_array)
+        || workflow.get("links").is_some_and(Value::is_array)
 }
 
 const UI_FORMAT_MESSAGE: &str = "this is a UI-format workflow (it has `nodes`/`links`); send the API format instead: \
@@ -170,25 +208,38 @@ fn check_nodes(checks: &mut Checks, workflow: &Map<String, Value>) {
     for (id, node) in workflow {
         let field = format!("workflow/{id}");
         let Some(node) = node.as_object() else {
-            checks.fail(&field, "must be a node object {\"class_type\": ..., \"inputs\": {...}}");
+            checks.fail(
+                &field,
+                "must be a node object {\"class_type\": ..., \"inputs\": {...}}",
+            );
             continue;
         };
         match node.get("class_type") {
             Some(Value::String(class)) if !class.trim().is_empty() => {}
             _ => {
-                checks.fail(&format!("{field}/class_type"), "every node needs a non-empty string `class_type`");
+                checks.fail(
+                    &format!("{field}/class_type"),
+                    "every node needs a non-empty string `class_type`",
+                );
             }
         }
         match node.get("inputs") {
             Some(Value::Object(_)) => {}
             _ => {
-                checks.fail(&format!("{field}/inputs"), "every node needs an `inputs` object");
+                checks.fail(
+                    &format!("{field}/inputs"),
+                    "every node needs an `inputs` object",
+                );
             }
         }
     }
 }
 
-fn output_format_for(workflow: &Map<String, Value>, output_node: Option<&str>, choice: Option<OutputChoice>) -> OutputFormat {
+fn output_format_for(
+    workflow: &Map<String, Value>,
+    output_node: Option<&str>,
+    choice: Option<OutputChoice>,
+) -> OutputFormat {
     match choice {
         Some(OutputChoice::Jpeg) => OutputFormat::Jpeg,
         Some(OutputChoice::Png) => OutputFormat::Png,
@@ -196,7 +247,11 @@ fn output_format_for(workflow: &Map<String, Value>, output_node: Option<&str>, c
         None => {
             let outputs: Vec<&str> = match output_node {
                 Some(id) => workflow.get(id).map(class_of).into_iter().collect(),
-                None => workflow.values().map(class_of).filter(|c| is_output_class(c)).collect(),
+                None => workflow
+                    .values()
+                    .map(class_of)
+                    .filter(|c| is_output_class(c))
+                    .collect(),
             };
             if !outputs.is_empty() && outputs.iter().all(|c| MOVING_OUTPUT_CLASSES.contains(c)) {
                 OutputFormat::Original
@@ -272,13 +327,21 @@ impl Plugin for Workflow {
         }
         check_nodes(&mut checks, &workflow);
         if let Some(prompt) = &body.prompt {
-            checks.non_empty("prompt", prompt).max_chars("prompt", prompt, PROMPT_MAX_CHARS);
+            checks
+                .non_empty("prompt", prompt)
+                .max_chars("prompt", prompt, PROMPT_MAX_CHARS);
         }
         if let Some(id) = &body.output_node {
             match workflow.get(id) {
                 None => {
                     let ids: Vec<&str> = workflow.keys().map(String::as_str).take(20).collect();
-                    checks.fail("output_node", format!("no node `{id}` in the workflow (node ids: {})", ids.join(", ")));
+                    checks.fail(
+                        "output_node",
+                        format!(
+                            "no node `{id}` in the workflow (node ids: {})",
+                            ids.join(", ")
+                        ),
+                    );
                 }
                 Some(node) if !is_output_class(class_of(node)) => {
                     checks.fail(
@@ -296,24 +359,30 @@ impl Plugin for Workflow {
             let positive = encoders_feeding(&workflow, Polarity::Positive);
             let negative = encoders_feeding(&workflow, Polarity::Negative);
             if positive.is_empty() {
-                return Err(BuildError::InvalidRequest(vec![flowhost_sdk::decode::field_error(
-                    "prompt",
-                    "the workflow has no text encoder (CLIPTextEncode) feeding a sampler's positive input, so there is nowhere to put the prompt; leave `prompt` out or add one",
-                )]));
+                return Err(BuildError::InvalidRequest(vec![
+                    flowhost_sdk::decode::field_error(
+                        "prompt",
+                        "the workflow has no text encoder (CLIPTextEncode) feeding a sampler's positive input, so there is nowhere to put the prompt; leave `prompt` out or add one",
+                    ),
+                ]));
             }
             let shared: Vec<&String> = positive.intersection(&negative).collect();
             if !shared.is_empty() {
                 let ids: Vec<&str> = shared.iter().map(|s| s.as_str()).collect();
-                return Err(BuildError::InvalidRequest(vec![flowhost_sdk::decode::field_error(
-                    "prompt",
-                    format!(
-                        "text encoder node(s) {} feed both a positive and a negative input; injecting the prompt would change the negative too. Give the negative its own CLIPTextEncode",
-                        ids.join(", ")
+                return Err(BuildError::InvalidRequest(vec![
+                    flowhost_sdk::decode::field_error(
+                        "prompt",
+                        format!(
+                            "text encoder node(s) {} feed both a positive and a negative input; injecting the prompt would change the negative too. Give the negative its own CLIPTextEncode",
+                            ids.join(", ")
+                        ),
                     ),
-                )]));
+                ]));
             }
             for id in positive {
-                let Some(node) = workflow.get_mut(&id) else { continue };
+                let Some(node) = workflow.get_mut(&id) else {
+                    continue;
+                };
                 let class = class_of(node).to_string();
                 let names = text_inputs(&class).unwrap_or(&[]);
                 if let Some(inputs) = node.get_mut("inputs").and_then(Value::as_object_mut) {
@@ -325,12 +394,17 @@ impl Plugin for Workflow {
             }
         }
 
-        let output_format = output_format_for(&workflow, body.output_node.as_deref(), body.output_format);
+        let output_format =
+            output_format_for(&workflow, body.output_node.as_deref(), body.output_format);
         let caller_nodes: Vec<String> = workflow.keys().cloned().collect();
-        let classes: BTreeMap<&str, usize> = workflow.values().map(class_of).fold(BTreeMap::new(), |mut m, c| {
-            *m.entry(c).or_default() += 1;
-            m
-        });
+        let classes: BTreeMap<&str, usize> =
+            workflow
+                .values()
+                .map(class_of)
+                .fold(BTreeMap::new(), |mut m, c| {
+                    *m.entry(c).or_default() += 1;
+                    m
+                });
         let analytics = json!({
             "workflow_type": "workflow",
             "node_count": workflow.len(),
@@ -377,7 +451,14 @@ mod tests {
     }
 
     fn build(body: Value) -> Result<Job, BuildError> {
-        Workflow::build(&Request { body: body.to_string(), random_seed: 1, request_id: "r".into() }, &FakeHost::new())
+        Workflow::build(
+            &Request {
+                body: body.to_string(),
+                random_seed: 1,
+                request_id: "r".into(),
+            },
+            &FakeHost::new(),
+        )
     }
 
     fn graph(job: &Job) -> Value {
@@ -386,7 +467,9 @@ mod tests {
 
     fn invalid(result: Result<Job, BuildError>) -> Vec<(String, String)> {
         match result {
-            Err(BuildError::InvalidRequest(errors)) => errors.into_iter().map(|e| (e.field, e.message)).collect(),
+            Err(BuildError::InvalidRequest(errors)) => {
+                errors.into_iter().map(|e| (e.field, e.message)).collect()
+            }
             other => panic!("expected InvalidRequest, got {other:?}"),
         }
     }
@@ -400,7 +483,10 @@ mod tests {
         let job = build(json!({"workflow": flux_graph()})).unwrap();
         assert_eq!(graph(&job), flux_graph());
         assert_eq!(job.caller_nodes.len(), 10);
-        assert!(job.outputs.is_empty(), "the host picks the last output node");
+        assert!(
+            job.outputs.is_empty(),
+            "the host picks the last output node"
+        );
         assert_eq!(job.output_format, OutputFormat::Jpeg);
         assert_eq!(job.seed, None);
     }
@@ -415,14 +501,21 @@ mod tests {
     #[test]
     fn the_prompt_follows_combines_and_controlnets_along_the_positive_side() {
         let mut w = flux_graph();
-        w["11"] = json!({"class_type": "CLIPTextEncode", "inputs": {"text": "style", "clip": ["2", 0]}});
+        w["11"] =
+            json!({"class_type": "CLIPTextEncode", "inputs": {"text": "style", "clip": ["2", 0]}});
         w["12"] = json!({"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["5", 0], "conditioning_2": ["11", 0]}});
         w["13"] = json!({"class_type": "ControlNetApplyAdvanced", "inputs": {"positive": ["12", 0], "negative": ["6", 0], "control_net": ["99", 0], "image": ["98", 0], "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}});
         w["8"]["inputs"]["positive"] = json!(["13", 0]);
         w["8"]["inputs"]["negative"] = json!(["13", 1]);
         let job = build(json!({"workflow": w, "prompt": "new"})).unwrap();
         let g = graph(&job);
-        assert_eq!((g["4"]["inputs"]["text"].as_str(), g["11"]["inputs"]["text"].as_str()), (Some("new"), Some("new")));
+        assert_eq!(
+            (
+                g["4"]["inputs"]["text"].as_str(),
+                g["11"]["inputs"]["text"].as_str()
+            ),
+            (Some("new"), Some("new"))
+        );
         assert_eq!(g["6"]["inputs"]["text"], "old negative");
         let a: Value = serde_json::from_str(&job.analytics).unwrap();
         assert_eq!(a["prompt_nodes"], 2);
@@ -442,7 +535,11 @@ mod tests {
         w["8"]["inputs"]["negative"] = json!(["4", 0]);
         let errors = invalid(build(json!({"workflow": w, "prompt": "new"})));
         assert_eq!(errors[0].0, "prompt");
-        assert!(errors[0].1.contains("both a positive and a negative"), "{}", errors[0].1);
+        assert!(
+            errors[0].1.contains("both a positive and a negative"),
+            "{}",
+            errors[0].1
+        );
     }
 
     #[test]
@@ -451,7 +548,10 @@ mod tests {
             "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}
         });
-        assert_eq!(fields(build(json!({"workflow": w.clone(), "prompt": "p"}))), vec!["prompt"]);
+        assert_eq!(
+            fields(build(json!({"workflow": w.clone(), "prompt": "p"}))),
+            vec!["prompt"]
+        );
         assert!(build(json!({"workflow": w})).is_ok());
     }
 
@@ -463,7 +563,13 @@ mod tests {
             "3": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "x"}}
         });
         let g = graph(&build(json!({"workflow": w, "prompt": "new"})).unwrap());
-        assert_eq!((g["1"]["inputs"]["clip_l"].as_str(), g["1"]["inputs"]["t5xxl"].as_str()), (Some("new"), Some("new")));
+        assert_eq!(
+            (
+                g["1"]["inputs"]["clip_l"].as_str(),
+                g["1"]["inputs"]["t5xxl"].as_str()
+            ),
+            (Some("new"), Some("new"))
+        );
     }
 
     #[test]
@@ -472,7 +578,11 @@ mod tests {
         let errors = invalid(build(json!({"workflow": ui})));
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].0, "workflow");
-        assert!(errors[0].1.contains("Export (API)") && errors[0].1.contains("Save (API Format)"), "{}", errors[0].1);
+        assert!(
+            errors[0].1.contains("Export (API)") && errors[0].1.contains("Save (API Format)"),
+            "{}",
+            errors[0].1
+        );
     }
 
     #[test]
@@ -483,7 +593,15 @@ mod tests {
             "3": "SaveImage",
             "4": {"class_type": "", "inputs": {}}
         });
-        assert_eq!(fields(build(json!({"workflow": w}))), vec!["workflow/1/inputs", "workflow/2/class_type", "workflow/3", "workflow/4/class_type"]);
+        assert_eq!(
+            fields(build(json!({"workflow": w}))),
+            vec![
+                "workflow/1/inputs",
+                "workflow/2/class_type",
+                "workflow/3",
+                "workflow/4/class_type"
+            ]
+        );
         assert_eq!(fields(build(json!({"workflow": {}}))), vec!["workflow"]);
         assert_eq!(fields(build(json!({"workflow": [1, 2]}))), vec!["workflow"]);
         assert_eq!(fields(build(json!({"prompt": "p"}))), vec!["workflow"]);
@@ -493,7 +611,9 @@ mod tests {
     fn output_node_must_exist_and_be_an_output() {
         let job = build(json!({"workflow": flux_graph(), "output_node": "10"})).unwrap();
         assert_eq!(job.outputs, vec!["10"]);
-        let errors = invalid(build(json!({"workflow": flux_graph(), "output_node": "77"})));
+        let errors = invalid(build(
+            json!({"workflow": flux_graph(), "output_node": "77"}),
+        ));
         assert_eq!(errors[0].0, "output_node");
         assert!(errors[0].1.contains("no node `77`"));
         let errors = invalid(build(json!({"workflow": flux_graph(), "output_node": "9"})));
@@ -503,25 +623,57 @@ mod tests {
 
     #[test]
     fn output_formats() {
-        for (given, expected) in [("jpeg", OutputFormat::Jpeg), ("png", OutputFormat::Png), ("original", OutputFormat::Original)] {
-            assert_eq!(build(json!({"workflow": flux_graph(), "output_format": given})).unwrap().output_format, expected);
+        for (given, expected) in [
+            ("jpeg", OutputFormat::Jpeg),
+            ("png", OutputFormat::Png),
+            ("original", OutputFormat::Original),
+        ] {
+            assert_eq!(
+                build(json!({"workflow": flux_graph(), "output_format": given}))
+                    .unwrap()
+                    .output_format,
+                expected
+            );
         }
-        assert_eq!(fields(build(json!({"workflow": flux_graph(), "output_format": "gif"}))), vec!["output_format"]);
+        assert_eq!(
+            fields(build(
+                json!({"workflow": flux_graph(), "output_format": "gif"})
+            )),
+            vec!["output_format"]
+        );
         let mut animated = flux_graph();
         animated["10"] = json!({"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["9", 0], "filename_prefix": "a", "fps": 6.0, "lossless": false, "quality": 80, "method": "default"}});
-        assert_eq!(build(json!({"workflow": animated.clone()})).unwrap().output_format, OutputFormat::Original);
-        assert_eq!(build(json!({"workflow": animated, "output_format": "jpeg"})).unwrap().output_format, OutputFormat::Jpeg);
+        assert_eq!(
+            build(json!({"workflow": animated.clone()}))
+                .unwrap()
+                .output_format,
+            OutputFormat::Original
+        );
+        assert_eq!(
+            build(json!({"workflow": animated, "output_format": "jpeg"}))
+                .unwrap()
+                .output_format,
+            OutputFormat::Jpeg
+        );
     }
 
     #[test]
     fn unknown_fields_are_refused() {
-        assert_eq!(fields(build(json!({"workflow": flux_graph(), "negative_prompt": "x"}))), vec!["negative_prompt"]);
+        assert_eq!(
+            fields(build(
+                json!({"workflow": flux_graph(), "negative_prompt": "x"})
+            )),
+            vec!["negative_prompt"]
+        );
     }
 
     #[test]
     fn the_manifest_requires_only_the_workflow() {
         let m = Workflow::manifest();
-        assert_eq!((m.route.as_str(), m.analytics_prefix.as_str()), ("/workflow", "modal_workflow"));
+        assert_eq!(
+            (m.route.as_str(), m.analytics_prefix.as_str()),
+            ("/workflow", "modal_workflow")
+        );
         let s: Value = serde_json::from_str(&m.request_schema).unwrap();
         assert_eq!(s["required"], json!(["workflow"]));
         assert_eq!(s["additionalProperties"], false);
