@@ -16,6 +16,7 @@ use serde_json::{Map, Value, json};
 use crate::decode::Checks;
 use crate::graph::{Graph, Link};
 use crate::models::{describe_candidates, pick_model, requirement};
+use crate::schema::NOT_BLANK;
 use crate::{BuildError, Host, ModelRef, ModelRequirement};
 
 /// Diffusion models for `UNETLoader`, preferred first.
@@ -285,7 +286,7 @@ pub fn schema_properties() -> Map<String, Value> {
     let mut p = Map::new();
     p.insert(
         "prompt".into(),
-        json!({"type": "string", "minLength": 1, "maxLength": PROMPT_MAX_CHARS, "description": "What the image shows."}),
+        json!({"type": "string", "minLength": 1, "maxLength": PROMPT_MAX_CHARS, "pattern": NOT_BLANK, "description": "What the image shows."}),
     );
     p.insert(
         "negative_prompt".into(),

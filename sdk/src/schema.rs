@@ -5,6 +5,9 @@
 
 use serde_json::{Map, Value, json};
 
+/// A `pattern` for text that must contain something besides whitespace.
+pub const NOT_BLANK: &str = "\\S";
+
 /// The dialect every request schema declares.
 pub const DRAFT_2020_12: &str = "https://json-schema.org/draft/2020-12/schema";
 

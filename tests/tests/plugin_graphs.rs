@@ -369,3 +369,149 @@ mod workflow_graphs {
         }
     }
 }
+
+/// The schema (checked by the host first) and the plugin (checked second) must agree:
+/// a body one refuses, the other refuses too, naming the same field.
+mod schema_and_plugin_agree {
+    use super::*;
+
+    /// Field names the schema's errors point at (`/width` → `width`; for
+    /// `additionalProperties` the unexpected names).
+    fn schema_fields<P: Plugin>(body: &Value) -> Vec<String> {
+        let schema: Value = serde_json::from_str(&P::manifest().request_schema).unwrap();
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        let mut fields: Vec<String> = validator
+            .iter_errors(body)
+            .map(|e| {
+                let path = e.instance_path().to_string();
+                let path = path.trim_start_matches('/').to_string();
+                if path.is_empty() {
+                    // Root errors: a missing required field or an unexpected one; find its name.
+                    let text = e.to_string();
+                    text.split('\'')
+                        .nth(1)
+                        .or_else(|| text.split('"').nth(1))
+                        .unwrap_or("body")
+                        .to_string()
+                } else {
+                    path
+                }
+            })
+            .collect();
+        fields.sort();
+        fields.dedup();
+        fields
+    }
+
+    fn plugin_fields<P: Plugin>(body: &Value, host: &FakeHost) -> Vec<String> {
+        match P::build(&request(body), host) {
+            Err(flowhost_sdk::BuildError::InvalidRequest(errors)) => {
+                let mut fields: Vec<String> = errors.into_iter().map(|e| e.field).collect();
+                fields.sort();
+                fields.dedup();
+                fields
+            }
+            other => panic!("{body}: expected InvalidRequest, got {other:?}"),
+        }
+    }
+
+    fn agree<P: Plugin>(host: &FakeHost, base: Value, bad: &[Value]) {
+        for variation in bad {
+            let mut body = base.clone();
+            for (k, v) in variation.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            let (schema, plugin) = (schema_fields::<P>(&body), plugin_fields::<P>(&body, host));
+            assert_eq!(
+                schema, plugin,
+                "{body}: schema names {schema:?}, plugin names {plugin:?}"
+            );
+        }
+    }
+
+    fn flux_bad() -> Vec<Value> {
+        vec![
+            json!({"width": 240}),
+            json!({"width": 2064}),
+            json!({"height": 1000}),
+            json!({"steps": 0}),
+            json!({"steps": 101}),
+            json!({"cfg": -0.5}),
+            json!({"cfg": 30.5}),
+            json!({"seed": -1}),
+            json!({"prompt": ""}),
+            json!({"prompt": " \n\t "}),
+            json!({"guidance_scale": 3.5}),
+            json!({"num_inference_steps": 28}),
+        ]
+    }
+
+    #[test]
+    fn flux_dev() {
+        let host = volume_of(&object_info());
+        let mut bad = flux_bad();
+        bad.extend([json!({"guidance": -1.0}), json!({"guidance": 100.5})]);
+        agree::<flux_dev::FluxDev>(&host, json!({"prompt": "p"}), &bad);
+    }
+
+    #[test]
+    fn flux_lora() {
+        let host = volume_of(&object_info());
+        let mut bad = flux_bad();
+        bad.extend([
+            json!({"lora_id": "../secret"}),
+            json!({"lora_id": "a/b"}),
+            json!({"lora_id": "a..b"}),
+            json!({"lora_id": ".hidden"}),
+            json!({"lora_id": "tab\tid"}),
+            json!({"lora_id": ""}),
+            json!({"lora_strength": 1.5}),
+            json!({"lora_strength": -0.1}),
+            json!({"trigger_word": ""}),
+            json!({"trigger_word": "   "}),
+        ]);
+        agree::<flux_lora::FluxLora>(
+            &host,
+            json!({"prompt": "p", "lora_id": "character-123"}),
+            &bad,
+        );
+    }
+
+    #[test]
+    fn flux_instantid() {
+        let host = volume_of(&object_info_with_sdxl());
+        let mut bad = flux_bad();
+        bad.retain(|v| {
+            v.get("cfg").is_none() || v["cfg"].as_f64().is_some_and(|c| c < 0.0 || c > 30.0)
+        });
+        bad.extend([
+            json!({"face_provider": "TPU"}),
+            json!({"instantid_strength": 1.01}),
+            json!({"controlnet_strength": -0.01}),
+            json!({"guidance": 3.5}),
+        ]);
+        let face = data_url("image/png", &png_header(64, 64));
+        agree::<flux_instantid::FluxInstantId>(
+            &host,
+            json!({"prompt": "p", "reference_image": face}),
+            &bad,
+        );
+    }
+
+    #[test]
+    fn workflow() {
+        let host = FakeHost::new();
+        let graph = json!({"1": {"class_type": "SaveImage", "inputs": {}}});
+        agree::<workflow::Workflow>(
+            &host,
+            json!({"workflow": graph}),
+            &[
+                json!({"output_format": "gif"}),
+                json!({"prompt": ""}),
+                json!({"prompt": "  "}),
+                json!({"workflow": [1]}),
+                json!({"negative_prompt": "x"}),
+            ],
+        );
+    }
+}

@@ -103,7 +103,7 @@ fn schema_properties() -> serde_json::Map<String, serde_json::Value> {
     );
     p.insert(
         "trigger_word".into(),
-        json!({"type": "string", "minLength": 1, "maxLength": TRIGGER_WORD_MAX_CHARS, "description": "Prepended to the prompt (`trigger, prompt`) unless the prompt already contains it."}),
+        json!({"type": "string", "minLength": 1, "maxLength": TRIGGER_WORD_MAX_CHARS, "pattern": flowhost_sdk::schema::NOT_BLANK, "description": "Prepended to the prompt (`trigger, prompt`) unless the prompt already contains it."}),
     );
     p
 }

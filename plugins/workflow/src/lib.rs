@@ -278,7 +278,7 @@ fn request_schema() -> Value {
     );
     p.insert(
         "prompt".into(),
-        json!({"type": "string", "minLength": 1, "maxLength": PROMPT_MAX_CHARS,
+        json!({"type": "string", "minLength": 1, "maxLength": PROMPT_MAX_CHARS, "pattern": schema::NOT_BLANK,
                "description": "Replaces the text of the text encoders feeding the samplers' positive inputs (never negatives)."}),
     );
     p.insert(
