@@ -170,10 +170,16 @@ pub fn decode_data_url(
             "the data URL must be base64-encoded (`data:image/png;base64,...`)".into(),
         ));
     }
-    let payload: Vec<u8> = payload
-        .bytes()
-        .filter(|b| !b.is_ascii_whitespace())
-        .collect();
+    // Line-wrapped base64 is accepted; copy only when there is whitespace to drop.
+    let payload: std::borrow::Cow<'_, [u8]> = if payload.bytes().any(|b| b.is_ascii_whitespace()) {
+        payload
+            .bytes()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect::<Vec<u8>>()
+            .into()
+    } else {
+        payload.as_bytes().into()
+    };
     let estimated = payload.len() / 4 * 3;
     if estimated > max_bytes.saturating_add(3) {
         return Err(fail(too_large(estimated, max_bytes)));

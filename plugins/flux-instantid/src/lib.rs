@@ -28,6 +28,8 @@ use flowhost_sdk::{
     BuildError, ExecutionFailure, Host, Job, Manifest, ModelRef, OutputFormat, Plugin, Request,
     UserError, schema, seed_or_random,
 };
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::json;
 
@@ -103,9 +105,11 @@ impl FaceProvider {
 /// The `/flux-instantid` request body.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FluxInstantIdRequest {
+pub struct FluxInstantIdRequest<'a> {
     pub prompt: String,
-    pub reference_image: String,
+    /// Borrowed from the body when it has no escapes: a 10 MiB data URL is not copied.
+    #[serde(borrow)]
+    pub reference_image: Cow<'a, str>,
     #[serde(default)]
     pub negative_prompt: String,
     #[serde(default = "flux::default_size")]
@@ -231,7 +235,7 @@ impl Plugin for FluxInstantId {
     }
 
     fn build(request: &Request, host: &dyn Host) -> Result<Job, BuildError> {
-        let body: FluxInstantIdRequest = decode(&request.body)?;
+        let body: FluxInstantIdRequest<'_> = decode(&request.body)?;
         let seed = seed_or_random(body.seed, request);
         let scene = FluxSampling {
             prompt: &body.prompt,
