@@ -26,7 +26,10 @@ impl Host for ComponentHost {
     fn list_models(&self, folder: &str) -> Vec<ModelFile> {
         imports::list_models(folder)
             .into_iter()
-            .map(|f| ModelFile { name: f.name, size: f.size })
+            .map(|f| ModelFile {
+                name: f.name,
+                size: f.size,
+            })
             .collect()
     }
     fn log(&self, level: LogLevel, message: &str) {
@@ -51,7 +54,10 @@ impl FakeHost {
         self.models
             .entry(folder.to_string())
             .or_default()
-            .push(ModelFile { name: name.to_string(), size });
+            .push(ModelFile {
+                name: name.to_string(),
+                size,
+            });
         self
     }
 

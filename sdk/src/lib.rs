@@ -4,6 +4,15 @@
 //! bindings to the `flowhost:plugin` contract (`wit/flowhost.wit`) so authors never
 //! touch generated code. Everything except [`register!`] works natively, so plugin
 //! logic is unit-tested with a plain `cargo test` (see [`host::FakeHost`]).
+//!
+//! - [`graph`]: build ComfyUI API-format graphs with deterministic node ids.
+//! - [`decode`]: the request body into your own serde type; field-named errors; [`decode::Checks`].
+//! - [`image`]: `data:image/...;base64` URLs (size cap, magic bytes, dimensions) and input-volume paths.
+//! - [`models`]: pick model files from what the host's volume holds.
+//! - [`flux`]: the Flux.1-dev text-to-image recipe the Flux endpoints share.
+//! - [`schema`], [`seed_or_random`]: manifest and seed helpers.
+//!
+//! The SDK never does I/O of its own: everything outside the plugin goes through [`Host`].
 
 pub mod bindings {
     //! Bindings generated from `wit/flowhost.wit`. Authors normally use the
@@ -14,16 +23,39 @@ pub mod bindings {
         pub_export_macro: true,
         export_macro_name: "export",
         default_bindings_module: "flowhost_sdk::bindings",
+        additional_derives: [PartialEq],
     });
 }
 
+pub mod decode;
+pub mod flux;
+pub mod graph;
 pub mod host;
+pub mod image;
+pub mod models;
+pub mod schema;
 
 pub use bindings::flowhost::plugin::types::{
     BuildError, ExecutionFailure, FieldError, ImageSource, Job, Manifest, ModelRef,
     ModelRequirement, OutputFormat, Request, Upload, UserError,
 };
 pub use host::{Host, ModelFile};
+
+/// The seed to use: the caller's, else the host's random draw (`request.random_seed`,
+/// full `u64` range). Report it in `Job.seed`.
+pub fn seed_or_random(seed: Option<u64>, request: &Request) -> u64 {
+    seed.unwrap_or(request.random_seed)
+}
+
+/// The JSON Schema of a `seed` field: any `u64` (ComfyUI's KSampler accepts the full range).
+pub fn seed_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "integer",
+        "minimum": 0,
+        "maximum": u64::MAX,
+        "description": "Random seed (0..=18446744073709551615). Absent: a random seed, returned in the X-Seed header."
+    })
+}
 
 /// What a plugin implements. The SDK adapts it to the contract's `endpoint` export.
 pub trait Plugin {
@@ -49,12 +81,18 @@ pub trait Plugin {
 /// impl flowhost_sdk::Plugin for MyPlugin { /* ... */ }
 /// flowhost_sdk::register!(MyPlugin);
 /// ```
+///
+/// The export exists only in wasm builds: natively (unit tests, or a test binary
+/// linking several plugin crates) `register!` expands to nothing, so the component
+/// export symbols of different plugins never collide.
 #[macro_export]
 macro_rules! register {
     ($plugin:ty) => {
         #[doc(hidden)]
+        #[cfg(target_arch = "wasm32")]
         pub struct __FlowhostEndpoint;
 
+        #[cfg(target_arch = "wasm32")]
         impl $crate::bindings::exports::flowhost::plugin::endpoint::Guest for __FlowhostEndpoint {
             fn describe() -> $crate::Manifest {
                 <$plugin as $crate::Plugin>::manifest()
@@ -67,8 +105,6 @@ macro_rules! register {
             }
         }
 
-        // Only a wasm component exports the endpoint: natively (unit tests) the
-        // exported symbol names are not valid linker symbols.
         #[cfg(target_arch = "wasm32")]
         $crate::bindings::export!(__FlowhostEndpoint with_types_in $crate::bindings);
     };
