@@ -20,6 +20,29 @@ pub enum Command {
     /// Load a plugin in the same sandbox the service uses, print its manifest and,
     /// with --request, the job it builds (or its errors). Exits non-zero on failure.
     CheckPlugin(CheckPluginArgs),
+    /// The model volume: what the plugins need and what is there.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Per plugin: which model files it needs, which are present (size), which are
+    /// missing. Exits 1 when something is missing.
+    Status(ModelsStatusArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelsStatusArgs {
+    /// Model volume.
+    #[arg(long, env = "FLOWHOST_MODELS")]
+    pub models: PathBuf,
+    /// Plugin folder whose plugins' requirements are checked.
+    #[arg(long, env = "FLOWHOST_PLUGINS", default_value = ".flowhost/plugins")]
+    pub plugins: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

@@ -12,6 +12,7 @@ pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod models;
+pub mod models_command;
 pub mod plugins;
 pub mod server;
 pub mod media;

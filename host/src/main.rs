@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use flowhost::cli::{Cli, Command, LogFormat};
+use flowhost::cli::{Cli, Command, LogFormat, ModelsCommand};
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -32,6 +32,17 @@ fn main() -> ExitCode {
                 Err(err) => {
                     tracing::error!(error = %format!("{err:#}"), "flowhost stopped");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Models(ModelsCommand::Status(args)) => {
+            init_tracing(LogFormat::Text);
+            match flowhost::models_command::status(&args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(err) => {
+                    tracing::error!(error = %format!("{err:#}"), "models status failed");
+                    ExitCode::from(2)
                 }
             }
         }

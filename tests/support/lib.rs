@@ -188,9 +188,17 @@ impl ExternalComfy {
             ("text_encoders", "t5xxl_fp16.safetensors"),
             ("vae", "ae.safetensors"),
             ("loras", "character-123.safetensors"),
+            ("checkpoints", "sd_xl_base_1.0.safetensors"),
+            ("instantid", "ip-adapter.bin"),
+            ("controlnet", "instantid/diffusion_pytorch_model.safetensors"),
+            ("insightface", "models/antelopev2/scrfd_10g_bnkps.onnx"),
+            ("insightface", "models/antelopev2/glintr100.onnx"),
         ] {
-            std::fs::create_dir_all(models.path().join(folder))?;
-            std::fs::write(models.path().join(folder).join(name), b"placeholder weights")?;
+            let path = models.path().join(folder).join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, b"placeholder weights")?;
         }
         let double = comfyui_double::ComfyDouble::start(comfyui_double::DoubleConfig {
             models_dir: Some(models.path().to_path_buf()),

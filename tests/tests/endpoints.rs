@@ -144,11 +144,6 @@ mod external_comfy {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_face_detected_is_a_422_naming_reference_image() {
         let comfy = ExternalComfy::start().await.unwrap();
-        for (folder, name) in [("checkpoints", "sd_xl_base_1.0.safetensors"), ("instantid", "ip-adapter.bin"), ("controlnet", "instantid/diffusion_pytorch_model.safetensors")] {
-            let path = comfy.models.path().join(folder).join(name);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, b"placeholder").unwrap();
-        }
         comfy.double.faults().fail_at("ApplyInstantIDAdvanced", "Exception", "Reference Image: No face detected.");
         let args = comfy.args();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -162,11 +157,6 @@ mod external_comfy {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reference_image_from_the_inputs_volume_is_resolved_safely() {
         let comfy = ExternalComfy::start().await.unwrap();
-        for (folder, name) in [("checkpoints", "sd_xl_base_1.0.safetensors"), ("instantid", "ip-adapter.bin"), ("controlnet", "instantid/diffusion_pytorch_model.safetensors")] {
-            let path = comfy.models.path().join(folder).join(name);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, b"placeholder").unwrap();
-        }
         let inputs = tempfile::tempdir().unwrap();
         std::fs::create_dir(inputs.path().join("faces")).unwrap();
         let data_url = face_png_data_url();

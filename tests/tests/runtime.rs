@@ -449,3 +449,81 @@ mod check_plugin_cli {
         assert_eq!(doc["stage"], "load");
     }
 }
+
+mod served_binary {
+    //! The real `flowhost` binary, configured through its environment.
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn api_keys_guard_generation_and_admin_routes() {
+        let plugins = tempfile::tempdir().unwrap();
+        std::fs::copy(fixture("fixture-echo"), plugins.path().join("echo.wasm")).unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let _child = Child(
+            Command::new(flowhost_tests::flowhost_binary())
+                .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--plugins"])
+                .arg(plugins.path())
+                .arg("--cache-dir")
+                .arg(cache.path())
+                .env("FLOWHOST_API_KEYS", "app:user-secret-1")
+                .env("FLOWHOST_ADMIN_KEYS", "ops:admin-secret-2")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let up = eventually(Duration::from_secs(60), || async { client.get(format!("{base}/health")).send().await.ok().map(|_| ()) }).await;
+        assert!(up.is_some(), "the binary did not come up");
+
+        let post = |key: Option<&'static str>, path: &'static str| {
+            let mut req = client.post(format!("{base}{path}")).json(&json!({"prompt": "x"}));
+            if let Some(key) = key {
+                req = req.bearer_auth(key);
+            }
+            req.send()
+        };
+        assert_eq!(post(None, "/echo?dry_run=true").await.unwrap().status(), 401, "missing key");
+        assert_eq!(post(Some("wrong"), "/echo?dry_run=true").await.unwrap().status(), 401, "wrong key");
+        assert_eq!(post(Some("user-secret-1"), "/echo?dry_run=true").await.unwrap().status(), 200, "user key");
+        assert_eq!(post(Some("admin-secret-2"), "/echo?dry_run=true").await.unwrap().status(), 200, "admin key works everywhere");
+        let key_in_query = client.post(format!("{base}/echo?dry_run=true&api_key=user-secret-1&access_token=user-secret-1")).json(&json!({"prompt": "x"})).send().await.unwrap();
+        assert_eq!(key_in_query.status(), 401, "a key in the query string is ignored");
+        let plugins_as_user = client.get(format!("{base}/plugins")).bearer_auth("user-secret-1").send().await.unwrap();
+        assert_eq!(plugins_as_user.status(), 403);
+        let metrics_as_admin = client.get(format!("{base}/metrics")).bearer_auth("admin-secret-2").send().await.unwrap();
+        assert_eq!(metrics_as_admin.status(), 200);
+        assert!(metrics_as_admin.text().await.unwrap().contains("flowhost_http_requests_total"));
+        assert_eq!(client.get(format!("{base}/health")).send().await.unwrap().status().as_u16() / 100 != 4, true, "/health stays open");
+        let unauthorized = post(None, "/echo").await.unwrap();
+        assert_eq!(unauthorized.headers().get("content-type").unwrap(), "application/problem+json");
+    }
+
+    #[test]
+    fn refuses_a_public_address_without_keys() {
+        let out = Command::new(flowhost_tests::flowhost_binary())
+            .args(["serve", "--listen", "0.0.0.0:0", "--plugins", "/nonexistent-flowhost-test"])
+            .env_remove("FLOWHOST_API_KEYS")
+            .env_remove("FLOWHOST_ADMIN_KEYS")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--insecure-no-auth"), "the refusal says how to override: {stderr}");
+    }
+}
