@@ -1,2 +1,4 @@
 //! flowhost: serve ComfyUI workflows as HTTP endpoints, one sandboxed WebAssembly
 //! component per endpoint.
+
+pub mod models;
