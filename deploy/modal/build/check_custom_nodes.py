@@ -16,7 +16,8 @@ def main(argv: list[str]) -> int:
     sys.argv = ["main.py", "--cpu"]
     import comfy.options
 
-    comfy.options.enable_args_parsing()
+    if hasattr(comfy.options, "enable_args_parsing"):  # a no-op in recent ComfyUI, required in older
+        comfy.options.enable_args_parsing()
     import folder_paths  # noqa: F401  (custom nodes import it at module level)
 
     failures = []
