@@ -54,6 +54,8 @@ struct Hub {
     cuts_left: AtomicUsize,
     cut_after: usize,
     ignore_range: bool,
+    /// Host (with port) the resolve redirect points at; the request's own host when `None`.
+    cdn_host: Option<String>,
     /// Hold each CDN GET until this many are in flight (0: never hold).
     hold_until_in_flight: usize,
     in_flight: AtomicUsize,
@@ -77,6 +79,10 @@ impl Hub {
 }
 
 async fn hub_handler(State(hub): State<Arc<Hub>>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    let cdn_prefix = match &hub.cdn_host {
+        Some(host) => format!("http://{host}/cdn/"),
+        None => "/cdn/".to_owned(),
+    };
     let header_text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     hub.log.lock().unwrap().push(Logged {
         method: method.clone(),
@@ -103,7 +109,7 @@ async fn hub_handler(State(hub): State<Arc<Hub>>, method: Method, uri: Uri, head
     };
     let mut response = Response::builder()
         .status(StatusCode::FOUND)
-        .header(header::LOCATION, format!("/cdn/{file}"))
+        .header(header::LOCATION, format!("{cdn_prefix}{file}"))
         .header("x-linked-size", len.to_string());
     if let Some(sha) = hub.advertised_sha.lock().unwrap().get(file) {
         response = response.header("x-linked-etag", format!("\"{sha}\""));
@@ -366,6 +372,35 @@ mod auth {
         assert_eq!(std::fs::read(models.path().join("vae/m.bin")).unwrap(), bytes);
         let resolve_requests: Vec<Logged> = hub.log.lock().unwrap().iter().filter(|l| l.path.contains("/resolve/")).cloned().collect();
         assert!(resolve_requests.iter().all(|l| l.authorization.as_deref() == Some("Bearer hf_good")), "{resolve_requests:?}");
+    }
+}
+
+mod token_leak {
+    use super::*;
+
+    #[tokio::test]
+    async fn token_is_not_forwarded_when_hugging_face_redirects_to_another_host() {
+        let bytes = content(4000, 11);
+        // Same socket, different host name: the client must treat "localhost" as a foreign host.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hub = Arc::new(Hub {
+            required_token: Some("hf_secret".into()),
+            cdn_host: Some(format!("localhost:{port}")),
+            ..Hub::default()
+        });
+        hub.serve_file("m.bin", bytes.clone());
+        let app = axum::Router::new().fallback(hub_handler).with_state(hub.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let models = tempfile::tempdir().unwrap();
+        let opts = PullOptions { token: Some("hf_secret".into()), ..options(models.path(), &format!("http://127.0.0.1:{port}")) };
+
+        let report = pull(&[entry("m.bin", "vae", None)], &opts).await.unwrap();
+        assert!(only_outcome(&report).is_ok(), "{report:?}");
+        let gets = hub.gets();
+        assert_eq!(gets.len(), 1, "{gets:?}");
+        assert_eq!(gets[0].authorization, None, "the HF token leaked to the redirect host");
+        assert_eq!(std::fs::read(models.path().join("vae/m.bin")).unwrap(), bytes);
     }
 }
 
