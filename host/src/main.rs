@@ -4,7 +4,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "flowhost", version, about = "Serve ComfyUI workflows as HTTP endpoints")]
+#[command(
+    name = "flowhost",
+    version,
+    about = "Serve ComfyUI workflows as HTTP endpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,7 +40,9 @@ async fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Models { command: ModelsCommand::Pull(args) } => flowhost::models::pull::run_pull(args).await,
+        Command::Models {
+            command: ModelsCommand::Pull(args),
+        } => flowhost::models::pull::run_pull(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -68,22 +68,41 @@ impl Hub {
         self.files.lock().unwrap().insert(path.to_owned(), bytes);
     }
     fn advertise_sha(&self, path: &str, sha: &str) {
-        self.advertised_sha.lock().unwrap().insert(path.to_owned(), sha.to_owned());
+        self.advertised_sha
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), sha.to_owned());
     }
     fn gets(&self) -> Vec<Logged> {
-        self.log.lock().unwrap().iter().filter(|l| l.method == Method::GET && l.path.starts_with("/cdn/")).cloned().collect()
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.method == Method::GET && l.path.starts_with("/cdn/"))
+            .cloned()
+            .collect()
     }
     fn clear_log(&self) {
         self.log.lock().unwrap().clear();
     }
 }
 
-async fn hub_handler(State(hub): State<Arc<Hub>>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+async fn hub_handler(
+    State(hub): State<Arc<Hub>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     let cdn_prefix = match &hub.cdn_host {
         Some(host) => format!("http://{host}/cdn/"),
         None => "/cdn/".to_owned(),
     };
-    let header_text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let header_text = |name: header::HeaderName| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     hub.log.lock().unwrap().push(Logged {
         method: method.clone(),
         path: uri.path().to_owned(),
@@ -101,7 +120,11 @@ async fn hub_handler(State(hub): State<Arc<Hub>>, method: Method, uri: Uri, head
     if let Some(token) = &hub.required_token
         && header_text(header::AUTHORIZATION).as_deref() != Some(format!("Bearer {token}").as_str())
     {
-        let status = if headers.contains_key(header::AUTHORIZATION) { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED };
+        let status = if headers.contains_key(header::AUTHORIZATION) {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
         return (status, "Access to model acme/diffusion is restricted.").into_response();
     }
     let Some(len) = hub.files.lock().unwrap().get(file).map(Vec::len) else {
@@ -136,9 +159,11 @@ async fn serve_cdn(hub: &Hub, file: &str, range: Option<String>) -> Response {
     hub.in_flight.fetch_sub(1, Ordering::SeqCst);
 
     let total = bytes.len();
-    let start = range
-        .filter(|_| !hub.ignore_range)
-        .and_then(|r| r.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-')).and_then(|n| n.parse::<usize>().ok()));
+    let start = range.filter(|_| !hub.ignore_range).and_then(|r| {
+        r.strip_prefix("bytes=")
+            .and_then(|r| r.strip_suffix('-'))
+            .and_then(|n| n.parse::<usize>().ok())
+    });
     let (status, body) = match start {
         Some(start) if start >= total => {
             return Response::builder()
@@ -150,11 +175,19 @@ async fn serve_cdn(hub: &Hub, file: &str, range: Option<String>) -> Response {
         Some(start) => (StatusCode::PARTIAL_CONTENT, bytes[start..].to_vec()),
         None => (StatusCode::OK, bytes),
     };
-    let mut response = Response::builder().status(status).header(header::CONTENT_LENGTH, body.len().to_string());
+    let mut response = Response::builder()
+        .status(status)
+        .header(header::CONTENT_LENGTH, body.len().to_string());
     if let Some(start) = start {
-        response = response.header(header::CONTENT_RANGE, format!("bytes {start}-{}/{total}", total - 1));
+        response = response.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{total}", total - 1),
+        );
     }
-    let cut = hub.cuts_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+    let cut = hub
+        .cuts_left
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
     if cut && body.len() > hub.cut_after {
         let head = Bytes::copy_from_slice(&body[..hub.cut_after]);
         let stream = futures::stream::unfold(0u8, move |step| {
@@ -178,7 +211,9 @@ async fn serve_cdn(hub: &Hub, file: &str, range: Option<String>) -> Response {
 
 async fn start_hub(hub: Hub) -> (Arc<Hub>, String) {
     let hub = Arc::new(hub);
-    let app = axum::Router::new().fallback(hub_handler).with_state(hub.clone());
+    let app = axum::Router::new()
+        .fallback(hub_handler)
+        .with_state(hub.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -222,24 +257,45 @@ mod resume {
     #[tokio::test]
     async fn second_run_completes_from_the_part_file_with_a_range_request() {
         let bytes = content(1 << 20, 1);
-        let hub = Hub { cut_after: 300_000, ..Hub::default() };
+        let hub = Hub {
+            cut_after: 300_000,
+            ..Hub::default()
+        };
         hub.cuts_left.store(1, Ordering::SeqCst);
         let (hub, endpoint) = start_hub(hub).await;
         hub.serve_file("unet/model.safetensors", bytes.clone());
         let models = tempfile::tempdir().unwrap();
-        let files = [entry("unet/model.safetensors", "diffusion_models", Some(&sha256_hex(&bytes)))];
+        let files = [entry(
+            "unet/model.safetensors",
+            "diffusion_models",
+            Some(&sha256_hex(&bytes)),
+        )];
         let destination = models.path().join("diffusion_models/model.safetensors");
-        let part = models.path().join("diffusion_models/model.safetensors.part");
+        let part = models
+            .path()
+            .join("diffusion_models/model.safetensors.part");
 
-        let first = pull(&files, &options(models.path(), &endpoint)).await.unwrap();
+        let first = pull(&files, &options(models.path(), &endpoint))
+            .await
+            .unwrap();
         let message = error_text(&first);
-        assert!(message.contains("interrupted") && message.contains("resume"), "{message}");
-        assert!(!destination.exists(), "a cut download must not be installed");
-        let kept = std::fs::metadata(&part).expect(".part kept after the cut").len();
+        assert!(
+            message.contains("interrupted") && message.contains("resume"),
+            "{message}"
+        );
+        assert!(
+            !destination.exists(),
+            "a cut download must not be installed"
+        );
+        let kept = std::fs::metadata(&part)
+            .expect(".part kept after the cut")
+            .len();
         assert!(kept > 0 && kept < bytes.len() as u64, "kept {kept} bytes");
 
         hub.clear_log();
-        let second = pull(&files, &options(models.path(), &endpoint)).await.unwrap();
+        let second = pull(&files, &options(models.path(), &endpoint))
+            .await
+            .unwrap();
         assert_eq!(
             only_outcome(&second).as_ref().unwrap(),
             &PullOutcome::Installed {
@@ -250,7 +306,10 @@ mod resume {
         );
         let gets = hub.gets();
         assert_eq!(gets.len(), 1, "{gets:?}");
-        assert_eq!(gets[0].range.as_deref(), Some(format!("bytes={kept}-").as_str()));
+        assert_eq!(
+            gets[0].range.as_deref(),
+            Some(format!("bytes={kept}-").as_str())
+        );
         assert_eq!(std::fs::read(&destination).unwrap(), bytes);
         assert!(!part.exists(), ".part must be gone once installed");
     }
@@ -258,24 +317,49 @@ mod resume {
     #[tokio::test]
     async fn a_cut_is_resumed_within_the_same_run_when_retries_allow() {
         let bytes = content(600_000, 2);
-        let hub = Hub { cut_after: 100_000, ..Hub::default() };
+        let hub = Hub {
+            cut_after: 100_000,
+            ..Hub::default()
+        };
         hub.cuts_left.store(2, Ordering::SeqCst);
         let (hub, endpoint) = start_hub(hub).await;
         hub.serve_file("m.bin", bytes.clone());
         let models = tempfile::tempdir().unwrap();
         let files = [entry("m.bin", "checkpoints", None)];
 
-        let report = pull(&files, &PullOptions { retries: 2, ..options(models.path(), &endpoint) }).await.unwrap();
+        let report = pull(
+            &files,
+            &PullOptions {
+                retries: 2,
+                ..options(models.path(), &endpoint)
+            },
+        )
+        .await
+        .unwrap();
         assert!(only_outcome(&report).is_ok(), "{report:?}");
         let ranges: Vec<Option<String>> = hub.gets().into_iter().map(|g| g.range).collect();
-        assert_eq!(ranges, vec![None, Some("bytes=100000-".into()), Some("bytes=200000-".into())]);
-        assert_eq!(std::fs::read(models.path().join("checkpoints/m.bin")).unwrap(), bytes);
+        assert_eq!(
+            ranges,
+            vec![
+                None,
+                Some("bytes=100000-".into()),
+                Some("bytes=200000-".into())
+            ]
+        );
+        assert_eq!(
+            std::fs::read(models.path().join("checkpoints/m.bin")).unwrap(),
+            bytes
+        );
     }
 
     #[tokio::test]
     async fn a_server_that_ignores_range_still_yields_the_right_file() {
         let bytes = content(400_000, 3);
-        let hub = Hub { cut_after: 50_000, ignore_range: true, ..Hub::default() };
+        let hub = Hub {
+            cut_after: 50_000,
+            ignore_range: true,
+            ..Hub::default()
+        };
         hub.cuts_left.store(1, Ordering::SeqCst);
         let (hub, endpoint) = start_hub(hub).await;
         hub.serve_file("m.bin", bytes.clone());
@@ -283,12 +367,29 @@ mod resume {
         let models = tempfile::tempdir().unwrap();
         let files = [entry("m.bin", "vae", None)];
 
-        let report = pull(&files, &PullOptions { retries: 1, ..options(models.path(), &endpoint) }).await.unwrap();
+        let report = pull(
+            &files,
+            &PullOptions {
+                retries: 1,
+                ..options(models.path(), &endpoint)
+            },
+        )
+        .await
+        .unwrap();
         assert!(
-            matches!(only_outcome(&report), Ok(PullOutcome::Installed { verified: Verification::ServerChecksum, .. })),
+            matches!(
+                only_outcome(&report),
+                Ok(PullOutcome::Installed {
+                    verified: Verification::ServerChecksum,
+                    ..
+                })
+            ),
             "{report:?}"
         );
-        assert_eq!(std::fs::read(models.path().join("vae/m.bin")).unwrap(), bytes);
+        assert_eq!(
+            std::fs::read(models.path().join("vae/m.bin")).unwrap(),
+            bytes
+        );
     }
 }
 
@@ -305,11 +406,19 @@ mod checksum {
         let models = tempfile::tempdir().unwrap();
         let files = [entry("m.bin", "loras", Some(&sha256_hex(&good)))];
 
-        let report = pull(&files, &options(models.path(), &endpoint)).await.unwrap();
+        let report = pull(&files, &options(models.path(), &endpoint))
+            .await
+            .unwrap();
         let message = error_text(&report);
-        assert!(message.contains("checksum mismatch") && message.contains(&sha256_hex(&good)), "{message}");
+        assert!(
+            message.contains("checksum mismatch") && message.contains(&sha256_hex(&good)),
+            "{message}"
+        );
         assert!(!models.path().join("loras/m.bin").exists());
-        assert!(!models.path().join("loras/m.bin.part").exists(), "bad .part must be removed");
+        assert!(
+            !models.path().join("loras/m.bin.part").exists(),
+            "bad .part must be removed"
+        );
         assert!(report.into_result().is_err());
     }
 
@@ -321,7 +430,12 @@ mod checksum {
         hub.advertise_sha("m.bin", &sha256_hex(&good));
         let models = tempfile::tempdir().unwrap();
 
-        let report = pull(&[entry("m.bin", "loras", None)], &options(models.path(), &endpoint)).await.unwrap();
+        let report = pull(
+            &[entry("m.bin", "loras", None)],
+            &options(models.path(), &endpoint),
+        )
+        .await
+        .unwrap();
         assert!(error_text(&report).contains("checksum mismatch"));
         assert!(!models.path().join("loras/m.bin").exists());
     }
@@ -331,7 +445,10 @@ mod auth {
     use super::*;
 
     fn gated_hub() -> Hub {
-        Hub { required_token: Some("hf_good".into()), ..Hub::default() }
+        Hub {
+            required_token: Some("hf_good".into()),
+            ..Hub::default()
+        }
     }
 
     #[tokio::test]
@@ -340,10 +457,18 @@ mod auth {
         hub.serve_file("m.bin", content(1000, 7));
         let models = tempfile::tempdir().unwrap();
 
-        let report = pull(&[entry("m.bin", "vae", None)], &options(models.path(), &endpoint)).await.unwrap();
+        let report = pull(
+            &[entry("m.bin", "vae", None)],
+            &options(models.path(), &endpoint),
+        )
+        .await
+        .unwrap();
         let message = error_text(&report);
         for needle in [REPO, "401", "HF_TOKEN", "licence"] {
-            assert!(message.contains(needle), "{needle:?} missing from: {message}");
+            assert!(
+                message.contains(needle),
+                "{needle:?} missing from: {message}"
+            );
         }
         assert!(!models.path().join("vae/m.bin").exists());
     }
@@ -353,10 +478,18 @@ mod auth {
         let (hub, endpoint) = start_hub(gated_hub()).await;
         hub.serve_file("m.bin", content(1000, 7));
         let models = tempfile::tempdir().unwrap();
-        let opts = PullOptions { token: Some("hf_wrong".into()), ..options(models.path(), &endpoint) };
+        let opts = PullOptions {
+            token: Some("hf_wrong".into()),
+            ..options(models.path(), &endpoint)
+        };
 
         let message = error_text(&pull(&[entry("m.bin", "vae", None)], &opts).await.unwrap());
-        assert!(message.contains("403") && message.contains("token in HF_TOKEN") && message.contains(REPO), "{message}");
+        assert!(
+            message.contains("403")
+                && message.contains("token in HF_TOKEN")
+                && message.contains(REPO),
+            "{message}"
+        );
     }
 
     #[tokio::test]
@@ -365,13 +498,31 @@ mod auth {
         let (hub, endpoint) = start_hub(gated_hub()).await;
         hub.serve_file("m.bin", bytes.clone());
         let models = tempfile::tempdir().unwrap();
-        let opts = PullOptions { token: Some("hf_good".into()), ..options(models.path(), &endpoint) };
+        let opts = PullOptions {
+            token: Some("hf_good".into()),
+            ..options(models.path(), &endpoint)
+        };
 
         let report = pull(&[entry("m.bin", "vae", None)], &opts).await.unwrap();
         assert!(only_outcome(&report).is_ok(), "{report:?}");
-        assert_eq!(std::fs::read(models.path().join("vae/m.bin")).unwrap(), bytes);
-        let resolve_requests: Vec<Logged> = hub.log.lock().unwrap().iter().filter(|l| l.path.contains("/resolve/")).cloned().collect();
-        assert!(resolve_requests.iter().all(|l| l.authorization.as_deref() == Some("Bearer hf_good")), "{resolve_requests:?}");
+        assert_eq!(
+            std::fs::read(models.path().join("vae/m.bin")).unwrap(),
+            bytes
+        );
+        let resolve_requests: Vec<Logged> = hub
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.path.contains("/resolve/"))
+            .cloned()
+            .collect();
+        assert!(
+            resolve_requests
+                .iter()
+                .all(|l| l.authorization.as_deref() == Some("Bearer hf_good")),
+            "{resolve_requests:?}"
+        );
     }
 }
 
@@ -390,17 +541,28 @@ mod token_leak {
             ..Hub::default()
         });
         hub.serve_file("m.bin", bytes.clone());
-        let app = axum::Router::new().fallback(hub_handler).with_state(hub.clone());
+        let app = axum::Router::new()
+            .fallback(hub_handler)
+            .with_state(hub.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         let models = tempfile::tempdir().unwrap();
-        let opts = PullOptions { token: Some("hf_secret".into()), ..options(models.path(), &format!("http://127.0.0.1:{port}")) };
+        let opts = PullOptions {
+            token: Some("hf_secret".into()),
+            ..options(models.path(), &format!("http://127.0.0.1:{port}"))
+        };
 
         let report = pull(&[entry("m.bin", "vae", None)], &opts).await.unwrap();
         assert!(only_outcome(&report).is_ok(), "{report:?}");
         let gets = hub.gets();
         assert_eq!(gets.len(), 1, "{gets:?}");
-        assert_eq!(gets[0].authorization, None, "the HF token leaked to the redirect host");
-        assert_eq!(std::fs::read(models.path().join("vae/m.bin")).unwrap(), bytes);
+        assert_eq!(
+            gets[0].authorization, None,
+            "the HF token leaked to the redirect host"
+        );
+        assert_eq!(
+            std::fs::read(models.path().join("vae/m.bin")).unwrap(),
+            bytes
+        );
     }
 }
 
@@ -416,11 +578,17 @@ mod present {
         std::fs::create_dir_all(models.path().join("vae")).unwrap();
         std::fs::write(models.path().join("vae/m.bin"), &bytes).unwrap();
 
-        let report =
-            pull(&[entry("m.bin", "vae", Some(&sha256_hex(&bytes)))], &options(models.path(), &endpoint)).await.unwrap();
+        let report = pull(
+            &[entry("m.bin", "vae", Some(&sha256_hex(&bytes)))],
+            &options(models.path(), &endpoint),
+        )
+        .await
+        .unwrap();
         assert_eq!(
             only_outcome(&report).as_ref().unwrap(),
-            &PullOutcome::AlreadyPresent { verified: Verification::ManifestSha256 }
+            &PullOutcome::AlreadyPresent {
+                verified: Verification::ManifestSha256
+            }
         );
         assert!(hub.log.lock().unwrap().is_empty(), "no request expected");
     }
@@ -436,13 +604,28 @@ mod present {
         std::fs::write(models.path().join("vae/a.bin"), &bytes).unwrap();
         std::fs::write(models.path().join("vae/b.bin"), b"truncated").unwrap();
 
-        let report =
-            pull(&[entry("a.bin", "vae", None), entry("b.bin", "vae", None)], &options(models.path(), &endpoint)).await.unwrap();
-        assert_eq!(report.files[0].outcome.as_ref().unwrap(), &PullOutcome::AlreadyPresent { verified: Verification::Size });
-        assert!(matches!(report.files[1].outcome, Ok(PullOutcome::Installed { .. })), "{report:?}");
+        let report = pull(
+            &[entry("a.bin", "vae", None), entry("b.bin", "vae", None)],
+            &options(models.path(), &endpoint),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            report.files[0].outcome.as_ref().unwrap(),
+            &PullOutcome::AlreadyPresent {
+                verified: Verification::Size
+            }
+        );
+        assert!(
+            matches!(report.files[1].outcome, Ok(PullOutcome::Installed { .. })),
+            "{report:?}"
+        );
         let gets = hub.gets();
         assert_eq!(gets.len(), 1, "only b.bin is downloaded: {gets:?}");
-        assert_eq!(std::fs::read(models.path().join("vae/b.bin")).unwrap(), bytes);
+        assert_eq!(
+            std::fs::read(models.path().join("vae/b.bin")).unwrap(),
+            bytes
+        );
     }
 }
 
@@ -450,7 +633,10 @@ mod concurrency {
     use super::*;
 
     async fn run_with_bound(bound: usize) -> (usize, PullReport) {
-        let hub = Hub { hold_until_in_flight: bound, ..Hub::default() };
+        let hub = Hub {
+            hold_until_in_flight: bound,
+            ..Hub::default()
+        };
         let (hub, endpoint) = start_hub(hub).await;
         let files: Vec<ModelFile> = (0..5)
             .map(|i| {
@@ -459,7 +645,15 @@ mod concurrency {
             })
             .collect();
         let models = tempfile::tempdir().unwrap();
-        let report = pull(&files, &PullOptions { concurrency: bound, ..options(models.path(), &endpoint) }).await.unwrap();
+        let report = pull(
+            &files,
+            &PullOptions {
+                concurrency: bound,
+                ..options(models.path(), &endpoint)
+            },
+        )
+        .await
+        .unwrap();
         (hub.max_in_flight.load(Ordering::SeqCst), report)
     }
 
@@ -467,13 +661,19 @@ mod concurrency {
     async fn concurrency_bound_obeyed() {
         let (max, report) = run_with_bound(2).await;
         assert!(report.into_result().is_ok());
-        assert_eq!(max, 2, "at most (and, with 5 files, exactly) 2 downloads at once");
+        assert_eq!(
+            max, 2,
+            "at most (and, with 5 files, exactly) 2 downloads at once"
+        );
     }
 
     #[tokio::test]
     async fn zero_concurrency_is_refused() {
         let models = tempfile::tempdir().unwrap();
-        let opts = PullOptions { concurrency: 0, ..options(models.path(), "http://127.0.0.1:9") };
+        let opts = PullOptions {
+            concurrency: 0,
+            ..options(models.path(), "http://127.0.0.1:9")
+        };
         assert!(pull(&[], &opts).await.is_err());
     }
 }
@@ -514,8 +714,16 @@ mod cli {
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{stderr}");
-        assert!(stderr.contains("1 of 2") && stderr.contains("loras/missing.bin") && stderr.contains("404"), "{stderr}");
-        assert!(models.join("vae/ok.bin").exists(), "the good file is still installed");
+        assert!(
+            stderr.contains("1 of 2")
+                && stderr.contains("loras/missing.bin")
+                && stderr.contains("404"),
+            "{stderr}"
+        );
+        assert!(
+            models.join("vae/ok.bin").exists(),
+            "the good file is still installed"
+        );
     }
 
     #[tokio::test]
@@ -544,7 +752,11 @@ mod cli {
             command
         };
         let ok = run("first").output().await.unwrap();
-        assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
         assert!(models.join("vae/a.bin").exists() && !models.join("vae/b.bin").exists());
         let unknown = run("nope").output().await.unwrap();
         assert!(!unknown.status.success());

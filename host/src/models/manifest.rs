@@ -111,10 +111,17 @@ impl ModelFile {
         check_relative(&self.path, "path")?;
         check_relative(&self.folder, "folder")?;
         if self.revision.is_empty() || self.revision.chars().any(char::is_whitespace) {
-            bail!("revision {:?} is empty or contains whitespace", self.revision);
+            bail!(
+                "revision {:?} is empty or contains whitespace",
+                self.revision
+            );
         }
         let file_name = self.file_name();
-        if file_name.is_empty() || file_name == "." || file_name == ".." || file_name.contains(['/', '\\']) {
+        if file_name.is_empty()
+            || file_name == "."
+            || file_name == ".."
+            || file_name.contains(['/', '\\'])
+        {
             bail!("name {file_name:?} is not a plain file name");
         }
         if file_name.ends_with(".part") {
@@ -133,7 +140,9 @@ fn is_repo_part(part: &str) -> bool {
     !part.is_empty()
         && part != "."
         && part != ".."
-        && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && part
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// A relative path of plain segments: no leading `/`, no `..`, no `.`, no empty segment.
@@ -142,7 +151,10 @@ fn check_relative(value: &str, field: &str) -> anyhow::Result<()> {
     if trimmed.is_empty() || trimmed.starts_with('/') || trimmed.contains('\\') {
         bail!("{field} {value:?} must be a non-empty relative path");
     }
-    if trimmed.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+    if trimmed
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
         bail!("{field} {value:?} must not contain empty, '.' or '..' segments");
     }
     Ok(())
@@ -151,17 +163,24 @@ fn check_relative(value: &str, field: &str) -> anyhow::Result<()> {
 impl Manifest {
     /// Parse and validate a manifest; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> anyhow::Result<Manifest> {
-        let mut manifest: Manifest =
-            serde_json::from_str(text).with_context(|| format!("parsing model manifest {origin}"))?;
+        let mut manifest: Manifest = serde_json::from_str(text)
+            .with_context(|| format!("parsing model manifest {origin}"))?;
         let mut destinations = HashSet::new();
         for (index, file) in manifest.files.iter_mut().enumerate() {
             if let Some(sha) = &mut file.sha256 {
                 *sha = sha.to_ascii_lowercase();
             }
-            file.validate()
-                .with_context(|| format!("model manifest {origin}: files[{index}] ({})", file.source()))?;
+            file.validate().with_context(|| {
+                format!(
+                    "model manifest {origin}: files[{index}] ({})",
+                    file.source()
+                )
+            })?;
             if !destinations.insert(file.destination()) {
-                bail!("model manifest {origin}: files[{index}] installs {} a second time", file.destination());
+                bail!(
+                    "model manifest {origin}: files[{index}] installs {} a second time",
+                    file.destination()
+                );
             }
         }
         Ok(manifest)
@@ -191,7 +210,11 @@ impl Manifest {
             .map(String::as_str)
             .collect();
         if !unknown.is_empty() {
-            let mut groups: Vec<&str> = self.files.iter().filter_map(|f| f.group.as_deref()).collect();
+            let mut groups: Vec<&str> = self
+                .files
+                .iter()
+                .filter_map(|f| f.group.as_deref())
+                .collect();
             groups.dedup();
             let names: Vec<&str> = self.files.iter().map(ModelFile::file_name).collect();
             bail!(
@@ -201,7 +224,12 @@ impl Manifest {
                 names.join(", ")
             );
         }
-        Ok(self.files.iter().filter(|f| selectors.iter().any(|s| f.matches(s))).cloned().collect())
+        Ok(self
+            .files
+            .iter()
+            .filter(|f| selectors.iter().any(|s| f.matches(s)))
+            .cloned()
+            .collect())
     }
 }
 
@@ -228,16 +256,26 @@ mod tests {
             "insightface/models/antelopev2/scrfd_10g_bnkps.onnx",
             "checkpoints/sd_xl_base_1.0.safetensors",
         ] {
-            assert!(destinations.iter().any(|d| d == expected), "{expected} missing from {destinations:?}");
+            assert!(
+                destinations.iter().any(|d| d == expected),
+                "{expected} missing from {destinations:?}"
+            );
         }
     }
 
     #[test]
     fn name_defaults_to_last_path_segment() {
-        let m = Manifest::parse(&one(r#"{"repo":"a/b","path":"x/y.bin","folder":"f/g"}"#), "t").unwrap();
+        let m = Manifest::parse(
+            &one(r#"{"repo":"a/b","path":"x/y.bin","folder":"f/g"}"#),
+            "t",
+        )
+        .unwrap();
         assert_eq!(m.files[0].destination(), "f/g/y.bin");
         assert_eq!(m.files[0].revision, "main");
-        assert_eq!(m.files[0].destination_in(Path::new("/m")), PathBuf::from("/m/f/g/y.bin"));
+        assert_eq!(
+            m.files[0].destination_in(Path::new("/m")),
+            PathBuf::from("/m/f/g/y.bin")
+        );
     }
 
     #[test]
@@ -269,9 +307,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.select(&["g1".into()]).unwrap().len(), 1);
-        assert_eq!(m.select(&["f/z.bin".into()]).unwrap()[0].file_name(), "z.bin");
+        assert_eq!(
+            m.select(&["f/z.bin".into()]).unwrap()[0].file_name(),
+            "z.bin"
+        );
         assert_eq!(m.select(&[]).unwrap().len(), 2);
         let err = format!("{:#}", m.select(&["nope".into()]).unwrap_err());
-        assert!(err.contains("nope") && err.contains("g1") && err.contains("z.bin"), "{err}");
+        assert!(
+            err.contains("nope") && err.contains("g1") && err.contains("z.bin"),
+            "{err}"
+        );
     }
 }

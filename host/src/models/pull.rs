@@ -59,7 +59,11 @@ pub struct PullArgs {
 pub enum PullOutcome {
     /// Downloaded, verified and renamed into place. `resumed_from` is the size of the `.part`
     /// that an earlier attempt left (0 for a fresh download).
-    Installed { bytes: u64, resumed_from: u64, verified: Verification },
+    Installed {
+        bytes: u64,
+        resumed_from: u64,
+        verified: Verification,
+    },
     /// Already present under its final name and left alone.
     AlreadyPresent { verified: Verification },
 }
@@ -112,7 +116,11 @@ impl PullReport {
         if failures.is_empty() {
             return Ok(());
         }
-        bail!("{} of {total} model files failed:\n{}", failures.len(), failures.join("\n"))
+        bail!(
+            "{} of {total} model files failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        )
     }
 }
 
@@ -151,13 +159,19 @@ pub async fn run_pull(args: PullArgs) -> anyhow::Result<()> {
     let report = pull(&files, &options).await?;
     for file in &report.files {
         match &file.outcome {
-            Ok(PullOutcome::Installed { bytes, resumed_from, verified }) => tracing::info!(
+            Ok(PullOutcome::Installed {
+                bytes,
+                resumed_from,
+                verified,
+            }) => tracing::info!(
                 destination = %file.destination, bytes, resumed_from, verified = ?verified, "installed"
             ),
             Ok(PullOutcome::AlreadyPresent { verified }) => {
                 tracing::info!(destination = %file.destination, verified = ?verified, "already present")
             }
-            Err(err) => tracing::error!(destination = %file.destination, source = %file.source, "{err:#}"),
+            Err(err) => {
+                tracing::error!(destination = %file.destination, source = %file.source, "{err:#}")
+            }
         }
     }
     report.into_result()
@@ -210,7 +224,10 @@ pub async fn pull(files: &[ModelFile], options: &PullOptions) -> anyhow::Result<
     for file in files {
         let (shared, permits, file) = (shared.clone(), permits.clone(), file.clone());
         tasks.push(tokio::spawn(async move {
-            let _permit = permits.acquire_owned().await.context("download queue closed")?;
+            let _permit = permits
+                .acquire_owned()
+                .await
+                .context("download queue closed")?;
             shared.pull_one(&file).await
         }));
     }
@@ -220,7 +237,11 @@ pub async fn pull(files: &[ModelFile], options: &PullOptions) -> anyhow::Result<
             Ok(outcome) => outcome,
             Err(join_error) => Err(anyhow!("download task failed: {join_error}")),
         };
-        results.push(FilePullResult { destination: file.destination(), source: file.source(), outcome });
+        results.push(FilePullResult {
+            destination: file.destination(),
+            source: file.source(),
+            outcome,
+        });
     }
     Ok(PullReport { files: results })
 }
@@ -274,7 +295,11 @@ impl Puller {
 
     /// The error for a refused or failed response, naming the repo and what to do.
     fn status_error(&self, file: &ModelFile, status: StatusCode) -> anyhow::Error {
-        let licence_page = format!("{}/{}", self.endpoint.as_str().trim_end_matches('/'), file.repo);
+        let licence_page = format!(
+            "{}/{}",
+            self.endpoint.as_str().trim_end_matches('/'),
+            file.repo
+        );
         match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if self.token.is_none() => anyhow!(
                 "Hugging Face refused {} (HTTP {}) for {}: the repository is gated or private. \
@@ -295,7 +320,11 @@ impl Puller {
                 "{} not found on Hugging Face (HTTP 404): check repo, path and revision in the manifest",
                 file.source()
             ),
-            other => anyhow!("Hugging Face answered HTTP {} for {}", other.as_u16(), file.source()),
+            other => anyhow!(
+                "Hugging Face answered HTTP {} for {}",
+                other.as_u16(),
+                file.source()
+            ),
         }
     }
 
@@ -314,11 +343,21 @@ impl Puller {
         }
         let headers = response.headers();
         let linked_size = header_u64(headers, "x-linked-size");
-        let size = linked_size.or_else(|| if status.is_success() { header_u64(headers, CONTENT_LENGTH.as_str()) } else { None });
+        let size = linked_size.or_else(|| {
+            if status.is_success() {
+                header_u64(headers, CONTENT_LENGTH.as_str())
+            } else {
+                None
+            }
+        });
         let sha256 = headers
             .get("x-linked-etag")
             .and_then(|v| v.to_str().ok())
-            .map(|v| v.trim_start_matches("W/").trim_matches('"').to_ascii_lowercase())
+            .map(|v| {
+                v.trim_start_matches("W/")
+                    .trim_matches('"')
+                    .to_ascii_lowercase()
+            })
             .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()));
         Ok(RemoteInfo { size, sha256 })
     }
@@ -326,13 +365,18 @@ impl Puller {
     async fn pull_one(&self, file: &ModelFile) -> anyhow::Result<PullOutcome> {
         let destination = file.destination_in(&self.models_dir);
         let part = part_path(&destination);
-        let present = tokio::fs::metadata(&destination).await.ok().filter(|m| m.is_file());
+        let present = tokio::fs::metadata(&destination)
+            .await
+            .ok()
+            .filter(|m| m.is_file());
 
         // A file already installed with a manifest checksum needs no network to be confirmed.
         if let (Some(meta), Some(sha)) = (&present, &file.sha256) {
             let size_ok = file.size.is_none_or(|size| size == meta.len());
             if size_ok && sha256_of(&destination).await? == *sha {
-                return Ok(PullOutcome::AlreadyPresent { verified: Verification::ManifestSha256 });
+                return Ok(PullOutcome::AlreadyPresent {
+                    verified: Verification::ManifestSha256,
+                });
             }
             tracing::warn!(file = %file.destination(), "present but its checksum or size differs; downloading again");
         }
@@ -342,7 +386,9 @@ impl Puller {
             Err(err) => match &present {
                 Some(_) if file.sha256.is_none() => {
                     tracing::warn!(file = %file.destination(), "present; could not ask Hugging Face to check it: {err:#}");
-                    return Ok(PullOutcome::AlreadyPresent { verified: Verification::Unverified });
+                    return Ok(PullOutcome::AlreadyPresent {
+                        verified: Verification::Unverified,
+                    });
                 }
                 _ => return Err(err),
             },
@@ -353,14 +399,22 @@ impl Puller {
         if let (Some(meta), None) = (&present, &file.sha256) {
             match expected_size {
                 Some(size) if size == meta.len() => {
-                    let verified = if remote.sha256.is_some() { Verification::ServerChecksum } else { Verification::Size };
+                    let verified = if remote.sha256.is_some() {
+                        Verification::ServerChecksum
+                    } else {
+                        Verification::Size
+                    };
                     return Ok(PullOutcome::AlreadyPresent { verified });
                 }
                 Some(size) => tracing::warn!(
                     file = %file.destination(), present = meta.len(), expected = size,
                     "present with the wrong size; downloading again"
                 ),
-                None => return Ok(PullOutcome::AlreadyPresent { verified: Verification::Unverified }),
+                None => {
+                    return Ok(PullOutcome::AlreadyPresent {
+                        verified: Verification::Unverified,
+                    });
+                }
             }
         }
 
@@ -369,13 +423,26 @@ impl Puller {
                 .await
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        let bar = self.progress.add(ProgressBar::new(expected_size.unwrap_or(0)));
+        let bar = self
+            .progress
+            .add(ProgressBar::new(expected_size.unwrap_or(0)));
         bar.set_style(
-            ProgressStyle::with_template("{msg:40!} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} {eta:>4}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{msg:40!} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} {eta:>4}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_message(file.destination());
-        let result = self.download_and_install(file, &destination, &part, expected_size, expected_sha.as_deref(), &bar).await;
+        let result = self
+            .download_and_install(
+                file,
+                &destination,
+                &part,
+                expected_size,
+                expected_sha.as_deref(),
+                &bar,
+            )
+            .await;
         bar.finish_and_clear();
         self.progress.remove(&bar);
         let (bytes, resumed_from) = result?;
@@ -385,7 +452,11 @@ impl Puller {
             (None, None, Some(_)) => Verification::Size,
             (None, None, None) => Verification::Unverified,
         };
-        Ok(PullOutcome::Installed { bytes, resumed_from, verified })
+        Ok(PullOutcome::Installed {
+            bytes,
+            resumed_from,
+            verified,
+        })
     }
 
     /// Fill `.part` (resuming), verify it, rename it to `destination`. Returns the final size and
@@ -402,7 +473,10 @@ impl Puller {
         let resumed_from = file_len(part).await;
         let (mut interruptions, mut restarts) = (0u32, 0u32);
         loop {
-            match self.fetch_into_part(file, part, &mut expected_size, bar).await? {
+            match self
+                .fetch_into_part(file, part, &mut expected_size, bar)
+                .await?
+            {
                 Attempt::Complete => break,
                 Attempt::Restart(reason) => {
                     restarts += 1;
@@ -432,7 +506,10 @@ impl Puller {
             && expected != size
         {
             remove_quietly(part).await;
-            bail!("{} is {size} bytes, expected {expected}; not installed", file.source());
+            bail!(
+                "{} is {size} bytes, expected {expected}; not installed",
+                file.source()
+            );
         }
         if let Some(expected) = expected_sha {
             let actual = sha256_of(part).await?;
@@ -475,12 +552,20 @@ impl Puller {
         }
         let mut response = match request.send().await {
             Ok(response) => response,
-            Err(err) => return Ok(Attempt::Interrupted(anyhow!(err).context(format!("requesting {url}")))),
+            Err(err) => {
+                return Ok(Attempt::Interrupted(
+                    anyhow!(err).context(format!("requesting {url}")),
+                ));
+            }
         };
         let status = response.status();
         let append = match status {
             StatusCode::PARTIAL_CONTENT if offset > 0 => {
-                let range = response.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(parse_content_range);
+                let range = response
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_content_range);
                 match range {
                     Some((start, total)) if start == offset => {
                         if let Some(total) = total {
@@ -490,7 +575,9 @@ impl Puller {
                     }
                     _ => {
                         remove_quietly(part).await;
-                        return Ok(Attempt::Restart(format!("server answered a range other than bytes={offset}-")));
+                        return Ok(Attempt::Restart(format!(
+                            "server answered a range other than bytes={offset}-"
+                        )));
                     }
                 }
             }
@@ -512,7 +599,9 @@ impl Puller {
                     return Ok(Attempt::Complete);
                 }
                 remove_quietly(part).await;
-                return Ok(Attempt::Restart(format!("server cannot serve bytes={offset}- (HTTP 416)")));
+                return Ok(Attempt::Restart(format!(
+                    "server cannot serve bytes={offset}- (HTTP 416)"
+                )));
             }
             other => return Err(self.status_error(file, other)),
         };
@@ -533,26 +622,39 @@ impl Puller {
         loop {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
-                    out.write_all(&chunk).await.with_context(|| format!("writing {}", part.display()))?;
+                    out.write_all(&chunk)
+                        .await
+                        .with_context(|| format!("writing {}", part.display()))?;
                     written += chunk.len() as u64;
                     bar.set_position(written);
                 }
                 Ok(None) => break,
                 Err(err) => {
-                    out.flush().await.with_context(|| format!("writing {}", part.display()))?;
-                    return Ok(Attempt::Interrupted(anyhow!(err).context(format!("reading {url} after {written} bytes"))));
+                    out.flush()
+                        .await
+                        .with_context(|| format!("writing {}", part.display()))?;
+                    return Ok(Attempt::Interrupted(
+                        anyhow!(err).context(format!("reading {url} after {written} bytes")),
+                    ));
                 }
             }
         }
-        out.flush().await.with_context(|| format!("writing {}", part.display()))?;
-        out.sync_all().await.with_context(|| format!("syncing {}", part.display()))?;
+        out.flush()
+            .await
+            .with_context(|| format!("writing {}", part.display()))?;
+        out.sync_all()
+            .await
+            .with_context(|| format!("syncing {}", part.display()))?;
         Ok(Attempt::Complete)
     }
 }
 
 /// `{destination}.part`: where a download accumulates until verified.
 pub fn part_path(destination: &Path) -> PathBuf {
-    let mut name = destination.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = destination
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".part");
     destination.with_file_name(name)
 }
@@ -570,7 +672,10 @@ fn parse_content_range(value: &str) -> Option<(u64, Option<u64>)> {
 }
 
 async fn file_len(path: &Path) -> u64 {
-    tokio::fs::metadata(path).await.map(|m| m.len()).unwrap_or(0)
+    tokio::fs::metadata(path)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0)
 }
 
 async fn remove_quietly(path: &Path) {
@@ -586,11 +691,14 @@ pub async fn sha256_of(path: &Path) -> anyhow::Result<String> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
         use std::io::Read;
-        let mut reader = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut reader =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         let mut hasher = Sha256::new();
         let mut buffer = vec![0u8; 1 << 20];
         loop {
-            let n = reader.read(&mut buffer).with_context(|| format!("reading {}", path.display()))?;
+            let n = reader
+                .read(&mut buffer)
+                .with_context(|| format!("reading {}", path.display()))?;
             if n == 0 {
                 break;
             }
@@ -608,14 +716,20 @@ mod tests {
 
     #[test]
     fn content_range_parsing() {
-        assert_eq!(parse_content_range("bytes 100-199/200"), Some((100, Some(200))));
+        assert_eq!(
+            parse_content_range("bytes 100-199/200"),
+            Some((100, Some(200)))
+        );
         assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
         assert_eq!(parse_content_range("items 1-2/3"), None);
     }
 
     #[test]
     fn part_file_sits_beside_the_destination() {
-        assert_eq!(part_path(Path::new("/m/vae/ae.safetensors")), PathBuf::from("/m/vae/ae.safetensors.part"));
+        assert_eq!(
+            part_path(Path::new("/m/vae/ae.safetensors")),
+            PathBuf::from("/m/vae/ae.safetensors.part")
+        );
     }
 
     #[test]
