@@ -324,6 +324,7 @@ mod resume {
         hub.cuts_left.store(2, Ordering::SeqCst);
         let (hub, endpoint) = start_hub(hub).await;
         hub.serve_file("m.bin", bytes.clone());
+        hub.advertise_sha("m.bin", &sha256_hex(&bytes));
         let models = tempfile::tempdir().unwrap();
         let files = [entry("m.bin", "checkpoints", None)];
 
@@ -336,7 +337,16 @@ mod resume {
         )
         .await
         .unwrap();
-        assert!(only_outcome(&report).is_ok(), "{report:?}");
+        assert!(
+            matches!(
+                only_outcome(&report),
+                Ok(PullOutcome::Installed {
+                    verified: Verification::ServerChecksum,
+                    ..
+                })
+            ),
+            "{report:?}"
+        );
         let ranges: Vec<Option<String>> = hub.gets().into_iter().map(|g| g.range).collect();
         assert_eq!(
             ranges,

@@ -471,10 +471,13 @@ impl Puller {
         bar: &ProgressBar,
     ) -> anyhow::Result<(u64, u64)> {
         let resumed_from = file_len(part).await;
+        // Hash while downloading; a `.part` left by an earlier run is hashed at the end instead.
+        let mut running_hash = None;
         let (mut interruptions, mut restarts) = (0u32, 0u32);
         loop {
+            let hash = expected_sha.is_some().then_some(&mut running_hash);
             match self
-                .fetch_into_part(file, part, &mut expected_size, bar)
+                .fetch_into_part(file, part, &mut expected_size, hash, bar)
                 .await?
             {
                 Attempt::Complete => break,
@@ -512,7 +515,10 @@ impl Puller {
             );
         }
         if let Some(expected) = expected_sha {
-            let actual = sha256_of(part).await?;
+            let actual = match running_hash {
+                Some(RunningHash { hasher, len }) if len == size => hex::encode(hasher.finalize()),
+                _ => sha256_of(part).await?,
+            };
             if actual != expected {
                 remove_quietly(part).await;
                 bail!(
@@ -533,6 +539,7 @@ impl Puller {
         file: &ModelFile,
         part: &Path,
         expected_size: &mut Option<u64>,
+        mut hash: Option<&mut Option<RunningHash>>,
         bar: &ProgressBar,
     ) -> anyhow::Result<Attempt> {
         let mut offset = file_len(part).await;
@@ -617,6 +624,16 @@ impl Puller {
             .await
             .with_context(|| format!("opening {}", part.display()))?;
         let mut written = if append { offset } else { 0 };
+        if let Some(running) = hash.as_deref_mut() {
+            if !append {
+                *running = Some(RunningHash {
+                    hasher: Sha256::new(),
+                    len: 0,
+                });
+            } else if running.as_ref().is_some_and(|r| r.len != written) {
+                *running = None;
+            }
+        }
         bar.set_length(expected_size.unwrap_or(0));
         bar.set_position(written);
         loop {
@@ -626,6 +643,10 @@ impl Puller {
                         .await
                         .with_context(|| format!("writing {}", part.display()))?;
                     written += chunk.len() as u64;
+                    if let Some(Some(running)) = hash.as_deref_mut() {
+                        running.hasher.update(&chunk);
+                        running.len += chunk.len() as u64;
+                    }
                     bar.set_position(written);
                 }
                 Ok(None) => break,
@@ -647,6 +668,12 @@ impl Puller {
             .with_context(|| format!("syncing {}", part.display()))?;
         Ok(Attempt::Complete)
     }
+}
+
+/// SHA-256 of the first `len` bytes of a `.part`, kept up to date while they are written.
+struct RunningHash {
+    hasher: Sha256,
+    len: u64,
 }
 
 /// `{destination}.part`: where a download accumulates until verified.
