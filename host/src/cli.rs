@@ -30,6 +30,8 @@ pub enum ModelsCommand {
     /// Per plugin: which model files it needs, which are present (size), which are
     /// missing. Exits 1 when something is missing.
     Status(ModelsStatusArgs),
+    /// Download what a manifest lists from Hugging Face (resumable, sha256-verified).
+    Pull(crate::models::pull::PullArgs),
 }
 
 #[derive(Debug, Clone, Args)]

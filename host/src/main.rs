@@ -46,6 +46,23 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Models(ModelsCommand::Pull(args)) => {
+            init_tracing(LogFormat::Text);
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot start the async runtime");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(flowhost::models::pull::run_pull(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!("{err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckPlugin(args) => {
             init_tracing(LogFormat::Text);
             match flowhost::check_plugin::run(&args, None) {

@@ -2,10 +2,13 @@
 //! (`extra_paths`), and whether every plugin's declared models are present (`status`).
 //!
 //! Owns reading the volume. Must never write model files (downloads are `models pull`)
-//! and never create symlinks or move files around.
+//! and never create symlinks or move files around; `pull` is the one writer, and it
+//! installs files only by renaming complete, verified downloads into place.
 
 pub mod extra_paths;
 pub mod folders;
+pub mod manifest;
+pub mod pull;
 pub mod status;
 pub mod volume;
 

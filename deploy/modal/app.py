@@ -1,0 +1,242 @@
+"""flowhost on Modal: ComfyUI + flowhost on one L40S, models and plugins on volumes.
+
+    modal deploy deploy/modal/app.py                              # the HTTP service
+    modal run deploy/modal/app.py::download_models                # fill the models volume
+    modal run deploy/modal/app.py::install_default_plugins        # (re)publish the bundled plugins
+    modal volume put flowhost-plugins my_plugin.wasm /            # publish a plugin
+
+Settings are read from the environment of the machine running `modal deploy` (see SETTINGS
+below and docs/deploy-modal.md). This file owns the Modal wiring only: it never implements
+endpoint logic (plugins do) nor talks to ComfyUI (flowhost does).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import modal
+
+# --- settings (one place; each overridable by an environment variable at deploy time) -------
+
+APP_NAME = os.environ.get("FLOWHOST_APP_NAME", "flowhost")
+COMFYUI_COMMIT = os.environ.get("FLOWHOST_COMFYUI_COMMIT", "a125cd84b054a57729b5eecab930ca9408719832")  # v0.3.64
+TORCH_VERSION = os.environ.get("FLOWHOST_TORCH_VERSION", "2.9.1")  # what the captured ComfyUI 0.3.64 ran
+RUST_TOOLCHAIN = os.environ.get("FLOWHOST_RUST_TOOLCHAIN", "1.95.0")
+GPU = os.environ.get("FLOWHOST_GPU", "L40S")
+
+MODELS_VOLUME_NAME = os.environ.get("FLOWHOST_MODELS_VOLUME", "ryla-models")
+PLUGINS_VOLUME_NAME = os.environ.get("FLOWHOST_PLUGINS_VOLUME", "flowhost-plugins")
+HF_CACHE_VOLUME_NAME = os.environ.get("FLOWHOST_HF_CACHE_VOLUME", "flowhost-hf-cache")
+
+# Modal secrets (created with `modal secret create`); an empty name leaves that secret out.
+API_KEYS_SECRET = os.environ.get("FLOWHOST_API_KEYS_SECRET", "flowhost-api-keys")  # FLOWHOST_API_KEYS[, FLOWHOST_ADMIN_KEYS]
+POSTHOG_SECRET = os.environ.get("FLOWHOST_POSTHOG_SECRET", "flowhost-posthog")  # POSTHOG_API_KEY[, POSTHOG_HOST]
+HF_SECRET = os.environ.get("FLOWHOST_HF_SECRET", "huggingface")  # HF_TOKEN
+
+MEMORY_SNAPSHOT = os.environ.get("FLOWHOST_MEMORY_SNAPSHOT", "0").lower() in ("1", "true", "yes")
+
+# Custom nodes, each pinned to a full commit.
+CUSTOM_NODES = [
+    ("https://github.com/cubiq/ComfyUI_InstantID", "1ef34ef573581bd9727c1e0ac05aa956b356a510"),
+]
+# Node classes the import check requires each custom node package to register.
+REQUIRED_NODE_CLASSES = {
+    "ComfyUI_InstantID": ["InstantIDModelLoader", "InstantIDFaceAnalysis", "ApplyInstantID"],
+}
+# Python packages the custom nodes need (ComfyUI_InstantID's requirements, minus the CPU
+# onnxruntime that would shadow the GPU build).
+CUSTOM_NODE_PIP = ["insightface==0.7.3", "onnxruntime-gpu==1.23.2", "opencv-python-headless"]
+BUNDLED_PLUGIN_PACKAGES = ["flux-dev", "flux-lora", "flux-instantid", "workflow"]
+
+# --- paths inside the container ------------------------------------------------------------
+
+PORT = 8000
+COMFYUI_DIR = "/root/comfyui"
+MODELS_DIR = "/root/models"
+PLUGINS_DIR = "/root/plugins"
+HF_CACHE_DIR = "/cache"
+BUNDLED_PLUGINS_DIR = "/opt/flowhost/plugins"
+BUILD_DIR = "/opt/flowhost/build"
+SRC_DIR = "/opt/flowhost/src"
+FLOWHOST_BIN = "/usr/local/bin/flowhost"
+
+MAX_IN_FLIGHT = 5  # equals the per-container concurrency below: flowhost admits what Modal routes
+JOB_TIMEOUT_S = 120
+# Container start: flowhost boots ComfyUI (torch + custom nodes import) before /health is ready.
+# ~30 s on CPU measured locally; GPU containers add CUDA init and volume warm-up. Generous.
+STARTUP_TIMEOUT_S = 600
+REQUEST_TIMEOUT_S = 600  # per HTTP request, above JOB_TIMEOUT_S plus queueing and upload time
+SCALEDOWN_WINDOW_S = 300
+PLUGIN_RELOAD_INTERVAL_S = 5.0
+DOWNLOAD_TIMEOUT_S = 4 * 60 * 60  # ~60 GB over one container
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPTS = Path(__file__).resolve().parent / "build"
+
+
+def serve_command() -> list[str]:
+    """The exact `flowhost serve` command line the web server runs."""
+    return [
+        FLOWHOST_BIN,
+        "serve",
+        "--listen", f"0.0.0.0:{PORT}",
+        "--comfyui-dir", COMFYUI_DIR,
+        "--models", MODELS_DIR,
+        "--plugins", PLUGINS_DIR,
+        "--max-in-flight", str(MAX_IN_FLIGHT),
+        "--job-timeout", str(JOB_TIMEOUT_S),
+        "--log-format", "json",
+    ]  # fmt: skip
+
+
+def pull_command(only: list[str]) -> list[str]:
+    """`flowhost models pull` onto the models volume with the shipped manifest."""
+    command = [FLOWHOST_BIN, "models", "pull", "--models", MODELS_DIR]
+    for selector in only:
+        command += ["--only", selector]
+    return command
+
+
+def _repo_ignored(path: Path) -> bool:
+    """Files not copied into the image build context (build outputs, VCS, caches)."""
+    parts = set(path.parts)
+    return bool(parts & {"target", ".git", "__pycache__", ".pytest_cache", ".venv", "node_modules"})
+
+
+# --- image ---------------------------------------------------------------------------------
+
+image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .apt_install("git", "curl", "ca-certificates", "build-essential", "pkg-config", "libgl1", "libglib2.0-0")
+    .add_local_dir(BUILD_SCRIPTS, BUILD_DIR, copy=True)
+    .run_commands(f"bash {BUILD_DIR}/install_comfyui.sh {COMFYUI_COMMIT} {TORCH_VERSION} {COMFYUI_DIR} {MODELS_DIR}")
+    .run_commands(
+        f"bash {BUILD_DIR}/install_custom_nodes.sh {COMFYUI_DIR} "
+        + " ".join(f"{url}@{commit}" for url, commit in CUSTOM_NODES)
+    )
+    .pip_install(*CUSTOM_NODE_PIP)
+    .run_commands(
+        f"cd {COMFYUI_DIR} && python {BUILD_DIR}/check_custom_nodes.py "
+        + " ".join(f"{node}={','.join(classes)}" for node, classes in REQUIRED_NODE_CLASSES.items())
+        + " && python -c 'import insightface, onnxruntime; "
+        "assert \"CUDAExecutionProvider\" in onnxruntime.get_available_providers(), onnxruntime.get_available_providers()'"
+    )
+    .add_local_dir(REPO_ROOT, SRC_DIR, copy=True, ignore=_repo_ignored)
+    .run_commands(
+        f"bash {BUILD_DIR}/build_flowhost.sh {SRC_DIR} {RUST_TOOLCHAIN} {BUNDLED_PLUGINS_DIR} "
+        + " ".join(BUNDLED_PLUGIN_PACKAGES)
+    )
+    .env({"HF_HOME": f"{HF_CACHE_DIR}/huggingface", "RUST_LOG": "info"})
+)
+
+app = modal.App(APP_NAME, image=image)
+
+# --- volumes and secrets -------------------------------------------------------------------
+
+models_volume = modal.Volume.from_name(MODELS_VOLUME_NAME, create_if_missing=True)
+plugins_volume = modal.Volume.from_name(PLUGINS_VOLUME_NAME, create_if_missing=True)
+hf_cache_volume = modal.Volume.from_name(HF_CACHE_VOLUME_NAME, create_if_missing=True)
+
+
+def _secrets(*names: str) -> list[modal.Secret]:
+    return [modal.Secret.from_name(name) for name in names if name]
+
+
+# --- the service ---------------------------------------------------------------------------
+
+
+def seed_plugins_if_empty(plugins_dir: str = PLUGINS_DIR, bundled_dir: str = BUNDLED_PLUGINS_DIR) -> list[str]:
+    """First deploy convenience: an empty plugins volume gets the bundled plugins. A volume that
+    holds any `.wasm` is left alone (it is the source of truth). Returns the files copied."""
+    target = Path(plugins_dir)
+    if any(target.glob("*.wasm")):
+        return []
+    copied = []
+    for wasm in sorted(Path(bundled_dir).glob("*.wasm")):
+        shutil.copy2(wasm, target / wasm.name)
+        copied.append(wasm.name)
+    return copied
+
+
+def _reload_plugins_forever(interval_s: float) -> None:
+    """Pick up `modal volume put` uploads: reload the volume; flowhost's rescan sees new files."""
+    while True:
+        time.sleep(interval_s)
+        try:
+            plugins_volume.reload()
+        except Exception as error:  # keep serving; the next reload may succeed
+            print(f"plugins volume reload failed: {error!r}", flush=True)
+
+
+def wait_for_health(url: str, process: subprocess.Popen, deadline_s: float) -> None:
+    """Block until `url` answers 200, failing fast if the process exits."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code is not None:
+            raise RuntimeError(f"flowhost exited with status {code} before {url} was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {deadline_s:.0f} s")
+
+
+@app.function(
+    gpu=GPU,
+    volumes={MODELS_DIR: models_volume, PLUGINS_DIR: plugins_volume, HF_CACHE_DIR: hf_cache_volume},
+    secrets=_secrets(API_KEYS_SECRET, POSTHOG_SECRET, HF_SECRET),
+    scaledown_window=SCALEDOWN_WINDOW_S,
+    timeout=REQUEST_TIMEOUT_S,
+    startup_timeout=STARTUP_TIMEOUT_S,
+    enable_memory_snapshot=MEMORY_SNAPSHOT,
+)
+@modal.concurrent(max_inputs=MAX_IN_FLIGHT)
+@modal.web_server(port=PORT, startup_timeout=STARTUP_TIMEOUT_S)
+def serve() -> None:
+    copied = seed_plugins_if_empty()
+    if copied:
+        plugins_volume.commit()
+        print(f"plugins volume was empty; installed bundled plugins: {', '.join(copied)}", flush=True)
+    threading.Thread(target=_reload_plugins_forever, args=(PLUGIN_RELOAD_INTERVAL_S,), daemon=True).start()
+    process = subprocess.Popen(serve_command())
+    # Modal routes traffic once this returns and the port accepts connections; returning only
+    # when /health answers means no request meets a half-started ComfyUI.
+    wait_for_health(f"http://127.0.0.1:{PORT}/health", process, STARTUP_TIMEOUT_S - 30)
+
+
+# --- one-off jobs --------------------------------------------------------------------------
+
+
+@app.function(
+    volumes={MODELS_DIR: models_volume, HF_CACHE_DIR: hf_cache_volume},
+    secrets=_secrets(HF_SECRET),
+    timeout=DOWNLOAD_TIMEOUT_S,
+)
+def download_models(only: str = "") -> None:
+    """Fill the models volume from the shipped manifest. `--only flux-dev,instantid` selects
+    groups or files. Partial downloads are committed too, so a rerun resumes them."""
+    selectors = [s.strip() for s in only.split(",") if s.strip()]
+    result = subprocess.run(pull_command(selectors))
+    models_volume.commit()
+    if result.returncode != 0:
+        raise RuntimeError(f"flowhost models pull failed (exit {result.returncode}); see the log above")
+
+
+@app.function(volumes={PLUGINS_DIR: plugins_volume})
+def install_default_plugins() -> None:
+    """Copy the bundled plugins onto the plugins volume, replacing same-named files."""
+    for wasm in sorted(Path(BUNDLED_PLUGINS_DIR).glob("*.wasm")):
+        shutil.copy2(wasm, Path(PLUGINS_DIR) / wasm.name)
+        print(f"installed {wasm.name}", flush=True)
+    plugins_volume.commit()

@@ -1,0 +1,300 @@
+"""Offline checks of deploy/modal/app.py: no Modal account, no network.
+
+The Modal configuration is read from what the installed `modal` keeps locally (pinned in
+run_tests.sh, because part of it is private): a Function's `_spec` (image, GPU, volumes,
+secrets), its `_webhook_config` (web server port and startup timeout), and the variables its
+loader closes over (timeouts, scaledown window, concurrency, memory snapshot).
+"""
+
+from __future__ import annotations
+
+import http.server
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+import modal  # noqa: E402
+from modal._utils.async_utils import synchronizer  # noqa: E402
+from modal_proto import api_pb2  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SETTINGS_ENV = [
+    "FLOWHOST_MODELS_VOLUME",
+    "FLOWHOST_PLUGINS_VOLUME",
+    "FLOWHOST_MEMORY_SNAPSHOT",
+    "FLOWHOST_GPU",
+    "FLOWHOST_POSTHOG_SECRET",
+    "FLOWHOST_API_KEYS_SECRET",
+    "FLOWHOST_HF_SECRET",
+    "FLOWHOST_COMFYUI_COMMIT",
+]
+
+
+def load_app(monkeypatch, **env):
+    """Import app.py afresh with the given deploy-time environment."""
+    for name in SETTINGS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("flowhost_modal_app", HERE / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def app_module(monkeypatch):
+    return load_app(monkeypatch)
+
+
+def impl(obj):
+    return synchronizer._translate_in(obj)
+
+
+def loader_settings(function) -> dict:
+    load = impl(function)._load
+    return dict(zip(load.__code__.co_freevars, (cell.cell_contents for cell in load.__closure__)))
+
+
+def volume_names(function) -> dict[str, str]:
+    return {str(path): volume.name for path, volume in impl(function)._spec.volumes.items()}
+
+
+def secret_names(function) -> list[str]:
+    return [secret.name for secret in impl(function)._spec.secrets]
+
+
+def image_commands(image) -> list[str]:
+    """Every Dockerfile line of an image and its bases, base first."""
+    settings = dict(zip(image._load.__code__.co_freevars, (c.cell_contents for c in image._load.__closure__)))
+    commands = []
+    for base in (settings.get("base_images") or {}).values():
+        commands += image_commands(base)
+    if settings.get("dockerfile_function"):
+        commands += settings["dockerfile_function"]("2025.06").commands
+    return commands
+
+
+class TestServe:
+    def test_runs_on_an_l40s_with_five_concurrent_inputs(self, app_module):
+        settings = loader_settings(app_module.serve)
+        assert impl(app_module.serve)._spec.gpus == "L40S"
+        assert settings["max_concurrent_inputs"] == 5
+        assert settings["scaledown_window"] == 300
+        assert settings["enable_memory_snapshot"] is False
+
+    def test_volumes_are_mounted_where_flowhost_looks(self, app_module):
+        assert volume_names(app_module.serve) == {
+            "/root/models": "ryla-models",
+            "/root/plugins": "flowhost-plugins",
+            "/cache": "flowhost-hf-cache",
+        }
+
+    def test_secrets_are_attached_by_name(self, app_module):
+        assert secret_names(app_module.serve) == ["flowhost-api-keys", "flowhost-posthog", "huggingface"]
+
+    def test_is_a_web_server_on_port_8000_with_startup_time_for_comfyui(self, app_module):
+        webhook = impl(app_module.serve)._webhook_config
+        settings = loader_settings(app_module.serve)
+        assert webhook.type == api_pb2.WEBHOOK_TYPE_WEB_SERVER
+        assert webhook.web_server_port == 8000
+        # ComfyUI boots in ~30 s on CPU here; the container gets far more before Modal gives up.
+        assert webhook.web_server_startup_timeout >= 300
+        assert settings["startup_timeout"] >= webhook.web_server_startup_timeout
+        # A request may take a whole job (120 s) plus queueing and uploads.
+        assert settings["timeout"] > 120
+
+    def test_serve_command_line_is_exact(self, app_module):
+        assert app_module.serve_command() == [
+            "/usr/local/bin/flowhost", "serve",
+            "--listen", "0.0.0.0:8000",
+            "--comfyui-dir", "/root/comfyui",
+            "--models", "/root/models",
+            "--plugins", "/root/plugins",
+            "--max-in-flight", "5",
+            "--job-timeout", "120",
+            "--log-format", "json",
+        ]  # fmt: skip
+
+    def test_every_flag_is_known_to_flowhost_serve(self, app_module):
+        binary = os.environ.get("FLOWHOST_BIN")
+        if not binary:
+            pytest.skip("FLOWHOST_BIN not set: point it at a built `flowhost` to check flags against `serve --help`")
+        help_text = subprocess.run([binary, "serve", "--help"], capture_output=True, text=True, check=True).stdout
+        known = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
+        flags = [arg for arg in app_module.serve_command() if arg.startswith("--")]
+        assert [flag for flag in flags if flag not in known] == []
+
+    def test_models_volume_name_follows_the_environment(self, monkeypatch):
+        module = load_app(monkeypatch, FLOWHOST_MODELS_VOLUME="staging-models")
+        assert volume_names(module.serve)["/root/models"] == "staging-models"
+        assert volume_names(module.download_models)["/root/models"] == "staging-models"
+
+    def test_memory_snapshot_is_opt_in(self, monkeypatch):
+        module = load_app(monkeypatch, FLOWHOST_MEMORY_SNAPSHOT="1")
+        assert loader_settings(module.serve)["enable_memory_snapshot"] is True
+
+    def test_an_empty_secret_name_leaves_that_secret_out(self, monkeypatch):
+        module = load_app(monkeypatch, FLOWHOST_POSTHOG_SECRET="")
+        assert secret_names(module.serve) == ["flowhost-api-keys", "huggingface"]
+
+
+class TestDownloadModels:
+    def test_pulls_onto_the_models_volume_with_the_hf_token(self, app_module):
+        assert volume_names(app_module.download_models)["/root/models"] == "ryla-models"
+        assert secret_names(app_module.download_models) == ["huggingface"]
+        assert impl(app_module.download_models)._spec.gpus is None
+        assert loader_settings(app_module.download_models)["timeout"] >= 3600
+
+    def test_pull_command_uses_the_shipped_manifest_and_selectors(self, app_module):
+        assert app_module.pull_command([]) == ["/usr/local/bin/flowhost", "models", "pull", "--models", "/root/models"]
+        assert app_module.pull_command(["flux-dev", "instantid"])[-4:] == ["--only", "flux-dev", "--only", "instantid"]
+
+
+class TestImage:
+    def test_pins_comfyui_custom_nodes_and_builds_flowhost(self, app_module):
+        commands = "\n".join(image_commands(impl(app_module.image)))
+        assert "install_comfyui.sh a125cd84b054a57729b5eecab930ca9408719832 2.9.1 /root/comfyui /root/models" in commands
+        assert "https://github.com/cubiq/ComfyUI_InstantID@1ef34ef573581bd9727c1e0ac05aa956b356a510" in commands
+        assert "check_custom_nodes.py ComfyUI_InstantID=InstantIDModelLoader,InstantIDFaceAnalysis,ApplyInstantID" in commands
+        assert "insightface==0.7.3" in commands and "onnxruntime-gpu==" in commands
+        assert "build_flowhost.sh /opt/flowhost/src 1.95.0 /opt/flowhost/plugins flux-dev flux-lora flux-instantid workflow" in commands
+        # The import check runs after the node packages are installed, the flowhost build last.
+        assert commands.index("install_custom_nodes.sh") < commands.index("check_custom_nodes.py") < commands.index("build_flowhost.sh")
+
+    def test_comfyui_commit_is_one_setting(self, monkeypatch):
+        module = load_app(monkeypatch, FLOWHOST_COMFYUI_COMMIT="0" * 40)
+        assert f"install_comfyui.sh {'0' * 40} " in "\n".join(image_commands(impl(module.image)))
+
+    @pytest.mark.parametrize("script", sorted(p.name for p in (HERE / "build").glob("*.sh")))
+    def test_build_scripts_stop_at_the_first_failure(self, script):
+        lines = [line for line in (HERE / "build" / script).read_text().splitlines() if line and not line.startswith("#")]
+        assert lines[0] == "set -euo pipefail"
+
+    def test_repo_copy_skips_build_outputs_and_vcs(self, app_module):
+        assert app_module._repo_ignored(Path("target/release/flowhost"))
+        assert app_module._repo_ignored(Path(".git/HEAD"))
+        assert not app_module._repo_ignored(Path("host/src/main.rs"))
+
+
+class TestCustomNodeImportCheck:
+    """check_custom_nodes.py must turn what ComfyUI only logs into a failed build."""
+
+    @pytest.fixture
+    def comfyui(self, tmp_path):
+        (tmp_path / "comfy").mkdir()
+        (tmp_path / "comfy" / "__init__.py").write_text("")
+        (tmp_path / "comfy" / "options.py").write_text("def enable_args_parsing():\n    pass\n")
+        (tmp_path / "folder_paths.py").write_text("models_dir = 'models'\n")
+        good = tmp_path / "custom_nodes" / "Good"
+        good.mkdir(parents=True)
+        (good / "nodes.py").write_text("import folder_paths\nNODE_CLASS_MAPPINGS = {'Apply': object}\n")
+        (good / "__init__.py").write_text("from .nodes import NODE_CLASS_MAPPINGS\n")
+        broken = tmp_path / "custom_nodes" / "Broken"
+        broken.mkdir()
+        (broken / "__init__.py").write_text("import insightface_that_is_not_installed\n")
+        return tmp_path
+
+    def run_check(self, comfyui, *specs):
+        return subprocess.run(
+            [sys.executable, str(HERE / "build" / "check_custom_nodes.py"), *specs],
+            cwd=comfyui,
+            capture_output=True,
+            text=True,
+        )
+
+    def test_a_node_that_imports_and_registers_passes(self, comfyui):
+        result = self.run_check(comfyui, "Good=Apply")
+        assert result.returncode == 0, result.stderr
+
+    def test_an_import_error_fails(self, comfyui):
+        result = self.run_check(comfyui, "Good=Apply", "Broken=Anything")
+        assert result.returncode == 1
+        assert "Broken: import failed" in result.stderr and "insightface_that_is_not_installed" in result.stderr
+
+    def test_a_missing_node_class_fails(self, comfyui):
+        result = self.run_check(comfyui, "Good=Apply,ApplyInstantID")
+        assert result.returncode == 1
+        assert "ApplyInstantID" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+class TestCustomNodeInstall:
+    @pytest.fixture
+    def upstream(self, tmp_path):
+        repo = tmp_path / "upstream" / "SomeNodes"
+        repo.mkdir(parents=True)
+        git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run(["git", "init", "-q", str(repo)], check=True)
+        (repo / "__init__.py").write_text("NODE_CLASS_MAPPINGS = {}\n")
+        subprocess.run([*git, "add", "."], check=True)
+        subprocess.run([*git, "commit", "-qm", "one"], check=True)
+        first = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        (repo / "later.py").write_text("")
+        subprocess.run([*git, "add", "."], check=True)
+        subprocess.run([*git, "commit", "-qm", "two"], check=True)
+        subprocess.run([*git, "config", "uploadpack.allowAnySHA1InWant", "true"], check=True)
+        return repo, first
+
+    def install(self, comfyui: Path, spec: str):
+        (comfyui / "custom_nodes").mkdir(parents=True, exist_ok=True)
+        return subprocess.run(
+            ["bash", str(HERE / "build" / "install_custom_nodes.sh"), str(comfyui), spec], capture_output=True, text=True
+        )
+
+    def test_checks_out_the_pinned_commit_not_the_latest(self, upstream, tmp_path):
+        repo, first = upstream
+        result = self.install(tmp_path / "comfyui", f"file://{repo}@{first}")
+        assert result.returncode == 0, result.stderr
+        installed = tmp_path / "comfyui" / "custom_nodes" / "SomeNodes"
+        assert (installed / "__init__.py").exists() and not (installed / "later.py").exists()
+
+    def test_an_unknown_commit_fails(self, upstream, tmp_path):
+        repo, _ = upstream
+        result = self.install(tmp_path / "comfyui", f"file://{repo}@{'1' * 40}")
+        assert result.returncode != 0
+
+
+class TestStartup:
+    def test_empty_plugins_volume_gets_the_bundled_plugins_once(self, app_module, tmp_path):
+        bundled, volume = tmp_path / "bundled", tmp_path / "volume"
+        bundled.mkdir()
+        volume.mkdir()
+        (bundled / "flux_dev.wasm").write_bytes(b"\0asm")
+        assert app_module.seed_plugins_if_empty(str(volume), str(bundled)) == ["flux_dev.wasm"]
+        (bundled / "workflow.wasm").write_bytes(b"\0asm")
+        assert app_module.seed_plugins_if_empty(str(volume), str(bundled)) == []
+        assert sorted(p.name for p in volume.iterdir()) == ["flux_dev.wasm"]
+
+    def test_wait_for_health_returns_once_health_answers(self, app_module):
+        class Health(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200 if self.path == "/health" else 404)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            app_module.wait_for_health(f"http://127.0.0.1:{server.server_port}/health", process, 20)
+        finally:
+            process.kill()
+            server.shutdown()
+
+    def test_wait_for_health_fails_when_flowhost_exits(self, app_module):
+        process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        with pytest.raises(RuntimeError, match="status 3"):
+            app_module.wait_for_health("http://127.0.0.1:9/health", process, 20)
