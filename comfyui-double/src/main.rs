@@ -1,0 +1,55 @@
+//! `comfyui-double`: the test double as a process that behaves like `python main.py` for a supervisor:
+//! `--listen ADDR --port P [--extra-model-paths-config FILE] [--input-directory D] [--output-directory D]`
+//! (unknown flags and positional arguments such as `main.py` are ignored), a ComfyUI-like startup log on
+//! stdout, serves until killed. Env: `COMFYUI_DOUBLE_MODELS_DIR`, `COMFYUI_DOUBLE_STEP_LATENCY_MS`.
+//!
+//! Must never: listen anywhere other than what it was told (default 127.0.0.1:8188).
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use comfyui_double::{ComfyDouble, DoubleConfig};
+
+fn value_of(args: &[String], flag: &str) -> Option<String> {
+    let eq = format!("{flag}=");
+    args.iter().enumerate().find_map(|(i, a)| {
+        if a == flag { args.get(i + 1).cloned() } else { a.strip_prefix(&eq).map(str::to_string) }
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let host: IpAddr = value_of(&args, "--listen").unwrap_or_else(|| "127.0.0.1".into()).parse().context("--listen")?;
+    let port: u16 = value_of(&args, "--port").unwrap_or_else(|| "8188".into()).parse().context("--port")?;
+    let cfg = DoubleConfig {
+        listen: SocketAddr::new(host, port),
+        models_dir: std::env::var_os("COMFYUI_DOUBLE_MODELS_DIR").map(PathBuf::from),
+        extra_model_paths: value_of(&args, "--extra-model-paths-config").map(PathBuf::from),
+        input_dir: value_of(&args, "--input-directory").map(PathBuf::from),
+        output_dir: value_of(&args, "--output-directory").map(PathBuf::from),
+    };
+    let mut out = std::io::stdout();
+    writeln!(out, "Checkpoint files will always be loaded safely.")?;
+    writeln!(out, "Total VRAM 0 MB, total RAM 0 MB")?;
+    writeln!(out, "Device: cpu")?;
+    writeln!(out, "ComfyUI version: 0.3.64 (comfyui-double)")?;
+    if let Some(file) = &cfg.extra_model_paths {
+        writeln!(out, "Adding extra search path from {}", file.display())?;
+    }
+    out.flush()?;
+    let mut argv = vec!["main.py".to_string()];
+    argv.extend(args.iter().filter(|a| *a != "main.py").cloned());
+    let double = ComfyDouble::start_with_argv(cfg, argv).await?;
+    if let Some(ms) = std::env::var("COMFYUI_DOUBLE_STEP_LATENCY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        double.faults().set_step_latency(Duration::from_millis(ms));
+    }
+    writeln!(out, "Starting server\n")?;
+    writeln!(out, "To see the GUI go to: http://{}", double.addr())?;
+    out.flush()?;
+    double.stopped().await;
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! Deterministic pixels and real image files: PNG (still and APNG), animated WebP.
+//!
+//! Must never: produce a file whose bytes do not match its extension / content type.
+
+use std::io::Cursor;
+
+use anyhow::Context;
+
+/// How an image's pixels are filled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fill {
+    /// ComfyUI's EmptyImage `color` (0xRRGGBB).
+    Solid(u32),
+    /// A deterministic pattern from a sampler seed (same seed → same pixels).
+    Seeded(u64),
+}
+
+/// An image batch flowing along the graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ImageSpec {
+    pub width: u32,
+    pub height: u32,
+    pub batch: u32,
+    pub fill: Fill,
+}
+
+impl Default for ImageSpec {
+    fn default() -> Self {
+        ImageSpec { width: 512, height: 512, batch: 1, fill: Fill::Seeded(0) }
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// RGB8 pixels of image `index` of the batch.
+pub(crate) fn pixels(spec: &ImageSpec, index: u32) -> Vec<u8> {
+    let (w, h) = (spec.width as usize, spec.height as usize);
+    let mut out = Vec::with_capacity(w * h * 3);
+    match spec.fill {
+        Fill::Solid(color) => {
+            let rgb = [(color >> 16) as u8, (color >> 8) as u8, color as u8];
+            for _ in 0..w * h {
+                out.extend_from_slice(&rgb);
+            }
+        }
+        Fill::Seeded(seed) => {
+            let k = splitmix(seed ^ (index as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+            let (a, b, c) = ((k & 0xff) as usize | 1, ((k >> 8) & 0xff) as usize | 1, ((k >> 16) & 0xff) as usize);
+            let (d, e) = (((k >> 24) & 0xff) as usize, ((k >> 32) & 0xff) as usize);
+            for y in 0..h {
+                for x in 0..w {
+                    out.push(((x * a / 4 + y + c) & 0xff) as u8);
+                    out.push(((y * b / 4 + x / 2 + d) & 0xff) as u8);
+                    out.push((((x ^ y) + e) & 0xff) as u8);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Encodes RGB8 pixels as a PNG.
+pub(crate) fn encode_png(width: u32, height: u32, rgb: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut buf, width, height);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.set_compression(png::Compression::Fast);
+        let mut writer = encoder.write_header().context("png header")?;
+        writer.write_image_data(rgb).context("png data")?;
+        writer.finish().context("png finish")?;
+    }
+    Ok(buf)
+}
+
+/// An animated PNG with one frame per batch image.
+pub(crate) fn encode_apng(spec: &ImageSpec, fps: f64) -> anyhow::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut buf, spec.width, spec.height);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.set_animated(spec.batch.max(1), 0).context("apng")?;
+        let delay_ms = (1000.0 / fps.max(0.01)).round().min(65535.0) as u16;
+        encoder.set_frame_delay(delay_ms, 1000).context("apng delay")?;
+        let mut writer = encoder.write_header().context("png header")?;
+        for i in 0..spec.batch.max(1) {
+            writer.write_image_data(&pixels(spec, i)).context("apng frame")?;
+        }
+        writer.finish().context("png finish")?;
+    }
+    Ok(buf)
+}
+
+fn chunk(out: &mut Vec<u8>, fourcc: &[u8; 4], data: &[u8]) {
+    out.extend_from_slice(fourcc);
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(data);
+    if data.len() % 2 == 1 {
+        out.push(0);
+    }
+}
+
+fn u24(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes()[..3]);
+}
+
+/// The VP8L chunk (fourcc + size + payload) of a lossless still WebP.
+fn vp8l_chunk(spec: &ImageSpec, index: u32) -> anyhow::Result<Vec<u8>> {
+    let mut still = Vec::new();
+    image::codecs::webp::WebPEncoder::new_lossless(Cursor::new(&mut still))
+        .encode(&pixels(spec, index), spec.width, spec.height, image::ExtendedColorType::Rgb8)
+        .context("webp encode")?;
+    // RIFF(4) size(4) WEBP(4), then the VP8L chunk.
+    let body = still.get(12..).context("short webp")?;
+    anyhow::ensure!(body.starts_with(b"VP8L"), "unexpected webp layout");
+    Ok(body.to_vec())
+}
+
+/// An animated WebP (VP8X + ANIM + one ANMF per batch image).
+pub(crate) fn encode_animated_webp(spec: &ImageSpec, fps: f64) -> anyhow::Result<Vec<u8>> {
+    let duration = (1000.0 / fps.max(0.01)).round().min(16_777_215.0) as u32;
+    let mut body = Vec::new();
+    let mut vp8x = vec![0x02u8, 0, 0, 0];
+    u24(&mut vp8x, spec.width - 1);
+    u24(&mut vp8x, spec.height - 1);
+    chunk(&mut body, b"VP8X", &vp8x);
+    chunk(&mut body, b"ANIM", &[0, 0, 0, 0, 0, 0]);
+    for i in 0..spec.batch.max(1) {
+        let mut frame = Vec::new();
+        u24(&mut frame, 0);
+        u24(&mut frame, 0);
+        u24(&mut frame, spec.width - 1);
+        u24(&mut frame, spec.height - 1);
+        u24(&mut frame, duration);
+        frame.push(0b10); // no blending, no disposal
+        frame.extend_from_slice(&vp8l_chunk(spec, i)?);
+        chunk(&mut body, b"ANMF", &frame);
+    }
+    let mut out = Vec::with_capacity(body.len() + 12);
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&((body.len() + 4) as u32).to_le_bytes());
+    out.extend_from_slice(b"WEBP");
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Width and height of a PNG or JPEG file, if recognisable.
+pub(crate) fn image_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() >= 24 {
+        let w = u32::from_be_bytes(bytes[16..20].try_into().ok()?);
+        let h = u32::from_be_bytes(bytes[20..24].try_into().ok()?);
+        return Some((w, h));
+    }
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        let mut i = 2;
+        while i + 9 < bytes.len() {
+            if bytes[i] != 0xFF {
+                return None;
+            }
+            let marker = bytes[i + 1];
+            let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+            if matches!(marker, 0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF) {
+                let h = u16::from_be_bytes([bytes[i + 5], bytes[i + 6]]) as u32;
+                let w = u16::from_be_bytes([bytes[i + 7], bytes[i + 8]]) as u32;
+                return Some((w, h));
+            }
+            i += 2 + len;
+        }
+        return None;
+    }
+    if bytes.starts_with(b"RIFF") && bytes.get(8..12) == Some(b"WEBP") {
+        return image::load_from_memory(bytes).ok().map(|i| (i.width(), i.height()));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_pixels_other_seed_other_pixels() {
+        let a = ImageSpec { width: 16, height: 8, batch: 1, fill: Fill::Seeded(42) };
+        assert_eq!(pixels(&a, 0), pixels(&a, 0));
+        assert_ne!(pixels(&a, 0), pixels(&ImageSpec { fill: Fill::Seeded(43), ..a }, 0));
+    }
+
+    #[test]
+    fn animated_webp_decodes_with_its_frames() {
+        let spec = ImageSpec { width: 10, height: 6, batch: 3, fill: Fill::Seeded(1) };
+        let bytes = encode_animated_webp(&spec, 6.0).unwrap();
+        use image::AnimationDecoder;
+        let decoder = image::codecs::webp::WebPDecoder::new(Cursor::new(&bytes)).unwrap();
+        let frames = decoder.into_frames().collect_frames().unwrap();
+        assert_eq!(frames.len(), 3);
+        assert_eq!(frames[0].buffer().dimensions(), (10, 6));
+    }
+
+    #[test]
+    fn png_size_roundtrip() {
+        let png = encode_png(7, 3, &pixels(&ImageSpec { width: 7, height: 3, batch: 1, fill: Fill::Solid(0xff0000) }, 0)).unwrap();
+        assert_eq!(image_size(&png), Some((7, 3)));
+    }
+}
