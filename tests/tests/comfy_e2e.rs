@@ -130,7 +130,8 @@ async fn crash_mid_run_fails_promptly_with_503_never_hangs() {
     let comfy = ExternalComfy::start().await.unwrap();
     comfy.double.faults().set_step_latency(Duration::from_millis(300));
     let server = serve(&comfy, &["--job-timeout", "60"]).await;
-    let request = server.post_json("/flux-dev", &json!({"prompt": "x", "width": 256, "height": 256, "steps": 50}));
+    let body = json!({"prompt": "x", "width": 256, "height": 256, "steps": 50});
+    let request = server.post_json("/flux-dev", &body);
     let crash = async {
         tokio::time::sleep(Duration::from_millis(800)).await;
         comfy.double.faults().crash();
@@ -182,7 +183,8 @@ async fn client_disconnect_cancels_the_prompt() {
 async fn admission_limit_obeyed() {
     let comfy = ExternalComfy::start().await.unwrap();
     let server = serve(&comfy, &["--max-in-flight", "2"]).await;
-    let (a, b) = tokio::join!(server.post_json("/flux-dev", &flux(256, 256)), server.post_json("/flux-dev", &flux(256, 256)));
+    let body = flux(256, 256);
+    let (a, b) = tokio::join!(server.post_json("/flux-dev", &body), server.post_json("/flux-dev", &body));
     assert_eq!(a.unwrap().status(), 200);
     assert_eq!(b.unwrap().status(), 200);
 }
