@@ -112,7 +112,7 @@ async fn comfyui_down_is_a_503_with_retry_after_and_health_says_so() {
     // A port nothing listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
-    let server = TestServer::start(&[("flux-dev.wasm", &component("flux-dev"))], &["--comfyui-url", &url]).await.unwrap();
+    let server = TestServer::start(&[("flux-dev.wasm", &component("flux-dev")), ("workflow.wasm", &component("workflow"))], &["--comfyui-url", &url]).await.unwrap();
     let response = server.post_json("/flux-dev", &flux(256, 256)).await.unwrap();
     assert!(response.headers().contains_key("retry-after"));
     let (status, body) = problem(response).await.unwrap();
@@ -122,7 +122,8 @@ async fn comfyui_down_is_a_503_with_retry_after_and_health_says_so() {
     let health: Value = health.json().await.unwrap();
     assert_ne!(health["comfyui"]["status"], "ready");
     // Dry runs still work: authors can build graphs without ComfyUI.
-    assert_eq!(server.post_json("/flux-dev?dry_run=true", &flux(256, 256)).await.unwrap().status(), 200);
+    let graph = json!({"workflow": {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}, "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}});
+    assert_eq!(server.post_json("/workflow?dry_run=true", &graph).await.unwrap().status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
