@@ -4,7 +4,9 @@
 # Set FLOWHOST_BIN to a built flowhost to also check the serve flags against `serve --help`.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-venv="${FLOWHOST_MODAL_VENV:-/work/venv-modal}"
+repo="$(cd "$here/../.." && pwd)"
+# Kept under the (git-ignored) cargo target dir so a fresh clone builds its own.
+venv="${FLOWHOST_MODAL_VENV:-${CARGO_TARGET_DIR:-$repo/target}/venv-modal}"
 # The tests read Function settings that modal keeps privately: pin the version they were written against.
 modal_version="1.6.4"
 pytest_version="9.2.0"

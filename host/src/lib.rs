@@ -17,3 +17,4 @@ pub mod plugins;
 pub mod server;
 pub mod media;
 pub mod simulate;
+pub mod timestamp;

@@ -74,6 +74,12 @@ async fn plugin_built_invalid_graph_is_a_500_naming_node_and_class_before_any_gp
     assert_eq!(body["nodes"][0]["class_type"], "EmptyImage");
     assert_eq!(body["nodes"][0]["kind"], "value_bigger_than_max");
     assert!(comfy.double.record().prompts.is_empty(), "preflight must stop it before ComfyUI sees it");
+    // A dry run shows the same verdict to the plugin author.
+    let dry: Value = server.post_json("/misbehave?dry_run=true", &json!({"mode": "bad-graph"})).await.unwrap().json().await.unwrap();
+    assert_eq!(dry["preflight"]["ok"], false, "{dry}");
+    assert_eq!(dry["preflight"]["issues"][0]["kind"], "value_bigger_than_max");
+    let dry: Value = server.post_json("/flux-dev?dry_run=true", &flux(256, 256)).await.unwrap().json().await.unwrap();
+    assert_eq!(dry["preflight"]["ok"], true, "{dry}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

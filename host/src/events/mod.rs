@@ -17,7 +17,7 @@
 
 mod names;
 mod posthog;
-mod timestamp;
+
 
 use std::time::{Duration, SystemTime};
 

@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::Event;
-use super::timestamp::rfc3339_utc;
+use crate::timestamp::rfc3339_utc;
 
 /// PostHog's US cloud ingestion host.
 pub const DEFAULT_POSTHOG_HOST: &str = "https://us.i.posthog.com";

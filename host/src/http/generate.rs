@@ -98,6 +98,7 @@ async fn handle(
         let mut out = job.dry_run_json();
         if let Value::Object(map) = &mut out {
             map.insert("plugin".into(), json!({"name": plugin.manifest.name, "version": plugin.manifest.version}));
+            map.insert("preflight".into(), state.jobs.dry_run_preflight(&job).await);
         }
         let mut response = Json(out).into_response();
         if let Some(seed) = job.seed {

@@ -214,6 +214,30 @@ impl JobRunner {
         Ok(response)
     }
 
+    /// For `?dry_run=true`: what ComfyUI's validation would say of the built
+    /// graph, when a node catalogue is at hand (uploads are not made, so image
+    /// inputs that reference uploads are not checked for existence).
+    pub async fn dry_run_preflight(&self, job: &PluginJob) -> Value {
+        let Some(backend) = &self.backend else {
+            return json!({"checked": false, "reason": "no ComfyUI backend configured"});
+        };
+        if backend.catalogue().is_empty() {
+            return json!({"checked": false, "reason": "ComfyUI's node catalogue is not loaded yet"});
+        }
+        let upload_targets: Vec<(&str, &str)> = job.uploads.iter().map(|u| (u.node_id.as_str(), u.input_name.as_str())).collect();
+        match backend.preflight(&Value::Object(job.workflow.clone())).await {
+            Ok(()) => json!({"checked": true, "ok": true, "issues": []}),
+            Err(issues) => {
+                let issues: Vec<_> = issues
+                    .iter()
+                    .filter(|i| !upload_targets.contains(&(i.node_id.as_str(), i.input_name.as_deref().unwrap_or(""))))
+                    .map(|i| json!({"node_id": i.node_id, "class_type": i.class_type, "kind": i.kind, "input": i.input_name, "message": i.message}))
+                    .collect();
+                json!({"checked": true, "ok": issues.is_empty(), "issues": issues})
+            }
+        }
+    }
+
     /// PNG → JPEG (or PNG) per the job's preference; other media pass through.
     async fn encode(&self, bytes: Vec<u8>, media_type: &str, format: OutputFormat) -> Result<(Vec<u8>, String), Problem> {
         let sniffed = media::sniff_media_type(&bytes);

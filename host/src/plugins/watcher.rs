@@ -23,7 +23,8 @@ use tokio::sync::mpsc;
 use super::compiled_cache::CompiledCache;
 use super::engine::PluginEngine;
 use super::loader::LoadedPlugin;
-use super::registry::{PluginRegistry, PluginSet, PluginStatus, rfc3339};
+use super::registry::{PluginRegistry, PluginSet, PluginStatus};
+use crate::timestamp::rfc3339_utc as rfc3339;
 use super::sandbox::ModelLister;
 
 /// Quiet time after the last filesystem event before a scan.

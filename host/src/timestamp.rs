@@ -1,4 +1,4 @@
-//! RFC 3339 timestamps (`2026-11-27T20:03:33.123Z`) for PostHog, without a date crate.
+//! RFC 3339 timestamps (`2026-11-27T20:03:33.123Z`) for analytics events and `/plugins`, without a date crate.
 //!
 //! Owns only formatting a `SystemTime` in UTC. Must never read the clock itself.
 
