@@ -324,7 +324,8 @@ async fn monitor_health(backend: std::sync::Weak<ComfyBackend>, interval: Durati
                     if !failures.is_empty() {
                         problems.push(format!("custom nodes failed to import: {}", failures.join(", ")));
                     }
-                    if !ws_state.connected {
+                    // The socket connects right after ComfyUI answers: give it a moment before calling it missing.
+                    if !ws_state.connected && !b.client.wait_ws_connected(Duration::from_millis(500)).await {
                         problems.push("websocket to ComfyUI not connected".into());
                     }
                     match b.client.queue_remaining().await {
