@@ -114,7 +114,14 @@ mod outputs {
     #[tokio::test]
     async fn success_returns_png_of_the_requested_size() {
         let rig = rig().await;
-        let result = rig.backend.run(request(scale_graph(32, 24), FAILSAFE)).await.unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut req = request(scale_graph(32, 24), FAILSAFE);
+        let sink = seen.clone();
+        req.on_progress = Some(Arc::new(move |p| sink.lock().unwrap().push(p)));
+        let result = rig.backend.run(req).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.first(), Some(&flowhost_comfy::Progress::Started), "{seen:?}");
+        assert!(seen.contains(&flowhost_comfy::Progress::Node { node_id: "2".into() }), "{seen:?}");
         assert_eq!(result.media.len(), 1);
         let m = &result.media[0];
         assert_eq!((m.node_id.as_str(), m.media_type.as_str()), ("3", "image/png"));
@@ -250,8 +257,11 @@ mod resilience {
         let rig = rig().await;
         rig.double.faults().set_step_latency(Duration::from_millis(300));
         rig.double.faults().drop_ws_after(Some(3));
+        let generation_before = rig.backend.client().ws_state().borrow().generation;
         let result = rig.backend.run(request(scale_graph(20, 10), FAILSAFE)).await.unwrap();
         assert_eq!(png_size(&result.media[0].bytes), (20, 10));
+        let client = rig.backend.client().clone();
+        eventually("the client reconnects its socket", || client.ws_state().borrow().generation > generation_before).await;
         rig.double.shutdown().await;
     }
 
@@ -447,7 +457,12 @@ mod supervision {
         assert_eq!(png_size(&result.media[0].bytes), (12, 6));
 
         backend.shutdown().await;
-        let alive = std::process::Command::new("kill").args(["-0", &second_pid.to_string()]).status().unwrap().success();
+        let alive = std::process::Command::new("kill")
+            .args(["-0", &second_pid.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
         assert!(!alive, "ComfyUI still running after shutdown");
     }
 }
