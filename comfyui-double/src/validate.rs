@@ -473,6 +473,25 @@ impl Validator<'_, '_> {
     }
 }
 
+/// `id` and every node it links to, transitively.
+fn upstream_of(graph: &Map<String, Value>, id: &str) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    let mut todo = vec![id.to_string()];
+    while let Some(n) = todo.pop() {
+        if !seen.insert(n.clone()) {
+            continue;
+        }
+        if let Some(inputs) = graph.get(&n).and_then(|n| n.get("inputs")).and_then(Value::as_object) {
+            for v in inputs.values() {
+                if let Some(src) = v.as_array().filter(|a| a.len() == 2).and_then(|a| a[0].as_str()) {
+                    todo.push(src.to_string());
+                }
+            }
+        }
+    }
+    seen
+}
+
 /// Validates a prompt as ComfyUI's `validate_prompt` does. On acceptance the returned graph carries the
 /// coerced values (ComfyUI queues the mutated prompt). Err = ComfyUI would answer 500.
 pub(crate) fn validate_prompt(
@@ -541,9 +560,12 @@ pub(crate) fn validate_prompt(
             continue;
         }
         failed.push((o.clone(), reasons));
+        // ComfyUI appends `o` to every failing node validated so far, which makes the answer depend on
+        // Python's set order; the captures agree with "the failing nodes `o` depends on", used here.
+        let upstream = upstream_of(graph, o);
         for node_id in v.validated.order.clone() {
             let Some((ok, reasons)) = v.validated.get(&node_id) else { continue };
-            if ok || reasons.is_empty() {
+            if ok || reasons.is_empty() || !upstream.contains(&node_id) {
                 continue;
             }
             let entry = node_errors.entry(node_id.clone()).or_insert_with(|| {
