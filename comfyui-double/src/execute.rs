@@ -69,14 +69,14 @@ struct Run<'a> {
 
 impl Run<'_> {
     /// Events ComfyUI only sends when the prompt has a client_id.
-    fn to_client(&self, kind: &str, data: Value) {
+    fn send_client(&self, kind: &str, data: Value) {
         if let Some(c) = &self.client {
             self.s.send_json(kind, data, Some(c));
         }
     }
 
     /// Events ComfyUI sends to the client, or to everyone when there is none.
-    fn to_client_or_all(&mut self, kind: &str, data: Value) {
+    fn send_client_or_all(&mut self, kind: &str, data: Value) {
         self.s.send(text_frame(kind, data), self.client.as_deref());
         if kind == "progress" || kind == "progress_state" {
             self.progress_events += 1;
@@ -98,7 +98,7 @@ impl Run<'_> {
                    "display_node_id": node, "parent_node_id": null, "real_node_id": node}),
         );
         let data = json!({"prompt_id": self.prompt_id, "nodes": self.progress});
-        self.to_client_or_all("progress_state", data);
+        self.send_client_or_all("progress_state", data);
     }
 
     fn interrupted(&self) -> bool {
@@ -394,7 +394,7 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
     let mut messages: Vec<Value> = Vec::new();
 
     let start = json!({"prompt_id": item.prompt_id, "timestamp": now_ms()});
-    run.to_client("execution_start", start.clone());
+    run.send_client("execution_start", start.clone());
     messages.push(json!(["execution_start", start]));
 
     let order = execution_order(&graph, &item.outputs);
@@ -405,7 +405,7 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
     };
     let cached_ids: Vec<&String> = graph.keys().filter(|k| cached.contains_key(*k)).collect();
     let cached_msg = json!({"nodes": cached_ids, "prompt_id": item.prompt_id, "timestamp": now_ms()});
-    run.to_client("execution_cached", cached_msg.clone());
+    run.send_client("execution_cached", cached_msg.clone());
     messages.push(json!(["execution_cached", cached_msg]));
 
     let mut memo = HashMap::new();
@@ -418,7 +418,7 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
         let class = class_of(&graph, id).to_string();
         if let Some(ui) = cached.get(id) {
             if let Some(ui) = ui {
-                run.to_client("executed", json!({"node": id, "display_node": id, "output": ui, "prompt_id": item.prompt_id}));
+                run.send_client("executed", json!({"node": id, "display_node": id, "output": ui, "prompt_id": item.prompt_id}));
                 outputs.insert(id.clone(), ui.clone());
                 meta.insert(id.clone(), json!({"node_id": id, "display_node": id, "parent_node": null, "real_node_id": id}));
                 run.set_progress(id, json!(1), json!(1), "finished");
@@ -427,7 +427,7 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
         }
         run.set_progress(id, json!(0.0), json!(1.0), "running");
         lock(&s.exec).last_node = Some(id.clone());
-        run.to_client("executing", json!({"node": id, "display_node": id, "prompt_id": item.prompt_id}));
+        run.send_client("executing", json!({"node": id, "display_node": id, "prompt_id": item.prompt_id}));
         if run.interrupted() {
             stop = Some(Stop::Interrupted { node: id.clone(), class });
             break;
@@ -465,7 +465,7 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
                     break;
                 }
                 run.set_progress(id, json!(step), json!(steps), "running");
-                run.to_client_or_all("progress", json!({"value": step, "max": steps, "prompt_id": item.prompt_id, "node": id}));
+                run.send_client_or_all("progress", json!({"value": step, "max": steps, "prompt_id": item.prompt_id, "node": id}));
             }
             if was_interrupted {
                 stop = Some(Stop::Interrupted { node: id.clone(), class });
@@ -492,7 +492,7 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
                         break;
                     }
                 }
-                run.to_client_or_all("progress", json!({"value": i, "max": n, "prompt_id": item.prompt_id, "node": id}));
+                run.send_client_or_all("progress", json!({"value": i, "max": n, "prompt_id": item.prompt_id, "node": id}));
             }
             if let Some(message) = failure {
                 stop = Some(Stop::Error { node: id.clone(), class, exception_type: "RuntimeError".into(), message });
@@ -505,7 +505,7 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
             }
             match write_outputs(s, &graph, id, spec) {
                 Ok(Some(ui)) => {
-                    run.to_client("executed", json!({"node": id, "display_node": id, "output": ui, "prompt_id": item.prompt_id}));
+                    run.send_client("executed", json!({"node": id, "display_node": id, "output": ui, "prompt_id": item.prompt_id}));
                     outputs.insert(id.clone(), ui);
                     meta.insert(id.clone(), json!({"node_id": id, "display_node": id, "parent_node": null, "real_node_id": id}));
                 }
@@ -530,7 +530,7 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
     let (status_str, completed) = match stop {
         None => {
             let data = json!({"prompt_id": item.prompt_id, "timestamp": now_ms()});
-            run.to_client("execution_success", data.clone());
+            run.send_client("execution_success", data.clone());
             messages.push(json!(["execution_success", data]));
             ("success", true)
         }
@@ -551,13 +551,13 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
                 "exception_message": message, "exception_type": exception_type, "traceback": TRACEBACK,
                 "current_inputs": current_inputs, "current_outputs": graph.keys().collect::<Vec<_>>(), "timestamp": now_ms()
             });
-            run.to_client("execution_error", data.clone());
+            run.send_client("execution_error", data.clone());
             messages.push(json!(["execution_error", data]));
             ("error", false)
         }
         Some(Stop::Interrupted { node, class }) => {
             let data = json!({"prompt_id": item.prompt_id, "node_id": node, "node_type": class, "executed": executed, "timestamp": now_ms()});
-            run.to_client_or_all("execution_interrupted", data.clone());
+            run.send_client_or_all("execution_interrupted", data.clone());
             messages.push(json!(["execution_interrupted", data]));
             ("error", false)
         }
