@@ -265,6 +265,67 @@ mod resilience {
         rig.double.shutdown().await;
     }
 
+    /// A loopback proxy in front of the double that passes HTTP through but, on `/ws`, forwards only the
+    /// upgrade answer and then swallows every frame: a socket that looks alive and says nothing.
+    async fn silencing_proxy(upstream: std::net::SocketAddr) -> Url {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        async fn read_head(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let head = read_head(&mut client).await;
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    if server.write_all(&head).await.is_err() {
+                        return;
+                    }
+                    if head.starts_with(b"GET /ws") {
+                        let answer = read_head(&mut server).await;
+                        let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else { return };
+                        if client.write_all(&answer[..end + 4]).await.is_err() {
+                            return;
+                        }
+                        let (mut client_read, _client_write) = client.into_split();
+                        let (mut server_read, mut server_write) = server.into_split();
+                        let upstream_copy = tokio::spawn(async move { tokio::io::copy(&mut client_read, &mut server_write).await });
+                        let _ = tokio::io::copy(&mut server_read, &mut tokio::io::sink()).await; // swallowed
+                        upstream_copy.abort();
+                    } else {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_silently_stops_does_not_lose_the_completion() {
+        let rig = rig().await;
+        rig.double.faults().set_step_latency(Duration::from_millis(100));
+        let mut config = backend_config(silencing_proxy(rig.double.addr()).await);
+        config.input_dir = Some(rig.double.input_dir().to_path_buf());
+        let backend = ComfyBackend::start(config).await.unwrap();
+        assert!(backend.wait_ready(FAILSAFE).await);
+        assert!(backend.client().ws_state().borrow().connected, "the silent socket looks alive");
+        let result = tokio::time::timeout(FAILSAFE, backend.run(request(scale_graph(24, 16), FAILSAFE))).await.expect("completion lost");
+        assert_eq!(png_size(&result.unwrap().media[0].bytes), (24, 16));
+        assert_eq!(backend.client().tracker().queue_remaining(), None, "no frame (not even `status`) got through");
+        backend.shutdown().await;
+        rig.double.shutdown().await;
+    }
+
     #[tokio::test]
     async fn deadline_interrupts_that_prompt_and_dequeues_it() {
         let rig = rig().await;
