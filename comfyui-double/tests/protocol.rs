@@ -320,6 +320,16 @@ mod validation {
         // Re-using a prompt id is accepted too.
         let (status, again) = rig.post("/prompt", &json!({"prompt": graph, "prompt_id": pid})).await;
         assert_eq!((status, again["prompt_id"].as_str()), (200, Some(pid)));
+        let last = rig.submit(json!({"prompt": graph})).await;
+        rig.history(&last).await;
+        let (_, newest) = rig.get("/history?max_items=1").await;
+        assert_eq!(newest.as_object().unwrap().keys().collect::<Vec<_>>(), [&last]);
+        let (_, all) = rig.get("/history").await;
+        assert_eq!(all.as_object().unwrap().keys().next().unwrap(), first["prompt_id"].as_str().unwrap(), "oldest first");
+        assert_eq!(rig.post("/history", &json!({"delete": [last]})).await, (200, Value::Null));
+        assert_eq!(rig.get(&format!("/history/{last}")).await.1, json!({}));
+        assert_eq!(rig.post("/history", &json!({"clear": true})).await, (200, Value::Null));
+        assert_eq!(rig.get("/history").await.1, json!({}));
         rig.double.shutdown().await;
     }
 
@@ -436,6 +446,15 @@ mod execution {
         assert_eq!((w, h), (32, 24));
         assert_eq!(&pixels[..3], &[0xff, 0x80, 0x00], "EmptyImage color 16744448 = #FF8000");
         assert!(rig.double.output_dir().join("cap_success_00001_.png").is_file());
+        let preview = rig
+            .http
+            .get(rig.url("/view"))
+            .query(&[("filename", "cap_success_00001_.png"), ("subfolder", ""), ("type", "output"), ("preview", "webp;50")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(preview.headers()["content-type"], "image/webp");
+        assert_eq!(&preview.bytes().await.unwrap()[8..12], b"WEBP");
         rig.double.shutdown().await;
     }
 
