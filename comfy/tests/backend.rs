@@ -147,6 +147,20 @@ mod outputs {
     }
 
     #[tokio::test]
+    async fn animations_come_back_with_their_true_media_type() {
+        let rig = rig().await;
+        let graph = json!({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 3, "color": 0}},
+            "2": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["1", 0], "filename_prefix": "anim", "fps": 6.0, "lossless": true, "quality": 80, "method": "default"}}
+        });
+        rig.backend.preflight(&graph).await.unwrap();
+        let result = rig.backend.run(request(graph, FAILSAFE)).await.unwrap();
+        assert_eq!(result.media.len(), 1);
+        assert_eq!((result.media[0].node_id.as_str(), result.media[0].media_type.as_str()), ("2", "image/webp"));
+        rig.double.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn named_outputs_are_returned_and_a_silent_one_is_reported() {
         let rig = rig().await;
         let mut graph = scale_graph(16, 12);
@@ -217,6 +231,22 @@ mod failures {
             }
             other => panic!("expected Execution, got {other:?}"),
         }
+        rig.double.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_interrupt_from_elsewhere_is_reported_as_interrupted() {
+        let rig = rig().await;
+        rig.double.faults().hang(true);
+        let backend = rig.backend.clone();
+        let run = tokio::spawn(async move { backend.run(request(scale_graph(32, 24), Duration::from_secs(3600))).await });
+        let prompt_id = wait_for_queued_prompt(&rig.backend).await;
+        rig.backend.client().interrupt(&prompt_id).await.unwrap(); // e.g. someone pressed Cancel in ComfyUI's UI
+        match tokio::time::timeout(FAILSAFE, run).await.unwrap().unwrap() {
+            Err(ComfyError::Interrupted { prompt_id: interrupted, .. }) => assert_eq!(interrupted, prompt_id),
+            other => panic!("expected Interrupted, got {other:?}"),
+        }
+        rig.double.faults().clear();
         rig.double.shutdown().await;
     }
 
@@ -469,7 +499,7 @@ mod supervision {
         std::fs::write(
             comfy_dir.path().join("main.py"),
             format!(
-                "import os, sys\nprint('Import times for custom nodes:', flush=True)\nprint('   0.0 seconds (IMPORT FAILED): /opt/ComfyUI/custom_nodes/broken-pack', file=sys.stderr, flush=True)\nos.execvp({bin:?}, [{bin:?}] + sys.argv[1:])\n",
+                "import os, sys\nprint('Import times for custom nodes:', flush=True)\nprint('   0.0 seconds (IMPORT FAILED): /opt/ComfyUI/custom_nodes/broken-pack', file=sys.stderr, flush=True)\nif os.path.exists('hang-once'):\n    os.remove('hang-once')\n    os.environ['COMFYUI_DOUBLE_HANG'] = '1'\nos.execvp({bin:?}, [{bin:?}] + sys.argv[1:])\n",
                 bin = double_binary().display().to_string(),
             ),
         )
@@ -491,6 +521,7 @@ mod supervision {
         sup.extra_model_paths_config = Some(model_paths);
         let mut config = backend_config(sup.url().unwrap());
         config.mode = BackendMode::Supervised(sup);
+        std::fs::write(comfy_dir.path().join("hang-once"), b"").unwrap();
         let backend = ComfyBackend::start(config).await.unwrap();
         assert!(backend.wait_ready(FAILSAFE).await, "never served: {:?}", backend.health());
 
@@ -503,13 +534,17 @@ mod supervision {
         assert!(backend.catalogue().has_class("SaveImage"));
         let loras = backend.catalogue().combo_options("LoraLoaderModelOnly", "lora_name").unwrap().to_vec();
         assert_eq!(loras, vec![json!("character-123.safetensors")], "--extra-model-paths-config reached the process");
-        let result = backend.run(request(scale_graph(10, 10), FAILSAFE)).await.unwrap();
-        assert_eq!(png_size(&result.media[0].bytes), (10, 10));
 
-        // Kill it: health goes down, the supervisor restarts it, prompts run again.
+        // Kill it mid-run (this first process hangs every prompt): the in-flight prompt fails with
+        // Unavailable, health goes down, the supervisor restarts it, prompts run again.
         let first_pid = supervisor.pid().unwrap();
+        let running = backend.clone();
+        let in_flight = tokio::spawn(async move { running.run(request(scale_graph(10, 10), Duration::from_secs(3600))).await });
+        wait_for_queued_prompt(&backend).await;
         let mut health = backend.health_watch();
         std::process::Command::new("kill").args(["-KILL", &first_pid.to_string()]).status().unwrap();
+        let outcome = tokio::time::timeout(FAILSAFE, in_flight).await.expect("in-flight prompt hung after ComfyUI died").unwrap();
+        assert!(matches!(outcome, Err(ComfyError::Unavailable { .. })), "got {outcome:?}");
         tokio::time::timeout(FAILSAFE, health.wait_for(|h| !h.is_serving())).await.unwrap().unwrap();
         assert!(backend.wait_ready(FAILSAFE).await, "not restarted: {:?}", backend.health());
         let second_pid = supervisor.pid().unwrap();
