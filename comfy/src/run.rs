@@ -154,11 +154,16 @@ enum Poll {
     Vanished,
 }
 
-async fn poll_history(client: &ComfyClient, prompt_id: &str) -> Result<Poll, ComfyError> {
+/// Read history; when `check_queue`, also tell "still queued" from "lost" (GET /queue carries every
+/// queued graph, so it is not read on every periodic poll).
+async fn poll_history(client: &ComfyClient, prompt_id: &str, check_queue: bool) -> Result<Poll, ComfyError> {
     if let Some(entry) = client.history(prompt_id).await? {
         if let Some(outcome) = entry.outcome(prompt_id) {
             return Ok(Poll::Finished(Box::new(entry), outcome));
         }
+        return Ok(Poll::Waiting);
+    }
+    if !check_queue {
         return Ok(Poll::Waiting);
     }
     let queue = client.queue().await?;
@@ -230,8 +235,10 @@ pub(crate) async fn run_prompt(
     poll_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ws_alive = true;
 
+    let mut polls = 0u64;
     while outcome.is_none() {
         let mut poll_now = false;
+        let mut check_queue = false;
         tokio::select! {
             event = events.recv() => match event {
                 Some(PromptEvent::Message(message)) => match message {
@@ -260,8 +267,9 @@ pub(crate) async fn run_prompt(
                 if changed.is_ok() {
                     let state = *ws_state.borrow_and_update();
                     ws_alive = state.connected;
-                    // Lost or regained: events may have been missed either way.
+                    // Lost or regained: events may have been missed either way, and ComfyUI may have restarted.
                     poll_now = true;
+                    check_queue = true;
                 }
             }
             changed = health.changed() => {
@@ -279,7 +287,8 @@ pub(crate) async fn run_prompt(
             }
         }
         if poll_now && outcome.is_none() {
-            match poll_history(client, &prompt_id).await {
+            polls += 1;
+            match poll_history(client, &prompt_id, check_queue || polls % 5 == 1).await {
                 Ok(Poll::Finished(entry, o)) => {
                     tracing::debug!(prompt_id, "completion taken from history");
                     outcome = Some(o);
