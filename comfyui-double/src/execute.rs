@@ -309,7 +309,13 @@ fn save_path(dir: &Path, prefix: &str) -> Result<(String, String, u32), String> 
 }
 
 /// Runs an output node's side effects; returns its UI output (None for nodes without one).
-fn write_outputs(s: &Shared, graph: &Map<String, Value>, id: &str, spec: ImageSpec) -> Result<Option<Value>, (String, String)> {
+fn write_outputs(
+    s: &Shared,
+    graph: &Map<String, Value>,
+    extra_pnginfo: Option<&Map<String, Value>>,
+    id: &str,
+    spec: ImageSpec,
+) -> Result<Option<Value>, (String, String)> {
     let class = class_of(graph, id);
     let io_err = |e: std::io::Error| ("OSError".to_string(), e.to_string());
     let any_err = |e: anyhow::Error| ("RuntimeError".to_string(), format!("{e:#}"));
@@ -323,10 +329,14 @@ fn write_outputs(s: &Shared, graph: &Map<String, Value>, id: &str, spec: ImageSp
             };
             let (subfolder, name, mut counter) = save_path(dir, &prefix).map_err(|m| ("Exception".to_string(), m))?;
             std::fs::create_dir_all(dir.join(&subfolder)).map_err(io_err)?;
+            let mut texts = vec![("prompt".to_string(), render::py_json(&Value::Object(graph.clone())))];
+            if let Some(extra) = extra_pnginfo {
+                texts.extend(extra.iter().map(|(k, v)| (k.clone(), render::py_json(v))));
+            }
             let mut images = Vec::new();
             for i in 0..spec.batch {
                 let file = format!("{name}_{counter:05}_.png");
-                let png = render::encode_png(spec.width, spec.height, &render::pixels(&spec, i)).map_err(any_err)?;
+                let png = render::encode_png_with_text(spec.width, spec.height, &render::pixels(&spec, i), &texts).map_err(any_err)?;
                 std::fs::write(dir.join(&subfolder).join(&file), png).map_err(io_err)?;
                 images.push(json!({"filename": file, "subfolder": subfolder, "type": kind}));
                 counter += 1;
@@ -503,7 +513,8 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
             if pause(s, latency).await {
                 // ComfyUI notices an interrupt only when the next node starts.
             }
-            match write_outputs(s, &graph, id, spec) {
+            let extra_pnginfo = item.extra_data.get("extra_pnginfo").and_then(Value::as_object);
+            match write_outputs(s, &graph, extra_pnginfo, id, spec) {
                 Ok(Some(ui)) => {
                     run.send_client("executed", json!({"node": id, "display_node": id, "output": ui, "prompt_id": item.prompt_id}));
                     outputs.insert(id.clone(), ui);

@@ -442,6 +442,8 @@ mod execution {
             assert!(headers.contains_key(h), "missing {h}");
         }
         let bytes = view.bytes().await.unwrap();
+        let marker = b"tEXtprompt\0{\"1\": {\"class_type\": \"EmptyImage\", \"inputs\": {\"width\": 64,";
+        assert!(bytes.windows(marker.len()).any(|w| w == marker), "SaveImage embeds the prompt like ComfyUI (json.dumps format)");
         let (w, h, pixels) = png_pixels(&bytes);
         assert_eq!((w, h), (32, 24));
         assert_eq!(&pixels[..3], &[0xff, 0x80, 0x00], "EmptyImage color 16744448 = #FF8000");
