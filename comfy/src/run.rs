@@ -277,6 +277,7 @@ pub(crate) async fn run_prompt(
     let mut ws_alive = true;
 
     let mut polls = 0u64;
+    let (mut ws_watch_open, mut health_watch_open) = (true, true);
     while outcome.is_none() {
         let mut poll_now = false;
         let mut check_queue = false;
@@ -304,8 +305,9 @@ pub(crate) async fn run_prompt(
                 None => poll_now = true,
             },
             _ = poll_timer.tick() => poll_now = true,
-            changed = ws_state.changed() => {
-                if changed.is_ok() {
+            changed = ws_state.changed(), if ws_watch_open => {
+                ws_watch_open = changed.is_ok(); // a closed watch must not wake this loop forever
+                if ws_watch_open {
                     let state = *ws_state.borrow_and_update();
                     ws_alive = state.connected;
                     // Lost or regained: events may have been missed either way, and ComfyUI may have restarted.
@@ -313,8 +315,9 @@ pub(crate) async fn run_prompt(
                     check_queue = true;
                 }
             }
-            changed = health.changed() => {
-                if changed.is_ok()
+            changed = health.changed(), if health_watch_open => {
+                health_watch_open = changed.is_ok();
+                if health_watch_open
                     && let BackendHealth::Down { reason } = &*health.borrow_and_update() {
                         guard.cancel_on_drop = false;
                         return Err(ComfyError::unavailable(format!("ComfyUI went down while prompt {prompt_id} was running: {reason}")));
