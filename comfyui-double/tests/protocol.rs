@@ -297,6 +297,19 @@ mod validation {
                 assert_eq!(got["error"], want["error"], "{name}");
             }
             assert_node_errors_match(&got["node_errors"], &want["node_errors"], name);
+            if status != 200 {
+                continue;
+            }
+            // The double runs what ComfyUI accepted to a saved image sized from the graph's latent.
+            let entry = rig.history(got["prompt_id"].as_str().unwrap()).await;
+            assert_eq!(entry["status"]["status_str"], "success", "{name}");
+            let prompt = case["request"]["prompt"].as_object().unwrap();
+            let latent = prompt.values().find(|n| n["class_type"].as_str().unwrap().contains("LatentImage")).unwrap();
+            let size = (latent["inputs"]["width"].as_u64().unwrap() as u32, latent["inputs"]["height"].as_u64().unwrap() as u32);
+            let images: Vec<Value> = entry["outputs"].as_object().unwrap().values().flat_map(|o| o["images"].as_array().unwrap().clone()).collect();
+            assert!(!images.is_empty(), "{name}: no output image");
+            let bytes = rig.view(&images[0]).await.bytes().await.unwrap();
+            assert_eq!(png_size(&bytes), size, "{name}");
         }
         rig.double.shutdown().await;
     }
@@ -622,7 +635,8 @@ mod execution {
         let pid = rig
             .submit(json!({"prompt": {
                 "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 8, "batch_size": 3, "color": 255}},
-                "2": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["1", 0], "filename_prefix": "anim", "fps": 6.0, "lossless": true, "quality": 80, "method": "default"}}}}))
+                "2": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["1", 0], "filename_prefix": "anim", "fps": 6.0, "lossless": true, "quality": 80, "method": "default"}},
+                "3": {"class_type": "SaveAnimatedPNG", "inputs": {"images": ["1", 0], "filename_prefix": "apng", "fps": 6.0, "compress_level": 4}}}}))
             .await;
         let entry = rig.history(&pid).await;
         assert_eq!(entry["outputs"]["2"]["animated"], json!([true]));
@@ -631,6 +645,9 @@ mod execution {
         let bytes = view.bytes().await.unwrap();
         assert_eq!((&bytes[..4], &bytes[8..12]), (&b"RIFF"[..], &b"WEBP"[..]));
         assert_eq!(bytes.windows(4).filter(|w| w == b"ANMF").count(), 3);
+        let apng = rig.view(&entry["outputs"]["3"]["images"][0]).await.bytes().await.unwrap();
+        assert_eq!(png_size(&apng), (16, 8));
+        assert_eq!(apng.windows(4).filter(|w| w == b"fcTL").count(), 3, "one frame per batch image");
         rig.double.shutdown().await;
     }
 
