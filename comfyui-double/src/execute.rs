@@ -409,7 +409,14 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
 
     let order = execution_order(&graph, &item.outputs);
     let sigs = signatures(s, &graph, &order, item.seq);
-    let cached: HashMap<String, Option<Value>> = {
+    // While an execution fault is armed nothing is served from cache, so the fault always fires.
+    let armed = {
+        let f = s.faults.settings();
+        f.hang || f.fail_at.is_some() || !f.step_latency.is_zero()
+    };
+    let cached: HashMap<String, Option<Value>> = if armed {
+        HashMap::new()
+    } else {
         let cache = lock(&s.cache);
         order.iter().filter_map(|id| cache.get(&sigs[id]).map(|ui| (id.clone(), ui.clone()))).collect()
     };

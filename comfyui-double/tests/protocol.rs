@@ -824,12 +824,12 @@ mod faults {
         captured["status"]["messages"][2][1]["current_inputs"] = json!({});
         assert_same_shape(&entry, &captured, "history-error");
 
-        // By node id, after clearing the class fault.
+        // By node id, after clearing the class fault; the cache does not hide an armed fault.
         rig.double.faults().clear();
+        let ok = rig.submit(scale("err")).await;
+        ws.until_done(&ok).await;
         rig.double.faults().fail_at("3", "OSError", "disk full");
-        let mut request = scale("err");
-        request["prompt"]["2"]["inputs"]["width"] = json!(21);
-        let pid = rig.submit(request).await;
+        let pid = rig.submit(scale("err")).await;
         let got = texts(&ws.until_done(&pid).await);
         let error = got.iter().find(|m| m["type"] == "execution_error").unwrap();
         assert_eq!((error["data"]["node_id"].as_str(), error["data"]["node_type"].as_str()), (Some("3"), Some("SaveImage")));
