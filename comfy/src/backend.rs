@@ -59,7 +59,10 @@ pub enum BackendHealth {
     /// Not answered yet (startup).
     Starting,
     /// Answering, catalogue loaded, websocket connected.
-    Ready { version: String, queue_remaining: u64 },
+    Ready {
+        version: String,
+        queue_remaining: u64,
+    },
     /// Answering but something is off (catalogue not loaded, custom nodes failed to import, no websocket).
     Degraded { reason: String },
     /// Not answering / process dead. Runs fail with `Unavailable`.
@@ -69,7 +72,10 @@ pub enum BackendHealth {
 impl BackendHealth {
     /// True when prompts can be submitted (Ready or Degraded).
     pub fn is_serving(&self) -> bool {
-        matches!(self, BackendHealth::Ready { .. } | BackendHealth::Degraded { .. })
+        matches!(
+            self,
+            BackendHealth::Ready { .. } | BackendHealth::Degraded { .. }
+        )
     }
 }
 
@@ -92,7 +98,10 @@ pub struct ComfyBackend {
 
 impl std::fmt::Debug for ComfyBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ComfyBackend").field("client", &self.client).field("health", &*self.health.borrow()).finish_non_exhaustive()
+        f.debug_struct("ComfyBackend")
+            .field("client", &self.client)
+            .field("health", &*self.health.borrow())
+            .finish_non_exhaustive()
     }
 }
 
@@ -102,7 +111,11 @@ impl ComfyBackend {
     pub async fn start(config: BackendConfig) -> anyhow::Result<Arc<ComfyBackend>> {
         let (base_url, supervisor, default_input_dir) = match &config.mode {
             BackendMode::Url(url) => (url.clone(), None, None),
-            BackendMode::Supervised(sup) => (sup.url()?, Some(Supervisor::spawn(sup.clone())), Some(sup.input_dir())),
+            BackendMode::Supervised(sup) => (
+                sup.url()?,
+                Some(Supervisor::spawn(sup.clone())),
+                Some(sup.input_dir()),
+            ),
         };
         let mut client_config = ClientConfig::new(base_url);
         client_config.history_poll_interval = config.history_poll_interval;
@@ -141,7 +154,9 @@ impl ComfyBackend {
     /// Wait until health is Ready or Degraded, at most `timeout`.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let mut rx = self.health.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(BackendHealth::is_serving)).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, rx.wait_for(BackendHealth::is_serving))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// The catalogue as last fetched (empty before the first successful fetch).
@@ -158,7 +173,8 @@ impl ComfyBackend {
     /// Fetch `/object_info` and replace the catalogue.
     pub async fn refresh_catalogue(&self) -> Result<Arc<Catalogue>, ComfyError> {
         let info = self.client.object_info().await?;
-        let catalogue = Catalogue::from_object_info_value(&info).map_err(|e| ComfyError::protocol(format!("object_info: {e:#}")))?;
+        let catalogue = Catalogue::from_object_info_value(&info)
+            .map_err(|e| ComfyError::protocol(format!("object_info: {e:#}")))?;
         tracing::info!(classes = catalogue.len(), "ComfyUI node catalogue loaded");
         self.set_catalogue(catalogue);
         Ok(self.catalogue())
@@ -186,7 +202,11 @@ impl ComfyBackend {
             Ok(()) => return Ok(()),
             Err(issues) => issues,
         };
-        let mut stale: Vec<&str> = issues.iter().filter(|i| i.kind == "value_not_in_list").map(|i| i.class_type.as_str()).collect();
+        let mut stale: Vec<&str> = issues
+            .iter()
+            .filter(|i| i.kind == "value_not_in_list")
+            .map(|i| i.class_type.as_str())
+            .collect();
         stale.sort_unstable();
         stale.dedup();
         if stale.is_empty() {
@@ -214,9 +234,16 @@ impl ComfyBackend {
     }
 
     /// Upload an input image into `subfolder`; returns the string to put in LoadImage's `image` input.
-    pub async fn upload_image(&self, bytes: Bytes, filename: &str, subfolder: &str) -> Result<String, ComfyError> {
-        check_relative(subfolder).map_err(|e| ComfyError::protocol(format!("upload subfolder {subfolder:?}: {e}")))?;
-        check_relative(filename).map_err(|e| ComfyError::protocol(format!("upload file name {filename:?}: {e}")))?;
+    pub async fn upload_image(
+        &self,
+        bytes: Bytes,
+        filename: &str,
+        subfolder: &str,
+    ) -> Result<String, ComfyError> {
+        check_relative(subfolder)
+            .map_err(|e| ComfyError::protocol(format!("upload subfolder {subfolder:?}: {e}")))?;
+        check_relative(filename)
+            .map_err(|e| ComfyError::protocol(format!("upload file name {filename:?}: {e}")))?;
         let answer = self.client.upload_image(bytes, filename, subfolder).await?;
         Ok(answer.load_image_reference())
     }
@@ -225,8 +252,11 @@ impl ComfyBackend {
     /// whether something was removed; `Ok(false)` when the input directory is not known here.
     pub async fn remove_uploads(&self, subfolder: &str) -> anyhow::Result<bool> {
         use anyhow::Context;
-        let Some(input_dir) = &self.input_dir else { return Ok(false) };
-        check_relative(subfolder).map_err(|e| anyhow::anyhow!("upload subfolder {subfolder:?}: {e}"))?;
+        let Some(input_dir) = &self.input_dir else {
+            return Ok(false);
+        };
+        check_relative(subfolder)
+            .map_err(|e| anyhow::anyhow!("upload subfolder {subfolder:?}: {e}"))?;
         if subfolder.is_empty() {
             anyhow::bail!("refusing to remove ComfyUI's whole input directory");
         }
@@ -254,7 +284,9 @@ impl ComfyBackend {
         if let Some(sup) = &self.supervisor {
             sup.shutdown().await;
         }
-        self.health.send_replace(BackendHealth::Down { reason: "flowhost is shutting down".into() });
+        self.health.send_replace(BackendHealth::Down {
+            reason: "flowhost is shutting down".into(),
+        });
     }
 }
 
@@ -263,7 +295,10 @@ fn check_relative(path: &str) -> Result<(), &'static str> {
     if path.contains('\\') || path.contains('\0') {
         return Err("must not contain backslashes or NUL");
     }
-    if Path::new(path).components().all(|c| matches!(c, Component::Normal(_))) {
+    if Path::new(path)
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)))
+    {
         Ok(())
     } else {
         Err("must be a relative path without '..'")
@@ -273,7 +308,10 @@ fn check_relative(path: &str) -> Result<(), &'static str> {
 /// Probe health periodically and whenever the supervised process or the socket changes state.
 async fn monitor_health(backend: std::sync::Weak<ComfyBackend>, interval: Duration) {
     let (mut process, mut ws) = match backend.upgrade() {
-        Some(b) => (b.supervisor.as_ref().map(Supervisor::state), b.client.ws_state()),
+        Some(b) => (
+            b.supervisor.as_ref().map(Supervisor::state),
+            b.client.ws_state(),
+        ),
         None => return,
     };
     let mut catalogue_fresh_for: Option<u64> = None; // process generation / probe epoch the catalogue belongs to
@@ -291,13 +329,19 @@ async fn monitor_health(backend: std::sync::Weak<ComfyBackend>, interval: Durati
             }
             Some(ProcessState::Exited { reason, .. }) => {
                 was_up = false;
-                BackendHealth::Down { reason: reason.clone() }
+                BackendHealth::Down {
+                    reason: reason.clone(),
+                }
             }
-            Some(ProcessState::Stopped) => BackendHealth::Down { reason: "ComfyUI was stopped".into() },
+            Some(ProcessState::Stopped) => BackendHealth::Down {
+                reason: "ComfyUI was stopped".into(),
+            },
             Some(ProcessState::Running { .. }) | None => match b.client.system_stats().await {
                 Err(e) => {
                     was_up = false;
-                    BackendHealth::Down { reason: e.to_string() }
+                    BackendHealth::Down {
+                        reason: e.to_string(),
+                    }
                 }
                 Ok(stats) => {
                     if !was_up {
@@ -305,12 +349,16 @@ async fn monitor_health(backend: std::sync::Weak<ComfyBackend>, interval: Durati
                         was_up = true;
                     }
                     // A socket that reconnected may mean ComfyUI restarted behind our back.
-                    if ws_state.generation > last_ws_generation + 1 || (last_ws_generation > 0 && ws_state.generation != last_ws_generation) {
+                    if ws_state.generation > last_ws_generation + 1
+                        || (last_ws_generation > 0 && ws_state.generation != last_ws_generation)
+                    {
                         catalogue_fresh_for = None;
                     }
                     last_ws_generation = ws_state.generation;
                     let key = match &process_state {
-                        Some(ProcessState::Running { generation, .. }) => *generation * 1_000_000 + epoch,
+                        Some(ProcessState::Running { generation, .. }) => {
+                            *generation * 1_000_000 + epoch
+                        }
                         _ => epoch,
                     };
                     let mut problems = Vec::new();
@@ -320,19 +368,34 @@ async fn monitor_health(backend: std::sync::Weak<ComfyBackend>, interval: Durati
                             Err(e) => problems.push(format!("node catalogue not loaded: {e}")),
                         }
                     }
-                    let failures = b.supervisor.as_ref().map(Supervisor::import_failures).unwrap_or_default();
+                    let failures = b
+                        .supervisor
+                        .as_ref()
+                        .map(Supervisor::import_failures)
+                        .unwrap_or_default();
                     if !failures.is_empty() {
-                        problems.push(format!("custom nodes failed to import: {}", failures.join(", ")));
+                        problems.push(format!(
+                            "custom nodes failed to import: {}",
+                            failures.join(", ")
+                        ));
                     }
-                    if !ws_state.connected {
+                    // The socket connects right after ComfyUI answers: give it a moment before calling it missing.
+                    if !ws_state.connected
+                        && !b.client.wait_ws_connected(Duration::from_millis(500)).await
+                    {
                         problems.push("websocket to ComfyUI not connected".into());
                     }
                     match b.client.queue_remaining().await {
-                        Ok(queue_remaining) if problems.is_empty() => {
-                            BackendHealth::Ready { version: stats.system.comfyui_version.clone(), queue_remaining }
-                        }
-                        Ok(_) => BackendHealth::Degraded { reason: problems.join("; ") },
-                        Err(e) => BackendHealth::Down { reason: e.to_string() },
+                        Ok(queue_remaining) if problems.is_empty() => BackendHealth::Ready {
+                            version: stats.system.comfyui_version.clone(),
+                            queue_remaining,
+                        },
+                        Ok(_) => BackendHealth::Degraded {
+                            reason: problems.join("; "),
+                        },
+                        Err(e) => BackendHealth::Down {
+                            reason: e.to_string(),
+                        },
                     }
                 }
             },
@@ -341,7 +404,9 @@ async fn monitor_health(backend: std::sync::Weak<ComfyBackend>, interval: Durati
             if *current != next {
                 match &next {
                     BackendHealth::Down { reason } => tracing::warn!(%reason, "ComfyUI is down"),
-                    BackendHealth::Degraded { reason } => tracing::warn!(%reason, "ComfyUI is degraded"),
+                    BackendHealth::Degraded { reason } => {
+                        tracing::warn!(%reason, "ComfyUI is degraded")
+                    }
                     other => tracing::info!(health = ?other, "ComfyUI health changed"),
                 }
                 *current = next;

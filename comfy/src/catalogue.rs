@@ -11,13 +11,22 @@ use serde_json::{Map, Value};
 /// What kind of value an input takes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum InputKind {
-    Int { min: Option<Value>, max: Option<Value> },
-    Float { min: Option<Value>, max: Option<Value> },
+    Int {
+        min: Option<Value>,
+        max: Option<Value>,
+    },
+    Float {
+        min: Option<Value>,
+        max: Option<Value>,
+    },
     String,
     Boolean,
     /// A choice. `options: None` = ComfyUI gives no list (accept anything); `free_value` = the node validates
     /// the value itself (uploads: LoadImage accepts `subfolder/name` that is not in the top-level list).
-    Combo { options: Option<Vec<Value>>, free_value: bool },
+    Combo {
+        options: Option<Vec<Value>>,
+        free_value: bool,
+    },
     /// A data type carried by links (`IMAGE`, `MODEL`, `*`, `IMAGE,MASK`, …).
     Data(String),
 }
@@ -61,13 +70,21 @@ impl ClassInfo {
     }
 
     fn from_node_info(name: &str, info: &Value) -> anyhow::Result<ClassInfo> {
-        let obj = info.as_object().with_context(|| format!("object_info[{name}] is not an object"))?;
+        let obj = info
+            .as_object()
+            .with_context(|| format!("object_info[{name}] is not an object"))?;
         let mut inputs = Vec::new();
         if let Some(input) = obj.get("input").and_then(Value::as_object) {
             for (section, required) in [("required", true), ("optional", false)] {
-                let Some(spec_map) = input.get(section).and_then(Value::as_object) else { continue };
+                let Some(spec_map) = input.get(section).and_then(Value::as_object) else {
+                    continue;
+                };
                 for (input_name, spec) in spec_map {
-                    inputs.push(InputSpec { name: input_name.clone(), required, kind: parse_input_kind(spec) });
+                    inputs.push(InputSpec {
+                        name: input_name.clone(),
+                        required,
+                        kind: parse_input_kind(spec),
+                    });
                 }
             }
         }
@@ -84,24 +101,46 @@ impl ClassInfo {
                     .collect()
             })
             .unwrap_or_default();
-        let output_node = obj.get("output_node").and_then(Value::as_bool).unwrap_or(false);
-        Ok(ClassInfo { name: name.to_string(), inputs, outputs, output_node })
+        let output_node = obj
+            .get("output_node")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(ClassInfo {
+            name: name.to_string(),
+            inputs,
+            outputs,
+            output_node,
+        })
     }
 }
 
 fn parse_input_kind(spec: &Value) -> InputKind {
     let (head, opts) = match spec {
-        Value::Array(a) => (a.first().cloned().unwrap_or(Value::Null), a.get(1).and_then(Value::as_object).cloned()),
+        Value::Array(a) => (
+            a.first().cloned().unwrap_or(Value::Null),
+            a.get(1).and_then(Value::as_object).cloned(),
+        ),
         other => (other.clone(), None),
     };
     let opts = opts.unwrap_or_default();
-    let free_value = opts.iter().any(|(k, v)| k.ends_with("_upload") && v.as_bool() == Some(true));
+    let free_value = opts
+        .iter()
+        .any(|(k, v)| k.ends_with("_upload") && v.as_bool() == Some(true));
     let bound = |k: &str| opts.get(k).filter(|v| v.is_number()).cloned();
     match head {
-        Value::Array(options) => InputKind::Combo { options: Some(options), free_value },
+        Value::Array(options) => InputKind::Combo {
+            options: Some(options),
+            free_value,
+        },
         Value::String(t) => match t.as_str() {
-            "INT" => InputKind::Int { min: bound("min"), max: bound("max") },
-            "FLOAT" => InputKind::Float { min: bound("min"), max: bound("max") },
+            "INT" => InputKind::Int {
+                min: bound("min"),
+                max: bound("max"),
+            },
+            "FLOAT" => InputKind::Float {
+                min: bound("min"),
+                max: bound("max"),
+            },
             "STRING" => InputKind::String,
             "BOOLEAN" => InputKind::Boolean,
             "COMBO" => InputKind::Combo {
@@ -129,19 +168,30 @@ impl Catalogue {
 
     /// Parse an already-decoded `GET /object_info` answer.
     pub fn from_object_info_value(value: &Value) -> anyhow::Result<Catalogue> {
-        let Some(map) = value.as_object() else { bail!("object_info is not a JSON object") };
+        let Some(map) = value.as_object() else {
+            bail!("object_info is not a JSON object")
+        };
         let mut classes = HashMap::with_capacity(map.len());
         for (name, info) in map {
-            classes.insert(name.clone(), Arc::new(ClassInfo::from_node_info(name, info)?));
+            classes.insert(
+                name.clone(),
+                Arc::new(ClassInfo::from_node_info(name, info)?),
+            );
         }
         Ok(Catalogue { classes })
     }
 
     /// A copy with the classes in `object_info_subset` (a `GET /object_info/{class}` answer) replaced.
-    pub fn with_classes(&self, object_info_subset: &Map<String, Value>) -> anyhow::Result<Catalogue> {
+    pub fn with_classes(
+        &self,
+        object_info_subset: &Map<String, Value>,
+    ) -> anyhow::Result<Catalogue> {
         let mut next = self.clone();
         for (name, info) in object_info_subset {
-            next.classes.insert(name.clone(), Arc::new(ClassInfo::from_node_info(name, info)?));
+            next.classes.insert(
+                name.clone(),
+                Arc::new(ClassInfo::from_node_info(name, info)?),
+            );
         }
         Ok(next)
     }
@@ -166,7 +216,9 @@ impl Catalogue {
     /// The choices of a combo input (e.g. the LoRA file names of `LoraLoaderModelOnly.lora_name`).
     pub fn combo_options(&self, class: &str, input: &str) -> Option<&[Value]> {
         match &self.class(class)?.input(input)?.kind {
-            InputKind::Combo { options: Some(o), .. } => Some(o),
+            InputKind::Combo {
+                options: Some(o), ..
+            } => Some(o),
             _ => None,
         }
     }
@@ -177,7 +229,10 @@ mod tests {
     use super::*;
 
     fn real() -> Catalogue {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../comfyui-double/fixtures/object_info.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../comfyui-double/fixtures/object_info.json"
+        );
         Catalogue::from_object_info(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
@@ -186,26 +241,50 @@ mod tests {
         let c = real();
         assert_eq!(c.len(), 507);
         assert!(c.has_class("SaveImageWebsocket") && c.has_class("ApplyPulidFlux"));
-        assert_eq!(c.combo_options("LoraLoaderModelOnly", "lora_name").unwrap(), &[Value::from("character-123.safetensors")]);
+        assert_eq!(
+            c.combo_options("LoraLoaderModelOnly", "lora_name").unwrap(),
+            &[Value::from("character-123.safetensors")]
+        );
         let load_output = c.class("LoadImageOutput").unwrap().input("image").unwrap();
-        assert!(matches!(load_output.kind, InputKind::Combo { options: None, .. }));
+        assert!(matches!(
+            load_output.kind,
+            InputKind::Combo { options: None, .. }
+        ));
         assert!(c.class("SaveImage").unwrap().output_node);
-        assert_eq!(c.class("CheckpointLoaderSimple").unwrap().outputs, vec!["MODEL", "CLIP", "VAE"]);
+        assert_eq!(
+            c.class("CheckpointLoaderSimple").unwrap().outputs,
+            vec!["MODEL", "CLIP", "VAE"]
+        );
     }
 
     #[test]
     fn refresh_replaces_one_class() {
         let c = real();
         let mut info = serde_json::from_str::<Value>(
-            &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../comfyui-double/fixtures/object_info.json")).unwrap(),
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../comfyui-double/fixtures/object_info.json"
+            ))
+            .unwrap(),
         )
         .unwrap()["LoraLoaderModelOnly"]
             .clone();
-        info["input"]["required"]["lora_name"][0] = serde_json::json!(["a.safetensors", "b.safetensors"]);
+        info["input"]["required"]["lora_name"][0] =
+            serde_json::json!(["a.safetensors", "b.safetensors"]);
         let mut subset = Map::new();
         subset.insert("LoraLoaderModelOnly".into(), info);
         let next = c.with_classes(&subset).unwrap();
-        assert_eq!(next.combo_options("LoraLoaderModelOnly", "lora_name").unwrap().len(), 2);
-        assert_eq!(c.combo_options("LoraLoaderModelOnly", "lora_name").unwrap().len(), 1);
+        assert_eq!(
+            next.combo_options("LoraLoaderModelOnly", "lora_name")
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            c.combo_options("LoraLoaderModelOnly", "lora_name")
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }

@@ -14,13 +14,13 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 use url::Url;
 
+use crate::NodeIssue;
 use crate::error::{ComfyError, error_chain};
 use crate::protocol::{
-    BinaryFrame, FileRef, HistoryEntry, PromptAccepted, PromptRejected, PromptRequest, QueueState, SystemStats,
-    UploadAnswer, WsMessage, node_id_from_details, node_issues_from,
+    BinaryFrame, FileRef, HistoryEntry, PromptAccepted, PromptRejected, PromptRequest, QueueState,
+    SystemStats, UploadAnswer, WsMessage, node_id_from_details, node_issues_from,
 };
 use crate::tracker::PromptTracker;
-use crate::NodeIssue;
 
 /// Tuning of the client. Defaults suit a real ComfyUI.
 #[derive(Debug, Clone)]
@@ -76,7 +76,10 @@ pub struct ComfyClient {
 
 impl std::fmt::Debug for ComfyClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ComfyClient").field("base_url", &self.config.base_url.as_str()).field("client_id", &self.client_id).finish()
+        f.debug_struct("ComfyClient")
+            .field("base_url", &self.config.base_url.as_str())
+            .field("client_id", &self.client_id)
+            .finish()
     }
 }
 
@@ -94,8 +97,20 @@ impl ComfyClient {
         let tracker = Arc::new(PromptTracker::new());
         let (state_tx, state_rx) = watch::channel(WsState::default());
         let ws_url = ws_url(&config.base_url, &client_id)?;
-        let task = tokio::spawn(run_websocket(ws_url, tracker.clone(), state_tx, config.clone()));
-        Ok(Arc::new(ComfyClient { http, config, client_id, tracker, ws_state: state_rx, _ws_task: AbortOnDrop(task) }))
+        let task = tokio::spawn(run_websocket(
+            ws_url,
+            tracker.clone(),
+            state_tx,
+            config.clone(),
+        ));
+        Ok(Arc::new(ComfyClient {
+            http,
+            config,
+            client_id,
+            tracker,
+            ws_state: state_rx,
+            _ws_task: AbortOnDrop(task),
+        }))
     }
 
     pub fn base_url(&self) -> &Url {
@@ -117,25 +132,42 @@ impl ComfyClient {
     /// Wait until the websocket is connected, at most `wait`. Returns whether it is.
     pub async fn wait_ws_connected(&self, wait: Duration) -> bool {
         let mut rx = self.ws_state.clone();
-        tokio::time::timeout(wait, rx.wait_for(|s| s.connected)).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(wait, rx.wait_for(|s| s.connected))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     fn url(&self, path: &str) -> Result<Url, ComfyError> {
-        self.config.base_url.join(path).map_err(|e| ComfyError::protocol(format!("bad URL path {path}: {e}")))
+        self.config
+            .base_url
+            .join(path)
+            .map_err(|e| ComfyError::protocol(format!("bad URL path {path}: {e}")))
     }
 
     async fn get_json(&self, path: &str) -> Result<Value, ComfyError> {
         let what = format!("GET {path}");
-        let resp = self.http.get(self.url(path)?).send().await.map_err(|e| ComfyError::from_transport(&what, &e))?;
+        let resp = self
+            .http
+            .get(self.url(path)?)
+            .send()
+            .await
+            .map_err(|e| ComfyError::from_transport(&what, &e))?;
         let resp = ok_or_error(&what, resp).await?;
-        resp.json::<Value>().await.map_err(|e| ComfyError::from_transport(&what, &e))
+        resp.json::<Value>()
+            .await
+            .map_err(|e| ComfyError::from_transport(&what, &e))
     }
 
     /// POST a JSON body to an endpoint that answers 200 with an empty body.
     async fn post_empty_answer(&self, path: &str, body: &Value) -> Result<(), ComfyError> {
         let what = format!("POST {path}");
-        let resp =
-            self.http.post(self.url(path)?).json(body).send().await.map_err(|e| ComfyError::from_transport(&what, &e))?;
+        let resp = self
+            .http
+            .post(self.url(path)?)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| ComfyError::from_transport(&what, &e))?;
         ok_or_error(&what, resp).await?;
         Ok(())
     }
@@ -149,7 +181,9 @@ impl ComfyClient {
     /// GET /prompt → `exec_info.queue_remaining`.
     pub async fn queue_remaining(&self) -> Result<u64, ComfyError> {
         let v = self.get_json("prompt").await?;
-        v.pointer("/exec_info/queue_remaining").and_then(Value::as_u64).ok_or_else(|| ComfyError::protocol("GET /prompt without exec_info.queue_remaining"))
+        v.pointer("/exec_info/queue_remaining")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| ComfyError::protocol("GET /prompt without exec_info.queue_remaining"))
     }
 
     /// GET /object_info (the full catalogue source).
@@ -160,19 +194,38 @@ impl ComfyClient {
     /// GET /object_info/{class}: `{class: info}`, or empty when ComfyUI does not know the class.
     pub async fn object_info_class(&self, class: &str) -> Result<Map<String, Value>, ComfyError> {
         let mut url = self.url("object_info/")?;
-        url.path_segments_mut().map_err(|_| ComfyError::protocol("base URL cannot take a path"))?.pop_if_empty().push(class);
+        url.path_segments_mut()
+            .map_err(|_| ComfyError::protocol("base URL cannot take a path"))?
+            .pop_if_empty()
+            .push(class);
         let what = format!("GET /object_info/{class}");
-        let resp = self.http.get(url).send().await.map_err(|e| ComfyError::from_transport(&what, &e))?;
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| ComfyError::from_transport(&what, &e))?;
         let resp = ok_or_error(&what, resp).await?;
-        match resp.json::<Value>().await.map_err(|e| ComfyError::from_transport(&what, &e))? {
+        match resp
+            .json::<Value>()
+            .await
+            .map_err(|e| ComfyError::from_transport(&what, &e))?
+        {
             Value::Object(m) => Ok(m),
-            other => Err(ComfyError::protocol(format!("{what}: expected an object, got {other}"))),
+            other => Err(ComfyError::protocol(format!(
+                "{what}: expected an object, got {other}"
+            ))),
         }
     }
 
     /// POST /prompt with our `client_id` and a `prompt_id` we chose. A 400, and a 200 whose `node_errors`
     /// is not empty (ComfyUI queued only part of the graph), are both `Validation` errors.
-    pub async fn submit(&self, graph: &Value, prompt_id: &str, extra_data: &Value) -> Result<PromptAccepted, ComfyError> {
+    pub async fn submit(
+        &self,
+        graph: &Value,
+        prompt_id: &str,
+        extra_data: &Value,
+    ) -> Result<PromptAccepted, ComfyError> {
         if !graph.is_object() {
             return Err(ComfyError::Validation {
                 error_type: "invalid_prompt".into(),
@@ -185,52 +238,95 @@ impl ComfyClient {
             Value::Object(_) => extra_data.clone(),
             other => json!({ "flowhost": other }),
         };
-        let body = PromptRequest { prompt: graph, client_id: &self.client_id, prompt_id, extra_data };
+        let body = PromptRequest {
+            prompt: graph,
+            client_id: &self.client_id,
+            prompt_id,
+            extra_data,
+        };
         let what = "POST /prompt";
-        let resp = self.http.post(self.url("prompt")?).json(&body).send().await.map_err(|e| ComfyError::from_transport(what, &e))?;
+        let resp = self
+            .http
+            .post(self.url("prompt")?)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| ComfyError::from_transport(what, &e))?;
         let status = resp.status();
-        let text = resp.text().await.map_err(|e| ComfyError::from_transport(what, &e))?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ComfyError::from_transport(what, &e))?;
         if status == StatusCode::BAD_REQUEST {
-            let rejected: PromptRejected = serde_json::from_str(&text)
-                .map_err(|e| ComfyError::protocol(format!("{what} 400 with an unreadable body ({e}): {}", snippet(&text))))?;
+            let rejected: PromptRejected = serde_json::from_str(&text).map_err(|e| {
+                ComfyError::protocol(format!(
+                    "{what} 400 with an unreadable body ({e}): {}",
+                    snippet(&text)
+                ))
+            })?;
             let mut node_errors = node_issues_from(&rejected.node_errors);
-            if node_errors.is_empty() && rejected.error.kind == "invalid_prompt"
-                && let Some(node_id) = node_id_from_details(&rejected.error.details) {
-                    let class_type = graph.get(&node_id).and_then(|n| n.get("class_type")).and_then(Value::as_str).unwrap_or("").to_string();
-                    node_errors.push(NodeIssue {
-                        node_id,
-                        class_type,
-                        kind: "invalid_prompt".into(),
-                        input_name: None,
-                        message: rejected.error.message.clone(),
-                    });
-                }
+            if node_errors.is_empty()
+                && rejected.error.kind == "invalid_prompt"
+                && let Some(node_id) = node_id_from_details(&rejected.error.details)
+            {
+                let class_type = graph
+                    .get(&node_id)
+                    .and_then(|n| n.get("class_type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                node_errors.push(NodeIssue {
+                    node_id,
+                    class_type,
+                    kind: "invalid_prompt".into(),
+                    input_name: None,
+                    message: rejected.error.message.clone(),
+                });
+            }
             let message = if rejected.error.details.is_empty() {
                 rejected.error.message
             } else {
                 format!("{}: {}", rejected.error.message, rejected.error.details)
             };
-            return Err(ComfyError::Validation { error_type: rejected.error.kind, message, node_errors });
+            return Err(ComfyError::Validation {
+                error_type: rejected.error.kind,
+                message,
+                node_errors,
+            });
         }
         if status.is_server_error() {
-            return Err(ComfyError::unavailable(format!("{what} answered {status}: {}", snippet(&text))));
+            return Err(ComfyError::unavailable(format!(
+                "{what} answered {status}: {}",
+                snippet(&text)
+            )));
         }
         if !status.is_success() {
-            return Err(ComfyError::protocol(format!("{what} answered {status}: {}", snippet(&text))));
+            return Err(ComfyError::protocol(format!(
+                "{what} answered {status}: {}",
+                snippet(&text)
+            )));
         }
-        let accepted: PromptAccepted = serde_json::from_str(&text)
-            .map_err(|e| ComfyError::protocol(format!("{what} 200 with an unreadable body ({e}): {}", snippet(&text))))?;
+        let accepted: PromptAccepted = serde_json::from_str(&text).map_err(|e| {
+            ComfyError::protocol(format!(
+                "{what} 200 with an unreadable body ({e}): {}",
+                snippet(&text)
+            ))
+        })?;
         if !accepted.node_errors.is_empty() {
             // Part of the graph was queued anyway: take it back, then report.
             self.cancel(prompt_id).await;
             return Err(ComfyError::Validation {
                 error_type: "prompt_outputs_failed_validation".into(),
-                message: "ComfyUI accepted only part of the workflow; the rest failed validation".into(),
+                message: "ComfyUI accepted only part of the workflow; the rest failed validation"
+                    .into(),
                 node_errors: node_issues_from(&accepted.node_errors),
             });
         }
         if accepted.prompt_id != prompt_id {
-            return Err(ComfyError::protocol(format!("asked for prompt_id {prompt_id}, ComfyUI answered {}", accepted.prompt_id)));
+            return Err(ComfyError::protocol(format!(
+                "asked for prompt_id {prompt_id}, ComfyUI answered {}",
+                accepted.prompt_id
+            )));
         }
         Ok(accepted)
     }
@@ -254,12 +350,14 @@ impl ComfyClient {
 
     /// POST /interrupt {prompt_id}: stops it if it is the running prompt, no-op otherwise.
     pub async fn interrupt(&self, prompt_id: &str) -> Result<(), ComfyError> {
-        self.post_empty_answer("interrupt", &json!({ "prompt_id": prompt_id })).await
+        self.post_empty_answer("interrupt", &json!({ "prompt_id": prompt_id }))
+            .await
     }
 
     /// POST /queue {delete:[ids]}: removes pending prompts, ignores others.
     pub async fn delete_from_queue(&self, prompt_ids: &[&str]) -> Result<(), ComfyError> {
-        self.post_empty_answer("queue", &json!({ "delete": prompt_ids })).await
+        self.post_empty_answer("queue", &json!({ "delete": prompt_ids }))
+            .await
     }
 
     /// Stop `prompt_id` wherever it is: interrupt (if running) and delete (if pending). Both are harmless
@@ -280,15 +378,30 @@ impl ComfyClient {
             .append_pair("filename", &file.filename)
             .append_pair("subfolder", &file.subfolder)
             .append_pair("type", &file.kind);
-        let what = format!("GET /view {}/{} [{}]", file.subfolder, file.filename, file.kind);
-        let resp = self.http.get(url).send().await.map_err(|e| ComfyError::from_transport(&what, &e))?;
+        let what = format!(
+            "GET /view {}/{} [{}]",
+            file.subfolder, file.filename, file.kind
+        );
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| ComfyError::from_transport(&what, &e))?;
         let resp = ok_or_error(&what, resp).await?;
-        resp.bytes().await.map_err(|e| ComfyError::from_transport(&what, &e))
+        resp.bytes()
+            .await
+            .map_err(|e| ComfyError::from_transport(&what, &e))
     }
 
     /// POST /upload/image (type input, overwrite) into `subfolder`. Returns ComfyUI's answer; see
     /// `UploadAnswer::load_image_reference` for the string LoadImage takes.
-    pub async fn upload_image(&self, bytes: Bytes, filename: &str, subfolder: &str) -> Result<UploadAnswer, ComfyError> {
+    pub async fn upload_image(
+        &self,
+        bytes: Bytes,
+        filename: &str,
+        subfolder: &str,
+    ) -> Result<UploadAnswer, ComfyError> {
         let what = format!("POST /upload/image {subfolder}/{filename}");
         let media_type = crate::media::sniff_media_type(&bytes);
         let part = reqwest::multipart::Part::stream(reqwest::Body::from(bytes))
@@ -300,16 +413,28 @@ impl ComfyClient {
             .text("type", "input")
             .text("subfolder", subfolder.to_string())
             .text("overwrite", "true");
-        let resp = self.http.post(self.url("upload/image")?).multipart(form).send().await.map_err(|e| ComfyError::from_transport(&what, &e))?;
+        let resp = self
+            .http
+            .post(self.url("upload/image")?)
+            .multipart(form)
+            .send()
+            .await
+            .map_err(|e| ComfyError::from_transport(&what, &e))?;
         let resp = ok_or_error(&what, resp).await?;
-        resp.json::<UploadAnswer>().await.map_err(|e| ComfyError::from_transport(&what, &e))
+        resp.json::<UploadAnswer>()
+            .await
+            .map_err(|e| ComfyError::from_transport(&what, &e))
     }
 }
 
 impl UploadAnswer {
     /// What to put in LoadImage's `image` input: `subfolder/name` (ComfyUI resolves it under input/).
     pub fn load_image_reference(&self) -> String {
-        if self.subfolder.is_empty() { self.name.clone() } else { format!("{}/{}", self.subfolder, self.name) }
+        if self.subfolder.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{}", self.subfolder, self.name)
+        }
     }
 }
 
@@ -321,9 +446,15 @@ async fn ok_or_error(what: &str, resp: reqwest::Response) -> Result<reqwest::Res
     }
     let body = resp.text().await.unwrap_or_default();
     if status.is_server_error() {
-        Err(ComfyError::unavailable(format!("{what} answered {status}: {}", snippet(&body))))
+        Err(ComfyError::unavailable(format!(
+            "{what} answered {status}: {}",
+            snippet(&body)
+        )))
     } else {
-        Err(ComfyError::protocol(format!("{what} answered {status}: {}", snippet(&body))))
+        Err(ComfyError::protocol(format!(
+            "{what} answered {status}: {}",
+            snippet(&body)
+        )))
     }
 }
 
@@ -338,33 +469,57 @@ fn snippet(text: &str) -> String {
 fn ws_url(base: &Url, client_id: &str) -> anyhow::Result<Url> {
     use anyhow::Context;
     let mut url = base.join("ws").context("building the websocket URL")?;
-    let scheme = if base.scheme() == "https" { "wss" } else { "ws" };
-    url.set_scheme(scheme).map_err(|()| anyhow::anyhow!("cannot use scheme {scheme} for {base}"))?;
-    url.query_pairs_mut().clear().append_pair("clientId", client_id);
+    let scheme = if base.scheme() == "https" {
+        "wss"
+    } else {
+        "ws"
+    };
+    url.set_scheme(scheme)
+        .map_err(|()| anyhow::anyhow!("cannot use scheme {scheme} for {base}"))?;
+    url.query_pairs_mut()
+        .clear()
+        .append_pair("clientId", client_id);
     Ok(url)
 }
 
 /// The websocket loop: connect, handshake, route frames, reconnect with backoff. Runs until aborted.
-async fn run_websocket(url: Url, tracker: Arc<PromptTracker>, state: watch::Sender<WsState>, config: ClientConfig) {
+async fn run_websocket(
+    url: Url,
+    tracker: Arc<PromptTracker>,
+    state: watch::Sender<WsState>,
+    config: ClientConfig,
+) {
     let mut backoff = config.ws_backoff_initial;
     let mut generation = 0u64;
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url.as_str())).await {
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(url.as_str()),
+        )
+        .await
+        {
             Ok(Ok((mut socket, _))) => {
                 generation += 1;
                 backoff = config.ws_backoff_initial;
                 tracing::debug!(url = %url, generation, "ComfyUI websocket connected");
                 // Ask for type-4 previews: they name their prompt and node.
-                let hello = json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}}).to_string();
+                let hello =
+                    json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}})
+                        .to_string();
                 if let Err(e) = socket.send(Message::text(hello)).await {
                     tracing::warn!(error = %e, "sending the feature_flags handshake failed");
                 }
-                state.send_replace(WsState { connected: true, generation });
+                state.send_replace(WsState {
+                    connected: true,
+                    generation,
+                });
                 while let Some(frame) = socket.next().await {
                     match frame {
                         Ok(Message::Text(text)) => match WsMessage::parse(text.as_str()) {
                             Ok(message) => tracker.route_message(message),
-                            Err(e) => tracing::warn!(error = %e, "unreadable ComfyUI websocket message"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "unreadable ComfyUI websocket message")
+                            }
                         },
                         Ok(Message::Binary(data)) => match BinaryFrame::parse(&data) {
                             Ok(frame) => tracker.route_binary(frame),
@@ -378,10 +533,15 @@ async fn run_websocket(url: Url, tracker: Arc<PromptTracker>, state: watch::Send
                         }
                     }
                 }
-                state.send_replace(WsState { connected: false, generation });
+                state.send_replace(WsState {
+                    connected: false,
+                    generation,
+                });
                 tracing::info!(generation, "ComfyUI websocket closed; reconnecting");
             }
-            Ok(Err(e)) => tracing::debug!(error = %error_chain(&e), "ComfyUI websocket connect failed"),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %error_chain(&e), "ComfyUI websocket connect failed")
+            }
             Err(_) => tracing::debug!("ComfyUI websocket connect timed out"),
         }
         tokio::time::sleep(backoff).await;

@@ -23,7 +23,15 @@ pub struct NodeIssue {
 
 impl std::fmt::Display for NodeIssue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "node {}", if self.node_id.is_empty() { "-" } else { &self.node_id })?;
+        write!(
+            f,
+            "node {}",
+            if self.node_id.is_empty() {
+                "-"
+            } else {
+                &self.node_id
+            }
+        )?;
         if !self.class_type.is_empty() {
             write!(f, " ({})", self.class_type)?;
         }
@@ -43,8 +51,15 @@ pub enum ComfyError {
     Unavailable { detail: String },
 
     /// ComfyUI rejected the graph (400 from POST /prompt, or a 200 with non-empty `node_errors`).
-    #[error("ComfyUI rejected the workflow ({error_type}): {message}{}", issues_suffix(node_errors))]
-    Validation { error_type: String, message: String, node_errors: Vec<NodeIssue> },
+    #[error(
+        "ComfyUI rejected the workflow ({error_type}): {message}{}",
+        issues_suffix(node_errors)
+    )]
+    Validation {
+        error_type: String,
+        message: String,
+        node_errors: Vec<NodeIssue>,
+    },
 
     /// A node raised while executing.
     #[error("node {node_id} ({node_type}) failed: {exception_type}: {exception_message}")]
@@ -59,7 +74,11 @@ pub enum ComfyError {
 
     /// The prompt was interrupted (by us on a deadline/cancel, or by someone else).
     #[error("prompt {prompt_id} was interrupted{}", node_id.as_ref().map(|n| format!(" at node {n}")).unwrap_or_default())]
-    Interrupted { prompt_id: String, node_id: Option<String>, node_type: Option<String> },
+    Interrupted {
+        prompt_id: String,
+        node_id: Option<String>,
+        node_type: Option<String>,
+    },
 
     /// The deadline expired; the prompt has been interrupted / removed from the queue.
     #[error("prompt {prompt_id} did not finish within {waited:?}; it was interrupted")]
@@ -84,10 +103,14 @@ fn issues_suffix(issues: &[NodeIssue]) -> String {
 
 impl ComfyError {
     pub(crate) fn unavailable(detail: impl Into<String>) -> Self {
-        ComfyError::Unavailable { detail: detail.into() }
+        ComfyError::Unavailable {
+            detail: detail.into(),
+        }
     }
     pub(crate) fn protocol(detail: impl Into<String>) -> Self {
-        ComfyError::Protocol { detail: detail.into() }
+        ComfyError::Protocol {
+            detail: detail.into(),
+        }
     }
 
     /// Classify a reqwest failure: transport problems mean ComfyUI is unavailable.

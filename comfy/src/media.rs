@@ -13,7 +13,11 @@ pub fn sniff_media_type(bytes: &[u8]) -> &'static str {
     } else if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
         "image/gif"
     } else if bytes.len() >= 12 && &bytes[4..8] == b"ftyp" {
-        if &bytes[8..10] == b"qt" { "video/quicktime" } else { "video/mp4" }
+        if &bytes[8..10] == b"qt" {
+            "video/quicktime"
+        } else {
+            "video/mp4"
+        }
     } else if bytes.starts_with(&[0x1A, 0x45, 0xDF, 0xA3]) {
         "video/webm"
     } else {

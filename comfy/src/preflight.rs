@@ -17,7 +17,10 @@ impl Catalogue {
     /// Check `graph` (`{node_id: {class_type, inputs}}`); every problem found is returned.
     pub fn preflight(&self, graph: &Value) -> Result<(), Vec<NodeIssue>> {
         let Some(nodes) = graph.as_object() else {
-            return Err(vec![whole_graph("invalid_prompt", "the workflow must be a JSON object of nodes")]);
+            return Err(vec![whole_graph(
+                "invalid_prompt",
+                "the workflow must be a JSON object of nodes",
+            )]);
         };
 
         // Stage 1 (ComfyUI: invalid_prompt, reported before anything else).
@@ -37,7 +40,8 @@ impl Catalogue {
                     class_type: String::new(),
                     kind: "invalid_prompt".into(),
                     input_name: None,
-                    message: "Cannot execute because a node is missing the class_type property.".into(),
+                    message: "Cannot execute because a node is missing the class_type property."
+                        .into(),
                 }),
             }
         }
@@ -46,10 +50,16 @@ impl Catalogue {
         }
 
         // Stage 2: output nodes.
-        let outputs: Vec<&String> =
-            nodes.iter().filter(|(_, n)| self.node_class(n).is_some_and(|c| c.output_node)).map(|(id, _)| id).collect();
+        let outputs: Vec<&String> = nodes
+            .iter()
+            .filter(|(_, n)| self.node_class(n).is_some_and(|c| c.output_node))
+            .map(|(id, _)| id)
+            .collect();
         if outputs.is_empty() {
-            return Err(vec![whole_graph("prompt_no_outputs", "Prompt has no outputs")]);
+            return Err(vec![whole_graph(
+                "prompt_no_outputs",
+                "Prompt has no outputs",
+            )]);
         }
 
         // Stage 3: every node an output depends on.
@@ -60,18 +70,28 @@ impl Catalogue {
                 continue;
             }
             let Some(node) = nodes.get(id) else { continue };
-            let Some(class) = self.node_class(node) else { continue };
+            let Some(class) = self.node_class(node) else {
+                continue;
+            };
             let empty = Map::new();
-            let inputs = node.get("inputs").and_then(Value::as_object).unwrap_or(&empty);
+            let inputs = node
+                .get("inputs")
+                .and_then(Value::as_object)
+                .unwrap_or(&empty);
             self.check_node(id, class, inputs, nodes, &mut issues);
             for value in inputs.values() {
                 if let Some((source, _)) = as_link(value)
-                    && let Some((key, _)) = nodes.get_key_value(source.as_str()) {
-                        stack.push(key);
-                    }
+                    && let Some((key, _)) = nodes.get_key_value(source.as_str())
+                {
+                    stack.push(key);
+                }
             }
         }
-        if issues.is_empty() { Ok(()) } else { Err(issues) }
+        if issues.is_empty() {
+            Ok(())
+        } else {
+            Err(issues)
+        }
     }
 
     fn node_class(&self, node: &Value) -> Option<&ClassInfo> {
@@ -96,12 +116,18 @@ impl Catalogue {
         for spec in &class.inputs {
             let Some(value) = inputs.get(&spec.name) else {
                 if spec.required {
-                    issues.push(issue("required_input_missing", &spec.name, format!("Required input is missing: {}", spec.name)));
+                    issues.push(issue(
+                        "required_input_missing",
+                        &spec.name,
+                        format!("Required input is missing: {}", spec.name),
+                    ));
                 }
                 continue;
             };
             if let Some((source, index)) = as_link(value) {
-                let Some(source_class) = nodes.get(source.as_str()).and_then(|n| self.node_class(n)) else {
+                let Some(source_class) =
+                    nodes.get(source.as_str()).and_then(|n| self.node_class(n))
+                else {
                     issues.push(issue(
                         "exception_during_inner_validation",
                         &spec.name,
@@ -109,7 +135,10 @@ impl Catalogue {
                     ));
                     continue;
                 };
-                let Some(received) = usize::try_from(index).ok().and_then(|i| source_class.outputs.get(i)) else {
+                let Some(received) = usize::try_from(index)
+                    .ok()
+                    .and_then(|i| source_class.outputs.get(i))
+                else {
                     issues.push(issue(
                         "exception_during_inner_validation",
                         &spec.name,
@@ -137,40 +166,69 @@ impl Catalogue {
             }
             match &spec.kind {
                 InputKind::Int { min, max } => match as_int(value) {
-                    Some(n) => check_bounds(n, min, max, &spec.name, value, &mut |k, m| issues.push(issue(k, &spec.name, m))),
+                    Some(n) => check_bounds(n, min, max, &spec.name, value, &mut |k, m| {
+                        issues.push(issue(k, &spec.name, m))
+                    }),
                     None => issues.push(issue(
                         "invalid_input_type",
                         &spec.name,
-                        format!("Failed to convert an input value to a INT value: {}, {}", spec.name, short(value)),
+                        format!(
+                            "Failed to convert an input value to a INT value: {}, {}",
+                            spec.name,
+                            short(value)
+                        ),
                     )),
                 },
                 InputKind::Float { min, max } => match as_float(value) {
-                    Some(n) => check_bounds(n, min, max, &spec.name, value, &mut |k, m| issues.push(issue(k, &spec.name, m))),
+                    Some(n) => check_bounds(n, min, max, &spec.name, value, &mut |k, m| {
+                        issues.push(issue(k, &spec.name, m))
+                    }),
                     None => issues.push(issue(
                         "invalid_input_type",
                         &spec.name,
-                        format!("Failed to convert an input value to a FLOAT value: {}, {}", spec.name, short(value)),
+                        format!(
+                            "Failed to convert an input value to a FLOAT value: {}, {}",
+                            spec.name,
+                            short(value)
+                        ),
                     )),
                 },
-                InputKind::Combo { options: Some(options), free_value: false } => {
+                InputKind::Combo {
+                    options: Some(options),
+                    free_value: false,
+                } => {
                     if !options.iter().any(|o| combo_equal(o, value)) {
                         let list: Vec<String> = options.iter().take(20).map(short).collect();
                         let more = if options.len() > 20 { ", …" } else { "" };
                         issues.push(issue(
                             "value_not_in_list",
                             &spec.name,
-                            format!("Value not in list: {}: {} not in [{}{more}]", spec.name, short(value), list.join(", ")),
+                            format!(
+                                "Value not in list: {}: {} not in [{}{more}]",
+                                spec.name,
+                                short(value),
+                                list.join(", ")
+                            ),
                         ));
                     }
                 }
-                InputKind::Combo { .. } | InputKind::String | InputKind::Boolean | InputKind::Data(_) => {}
+                InputKind::Combo { .. }
+                | InputKind::String
+                | InputKind::Boolean
+                | InputKind::Data(_) => {}
             }
         }
     }
 }
 
 fn whole_graph(kind: &str, message: &str) -> NodeIssue {
-    NodeIssue { node_id: String::new(), class_type: String::new(), kind: kind.into(), input_name: None, message: message.into() }
+    NodeIssue {
+        node_id: String::new(),
+        class_type: String::new(),
+        kind: kind.into(),
+        input_name: None,
+        message: message.into(),
+    }
 }
 
 /// `[source_node_id, output_index]` — ComfyUI's link shape.
@@ -200,7 +258,11 @@ fn link_types_match(received: &str, expected: &str) -> bool {
 /// A number as ComfyUI's `int(x)` sees it (floats truncate, numeric strings parse, bools are 0/1).
 fn as_int(value: &Value) -> Option<f64> {
     match value {
-        Value::Number(n) => n.as_i64().map(|i| i as f64).or_else(|| n.as_u64().map(|u| u as f64)).or_else(|| n.as_f64().map(f64::trunc)),
+        Value::Number(n) => n
+            .as_i64()
+            .map(|i| i as f64)
+            .or_else(|| n.as_u64().map(|u| u as f64))
+            .or_else(|| n.as_f64().map(f64::trunc)),
         Value::String(s) => s.trim().parse::<i128>().ok().map(|i| i as f64),
         Value::Bool(b) => Some(if *b { 1.0 } else { 0.0 }),
         _ => None,
@@ -219,11 +281,17 @@ fn as_float(value: &Value) -> Option<f64> {
 
 /// Exact integer comparison where both sides are integers (seeds reach u64::MAX), float otherwise.
 fn compare(value: &Value, converted: f64, bound: &Value) -> std::cmp::Ordering {
-    let as_i128 = |v: &Value| v.as_i64().map(i128::from).or_else(|| v.as_u64().map(i128::from));
+    let as_i128 = |v: &Value| {
+        v.as_i64()
+            .map(i128::from)
+            .or_else(|| v.as_u64().map(i128::from))
+    };
     if let (Some(a), Some(b)) = (as_i128(value), as_i128(bound)) {
         return a.cmp(&b);
     }
-    converted.partial_cmp(&bound.as_f64().unwrap_or(f64::NAN)).unwrap_or(std::cmp::Ordering::Equal)
+    converted
+        .partial_cmp(&bound.as_f64().unwrap_or(f64::NAN))
+        .unwrap_or(std::cmp::Ordering::Equal)
 }
 
 fn check_bounds(
@@ -235,13 +303,21 @@ fn check_bounds(
     report: &mut dyn FnMut(&str, String),
 ) {
     if let Some(min) = min
-        && compare(value, converted, min).is_lt() {
-            report("value_smaller_than_min", format!("Value {} smaller than min of {min}: {name}", short(value)));
-        }
+        && compare(value, converted, min).is_lt()
+    {
+        report(
+            "value_smaller_than_min",
+            format!("Value {} smaller than min of {min}: {name}", short(value)),
+        );
+    }
     if let Some(max) = max
-        && compare(value, converted, max).is_gt() {
-            report("value_bigger_than_max", format!("Value {} bigger than max of {max}: {name}", short(value)));
-        }
+        && compare(value, converted, max).is_gt()
+    {
+        report(
+            "value_bigger_than_max",
+            format!("Value {} bigger than max of {max}: {name}", short(value)),
+        );
+    }
 }
 
 fn combo_equal(option: &Value, value: &Value) -> bool {
@@ -256,7 +332,14 @@ fn short(value: &Value) -> String {
         Value::String(s) => format!("'{s}'"),
         other => {
             let s = other.to_string();
-            if s.len() > 80 { format!("{}…", &s[..s.char_indices().nth(80).map_or(s.len(), |(i, _)| i)]) } else { s }
+            if s.len() > 80 {
+                format!(
+                    "{}…",
+                    &s[..s.char_indices().nth(80).map_or(s.len(), |(i, _)| i)]
+                )
+            } else {
+                s
+            }
         }
     }
 }
@@ -267,18 +350,29 @@ mod tests {
     use serde_json::json;
 
     fn real() -> Catalogue {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../comfyui-double/fixtures/object_info.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../comfyui-double/fixtures/object_info.json"
+        );
         Catalogue::from_object_info(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
     fn kinds(r: Result<(), Vec<NodeIssue>>) -> Vec<(String, String)> {
-        let mut v: Vec<_> = r.err().unwrap_or_default().into_iter().map(|i| (i.node_id, i.kind)).collect();
+        let mut v: Vec<_> = r
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| (i.node_id, i.kind))
+            .collect();
         v.sort();
         v
     }
 
     fn fixture(name: &str) -> Value {
-        let path = format!("{}/../comfyui-double/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/../comfyui-double/fixtures/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
@@ -293,8 +387,14 @@ mod tests {
         if v.is_empty() && status != 200 {
             match response.pointer("/error/type").and_then(Value::as_str) {
                 Some("invalid_prompt") => {
-                    let details = response.pointer("/error/details").and_then(Value::as_str).unwrap_or("");
-                    v.push((crate::protocol::node_id_from_details(details).unwrap_or_default(), "invalid_prompt".into()));
+                    let details = response
+                        .pointer("/error/details")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    v.push((
+                        crate::protocol::node_id_from_details(details).unwrap_or_default(),
+                        "invalid_prompt".into(),
+                    ));
                 }
                 Some(other) => v.push((String::new(), other.to_string())),
                 None => v.push((String::new(), "invalid_prompt".into())), // 500: not a graph at all
@@ -310,10 +410,16 @@ mod tests {
         let mut checked = 0;
         for case in cases.as_array().unwrap() {
             let name = case["case"].as_str().unwrap();
-            let Some(graph) = case.get("request").and_then(|r| r.get("prompt")) else { continue }; // no graph to check
-            let expected = expected_from_response(case["status"].as_u64().unwrap(), &case["response"]);
+            let Some(graph) = case.get("request").and_then(|r| r.get("prompt")) else {
+                continue;
+            }; // no graph to check
+            let expected =
+                expected_from_response(case["status"].as_u64().unwrap(), &case["response"]);
             let got = kinds(real().preflight(graph));
-            if expected.iter().any(|(_, k)| k == "custom_validation_failed") {
+            if expected
+                .iter()
+                .any(|(_, k)| k == "custom_validation_failed")
+            {
                 // LoadImage checks file existence on ComfyUI's disk: not knowable here, the run reports it.
                 assert!(got.is_empty(), "{name}: {got:?}");
             } else {
@@ -328,7 +434,10 @@ mod tests {
     fn agrees_with_every_captured_flux_validation() {
         let cases = fixture("flux-validation.json");
         for (name, case) in cases.as_object().unwrap() {
-            let expected = expected_from_response(case["post_status"].as_u64().unwrap(), &case["post_response"]);
+            let expected = expected_from_response(
+                case["post_status"].as_u64().unwrap(),
+                &case["post_response"],
+            );
             let got = kinds(real().preflight(&case["request"]["prompt"]));
             assert_eq!(got, expected, "case {name}");
         }
@@ -337,10 +446,16 @@ mod tests {
     #[test]
     fn missing_model_is_named() {
         let cases = fixture("flux-validation.json");
-        let issues = real().preflight(&cases["x_missing_model_files"]["request"]["prompt"]).unwrap_err();
+        let issues = real()
+            .preflight(&cases["x_missing_model_files"]["request"]["prompt"])
+            .unwrap_err();
         let vae = issues.iter().find(|i| i.node_id == "3").unwrap();
         assert_eq!(vae.input_name.as_deref(), Some("vae_name"));
-        assert!(vae.message.contains("missing_vae.safetensors"), "{}", vae.message);
+        assert!(
+            vae.message.contains("missing_vae.safetensors"),
+            "{}",
+            vae.message
+        );
     }
 
     #[test]
@@ -351,16 +466,30 @@ mod tests {
                        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}});
         assert_eq!(c.preflight(&g), Ok(()));
         // A V3 combo with options rejects a value outside them.
-        let v3 = c
-            .class("ImageStitch")
-            .and_then(|cl| cl.inputs.iter().find(|i| matches!(&i.kind, InputKind::Combo { options: Some(_), .. })).cloned());
+        let v3 = c.class("ImageStitch").and_then(|cl| {
+            cl.inputs
+                .iter()
+                .find(|i| {
+                    matches!(
+                        &i.kind,
+                        InputKind::Combo {
+                            options: Some(_),
+                            ..
+                        }
+                    )
+                })
+                .cloned()
+        });
         if let Some(spec) = v3 {
             let mut inputs = serde_json::Map::new();
             inputs.insert(spec.name.clone(), json!("definitely-not-an-option"));
             let g = json!({"1": {"class_type": "ImageStitch", "inputs": inputs},
                            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}});
             let issues = c.preflight(&g).unwrap_err();
-            assert!(issues.iter().any(|i| i.kind == "value_not_in_list" && i.input_name.as_deref() == Some(&spec.name)));
+            assert!(
+                issues.iter().any(|i| i.kind == "value_not_in_list"
+                    && i.input_name.as_deref() == Some(&spec.name))
+            );
         }
     }
 
@@ -378,7 +507,10 @@ mod tests {
         let ks = json!({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
                         "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "area", "width": -5, "height": 8, "crop": "disabled"}},
                         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}}});
-        assert_eq!(kinds(c.preflight(&ks)), vec![("2".to_string(), "value_smaller_than_min".to_string())]);
+        assert_eq!(
+            kinds(c.preflight(&ks)),
+            vec![("2".to_string(), "value_smaller_than_min".to_string())]
+        );
     }
 
     #[test]

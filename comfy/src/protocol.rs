@@ -20,19 +20,43 @@ pub struct WsTextFrame {
 /// A decoded websocket text frame.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WsMessage {
-    Status { queue_remaining: Option<u64>, sid: Option<String> },
-    ExecutionStart { prompt_id: String },
-    ExecutionCached { prompt_id: String, nodes: Vec<String> },
+    Status {
+        queue_remaining: Option<u64>,
+        sid: Option<String>,
+    },
+    ExecutionStart {
+        prompt_id: String,
+    },
+    ExecutionCached {
+        prompt_id: String,
+        nodes: Vec<String>,
+    },
     /// `node: None` marks the end of the prompt.
-    Executing { prompt_id: Option<String>, node: Option<String> },
-    Progress { prompt_id: Option<String>, node: Option<String>, value: f64, max: f64 },
-    Executed { prompt_id: String, node: String, output: Value },
-    ExecutionSuccess { prompt_id: String },
+    Executing {
+        prompt_id: Option<String>,
+        node: Option<String>,
+    },
+    Progress {
+        prompt_id: Option<String>,
+        node: Option<String>,
+        value: f64,
+        max: f64,
+    },
+    Executed {
+        prompt_id: String,
+        node: String,
+        output: Value,
+    },
+    ExecutionSuccess {
+        prompt_id: String,
+    },
     ExecutionError(ExecutionErrorData),
     ExecutionInterrupted(ExecutionInterruptedData),
     FeatureFlags(Value),
     /// `progress_state` and anything newer: ignored by the client.
-    Other { kind: String },
+    Other {
+        kind: String,
+    },
 }
 
 /// `execution_error` data (identical in the websocket message and in history `status.messages`).
@@ -83,15 +107,21 @@ fn str_field(data: &Value, key: &str) -> Option<String> {
 impl WsMessage {
     /// Decode a text frame. Unknown types become `Other`; a known type with a malformed body is an error.
     pub fn parse(text: &str) -> Result<WsMessage, String> {
-        let frame: WsTextFrame = serde_json::from_str(text).map_err(|e| format!("websocket text frame is not JSON: {e}"))?;
+        let frame: WsTextFrame = serde_json::from_str(text)
+            .map_err(|e| format!("websocket text frame is not JSON: {e}"))?;
         let d = &frame.data;
-        let need_pid = || str_field(d, "prompt_id").ok_or_else(|| format!("{} without prompt_id", frame.kind));
+        let need_pid =
+            || str_field(d, "prompt_id").ok_or_else(|| format!("{} without prompt_id", frame.kind));
         Ok(match frame.kind.as_str() {
             "status" => WsMessage::Status {
-                queue_remaining: d.pointer("/status/exec_info/queue_remaining").and_then(Value::as_u64),
+                queue_remaining: d
+                    .pointer("/status/exec_info/queue_remaining")
+                    .and_then(Value::as_u64),
                 sid: str_field(d, "sid"),
             },
-            "execution_start" => WsMessage::ExecutionStart { prompt_id: need_pid()? },
+            "execution_start" => WsMessage::ExecutionStart {
+                prompt_id: need_pid()?,
+            },
             "execution_cached" => WsMessage::ExecutionCached {
                 prompt_id: need_pid()?,
                 nodes: d
@@ -100,7 +130,10 @@ impl WsMessage {
                     .map(|a| a.iter().filter_map(value_as_id).collect())
                     .unwrap_or_default(),
             },
-            "executing" => WsMessage::Executing { prompt_id: str_field(d, "prompt_id"), node: str_field(d, "node") },
+            "executing" => WsMessage::Executing {
+                prompt_id: str_field(d, "prompt_id"),
+                node: str_field(d, "node"),
+            },
             "progress" => WsMessage::Progress {
                 prompt_id: str_field(d, "prompt_id"),
                 node: str_field(d, "node"),
@@ -112,15 +145,21 @@ impl WsMessage {
                 node: str_field(d, "node").ok_or("executed without node")?,
                 output: d.get("output").cloned().unwrap_or(Value::Null),
             },
-            "execution_success" => WsMessage::ExecutionSuccess { prompt_id: need_pid()? },
+            "execution_success" => WsMessage::ExecutionSuccess {
+                prompt_id: need_pid()?,
+            },
             "execution_error" => WsMessage::ExecutionError(
-                serde_json::from_value(d.clone()).map_err(|e| format!("malformed execution_error: {e}"))?,
+                serde_json::from_value(d.clone())
+                    .map_err(|e| format!("malformed execution_error: {e}"))?,
             ),
             "execution_interrupted" => WsMessage::ExecutionInterrupted(
-                serde_json::from_value(d.clone()).map_err(|e| format!("malformed execution_interrupted: {e}"))?,
+                serde_json::from_value(d.clone())
+                    .map_err(|e| format!("malformed execution_interrupted: {e}"))?,
             ),
             "feature_flags" => WsMessage::FeatureFlags(d.clone()),
-            other => WsMessage::Other { kind: other.to_string() },
+            other => WsMessage::Other {
+                kind: other.to_string(),
+            },
         })
     }
 
@@ -131,7 +170,9 @@ impl WsMessage {
             | WsMessage::ExecutionCached { prompt_id, .. }
             | WsMessage::Executed { prompt_id, .. }
             | WsMessage::ExecutionSuccess { prompt_id } => Some(prompt_id),
-            WsMessage::Executing { prompt_id, .. } | WsMessage::Progress { prompt_id, .. } => prompt_id.as_deref(),
+            WsMessage::Executing { prompt_id, .. } | WsMessage::Progress { prompt_id, .. } => {
+                prompt_id.as_deref()
+            }
             WsMessage::ExecutionError(e) => Some(&e.prompt_id),
             WsMessage::ExecutionInterrupted(e) => Some(&e.prompt_id),
             WsMessage::Status { .. } | WsMessage::FeatureFlags(_) | WsMessage::Other { .. } => None,
@@ -154,7 +195,10 @@ pub enum BinaryFrame {
     /// on the wire: the receiver attributes it to the node currently executing.
     PreviewImage { format: u32, image: bytes::Bytes },
     /// Type 4 `PREVIEW_IMAGE_WITH_METADATA`: metadata names node and prompt.
-    PreviewImageWithMetadata { metadata: PreviewMetadata, image: bytes::Bytes },
+    PreviewImageWithMetadata {
+        metadata: PreviewMetadata,
+        image: bytes::Bytes,
+    },
     /// Type 3 `TEXT`.
     Text { node_id: String, text: String },
     /// Anything else (type 2 is internal; newer types may appear).
@@ -188,18 +232,32 @@ impl BinaryFrame {
         match event_type {
             1 => {
                 let format = be_u32(frame, 4).ok_or("PREVIEW_IMAGE frame without format")?;
-                Ok(BinaryFrame::PreviewImage { format, image: frame.slice(8..) })
+                Ok(BinaryFrame::PreviewImage {
+                    format,
+                    image: frame.slice(8..),
+                })
             }
             4 => {
-                let len = be_u32(frame, 4).ok_or("PREVIEW_IMAGE_WITH_METADATA frame without length")? as usize;
-                let end = 8usize.checked_add(len).filter(|e| *e <= frame.len()).ok_or("metadata length beyond frame")?;
-                let metadata: PreviewMetadata =
-                    serde_json::from_slice(&frame[8..end]).map_err(|e| format!("preview metadata is not JSON: {e}"))?;
-                Ok(BinaryFrame::PreviewImageWithMetadata { metadata, image: frame.slice(end..) })
+                let len = be_u32(frame, 4)
+                    .ok_or("PREVIEW_IMAGE_WITH_METADATA frame without length")?
+                    as usize;
+                let end = 8usize
+                    .checked_add(len)
+                    .filter(|e| *e <= frame.len())
+                    .ok_or("metadata length beyond frame")?;
+                let metadata: PreviewMetadata = serde_json::from_slice(&frame[8..end])
+                    .map_err(|e| format!("preview metadata is not JSON: {e}"))?;
+                Ok(BinaryFrame::PreviewImageWithMetadata {
+                    metadata,
+                    image: frame.slice(end..),
+                })
             }
             3 => {
                 let len = be_u32(frame, 4).ok_or("TEXT frame without node id length")? as usize;
-                let end = 8usize.checked_add(len).filter(|e| *e <= frame.len()).ok_or("node id length beyond frame")?;
+                let end = 8usize
+                    .checked_add(len)
+                    .filter(|e| *e <= frame.len())
+                    .ok_or("node id length beyond frame")?;
                 Ok(BinaryFrame::Text {
                     node_id: String::from_utf8_lossy(&frame[8..end]).into_owned(),
                     text: String::from_utf8_lossy(&frame[end..]).into_owned(),
@@ -277,9 +335,23 @@ pub fn node_issues_from(node_errors: &Map<String, Value>) -> Vec<NodeIssue> {
             });
         }
         for e in entry.errors {
-            let input_name = e.extra_info.get("input_name").and_then(Value::as_str).map(str::to_string);
-            let message = if e.details.is_empty() { e.message.clone() } else { format!("{}: {}", e.message, e.details) };
-            out.push(NodeIssue { node_id: node_id.clone(), class_type: entry.class_type.clone(), kind: e.kind, input_name, message });
+            let input_name = e
+                .extra_info
+                .get("input_name")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            let message = if e.details.is_empty() {
+                e.message.clone()
+            } else {
+                format!("{}: {}", e.message, e.details)
+            };
+            out.push(NodeIssue {
+                node_id: node_id.clone(),
+                class_type: entry.class_type.clone(),
+                kind: e.kind,
+                input_name,
+                message,
+            });
         }
     }
     out
@@ -332,14 +404,16 @@ impl HistoryEntry {
             match name.as_str() {
                 "execution_success" => return Some(PromptOutcome::Success),
                 "execution_error" => {
-                    let mut e: ExecutionErrorData = serde_json::from_value(data.clone()).unwrap_or_default();
+                    let mut e: ExecutionErrorData =
+                        serde_json::from_value(data.clone()).unwrap_or_default();
                     if e.prompt_id.is_empty() {
                         e.prompt_id = prompt_id.to_string();
                     }
                     return Some(PromptOutcome::Error(e));
                 }
                 "execution_interrupted" => {
-                    let mut e: ExecutionInterruptedData = serde_json::from_value(data.clone()).unwrap_or_default();
+                    let mut e: ExecutionInterruptedData =
+                        serde_json::from_value(data.clone()).unwrap_or_default();
                     if e.prompt_id.is_empty() {
                         e.prompt_id = prompt_id.to_string();
                     }
@@ -353,7 +427,8 @@ impl HistoryEntry {
             ("error", _) => Some(PromptOutcome::Error(ExecutionErrorData {
                 prompt_id: prompt_id.to_string(),
                 exception_type: "unknown".into(),
-                exception_message: "ComfyUI recorded an error without an execution_error message".into(),
+                exception_message: "ComfyUI recorded an error without an execution_error message"
+                    .into(),
                 ..Default::default()
             })),
             _ => None,
@@ -372,7 +447,9 @@ pub struct QueueState {
 
 impl QueueState {
     fn has(items: &[Vec<Value>], id: &str) -> bool {
-        items.iter().any(|i| i.get(1).and_then(Value::as_str) == Some(id))
+        items
+            .iter()
+            .any(|i| i.get(1).and_then(Value::as_str) == Some(id))
     }
     pub fn is_running(&self, id: &str) -> bool {
         Self::has(&self.queue_running, id)
@@ -432,9 +509,10 @@ pub fn file_refs_in_ui_output(output: &Value) -> Vec<FileRef> {
             if let Some(items) = value.as_array() {
                 for item in items {
                     if item.get("filename").is_some()
-                        && let Ok(r) = serde_json::from_value::<FileRef>(item.clone()) {
-                            refs.push(r);
-                        }
+                        && let Ok(r) = serde_json::from_value::<FileRef>(item.clone())
+                    {
+                        refs.push(r);
+                    }
                 }
             }
         }
@@ -449,48 +527,90 @@ mod tests {
     #[test]
     fn execution_error_from_real_transcript_names_node_and_exception() {
         let text = r#"{"type":"execution_error","data":{"prompt_id":"p","node_id":"3","node_type":"VAELoader","executed":[],"exception_message":"header too small\n","exception_type":"safetensors._safetensors_rust.SafetensorError","traceback":["a","b"],"current_inputs":{},"current_outputs":[],"timestamp":1}}"#;
-        let WsMessage::ExecutionError(e) = WsMessage::parse(text).unwrap() else { panic!("wrong kind") };
-        assert_eq!((e.node_id.as_str(), e.node_type.as_str()), ("3", "VAELoader"));
-        assert_eq!(e.exception_type, "safetensors._safetensors_rust.SafetensorError");
+        let WsMessage::ExecutionError(e) = WsMessage::parse(text).unwrap() else {
+            panic!("wrong kind")
+        };
+        assert_eq!(
+            (e.node_id.as_str(), e.node_type.as_str()),
+            ("3", "VAELoader")
+        );
+        assert_eq!(
+            e.exception_type,
+            "safetensors._safetensors_rust.SafetensorError"
+        );
         assert_eq!(e.traceback.len(), 2);
     }
 
     #[test]
     fn executing_null_is_end_marker() {
-        let m = WsMessage::parse(r#"{"type":"executing","data":{"node":null,"display_node":null,"prompt_id":"p"}}"#).unwrap();
-        assert_eq!(m, WsMessage::Executing { prompt_id: Some("p".into()), node: None });
+        let m = WsMessage::parse(
+            r#"{"type":"executing","data":{"node":null,"display_node":null,"prompt_id":"p"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            WsMessage::Executing {
+                prompt_id: Some("p".into()),
+                node: None
+            }
+        );
     }
 
     #[test]
     fn real_binary_frames_decode() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../comfyui-double/fixtures/");
-        let t1 = bytes::Bytes::from(std::fs::read(format!("{dir}savews-frame-no_feature_flags-0.bin")).unwrap());
-        let BinaryFrame::PreviewImage { format, image } = BinaryFrame::parse(&t1).unwrap() else { panic!() };
+        let t1 = bytes::Bytes::from(
+            std::fs::read(format!("{dir}savews-frame-no_feature_flags-0.bin")).unwrap(),
+        );
+        let BinaryFrame::PreviewImage { format, image } = BinaryFrame::parse(&t1).unwrap() else {
+            panic!()
+        };
         assert_eq!(format, 2);
         assert_eq!(&image[..4], b"\x89PNG");
         let t4 = bytes::Bytes::from(
-            std::fs::read(format!("{dir}savews-frame-feature_flags_supports_preview_metadata-0.bin")).unwrap(),
+            std::fs::read(format!(
+                "{dir}savews-frame-feature_flags_supports_preview_metadata-0.bin"
+            ))
+            .unwrap(),
         );
-        let BinaryFrame::PreviewImageWithMetadata { metadata, image } = BinaryFrame::parse(&t4).unwrap() else { panic!() };
+        let BinaryFrame::PreviewImageWithMetadata { metadata, image } =
+            BinaryFrame::parse(&t4).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(metadata.node_id.as_deref(), Some("2"));
-        assert_eq!(metadata.prompt_id.as_deref(), Some("09894ee1-c504-47e8-8483-f36c925eb309"));
+        assert_eq!(
+            metadata.prompt_id.as_deref(),
+            Some("09894ee1-c504-47e8-8483-f36c925eb309")
+        );
         assert_eq!(&image[..4], b"\x89PNG");
     }
 
     #[test]
     fn real_history_entries_give_outcomes() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../comfyui-double/fixtures/");
-        let ok: Value = serde_json::from_str(&std::fs::read_to_string(format!("{dir}history-success.json")).unwrap()).unwrap();
+        let ok: Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{dir}history-success.json")).unwrap(),
+        )
+        .unwrap();
         let (pid, entry) = ok["response"].as_object().unwrap().iter().next().unwrap();
         let entry: HistoryEntry = serde_json::from_value(entry.clone()).unwrap();
         assert_eq!(entry.outcome(pid), Some(PromptOutcome::Success));
-        assert_eq!(file_refs_in_ui_output(&entry.outputs["3"])[0].filename, "cap_success_00001_.png");
+        assert_eq!(
+            file_refs_in_ui_output(&entry.outputs["3"])[0].filename,
+            "cap_success_00001_.png"
+        );
 
-        let err: Value = serde_json::from_str(&std::fs::read_to_string(format!("{dir}history-error.json")).unwrap()).unwrap();
+        let err: Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{dir}history-error.json")).unwrap(),
+        )
+        .unwrap();
         let resp = err.get("response").unwrap_or(&err);
         let (pid, entry) = resp.as_object().unwrap().iter().next().unwrap();
         let entry: HistoryEntry = serde_json::from_value(entry.clone()).unwrap();
-        let Some(PromptOutcome::Error(e)) = entry.outcome(pid) else { panic!("expected error outcome") };
+        let Some(PromptOutcome::Error(e)) = entry.outcome(pid) else {
+            panic!("expected error outcome")
+        };
         assert!(!e.node_id.is_empty() && !e.exception_type.is_empty());
     }
 

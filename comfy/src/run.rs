@@ -27,7 +27,11 @@ pub enum Progress {
     /// A node started executing.
     Node { node_id: String },
     /// A node reported step progress (samplers).
-    Step { node_id: Option<String>, value: f64, max: f64 },
+    Step {
+        node_id: Option<String>,
+        value: f64,
+        max: f64,
+    },
 }
 
 /// Callback for progress; called on the waiting task, keep it cheap.
@@ -49,13 +53,22 @@ pub struct RunRequest {
 
 impl RunRequest {
     pub fn new(graph: Value, deadline: Duration) -> Self {
-        RunRequest { graph, outputs: Vec::new(), deadline, extra_data: Value::Null, on_progress: None }
+        RunRequest {
+            graph,
+            outputs: Vec::new(),
+            deadline,
+            extra_data: Value::Null,
+            on_progress: None,
+        }
     }
 }
 
 impl std::fmt::Debug for RunRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunRequest").field("outputs", &self.outputs).field("deadline", &self.deadline).finish_non_exhaustive()
+        f.debug_struct("RunRequest")
+            .field("outputs", &self.outputs)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
     }
 }
 
@@ -101,12 +114,13 @@ impl Drop for PromptGuard {
     fn drop(&mut self) {
         self.client.tracker().unregister(&self.prompt_id);
         if self.cancel_on_drop
-            && let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let client = self.client.clone();
-                let prompt_id = self.prompt_id.clone();
-                tracing::info!(prompt_id, "caller went away; cancelling the prompt");
-                runtime.spawn(async move { client.cancel(&prompt_id).await });
-            }
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let client = self.client.clone();
+            let prompt_id = self.prompt_id.clone();
+            tracing::info!(prompt_id, "caller went away; cancelling the prompt");
+            runtime.spawn(async move { client.cancel(&prompt_id).await });
+        }
     }
 }
 
@@ -135,7 +149,12 @@ impl Collected {
     }
     fn add_ui_output(&mut self, node: &str, output: &Value) {
         for file in file_refs_in_ui_output(output) {
-            let key = (node.to_string(), file.filename.clone(), file.subfolder.clone(), file.kind.clone());
+            let key = (
+                node.to_string(),
+                file.filename.clone(),
+                file.subfolder.clone(),
+                file.kind.clone(),
+            );
             if self.seen_files.insert(key) {
                 self.slot(node).push(Source::File(file));
             }
@@ -154,11 +173,20 @@ enum Poll {
     Vanished,
 }
 
-async fn poll_history(client: &ComfyClient, prompt_id: &str) -> Result<Poll, ComfyError> {
+/// Read history; when `check_queue`, also tell "still queued" from "lost" (GET /queue carries every
+/// queued graph, so it is not read on every periodic poll).
+async fn poll_history(
+    client: &ComfyClient,
+    prompt_id: &str,
+    check_queue: bool,
+) -> Result<Poll, ComfyError> {
     if let Some(entry) = client.history(prompt_id).await? {
         if let Some(outcome) = entry.outcome(prompt_id) {
             return Ok(Poll::Finished(Box::new(entry), outcome));
         }
+        return Ok(Poll::Waiting);
+    }
+    if !check_queue {
         return Ok(Poll::Waiting);
     }
     let queue = client.queue().await?;
@@ -185,11 +213,21 @@ pub(crate) async fn run_prompt(
     let deadline = tokio::time::Instant::now() + req.deadline;
     let prompt_id = uuid::Uuid::new_v4().to_string();
     let mut events = client.tracker().register(&prompt_id);
-    let mut guard = PromptGuard { client: client.clone(), prompt_id: prompt_id.clone(), cancel_on_drop: false };
+    let mut guard = PromptGuard {
+        client: client.clone(),
+        prompt_id: prompt_id.clone(),
+        cancel_on_drop: false,
+    };
 
     // The socket first, so no event can precede our knowing the prompt.
-    if !client.wait_ws_connected(Duration::from_secs(2).min(req.deadline)).await {
-        tracing::warn!(prompt_id, "ComfyUI websocket not connected; relying on history polling");
+    if !client
+        .wait_ws_connected(Duration::from_secs(2).min(req.deadline))
+        .await
+    {
+        tracing::warn!(
+            prompt_id,
+            "ComfyUI websocket not connected; relying on history polling"
+        );
     }
     let mut ws_state = client.ws_state();
     ws_state.borrow_and_update();
@@ -198,7 +236,12 @@ pub(crate) async fn run_prompt(
     }
 
     guard.cancel_on_drop = true; // from here on, a dropped future must not leave the prompt running
-    match tokio::time::timeout_at(deadline, client.submit(&req.graph, &prompt_id, &req.extra_data)).await {
+    match tokio::time::timeout_at(
+        deadline,
+        client.submit(&req.graph, &prompt_id, &req.extra_data),
+    )
+    .await
+    {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
             guard.cancel_on_drop = false;
@@ -207,7 +250,10 @@ pub(crate) async fn run_prompt(
         Err(_) => {
             guard.cancel_on_drop = false;
             client.cancel(&prompt_id).await;
-            return Err(ComfyError::Timeout { prompt_id, waited: started.elapsed() });
+            return Err(ComfyError::Timeout {
+                prompt_id,
+                waited: started.elapsed(),
+            });
         }
     }
     let submitted = Instant::now();
@@ -230,8 +276,11 @@ pub(crate) async fn run_prompt(
     poll_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ws_alive = true;
 
+    let mut polls = 0u64;
+    let (mut ws_watch_open, mut health_watch_open) = (true, true);
     while outcome.is_none() {
         let mut poll_now = false;
+        let mut check_queue = false;
         tokio::select! {
             event = events.recv() => match event {
                 Some(PromptEvent::Message(message)) => match message {
@@ -256,16 +305,19 @@ pub(crate) async fn run_prompt(
                 None => poll_now = true,
             },
             _ = poll_timer.tick() => poll_now = true,
-            changed = ws_state.changed() => {
-                if changed.is_ok() {
+            changed = ws_state.changed(), if ws_watch_open => {
+                ws_watch_open = changed.is_ok(); // a closed watch must not wake this loop forever
+                if ws_watch_open {
                     let state = *ws_state.borrow_and_update();
                     ws_alive = state.connected;
-                    // Lost or regained: events may have been missed either way.
+                    // Lost or regained: events may have been missed either way, and ComfyUI may have restarted.
                     poll_now = true;
+                    check_queue = true;
                 }
             }
-            changed = health.changed() => {
-                if changed.is_ok()
+            changed = health.changed(), if health_watch_open => {
+                health_watch_open = changed.is_ok();
+                if health_watch_open
                     && let BackendHealth::Down { reason } = &*health.borrow_and_update() {
                         guard.cancel_on_drop = false;
                         return Err(ComfyError::unavailable(format!("ComfyUI went down while prompt {prompt_id} was running: {reason}")));
@@ -279,7 +331,8 @@ pub(crate) async fn run_prompt(
             }
         }
         if poll_now && outcome.is_none() {
-            match poll_history(client, &prompt_id).await {
+            polls += 1;
+            match poll_history(client, &prompt_id, check_queue || polls % 5 == 1).await {
                 Ok(Poll::Finished(entry, o)) => {
                     tracing::debug!(prompt_id, "completion taken from history");
                     outcome = Some(o);
@@ -295,7 +348,9 @@ pub(crate) async fn run_prompt(
                 Err(e) => {
                     poll_failures += 1;
                     let ws_down = !ws_state.borrow().connected || !ws_alive;
-                    if matches!(e, ComfyError::Unavailable { .. }) && (ws_down || poll_failures >= 3) {
+                    if matches!(e, ComfyError::Unavailable { .. })
+                        && (ws_down || poll_failures >= 3)
+                    {
                         guard.cancel_on_drop = false;
                         return Err(e);
                     }
@@ -323,7 +378,11 @@ pub(crate) async fn run_prompt(
             });
         }
         PromptOutcome::Interrupted(e) => {
-            return Err(ComfyError::Interrupted { prompt_id, node_id: e.node_id, node_type: e.node_type });
+            return Err(ComfyError::Interrupted {
+                prompt_id,
+                node_id: e.node_id,
+                node_type: e.node_type,
+            });
         }
     }
 
@@ -344,24 +403,44 @@ pub(crate) async fn run_prompt(
     // Drain images that were already routed but not yet read.
     while let Ok(event) = events.try_recv() {
         match event {
-            PromptEvent::Image { node_id, bytes } => collected.slot(&node_id.unwrap_or_default()).push(Source::Socket(bytes)),
-            PromptEvent::Message(WsMessage::Executed { node, output, .. }) => collected.add_ui_output(&node, &output),
+            PromptEvent::Image { node_id, bytes } => collected
+                .slot(&node_id.unwrap_or_default())
+                .push(Source::Socket(bytes)),
+            PromptEvent::Message(WsMessage::Executed { node, output, .. }) => {
+                collected.add_ui_output(&node, &output)
+            }
             PromptEvent::Message(_) => {}
         }
     }
 
     let selected: Vec<(String, Vec<Source>)> = if req.outputs.is_empty() {
-        match collected.nodes.into_iter().rev().find(|(_, s)| !s.is_empty()) {
+        match collected
+            .nodes
+            .into_iter()
+            .rev()
+            .find(|(_, s)| !s.is_empty())
+        {
             Some(last) => vec![last],
-            None => return Err(ComfyError::OutputMissing { node_id: "*".into() }),
+            None => {
+                return Err(ComfyError::OutputMissing {
+                    node_id: "*".into(),
+                });
+            }
         }
     } else {
         let mut picked = Vec::new();
         for wanted in &req.outputs {
-            let pos = collected.nodes.iter().position(|(n, s)| n == wanted && !s.is_empty());
+            let pos = collected
+                .nodes
+                .iter()
+                .position(|(n, s)| n == wanted && !s.is_empty());
             match pos {
                 Some(p) => picked.push(collected.nodes.swap_remove(p)),
-                None => return Err(ComfyError::OutputMissing { node_id: wanted.clone() }),
+                None => {
+                    return Err(ComfyError::OutputMissing {
+                        node_id: wanted.clone(),
+                    });
+                }
             }
         }
         picked
@@ -380,7 +459,12 @@ pub(crate) async fn run_prompt(
             } else {
                 name
             };
-            media.push(OutputMedia { node_id: node_id.clone(), bytes, media_type, filename });
+            media.push(OutputMedia {
+                node_id: node_id.clone(),
+                bytes,
+                media_type,
+                filename,
+            });
         }
     }
     let timings = RunTimings {
@@ -389,5 +473,9 @@ pub(crate) async fn run_prompt(
         fetching: finished.elapsed(),
         total: started.elapsed(),
     };
-    Ok(RunResult { prompt_id, media, timings })
+    Ok(RunResult {
+        prompt_id,
+        media,
+        timings,
+    })
 }

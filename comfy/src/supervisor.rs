@@ -51,7 +51,10 @@ impl SupervisorConfig {
 
     /// The URL the supervised ComfyUI answers on.
     pub fn url(&self) -> anyhow::Result<url::Url> {
-        Ok(url::Url::parse(&format!("http://127.0.0.1:{}/", self.port))?)
+        Ok(url::Url::parse(&format!(
+            "http://127.0.0.1:{}/",
+            self.port
+        ))?)
     }
 
     /// ComfyUI's input directory: `--input-directory` if given, else `{comfyui_dir}/input`.
@@ -78,7 +81,10 @@ pub enum ProcessState {
     /// Answering `/system_stats`. `generation` increments on every successful start.
     Running { pid: u32, generation: u64 },
     /// Died or failed to start; a restart follows after the backoff.
-    Exited { reason: String, restart_in: Duration },
+    Exited {
+        reason: String,
+        restart_in: Duration,
+    },
     /// Stopped on shutdown.
     Stopped,
 }
@@ -97,8 +103,18 @@ impl Supervisor {
         let (state_tx, state_rx) = watch::channel(ProcessState::Starting { attempt: 1 });
         let (stop_tx, stop_rx) = watch::channel(false);
         let import_failures = Arc::new(Mutex::new(Vec::new()));
-        let task = tokio::spawn(supervise(config, state_tx, stop_rx, import_failures.clone()));
-        Supervisor { state: state_rx, import_failures, stop: stop_tx, task: Mutex::new(Some(task)) }
+        let task = tokio::spawn(supervise(
+            config,
+            state_tx,
+            stop_rx,
+            import_failures.clone(),
+        ));
+        Supervisor {
+            state: state_rx,
+            import_failures,
+            stop: stop_tx,
+            task: Mutex::new(Some(task)),
+        }
     }
 
     pub fn state(&self) -> watch::Receiver<ProcessState> {
@@ -115,7 +131,10 @@ impl Supervisor {
 
     /// Custom-node paths whose import failed in the current process (from `IMPORT FAILED` lines).
     pub fn import_failures(&self) -> Vec<String> {
-        self.import_failures.lock().map(|v| v.clone()).unwrap_or_default()
+        self.import_failures
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
     }
 
     /// Stop the process (SIGTERM, then kill after the grace period) and the supervision.
@@ -140,7 +159,10 @@ async fn supervise(
     mut stop: watch::Receiver<bool>,
     import_failures: Arc<Mutex<Vec<String>>>,
 ) {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap_or_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap_or_default();
     let stats_url = format!("http://127.0.0.1:{}/system_stats", config.port);
     let mut backoff = config.restart_backoff_initial;
     let mut attempt = 0u32;
@@ -160,7 +182,15 @@ async fn supervise(
                 let pid = child.id().unwrap_or(0);
                 tracing::info!(target: "comfyui", pid, attempt, "ComfyUI process spawned");
                 let spawned = Instant::now();
-                match wait_until_answering(&http, &stats_url, &mut child, &mut stop, config.startup_timeout).await {
+                match wait_until_answering(
+                    &http,
+                    &stats_url,
+                    &mut child,
+                    &mut stop,
+                    config.startup_timeout,
+                )
+                .await
+                {
                     Startup::Stopped => {
                         stop_child(&mut child, config.stop_grace).await;
                         break;
@@ -168,7 +198,10 @@ async fn supervise(
                     Startup::Died(reason) => reason,
                     Startup::TimedOut => {
                         let _ = child.kill().await;
-                        format!("ComfyUI did not answer /system_stats within {:?}", config.startup_timeout)
+                        format!(
+                            "ComfyUI did not answer /system_stats within {:?}",
+                            config.startup_timeout
+                        )
                     }
                     Startup::Ready => {
                         generation += 1;
@@ -194,7 +227,10 @@ async fn supervise(
             }
         };
         tracing::warn!(target: "comfyui", reason = %exit_reason, restart_in = ?backoff, "ComfyUI is down; restarting");
-        state.send_replace(ProcessState::Exited { reason: exit_reason, restart_in: backoff });
+        state.send_replace(ProcessState::Exited {
+            reason: exit_reason,
+            restart_in: backoff,
+        });
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = stopped(&mut stop) => break,
@@ -226,9 +262,10 @@ async fn wait_until_answering(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Ok(resp) = http.get(url).send().await
-            && resp.status().is_success() {
-                return Startup::Ready;
-            }
+            && resp.status().is_success()
+        {
+            return Startup::Ready;
+        }
         tokio::select! {
             status = child.wait() => {
                 return Startup::Died(match status {
@@ -243,7 +280,10 @@ async fn wait_until_answering(
     }
 }
 
-fn spawn_comfyui(config: &SupervisorConfig, import_failures: &Arc<Mutex<Vec<String>>>) -> anyhow::Result<Child> {
+fn spawn_comfyui(
+    config: &SupervisorConfig,
+    import_failures: &Arc<Mutex<Vec<String>>>,
+) -> anyhow::Result<Child> {
     use anyhow::Context;
     let mut cmd = Command::new(&config.python);
     cmd.arg("main.py")
@@ -257,9 +297,13 @@ fn spawn_comfyui(config: &SupervisorConfig, import_failures: &Arc<Mutex<Vec<Stri
     if let Some(file) = &config.extra_model_paths_config {
         cmd.arg("--extra-model-paths-config").arg(file);
     }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("spawning {} main.py in {}", config.python.display(), config.comfyui_dir.display()))?;
+    let mut child = cmd.spawn().with_context(|| {
+        format!(
+            "spawning {} main.py in {}",
+            config.python.display(),
+            config.comfyui_dir.display()
+        )
+    })?;
     if let Some(out) = child.stdout.take() {
         tokio::spawn(forward_lines(out, "stdout", import_failures.clone()));
     }
@@ -274,10 +318,18 @@ pub fn import_failure_in(line: &str) -> Option<String> {
     let idx = line.find("IMPORT FAILED")?;
     let rest = &line[idx + "IMPORT FAILED".len()..];
     let path = rest.trim_start_matches(')').trim_start_matches(':').trim();
-    Some(if path.is_empty() { line.trim().to_string() } else { path.to_string() })
+    Some(if path.is_empty() {
+        line.trim().to_string()
+    } else {
+        path.to_string()
+    })
 }
 
-async fn forward_lines(stream: impl AsyncRead + Unpin, stream_name: &'static str, import_failures: Arc<Mutex<Vec<String>>>) {
+async fn forward_lines(
+    stream: impl AsyncRead + Unpin,
+    stream_name: &'static str,
+    import_failures: Arc<Mutex<Vec<String>>>,
+) {
     let mut reader = BufReader::new(stream);
     let mut buf = Vec::new();
     loop {
@@ -290,9 +342,10 @@ async fn forward_lines(stream: impl AsyncRead + Unpin, stream_name: &'static str
                 if let Some(node) = import_failure_in(line) {
                     tracing::warn!(target: "comfyui", stream = stream_name, custom_node = %node, "custom node failed to import: {line}");
                     if let Ok(mut list) = import_failures.lock()
-                        && !list.contains(&node) {
-                            list.push(node);
-                        }
+                        && !list.contains(&node)
+                    {
+                        list.push(node);
+                    }
                 } else {
                     tracing::info!(target: "comfyui", stream = stream_name, "{line}");
                 }
@@ -305,7 +358,11 @@ async fn forward_lines(stream: impl AsyncRead + Unpin, stream_name: &'static str
 async fn stop_child(child: &mut Child, grace: Duration) {
     if let Some(pid) = child.id() {
         // No signal crate in the workspace: the `kill` utility sends SIGTERM.
-        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await;
         if tokio::time::timeout(grace, child.wait()).await.is_ok() {
             tracing::info!(target: "comfyui", pid, "ComfyUI stopped");
             return;
@@ -322,10 +379,16 @@ mod tests {
     #[test]
     fn import_failed_lines_name_the_custom_node() {
         assert_eq!(
-            import_failure_in("   0.0 seconds (IMPORT FAILED): /opt/ComfyUI/custom_nodes/broken-pack").as_deref(),
+            import_failure_in(
+                "   0.0 seconds (IMPORT FAILED): /opt/ComfyUI/custom_nodes/broken-pack"
+            )
+            .as_deref(),
             Some("/opt/ComfyUI/custom_nodes/broken-pack")
         );
-        assert_eq!(import_failure_in("   0.9 seconds: /opt/ComfyUI/custom_nodes/ComfyUI_InstantID"), None);
+        assert_eq!(
+            import_failure_in("   0.9 seconds: /opt/ComfyUI/custom_nodes/ComfyUI_InstantID"),
+            None
+        );
     }
 
     #[test]

@@ -15,7 +15,10 @@ use crate::protocol::{BinaryFrame, WsMessage};
 pub enum PromptEvent {
     Message(WsMessage),
     /// An image sent over the socket (SaveImageWebsocket), attributed to a node when known.
-    Image { node_id: Option<String>, bytes: Bytes },
+    Image {
+        node_id: Option<String>,
+        bytes: Bytes,
+    },
 }
 
 #[derive(Default)]
@@ -39,7 +42,9 @@ impl PromptTracker {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TrackerState> {
         // A panic while holding this lock cannot leave the maps inconsistent; keep serving.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Start receiving events for `prompt_id`.
@@ -67,13 +72,18 @@ impl PromptTracker {
     pub fn route_message(&self, message: WsMessage) {
         let mut state = self.lock();
         match &message {
-            WsMessage::Status { queue_remaining, .. } => {
+            WsMessage::Status {
+                queue_remaining, ..
+            } => {
                 if queue_remaining.is_some() {
                     state.queue_remaining = *queue_remaining;
                 }
                 return;
             }
-            WsMessage::Executing { prompt_id: Some(p), node: Some(n) } => state.executing = Some((p.clone(), n.clone())),
+            WsMessage::Executing {
+                prompt_id: Some(p),
+                node: Some(n),
+            } => state.executing = Some((p.clone(), n.clone())),
             WsMessage::Executing { node: None, .. }
             | WsMessage::ExecutionSuccess { .. }
             | WsMessage::ExecutionError(_)
@@ -81,9 +91,10 @@ impl PromptTracker {
             _ => {}
         }
         if let Some(pid) = message.prompt_id()
-            && let Some(tx) = state.prompts.get(pid) {
-                let _ = tx.send(PromptEvent::Message(message));
-            }
+            && let Some(tx) = state.prompts.get(pid)
+        {
+            let _ = tx.send(PromptEvent::Message(message));
+        }
     }
 
     /// Route one decoded binary frame.
@@ -121,11 +132,25 @@ mod tests {
         let t = PromptTracker::new();
         let mut a = t.register("a");
         let mut b = t.register("b");
-        t.route_message(WsMessage::ExecutionStart { prompt_id: "a".into() });
-        t.route_message(WsMessage::Executing { prompt_id: Some("a".into()), node: Some("7".into()) });
-        t.route_binary(BinaryFrame::PreviewImage { format: 2, image: Bytes::from_static(b"\x89PNG") });
-        assert!(matches!(a.try_recv(), Ok(PromptEvent::Message(WsMessage::ExecutionStart { .. }))));
-        assert!(matches!(a.try_recv(), Ok(PromptEvent::Message(WsMessage::Executing { .. }))));
+        t.route_message(WsMessage::ExecutionStart {
+            prompt_id: "a".into(),
+        });
+        t.route_message(WsMessage::Executing {
+            prompt_id: Some("a".into()),
+            node: Some("7".into()),
+        });
+        t.route_binary(BinaryFrame::PreviewImage {
+            format: 2,
+            image: Bytes::from_static(b"\x89PNG"),
+        });
+        assert!(matches!(
+            a.try_recv(),
+            Ok(PromptEvent::Message(WsMessage::ExecutionStart { .. }))
+        ));
+        assert!(matches!(
+            a.try_recv(),
+            Ok(PromptEvent::Message(WsMessage::Executing { .. }))
+        ));
         match a.try_recv() {
             Ok(PromptEvent::Image { node_id, .. }) => assert_eq!(node_id.as_deref(), Some("7")),
             other => panic!("expected image, got {other:?}"),

@@ -69,14 +69,14 @@ struct Run<'a> {
 
 impl Run<'_> {
     /// Events ComfyUI only sends when the prompt has a client_id.
-    fn to_client(&self, kind: &str, data: Value) {
+    fn send_client(&self, kind: &str, data: Value) {
         if let Some(c) = &self.client {
             self.s.send_json(kind, data, Some(c));
         }
     }
 
     /// Events ComfyUI sends to the client, or to everyone when there is none.
-    fn to_client_or_all(&mut self, kind: &str, data: Value) {
+    fn send_client_or_all(&mut self, kind: &str, data: Value) {
         self.s.send(text_frame(kind, data), self.client.as_deref());
         if kind == "progress" || kind == "progress_state" {
             self.progress_events += 1;
@@ -98,7 +98,7 @@ impl Run<'_> {
                    "display_node_id": node, "parent_node_id": null, "real_node_id": node}),
         );
         let data = json!({"prompt_id": self.prompt_id, "nodes": self.progress});
-        self.to_client_or_all("progress_state", data);
+        self.send_client_or_all("progress_state", data);
     }
 
     fn interrupted(&self) -> bool {
@@ -309,7 +309,13 @@ fn save_path(dir: &Path, prefix: &str) -> Result<(String, String, u32), String> 
 }
 
 /// Runs an output node's side effects; returns its UI output (None for nodes without one).
-fn write_outputs(s: &Shared, graph: &Map<String, Value>, id: &str, spec: ImageSpec) -> Result<Option<Value>, (String, String)> {
+fn write_outputs(
+    s: &Shared,
+    graph: &Map<String, Value>,
+    extra_pnginfo: Option<&Map<String, Value>>,
+    id: &str,
+    spec: ImageSpec,
+) -> Result<Option<Value>, (String, String)> {
     let class = class_of(graph, id);
     let io_err = |e: std::io::Error| ("OSError".to_string(), e.to_string());
     let any_err = |e: anyhow::Error| ("RuntimeError".to_string(), format!("{e:#}"));
@@ -323,10 +329,14 @@ fn write_outputs(s: &Shared, graph: &Map<String, Value>, id: &str, spec: ImageSp
             };
             let (subfolder, name, mut counter) = save_path(dir, &prefix).map_err(|m| ("Exception".to_string(), m))?;
             std::fs::create_dir_all(dir.join(&subfolder)).map_err(io_err)?;
+            let mut texts = vec![("prompt".to_string(), render::py_json(&Value::Object(graph.clone())))];
+            if let Some(extra) = extra_pnginfo {
+                texts.extend(extra.iter().map(|(k, v)| (k.clone(), render::py_json(v))));
+            }
             let mut images = Vec::new();
             for i in 0..spec.batch {
                 let file = format!("{name}_{counter:05}_.png");
-                let png = render::encode_png(spec.width, spec.height, &render::pixels(&spec, i)).map_err(any_err)?;
+                let png = render::encode_png_with_text(spec.width, spec.height, &render::pixels(&spec, i), &texts).map_err(any_err)?;
                 std::fs::write(dir.join(&subfolder).join(&file), png).map_err(io_err)?;
                 images.push(json!({"filename": file, "subfolder": subfolder, "type": kind}));
                 counter += 1;
@@ -394,18 +404,25 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
     let mut messages: Vec<Value> = Vec::new();
 
     let start = json!({"prompt_id": item.prompt_id, "timestamp": now_ms()});
-    run.to_client("execution_start", start.clone());
+    run.send_client("execution_start", start.clone());
     messages.push(json!(["execution_start", start]));
 
     let order = execution_order(&graph, &item.outputs);
     let sigs = signatures(s, &graph, &order, item.seq);
-    let cached: HashMap<String, Option<Value>> = {
+    // While an execution fault is armed nothing is served from cache, so the fault always fires.
+    let armed = {
+        let f = s.faults.settings();
+        f.hang || f.fail_at.is_some() || !f.step_latency.is_zero()
+    };
+    let cached: HashMap<String, Option<Value>> = if armed {
+        HashMap::new()
+    } else {
         let cache = lock(&s.cache);
         order.iter().filter_map(|id| cache.get(&sigs[id]).map(|ui| (id.clone(), ui.clone()))).collect()
     };
     let cached_ids: Vec<&String> = graph.keys().filter(|k| cached.contains_key(*k)).collect();
     let cached_msg = json!({"nodes": cached_ids, "prompt_id": item.prompt_id, "timestamp": now_ms()});
-    run.to_client("execution_cached", cached_msg.clone());
+    run.send_client("execution_cached", cached_msg.clone());
     messages.push(json!(["execution_cached", cached_msg]));
 
     let mut memo = HashMap::new();
@@ -418,7 +435,7 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
         let class = class_of(&graph, id).to_string();
         if let Some(ui) = cached.get(id) {
             if let Some(ui) = ui {
-                run.to_client("executed", json!({"node": id, "display_node": id, "output": ui, "prompt_id": item.prompt_id}));
+                run.send_client("executed", json!({"node": id, "display_node": id, "output": ui, "prompt_id": item.prompt_id}));
                 outputs.insert(id.clone(), ui.clone());
                 meta.insert(id.clone(), json!({"node_id": id, "display_node": id, "parent_node": null, "real_node_id": id}));
                 run.set_progress(id, json!(1), json!(1), "finished");
@@ -427,7 +444,7 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
         }
         run.set_progress(id, json!(0.0), json!(1.0), "running");
         lock(&s.exec).last_node = Some(id.clone());
-        run.to_client("executing", json!({"node": id, "display_node": id, "prompt_id": item.prompt_id}));
+        run.send_client("executing", json!({"node": id, "display_node": id, "prompt_id": item.prompt_id}));
         if run.interrupted() {
             stop = Some(Stop::Interrupted { node: id.clone(), class });
             break;
@@ -465,7 +482,7 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
                     break;
                 }
                 run.set_progress(id, json!(step), json!(steps), "running");
-                run.to_client_or_all("progress", json!({"value": step, "max": steps, "prompt_id": item.prompt_id, "node": id}));
+                run.send_client_or_all("progress", json!({"value": step, "max": steps, "prompt_id": item.prompt_id, "node": id}));
             }
             if was_interrupted {
                 stop = Some(Stop::Interrupted { node: id.clone(), class });
@@ -492,7 +509,7 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
                         break;
                     }
                 }
-                run.to_client_or_all("progress", json!({"value": i, "max": n, "prompt_id": item.prompt_id, "node": id}));
+                run.send_client_or_all("progress", json!({"value": i, "max": n, "prompt_id": item.prompt_id, "node": id}));
             }
             if let Some(message) = failure {
                 stop = Some(Stop::Error { node: id.clone(), class, exception_type: "RuntimeError".into(), message });
@@ -503,9 +520,10 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
             if pause(s, latency).await {
                 // ComfyUI notices an interrupt only when the next node starts.
             }
-            match write_outputs(s, &graph, id, spec) {
+            let extra_pnginfo = item.extra_data.get("extra_pnginfo").and_then(Value::as_object);
+            match write_outputs(s, &graph, extra_pnginfo, id, spec) {
                 Ok(Some(ui)) => {
-                    run.to_client("executed", json!({"node": id, "display_node": id, "output": ui, "prompt_id": item.prompt_id}));
+                    run.send_client("executed", json!({"node": id, "display_node": id, "output": ui, "prompt_id": item.prompt_id}));
                     outputs.insert(id.clone(), ui);
                     meta.insert(id.clone(), json!({"node_id": id, "display_node": id, "parent_node": null, "real_node_id": id}));
                 }
@@ -530,7 +548,7 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
     let (status_str, completed) = match stop {
         None => {
             let data = json!({"prompt_id": item.prompt_id, "timestamp": now_ms()});
-            run.to_client("execution_success", data.clone());
+            run.send_client("execution_success", data.clone());
             messages.push(json!(["execution_success", data]));
             ("success", true)
         }
@@ -551,13 +569,13 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
                 "exception_message": message, "exception_type": exception_type, "traceback": TRACEBACK,
                 "current_inputs": current_inputs, "current_outputs": graph.keys().collect::<Vec<_>>(), "timestamp": now_ms()
             });
-            run.to_client("execution_error", data.clone());
+            run.send_client("execution_error", data.clone());
             messages.push(json!(["execution_error", data]));
             ("error", false)
         }
         Some(Stop::Interrupted { node, class }) => {
             let data = json!({"prompt_id": item.prompt_id, "node_id": node, "node_type": class, "executed": executed, "timestamp": now_ms()});
-            run.to_client_or_all("execution_interrupted", data.clone());
+            run.send_client_or_all("execution_interrupted", data.clone());
             messages.push(json!(["execution_interrupted", data]));
             ("error", false)
         }

@@ -61,6 +61,8 @@ impl KillSwitch {
 }
 
 /// Runtime fault knobs of one double. Cheap to clone; all clones act on the same double.
+/// While latency, a failure or a hang is armed, prompts are not served from the execution cache
+/// (a repeated prompt would otherwise finish without running the node the fault targets).
 #[derive(Clone)]
 pub struct Faults {
     settings: Arc<Mutex<FaultSettings>>,

@@ -391,6 +391,17 @@ async fn view(State(s): S, Query(q): Query<HashMap<String, String>>) -> Response
     let Ok(bytes) = tokio::fs::read(&path).await else { return empty(StatusCode::NOT_FOUND) };
     let modified = tokio::fs::metadata(&path).await.ok().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default();
     let name = Path::new(filename).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Some(preview) = q.get("preview").filter(|p| p.starts_with("webp"))
+        && let Some(webp) = webp_preview(&bytes)
+    {
+        tracing::debug!(%preview, "serving a webp preview");
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "image/webp")
+            .header(header::CONTENT_DISPOSITION, format!("filename=\"{name}\""))
+            .body(Body::from(webp))
+            .unwrap_or_else(|_| server_trouble());
+    }
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, content_type_for(&name))
@@ -400,6 +411,16 @@ async fn view(State(s): S, Query(q): Query<HashMap<String, String>>) -> Response
         .header(header::ACCEPT_RANGES, "bytes")
         .body(Body::from(bytes))
         .unwrap_or_else(|_| server_trouble())
+}
+
+/// `preview=webp;Q`: ComfyUI re-encodes the image as WebP (lossless here; quality ignored).
+fn webp_preview(bytes: &[u8]) -> Option<Vec<u8>> {
+    let img = image::load_from_memory(bytes).ok()?.to_rgb8();
+    let mut out = Vec::new();
+    image::codecs::webp::WebPEncoder::new_lossless(std::io::Cursor::new(&mut out))
+        .encode(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+        .ok()?;
+    Some(out)
 }
 
 async fn ws(State(s): S, Query(q): Query<HashMap<String, String>>, upgrade: WebSocketUpgrade) -> Response {

@@ -62,7 +62,7 @@ impl Default for DoubleConfig {
     }
 }
 
-/// A running double. Dropping it without [`ComfyDouble::shutdown`] leaves its tasks running until the runtime ends.
+/// A running double. Dropping it kills it (like [`Faults::crash`]); [`ComfyDouble::shutdown`] also waits for its tasks.
 pub struct ComfyDouble {
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -188,10 +188,19 @@ impl ComfyDouble {
     }
 
     /// Stops answering, drops every connection and the worker.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.shared.faults.kill.kill();
-        let _ = self.server.await;
-        let _ = self.worker.await;
+        let _ = (&mut self.server).await;
+        let _ = (&mut self.worker).await;
+    }
+}
+
+impl Drop for ComfyDouble {
+    /// A dropped double behaves like a killed process (its temporary folders go away with it).
+    fn drop(&mut self) {
+        self.shared.faults.kill.kill();
+        self.server.abort();
+        self.worker.abort();
     }
 }
 

@@ -1,7 +1,9 @@
 //! `comfyui-double`: the test double as a process that behaves like `python main.py` for a supervisor:
 //! `--listen ADDR --port P [--extra-model-paths-config FILE] [--input-directory D] [--output-directory D]`
 //! (unknown flags and positional arguments such as `main.py` are ignored), a ComfyUI-like startup log on
-//! stdout, serves until killed. Env: `COMFYUI_DOUBLE_MODELS_DIR`, `COMFYUI_DOUBLE_STEP_LATENCY_MS`.
+//! stdout, serves until killed. Env: `COMFYUI_DOUBLE_MODELS_DIR` (a models dir with ComfyUI's folder names),
+//! faults: `COMFYUI_DOUBLE_STEP_LATENCY_MS`, `COMFYUI_DOUBLE_FAIL_AT` (`class_or_id:ExceptionType:message`),
+//! `COMFYUI_DOUBLE_HANG=1`, `COMFYUI_DOUBLE_VIEW_DELAY_MS`, `COMFYUI_DOUBLE_DROP_WS_AFTER` (progress events).
 //!
 //! Must never: listen anywhere other than what it was told (default 127.0.0.1:8188).
 
@@ -44,8 +46,24 @@ async fn main() -> anyhow::Result<()> {
     let mut argv = vec!["main.py".to_string()];
     argv.extend(args.iter().filter(|a| *a != "main.py").cloned());
     let double = ComfyDouble::start_with_argv(cfg, argv).await?;
-    if let Some(ms) = std::env::var("COMFYUI_DOUBLE_STEP_LATENCY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+    let env_u64 = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(ms) = env_u64("COMFYUI_DOUBLE_STEP_LATENCY_MS") {
         double.faults().set_step_latency(Duration::from_millis(ms));
+    }
+    if let Some(ms) = env_u64("COMFYUI_DOUBLE_VIEW_DELAY_MS") {
+        double.faults().set_view_delay(Duration::from_millis(ms));
+    }
+    if let Some(n) = env_u64("COMFYUI_DOUBLE_DROP_WS_AFTER") {
+        double.faults().drop_ws_after(Some(n.min(u32::MAX as u64) as u32));
+    }
+    if env_u64("COMFYUI_DOUBLE_HANG") == Some(1) {
+        double.faults().hang(true);
+    }
+    if let Ok(spec) = std::env::var("COMFYUI_DOUBLE_FAIL_AT") {
+        let mut parts = spec.splitn(3, ':');
+        if let (Some(node), Some(kind), Some(message)) = (parts.next(), parts.next(), parts.next()) {
+            double.faults().fail_at(node, kind, message);
+        }
     }
     writeln!(out, "Starting server\n")?;
     writeln!(out, "To see the GUI go to: http://{}", double.addr())?;

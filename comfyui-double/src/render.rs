@@ -64,14 +64,82 @@ pub(crate) fn pixels(spec: &ImageSpec, index: u32) -> Vec<u8> {
     out
 }
 
+/// Python's `json.dumps(v)` (default separators, `ensure_ascii=True`), as ComfyUI writes PNG metadata.
+pub(crate) fn py_json(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    fn string(s: &str, out: &mut String) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
+                    let mut units = [0u16; 2];
+                    for u in c.encode_utf16(&mut units) {
+                        out.push_str(&format!("\\u{u:04x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    fn walk(v: &Value, out: &mut String) {
+        match v {
+            Value::Object(m) => {
+                out.push('{');
+                for (i, (k, v)) in m.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    string(k, out);
+                    out.push_str(": ");
+                    walk(v, out);
+                }
+                out.push('}');
+            }
+            Value::Array(a) => {
+                out.push('[');
+                for (i, v) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    walk(v, out);
+                }
+                out.push(']');
+            }
+            Value::String(s) => string(s, out),
+            Value::Number(n) if n.is_f64() => {
+                let f = n.as_f64().unwrap_or(0.0);
+                if f.fract() == 0.0 && f.abs() < 1e16 { out.push_str(&format!("{f:.1}")) } else { out.push_str(&n.to_string()) }
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut out = String::new();
+    walk(v, &mut out);
+    out
+}
+
 /// Encodes RGB8 pixels as a PNG.
 pub(crate) fn encode_png(width: u32, height: u32, rgb: &[u8]) -> anyhow::Result<Vec<u8>> {
+    encode_png_with_text(width, height, rgb, &[])
+}
+
+/// Encodes RGB8 pixels as a PNG with tEXt chunks (ComfyUI's `prompt` / extra_pnginfo metadata).
+pub(crate) fn encode_png_with_text(width: u32, height: u32, rgb: &[u8], texts: &[(String, String)]) -> anyhow::Result<Vec<u8>> {
     let mut buf = Vec::new();
     {
         let mut encoder = png::Encoder::new(&mut buf, width, height);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         encoder.set_compression(png::Compression::Fast);
+        for (keyword, text) in texts {
+            encoder.add_text_chunk(keyword.clone(), text.clone()).context("png text chunk")?;
+        }
         let mut writer = encoder.write_header().context("png header")?;
         writer.write_image_data(rgb).context("png data")?;
         writer.finish().context("png finish")?;
@@ -201,6 +269,12 @@ mod tests {
         let frames = decoder.into_frames().collect_frames().unwrap();
         assert_eq!(frames.len(), 3);
         assert_eq!(frames[0].buffer().dimensions(), (10, 6));
+    }
+
+    #[test]
+    fn python_json_dumps_format() {
+        let v = serde_json::json!({"a": [1, 2.0, "é\"x"], "b": {"c": null, "d": true}});
+        assert_eq!(py_json(&v), r#"{"a": [1, 2.0, "\u00e9\"x"], "b": {"c": null, "d": true}}"#);
     }
 
     #[test]

@@ -473,6 +473,25 @@ impl Validator<'_, '_> {
     }
 }
 
+/// `id` and every node it links to, transitively.
+fn upstream_of(graph: &Map<String, Value>, id: &str) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    let mut todo = vec![id.to_string()];
+    while let Some(n) = todo.pop() {
+        if !seen.insert(n.clone()) {
+            continue;
+        }
+        if let Some(inputs) = graph.get(&n).and_then(|n| n.get("inputs")).and_then(Value::as_object) {
+            for v in inputs.values() {
+                if let Some(src) = v.as_array().filter(|a| a.len() == 2).and_then(|a| a[0].as_str()) {
+                    todo.push(src.to_string());
+                }
+            }
+        }
+    }
+    seen
+}
+
 /// Validates a prompt as ComfyUI's `validate_prompt` does. On acceptance the returned graph carries the
 /// coerced values (ComfyUI queues the mutated prompt). Err = ComfyUI would answer 500.
 pub(crate) fn validate_prompt(
@@ -541,9 +560,12 @@ pub(crate) fn validate_prompt(
             continue;
         }
         failed.push((o.clone(), reasons));
+        // ComfyUI appends `o` to every failing node validated so far, which makes the answer depend on
+        // Python's set order; the captures agree with "the failing nodes `o` depends on", used here.
+        let upstream = upstream_of(graph, o);
         for node_id in v.validated.order.clone() {
             let Some((ok, reasons)) = v.validated.get(&node_id) else { continue };
-            if ok || reasons.is_empty() {
+            if ok || reasons.is_empty() || !upstream.contains(&node_id) {
                 continue;
             }
             let entry = node_errors.entry(node_id.clone()).or_insert_with(|| {
@@ -668,6 +690,49 @@ mod tests {
             });
             assert_eq!(matches!(check(&d, prompt).0, PromptCheck::Accepted { .. }), ok, "{value}");
         }
+    }
+
+    #[test]
+    fn v3_combo_shape_is_checked_against_the_models_folder() {
+        let mut d = dirs();
+        let models = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(models.path().join("upscale_models")).unwrap();
+        std::fs::write(models.path().join("upscale_models/4x.pth"), b"").unwrap();
+        d.models = ModelPaths::new(Some(models.path()), None).unwrap();
+        let prompt = |name: &str| {
+            json!({
+                "1": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": name}},
+                "2": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+                "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["1", 0], "image": ["2", 0]}},
+                "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}}
+            })
+        };
+        assert!(matches!(check(&d, prompt("4x.pth")).0, PromptCheck::Accepted { .. }));
+        let (PromptCheck::Rejected { node_errors, .. }, _) = check(&d, prompt("2x.pth")) else { panic!() };
+        let err = &node_errors["1"]["errors"][0];
+        assert_eq!(err["type"], "value_not_in_list");
+        assert_eq!(err["details"], "model_name: '2x.pth' not in ['4x.pth']");
+        assert_eq!(err["extra_info"]["input_config"], json!(["COMBO", {"multiselect": false, "options": ["4x.pth"]}]));
+        assert_eq!(node_errors["1"]["dependent_outputs"], json!(["4"]));
+    }
+
+    #[test]
+    fn long_combo_lists_are_summarised() {
+        let d = dirs();
+        let prompt = json!({
+            "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x"}},
+            "3": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "seed": 1, "steps": 1, "cfg": 1.0, "sampler_name": "no-such-sampler",
+                  "scheduler": "simple", "positive": ["4", 0], "negative": ["4", 0], "latent_image": ["1", 0], "denoise": 1.0}},
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 1]}},
+            "5": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["2", 2]}},
+            "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "x"}}
+        });
+        let (PromptCheck::Rejected { node_errors, .. }, _) = check(&d, prompt) else { panic!() };
+        let err = &node_errors["3"]["errors"][0];
+        assert!(err["details"].as_str().unwrap().starts_with("sampler_name: 'no-such-sampler' not in (list of length "), "{err}");
+        assert!(err["extra_info"]["input_config"].is_null());
+        assert_eq!(node_errors["2"]["errors"][0]["details"], "ckpt_name: 'x' not in []");
     }
 
     #[test]
