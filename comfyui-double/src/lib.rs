@@ -220,7 +220,7 @@ impl axum::serve::Listener for KillableListener {
                 Ok((stream, addr)) => {
                     let _ = stream.set_nodelay(true);
                     let dead: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(self.kill.clone().wait());
-                    return (KillableStream { inner: stream, dead }, addr);
+                    return (KillableStream { inner: stream, dead, is_dead: false }, addr);
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "accept failed");
@@ -239,11 +239,17 @@ impl axum::serve::Listener for KillableListener {
 pub(crate) struct KillableStream {
     inner: TcpStream,
     dead: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// `dead` has completed; it must never be polled again (an async fn panics
+    /// when resumed after completion).
+    is_dead: bool,
 }
 
 impl KillableStream {
     fn killed(&mut self, cx: &mut TaskContext<'_>) -> bool {
-        self.dead.as_mut().poll(cx).is_ready()
+        if !self.is_dead && self.dead.as_mut().poll(cx).is_ready() {
+            self.is_dead = true;
+        }
+        self.is_dead
     }
 }
 
