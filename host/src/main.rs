@@ -65,7 +65,13 @@ fn main() -> ExitCode {
         }
         Command::CheckPlugin(args) => {
             init_tracing(LogFormat::Text);
-            match flowhost::check_plugin::run(&args, None) {
+            let models = args.models.clone().map(|root| {
+                let lister: std::sync::Arc<dyn flowhost::plugins::ModelLister> = std::sync::Arc::new(flowhost::server::VolumeLister(
+                    std::sync::Arc::new(flowhost::models::ModelVolume::new(root)),
+                ));
+                lister
+            });
+            match flowhost::check_plugin::run(&args, models) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(err) => {

@@ -52,7 +52,7 @@ impl Server {
 }
 
 /// The model volume as plugins see it (`list-models`).
-struct VolumeLister(Arc<ModelVolume>);
+pub struct VolumeLister(pub Arc<ModelVolume>);
 
 impl ModelLister for VolumeLister {
     fn list_models(&self, folder: &str) -> Vec<(String, u64)> {

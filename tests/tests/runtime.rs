@@ -527,3 +527,91 @@ mod served_binary {
         assert!(stderr.contains("--insecure-no-auth"), "the refusal says how to override: {stderr}");
     }
 }
+
+mod author_path {
+    //! Plugin authors build with `cargo component build`; the result must load.
+    use super::*;
+    use std::process::Command;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cargo_component_built_plugin_loads_and_builds_its_graph() {
+        let available = Command::new("cargo").args(["component", "--version"]).output().map(|o| o.status.success()).unwrap_or(false);
+        if !available {
+            eprintln!("SKIPPED: cargo-component is not installed (cargo install cargo-component@0.21.1 --locked); the cargo-component author path was not tested");
+            return;
+        }
+        let target = flowhost_tests::target_dir().join("cargo-component");
+        let status = Command::new("cargo")
+            .current_dir(flowhost_tests::workspace_root().join("plugins/flux-dev"))
+            .args(["component", "build", "--release", "--quiet"])
+            .env("CARGO_TARGET_DIR", &target)
+            .status()
+            .expect("cargo component runs");
+        assert!(status.success(), "cargo component build failed");
+        let wasm = target.join("wasm32-wasip1/release/flux_dev.wasm");
+        assert!(wasm.exists(), "no component at {}", wasm.display());
+        let comfy = flowhost_tests::ExternalComfy::start().await.unwrap();
+        let args = comfy.args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = TestServer::start(&[("flux-dev.wasm", &wasm)], &args).await.unwrap();
+        let status = server.plugin_status("flux-dev.wasm").await.unwrap().expect("listed");
+        assert_eq!(status["status"], "loaded", "{status}");
+        let response = server.post_json("/flux-dev?dry_run=true", &json!({"prompt": "a cat", "seed": 1})).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        let classes: Vec<&str> = body["workflow"].as_object().unwrap().values().filter_map(|n| n["class_type"].as_str()).collect();
+        assert!(classes.contains(&"UNETLoader") && classes.contains(&"KSampler"), "{classes:?}");
+    }
+}
+
+mod check_plugin_models {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn check_plugin_lists_models_from_the_given_volume() {
+        let flux = flowhost_tests::build_component("flux-dev", &[]).unwrap();
+        let bin = flowhost_tests::flowhost_binary();
+        let empty = tempfile::tempdir().unwrap();
+        let out = Command::new(&bin).args(["check-plugin", flux.to_str().unwrap(), "--request", r#"{"prompt":"x"}"#, "--models"]).arg(empty.path()).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "no models: the plugin answers 503");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("503"));
+        let models = tempfile::tempdir().unwrap();
+        for (folder, name) in [("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "clip_l.safetensors"), ("text_encoders", "t5xxl_fp16.safetensors"), ("vae", "ae.safetensors")] {
+            std::fs::create_dir_all(models.path().join(folder)).unwrap();
+            std::fs::write(models.path().join(folder).join(name), b"weights").unwrap();
+        }
+        let out = Command::new(&bin).args(["check-plugin", flux.to_str().unwrap(), "--request", r#"{"prompt":"x"}"#, "--models"]).arg(models.path()).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+mod models_status_cli {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn names_present_and_missing_files_per_plugin() {
+        let plugins = tempfile::tempdir().unwrap();
+        std::fs::copy(flowhost_tests::build_component("flux-dev", &[]).unwrap(), plugins.path().join("flux-dev.wasm")).unwrap();
+        let models = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(models.path().join("vae")).unwrap();
+        std::fs::write(models.path().join("vae/ae.safetensors"), b"weights").unwrap();
+        std::fs::create_dir_all(models.path().join("text_encoders")).unwrap();
+        // A zero-byte file counts as missing.
+        std::fs::write(models.path().join("text_encoders/clip_l.safetensors"), b"").unwrap();
+        let out = Command::new(flowhost_tests::flowhost_binary())
+            .args(["models", "status", "--json", "--plugins"])
+            .arg(plugins.path())
+            .arg("--models")
+            .arg(models.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "something is missing");
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let text = report.to_string();
+        assert!(text.contains("vae/ae.safetensors") || text.contains("\"ae.safetensors\""), "{report}");
+        assert!(text.contains("clip_l.safetensors"), "{report}");
+        assert_eq!(report["ready"], false);
+    }
+}

@@ -32,6 +32,15 @@ async fn main() -> Result<()> {
     let url = server.url("/flux-dev");
     let body = json!({"prompt": "a lighthouse at dawn", "width": 1024, "height": 1024, "steps": 1, "seed": 1});
 
+    // Wait for the backend to see ComfyUI ready.
+    let ready = flowhost_tests::eventually(Duration::from_secs(60), || async {
+        let h: serde_json::Value = client.get(server.url("/health")).send().await.ok()?.json().await.ok()?;
+        (h["comfyui"]["status"] == "ready").then_some(())
+    })
+    .await;
+    if ready.is_none() {
+        bail!("the double never became ready");
+    }
     // Warm up (catalogue, connections, caches).
     for _ in 0..5 {
         let r = client.post(&url).json(&body).send().await?;
@@ -63,6 +72,47 @@ async fn main() -> Result<()> {
         let s = summarize(samples);
         row(&[label.into(), format!("{:.2}", s.p50_us / 1000.0), format!("{:.2}", s.p99_us / 1000.0), format!("{:.2}", s.mean_us / 1000.0), s.n.to_string()]);
     }
+
+    // The encoder alone, on a 1024×1024 image like the double's (a busy pattern).
+    let (w, h) = (1024usize, 1024usize);
+    let mut rgb = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            rgb.extend_from_slice(&[((x * 37 / 4 + y) & 0xff) as u8, ((y * 11 / 4 + x / 2) & 0xff) as u8, ((x ^ y) & 0xff) as u8]);
+        }
+    }
+    let mut png_bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut png_bytes, w as u32, h as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.set_compression(png::Compression::Fast);
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(&rgb)?;
+    }
+    let samples: Vec<Duration> = (0..50)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(flowhost::media::png_to_jpeg(&png_bytes, 90).expect("encodes"));
+            t.elapsed()
+        })
+        .collect();
+    let decode: Vec<Duration> = (0..50)
+        .map(|_| {
+            let t = Instant::now();
+            let mut decoder = png::Decoder::new(std::io::Cursor::new(&png_bytes));
+            decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+            let mut reader = decoder.read_info().expect("png");
+            let mut buf = vec![0u8; reader.output_buffer_size().expect("size")];
+            reader.next_frame(&mut buf).expect("frame");
+            std::hint::black_box(buf);
+            t.elapsed()
+        })
+        .collect();
+    let d = summarize(decode);
+    row(&["  of which PNG decode".into(), format!("{:.2}", d.p50_us / 1000.0), format!("{:.2}", d.p99_us / 1000.0), format!("{:.2}", d.mean_us / 1000.0), d.n.to_string()]);
+    let s = summarize(samples);
+    row(&[format!("PNG→JPEG alone ({} KiB PNG, q90)", png_bytes.len() / 1024), format!("{:.2}", s.p50_us / 1000.0), format!("{:.2}", s.p99_us / 1000.0), format!("{:.2}", s.mean_us / 1000.0), s.n.to_string()]);
 
     row(&[String::new(), String::new(), String::new(), String::new(), String::new()]);
     row(&["throughput".into(), "clients".into(), "requests".into(), "req/s".into(), "errors".into()]);

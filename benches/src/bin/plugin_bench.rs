@@ -86,6 +86,35 @@ fn main() -> Result<()> {
         let label = format!("{label} ({:?})", engine.allocator());
         row(&[label, format!("{:.1}", s.p50_us), format!("{:.1}", s.p99_us), format!("{:.1}", s.mean_us), s.n.to_string()]);
         p50s.push(s.p50_us);
+        if engine.allocator() == flowhost::plugins::engine::AllocatorKind::Pooling {
+            // Where the time goes: the schema check alone, and a fresh store +
+            // instantiation + a trivial export call (explain-failure).
+            let body = request();
+            let schema: Vec<Duration> = (0..iterations)
+                .map(|_| {
+                    let t = Instant::now();
+                    std::hint::black_box(request_schema::check(&plugin.validator, &plugin.manifest.request_schema, &body));
+                    t.elapsed()
+                })
+                .collect();
+            let s = summarize(schema);
+            row(&["  of which: JSON Schema check".into(), format!("{:.1}", s.p50_us), format!("{:.1}", s.p99_us), format!("{:.1}", s.mean_us), s.n.to_string()]);
+            let failure = flowhost::plugins::bindings::wit::ExecutionFailure {
+                node_id: "1".into(),
+                node_type: "KSampler".into(),
+                exception_type: "RuntimeError".into(),
+                exception_message: "x".into(),
+            };
+            let instantiate: Vec<Duration> = (0..iterations)
+                .map(|_| {
+                    let t = Instant::now();
+                    std::hint::black_box(plugin.explain_failure(&failure, "bench"));
+                    t.elapsed()
+                })
+                .collect();
+            let s = summarize(instantiate);
+            row(&["  of which: fresh store + instantiate + trivial call".into(), format!("{:.1}", s.p50_us), format!("{:.1}", s.p99_us), format!("{:.1}", s.mean_us), s.n.to_string()]);
+        }
     }
     let native = summarize(bench_native(iterations));
     row(&["same builder, native (no sandbox, no schema check)".into(), format!("{:.1}", native.p50_us), format!("{:.1}", native.p99_us), format!("{:.1}", native.mean_us), native.n.to_string()]);
