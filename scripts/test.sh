@@ -9,5 +9,6 @@ scripts/build-plugins.sh "${CARGO_TARGET_DIR:-target}/bundled-plugins" >/dev/nul
 cargo build -p flowhost --bin flowhost
 cargo test --no-fail-fast
 if [ -x deploy/modal/run_tests.sh ]; then
-  FLOWHOST_BIN="${CARGO_TARGET_DIR:-target}/debug/flowhost" deploy/modal/run_tests.sh
+  target_dir="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
+  FLOWHOST_BIN="$target_dir/debug/flowhost" deploy/modal/run_tests.sh
 fi

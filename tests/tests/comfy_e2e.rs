@@ -123,6 +123,9 @@ async fn comfyui_down_is_a_503_with_retry_after_and_health_says_so() {
     assert!(response.headers().contains_key("retry-after"));
     let (status, body) = problem(response).await.unwrap();
     assert_eq!(status, 503, "{body}");
+    // The reason that matters most comes first: ComfyUI is down (not "model files
+    // missing", which the plugin would also say without a volume).
+    assert_eq!(body["type"], "https://flowhost.dev/problems/comfyui_unavailable", "{body}");
     let health = server.client.get(server.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 503);
     let health: Value = health.json().await.unwrap();

@@ -565,7 +565,6 @@ mod author_path {
 }
 
 mod check_plugin_models {
-    use super::*;
     use std::process::Command;
 
     #[test]

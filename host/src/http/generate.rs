@@ -80,6 +80,17 @@ async fn handle(
     if let Some(events) = &events {
         state.jobs.analytics.emit(events.requested());
     }
+    if !dry_run {
+        // Not ready (ComfyUI down, custom node or model missing): say so before
+        // the plugin runs, with the reason that matters most.
+        if let Err(problem) = state.jobs.check_ready(&plugin) {
+            if let Some(events) = &events {
+                let timings = JobTimings { total: Some(started.elapsed()), ..JobTimings::default() };
+                state.jobs.analytics.emit(events.failed(&serde_json::Map::new(), &timings, FailureKind::ModelError, &problem.detail));
+            }
+            return Err(problem);
+        }
+    }
     let build_started = Instant::now();
     let job = match call_build(plugin.clone(), body.to_string(), rand::random::<u64>(), request_id.clone()).await {
         Ok(job) => job,

@@ -118,7 +118,8 @@ impl JobRunner {
                 FailureKind::WorkflowError,
             )
         })?;
-        self.check_ready(backend, plugin).map_err(|p| (p, FailureKind::ModelError))?;
+        // Readiness was checked before the plugin built the job; ComfyUI may have
+        // gone down since, which `run` reports as Unavailable.
         if let Some(events) = &ctx.events {
             if let Some(event) = events.resolved(&job.analytics) {
                 self.analytics.emit(event);
@@ -254,9 +255,14 @@ impl JobRunner {
         }
     }
 
-    /// An endpoint is ready when ComfyUI serves, its node classes exist and its
-    /// model files are on the volume. The 503 names what is missing.
-    fn check_ready(&self, backend: &ComfyBackend, plugin: &LoadedPlugin) -> Result<(), Problem> {
+    /// Checked before the plugin builds a job that will run, so the caller hears
+    /// the real reason first: ComfyUI down (503 `comfyui_unavailable`) before a
+    /// missing node class or model file (503 `endpoint_not_ready`, naming it).
+    pub fn check_ready(&self, plugin: &LoadedPlugin) -> Result<(), Problem> {
+        let Some(backend) = &self.backend else {
+            return Err(Problem::new(StatusCode::SERVICE_UNAVAILABLE, "comfyui_unavailable", "ComfyUI is not available", "no ComfyUI backend is configured; only ?dry_run=true works")
+                .retry_after(30));
+        };
         match backend.health() {
             BackendHealth::Down { reason } => {
                 return Err(Problem::new(StatusCode::SERVICE_UNAVAILABLE, "comfyui_unavailable", "ComfyUI is not available", reason)
@@ -324,11 +330,21 @@ impl JobRunner {
             BackendHealth::Degraded { reason } => json!({"status": "degraded", "reason": reason}),
             BackendHealth::Down { reason } => json!({"status": "down", "reason": reason}),
         };
+        // Without a model volume the host cannot see model files; say so rather
+        // than claim readiness the plugin may deny.
+        let models_checked = self.models.is_some();
         let endpoints: Vec<Value> = plugins
             .iter()
             .map(|p| {
                 let missing = self.missing_for(backend, p);
-                json!({"route": p.manifest.route, "plugin": p.manifest.name, "version": p.manifest.version, "ready": missing.is_empty() && health.is_serving(), "missing": missing})
+                json!({
+                    "route": p.manifest.route,
+                    "plugin": p.manifest.name,
+                    "version": p.manifest.version,
+                    "ready": missing.is_empty() && health.is_serving(),
+                    "missing": missing,
+                    "models_checked": models_checked || p.manifest.models.is_empty(),
+                })
             })
             .collect();
         let all_ready = endpoints.iter().all(|e| e["ready"] == true);
