@@ -61,6 +61,16 @@ impl FakeHost {
         self
     }
 
+    /// Add the Flux.1-dev set a typical volume holds (separate diffusion model,
+    /// both text encoders, VAE), 10 bytes each: the starting point of the Flux
+    /// plugins' tests.
+    pub fn with_flux_dev_models(self) -> Self {
+        self.with_model("diffusion_models", "flux1-dev.safetensors", 10)
+            .with_model("text_encoders", "clip_l.safetensors", 10)
+            .with_model("text_encoders", "t5xxl_fp16.safetensors", 10)
+            .with_model("vae", "ae.safetensors", 10)
+    }
+
     /// Messages logged so far.
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().map(|l| l.clone()).unwrap_or_default()

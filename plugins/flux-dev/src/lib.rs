@@ -131,11 +131,7 @@ mod tests {
     use serde_json::Value;
 
     fn volume() -> FakeHost {
-        FakeHost::new()
-            .with_model("diffusion_models", "flux1-dev.safetensors", 10)
-            .with_model("text_encoders", "clip_l.safetensors", 10)
-            .with_model("text_encoders", "t5xxl_fp16.safetensors", 10)
-            .with_model("vae", "ae.safetensors", 10)
+        FakeHost::new().with_flux_dev_models()
     }
 
     fn request(body: Value) -> Request {

@@ -407,11 +407,7 @@ mod tests {
     use serde_json::Value;
 
     fn volume() -> FakeHost {
-        FakeHost::new()
-            .with_model("diffusion_models", "flux1-dev.safetensors", 10)
-            .with_model("text_encoders", "clip_l.safetensors", 10)
-            .with_model("text_encoders", "t5xxl_fp16.safetensors", 10)
-            .with_model("vae", "ae.safetensors", 10)
+        FakeHost::new().with_flux_dev_models()
             .with_model("checkpoints", "flux1-dev-fp8.safetensors", 10)
             .with_model("checkpoints", "sd_xl_base_1.0.safetensors", 10)
             .with_model("instantid", "ip-adapter.bin", 10)
