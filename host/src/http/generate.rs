@@ -92,7 +92,10 @@ async fn handle(
         }
     }
     let build_started = Instant::now();
-    let job = match call_build(plugin.clone(), body.to_string(), rand::random::<u64>(), request_id.clone()).await {
+    // The plugin gets the caller's own text (valid UTF-8: it just parsed as JSON),
+    // not a re-serialisation of it.
+    let text = String::from_utf8(bytes.to_vec()).unwrap_or_else(|_| body.to_string());
+    let job = match call_build(plugin.clone(), text, rand::random::<u64>(), request_id.clone()).await {
         Ok(job) => job,
         Err(problem) => {
             if let Some(events) = &events {
