@@ -34,6 +34,7 @@ pub mod host;
 pub mod image;
 pub mod models;
 pub mod schema;
+pub mod testing;
 
 pub use bindings::flowhost::plugin::types::{
     BuildError, ExecutionFailure, FieldError, ImageSource, Job, Manifest, ModelRef,

@@ -128,6 +128,7 @@ flowhost_sdk::register!(FluxDev);
 mod tests {
     use super::*;
     use flowhost_sdk::host::FakeHost;
+    use flowhost_sdk::testing::{self, invalid_fields, the_node, workflow as graph};
     use serde_json::Value;
 
     fn volume() -> FakeHost {
@@ -135,40 +136,18 @@ mod tests {
     }
 
     fn request(body: Value) -> Request {
-        Request {
-            body: body.to_string(),
-            random_seed: 987_654_321,
-            request_id: "req-1".into(),
-        }
+        testing::request(&body, 987_654_321)
     }
 
     fn build(body: Value) -> Result<Job, BuildError> {
         FluxDev::build(&request(body), &volume())
     }
 
-    fn graph(job: &Job) -> Value {
-        serde_json::from_str(&job.workflow).unwrap()
-    }
 
     fn node<'a>(g: &'a Value, class: &str) -> &'a Value {
-        let found: Vec<&Value> = g
-            .as_object()
-            .unwrap()
-            .values()
-            .filter(|n| n["class_type"] == class)
-            .collect();
-        assert_eq!(found.len(), 1, "exactly one {class}");
-        found[0]
+        the_node(g, class).1
     }
 
-    fn invalid_fields(result: Result<Job, BuildError>) -> Vec<String> {
-        match result {
-            Err(BuildError::InvalidRequest(errors)) => {
-                errors.into_iter().map(|e| e.field).collect()
-            }
-            other => panic!("expected InvalidRequest, got {other:?}"),
-        }
-    }
 
     #[test]
     fn defaults_build_the_documented_graph() {

@@ -403,6 +403,7 @@ mod tests {
     use super::*;
     use flowhost_sdk::ImageSource;
     use flowhost_sdk::host::FakeHost;
+    use flowhost_sdk::testing::{self, invalid_fields, nodes_of, the_node, workflow as graph};
     use flowhost_sdk::image::samples::{data_url, jpeg_header, png_header};
     use serde_json::Value;
 
@@ -423,46 +424,22 @@ mod tests {
     }
 
     fn build_on(host: &FakeHost, body: Value) -> Result<Job, BuildError> {
-        FluxInstantId::build(
-            &Request {
-                body: body.to_string(),
-                random_seed: 99,
-                request_id: "r".into(),
-            },
-            host,
-        )
+        FluxInstantId::build(&testing::request(&body, 99), host)
     }
 
     fn build(body: Value) -> Result<Job, BuildError> {
         build_on(&volume(), body)
     }
 
-    fn graph(job: &Job) -> Value {
-        serde_json::from_str(&job.workflow).unwrap()
-    }
 
     fn nodes<'a>(g: &'a Value, class: &str) -> Vec<(&'a String, &'a Value)> {
-        g.as_object()
-            .unwrap()
-            .iter()
-            .filter(|(_, n)| n["class_type"] == class)
-            .collect()
+        nodes_of(g, class)
     }
 
     fn node<'a>(g: &'a Value, class: &str) -> (&'a String, &'a Value) {
-        let found = nodes(g, class);
-        assert_eq!(found.len(), 1, "exactly one {class}");
-        found[0]
+        the_node(g, class)
     }
 
-    fn invalid_fields(result: Result<Job, BuildError>) -> Vec<String> {
-        match result {
-            Err(BuildError::InvalidRequest(errors)) => {
-                errors.into_iter().map(|e| e.field).collect()
-            }
-            other => panic!("expected InvalidRequest, got {other:?}"),
-        }
-    }
 
     #[test]
     fn two_stages_flux_scene_then_sdxl_identity() {

@@ -220,6 +220,7 @@ flowhost_sdk::register!(FluxLora);
 mod tests {
     use super::*;
     use flowhost_sdk::host::FakeHost;
+    use flowhost_sdk::testing::{self, invalid_fields, the_node, workflow as graph};
     use serde_json::Value;
 
     fn volume() -> FakeHost {
@@ -228,33 +229,16 @@ mod tests {
     }
 
     fn build_on(host: &FakeHost, body: Value) -> Result<Job, BuildError> {
-        FluxLora::build(
-            &Request {
-                body: body.to_string(),
-                random_seed: 11,
-                request_id: "r".into(),
-            },
-            host,
-        )
+        FluxLora::build(&testing::request(&body, 11), host)
     }
 
     fn build(body: Value) -> Result<Job, BuildError> {
         build_on(&volume(), body)
     }
 
-    fn graph(job: &Job) -> Value {
-        serde_json::from_str(&job.workflow).unwrap()
-    }
 
     fn node<'a>(g: &'a Value, class: &str) -> &'a Value {
-        let found: Vec<&Value> = g
-            .as_object()
-            .unwrap()
-            .values()
-            .filter(|n| n["class_type"] == class)
-            .collect();
-        assert_eq!(found.len(), 1, "exactly one {class}");
-        found[0]
+        the_node(g, class).1
     }
 
     fn positive_text(g: &Value) -> String {
@@ -265,14 +249,6 @@ mod tests {
         g[encoder]["inputs"]["text"].as_str().unwrap().to_string()
     }
 
-    fn invalid_fields(result: Result<Job, BuildError>) -> Vec<String> {
-        match result {
-            Err(BuildError::InvalidRequest(errors)) => {
-                errors.into_iter().map(|e| e.field).collect()
-            }
-            other => panic!("expected InvalidRequest, got {other:?}"),
-        }
-    }
 
     #[test]
     fn the_lora_sits_between_the_model_loader_and_the_sampler() {

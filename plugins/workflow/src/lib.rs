@@ -433,6 +433,7 @@ flowhost_sdk::register!(Workflow);
 mod tests {
     use super::*;
     use flowhost_sdk::host::FakeHost;
+    use flowhost_sdk::testing::{self, invalid_request, workflow as graph};
 
     /// The flux-validation graph (a): FluxGuidance between the positive encoder and the sampler.
     fn flux_graph() -> Value {
@@ -451,27 +452,12 @@ mod tests {
     }
 
     fn build(body: Value) -> Result<Job, BuildError> {
-        Workflow::build(
-            &Request {
-                body: body.to_string(),
-                random_seed: 1,
-                request_id: "r".into(),
-            },
-            &FakeHost::new(),
-        )
+        Workflow::build(&testing::request(&body, 1), &FakeHost::new())
     }
 
-    fn graph(job: &Job) -> Value {
-        serde_json::from_str(&job.workflow).unwrap()
-    }
 
     fn invalid(result: Result<Job, BuildError>) -> Vec<(String, String)> {
-        match result {
-            Err(BuildError::InvalidRequest(errors)) => {
-                errors.into_iter().map(|e| (e.field, e.message)).collect()
-            }
-            other => panic!("expected InvalidRequest, got {other:?}"),
-        }
+        invalid_request(result).into_iter().map(|e| (e.field, e.message)).collect()
     }
 
     fn fields(result: Result<Job, BuildError>) -> Vec<String> {
