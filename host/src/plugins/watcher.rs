@@ -161,8 +161,7 @@ fn assign_routes(files: &HashMap<String, FileState>, previous: &PluginSet, event
         let owned_before = files[*name]
             .good
             .as_ref()
-            .and_then(|p| previous.get(&p.manifest.route))
-            .is_some_and(|owner| owner.file == files[*name].good.as_ref().map(|p| p.file.clone()).unwrap_or_default());
+            .is_some_and(|p| previous.get(&p.manifest.route).is_some_and(|owner| owner.file == p.file));
         (!owned_before, (*name).clone())
     });
 
