@@ -161,6 +161,20 @@ mod contract {
         assert!(b["reason"].as_str().unwrap().contains("route /echo is already served by a-echo.wasm"), "{b}");
         assert_eq!(echo_version(&server).await.as_deref(), Some("1.0.0"));
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn newcomer_cannot_hijack_a_live_route_even_if_it_sorts_first() {
+        let echo = fixture("fixture-echo");
+        let server = TestServer::start(&[("b-echo.wasm", &echo)], &[]).await.unwrap();
+        assert_eq!(server.plugin_status("b-echo.wasm").await.unwrap().unwrap()["status"], "loaded");
+        publish_atomically(server.plugins.path(), "a-echo.wasm", &std::fs::read(&echo).unwrap()).unwrap();
+        let a = eventually(Duration::from_secs(15), || async { server.plugin_status("a-echo.wasm").await.ok()? })
+            .await
+            .expect("the newcomer is listed");
+        assert_eq!(a["status"], "rejected", "{a}");
+        assert!(a["reason"].as_str().unwrap().contains("already served by b-echo.wasm"), "{a}");
+        assert_eq!(server.plugin_status("b-echo.wasm").await.unwrap().unwrap()["status"], "loaded");
+    }
 }
 
 mod hot_reload {
