@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# Run flowhost on http://127.0.0.1:8000 with the bundled plugins, against the
-# embedded ComfyUI test double (no GPU needed). Extra arguments go to
-# `flowhost serve` (e.g. --comfyui-url http://127.0.0.1:8188 for a real ComfyUI).
+# Run flowhost on http://127.0.0.1:8000 with the bundled plugins. Without a
+# ComfyUI flag it runs against the embedded ComfyUI test double (`--simulate`:
+# no GPU, synthetic images). Extra arguments go to `flowhost serve`, e.g.
+# `--comfyui-url http://127.0.0.1:8188 --models /path/to/models` for a real ComfyUI.
+#
+# The binary is left at ${CARGO_TARGET_DIR:-target}/debug/flowhost (the README's
+# plugin walk-through puts that folder on PATH). Plugins you copied into
+# .flowhost/plugins over the bundled ones are kept across restarts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/build-plugins.sh .flowhost/plugins
-exec cargo run -p flowhost -- serve --plugins .flowhost/plugins "$@"
+scripts/build-plugins.sh --keep-changed .flowhost/plugins
+cargo build -p flowhost --bin flowhost
+backend=(--simulate)
+for arg in "$@"; do
+  case "$arg" in --comfyui-url* | --comfyui-dir* | --simulate) backend=() ;; esac
+done
+exec "${CARGO_TARGET_DIR:-target}/debug/flowhost" serve --plugins .flowhost/plugins "${backend[@]}" "$@"

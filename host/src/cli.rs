@@ -1,5 +1,5 @@
 //! Command-line interface: `flowhost serve`, `flowhost check-plugin`,
-//! `flowhost models ...`.
+//! `flowhost new`, `flowhost models ...`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +23,22 @@ pub enum Command {
     /// The model volume: what the plugins need and what is there.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Write a new plugin crate (`NAME/`, served as `/NAME`) that builds with
+    /// `cargo build --target wasm32-wasip2` or `cargo component build`.
+    New(NewArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NewArgs {
+    /// Plugin, crate and route name (`[a-z][a-z0-9-]*`).
+    pub name: String,
+    /// Folder to create (default: ./NAME).
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    /// The flowhost-sdk crate to depend on (default: the `sdk/` of the flowhost
+    /// checkout the current folder is in, else of the one flowhost was built from).
+    #[arg(long)]
+    pub sdk_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,9 +101,11 @@ pub struct ServeArgs {
     /// Seconds ComfyUI may take to answer /system_stats after (re)start.
     #[arg(long, default_value_t = 600)]
     pub comfyui_startup_timeout: u64,
-    /// Run against the embedded ComfyUI test double (no GPU needed). The default
-    /// when neither --comfyui-url nor --comfyui-dir is given.
-    #[arg(long)]
+    /// Run against the embedded ComfyUI test double (no GPU needed; outputs are
+    /// synthetic). One of --comfyui-url, --comfyui-dir or --simulate is required.
+    /// Only in builds with the `simulate` cargo feature (the default; release and
+    /// Modal builds leave it out).
+    #[arg(long, env = "FLOWHOST_SIMULATE")]
     pub simulate: bool,
     /// Jobs in flight at once; beyond that 503 + Retry-After.
     #[arg(long, env = "FLOWHOST_MAX_IN_FLIGHT", default_value_t = 5)]
@@ -125,7 +143,8 @@ pub struct CheckPluginArgs {
     /// A request body (JSON text, or @FILE) to build a job for.
     #[arg(long)]
     pub request: Option<String>,
-    /// Model volume the plugin may list (default: none present).
+    /// Model volume the plugin may list (default: the files the manifest
+    /// declares are taken as present, and the output says so).
     #[arg(long)]
     pub models: Option<PathBuf>,
     /// Memory limit per plugin call, MiB.

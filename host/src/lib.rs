@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod models;
 pub mod models_command;
+pub mod new_plugin;
 pub mod plugins;
 pub mod server;
 pub mod media;

@@ -63,6 +63,31 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::New(args) => {
+            init_tracing(LogFormat::Text);
+            let created = std::env::current_dir().map_err(anyhow::Error::from).and_then(|cwd| flowhost::new_plugin::create(&args, &cwd));
+            match created {
+                Ok(created) => {
+                    let dir = created.dir.display();
+                    let text = format!(
+                        "created {dir} (route {route}; depends on flowhost-sdk at {sdk})\n\
+                         next:\n  cd {dir}\n  cargo test                                        # native unit tests (FakeHost)\n  \
+                         cargo build --release --target wasm32-wasip2      # → target/wasm32-wasip2/release/{artifact}\n  \
+                         cargo component build --release                   # or: → target/wasm32-wasip1/release/{artifact}\n",
+                        route = created.route,
+                        sdk = created.sdk_path.display(),
+                        artifact = created.artifact,
+                    );
+                    use std::io::Write as _;
+                    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    tracing::error!("{err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckPlugin(args) => {
             init_tracing(LogFormat::Text);
             let models = args.models.clone().map(|root| {

@@ -67,7 +67,17 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     let analytics = Analytics::from_env();
     let metrics = Metrics::new(analytics.clone());
 
-    let simulate = args.simulate || (args.comfyui_url.is_none() && args.comfyui_dir.is_none());
+    let simulate = args.simulate;
+    if !simulate && args.comfyui_url.is_none() && args.comfyui_dir.is_none() {
+        anyhow::bail!(
+            "no ComfyUI backend chosen: pass --comfyui-url URL (use a running ComfyUI), --comfyui-dir DIR \
+             (flowhost runs ComfyUI from that folder), or --simulate (the embedded test double: no GPU, synthetic images)"
+        );
+    }
+    #[cfg(not(feature = "simulate"))]
+    if simulate {
+        anyhow::bail!("--simulate is not available: this flowhost was built without the `simulate` feature (release builds leave the test double out)");
+    }
     // --simulate without --models gets a scratch volume, provisioned below.
     let scratch_models = if simulate && args.models.is_none() { Some(tempfile::Builder::new().prefix("flowhost-sim-models-").tempdir()?) } else { None };
     let models_root = args.models.clone().or_else(|| scratch_models.as_ref().map(|d| d.path().to_path_buf()));
@@ -95,24 +105,34 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         let metrics = metrics.clone();
         Arc::new(move |event: &LoadEvent| match event {
             LoadEvent::Loaded { plugin, .. } => metrics.plugin_loaded(plugin),
-            LoadEvent::Rejected { reason, .. } => metrics.plugin_rejected(rejection_class(reason)),
+            LoadEvent::Rejected { kind, .. } => metrics.plugin_rejected(kind.label()),
             LoadEvent::Removed { .. } => {}
         })
     };
+    // In simulation with a scratch volume, every plugin that loads (at start or
+    // hot-loaded later) gets placeholder files for the models it declares.
+    let on_loaded: Option<Arc<dyn Fn(&crate::plugins::LoadedPlugin) + Send + Sync>> = match (&scratch_models, &models_root) {
+        (Some(_), Some(root)) => {
+            let root = root.clone();
+            Some(Arc::new(move |plugin: &crate::plugins::LoadedPlugin| {
+                if let Err(err) = crate::simulate::provision_placeholder_models(&root, std::slice::from_ref(&plugin.manifest)) {
+                    tracing::warn!(plugin = %plugin.label, error = %format!("{err:#}"), "could not provision placeholder models");
+                }
+            }))
+        }
+        _ => None,
+    };
     let watcher = PluginWatcher::start(
-        LoadContext { dir: args.plugins.clone(), engine: engine.clone(), cache, models: lister, registry: registry.clone(), on_load: Some(on_load) },
+        LoadContext { dir: args.plugins.clone(), engine: engine.clone(), cache, models: lister, registry: registry.clone(), on_load: Some(on_load), on_loaded },
         Duration::from_secs(args.rescan_interval.max(1)),
     )
     .await?;
 
     let (backend_mode, simulated, input_dir) = if simulate {
         let root = models_root.clone().context("simulate mode has a models folder")?;
-        if scratch_models.is_some() {
-            crate::simulate::provision_placeholder_models(&root, &registry.snapshot().plugins())?;
-        }
         let sim = crate::simulate::SimulatedComfy::start(&root, scratch_models).await?;
-        tracing::warn!(url = %sim.url, models = %root.display(), "SIMULATED ComfyUI (test double): outputs are synthetic images, not generations");
-        let (url, input_dir) = (sim.url.clone(), sim.input_dir.clone());
+        tracing::warn!(url = %sim.url(), models = %root.display(), "SIMULATED ComfyUI (test double): outputs are synthetic images, not generations");
+        let (url, input_dir) = (sim.url(), sim.input_dir());
         (BackendMode::Url(url), Some(sim), Some(input_dir))
     } else if let Some(url) = &args.comfyui_url {
         (BackendMode::Url(url.clone()), None, None)
@@ -155,6 +175,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         jobs: Arc::new(jobs),
         keys,
         started_at: Instant::now(),
+        simulated: simulate,
     };
     let app = crate::http::router(state.clone());
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
@@ -177,19 +198,6 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     analytics.emit(Event::app_deployed(env!("CARGO_PKG_VERSION"), &plugins));
     tracing::info!(%addr, plugins = %args.plugins.display(), endpoints = plugins.len(), "flowhost listening");
     Ok(Server { addr, state, shutdown: Some(tx), task, _watcher: watcher, simulated })
-}
-
-/// A small fixed set of reasons for the rejection metric's label.
-fn rejection_class(reason: &str) -> &'static str {
-    if reason.contains("already served") {
-        "route_conflict"
-    } else if reason.contains("contract") || reason.contains("not a flowhost plugin") || reason.contains("imports") {
-        "contract"
-    } else if reason.contains("describe") || reason.contains("manifest") || reason.contains("schema") {
-        "manifest"
-    } else {
-        "compile"
-    }
 }
 
 /// Count ComfyUI restarts: every transition from Down back to serving.

@@ -6,14 +6,17 @@
 //! small placeholder file for every model the loaded plugins declare (plus the
 //! demo LoRA `character-123`), so every endpoint works and a missing LoRA still
 //! gives the real 404.
+//!
+//! The double is linked only with the `simulate` cargo feature (on by default,
+//! so `cargo build`, `scripts/serve.sh` and `scripts/test.sh` have it; release
+//! and Modal builds pass `--no-default-features`). Without it `SimulatedComfy`
+//! is uninhabited and `--simulate` is refused at start.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use comfyui_double::{ComfyDouble, DoubleConfig};
 
-use crate::plugins::LoadedPlugin;
+use crate::plugins::PluginManifest;
 
 /// The demo LoRA every simulated volume has.
 pub const DEMO_LORA: &str = "character-123.safetensors";
@@ -21,37 +24,76 @@ pub const DEMO_LORA: &str = "character-123.safetensors";
 /// Bytes of each placeholder model file (non-empty: zero-byte files count as missing).
 const PLACEHOLDER: &[u8] = b"flowhost simulate placeholder: not a real model\n";
 
-/// The embedded double and what the backend needs to know about it.
-pub struct SimulatedComfy {
-    pub url: url::Url,
-    pub input_dir: PathBuf,
-    double: ComfyDouble,
-    _scratch: Option<tempfile::TempDir>,
-}
+#[cfg(feature = "simulate")]
+pub use with_double::SimulatedComfy;
 
-impl SimulatedComfy {
-    /// Start the double on 127.0.0.1 with `models` as its models folder.
-    pub async fn start(models: &Path, scratch: Option<tempfile::TempDir>) -> Result<Self> {
-        let double = ComfyDouble::start(DoubleConfig { models_dir: Some(models.to_path_buf()), ..DoubleConfig::default() })
-            .await
-            .context("starting the embedded ComfyUI double")?;
-        let url = url::Url::parse(&double.url()).context("the double's URL")?;
-        let input_dir = double.input_dir().to_path_buf();
-        Ok(Self { url, input_dir, double, _scratch: scratch })
+#[cfg(feature = "simulate")]
+mod with_double {
+    use std::path::{Path, PathBuf};
+
+    use anyhow::{Context, Result};
+    use comfyui_double::{ComfyDouble, DoubleConfig};
+
+    /// The embedded double and what the backend needs to know about it.
+    pub struct SimulatedComfy {
+        pub url: url::Url,
+        pub input_dir: PathBuf,
+        double: ComfyDouble,
+        _scratch: Option<tempfile::TempDir>,
     }
 
+    impl SimulatedComfy {
+        /// Start the double on 127.0.0.1 with `models` as its models folder.
+        pub async fn start(models: &Path, scratch: Option<tempfile::TempDir>) -> Result<Self> {
+            let double = ComfyDouble::start(DoubleConfig { models_dir: Some(models.to_path_buf()), ..DoubleConfig::default() })
+                .await
+                .context("starting the embedded ComfyUI double")?;
+            let url = url::Url::parse(&double.url()).context("the double's URL")?;
+            let input_dir = double.input_dir().to_path_buf();
+            Ok(Self { url, input_dir, double, _scratch: scratch })
+        }
+
+        pub async fn shutdown(self) {
+            self.double.shutdown().await;
+        }
+
+        pub fn url(&self) -> url::Url {
+            self.url.clone()
+        }
+
+        pub fn input_dir(&self) -> PathBuf {
+            self.input_dir.clone()
+        }
+    }
+}
+
+/// A build without the double can never hold one.
+#[cfg(not(feature = "simulate"))]
+pub enum SimulatedComfy {}
+
+#[cfg(not(feature = "simulate"))]
+impl SimulatedComfy {
+    pub async fn start(_models: &Path, _scratch: Option<tempfile::TempDir>) -> Result<Self> {
+        anyhow::bail!("this flowhost was built without the `simulate` feature")
+    }
     pub async fn shutdown(self) {
-        self.double.shutdown().await;
+        match self {}
+    }
+    pub fn url(&self) -> url::Url {
+        match *self {}
+    }
+    pub fn input_dir(&self) -> PathBuf {
+        match *self {}
     }
 }
 
 /// Create a placeholder for each requirement none of whose alternatives is
 /// present (the first alternative's name), and the demo LoRA.
-pub fn provision_placeholder_models(root: &Path, plugins: &[Arc<LoadedPlugin>]) -> Result<Vec<PathBuf>> {
+pub fn provision_placeholder_models(root: &Path, plugins: &[PluginManifest]) -> Result<Vec<PathBuf>> {
     let mut created = Vec::new();
     let mut wanted: Vec<(String, String)> = vec![("loras".into(), DEMO_LORA.into())];
-    for plugin in plugins {
-        for requirement in &plugin.manifest.models {
+    for manifest in plugins {
+        for requirement in &manifest.models {
             let present = requirement.any_of.iter().any(|m| root.join(&m.folder).join(&m.name).is_file());
             if let (false, Some(first)) = (present, requirement.any_of.first()) {
                 wanted.push((first.folder.clone(), first.name.clone()));
@@ -72,6 +114,8 @@ pub fn provision_placeholder_models(root: &Path, plugins: &[Arc<LoadedPlugin>]) 
         std::fs::write(&path, PLACEHOLDER).with_context(|| format!("writing {}", path.display()))?;
         created.push(path);
     }
-    tracing::info!(files = created.len(), root = %root.display(), "provisioned placeholder models for simulation");
+    if !created.is_empty() {
+        tracing::info!(files = created.len(), root = %root.display(), "provisioned placeholder models for simulation");
+    }
     Ok(created)
 }

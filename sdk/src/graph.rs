@@ -137,6 +137,16 @@ impl Graph {
     }
 
     /// The graph as JSON text (what `Job.workflow` carries).
+    /// The models this graph loads (see [`crate::hints::model_set_of`]).
+    pub fn model_set(&self) -> crate::ModelSet {
+        crate::hints::model_set_of(&self.nodes)
+    }
+
+    /// The sampler nodes and their steps (see [`crate::hints::sampler_progress_of`]).
+    pub fn sampler_progress(&self) -> Vec<crate::SamplerProgress> {
+        crate::hints::sampler_progress_of(&self.nodes)
+    }
+
     pub fn to_json_string(&self) -> String {
         // Serializing a `Map<String, Value>` cannot fail.
         serde_json::to_string(&self.nodes).unwrap_or_default()

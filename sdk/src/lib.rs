@@ -1,7 +1,7 @@
 //! The flowhost plugin SDK.
 //!
 //! A plugin implements [`Plugin`] and calls [`register!`]; the SDK owns the
-//! bindings to the `flowhost:plugin` contract (`wit/flowhost.wit`) so authors never
+//! bindings to the `flowhost:plugin@0.2.0` contract (`wit/deps/flowhost-plugin@0.2.0`) so authors never
 //! touch generated code. Everything except [`register!`] works natively, so plugin
 //! logic is unit-tested with a plain `cargo test` (see [`host::FakeHost`]).
 //!
@@ -15,10 +15,11 @@
 //! The SDK never does I/O of its own: everything outside the plugin goes through [`Host`].
 
 pub mod bindings {
-    //! Bindings generated from `wit/flowhost.wit`. Authors normally use the
-    //! re-exports at the crate root instead.
+    //! Bindings generated from the current contract,
+    //! `wit/deps/flowhost-plugin@0.2.0`. Authors normally use the re-exports at
+    //! the crate root instead.
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "../wit/deps/flowhost-plugin@0.2.0",
         world: "plugin",
         pub_export_macro: true,
         export_macro_name: "export",
@@ -30,6 +31,7 @@ pub mod bindings {
 pub mod decode;
 pub mod flux;
 pub mod graph;
+pub mod hints;
 pub mod host;
 pub mod image;
 pub mod models;
@@ -37,9 +39,32 @@ pub mod schema;
 pub mod testing;
 
 pub use bindings::flowhost::plugin::types::{
-    BuildError, ExecutionFailure, FieldError, ImageSource, Job, Manifest, ModelRef,
-    ModelRequirement, OutputFormat, Request, Upload, UserError,
+    BuildError, ExecutionFailure, FieldError, ImageSource, Job, Lora, Manifest, ModelRef,
+    ModelRequirement, ModelSet, OutputFormat, Request, SamplerProgress, Upload, UserError,
 };
+
+/// An empty model set (a graph that loads no model files).
+impl Default for ModelSet {
+    fn default() -> Self {
+        ModelSet { base: None, loras: Vec::new(), others: Vec::new() }
+    }
+}
+
+/// The contract version this SDK builds plugins for.
+pub const CONTRACT_VERSION: &str = "0.2.0";
+
+/// A panic hook that reports the message to the host (`report-panic`) before
+/// the component traps, so the host classifies the failure as a panic by a
+/// flag, not by reading stderr. Installed by [`register!`] on every call.
+#[doc(hidden)]
+pub fn install_panic_hook() {
+    #[cfg(target_arch = "wasm32")]
+    std::panic::set_hook(Box::new(|info| {
+        let message = info.to_string();
+        bindings::flowhost::plugin::host::report_panic(&message);
+        eprintln!("{message}");
+    }));
+}
 pub use host::{Host, ModelFile};
 
 /// The seed to use: the caller's, else the host's random draw (`request.random_seed`,
@@ -96,12 +121,15 @@ macro_rules! register {
         #[cfg(target_arch = "wasm32")]
         impl $crate::bindings::exports::flowhost::plugin::endpoint::Guest for __FlowhostEndpoint {
             fn describe() -> $crate::Manifest {
+                $crate::install_panic_hook();
                 <$plugin as $crate::Plugin>::manifest()
             }
             fn build(request: $crate::Request) -> ::core::result::Result<$crate::Job, $crate::BuildError> {
+                $crate::install_panic_hook();
                 <$plugin as $crate::Plugin>::build(&request, &$crate::host::ComponentHost)
             }
             fn explain_failure(failure: $crate::ExecutionFailure) -> ::core::option::Option<$crate::UserError> {
+                $crate::install_panic_hook();
                 <$plugin as $crate::Plugin>::explain_failure(&failure)
             }
         }

@@ -105,6 +105,10 @@ impl TestServer {
         let plugins_dir = plugins.path().to_string_lossy().to_string();
         let cache_dir = cache.path().to_string_lossy().to_string();
         let mut argv = vec!["flowhost", "serve", "--listen", "127.0.0.1:0", "--plugins", &plugins_dir, "--cache-dir", &cache_dir];
+        // Simulation is explicit: a test that names no backend runs the double.
+        if !extra_args.iter().any(|a| matches!(*a, "--comfyui-url" | "--comfyui-dir" | "--simulate")) {
+            argv.push("--simulate");
+        }
         argv.extend_from_slice(extra_args);
         let cli = <flowhost::cli::Cli as clap::Parser>::try_parse_from(argv)?;
         let flowhost::cli::Command::Serve(args) = cli.command else { bail!("not a serve command") };
@@ -239,4 +243,9 @@ pub fn fake_comfyui_dir() -> Result<tempfile::TempDir> {
         format!("import os, sys\nbinary = {:?}\nos.execv(binary, [binary] + sys.argv[1:])\n", bin.to_string_lossy()),
     )?;
     Ok(dir)
+}
+
+/// How many nodes of `class` a ComfyUI API-format workflow has.
+pub fn nodes_of_class(workflow: &serde_json::Value, class: &str) -> usize {
+    workflow.as_object().map(|nodes| nodes.values().filter(|n| n["class_type"] == class).count()).unwrap_or(0)
 }

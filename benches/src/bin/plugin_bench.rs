@@ -138,7 +138,7 @@ fn main() -> Result<()> {
         cache: Some(CompiledCache::new(cache_dir.path())?),
         models: lister.clone(),
         registry: registry.clone(),
-        on_load: None,
+        on_load: None, on_loaded: None,
     };
     std::fs::write(dir.path().join("flux-dev.wasm"), &bytes)?;
     let swaps = runtime.block_on(async {
@@ -183,7 +183,7 @@ fn main() -> Result<()> {
             cache: Some(CompiledCache::new(startup_cache.path())?),
             models: lister.clone(),
             registry: registry.clone(),
-            on_load: None,
+            on_load: None, on_loaded: None,
         });
         scanner.scan()?;
         let took = t.elapsed();

@@ -13,6 +13,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
     let status = if report.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({
         "status": report.status,
+        "simulated": state.simulated,
         "uptime_s": state.started_at.elapsed().as_secs(),
         "comfyui": report.comfyui,
         "endpoints": report.endpoints,

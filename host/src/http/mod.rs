@@ -49,6 +49,24 @@ pub struct AppState {
     pub jobs: Arc<crate::jobs::JobRunner>,
     pub keys: AccessKeys,
     pub started_at: Instant,
+    /// `--simulate`: ComfyUI is the embedded test double (said in `/health`
+    /// and in an `X-Flowhost-Simulated` header on generation responses).
+    pub simulated: bool,
+}
+
+/// The header marking responses produced by the simulated ComfyUI.
+pub const SIMULATED: HeaderName = HeaderName::from_static("x-flowhost-simulated");
+
+async fn mark_simulated(
+    axum::extract::State(simulated): axum::extract::State<bool>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let mut response = next.run(request).await;
+    if simulated {
+        response.headers_mut().insert(SIMULATED, axum::http::HeaderValue::from_static("true"));
+    }
+    response
 }
 
 impl axum::extract::FromRef<AppState> for Metrics {
@@ -72,7 +90,8 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(keys.clone(), auth::require_admin_key));
     let generation = Router::new()
         .route("/{route}", post(generate::generate))
-        .route_layer(middleware::from_fn_with_state(keys, auth::require_api_key));
+        .route_layer(middleware::from_fn_with_state(keys, auth::require_api_key))
+        .route_layer(middleware::from_fn_with_state(state.simulated, mark_simulated));
     Router::new()
         .route("/health", get(health::health))
         .route("/openapi.json", get(openapi::openapi))

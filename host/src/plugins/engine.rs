@@ -14,8 +14,8 @@ use anyhow::{Context, Result};
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use super::bindings::Plugin;
 use super::sandbox::SandboxState;
+use super::{since_v0_1, since_v0_2};
 
 /// `anyhow::Context` for `wasmtime::Result` (wasmtime 48 has its own error type).
 pub(crate) trait WasmtimeContext<T> {
@@ -170,8 +170,10 @@ fn build_linker(engine: &Engine) -> Result<Linker<SandboxState>> {
     // WASI is linked so components built by standard toolchains instantiate, but
     // the context behind it grants nothing (see `SandboxState::new`).
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).wt_context("linking WASI")?;
-    Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |state| state)
-        .wt_context("linking the flowhost host interface")?;
+    // Every supported contract version's host interface, side by side (0.x
+    // minors are distinct semver tracks, so the linker keeps both).
+    since_v0_1::add_to_linker(&mut linker).wt_context("linking the flowhost host interface 0.1")?;
+    since_v0_2::add_to_linker(&mut linker).wt_context("linking the flowhost host interface 0.2")?;
     Ok(linker)
 }
 

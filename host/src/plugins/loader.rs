@@ -14,19 +14,79 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Context;
 use sha2::{Digest, Sha256};
 use wasmtime::Store;
-use wasmtime::component::Component;
 
-use super::bindings::{CONTRACT_PACKAGE, CONTRACT_VERSION, PluginPre, wit};
+use super::calls::{BuildError, ExecutionFailure, UserError};
 use super::compiled_cache::{CacheOutcome, CompiledCache};
 use super::engine::{PluginEngine, WasmtimeContext};
+use super::handler::{Handler, HandlerType};
 use super::manifest::{PluginJob, PluginManifest};
 use super::sandbox::{ModelLister, SandboxState};
 
 /// Largest `.wasm` file accepted.
 pub const MAX_COMPONENT_BYTES: usize = 64 << 20;
+
+/// Why a file did not load, as a closed set: the rejection metric's `reason`
+/// label and `/plugins`' `rejection` field come from this, never from the
+/// wording of the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadErrorKind {
+    /// Unreadable, empty or over the size limit.
+    File,
+    /// Not a valid component, or Cranelift refused it.
+    Compile,
+    /// Not a flowhost plugin, an unsupported contract version, or a forbidden import.
+    Contract,
+    /// `describe` trapped, or the manifest (or its schema / warm-up) is invalid.
+    Manifest,
+    /// Another file already serves the route.
+    RouteConflict,
+    /// Another file already serves a plugin of the same name.
+    DuplicateName,
+}
+
+impl LoadErrorKind {
+    /// The metric label (also documented in `metrics.rs` and docs/operations.md).
+    pub fn label(self) -> &'static str {
+        match self {
+            LoadErrorKind::File => "file",
+            LoadErrorKind::Compile => "compile",
+            LoadErrorKind::Contract => "contract",
+            LoadErrorKind::Manifest => "manifest",
+            LoadErrorKind::RouteConflict => "route_conflict",
+            LoadErrorKind::DuplicateName => "duplicate_name",
+        }
+    }
+    /// Every label, for documentation tests.
+    pub const ALL: [LoadErrorKind; 6] = [
+        LoadErrorKind::File,
+        LoadErrorKind::Compile,
+        LoadErrorKind::Contract,
+        LoadErrorKind::Manifest,
+        LoadErrorKind::RouteConflict,
+        LoadErrorKind::DuplicateName,
+    ];
+}
+
+/// A failed load: what kind of failure, and the message for the author.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct LoadError {
+    pub kind: LoadErrorKind,
+    pub message: String,
+}
+
+impl LoadError {
+    pub fn new(kind: LoadErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+    fn from_anyhow(kind: LoadErrorKind, err: anyhow::Error) -> Self {
+        Self { kind, message: format!("{err:#}") }
+    }
+}
 
 /// A plugin ready to serve: compiled, checked, described.
 pub struct LoadedPlugin {
@@ -40,7 +100,7 @@ pub struct LoadedPlugin {
     /// `name@version`, the label in errors and logs.
     pub label: Arc<str>,
     engine: PluginEngine,
-    pre: PluginPre<SandboxState>,
+    handler: Handler,
     models: Arc<dyn ModelLister>,
 }
 
@@ -54,18 +114,24 @@ impl std::fmt::Debug for LoadedPlugin {
 #[derive(Debug, Clone)]
 pub enum CallError {
     /// The plugin refused the request (its `build-error`).
-    Refused(wit::BuildError),
+    Refused(BuildError),
     /// The plugin misbehaved: trapped, panicked, ran out of time or memory, or
     /// returned something unusable. Always a 500 `plugin_failed`.
     Failed { plugin: String, version: String, kind: FailureKind, detail: String },
 }
 
-/// How a plugin call failed.
+/// How a plugin call failed. Decided from state flags and trap codes, never
+/// from error text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
+    /// The epoch deadline trap (`Trap::Interrupt`).
     Timeout,
+    /// The store's limiter refused a memory growth.
     MemoryLimit,
+    /// The plugin's panic hook reported a panic (contract 0.2+).
+    Panic,
+    /// Any other trap (a 0.1 plugin's panic is an `unreachable` trap).
     Trap,
     InvalidJob,
 }
@@ -86,8 +152,9 @@ impl LoadedPlugin {
         cache: Option<&CompiledCache>,
         path: &Path,
         models: Arc<dyn ModelLister>,
-    ) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    ) -> Result<Self, LoadError> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| LoadError::new(LoadErrorKind::File, format!("cannot read {}: {e}", path.display())))?;
         Self::load_bytes(engine, cache, path, &bytes, models)
     }
 
@@ -98,38 +165,55 @@ impl LoadedPlugin {
         path: &Path,
         bytes: &[u8],
         models: Arc<dyn ModelLister>,
-    ) -> Result<Self> {
+    ) -> Result<Self, LoadError> {
+        use LoadErrorKind as K;
         if bytes.len() > MAX_COMPONENT_BYTES {
-            bail!("{} bytes is over the {} byte limit for a plugin", bytes.len(), MAX_COMPONENT_BYTES);
+            return Err(LoadError::new(K::File, format!("{} bytes is over the {} byte limit for a plugin", bytes.len(), MAX_COMPONENT_BYTES)));
         }
         if bytes.is_empty() {
-            bail!("the file is empty");
+            return Err(LoadError::new(K::File, "the file is empty"));
         }
         let sha256 = hex::encode(Sha256::digest(bytes));
         let started = Instant::now();
-        let (component, cache_outcome) = CompiledCache::load_or_compile(cache, engine, bytes, &sha256)?;
-        check_contract(engine, &component)?;
+        let (component, cache_outcome) =
+            CompiledCache::load_or_compile(cache, engine, bytes, &sha256).map_err(|e| LoadError::from_anyhow(K::Compile, e))?;
+        let (kind, contract) = HandlerType::from_component(engine, &component).map_err(|m| LoadError::new(K::Contract, m))?;
         let instance_pre = engine
             .linker()
             .instantiate_pre(&component)
-            .wt_context("linking the component against the flowhost host (it imports something the sandbox does not provide)")?;
-        let pre = PluginPre::new(instance_pre).wt_context("the component does not export the flowhost endpoint")?;
+            .wt_context("linking the component against the flowhost host (it imports something the sandbox does not provide)")
+            .map_err(|e| LoadError::from_anyhow(K::Contract, e))?;
+        let handler = Handler::new(kind, instance_pre)
+            .wt_context("the component's endpoint export does not match the flowhost contract it names")
+            .map_err(|e| LoadError::from_anyhow(K::Contract, e))?;
 
         let provisional: Arc<str> = Arc::from(path.file_name().and_then(|n| n.to_str()).unwrap_or("plugin"));
         let mut store = new_store(engine, provisional, "describe".into(), models.clone());
-        let described = pre
-            .instantiate(&mut store)
-            .and_then(|p| p.flowhost_plugin_endpoint().call_describe(&mut store));
+        let described = handler.describe(&mut store);
         store.data().flush_output();
-        let manifest = described.map_err(|e| anyhow::anyhow!(describe_trap(&e, store.data())))
-            .context("calling describe()")?;
-        let manifest = PluginManifest::from_wit(manifest).context("invalid manifest")?;
-        let validator = jsonschema::validator_for(&manifest.request_schema)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("plugin {}: the request schema is not a valid JSON Schema", manifest.name))?;
+        let manifest = described
+            .map_err(|e| LoadError::new(K::Manifest, format!("calling describe(): {}", describe_trap(&e, store.data()))))?;
+        let manifest = PluginManifest::from_raw(manifest, &contract)
+            .context("invalid manifest")
+            .map_err(|e| LoadError::from_anyhow(K::Manifest, e))?;
+        let validator = jsonschema::validator_for(&manifest.request_schema).map_err(|e| {
+            LoadError::new(K::Manifest, format!("plugin {}: the request schema is not a valid JSON Schema: {e}", manifest.name))
+        })?;
+        if let Some(warm_up) = &manifest.warm_up {
+            let problems: Vec<String> = validator.iter_errors(warm_up).map(|e| format!("{}: {e}", e.instance_path())).collect();
+            if !problems.is_empty() {
+                return Err(LoadError::new(
+                    K::Manifest,
+                    format!("plugin {}: the warm-up request does not match the request schema: {}", manifest.name, problems.join("; ")),
+                ));
+            }
+        }
         let label: Arc<str> = Arc::from(format!("{}@{}", manifest.name, manifest.version));
+        if let Some(cache) = cache {
+            cache.note_loaded(path, engine, &sha256);
+        }
         tracing::info!(
-            plugin = %label, route = %manifest.route, file = %path.display(), cache = ?cache_outcome,
+            plugin = %label, route = %manifest.route, contract = %contract, file = %path.display(), cache = ?cache_outcome,
             ms = started.elapsed().as_millis() as u64, "plugin loaded"
         );
         Ok(Self {
@@ -141,7 +225,7 @@ impl LoadedPlugin {
             cache: cache_outcome,
             label,
             engine: engine.clone(),
-            pre,
+            handler,
             models,
         })
     }
@@ -149,14 +233,10 @@ impl LoadedPlugin {
     /// Run `build` for one request in a fresh sandbox. Blocking.
     pub fn build(&self, body: &str, random_seed: u64, request_id: &str) -> Result<PluginJob, CallError> {
         let mut store = new_store(&self.engine, self.label.clone(), request_id.to_string(), self.models.clone());
-        let request = wit::Request { body: body.to_string(), random_seed, request_id: request_id.to_string() };
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|p| p.flowhost_plugin_endpoint().call_build(&mut store, &request));
+        let result = self.handler.build(&mut store, body, random_seed, request_id);
         store.data().flush_output();
         match result {
-            Ok(Ok(job)) => PluginJob::from_wit(job).map_err(|e| self.failed(FailureKind::InvalidJob, format!("{e:#}"))),
+            Ok(Ok(job)) => PluginJob::from_raw(job).map_err(|e| self.failed(FailureKind::InvalidJob, format!("{e:#}"))),
             Ok(Err(refusal)) => Err(CallError::Refused(refusal)),
             Err(err) => Err(self.classify_trap(&err, store.data())),
         }
@@ -164,12 +244,9 @@ impl LoadedPlugin {
 
     /// Ask the plugin to explain an execution failure of its graph. Blocking.
     /// A plugin that fails here is logged and treated as having no explanation.
-    pub fn explain_failure(&self, failure: &wit::ExecutionFailure, request_id: &str) -> Option<wit::UserError> {
+    pub fn explain_failure(&self, failure: &ExecutionFailure, request_id: &str) -> Option<UserError> {
         let mut store = new_store(&self.engine, self.label.clone(), request_id.to_string(), self.models.clone());
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|p| p.flowhost_plugin_endpoint().call_explain_failure(&mut store, failure));
+        let result = self.handler.explain_failure(&mut store, failure);
         store.data().flush_output();
         match result {
             Ok(explained) => explained.filter(|e| (400..=599).contains(&e.status)),
@@ -199,23 +276,25 @@ fn new_store(engine: &PluginEngine, plugin: Arc<str>, request_id: String, models
     store
 }
 
+/// Classify a failed call by what the store recorded and the trap code.
 fn classify(err: &wasmtime::Error, state: &SandboxState, limits: &super::engine::PluginLimits) -> (FailureKind, String) {
     if let Some(wasmtime::Trap::Interrupt) = err.downcast_ref::<wasmtime::Trap>() {
         return (FailureKind::Timeout, format!("did not finish within {} ms and was stopped", limits.call_timeout.as_millis()));
     }
-    let text = format!("{err:#}");
-    if text.contains("growing memory") || text.contains("memory limit") {
+    if state.limits.memory_limit_hit {
         return (
             FailureKind::MemoryLimit,
             format!("tried to grow its memory beyond the {} MiB limit", limits.memory_bytes >> 20),
         );
     }
-    // A Rust panic prints its message to stderr before trapping: that is the
-    // most useful thing to show.
-    let panic = state.last_stderr_line().filter(|l| l.contains("panicked"));
-    match panic {
+    if let Some(message) = &state.panic_message {
+        return (FailureKind::Panic, format!("panicked: {message}"));
+    }
+    // A 0.1 plugin's panic prints to stderr and traps `unreachable`: show the
+    // plugin's last words as the detail (the kind is the trap's).
+    match state.last_stderr_line() {
         Some(line) => (FailureKind::Trap, line),
-        None => (FailureKind::Trap, format!("trapped: {}", first_line(&text))),
+        None => (FailureKind::Trap, format!("trapped: {}", first_line(&format!("{err:#}")))),
     }
 }
 
@@ -230,77 +309,3 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or_default().to_string()
 }
 
-/// Check that a component was built for our world: it must export
-/// `flowhost:plugin/endpoint` at a compatible version, and import nothing but
-/// WASI and `flowhost:plugin/*`. The messages name what we expected and what the
-/// component has, since that is what its author needs to fix the build.
-pub fn check_contract(engine: &PluginEngine, component: &Component) -> Result<()> {
-    let ty = component.component_type();
-    let engine = engine.engine();
-    let exports: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_string()).collect();
-    let imports: Vec<String> = ty
-        .imports(engine)
-        .map(|(name, _)| name.to_string())
-        .collect();
-    let expected = format!("{CONTRACT_PACKAGE}/endpoint@{CONTRACT_VERSION}");
-    let endpoint = exports.iter().find(|e| e.starts_with(&format!("{CONTRACT_PACKAGE}/endpoint")));
-    let Some(endpoint) = endpoint else {
-        bail!(
-            "not a flowhost plugin: expected an export of `{expected}` (world `{CONTRACT_PACKAGE}/plugin@{CONTRACT_VERSION}`), \
-             but the component exports [{}] and imports [{}]",
-            exports.join(", "),
-            imports.join(", ")
-        );
-    };
-    let version = endpoint.split_once('@').map(|(_, v)| v).unwrap_or("(unversioned)");
-    if !compatible(version, CONTRACT_VERSION) {
-        bail!(
-            "built for contract {CONTRACT_PACKAGE}@{version}, but this host speaks {CONTRACT_PACKAGE}@{CONTRACT_VERSION}; \
-             rebuild the plugin against a compatible flowhost-sdk (exports [{}], imports [{}])",
-            exports.join(", "),
-            imports.join(", ")
-        );
-    }
-    for import in &imports {
-        let allowed = import.starts_with("wasi:") || import.starts_with(&format!("{CONTRACT_PACKAGE}/"));
-        if !allowed {
-            bail!(
-                "imports `{import}`, which the flowhost sandbox does not provide (allowed: WASI and {CONTRACT_PACKAGE}/host@{CONTRACT_VERSION})"
-            );
-        }
-        if let Some(v) = import.strip_prefix(&format!("{CONTRACT_PACKAGE}/")).and_then(|i| i.split_once('@')).map(|(_, v)| v) {
-            if !compatible(v, CONTRACT_VERSION) {
-                bail!("imports `{import}`, but this host speaks {CONTRACT_PACKAGE}@{CONTRACT_VERSION}");
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Semver compatibility as the component model applies it: same major, and for
-/// 0.x the same minor.
-fn compatible(version: &str, ours: &str) -> bool {
-    let parse = |v: &str| -> Option<(u64, u64)> {
-        let mut parts = v.split(['.', '-', '+']);
-        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-    };
-    match (parse(version), parse(ours)) {
-        (Some((0, a)), Some((0, b))) => a == b,
-        (Some((a, _)), Some((b, _))) => a == b,
-        _ => false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::compatible;
-
-    #[test]
-    fn contract_versions_follow_component_semver() {
-        assert!(compatible("0.1.0", "0.1.0"));
-        assert!(compatible("0.1.7", "0.1.0"));
-        assert!(!compatible("0.2.0", "0.1.0"));
-        assert!(!compatible("1.0.0", "0.1.0"));
-        assert!(!compatible("garbage", "0.1.0"));
-    }
-}

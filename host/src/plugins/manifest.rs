@@ -1,11 +1,11 @@
 //! Host-owned views of what plugins say: the manifest (checked once at load) and
-//! the job (checked after every `build`). Converting here keeps generated
-//! binding types out of the rest of the host.
+//! the job (checked after every `build`), one internal model for every contract
+//! version. The `since_v*` modules turn their generated types into
+//! [`RawManifest`] / [`RawJob`]; the checks live here, once. Generated binding
+//! types never reach the rest of the host.
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-
-use super::bindings::wit;
 
 /// A model the plugin needs: any one of `any_of` (folder, file name) will do.
 #[derive(Debug, Clone, Serialize)]
@@ -18,6 +18,105 @@ pub struct ModelRequirement {
 pub struct ModelRef {
     pub folder: String,
     pub name: String,
+}
+
+/// A LoRA a job applies, with its strengths.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Lora {
+    #[serde(flatten)]
+    pub model: ModelRef,
+    pub strength_model: f64,
+    pub strength_clip: f64,
+}
+
+/// Where a job's [`ModelSet`] came from.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelSetSource {
+    /// The plugin said so (contract 0.2+).
+    #[default]
+    Declared,
+    /// Read off the workflow's loader nodes by the host (0.1 plugins say nothing).
+    Inferred,
+}
+
+/// The models a job loads: what a scheduler needs to route it to a warm worker.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ModelSet {
+    /// The diffusion model or checkpoint the graph samples with.
+    pub base: Option<ModelRef>,
+    pub loras: Vec<Lora>,
+    /// VAE, text encoders, controlnets ...
+    pub others: Vec<ModelRef>,
+    pub source: ModelSetSource,
+}
+
+impl ModelSet {
+    /// The model set of a workflow whose plugin declared none (contract 0.1):
+    /// read from the stock loader nodes. Unknown loaders are not guessed at.
+    pub fn inferred_from_workflow(workflow: &serde_json::Map<String, serde_json::Value>) -> Self {
+        let mut set = ModelSet { source: ModelSetSource::Inferred, ..ModelSet::default() };
+        let text = |node: &serde_json::Value, key: &str| node["inputs"][key].as_str().map(str::to_string);
+        let model = |folder: &str, name: String| ModelRef { folder: folder.into(), name };
+        for node in workflow.values() {
+            match node["class_type"].as_str().unwrap_or_default() {
+                "UNETLoader" => set.base = text(node, "unet_name").map(|n| model("diffusion_models", n)).or(set.base.take()),
+                "CheckpointLoaderSimple" => set.base = text(node, "ckpt_name").map(|n| model("checkpoints", n)).or(set.base.take()),
+                "LoraLoader" | "LoraLoaderModelOnly" => {
+                    if let Some(name) = text(node, "lora_name") {
+                        let strength_model = node["inputs"]["strength_model"].as_f64().unwrap_or(1.0);
+                        let strength_clip = node["inputs"]["strength_clip"].as_f64().unwrap_or(0.0);
+                        set.loras.push(Lora { model: model("loras", name), strength_model, strength_clip });
+                    }
+                }
+                "VAELoader" => set.others.extend(text(node, "vae_name").map(|n| model("vae", n))),
+                "DualCLIPLoader" => {
+                    set.others.extend(["clip_name1", "clip_name2"].iter().filter_map(|k| text(node, k)).map(|n| model("text_encoders", n)))
+                }
+                "CLIPLoader" => set.others.extend(text(node, "clip_name").map(|n| model("text_encoders", n))),
+                _ => {}
+            }
+        }
+        set
+    }
+}
+
+/// A sampler node and the steps it runs (progress hint, contract 0.2+).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SamplerProgress {
+    pub node_id: String,
+    pub steps: u32,
+}
+
+/// A manifest as a plugin of any contract version returned it, unchecked.
+#[derive(Debug, Clone)]
+pub struct RawManifest {
+    pub name: String,
+    pub version: String,
+    pub route: String,
+    pub summary: String,
+    pub request_schema: String,
+    pub response_media_types: Vec<String>,
+    pub analytics_prefix: String,
+    pub node_classes: Vec<String>,
+    pub models: Vec<ModelRequirement>,
+    /// Contract 0.2+: a cheap request body (JSON text).
+    pub warm_up: Option<String>,
+}
+
+/// A job as a plugin of any contract version returned it, unchecked.
+#[derive(Debug, Clone)]
+pub struct RawJob {
+    pub workflow: String,
+    pub uploads: Vec<PluginUpload>,
+    pub outputs: Vec<String>,
+    pub output_format: OutputFormat,
+    pub seed: Option<u64>,
+    pub analytics: String,
+    pub caller_nodes: Vec<String>,
+    /// `None` for contract 0.1 (the host infers it from the workflow).
+    pub models: Option<ModelSet>,
+    pub progress: Vec<SamplerProgress>,
 }
 
 /// A plugin's manifest, validated: name, route and version are well-formed and
@@ -34,11 +133,18 @@ pub struct PluginManifest {
     pub analytics_prefix: String,
     pub node_classes: Vec<String>,
     pub models: Vec<ModelRequirement>,
+    /// The contract version the plugin speaks (`0.1.0`, `0.2.0`, ...), from its export.
+    pub contract: String,
+    /// A cheap request that warms a worker (contract 0.2+), checked against
+    /// `request_schema` at load.
+    pub warm_up: Option<serde_json::Value>,
 }
 
 impl PluginManifest {
-    /// Check and convert a manifest as returned by `describe`.
-    pub fn from_wit(m: wit::Manifest) -> Result<Self> {
+    /// Check and convert a manifest as returned by `describe`. The warm-up
+    /// request is checked against the schema by the loader (it owns the
+    /// compiled validator).
+    pub fn from_raw(m: RawManifest, contract: &str) -> Result<Self> {
         check_name(&m.name)?;
         check_route(&m.route)?;
         check_semver(&m.version).with_context(|| format!("plugin {} declares version {:?}", m.name, m.version))?;
@@ -47,6 +153,13 @@ impl PluginManifest {
         }
         let request_schema: serde_json::Value = serde_json::from_str(&m.request_schema)
             .with_context(|| format!("plugin {}: request schema is not JSON", m.name))?;
+        let warm_up = match &m.warm_up {
+            None => None,
+            Some(text) => Some(
+                serde_json::from_str::<serde_json::Value>(text)
+                    .with_context(|| format!("plugin {}: the warm-up request is not JSON", m.name))?,
+            ),
+        };
         Ok(Self {
             name: m.name,
             version: m.version,
@@ -56,14 +169,9 @@ impl PluginManifest {
             response_media_types: m.response_media_types,
             analytics_prefix: m.analytics_prefix,
             node_classes: m.node_classes,
-            models: m
-                .models
-                .into_iter()
-                .map(|r| ModelRequirement {
-                    purpose: r.purpose,
-                    any_of: r.any_of.into_iter().map(|m| ModelRef { folder: m.folder, name: m.name }).collect(),
-                })
-                .collect(),
+            models: m.models,
+            contract: contract.to_string(),
+            warm_up,
         })
     }
 }
@@ -147,13 +255,17 @@ pub struct PluginJob {
     pub seed: Option<u64>,
     pub analytics: serde_json::Map<String, serde_json::Value>,
     pub caller_nodes: Vec<String>,
+    /// The models the job loads (declared by 0.2+ plugins, inferred for 0.1).
+    pub models: ModelSet,
+    /// Sampler nodes and their steps (empty: no hint).
+    pub progress: Vec<SamplerProgress>,
 }
 
 impl PluginJob {
     /// Convert and check a job: the workflow must be a JSON object of nodes with
     /// a `class_type` each, and every node id the job mentions must exist. A
     /// failure here is the plugin's bug, reported as such.
-    pub fn from_wit(job: wit::Job) -> Result<Self> {
+    pub fn from_raw(job: RawJob) -> Result<Self> {
         let workflow: serde_json::Value =
             serde_json::from_str(&job.workflow).context("the built workflow is not valid JSON")?;
         let serde_json::Value::Object(workflow) = workflow else {
@@ -169,25 +281,20 @@ impl PluginJob {
                 bail!("output node {out:?} is not in the built workflow");
             }
         }
-        let uploads = job
-            .uploads
-            .into_iter()
-            .map(|u| {
-                if !workflow.contains_key(&u.node_id) {
-                    bail!("upload for field {:?} targets node {:?}, which is not in the workflow", u.field, u.node_id);
-                }
-                Ok(PluginUpload {
-                    field: u.field,
-                    filename: u.filename,
-                    source: match u.source {
-                        wit::ImageSource::Bytes(b) => UploadSource::Bytes(b),
-                        wit::ImageSource::InputPath(p) => UploadSource::InputPath(p),
-                    },
-                    node_id: u.node_id,
-                    input_name: u.input_name,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        for u in &job.uploads {
+            if !workflow.contains_key(&u.node_id) {
+                bail!("upload for field {:?} targets node {:?}, which is not in the workflow", u.field, u.node_id);
+            }
+        }
+        for p in &job.progress {
+            if !workflow.contains_key(&p.node_id) {
+                bail!("progress hint names node {:?}, which is not in the workflow", p.node_id);
+            }
+        }
+        let models = match job.models {
+            Some(models) => ModelSet { source: ModelSetSource::Declared, ..models },
+            None => ModelSet::inferred_from_workflow(&workflow),
+        };
         let analytics = if job.analytics.trim().is_empty() {
             serde_json::Map::new()
         } else {
@@ -199,16 +306,14 @@ impl PluginJob {
         };
         Ok(Self {
             workflow,
-            uploads,
+            uploads: job.uploads,
             outputs: job.outputs,
-            output_format: match job.output_format {
-                wit::OutputFormat::Jpeg => OutputFormat::Jpeg,
-                wit::OutputFormat::Png => OutputFormat::Png,
-                wit::OutputFormat::Original => OutputFormat::Original,
-            },
+            output_format: job.output_format,
             seed: job.seed,
             analytics,
             caller_nodes: job.caller_nodes,
+            models,
+            progress: job.progress,
         })
     }
 
@@ -230,6 +335,8 @@ impl PluginJob {
             "output_format": self.output_format,
             "seed": self.seed,
             "analytics": self.analytics,
+            "models": self.models,
+            "progress": self.progress,
         })
     }
 }
@@ -244,6 +351,22 @@ mod tests {
         for bad in ["flux", "/", "/a/b", "/../x", "/Flux", "/health", "/plugins", "/a b", "/a%2f"] {
             assert!(check_route(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn a_v0_1_job_gets_its_model_set_from_the_loader_nodes() {
+        let workflow = serde_json::json!({
+            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+            "2": {"class_type": "LoraLoader", "inputs": {"lora_name": "a.safetensors", "strength_model": 0.8, "strength_clip": 0.5}},
+            "3": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+            "4": {"class_type": "KSampler", "inputs": {}},
+        });
+        let set = ModelSet::inferred_from_workflow(workflow.as_object().unwrap());
+        assert_eq!(set.source, ModelSetSource::Inferred);
+        assert_eq!(set.base, Some(ModelRef { folder: "diffusion_models".into(), name: "flux1-dev.safetensors".into() }));
+        assert_eq!(set.loras.len(), 1);
+        assert_eq!((set.loras[0].model.name.as_str(), set.loras[0].strength_model, set.loras[0].strength_clip), ("a.safetensors", 0.8, 0.5));
+        assert_eq!(set.others, vec![ModelRef { folder: "vae".into(), name: "ae.safetensors".into() }]);
     }
 
     #[test]

@@ -3,7 +3,11 @@
 //!
 //! - [`engine`]: one wasmtime `Engine` (pooling allocator when the OS lets us
 //!   reserve it), epoch ticker, the linker with WASI stripped of every capability.
-//! - [`sandbox`]: the per-call store state and the host imports a plugin may use.
+//! - [`sandbox`]: the per-call store state and the host imports a plugin may use
+//!   (implemented once for every contract version).
+//! - [`handler`]: which contract version a component speaks (from its exports),
+//!   dispatching to [`since_v0_1`] / [`since_v0_2`], each generated from its
+//!   frozen `wit/deps/flowhost-plugin@*` and adapting into [`manifest`]'s model.
 //! - [`compiled_cache`]: compiled components on disk, so restarts skip Cranelift.
 //! - [`loader`]: file → checked, described, pre-instantiated [`LoadedPlugin`].
 //! - [`registry`]: the route table, swapped atomically.
@@ -13,17 +17,21 @@
 //! their `build`, nothing else.
 
 pub mod bindings;
+pub mod calls;
 pub mod compiled_cache;
 pub mod engine;
+pub mod handler;
 pub mod loader;
 pub mod manifest;
 pub mod registry;
 pub mod sandbox;
+pub mod since_v0_1;
+pub mod since_v0_2;
 pub mod watcher;
 
 pub use engine::{PluginEngine, PluginLimits};
-pub use loader::{CallError, LoadedPlugin};
-pub use manifest::{PluginJob, PluginManifest, PluginUpload, UploadSource};
+pub use loader::{CallError, LoadError, LoadErrorKind, LoadedPlugin};
+pub use manifest::{Lora, ModelSet, PluginJob, PluginManifest, PluginUpload, SamplerProgress, UploadSource};
 pub use registry::{PluginRegistry, PluginStatus};
 pub use sandbox::{ModelLister, NoModels};
 pub use watcher::PluginWatcher;

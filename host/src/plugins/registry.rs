@@ -30,6 +30,12 @@ pub struct PluginStatus {
     pub loaded_at: Option<String>,
     /// Why the current content was rejected.
     pub reason: Option<String>,
+    /// The class of the rejection (the metric's `reason` label).
+    pub rejection: Option<super::loader::LoadErrorKind>,
+    /// The contract version the plugin speaks (`0.1.0`, `0.2.0`).
+    pub contract: Option<String>,
+    /// The plugin's warm-up request (contract 0.2+).
+    pub warm_up: Option<serde_json::Value>,
     /// For a rejected file whose previous version still serves: that version.
     pub still_serving: Option<String>,
 }

@@ -10,11 +10,11 @@
 use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::host_imports::{self, LogLevel, ModelFile};
+pub use super::calls::LogLevel;
 use super::engine::PluginLimits;
 
 /// Where plugins' `list-models` answers come from (the model volume in the
@@ -35,11 +35,50 @@ impl ModelLister for NoModels {
     }
 }
 
+/// wasmtime's [`StoreLimits`], plus a flag saying the memory limit was what
+/// stopped the call: a failure is classified by this flag, never by the
+/// wording of wasmtime's error.
+pub(crate) struct CallLimiter {
+    inner: StoreLimits,
+    pub(crate) memory_limit_hit: bool,
+}
+
+impl ResourceLimiter for CallLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let allowed = self.inner.memory_growing(current, desired, maximum);
+        if !matches!(allowed, Ok(true)) {
+            self.memory_limit_hit = true;
+        }
+        allowed
+    }
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.memory_limit_hit = true;
+        self.inner.memory_grow_failed(error)
+    }
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.table_grow_failed(error)
+    }
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+    fn memories(&self) -> usize {
+        self.inner.memories()
+    }
+}
+
 /// Per-call store data.
 pub struct SandboxState {
     wasi: WasiCtx,
     table: ResourceTable,
-    pub(crate) limits: StoreLimits,
+    pub(crate) limits: CallLimiter,
+    /// What the plugin's panic hook reported (contract 0.2+), bounded.
+    pub(crate) panic_message: Option<String>,
     plugin: Arc<str>,
     request_id: String,
     models: Arc<dyn ModelLister>,
@@ -59,12 +98,13 @@ impl SandboxState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        let limits = StoreLimitsBuilder::new()
+        let inner = StoreLimitsBuilder::new()
             .memory_size(limits.memory_bytes)
             .instances(64)
             .trap_on_grow_failure(true)
             .build();
-        Self { wasi, table: ResourceTable::new(), limits, plugin, request_id, models, stdout, stderr }
+        let limits = CallLimiter { inner, memory_limit_hit: false };
+        Self { wasi, table: ResourceTable::new(), limits, panic_message: None, plugin, request_id, models, stdout, stderr }
     }
 
     /// Log whatever the plugin wrote to stdout/stderr during the call.
@@ -91,8 +131,10 @@ impl WasiView for SandboxState {
 /// Longest log message accepted from a plugin; longer ones are cut.
 const MAX_LOG_MESSAGE: usize = 4096;
 
-impl host_imports::Host for SandboxState {
-    fn log(&mut self, level: LogLevel, message: String) {
+/// The host imports, implemented once for every contract version: each
+/// `since_v*` module's generated `Host` trait delegates here.
+impl SandboxState {
+    pub(crate) fn log(&mut self, level: LogLevel, message: String) {
         let mut message = message;
         if message.len() > MAX_LOG_MESSAGE {
             let mut cut = MAX_LOG_MESSAGE;
@@ -112,17 +154,23 @@ impl host_imports::Host for SandboxState {
         }
     }
 
-    fn list_models(&mut self, folder: String) -> Vec<ModelFile> {
-        self.models
-            .list_models(&folder)
-            .into_iter()
-            .map(|(name, size)| ModelFile { name, size })
-            .collect()
+    pub(crate) fn list_models(&mut self, folder: String) -> Vec<(String, u64)> {
+        self.models.list_models(&folder)
+    }
+
+    /// Contract 0.2+: the SDK's panic hook reports the message before the trap.
+    pub(crate) fn report_panic(&mut self, message: String) {
+        let mut message = message;
+        if message.len() > MAX_LOG_MESSAGE {
+            let mut cut = MAX_LOG_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        self.panic_message.get_or_insert(message);
     }
 }
-
-/// The types module also has a (empty) Host trait to satisfy.
-impl super::bindings::wit::Host for SandboxState {}
 
 impl SandboxState {
     /// The most telling line the plugin wrote to stderr: a Rust panic's

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use super::compiled_cache::CompiledCache;
 use super::engine::PluginEngine;
-use super::loader::LoadedPlugin;
+use super::loader::{LoadErrorKind, LoadedPlugin};
 use super::registry::{PluginRegistry, PluginSet, PluginStatus};
 use crate::timestamp::rfc3339_utc as rfc3339;
 use super::sandbox::ModelLister;
@@ -40,13 +40,17 @@ pub struct LoadContext {
     pub registry: Arc<PluginRegistry>,
     /// Called after each scan with (loaded, rejected) counts of *new* outcomes.
     pub on_load: Option<Arc<dyn Fn(&LoadEvent) + Send + Sync>>,
+    /// Called with each newly loaded plugin *before* it is published (so what
+    /// it prepares, e.g. `--simulate`'s placeholder models, is there by its
+    /// first request).
+    pub on_loaded: Option<Arc<dyn Fn(&LoadedPlugin) + Send + Sync>>,
 }
 
 /// What a scan did to one file, for metrics and events.
 #[derive(Debug, Clone)]
 pub enum LoadEvent {
     Loaded { file: String, plugin: String, version: String },
-    Rejected { file: String, reason: String },
+    Rejected { file: String, kind: LoadErrorKind, reason: String },
     Removed { file: String },
 }
 
@@ -57,7 +61,7 @@ struct FileState {
     /// The last version of this file that loaded (serving unless its route is taken).
     good: Option<Arc<LoadedPlugin>>,
     /// Why the current content is unusable, if it is.
-    error: Option<String>,
+    error: Option<(LoadErrorKind, String)>,
 }
 
 /// Keeps the registry in step with the folder until dropped.
@@ -112,7 +116,7 @@ impl Scanner {
             let bytes = match std::fs::read(path) {
                 Ok(bytes) => bytes,
                 Err(err) => {
-                    state.error = Some(format!("cannot read the file: {err}"));
+                    state.error = Some((LoadErrorKind::File, format!("cannot read the file: {err}")));
                     continue;
                 }
             };
@@ -123,6 +127,9 @@ impl Scanner {
             state.sha256 = Some(sha);
             match LoadedPlugin::load_bytes(&self.ctx.engine, self.ctx.cache.as_ref(), path, &bytes, self.ctx.models.clone()) {
                 Ok(plugin) => {
+                    if let Some(prepare) = &self.ctx.on_loaded {
+                        prepare(&plugin);
+                    }
                     events.push(LoadEvent::Loaded {
                         file: name.clone(),
                         plugin: plugin.manifest.name.clone(),
@@ -132,10 +139,10 @@ impl Scanner {
                     state.error = None;
                 }
                 Err(err) => {
-                    let reason = format!("{err:#}");
+                    let reason = err.message.clone();
                     tracing::warn!(file = %name, reason = %reason, still_serving = ?state.good.as_ref().map(|p| p.label.to_string()), "plugin rejected");
-                    events.push(LoadEvent::Rejected { file: name.clone(), reason: reason.clone() });
-                    state.error = Some(reason);
+                    events.push(LoadEvent::Rejected { file: name.clone(), kind: err.kind, reason: reason.clone() });
+                    state.error = Some((err.kind, reason));
                 }
             }
         }
@@ -166,6 +173,8 @@ fn assign_routes(files: &HashMap<String, FileState>, previous: &PluginSet, event
     });
 
     let mut routes: HashMap<String, Arc<LoadedPlugin>> = HashMap::new();
+    // Plugin names are unique (the contract says so; OpenAPI operationIds are names).
+    let mut names_served: HashMap<String, Arc<LoadedPlugin>> = HashMap::new();
     let mut statuses = BTreeMap::new();
     for name in names {
         let state = &files[name];
@@ -177,22 +186,35 @@ fn assign_routes(files: &HashMap<String, FileState>, previous: &PluginSet, event
             route: None,
             sha256: state.sha256.clone(),
             loaded_at: None,
-            reason: state.error.clone(),
+            reason: state.error.as_ref().map(|(_, reason)| reason.clone()),
+            rejection: state.error.as_ref().map(|(kind, _)| *kind),
+            contract: None,
+            warm_up: None,
             still_serving: None,
         };
         if let Some(plugin) = &state.good {
             let route = plugin.manifest.route.clone();
             status.name = Some(plugin.manifest.name.clone());
             status.route = Some(route.clone());
-            if let Some(owner) = routes.get(&route) {
-                let reason = format!(
-                    "route {route} is already served by {} ({})",
-                    owner.file.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
-                    owner.label
-                );
+            status.contract = Some(plugin.manifest.contract.clone());
+            status.warm_up = plugin.manifest.warm_up.clone();
+            let file_of = |owner: &LoadedPlugin| owner.file.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
+            let conflict = match (routes.get(&route), names_served.get(&plugin.manifest.name)) {
+                (Some(owner), _) => Some((
+                    LoadErrorKind::RouteConflict,
+                    format!("route {route} is already served by {} ({})", file_of(owner), owner.label),
+                )),
+                (None, Some(owner)) => Some((
+                    LoadErrorKind::DuplicateName,
+                    format!("plugin name {} is already served by {} ({}); plugin names are unique", plugin.manifest.name, file_of(owner), owner.label),
+                )),
+                (None, None) => None,
+            };
+            if let Some((kind, reason)) = conflict {
                 if status.reason.is_none() {
-                    events.push(LoadEvent::Rejected { file: name.clone(), reason: reason.clone() });
+                    events.push(LoadEvent::Rejected { file: name.clone(), kind, reason: reason.clone() });
                     tracing::warn!(file = %name, reason = %reason, "plugin rejected");
+                    status.rejection = Some(kind);
                 }
                 status.reason = Some(status.reason.map_or(reason.clone(), |r| format!("{r}; {reason}")));
                 status.version = Some(plugin.manifest.version.clone());
@@ -206,6 +228,7 @@ fn assign_routes(files: &HashMap<String, FileState>, previous: &PluginSet, event
                     status.sha256 = Some(plugin.sha256.clone());
                 }
                 routes.insert(route, plugin.clone());
+                names_served.insert(plugin.manifest.name.clone(), plugin.clone());
             }
         }
         statuses.insert(name.clone(), status);

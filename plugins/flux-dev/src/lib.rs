@@ -90,6 +90,11 @@ impl Plugin for FluxDev {
             analytics_prefix: ANALYTICS_PREFIX.into(),
             node_classes,
             models: flux::flux_model_requirements(),
+            // The whole graph with the real models, as cheap as it gets.
+            warm_up: Some(
+                json!({"prompt": "warm-up", "width": 256, "height": 256, "steps": 1, "seed": 0})
+                    .to_string(),
+            ),
         }
     }
 
@@ -118,6 +123,8 @@ impl Plugin for FluxDev {
             seed: Some(seed),
             analytics: serde_json::Value::Object(body.analytics("flux-dev")).to_string(),
             caller_nodes: vec![],
+            models: g.model_set(),
+            progress: g.sampler_progress(),
         })
     }
 }

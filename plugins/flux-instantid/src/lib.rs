@@ -231,6 +231,10 @@ impl Plugin for FluxInstantId {
             analytics_prefix: ANALYTICS_PREFIX.into(),
             node_classes,
             models,
+            // No warm-up: the graph needs a photo with a face, and a bundled
+            // face image is not worth its bytes; flux-dev's warm-up loads the
+            // Flux stage.
+            warm_up: None,
         }
     }
 
@@ -377,6 +381,8 @@ impl Plugin for FluxInstantId {
             seed: Some(seed),
             analytics: analytics.to_string(),
             caller_nodes: vec![],
+            models: g.model_set(),
+            progress: g.sampler_progress(),
         })
     }
 

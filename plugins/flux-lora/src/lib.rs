@@ -127,6 +127,13 @@ impl Plugin for FluxLora {
             node_classes,
             // The LoRA itself is per request (404 when missing), not a readiness requirement.
             models: flux::flux_model_requirements(),
+            // A LoRA is per request; the warm-up loads the demo one every
+            // simulated volume has (a real volume without it answers 404 and
+            // the worker is warmed by flux-dev's warm-up instead).
+            warm_up: Some(
+                json!({"prompt": "warm-up", "lora_id": "character-123", "width": 256, "height": 256, "steps": 1, "seed": 0})
+                    .to_string(),
+            ),
         }
     }
 
@@ -210,6 +217,8 @@ impl Plugin for FluxLora {
             seed: Some(seed),
             analytics: analytics.to_string(),
             caller_nodes: vec![],
+            models: g.model_set(),
+            progress: g.sampler_progress(),
         })
     }
 }

@@ -314,6 +314,8 @@ impl Plugin for Workflow {
             analytics_prefix: ANALYTICS_PREFIX.into(),
             node_classes: vec![],
             models: vec![],
+            // The graph is the caller's: there is nothing of ours to warm.
+            warm_up: None,
         }
     }
 
@@ -415,6 +417,8 @@ impl Plugin for Workflow {
             "has_output_node": body.output_node.is_some(),
             "output_format": output_format_name(output_format),
         });
+        let models = flowhost_sdk::hints::model_set_of(&workflow);
+        let progress = flowhost_sdk::hints::sampler_progress_of(&workflow);
         Ok(Job {
             workflow: Value::Object(workflow).to_string(),
             uploads: vec![],
@@ -423,6 +427,8 @@ impl Plugin for Workflow {
             seed: None,
             analytics: analytics.to_string(),
             caller_nodes,
+            models,
+            progress,
         })
     }
 }

@@ -15,11 +15,12 @@ const ROUTE: &str = match option_env!("FIXTURE_ROUTE") {
     Some(r) => r,
     None => "/echo",
 };
+const NAME: Option<&str> = option_env!("FIXTURE_NAME");
 
 impl Plugin for Echo {
     fn manifest() -> Manifest {
         Manifest {
-            name: format!("echo{}", ROUTE.trim_start_matches("/echo")),
+            name: NAME.map(str::to_string).unwrap_or_else(|| format!("echo{}", ROUTE.trim_start_matches("/echo"))),
             version: VERSION.into(),
             route: ROUTE.into(),
             summary: "Test plugin: a tiny graph carrying the prompt".into(),
@@ -39,6 +40,7 @@ impl Plugin for Echo {
             analytics_prefix: "echo".into(),
             node_classes: vec!["EmptyImage".into(), "SaveImage".into()],
             models: vec![],
+            warm_up: None,
         }
     }
 
@@ -67,6 +69,8 @@ impl Plugin for Echo {
             seed: Some(seed),
             analytics: serde_json::json!({"prompt_length": prompt.len(), "version": VERSION}).to_string(),
             caller_nodes: vec![],
+            models: Default::default(),
+            progress: vec![],
         })
     }
 }

@@ -17,8 +17,9 @@ impl Plugin for Misbehave {
                 "type": "object",
                 "required": ["mode"],
                 "properties": {
-                    "mode": {"enum": ["ok", "loop", "memory-bomb", "memory-some", "panic", "open-file", "read-env", "garbage-json", "stdout", "bad-graph"]},
-                    "megabytes": {"type": "integer", "minimum": 0}
+                    "mode": {"enum": ["ok", "loop", "memory-bomb", "memory-some", "panic", "open-file", "read-env", "garbage-json", "stdout", "bad-graph", "memory-pages"]},
+                    "megabytes": {"type": "integer", "minimum": 0},
+                    "pages": {"type": "integer", "minimum": 0}
                 }
             })
             .to_string(),
@@ -26,6 +27,7 @@ impl Plugin for Misbehave {
             analytics_prefix: "misbehave".into(),
             node_classes: vec![],
             models: vec![],
+            warm_up: None,
         }
     }
 
@@ -55,6 +57,31 @@ impl Plugin for Misbehave {
                 let mb = body["megabytes"].as_u64().unwrap_or(1) as usize;
                 let v = vec![1u8; mb << 20];
                 std::hint::black_box(&v);
+            }
+            // Grow linear memory to exactly `pages` 64 KiB pages (the memory
+            // limit's boundary tests). The answer is built first, so nothing
+            // allocates after the growth.
+            "memory-pages" => {
+                let job = Job {
+                    workflow,
+                    uploads: vec![],
+                    outputs: vec!["2".into()],
+                    output_format: OutputFormat::Jpeg,
+                    seed: Some(request.random_seed),
+                    analytics: "{}".into(),
+                    caller_nodes: vec![],
+                    models: Default::default(),
+                    progress: vec![],
+                };
+                #[cfg(target_arch = "wasm32")]
+                {
+                    let target = body["pages"].as_u64().unwrap_or(0) as usize;
+                    let current = core::arch::wasm32::memory_size(0);
+                    if target > current && core::arch::wasm32::memory_grow(0, target - current) == usize::MAX {
+                        return Err(BuildError::Internal("memory.grow refused".into()));
+                    }
+                }
+                return Ok(job);
             }
             "panic" => panic!("the plugin panicked on purpose"),
             "open-file" => {
@@ -89,6 +116,8 @@ impl Plugin for Misbehave {
             seed: Some(request.random_seed),
             analytics: "{}".into(),
             caller_nodes: vec![],
+            models: Default::default(),
+            progress: vec![],
         })
     }
 }
