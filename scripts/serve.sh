@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 scripts/build-plugins.sh --keep-changed .flowhost/plugins
 cargo build -p flowhost --bin flowhost
 backend=(--simulate)
+if [ -n "${FLOWHOST_COMFYUI_URL:-}${FLOWHOST_COMFYUI_DIR:-}" ]; then backend=(); fi
 for arg in "$@"; do
   case "$arg" in --comfyui-url* | --comfyui-dir* | --simulate) backend=() ;; esac
 done

@@ -5,17 +5,10 @@
 
 use anyhow::{Context, Result, bail};
 
-/// The media type of `bytes`, sniffed from their magic numbers.
-pub fn sniff_media_type(bytes: &[u8]) -> &'static str {
-    match bytes {
-        [0x89, b'P', b'N', b'G', ..] => "image/png",
-        [0xFF, 0xD8, 0xFF, ..] => "image/jpeg",
-        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => "image/webp",
-        [b'G', b'I', b'F', b'8', ..] => "image/gif",
-        [_, _, _, _, b'f', b't', b'y', b'p', ..] => "video/mp4",
-        _ => "application/octet-stream",
-    }
-}
+/// The media type of `bytes`, sniffed from their magic numbers: the comfy
+/// crate's sniffer, the only one (so the type the ComfyUI client reports and
+/// the type the host answers with cannot disagree).
+pub use flowhost_comfy::media::sniff_media_type;
 
 /// Decode a PNG and encode it as a baseline JPEG at `quality` (1–100). Alpha is
 /// composited onto white (JPEG has none); 16-bit samples are narrowed.
@@ -123,6 +116,12 @@ mod tests {
     fn sniffs_the_media_types_comfyui_produces() {
         assert_eq!(sniff_media_type(b"RIFF\0\0\0\0WEBPVP8X"), "image/webp");
         assert_eq!(sniff_media_type(b"GIF89a"), "image/gif");
-        assert_eq!(sniff_media_type(b"\0\0\0\x18ftypmp42"), "video/mp4");
+        assert_eq!(sniff_media_type(b"\0\0\0\x18ftypmp42\0\0\0\0"), "video/mp4");
+    }
+
+    #[test]
+    fn quicktime_is_not_labelled_mp4() {
+        // The host once had its own sniffer that called every ftyp file video/mp4.
+        assert_eq!(sniff_media_type(b"\0\0\0\x14ftypqt  \0\0\0\0qt  "), "video/quicktime");
     }
 }

@@ -17,6 +17,11 @@
 //! | `flowhost_comfyui_restarts_total`               | counter   |                 |
 //! | `flowhost_plugin_loads_total`                   | counter   | `plugin`        |
 //! | `flowhost_plugin_rejections_total`              | counter   | `reason`        |
+//!
+//! `route` on `flowhost_http_requests_total` is the matched pattern (`/health`), a loaded
+//! plugin's route (`/flux-dev`), `other` for a plugin-shaped path no plugin serves, or
+//! `unmatched`. `reason` is one of `file`, `compile`, `contract`, `manifest`,
+//! `route_conflict`, `duplicate_name` (`plugins::LoadErrorKind::label`).
 //! | `flowhost_analytics_dropped_events_total`       | counter   |                 |
 
 use std::sync::Arc;

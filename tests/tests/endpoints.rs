@@ -91,6 +91,49 @@ mod simulate {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn simulation_says_so_in_health_and_in_a_response_header() {
+        let server = start(&["--simulate"]).await;
+        let health = server.get_json("/health").await.unwrap();
+        assert_eq!(health["simulated"], true, "{health}");
+        let response = server.post_json("/flux-dev", &json!({"prompt": "p", "width": 256, "height": 256, "steps": 1})).await.unwrap();
+        assert_eq!(response.headers().get("x-flowhost-simulated").map(|v| v.to_str().unwrap()), Some("true"));
+        assert_eq!(jpeg_size(response).await, (256, 256));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_plugin_hot_loaded_after_start_gets_placeholder_models() {
+        let server = TestServer::start(&[], &["--simulate"]).await.unwrap();
+        let flux = bundled().into_iter().find(|(n, _)| n == "flux-dev.wasm").unwrap().1;
+        flowhost_tests::publish_atomically(server.plugins.path(), "flux_dev.wasm", &std::fs::read(flux).unwrap()).unwrap();
+        let loaded = eventually(Duration::from_secs(30), || async {
+            let status = server.plugin_status("flux_dev.wasm").await.ok()??;
+            (status["status"] == "loaded").then_some(())
+        })
+        .await;
+        assert!(loaded.is_some(), "the new file was never loaded");
+        let response = server.post_json("/flux-dev?dry_run=true", &json!({"prompt": "p"})).await.unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+        let response = server.post_json("/flux-dev", &json!({"prompt": "p", "width": 256, "height": 256, "steps": 1})).await.unwrap();
+        assert_eq!(jpeg_size(response).await, (256, 256));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn contract_0_2_fields_are_visible_in_plugins_and_dry_runs() {
+        let server = start(&["--simulate"]).await;
+        let flux = server.plugin_status("flux-dev.wasm").await.unwrap().unwrap();
+        assert_eq!(flux["contract"], "0.2.0", "{flux}");
+        assert_eq!(flux["warm_up"], json!({"prompt": "warm-up", "width": 256, "height": 256, "steps": 1, "seed": 0}), "{flux}");
+        let job: Value = server.post_json("/flux-lora?dry_run=true", &json!({"prompt": "p", "lora_id": "character-123", "lora_strength": 0.6, "steps": 7})).await.unwrap().json().await.unwrap();
+        assert_eq!(job["models"]["source"], "declared", "{job}");
+        assert_eq!(job["models"]["base"], json!({"folder": "diffusion_models", "name": "flux1-dev.safetensors"}), "{job}");
+        assert_eq!(job["models"]["loras"][0]["name"], "character-123.safetensors", "{job}");
+        assert_eq!(job["models"]["loras"][0]["strength_model"], 0.6, "{job}");
+        let sampler = job["progress"][0]["node_id"].as_str().expect("a sampler hint");
+        assert_eq!(job["workflow"][sampler]["class_type"], "KSampler");
+        assert_eq!(job["progress"][0]["steps"], 7);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn missing_lora_is_a_404_naming_the_expected_file() {
         let server = start(&["--simulate"]).await;
         let (status, body) = problem(server.post_json("/flux-lora", &json!({"prompt": "x", "lora_id": "nobody-999"})).await.unwrap()).await.unwrap();

@@ -494,6 +494,19 @@ mod http_surface {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http_metrics_label_plugin_routes_by_their_route_and_others_as_other() {
+        let server = echo_server().await;
+        assert_eq!(server.post_json("/echo?dry_run=true", &json!({"prompt": "x"})).await.unwrap().status(), 200);
+        assert_eq!(server.post_json("/no-such-plugin", &json!({"prompt": "x"})).await.unwrap().status(), 404);
+        let text = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let http: Vec<&str> = text.lines().filter(|l| l.starts_with("flowhost_http_requests_total{")).collect();
+        assert!(http.iter().any(|l| l.contains("route=\"/echo\"") && l.contains("status=\"200\"")), "{http:?}");
+        assert!(http.iter().any(|l| l.contains("route=\"other\"") && l.contains("status=\"404\"")), "{http:?}");
+        assert!(!text.contains("route=\"/{route}\""), "no catch-all series: {http:?}");
+        assert!(!text.contains("no-such-plugin"), "unknown paths never become labels: {http:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unknown_route_is_a_problem_404() {
         let server = echo_server().await;
         let (status, body) = problem(server.post_json("/nope", &json!({})).await.unwrap()).await.unwrap();

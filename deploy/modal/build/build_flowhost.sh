@@ -16,7 +16,8 @@ rustup default "$toolchain"
 
 cd "$src"
 export CARGO_TARGET_DIR="$src/target"
-cargo build --release --locked -p flowhost
+# No `simulate` feature: the ComfyUI test double is not part of the production binary.
+cargo build --release --locked --no-default-features -p flowhost
 install -m 0755 target/release/flowhost /usr/local/bin/flowhost
 
 packages=()

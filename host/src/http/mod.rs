@@ -98,8 +98,8 @@ pub fn router(state: AppState) -> Router {
         .merge(admin)
         .merge(generation)
         .fallback(fallback)
-        .with_state(state)
-        .layer(middleware::from_fn_with_state(metrics, crate::metrics::track_http))
+        .with_state(state.clone())
+        .layer(middleware::from_fn_with_state((metrics, state.registry.clone()), track_http_by_route))
         .layer(
             // One span per request carrying its id (so every log line inside it has
             // the id), and one INFO line per response with status and latency.
@@ -116,6 +116,31 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// The `route` label of plugin requests: the plugin's own route (`/flux-dev`)
+/// when a loaded plugin serves it, else `other`, so the series stay bounded by
+/// the number of loaded plugins. Every other request keeps its matched pattern.
+pub const OTHER_PLUGIN_ROUTE: &str = "other";
+
+async fn track_http_by_route(
+    axum::extract::State((metrics, registry)): axum::extract::State<(Metrics, Arc<PluginRegistry>)>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    use axum::extract::MatchedPath;
+    let matched = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
+    let label = match matched.as_deref() {
+        Some("/{route}") => {
+            let path = request.uri().path();
+            if registry.lookup(path).is_some() { path.to_owned() } else { OTHER_PLUGIN_ROUTE.to_owned() }
+        }
+        Some(pattern) => pattern.to_owned(),
+        None => crate::metrics::UNMATCHED_ROUTE.to_owned(),
+    };
+    let response = next.run(request).await;
+    metrics.record_http(&label, response.status().as_u16());
+    response
 }
 
 async fn fallback(uri: axum::http::Uri, method: axum::http::Method) -> Problem {

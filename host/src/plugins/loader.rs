@@ -71,6 +71,24 @@ impl LoadErrorKind {
     ];
 }
 
+#[cfg(test)]
+mod tests {
+    use super::LoadErrorKind;
+
+    #[test]
+    fn documented_rejection_reasons_are_the_emitted_ones() {
+        let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md")).unwrap();
+        let line = docs.lines().find(|l| l.starts_with("Rejection reasons (`reason`):")).expect("the documented list");
+        let documented: Vec<&str> = line.split(':').nth(1).unwrap().split('`').skip(1).step_by(2).collect();
+        let emitted: Vec<&str> = LoadErrorKind::ALL.iter().map(|k| k.label()).collect();
+        assert_eq!(documented, emitted);
+        for kind in LoadErrorKind::ALL {
+            // The /plugins field and the metric label are the same word.
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.label());
+        }
+    }
+}
+
 /// A failed load: what kind of failure, and the message for the author.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
