@@ -293,7 +293,8 @@ mod hot_reload {
         .await
         .expect("the corrupt file is reported");
         assert_eq!(rejected["still_serving"], "1.0.0", "{rejected}");
-        assert!(rejected["reason"].as_str().unwrap().len() > 10, "{rejected}");
+        assert_eq!(rejected["rejection"], "compile", "a truncated component fails to compile: {rejected}");
+        assert!(rejected["reason"].as_str().unwrap().starts_with("compiling the component: "), "{rejected}");
         for _ in 0..5 {
             assert_eq!(echo_version(&server).await.as_deref(), Some("1.0.0"));
         }
@@ -619,6 +620,24 @@ mod served_binary {
         assert_eq!(client.get(format!("{base}/health")).send().await.unwrap().status().as_u16() / 100 != 4, true, "/health stays open");
         let unauthorized = post(None, "/echo").await.unwrap();
         assert_eq!(unauthorized.headers().get("content-type").unwrap(), "application/problem+json");
+    }
+
+    #[test]
+    fn serve_without_a_backend_refuses_naming_the_three_choices() {
+        let plugins = tempfile::tempdir().unwrap();
+        let out = Command::new(flowhost_tests::flowhost_binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
+            .arg(plugins.path())
+            .env_remove("FLOWHOST_COMFYUI_URL")
+            .env_remove("FLOWHOST_COMFYUI_DIR")
+            .env_remove("FLOWHOST_SIMULATE")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "simulation is never the silent default");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for choice in ["--comfyui-url", "--comfyui-dir", "--simulate"] {
+            assert!(stderr.contains(choice), "the refusal names {choice}: {stderr}");
+        }
     }
 
     #[test]
