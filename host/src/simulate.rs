@@ -13,6 +13,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use comfyui_double::{ComfyDouble, DoubleConfig};
 
+/// `/history` entries the simulated ComfyUI keeps (flowhost reads each right after its prompt).
+const SIMULATED_HISTORY: usize = 64;
+
 use crate::plugins::LoadedPlugin;
 
 /// The demo LoRA every simulated volume has.
@@ -32,7 +35,13 @@ pub struct SimulatedComfy {
 impl SimulatedComfy {
     /// Start the double on 127.0.0.1 with `models` as its models folder.
     pub async fn start(models: &Path, scratch: Option<tempfile::TempDir>) -> Result<Self> {
-        let double = ComfyDouble::start(DoubleConfig { models_dir: Some(models.to_path_buf()), ..DoubleConfig::default() })
+        let double = ComfyDouble::start(DoubleConfig {
+            models_dir: Some(models.to_path_buf()),
+            // A simulated backend may serve for days: keep a short history and no test record.
+            max_history: SIMULATED_HISTORY,
+            keep_record: false,
+            ..DoubleConfig::default()
+        })
             .await
             .context("starting the embedded ComfyUI double")?;
         let url = url::Url::parse(&double.url()).context("the double's URL")?;
