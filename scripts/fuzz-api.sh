@@ -6,7 +6,7 @@
 #   scripts/fuzz-api.sh                 # 300 examples per operation, seed 1
 #   FUZZ_EXAMPLES=2000 FUZZ_SEED=7 scripts/fuzz-api.sh
 #
-# Needs python3; installs schemathesis==4.3.18 with pip if `st` is missing.
+# Needs python3; installs schemathesis==4.32.5 with pip if `st` is missing.
 # Not part of scripts/test.sh: it runs for minutes and its inputs are random.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ examples="${FUZZ_EXAMPLES:-300}"
 seed="${FUZZ_SEED:-1}"
 port="${FUZZ_PORT:-18765}"
 if ! command -v st >/dev/null 2>&1; then
-  python3 -m pip install --quiet 'schemathesis==4.3.18'
+  python3 -m pip install --quiet 'schemathesis==4.32.5'
 fi
 target="${CARGO_TARGET_DIR:-target}"
 scripts/build-plugins.sh "$target/fuzz-plugins" >/dev/null
