@@ -194,7 +194,8 @@ impl ComfyBackend {
                 Ok(c) => catalogue = c,
                 Err(e) => {
                     tracing::warn!(error = %e, "no node catalogue; skipping preflight (ComfyUI still validates)");
-                    return Ok(());
+                    // The graph's shape needs no catalogue, and must hold before ComfyUI recurses.
+                    return crate::graph_shape::check(graph);
                 }
             }
         }
@@ -318,6 +319,9 @@ async fn monitor_health(backend: std::sync::Weak<ComfyBackend>, interval: Durati
     let mut epoch = 0u64; // increments each time ComfyUI comes back after being unreachable
     let mut was_up = false;
     let mut last_ws_generation = 0u64;
+    // Whether the websocket has connected since ComfyUI (re)started answering: until it has, the
+    // backend is still starting, not ready (a run would wait on history polls).
+    let mut ws_up_this_epoch = false;
     loop {
         let Some(b) = backend.upgrade() else { return };
         let process_state = process.as_mut().map(|p| p.borrow_and_update().clone());
@@ -347,6 +351,7 @@ async fn monitor_health(backend: std::sync::Weak<ComfyBackend>, interval: Durati
                     if !was_up {
                         epoch += 1;
                         was_up = true;
+                        ws_up_this_epoch = false;
                     }
                     // A socket that reconnected may mean ComfyUI restarted behind our back.
                     if ws_state.generation > last_ws_generation + 1
@@ -379,13 +384,19 @@ async fn monitor_health(backend: std::sync::Weak<ComfyBackend>, interval: Durati
                             failures.join(", ")
                         ));
                     }
-                    // The socket connects right after ComfyUI answers: give it a moment before calling it missing.
-                    if !ws_state.connected
-                        && !b.client.wait_ws_connected(Duration::from_millis(500)).await
-                    {
+                    // ComfyUI answers, so the socket can connect now: cut its back-off short and give it
+                    // a moment before calling it missing.
+                    let ws_connected = ws_state.connected || {
+                        b.client.reconnect_ws_now();
+                        b.client.wait_ws_connected(Duration::from_millis(500)).await
+                    };
+                    ws_up_this_epoch |= ws_connected;
+                    if !ws_connected {
                         problems.push("websocket to ComfyUI not connected".into());
                     }
                     match b.client.queue_remaining().await {
+                        // Never connected since ComfyUI came up: still starting, not degraded.
+                        Ok(_) if !ws_up_this_epoch => BackendHealth::Starting,
                         Ok(queue_remaining) if problems.is_empty() => BackendHealth::Ready {
                             version: stats.system.comfyui_version.clone(),
                             queue_remaining,

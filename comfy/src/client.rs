@@ -71,6 +71,8 @@ pub struct ComfyClient {
     client_id: String,
     tracker: Arc<PromptTracker>,
     ws_state: watch::Receiver<WsState>,
+    /// Wakes the websocket loop out of its back-off (ComfyUI just started answering).
+    ws_kick: Arc<tokio::sync::Notify>,
     _ws_task: AbortOnDrop,
 }
 
@@ -97,11 +99,13 @@ impl ComfyClient {
         let tracker = Arc::new(PromptTracker::new());
         let (state_tx, state_rx) = watch::channel(WsState::default());
         let ws_url = ws_url(&config.base_url, &client_id)?;
+        let ws_kick = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(run_websocket(
             ws_url,
             tracker.clone(),
             state_tx,
             config.clone(),
+            ws_kick.clone(),
         ));
         Ok(Arc::new(ComfyClient {
             http,
@@ -109,6 +113,7 @@ impl ComfyClient {
             client_id,
             tracker,
             ws_state: state_rx,
+            ws_kick,
             _ws_task: AbortOnDrop(task),
         }))
     }
@@ -127,6 +132,12 @@ impl ComfyClient {
     }
     pub fn ws_state(&self) -> watch::Receiver<WsState> {
         self.ws_state.clone()
+    }
+
+    /// Reconnect the websocket now instead of at the end of its back-off: ComfyUI answers HTTP, so
+    /// it will accept the socket (while it boots, the back-off has doubled to seconds).
+    pub fn reconnect_ws_now(&self) {
+        self.ws_kick.notify_one();
     }
 
     /// Wait until the websocket is connected, at most `wait`. Returns whether it is.
@@ -482,12 +493,14 @@ fn ws_url(base: &Url, client_id: &str) -> anyhow::Result<Url> {
     Ok(url)
 }
 
-/// The websocket loop: connect, handshake, route frames, reconnect with backoff. Runs until aborted.
+/// The websocket loop: connect, handshake, route frames, reconnect with backoff (cut short by
+/// [`ComfyClient::reconnect_ws_now`]). Runs until aborted.
 async fn run_websocket(
     url: Url,
     tracker: Arc<PromptTracker>,
     state: watch::Sender<WsState>,
     config: ClientConfig,
+    kick: Arc<tokio::sync::Notify>,
 ) {
     let mut backoff = config.ws_backoff_initial;
     let mut generation = 0u64;
@@ -544,7 +557,9 @@ async fn run_websocket(
             }
             Err(_) => tracing::debug!("ComfyUI websocket connect timed out"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(config.ws_backoff_max);
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(config.ws_backoff_max),
+            () = kick.notified() => backoff = config.ws_backoff_initial,
+        }
     }
 }

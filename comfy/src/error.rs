@@ -23,15 +23,11 @@ pub struct NodeIssue {
 
 impl std::fmt::Display for NodeIssue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "node {}",
-            if self.node_id.is_empty() {
-                "-"
-            } else {
-                &self.node_id
-            }
-        )?;
+        // A whole-graph issue (no node) is just its message.
+        if self.node_id.is_empty() {
+            return write!(f, "{} [{}]", self.message, self.kind);
+        }
+        write!(f, "node {}", self.node_id)?;
         if !self.class_type.is_empty() {
             write!(f, " ({})", self.class_type)?;
         }

@@ -19,6 +19,7 @@ pub mod backend;
 pub mod catalogue;
 pub mod client;
 pub mod error;
+pub mod graph_shape;
 pub mod media;
 pub mod preflight;
 pub mod protocol;

@@ -22,6 +22,8 @@ impl Catalogue {
                 "the workflow must be a JSON object of nodes",
             )]);
         };
+        // Stage 0: the node count, before any per-node work.
+        crate::graph_shape::check_size(graph)?;
 
         // Stage 1 (ComfyUI: invalid_prompt, reported before anything else).
         let mut issues = Vec::new();
@@ -87,11 +89,12 @@ impl Catalogue {
                 }
             }
         }
-        if issues.is_empty() {
-            Ok(())
-        } else {
-            Err(issues)
+        if !issues.is_empty() {
+            return Err(issues);
         }
+        // Stage 4: depth and cycles, which ComfyUI would only meet as a `RecursionError` naming
+        // no node (after the per-node checks, which report a bad link the way ComfyUI does).
+        crate::graph_shape::check_links(graph)
     }
 
     fn node_class(&self, node: &Value) -> Option<&ClassInfo> {

@@ -387,9 +387,12 @@ pub(crate) async fn run_prompt(
     }
 
     // History names every file output even when `executed` frames were missed.
+    // The deadline covers collecting the outputs too: a slow `/history` or `/view` ends the run at
+    // the deadline (504), not after it.
+    let past_deadline = |prompt_id: &str| ComfyError::Timeout { prompt_id: prompt_id.to_string(), waited: started.elapsed() };
     let history = match final_history {
         Some(h) => Some(h),
-        None => match client.history(&prompt_id).await {
+        None => match tokio::time::timeout_at(deadline, client.history(&prompt_id)).await.map_err(|_| past_deadline(&prompt_id))? {
             Ok(h) => h.map(Box::new),
             Err(e) => {
                 tracing::warn!(prompt_id, error = %e, "reading history after success failed; using websocket outputs only");
@@ -450,7 +453,10 @@ pub(crate) async fn run_prompt(
     for (node_id, sources) in selected {
         for (index, source) in sources.into_iter().enumerate() {
             let (bytes, name) = match source {
-                Source::File(file) => (client.view(&file).await?, file.filename),
+                Source::File(file) => {
+                    let bytes = tokio::time::timeout_at(deadline, client.view(&file)).await.map_err(|_| past_deadline(&prompt_id))??;
+                    (bytes, file.filename)
+                }
                 Source::Socket(bytes) => (bytes, String::new()),
             };
             let media_type = sniff_media_type(&bytes).to_string();

@@ -834,3 +834,65 @@ mod supervision {
         assert!(!alive, "ComfyUI still running after shutdown");
     }
 }
+
+mod boot {
+    use super::support::*;
+    use super::*;
+
+    /// While ComfyUI boots, the websocket's reconnect back-off doubles to seconds; once ComfyUI
+    /// answers, the backend must connect the socket at once and never report itself serving
+    /// (ready or degraded) before it has — on 6593e1a it answered "degraded: websocket not
+    /// connected" and the first request waited out the back-off on history polls.
+    #[tokio::test]
+    async fn health_is_not_serving_before_the_websocket_connects_after_a_slow_boot() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let url = Url::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        let backend = ComfyBackend::start(backend_config(url)).await.unwrap();
+        // ComfyUI "loading models": nothing listens; the socket's back-off grows past 3 s.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(!backend.health().is_serving());
+        let mut health = backend.health_watch();
+        let _double = ComfyDouble::start(DoubleConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let first_serving = tokio::time::timeout(FAILSAFE, health.wait_for(|h| h.is_serving()))
+            .await
+            .expect("never served")
+            .unwrap()
+            .clone();
+        assert!(
+            backend.client().ws_state().borrow().connected,
+            "reported {first_serving:?} before the websocket connected"
+        );
+        assert!(matches!(first_serving, BackendHealth::Ready { .. }), "{first_serving:?}");
+        backend.shutdown().await;
+    }
+}
+
+mod deadline_covers_outputs {
+    use super::support::*;
+    use super::*;
+
+    /// A `/view` slower than the job's deadline: the run ends with `Timeout` (the host's 504) at
+    /// the deadline instead of returning the image after it (6593e1a: 200 after 6 s with a 5 s
+    /// deadline).
+    #[tokio::test]
+    async fn slow_view_times_out_at_the_deadline_not_after() {
+        let rig = rig().await;
+        rig.double.faults().set_view_delay(Duration::from_secs(30));
+        let outcome = tokio::time::timeout(FAILSAFE, rig.backend.run(request(scale_graph(8, 8), Duration::from_secs(2))))
+            .await
+            .expect("the run outlived the deadline by far");
+        match outcome {
+            Err(ComfyError::Timeout { waited, .. }) => assert!(waited < Duration::from_secs(30), "{waited:?}"),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        rig.double.shutdown().await;
+    }
+}

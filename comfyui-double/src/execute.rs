@@ -43,6 +43,10 @@ pub(crate) async fn worker(s: Arc<Shared>) {
         {
             let mut q = lock(&s.queue);
             q.history.insert(item.prompt_id.clone(), entry);
+            while q.history.len() > s.max_history {
+                let Some(oldest) = q.history.keys().next().cloned() else { break };
+                q.history.shift_remove(&oldest);
+            }
             q.running = None;
         }
         *lock(&s.exec) = Default::default();
@@ -106,27 +110,37 @@ impl Run<'_> {
     }
 }
 
-/// Nodes needed by the outputs, dependencies first.
+/// Nodes needed by the outputs, dependencies first. Iterative (an explicit stack), so no graph depth
+/// can overflow the thread's stack.
 fn execution_order(graph: &Map<String, Value>, outputs: &[String]) -> Vec<String> {
-    fn visit(id: &str, graph: &Map<String, Value>, seen: &mut HashSet<String>, order: &mut Vec<String>) {
-        if !seen.insert(id.to_string()) {
-            return;
-        }
-        if let Some(inputs) = graph.get(id).and_then(|n| n.get("inputs")).and_then(Value::as_object) {
-            for v in inputs.values() {
-                if let Some(src) = link_source(v)
-                    && graph.contains_key(src)
-                {
-                    visit(src, graph, seen, order);
-                }
-            }
-        }
-        order.push(id.to_string());
-    }
+    let sources = |id: &str| -> Vec<String> {
+        graph
+            .get(id)
+            .and_then(|n| n.get("inputs"))
+            .and_then(Value::as_object)
+            .map(|inputs| inputs.values().filter_map(link_source).filter(|src| graph.contains_key(*src)).map(str::to_string).collect())
+            .unwrap_or_default()
+    };
     let mut seen = HashSet::new();
     let mut order = Vec::new();
     for o in outputs {
-        visit(o, graph, &mut seen, &mut order);
+        if !seen.insert(o.clone()) {
+            continue;
+        }
+        // (node, its sources, next source to visit): the same order as visiting recursively.
+        let mut stack: Vec<(String, Vec<String>, usize)> = vec![(o.clone(), sources(o), 0)];
+        while let Some((id, srcs, next)) = stack.last_mut() {
+            if let Some(src) = srcs.get(*next).cloned() {
+                *next += 1;
+                if seen.insert(src.clone()) {
+                    let s = sources(&src);
+                    stack.push((src, s, 0));
+                }
+                continue;
+            }
+            order.push(std::mem::take(id));
+            stack.pop();
+        }
     }
     order
 }

@@ -164,7 +164,9 @@ async fn post_prompt(State(s): S, body: Bytes) -> Response {
                 let seq = q.seq;
                 q.pending.push(QueueItem { number: number.clone(), seq, prompt_id: prompt_id.clone(), prompt: coerced, extra_data, outputs });
             }
-            s.record().prompts.push((prompt_id.clone(), prompt.clone()));
+            if s.keep_record {
+                s.record().prompts.push((prompt_id.clone(), prompt.clone()));
+            }
             s.broadcast_status();
             s.queue_notify.notify_waiters();
             Json(json!({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})).into_response()
@@ -336,7 +338,9 @@ async fn upload_image(State(s): S, mut multipart: Multipart) -> Response {
         tracing::warn!(error = %e, "upload write failed");
         return server_trouble();
     }
-    s.record().uploads.push(UploadRecord { name: name.clone(), subfolder: subfolder.clone(), kind: kind.to_string(), size: bytes.len() });
+    if s.keep_record {
+        s.record().uploads.push(UploadRecord { name: name.clone(), subfolder: subfolder.clone(), kind: kind.to_string(), size: bytes.len() });
+    }
     Json(json!({"name": name, "subfolder": subfolder, "type": kind})).into_response()
 }
 

@@ -48,7 +48,16 @@ pub struct DoubleConfig {
     pub extra_model_paths: Option<PathBuf>,
     pub input_dir: Option<PathBuf>,
     pub output_dir: Option<PathBuf>,
+    /// Most finished prompts kept in `/history`, oldest dropped first (ComfyUI's
+    /// `MAXIMUM_HISTORY_SIZE` is 10,000). An embedded double serving for a long time keeps fewer.
+    pub max_history: usize,
+    /// Whether to keep the observation [`Record`] of every prompt and upload (for tests). A double
+    /// serving for a long time (`flowhost serve --simulate`) keeps none, so memory stays flat.
+    pub keep_record: bool,
 }
+
+/// ComfyUI's `MAXIMUM_HISTORY_SIZE`.
+pub const MAXIMUM_HISTORY_SIZE: usize = 10_000;
 
 impl Default for DoubleConfig {
     fn default() -> Self {
@@ -58,6 +67,8 @@ impl Default for DoubleConfig {
             extra_model_paths: None,
             input_dir: None,
             output_dir: None,
+            max_history: MAXIMUM_HISTORY_SIZE,
+            keep_record: true,
         }
     }
 }
@@ -125,6 +136,8 @@ impl ComfyDouble {
             temp_prefix,
             next_conn: AtomicU64::new(0),
             argv,
+            max_history: cfg.max_history.max(1),
+            keep_record: cfg.keep_record,
         });
         let app = http::router(shared.clone());
         let listener = KillableListener { inner: listener, kill: kill.clone() };

@@ -33,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
         extra_model_paths: value_of(&args, "--extra-model-paths-config").map(PathBuf::from),
         input_dir: value_of(&args, "--input-directory").map(PathBuf::from),
         output_dir: value_of(&args, "--output-directory").map(PathBuf::from),
+        ..DoubleConfig::default()
     };
     let mut out = std::io::stdout();
     writeln!(out, "Checkpoint files will always be loaded safely.")?;

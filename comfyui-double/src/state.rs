@@ -105,6 +105,10 @@ pub(crate) struct Shared {
     pub temp_prefix: String,
     pub next_conn: AtomicU64,
     pub argv: Vec<String>,
+    /// Most `/history` entries kept (oldest dropped first).
+    pub max_history: usize,
+    /// Whether prompts and uploads are recorded for tests.
+    pub keep_record: bool,
 }
 
 pub(crate) fn text_frame(kind: &str, data: Value) -> Message {

@@ -287,7 +287,8 @@ impl Validator<'_, '_> {
         if let Some(r) = self.validated.get(id) {
             return Ok(r);
         }
-        if self.stack.iter().any(|s| s == id) {
+        // A cycle recurses until Python's limit; so does a chain deeper than the limit.
+        if self.stack.len() >= PY_RECURSION_DEPTH || self.stack.iter().any(|s| s == id) {
             return Err(PyError { kind: "RecursionError", message: "maximum recursion depth exceeded".into(), traceback: vec![TB_INNER_CALL.into()] });
         }
         let prompt = self.prompt;
@@ -492,9 +493,39 @@ fn upstream_of(graph: &Map<String, Value>, id: &str) -> HashSet<String> {
     seen
 }
 
+/// How many nested `validate_inputs` calls ComfyUI gets through before Python raises `RecursionError`:
+/// its default limit of 1,000 frames, less the ~25 of the event loop, aiohttp and `post_prompt` under
+/// the first call. A chain of links deeper than this fails validation in ComfyUI, and so here.
+pub(crate) const PY_RECURSION_DEPTH: usize = 975;
+
+/// Stack for one validation: [`PY_RECURSION_DEPTH`] nested frames of [`Validator::validate_inputs`]
+/// need more than the 2 MiB of a runtime worker thread; the recursion is bounded by that limit, so
+/// this bounds the stack whatever the graph (no request can overflow it and abort the process).
+const VALIDATION_STACK_BYTES: usize = 64 << 20;
+
 /// Validates a prompt as ComfyUI's `validate_prompt` does. On acceptance the returned graph carries the
 /// coerced values (ComfyUI queues the mutated prompt). Err = ComfyUI would answer 500.
+///
+/// Runs on a thread of its own with a stack sized for ComfyUI's recursion limit (see
+/// [`VALIDATION_STACK_BYTES`]).
 pub(crate) fn validate_prompt(
+    prompt: &Value,
+    partial_targets: Option<&[String]>,
+    ctx: &ValidationContext<'_>,
+) -> Result<(PromptCheck, Value), InternalError> {
+    std::thread::scope(|scope| {
+        let worker = std::thread::Builder::new()
+            .name("prompt-validation".into())
+            .stack_size(VALIDATION_STACK_BYTES)
+            .spawn_scoped(scope, || validate_prompt_here(prompt, partial_targets, ctx));
+        match worker {
+            Ok(handle) => handle.join().unwrap_or_else(|_| Err(InternalError("validation panicked".into()))),
+            Err(e) => Err(InternalError(format!("no thread for validation: {e}"))),
+        }
+    })
+}
+
+fn validate_prompt_here(
     prompt: &Value,
     partial_targets: Option<&[String]>,
     ctx: &ValidationContext<'_>,
@@ -676,6 +707,36 @@ mod tests {
             "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}}
         });
         assert!(matches!(check(&d, prompt).0, PromptCheck::Rejected { .. }));
+    }
+
+    fn chain(n: usize) -> Value {
+        let mut g = Map::new();
+        g.insert("0".into(), json!({"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}));
+        for i in 1..n {
+            g.insert(i.to_string(), json!({"class_type": "ImageInvert", "inputs": {"image": [(i - 1).to_string(), 0]}}));
+        }
+        g.insert("save".into(), json!({"class_type": "SaveImage", "inputs": {"images": [(n - 1).to_string(), 0], "filename_prefix": "x"}}));
+        Value::Object(g)
+    }
+
+    #[test]
+    fn a_chain_within_pythons_recursion_limit_is_accepted() {
+        let d = dirs();
+        assert!(matches!(check(&d, chain(PY_RECURSION_DEPTH - 1)).0, PromptCheck::Accepted { .. }));
+    }
+
+    #[test]
+    fn a_thousand_node_chain_fails_like_python_without_overflowing() {
+        let d = dirs();
+        let PromptCheck::Rejected { node_errors, .. } = check(&d, chain(1_000)).0 else { panic!("accepted") };
+        let reasons = node_errors.values().flat_map(|n| n["errors"].as_array().cloned().unwrap_or_default()).collect::<Vec<_>>();
+        assert!(reasons.iter().any(|r| r["extra_info"]["exception_type"] == "RecursionError"), "{node_errors:?}");
+    }
+
+    #[test]
+    fn a_hundred_thousand_node_chain_does_not_abort() {
+        let d = dirs();
+        assert!(matches!(check(&d, chain(100_000)).0, PromptCheck::Rejected { .. }));
     }
 
     #[test]

@@ -933,3 +933,29 @@ mod binary {
         child.kill().await.unwrap();
     }
 }
+
+mod long_running {
+    use super::support::*;
+    use super::*;
+
+    /// An embedded double serving for hours (`flowhost serve --simulate`) must not keep every
+    /// prompt: `/history` keeps the newest `max_history`, and no test record is kept.
+    #[tokio::test]
+    async fn history_and_record_stay_bounded_over_many_prompts() {
+        let double = ComfyDouble::start(DoubleConfig { max_history: 3, keep_record: false, ..Default::default() }).await.unwrap();
+        let rig = Rig { double, http: reqwest::Client::new(), models: tempfile::tempdir().unwrap() };
+        let mut ids = Vec::new();
+        for color in 0..6 {
+            let graph = json!({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color}},
+                               "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bounded"}}});
+            let id = rig.submit(json!({"prompt": graph})).await;
+            rig.history(&id).await;
+            ids.push(id);
+        }
+        let (_, all) = rig.get("/history").await;
+        let kept: Vec<&String> = all.as_object().unwrap().keys().collect();
+        assert_eq!(kept, ids[3..].iter().collect::<Vec<_>>(), "the newest three, oldest first");
+        assert!(rig.double.record().prompts.is_empty());
+        assert!(rig.double.record().uploads.is_empty());
+    }
+}

@@ -128,9 +128,22 @@ pub struct ServeArgs {
     /// Wall-time limit per plugin call, milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub plugin_timeout_ms: u64,
+    /// Most concurrent calls of one plugin (503 + Retry-After beyond).
+    #[arg(long, default_value_t = crate::plugins::call_slots::DEFAULT_PER_PLUGIN)]
+    pub plugin_concurrency: usize,
+    /// Most concurrent plugin calls in all (kept below the instance pool's 256 slots).
+    #[arg(long, default_value_t = crate::plugins::call_slots::DEFAULT_TOTAL)]
+    pub plugin_concurrency_total: usize,
     /// Largest request body, bytes.
     #[arg(long, default_value_t = 16 << 20)]
     pub max_body_bytes: usize,
+    /// Seconds a client has to send a complete request head (request line and headers) once it
+    /// has started one; the connection is closed after.
+    #[arg(long, default_value_t = 10)]
+    pub header_read_timeout: u64,
+    /// Seconds a client has to send the whole request body (408 after).
+    #[arg(long, default_value_t = 30)]
+    pub body_read_timeout: u64,
     /// Seconds between plugin-folder rescans (network volumes send no events).
     #[arg(long, default_value_t = 2)]
     pub rescan_interval: u64,

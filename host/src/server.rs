@@ -171,7 +171,8 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     let state = AppState {
         registry: registry.clone(),
         engine,
-        limits: HttpLimits { max_body_bytes: args.max_body_bytes },
+        call_slots: Arc::new(crate::plugins::call_slots::CallSlots::new(args.plugin_concurrency, args.plugin_concurrency_total)),
+        limits: HttpLimits { max_body_bytes: args.max_body_bytes, body_read_timeout: Duration::from_secs(args.body_read_timeout.max(1)) },
         jobs: Arc::new(jobs),
         keys,
         started_at: Instant::now(),
@@ -182,12 +183,11 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     let addr = listener.local_addr()?;
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await
-            .context("HTTP server failed")
+        crate::http::listener::serve(listener, app, Duration::from_secs(args.header_read_timeout.max(1)), async move {
+            let _ = rx.await;
+        })
+        .await
+        .context("HTTP server failed")
     });
     let plugins: Vec<(String, String, String)> = registry
         .snapshot()

@@ -34,6 +34,9 @@ mod with_double {
     use anyhow::{Context, Result};
     use comfyui_double::{ComfyDouble, DoubleConfig};
 
+    /// `/history` entries the simulated ComfyUI keeps (flowhost reads each right after its prompt).
+    const SIMULATED_HISTORY: usize = 64;
+
     /// The embedded double and what the backend needs to know about it.
     pub struct SimulatedComfy {
         pub url: url::Url,
@@ -45,8 +48,14 @@ mod with_double {
     impl SimulatedComfy {
         /// Start the double on 127.0.0.1 with `models` as its models folder.
         pub async fn start(models: &Path, scratch: Option<tempfile::TempDir>) -> Result<Self> {
-            let double = ComfyDouble::start(DoubleConfig { models_dir: Some(models.to_path_buf()), ..DoubleConfig::default() })
-                .await
+            let double = ComfyDouble::start(DoubleConfig {
+                models_dir: Some(models.to_path_buf()),
+                // A simulated backend may serve for days: keep a short history and no test record.
+                max_history: SIMULATED_HISTORY,
+                keep_record: false,
+                ..DoubleConfig::default()
+            })
+            .await
                 .context("starting the embedded ComfyUI double")?;
             let url = url::Url::parse(&double.url()).context("the double's URL")?;
             let input_dir = double.input_dir().to_path_buf();

@@ -110,7 +110,8 @@ pub fn parse_image_input(
     value: &str,
     max_bytes: usize,
 ) -> Result<ImageInput, FieldError> {
-    if value.len() >= 5 && value[..5].eq_ignore_ascii_case("data:") {
+    // `get`, not `[..5]`: the fifth byte may fall inside a character (`日本語`).
+    if value.get(..5).is_some_and(|scheme| scheme.eq_ignore_ascii_case("data:")) {
         return decode_data_url(field, value, max_bytes).map(ImageInput::Decoded);
     }
     check_input_path(field, value).map(|()| ImageInput::InputPath(value.to_string()))
@@ -152,8 +153,9 @@ pub fn decode_data_url(
 ) -> Result<DecodedImage, FieldError> {
     let fail = |message: String| field_error(field, message);
     let rest = url
-        .get(5..)
-        .filter(|_| url[..5].eq_ignore_ascii_case("data:"))
+        .get(..5)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("data:"))
+        .and_then(|_| url.get(5..))
         .ok_or_else(|| fail("must be a data: URL".into()))?;
     let (header, payload) = rest
         .split_once(',')
@@ -379,6 +381,18 @@ pub mod samples {
 mod tests {
     use super::samples::*;
     use super::*;
+
+    #[test]
+    fn non_ascii_image_field_is_a_field_error_not_a_panic() {
+        for value in ["日本語", "dat日", "ab\u{e9}cd", "日本語.png/../x"] {
+            match parse_image_input("reference_image", value, 1 << 20) {
+                Ok(ImageInput::InputPath(p)) => assert_eq!(p, value),
+                Ok(other) => panic!("{value}: {other:?}"),
+                Err(e) => assert_eq!(e.field, "reference_image"),
+            }
+        }
+        assert!(decode_data_url("f", "日本語", 1 << 20).is_err());
+    }
 
     #[test]
     fn sniffs_png_jpeg_and_webp_dimensions() {

@@ -5,8 +5,11 @@
 //! looked up per request, not baked into the router). Everything that fails
 //! answers `application/problem+json` ([`problem`]).
 
+pub mod body_shape;
+pub mod edge;
 pub mod generate;
 pub mod health;
+pub mod listener;
 pub mod openapi;
 pub mod plugin_list;
 pub mod problem;
@@ -16,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::{Router, middleware};
-use axum::http::{HeaderName, Request, StatusCode};
+use axum::http::{HeaderName, Request};
 use axum::routing::{get, post};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::LatencyUnit;
@@ -32,11 +35,13 @@ pub use problem::Problem;
 pub struct HttpLimits {
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// Longest a request body may take to arrive, from the handler's first read (408 beyond).
+    pub body_read_timeout: std::time::Duration,
 }
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        Self { max_body_bytes: 16 << 20 }
+        Self { max_body_bytes: 16 << 20, body_read_timeout: std::time::Duration::from_secs(30) }
     }
 }
 
@@ -45,6 +50,8 @@ impl Default for HttpLimits {
 pub struct AppState {
     pub registry: Arc<PluginRegistry>,
     pub engine: PluginEngine,
+    /// Bounds on concurrent plugin calls (503 when full).
+    pub call_slots: Arc<crate::plugins::call_slots::CallSlots>,
     pub limits: HttpLimits,
     pub jobs: Arc<crate::jobs::JobRunner>,
     pub keys: AccessKeys,
@@ -89,7 +96,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(crate::metrics::serve_metrics))
         .route_layer(middleware::from_fn_with_state(keys.clone(), auth::require_admin_key));
     let generation = Router::new()
-        .route("/{route}", post(generate::generate))
+        .route("/{route}", post(generate::generate).fallback(generate::other_method))
         .route_layer(middleware::from_fn_with_state(keys, auth::require_api_key))
         .route_layer(middleware::from_fn_with_state(state.simulated, mark_simulated));
     Router::new()
@@ -99,6 +106,7 @@ pub fn router(state: AppState) -> Router {
         .merge(generation)
         .fallback(fallback)
         .with_state(state.clone())
+        .layer(middleware::from_fn(edge::guard))
         .layer(middleware::from_fn_with_state((metrics, state.registry.clone()), track_http_by_route))
         .layer(
             // One span per request carrying its id (so every log line inside it has
@@ -143,14 +151,7 @@ async fn track_http_by_route(
     response
 }
 
-async fn fallback(uri: axum::http::Uri, method: axum::http::Method) -> Problem {
-    if method != axum::http::Method::POST && method != axum::http::Method::GET {
-        return Problem::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "Method not allowed",
-            format!("{method} is not supported here; generation endpoints take POST"),
-        );
-    }
+/// Paths no route matches: 404 whatever the method (there is nothing there to allow).
+async fn fallback(uri: axum::http::Uri) -> Problem {
     Problem::not_found_route(uri.path())
 }

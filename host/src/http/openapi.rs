@@ -28,6 +28,7 @@ pub fn document(state: &AppState) -> Value {
         for media_type in &m.response_media_types {
             media.insert(media_type.clone(), json!({"schema": {"type": "string", "format": "binary"}}));
         }
+        media.insert("application/json".into(), json!({"schema": {"$ref": "#/components/schemas/DryRun"}}));
         paths.insert(
             m.route.clone(),
             json!({
@@ -38,19 +39,27 @@ pub fn document(state: &AppState) -> Value {
                     "parameters": [{
                         "name": "dry_run", "in": "query", "required": false,
                         "schema": {"type": "boolean", "default": false},
-                        "description": "Validate and build the workflow, return it as JSON, run nothing."
+                        "description": "Validate and build the workflow, return it as JSON, run nothing. `true`/`1` or `false`/`0`; anything else (an empty value included) is a 400."
                     }],
                     "requestBody": {"required": true, "content": {"application/json": {"schema": m.request_schema}}},
                     "responses": {
                         "200": {
-                            "description": "The generated media. Headers: X-Seed (seed used), X-Generation-Ms, X-Request-Id.",
+                            "description": "The generated media (or, with `?dry_run=true`, the built job as application/json). Headers: X-Seed (seed used), X-Generation-Ms, X-Request-Id.",
                             "content": media
                         },
-                        "400": problem_response("Invalid request: every failing field in `errors`"),
+                        "400": problem_response("Invalid request: the first failing fields in `errors` (`errors_omitted` counts the rest)"),
+                        "401": problem_response("An API key is required (when keys are configured)"),
+                        "403": problem_response("The API key is not allowed here"),
                         "404": problem_response("Something the request names does not exist (e.g. a LoRA file)"),
+                        "405": problem_response("Only POST is served here (see Allow)"),
+                        "408": problem_response("The body did not arrive in time"),
                         "413": problem_response("Body too large"),
+                        "414": problem_response("Request target too long"),
+                        "415": problem_response("The body must be application/json"),
+                        "431": problem_response("Request headers too large"),
                         "422": problem_response("The input cannot be processed (e.g. no face in the reference image)"),
                         "500": problem_response("The plugin or ComfyUI failed; `plugin` and `node` say where"),
+                        "502": problem_response("ComfyUI answered something unreadable"),
                         "503": problem_response("Not ready (ComfyUI down, model missing) or at capacity; see Retry-After"),
                         "504": problem_response("The generation exceeded its deadline and was cancelled")
                     }
@@ -64,7 +73,21 @@ pub fn document(state: &AppState) -> Value {
         "openapi": "3.1.0",
         "info": {"title": "flowhost", "version": env!("CARGO_PKG_VERSION"), "description": "ComfyUI workflows as HTTP endpoints; each endpoint is a WebAssembly plugin."},
         "paths": paths,
-        "components": {"schemas": {"Problem": {
+        "components": {"schemas": {"DryRun": {
+            "type": "object",
+            "description": "`?dry_run=true`: the job the plugin built, not run",
+            "required": ["workflow", "uploads", "outputs", "output_format"],
+            "properties": {
+                "workflow": {"type": "object"},
+                "uploads": {"type": "array"},
+                "outputs": {"type": "array", "items": {"type": "string"}},
+                "output_format": {"type": "string"},
+                "seed": {"type": ["integer", "null"]},
+                "analytics": {"type": "object"},
+                "plugin": {"type": "object"},
+                "preflight": {"type": "object"}
+            }
+        }, "Problem": {
             "type": "object",
             "description": "RFC 9457 problem details",
             "required": ["type", "title", "status", "detail"],

@@ -7,6 +7,19 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
+/// Most field problems listed in one answer; the rest are counted (`errors_omitted`).
+pub const MAX_REPORTED_ERRORS: usize = 50;
+/// Most characters of one field name or message in an answer (a plugin's text included).
+pub const MAX_ERROR_TEXT: usize = 500;
+
+/// The first `max` characters of `s` (never splitting a character), with `…` when cut.
+pub fn truncate_chars(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_string(),
+    }
+}
+
 /// Base of every problem `type`.
 pub const PROBLEM_BASE: &str = "https://flowhost.dev/problems/";
 
@@ -63,10 +76,23 @@ impl Problem {
         Self::new(StatusCode::BAD_REQUEST, "invalid_json", "The body is not valid JSON", detail)
     }
 
-    pub fn invalid_request(errors: Vec<FieldProblem>) -> Self {
-        let detail = errors.iter().map(|e| format!("{}: {}", display_field(&e.field), e.message)).collect::<Vec<_>>().join("; ");
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request", "The request is invalid", detail)
-            .with("errors", serde_json::to_value(&errors).unwrap_or(Value::Null))
+    /// 400 naming the failing fields: the first [`MAX_REPORTED_ERRORS`], each text cut to
+    /// [`MAX_ERROR_TEXT`] characters, and how many more there were — an answer's size is bounded
+    /// whatever the body (or a plugin) produced.
+    pub fn invalid_request(mut errors: Vec<FieldProblem>) -> Self {
+        let omitted = errors.len().saturating_sub(MAX_REPORTED_ERRORS);
+        errors.truncate(MAX_REPORTED_ERRORS);
+        for e in &mut errors {
+            e.field = truncate_chars(&e.field, MAX_ERROR_TEXT);
+            e.message = truncate_chars(&e.message, MAX_ERROR_TEXT);
+        }
+        let mut detail = errors.iter().map(|e| format!("{}: {}", display_field(&e.field), e.message)).collect::<Vec<_>>().join("; ");
+        if omitted > 0 {
+            detail.push_str(&format!("; and {omitted} more"));
+        }
+        let problem = Self::new(StatusCode::BAD_REQUEST, "invalid_request", "The request is invalid", detail)
+            .with("errors", serde_json::to_value(&errors).unwrap_or(Value::Null));
+        if omitted > 0 { problem.with("errors_omitted", omitted) } else { problem }
     }
 }
 
@@ -92,5 +118,34 @@ impl IntoResponse for Problem {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_errors_limit_obeyed() {
+        let errors = (0..MAX_REPORTED_ERRORS).map(|i| FieldProblem { field: format!("f{i}"), message: "bad".into() }).collect();
+        let body = Problem::invalid_request(errors).body();
+        assert_eq!(body["errors"].as_array().unwrap().len(), MAX_REPORTED_ERRORS);
+        assert!(body.get("errors_omitted").is_none());
+    }
+
+    #[test]
+    fn reported_errors_limit_violated() {
+        let errors = (0..100_000).map(|i| FieldProblem { field: format!("f{i}"), message: "x".repeat(10_000) }).collect();
+        let body = Problem::invalid_request(errors).body();
+        assert_eq!(body["errors"].as_array().unwrap().len(), MAX_REPORTED_ERRORS);
+        assert_eq!(body["errors_omitted"], 100_000 - MAX_REPORTED_ERRORS);
+        assert!(body.to_string().len() < 64 << 10, "{} bytes", body.to_string().len());
+        assert!(body["detail"].as_str().unwrap().ends_with("and 99950 more"));
+    }
+
+    #[test]
+    fn truncation_never_splits_a_character() {
+        assert_eq!(truncate_chars("日本語です", 3), "日本語…");
+        assert_eq!(truncate_chars("abc", 3), "abc");
     }
 }

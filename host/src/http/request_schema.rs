@@ -6,7 +6,19 @@
 use jsonschema::error::ValidationErrorKind;
 use serde_json::Value;
 
-use super::problem::FieldProblem;
+use super::problem::{FieldProblem, truncate_chars};
+
+/// Most characters of a caller's value (or unknown field name) echoed in one message.
+pub const ECHO_CHARS: usize = 200;
+
+/// `value` as a message may quote it: JSON, cut to [`ECHO_CHARS`] characters.
+fn echo(value: &Value) -> String {
+    match value {
+        Value::String(s) if s.len() > ECHO_CHARS => format!("\"{}…\" ({} characters)", truncate_chars(s, ECHO_CHARS), s.chars().count()),
+        Value::Array(_) | Value::Object(_) | Value::String(_) => truncate_chars(&value.to_string(), ECHO_CHARS),
+        other => other.to_string(),
+    }
+}
 
 /// Every way `body` fails `schema` (compiled as `validator`); empty = valid.
 pub fn check(validator: &jsonschema::Validator, schema: &Value, body: &Value) -> Vec<FieldProblem> {
@@ -18,6 +30,7 @@ pub fn check(validator: &jsonschema::Validator, schema: &Value, body: &Value) ->
             ValidationErrorKind::AdditionalProperties { unexpected } => {
                 let known = known_properties(schema, &base);
                 for name in unexpected {
+                    let name = &truncate_chars(name, ECHO_CHARS);
                     let field = join(&base, name);
                     let message = match closest(name, &known) {
                         Some(suggestion) => format!("unknown field `{name}`; did you mean `{suggestion}`?"),
@@ -32,7 +45,7 @@ pub fn check(validator: &jsonschema::Validator, schema: &Value, body: &Value) ->
                 problems.push(FieldProblem { field: join(&base, &name), message: "is required".into() });
             }
             _ => {
-                let message = error.to_string();
+                let message = error.masked_with(echo(error.instance())).to_string();
                 problems.push(FieldProblem { field: base, message });
             }
         }
@@ -132,6 +145,23 @@ mod tests {
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].field, "prompt");
         assert!(problems[0].message.contains("string"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_ten_megabyte_prompt_is_not_echoed_back() {
+        let s = json!({"type": "object", "properties": {"prompt": {"type": "string", "maxLength": 100}}});
+        let v = jsonschema::validator_for(&s).unwrap();
+        let problems = check(&v, &s, &json!({"prompt": "a".repeat(10 << 20)}));
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].message.len() < 2 * ECHO_CHARS + 100, "{} bytes", problems[0].message.len());
+        assert!(problems[0].message.contains("longer than 100"), "{}", problems[0].message);
+    }
+
+    #[test]
+    fn a_huge_unknown_field_name_is_cut() {
+        let problems = run(json!({"prompt": "x", "k".repeat(100_000): 1}));
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].field.chars().count() <= ECHO_CHARS + 1, "{}", problems[0].field.len());
     }
 
     #[test]

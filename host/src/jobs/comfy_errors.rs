@@ -15,6 +15,23 @@ use serde_json::{Value, json};
 use crate::events::FailureKind;
 use crate::http::Problem;
 
+/// `reason` without where ComfyUI lives: URLs (`http://127.0.0.1:8188/system_stats`) and bare
+/// `host:port` pairs are internal detail a caller must not see (they stay in the log).
+pub fn public_reason(reason: &str) -> String {
+    let words: Vec<String> = reason
+        .split(' ')
+        .map(|word| {
+            let bare = word.trim_matches(|c: char| matches!(c, '(' | ')' | ',' | ';' | '"' | '\'' | '[' | ']'));
+            let is_url = ["http://", "https://", "ws://", "wss://"].iter().any(|s| bare.contains(s));
+            let is_host_port = bare.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && !port.is_empty() && port.chars().all(|c| c.is_ascii_digit()) && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'))
+            });
+            if is_url || is_host_port { word.replace(bare, "(ComfyUI)") } else { word.to_string() }
+        })
+        .collect();
+    words.join(" ")
+}
+
 /// Seconds a caller should wait after a 503 from ComfyUI being down.
 pub const RETRY_AFTER_DOWN: u64 = 10;
 
@@ -33,6 +50,16 @@ fn issue_json(issue: &NodeIssue) -> Value {
 pub fn is_missing_model(issue: &NodeIssue) -> bool {
     issue.kind == "value_not_in_list"
         && (issue.class_type.contains("Loader") || issue.input_name.as_deref().is_some_and(|i| i.ends_with("_name")))
+}
+
+/// The request field an issue concerns: `workflow` for the whole graph, `workflow/<node>` for a
+/// node, `workflow/<node>/inputs/<input>` for one of its inputs.
+fn issue_field(issue: &NodeIssue) -> String {
+    match (issue.node_id.as_str(), issue.input_name.as_deref()) {
+        ("", _) => "workflow".to_string(),
+        (node, None | Some("")) => format!("workflow/{node}"),
+        (node, Some(input)) => format!("workflow/{node}/inputs/{input}"),
+    }
 }
 
 /// Problems for a graph ComfyUI (or our preflight) refused.
@@ -54,7 +81,7 @@ pub fn validation_problem(plugin: &str, issues: &[NodeIssue], caller_nodes: &[St
     if caller_fault {
         let errors: Vec<Value> = issues
             .iter()
-            .map(|i| json!({"field": format!("workflow/{}/inputs/{}", i.node_id, i.input_name.as_deref().unwrap_or("")).trim_end_matches("/inputs/").to_string(), "message": i.to_string()}))
+            .map(|i| json!({"field": issue_field(i), "message": i.to_string()}))
             .collect();
         return (
             Problem::new(StatusCode::BAD_REQUEST, "workflow_invalid", "The workflow is invalid", format!("ComfyUI would refuse this workflow ({error_type}): {summary}"))
@@ -82,7 +109,7 @@ pub fn validation_problem(plugin: &str, issues: &[NodeIssue], caller_nodes: &[St
 pub fn comfy_problem(plugin: &str, err: &ComfyError, caller_nodes: &[String]) -> (Problem, FailureKind) {
     match err {
         ComfyError::Unavailable { detail } => (
-            Problem::new(StatusCode::SERVICE_UNAVAILABLE, "comfyui_unavailable", "ComfyUI is not available", detail.clone()).retry_after(RETRY_AFTER_DOWN),
+            Problem::new(StatusCode::SERVICE_UNAVAILABLE, "comfyui_unavailable", "ComfyUI is not available", public_reason(detail)).retry_after(RETRY_AFTER_DOWN),
             FailureKind::WorkflowError,
         ),
         ComfyError::Validation { error_type, message, node_errors } => {
@@ -129,6 +156,23 @@ pub fn comfy_problem(plugin: &str, err: &ComfyError, caller_nodes: &[String]) ->
             Problem::new(StatusCode::BAD_GATEWAY, "comfyui_protocol_error", "ComfyUI answered unexpectedly", detail.clone()),
             FailureKind::WorkflowError,
         ),
+        // The caller's own graph (`/workflow`) with no media output is the caller's mistake.
+        ComfyError::OutputMissing { node_id } if !caller_nodes.is_empty() => (
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "output_missing",
+                "The workflow produced no output",
+                if node_id == "*" {
+                    "no node of the workflow produced an image or video; it needs a media output node such as SaveImage".to_string()
+                } else {
+                    format!("output node {node_id} produced no image or video; it needs to be a media output node such as SaveImage")
+                },
+            )
+            .with("plugin", plugin)
+            .with("node", json!({"id": node_id}))
+            .with("errors", json!([{"field": if node_id == "*" { "workflow".to_string() } else { format!("workflow/{node_id}") }, "message": "produced no image or video"}])),
+            FailureKind::WorkflowError,
+        ),
         ComfyError::OutputMissing { node_id } => (
             Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "output_missing", "The workflow produced no output", format!("output node {node_id} produced no image or video"))
                 .with("plugin", plugin)
@@ -152,6 +196,36 @@ mod tests {
         assert_eq!(p.status, StatusCode::BAD_REQUEST);
         assert_eq!(p.body()["nodes"][0]["class_type"], "KSampler");
         assert_eq!(p.body()["errors"][0]["field"], "workflow/5/inputs/steps");
+    }
+
+    #[test]
+    fn graph_level_errors_name_the_workflow_not_an_empty_node() {
+        let whole = NodeIssue { node_id: String::new(), class_type: String::new(), kind: "prompt_no_outputs".into(), input_name: None, message: "Prompt has no outputs".into() };
+        let cycle = NodeIssue { node_id: "2".into(), class_type: "VAEDecode".into(), kind: "graph_cycle".into(), input_name: None, message: "cycle".into() };
+        let (p, _) = validation_problem("workflow", &[whole, cycle], &["2".into()], "preflight");
+        let body = p.body();
+        assert_eq!(body["errors"][0]["field"], "workflow");
+        assert_eq!(body["errors"][1]["field"], "workflow/2");
+        assert!(!body.to_string().contains("node -"), "{body}");
+        assert!(!body.to_string().contains("workflow/\""), "{body}");
+    }
+
+    #[test]
+    fn a_503_never_leaks_where_comfyui_lives() {
+        let err = ComfyError::Unavailable { detail: "error sending request for url (http://127.0.0.1:8188/system_stats): connection refused to 127.0.0.1:8188".into() };
+        let (p, _) = comfy_problem("x", &err, &[]);
+        let body = p.body().to_string();
+        assert!(!body.contains("8188") && !body.contains("127.0.0.1"), "{body}");
+        assert!(body.contains("connection refused"), "{body}");
+    }
+
+    #[test]
+    fn a_callers_graph_without_media_output_is_a_400_naming_the_node() {
+        let (p, _) = comfy_problem("workflow", &ComfyError::OutputMissing { node_id: "7".into() }, &["7".into()]);
+        assert_eq!(p.status, StatusCode::BAD_REQUEST);
+        assert_eq!(p.body()["errors"][0]["field"], "workflow/7");
+        let (p, _) = comfy_problem("flux-dev", &ComfyError::OutputMissing { node_id: "7".into() }, &[]);
+        assert_eq!(p.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]

@@ -265,7 +265,7 @@ impl JobRunner {
         };
         match backend.health() {
             BackendHealth::Down { reason } => {
-                return Err(Problem::new(StatusCode::SERVICE_UNAVAILABLE, "comfyui_unavailable", "ComfyUI is not available", reason)
+                return Err(Problem::new(StatusCode::SERVICE_UNAVAILABLE, "comfyui_unavailable", "ComfyUI is not available", comfy_errors::public_reason(&reason))
                     .retry_after(comfy_errors::RETRY_AFTER_DOWN));
             }
             BackendHealth::Starting => {
@@ -305,7 +305,9 @@ impl JobRunner {
             for plugin_status in &report.plugins {
                 for req in &plugin_status.requirements {
                     if let crate::models::RequirementState::Missing { looked_for } = &req.state {
-                        missing.push(format!("model {} ({})", req.purpose, looked_for.join(" or ")));
+                        let empty = crate::models::status::empty_files(volume, looked_for);
+                        let note = if empty.is_empty() { String::new() } else { format!("; {} exists but has 0 bytes (an interrupted download?)", empty.join(", ")) };
+                        missing.push(format!("model {} ({}){note}", req.purpose, looked_for.join(" or ")));
                     }
                 }
             }
@@ -327,8 +329,8 @@ impl JobRunner {
         let comfyui = match &health {
             BackendHealth::Starting => json!({"status": "starting"}),
             BackendHealth::Ready { version, queue_remaining } => json!({"status": "ready", "version": version, "queue_remaining": queue_remaining}),
-            BackendHealth::Degraded { reason } => json!({"status": "degraded", "reason": reason}),
-            BackendHealth::Down { reason } => json!({"status": "down", "reason": reason}),
+            BackendHealth::Degraded { reason } => json!({"status": "degraded", "reason": comfy_errors::public_reason(&reason)}),
+            BackendHealth::Down { reason } => json!({"status": "down", "reason": comfy_errors::public_reason(&reason)}),
         };
         // Without a model volume the host cannot see model files; say so rather
         // than claim readiness the plugin may deny.

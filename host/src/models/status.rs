@@ -65,6 +65,20 @@ pub enum RequirementState {
     Missing { looked_for: Vec<String> },
 }
 
+/// Of `looked_for` (`folder/name` each), the files that exist on the volume but have 0 bytes (an
+/// interrupted download or a placeholder): "missing" alone would send the operator looking for a
+/// file that is right there.
+pub fn empty_files(volume: &ModelVolume, looked_for: &[String]) -> Vec<String> {
+    looked_for
+        .iter()
+        .filter(|rel| {
+            let path = volume.root().join(rel.as_str());
+            rel.split('/').all(|seg| !seg.is_empty() && seg != "..") && std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0)
+        })
+        .cloned()
+        .collect()
+}
+
 /// Check every plugin's requirements against the volume.
 ///
 /// A requirement with no alternatives can never be met and is reported missing.
@@ -211,6 +225,17 @@ fn human_size(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_model_file_is_named_as_existing_with_zero_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("loras")).unwrap();
+        std::fs::write(dir.path().join("loras/empty.safetensors"), b"").unwrap();
+        std::fs::write(dir.path().join("loras/full.safetensors"), b"x").unwrap();
+        let volume = ModelVolume::new(dir.path());
+        let looked_for = vec!["loras/empty.safetensors".to_string(), "loras/absent.safetensors".into(), "loras/full.safetensors".into(), "../loras/empty.safetensors".into()];
+        assert_eq!(empty_files(&volume, &looked_for), vec!["loras/empty.safetensors".to_string()]);
+    }
     use std::path::Path;
 
     fn write(root: &Path, relative: &str, bytes: &[u8]) {

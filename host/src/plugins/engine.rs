@@ -28,6 +28,10 @@ impl<T> WasmtimeContext<T> for wasmtime::Result<T> {
     }
 }
 
+/// Component instances the pooling allocator reserves: the most plugin calls (and loads) that can
+/// hold an instance at once. `call_slots` keeps concurrent calls below it.
+pub const POOL_COMPONENT_INSTANCES: u32 = 256;
+
 /// How often the epoch advances. A call's deadline is rounded up to this.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -145,7 +149,7 @@ fn base_config(limits: &PluginLimits, pooling: bool) -> Config {
         let mut pool = PoolingAllocationConfig::new();
         // Enough slots for every request a 2-core container can have in flight
         // plus loads; a plugin call lasts microseconds, so slots free up fast.
-        pool.total_component_instances(256);
+        pool.total_component_instances(POOL_COMPONENT_INSTANCES);
         pool.total_core_instances(2048);
         pool.total_memories(512);
         pool.total_tables(1024);

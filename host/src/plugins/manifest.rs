@@ -7,6 +7,73 @@
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+/// What a plugin may say, bounded: its texts end up in `/openapi.json`, `/plugins`, `/health` and
+/// error answers, so an oversized manifest is rejected at load, not served to every caller.
+pub mod caps {
+    /// Longest `summary`, bytes.
+    pub const MAX_SUMMARY_BYTES: usize = 1024;
+    /// Largest request schema (JSON text), bytes.
+    pub const MAX_SCHEMA_BYTES: usize = 256 << 10;
+    /// Most entries in each of `node_classes`, `models` (and each requirement's `any_of`) and
+    /// `response_media_types`.
+    pub const MAX_LIST_ENTRIES: usize = 256;
+    /// Longest short string (a class name, a model file name, a media type), bytes.
+    pub const MAX_NAME_BYTES: usize = 512;
+    /// Largest warm-up request (JSON text), bytes.
+    pub const MAX_WARM_UP_BYTES: usize = 64 << 10;
+    /// Most uploads one job may ask for.
+    pub const MAX_UPLOADS_PER_JOB: usize = 16;
+    /// Most bytes the uploads of one job may carry in all.
+    pub const MAX_UPLOAD_BYTES_PER_JOB: usize = 64 << 20;
+}
+
+fn check_list<'a>(what: &str, items: impl ExactSizeIterator<Item = &'a str>) -> Result<()> {
+    if items.len() > caps::MAX_LIST_ENTRIES {
+        bail!("{what} has {} entries; at most {} are accepted", items.len(), caps::MAX_LIST_ENTRIES);
+    }
+    for item in items {
+        if item.len() > caps::MAX_NAME_BYTES {
+            bail!("an entry of {what} is {} bytes; at most {} are accepted", item.len(), caps::MAX_NAME_BYTES);
+        }
+    }
+    Ok(())
+}
+
+/// The manifest's sizes against [`caps`].
+fn check_caps(m: &RawManifest) -> Result<()> {
+    if m.summary.len() > caps::MAX_SUMMARY_BYTES {
+        bail!("the summary is {} bytes; at most {} are accepted", m.summary.len(), caps::MAX_SUMMARY_BYTES);
+    }
+    if m.request_schema.len() > caps::MAX_SCHEMA_BYTES {
+        bail!("the request schema is {} bytes; at most {} are accepted", m.request_schema.len(), caps::MAX_SCHEMA_BYTES);
+    }
+    if let Some(w) = &m.warm_up {
+        if w.len() > caps::MAX_WARM_UP_BYTES {
+            bail!("the warm-up request is {} bytes; at most {} are accepted", w.len(), caps::MAX_WARM_UP_BYTES);
+        }
+    }
+    check_list("node_classes", m.node_classes.iter().map(String::as_str))?;
+    check_list("response_media_types", m.response_media_types.iter().map(String::as_str))?;
+    check_list("models", m.models.iter().map(|r| r.purpose.as_str()))?;
+    for r in &m.models {
+        check_list("a model requirement's any_of", r.any_of.iter().map(|f| f.name.as_str()))?;
+        check_list("a model requirement's any_of", r.any_of.iter().map(|f| f.folder.as_str()))?;
+    }
+    Ok(())
+}
+
+/// The job's uploads against [`caps`]: a plugin must not make one request upload without end.
+fn check_uploads(uploads: &[PluginUpload]) -> Result<()> {
+    if uploads.len() > caps::MAX_UPLOADS_PER_JOB {
+        bail!("the job asks for {} uploads; at most {} are allowed per job", uploads.len(), caps::MAX_UPLOADS_PER_JOB);
+    }
+    let bytes: usize = uploads.iter().map(|u| match &u.source { UploadSource::Bytes(b) => b.len(), UploadSource::InputPath(_) => 0 }).sum();
+    if bytes > caps::MAX_UPLOAD_BYTES_PER_JOB {
+        bail!("the job's uploads carry {bytes} bytes; at most {} are allowed per job", caps::MAX_UPLOAD_BYTES_PER_JOB);
+    }
+    Ok(())
+}
+
 /// A model the plugin needs: any one of `any_of` (folder, file name) will do.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelRequirement {
@@ -145,6 +212,7 @@ impl PluginManifest {
     /// request is checked against the schema by the loader (it owns the
     /// compiled validator).
     pub fn from_raw(m: RawManifest, contract: &str) -> Result<Self> {
+        check_caps(&m).with_context(|| format!("plugin {}'s manifest is oversized", m.name.chars().take(64).collect::<String>()))?;
         check_name(&m.name)?;
         check_route(&m.route)?;
         check_semver(&m.version).with_context(|| format!("plugin {} declares version {:?}", m.name, m.version))?;
@@ -276,6 +344,7 @@ impl PluginJob {
                 bail!("node {id:?} of the built workflow has no class_type");
             }
         }
+        check_uploads(&job.uploads)?;
         for out in &job.outputs {
             if !workflow.contains_key(out) {
                 bail!("output node {out:?} is not in the built workflow");
@@ -351,6 +420,86 @@ mod tests {
         for bad in ["flux", "/", "/a/b", "/../x", "/Flux", "/health", "/plugins", "/a b", "/a%2f"] {
             assert!(check_route(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    fn manifest() -> RawManifest {
+        RawManifest {
+            name: "p".into(),
+            version: "0.1.0".into(),
+            route: "/p".into(),
+            summary: "s".into(),
+            request_schema: "{}".into(),
+            response_media_types: vec!["image/jpeg".into()],
+            analytics_prefix: "p".into(),
+            node_classes: vec![],
+            models: vec![],
+            warm_up: None,
+        }
+    }
+
+    fn job(uploads: usize, bytes_each: usize) -> RawJob {
+        RawJob {
+            workflow: r#"{"1": {"class_type": "LoadImage", "inputs": {}}}"#.into(),
+            uploads: (0..uploads)
+                .map(|i| PluginUpload {
+                    field: "f".into(),
+                    filename: format!("{i}.png"),
+                    source: UploadSource::Bytes(vec![0; bytes_each]),
+                    node_id: "1".into(),
+                    input_name: "image".into(),
+                })
+                .collect(),
+            outputs: vec![],
+            output_format: OutputFormat::Jpeg,
+            seed: None,
+            analytics: String::new(),
+            caller_nodes: vec![],
+            models: None,
+            progress: vec![],
+        }
+    }
+
+    #[test]
+    fn manifest_summary_cap_obeyed() {
+        let mut m = manifest();
+        m.summary = "x".repeat(caps::MAX_SUMMARY_BYTES);
+        assert!(PluginManifest::from_raw(m, "0.2.0").is_ok());
+    }
+
+    #[test]
+    fn manifest_summary_cap_violated() {
+        let mut m = manifest();
+        m.summary = "x".repeat(caps::MAX_SUMMARY_BYTES + 1);
+        let err = format!("{:#}", PluginManifest::from_raw(m, "0.2.0").unwrap_err());
+        assert!(err.contains("summary") && err.contains(&caps::MAX_SUMMARY_BYTES.to_string()), "{err}");
+    }
+
+    #[test]
+    fn manifest_schema_cap_violated() {
+        let mut m = manifest();
+        m.request_schema = format!("{{\"description\": \"{}\"}}", "x".repeat(caps::MAX_SCHEMA_BYTES));
+        assert!(format!("{:#}", PluginManifest::from_raw(m, "0.2.0").unwrap_err()).contains("request schema"));
+        let mut m = manifest();
+        m.node_classes = vec!["C".into(); caps::MAX_LIST_ENTRIES + 1];
+        assert!(PluginManifest::from_raw(m, "0.2.0").is_err());
+    }
+
+    #[test]
+    fn upload_count_limit_obeyed() {
+        assert_eq!(PluginJob::from_raw(job(caps::MAX_UPLOADS_PER_JOB, 10)).unwrap().uploads.len(), caps::MAX_UPLOADS_PER_JOB);
+    }
+
+    #[test]
+    fn upload_count_limit_violated() {
+        let err = format!("{:#}", PluginJob::from_raw(job(100_000, 1)).unwrap_err());
+        assert!(err.contains("100000 uploads") && err.contains(&format!("at most {}", caps::MAX_UPLOADS_PER_JOB)), "{err}");
+    }
+
+    #[test]
+    fn upload_bytes_limit_violated() {
+        let err = format!("{:#}", PluginJob::from_raw(job(2, caps::MAX_UPLOAD_BYTES_PER_JOB / 2 + 1)).unwrap_err());
+        assert!(err.contains("bytes"), "{err}");
+        assert!(PluginJob::from_raw(job(2, caps::MAX_UPLOAD_BYTES_PER_JOB / 2)).is_ok());
     }
 
     #[test]

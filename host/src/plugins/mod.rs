@@ -17,11 +17,13 @@
 //! their `build`, nothing else.
 
 pub mod bindings;
+pub mod call_slots;
 pub mod calls;
 pub mod compiled_cache;
 pub mod engine;
 pub mod handler;
 pub mod loader;
+pub mod log_budget;
 pub mod manifest;
 pub mod registry;
 pub mod sandbox;

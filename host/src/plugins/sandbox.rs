@@ -16,6 +16,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 pub use super::calls::LogLevel;
 use super::engine::PluginLimits;
+use super::log_budget::{Admit, LogBudget};
 
 /// Where plugins' `list-models` answers come from (the model volume in the
 /// service; a fixed list in tests and benchmarks). Called on every plugin call
@@ -84,6 +85,8 @@ pub struct SandboxState {
     models: Arc<dyn ModelLister>,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
+    /// Log bytes this call may still write (interior: `flush_output` takes `&self`).
+    log_budget: std::sync::Mutex<LogBudget>,
 }
 
 impl SandboxState {
@@ -104,7 +107,7 @@ impl SandboxState {
             .trap_on_grow_failure(true)
             .build();
         let limits = CallLimiter { inner, memory_limit_hit: false };
-        Self { wasi, table: ResourceTable::new(), limits, panic_message: None, plugin, request_id, models, stdout, stderr }
+        Self { wasi, table: ResourceTable::new(), limits, panic_message: None, plugin, request_id, models, stdout, stderr, log_budget: Default::default() }
     }
 
     /// Log whatever the plugin wrote to stdout/stderr during the call.
@@ -116,7 +119,11 @@ impl SandboxState {
             }
             let text = String::from_utf8_lossy(&bytes);
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                tracing::info!(target: "plugin", plugin = %self.plugin, request_id = %self.request_id, stream, "{line}");
+                match self.admit(line) {
+                    Admit::Log(line) => tracing::info!(target: "plugin", plugin = %self.plugin, request_id = %self.request_id, stream, "{line}"),
+                    Admit::Truncated => self.log_truncated(),
+                    Admit::Drop => break,
+                }
             }
         }
     }
@@ -134,8 +141,20 @@ const MAX_LOG_MESSAGE: usize = 4096;
 /// The host imports, implemented once for every contract version: each
 /// `since_v*` module's generated `Host` trait delegates here.
 impl SandboxState {
+    fn admit(&self, message: &str) -> Admit {
+        self.log_budget.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).admit(message)
+    }
+
+    fn log_truncated(&self) {
+        tracing::warn!(target: "plugin", plugin = %self.plugin, request_id = %self.request_id, "log truncated: the plugin wrote more than {} bytes in this call; the rest is dropped", super::log_budget::BYTES_PER_CALL);
+    }
+
     pub(crate) fn log(&mut self, level: LogLevel, message: String) {
-        let mut message = message;
+        let mut message = match self.admit(&message) {
+            Admit::Log(text) => text,
+            Admit::Truncated => return self.log_truncated(),
+            Admit::Drop => return,
+        };
         if message.len() > MAX_LOG_MESSAGE {
             let mut cut = MAX_LOG_MESSAGE;
             while !message.is_char_boundary(cut) {

@@ -92,6 +92,7 @@ impl Scanner {
         let entries = list_wasm_files(&self.ctx.dir)?;
         let mut files = self.files.lock().map_err(|_| anyhow::anyhow!("plugin scanner state poisoned"))?;
         let mut events = Vec::new();
+        let previous = self.ctx.registry.snapshot();
 
         files.retain(|name, _| {
             let keep = entries.iter().any(|(n, _, _)| n == name);
@@ -125,7 +126,12 @@ impl Scanner {
                 continue;
             }
             state.sha256 = Some(sha);
-            match LoadedPlugin::load_bytes(&self.ctx.engine, self.ctx.cache.as_ref(), path, &bytes, self.ctx.models.clone()) {
+            let loaded = LoadedPlugin::load_bytes(&self.ctx.engine, self.ctx.cache.as_ref(), path, &bytes, self.ctx.models.clone())
+                .and_then(|plugin| match route_move_refused(state.good.as_deref(), &plugin, &previous) {
+                    Some(reason) => Err(anyhow::anyhow!(reason)),
+                    None => Ok(plugin),
+                });
+            match loaded {
                 Ok(plugin) => {
                     if let Some(prepare) = &self.ctx.on_loaded {
                         prepare(&plugin);
@@ -157,6 +163,22 @@ impl Scanner {
         }
         Ok(())
     }
+}
+
+/// The ownership rule: a file that serves a route keeps it until the file is removed. New content
+/// for that file claiming another route is rejected (its old version keeps serving), so an
+/// overwrite by the wrong plugin can neither take the endpoint down nor hand its route to another
+/// file that was refused it; to move an endpoint, add the new file and remove the old one.
+fn route_move_refused(old: Option<&LoadedPlugin>, new: &LoadedPlugin, previous: &PluginSet) -> Option<String> {
+    let old = old?;
+    let route = &old.manifest.route;
+    let serving = previous.get(route).is_some_and(|owner| owner.file == old.file);
+    (serving && new.manifest.route != *route).then(|| {
+        format!(
+            "this file serves {route} ({}); its new content claims {} instead — a file keeps its route while it serves (to move the endpoint, add a new file and remove this one)",
+            old.label, new.manifest.route
+        )
+    })
 }
 
 /// Decide which file serves each route. A route stays with the file that served

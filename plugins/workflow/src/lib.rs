@@ -224,7 +224,11 @@ fn check_nodes(checks: &mut Checks, workflow: &Map<String, Value>) {
             }
         }
         match node.get("inputs") {
-            Some(Value::Object(_)) => {}
+            Some(Value::Object(inputs)) => {
+                if let Some(Value::String(prefix)) = inputs.get("filename_prefix") {
+                    check_filename_prefix(checks, &format!("{field}/inputs/filename_prefix"), class_of(&Value::Object(node.clone())), prefix);
+                }
+            }
             _ => {
                 checks.fail(
                     &format!("{field}/inputs"),
@@ -232,6 +236,28 @@ fn check_nodes(checks: &mut Checks, workflow: &Map<String, Value>) {
                 );
             }
         }
+    }
+}
+
+/// Longest `filename_prefix` accepted (ComfyUI builds file names from it; the file system's own
+/// limit is 255 bytes per name).
+pub const FILENAME_PREFIX_MAX_CHARS: usize = 120;
+
+/// A save node's `filename_prefix` names a file under ComfyUI's output folder: it must stay there
+/// (no `..`, no absolute path, no `\`) and be a sane length — the caller hears which node is wrong
+/// instead of ComfyUI failing the run.
+fn check_filename_prefix(checks: &mut Checks, field: &str, class: &str, prefix: &str) {
+    let problem = if prefix.split(['/', '\\']).any(|segment| segment == "..") || prefix.starts_with('/') || prefix.contains('\\') {
+        Some(format!("{class}'s filename_prefix must stay inside ComfyUI's output folder (no `..`, no leading `/`, no `\\`)"))
+    } else if prefix.chars().any(char::is_control) {
+        Some(format!("{class}'s filename_prefix must not contain control characters"))
+    } else if prefix.chars().count() > FILENAME_PREFIX_MAX_CHARS {
+        Some(format!("{class}'s filename_prefix is {} characters; at most {FILENAME_PREFIX_MAX_CHARS} are accepted", prefix.chars().count()))
+    } else {
+        None
+    };
+    if let Some(message) = problem {
+        checks.fail(field, &message);
     }
 }
 
@@ -597,6 +623,36 @@ mod tests {
         assert_eq!(fields(build(json!({"workflow": {}}))), vec!["workflow"]);
         assert_eq!(fields(build(json!({"workflow": [1, 2]}))), vec!["workflow"]);
         assert_eq!(fields(build(json!({"prompt": "p"}))), vec!["workflow"]);
+    }
+
+    fn save_with_prefix(prefix: &str) -> Value {
+        json!({"workflow": {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "9": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}}
+        }})
+    }
+
+    #[test]
+    fn filename_prefix_traversal_is_refused_naming_the_node() {
+        for bad in ["../../etc/x", "a/../../b", "/tmp/x", "a\\b", "x\u{0}y"] {
+            let errors = invalid(build(save_with_prefix(bad)));
+            assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+            assert_eq!(errors[0].0, "workflow/9/inputs/filename_prefix");
+            assert!(errors[0].1.contains("SaveImage"), "{errors:?}");
+        }
+        assert!(build(save_with_prefix("portraits/alice")).is_ok());
+    }
+
+    #[test]
+    fn filename_prefix_length_limit_obeyed() {
+        assert!(build(save_with_prefix(&"p".repeat(FILENAME_PREFIX_MAX_CHARS))).is_ok());
+    }
+
+    #[test]
+    fn filename_prefix_length_limit_violated() {
+        let errors = invalid(build(save_with_prefix(&"p".repeat(1 << 20))));
+        assert_eq!(errors[0].0, "workflow/9/inputs/filename_prefix");
+        assert!(errors[0].1.contains("at most"), "{errors:?}");
     }
 
     #[test]

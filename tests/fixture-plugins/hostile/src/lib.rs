@@ -1,0 +1,99 @@
+//! A test plugin that attacks the host on request: `POST /hostile {"mode": "...", "n": N}`.
+//! Each mode is one way a hostile (or badly broken) plugin can try to hurt the service — flood
+//! the log, forge log lines, answer with enormous texts, ask for endless uploads, hold its call
+//! slot — and the host must bound each one. Built with `HOSTILE_HUGE_MANIFEST=1` its manifest
+//! itself is oversized (a 2 MB summary), which the loader must reject.
+
+use flowhost_sdk::host::LogLevel;
+use flowhost_sdk::{BuildError, FieldError, Host, ImageSource, Job, Manifest, OutputFormat, Plugin, Request, Upload};
+
+struct Hostile;
+
+/// A tiny valid PNG (1×1), so uploads pass the host's checks.
+const PNG_1X1: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00,
+    0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f, 0x15, 0xc4, 0x89, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0x00, 0x01,
+    0x00, 0x00, 0x05, 0x00, 0x01, 0x0d, 0x0a, 0x2d, 0xb4, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
+];
+
+impl Plugin for Hostile {
+    fn manifest() -> Manifest {
+        let summary = match option_env!("HOSTILE_HUGE_MANIFEST") {
+            Some(_) => "x".repeat(2 << 20),
+            None => "Test plugin that floods logs, forges log lines, answers huge texts or asks for endless uploads".into(),
+        };
+        Manifest {
+            name: "hostile".into(),
+            version: "0.1.0".into(),
+            route: "/hostile".into(),
+            summary,
+            request_schema: serde_json::json!({
+                "type": "object",
+                "required": ["mode"],
+                "properties": {
+                    "mode": {"enum": ["ok", "slow", "log-flood", "log-forge", "huge-error", "uploads"]},
+                    "n": {"type": "integer", "minimum": 0}
+                }
+            })
+            .to_string(),
+            response_media_types: vec!["image/jpeg".into()],
+            analytics_prefix: "hostile".into(),
+            node_classes: vec![],
+            models: vec![],
+        }
+    }
+
+    fn build(request: &Request, host: &dyn Host) -> Result<Job, BuildError> {
+        let body: serde_json::Value = serde_json::from_str(&request.body).map_err(|e| BuildError::Internal(e.to_string()))?;
+        let n = body["n"].as_u64().unwrap_or(1) as usize;
+        let mut uploads = Vec::new();
+        match body["mode"].as_str().unwrap_or("ok") {
+            // Hold the call (and its instance slot) until the host's deadline traps it.
+            "slow" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "log-flood" => {
+                let line = "f".repeat(4000);
+                for _ in 0..n {
+                    host.log(LogLevel::Info, &line);
+                }
+            }
+            "log-forge" => host.log(LogLevel::Info, "innocent\nERROR forged line: admin logged in\r\x1b[2Jcleared"),
+            "huge-error" => {
+                let text = "e".repeat(n);
+                return Err(BuildError::InvalidRequest(vec![FieldError { field: text.clone(), message: text }]));
+            }
+            "uploads" => {
+                for i in 0..n {
+                    uploads.push(Upload {
+                        field: "mode".into(),
+                        filename: format!("u{i}.png"),
+                        source: ImageSource::Bytes(PNG_1X1.to_vec()),
+                        node_id: "3".into(),
+                        input_name: "image".into(),
+                    });
+                }
+            }
+            _ => {}
+        }
+        let workflow = serde_json::json!({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "hostile"}},
+            "3": {"class_type": "LoadImage", "inputs": {"image": "placeholder.png"}},
+        });
+        Ok(Job {
+            workflow: workflow.to_string(),
+            uploads,
+            outputs: vec!["2".into()],
+            output_format: OutputFormat::Jpeg,
+            seed: Some(request.random_seed),
+            analytics: "{}".into(),
+            caller_nodes: vec![],
+        })
+    }
+}
+
+flowhost_sdk::register!(Hostile);
