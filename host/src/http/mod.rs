@@ -60,7 +60,7 @@ impl axum::extract::FromRef<AppState> for Metrics {
 /// The request id header, accepted from callers or generated.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Build the router: open routes (`/health`, `/openapi.json`), admin routes
+/// Build the router: open routes (`/health`, `/livez`, `/openapi.json`), admin routes
 /// (`/plugins`, `/metrics`: admin key when keys are configured) and the
 /// generation routes (any key when keys are configured).
 pub fn router(state: AppState) -> Router {
@@ -75,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(keys, auth::require_api_key));
     Router::new()
         .route("/health", get(health::health))
+        .route("/livez", get(health::livez))
         .route("/openapi.json", get(openapi::openapi))
         .merge(admin)
         .merge(generation)
