@@ -49,18 +49,26 @@ cp "$HERE"/{run.sh,bench.py,make_models.py,summarize.py} "$C/harness/"
 
 # ComfyUI source. The mirror lacks one blob (comfy/text_encoders/llama_tokenizer/tokenizer.json,
 # read only by Llama-based text encoders), so `git archive COMMIT` fails: archive a tree without it.
-index=$(mktemp -u)
-GIT_DIR=$COMFY_GIT_DIR GIT_INDEX_FILE=$index git read-tree "$COMFY_COMMIT"
-GIT_DIR=$COMFY_GIT_DIR GIT_INDEX_FILE=$index git rm -q --cached --ignore-unmatch comfy/text_encoders/llama_tokenizer/tokenizer.json
-tree=$(GIT_DIR=$COMFY_GIT_DIR GIT_INDEX_FILE=$index git write-tree)
-rm -f "$index"
-GIT_DIR=$COMFY_GIT_DIR git archive --prefix=ComfyUI/ "$tree" | xz -T0 -9 > "$C/comfyui.tar.xz"
+# Kept in .gpu/cache (not sent) so a second prepare reuses it and the wheels.
+cache=$DEST/.gpu/cache
+mkdir -p "$cache/whl"
+if [ ! -s "$cache/comfyui-$COMFY_COMMIT.tar.xz" ]; then
+  index=$(mktemp -u)
+  GIT_DIR=$COMFY_GIT_DIR GIT_INDEX_FILE=$index git read-tree "$COMFY_COMMIT"
+  GIT_DIR=$COMFY_GIT_DIR GIT_INDEX_FILE=$index git rm -q --cached --ignore-unmatch comfy/text_encoders/llama_tokenizer/tokenizer.json
+  tree=$(GIT_DIR=$COMFY_GIT_DIR GIT_INDEX_FILE=$index git write-tree)
+  rm -f "$index"
+  GIT_DIR=$COMFY_GIT_DIR git archive --prefix=ComfyUI/ "$tree" | xz -T0 -9 > "$cache/comfyui-$COMFY_COMMIT.tar.xz.part"
+  mv "$cache/comfyui-$COMFY_COMMIT.tar.xz.part" "$cache/comfyui-$COMFY_COMMIT.tar.xz"
+fi
+cp "$cache/comfyui-$COMFY_COMMIT.tar.xz" "$C/comfyui.tar.xz"
 
 # What the GPU machine lacks for ComfyUI to start and run the Flux graph (av: comfy_api imports
 # it at startup; torchsde: the samplers). The rest of requirements.txt is not needed for this graph.
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d "$C/whl" torchsde==0.2.6 trampoline==0.1.2 av==19.0.2
+  -d "$cache/whl" torchsde==0.2.6 trampoline==0.1.2 av==19.0.2
+cp "$cache"/whl/*.whl "$C/whl/"
 
 {
   echo "flowhost commit: $(git -C "$REPO" rev-parse HEAD)$(git -C "$REPO" diff --quiet HEAD -- . ':!benches/gpu' || echo ' (+ uncommitted changes)')"

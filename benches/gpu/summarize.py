@@ -47,6 +47,8 @@ def headline(R):
     s = P.get("start", {})
     w = (P.get("warm") or {}).get("summary") or {}
     first = (P.get("first") or {}).get("response") or {}
+    a = R.get("args") or {}
+    sz = f"{a.get('size', 1024)}²/{a.get('steps', 20)}"
     rows = [
         ("ComfyUI process start → /system_stats 200 (s)", s.get("comfyui_to_system_stats_s")),
         ("flowhost start → /livez 200 (s)", s.get("flowhost_first_livez_200_s")),
@@ -55,7 +57,7 @@ def headline(R):
         ("/health status when serving", (s.get("health") or {}).get("status")),
         ("first /flux-dev after ready, wall (s)", first.get("wall_s")),
         ("first request's Server-Timing queue (ms)", (first.get("server_timing") or {}).get("queue")),
-        ("warm /flux-dev 1024²/20, median wall (s)", med(w.get("flowhost_wall_s"))),
+        (f"warm /flux-dev {sz}, median wall (s)", med(w.get("flowhost_wall_s"))),
         ("first ÷ warm median", w.get("first_over_warm_median")),
         ("direct client (SaveImage + /view), median wall (s)", med(w.get("direct_wall_s"))),
         ("direct client (SaveImageWebsocket), median wall (s)", med(w.get("direct_ws_wall_s"))),
@@ -78,7 +80,7 @@ def headline(R):
         pw = med((e.get("summary") or {}).get("wall_s"))
         st = e.get("start") or {}
         ratio = f" ({pw / base:.2f}× default)" if pw and base else ""
-        rows.append((f"profile {name}: warm 1024²/20 median wall (s)", f"{pw}{ratio}" if pw else e.get("error")))
+        rows.append((f"profile {name}: warm {sz} median wall (s)", f"{pw}{ratio}" if pw else e.get("error")))
         rows.append((f"profile {name}: first request wall (s) / start → /health 200 (s)", f"{(e.get('first') or {}).get('wall_s')} / {st.get('flowhost_to_health_ready_s')}"))
     print("| measure | value |\n|---|---|")
     for k, v in rows:
