@@ -13,6 +13,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
+use crate::profile::{LaunchProfile, PreviewMethod, launch_args};
+
 /// How to run ComfyUI.
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
@@ -22,6 +24,10 @@ pub struct SupervisorConfig {
     pub python: PathBuf,
     /// Port to listen on (always on 127.0.0.1).
     pub port: u16,
+    /// Named bundle of speed options (`--comfyui-profile`), placed before `extra_args`.
+    pub profile: LaunchProfile,
+    /// `--preview-method` for latent previews; `None` leaves ComfyUI's default (none).
+    pub preview: Option<PreviewMethod>,
     /// Extra arguments appended to the command line (e.g. `--cpu`).
     pub extra_args: Vec<String>,
     /// Passed as `--extra-model-paths-config FILE`.
@@ -40,6 +46,8 @@ impl SupervisorConfig {
             comfyui_dir,
             python: PathBuf::from("python3"),
             port,
+            profile: LaunchProfile::Default,
+            preview: None,
             extra_args: Vec::new(),
             extra_model_paths_config: None,
             startup_timeout: Duration::from_secs(180),
@@ -55,6 +63,21 @@ impl SupervisorConfig {
             "http://127.0.0.1:{}/",
             self.port
         ))?)
+    }
+
+    /// Everything after the interpreter on the command line the supervisor spawns:
+    /// `main.py --listen 127.0.0.1 --port P`, the profile's options, the preview
+    /// method, the operator's `extra_args`, then `--extra-model-paths-config FILE`.
+    pub fn command_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = ["main.py", "--listen", "127.0.0.1", "--port"].map(String::from).to_vec();
+        args.push(self.port.to_string());
+        args.extend(launch_args(self.profile, self.preview));
+        args.extend(self.extra_args.iter().cloned());
+        if let Some(file) = &self.extra_model_paths_config {
+            args.push("--extra-model-paths-config".into());
+            args.push(file.display().to_string());
+        }
+        args
     }
 
     /// ComfyUI's input directory: `--input-directory` if given, else `{comfyui_dir}/input`.
@@ -286,17 +309,12 @@ fn spawn_comfyui(
 ) -> anyhow::Result<Child> {
     use anyhow::Context;
     let mut cmd = Command::new(&config.python);
-    cmd.arg("main.py")
-        .args(["--listen", "127.0.0.1", "--port", &config.port.to_string()])
-        .args(&config.extra_args)
+    cmd.args(config.command_args())
         .current_dir(&config.comfyui_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    if let Some(file) = &config.extra_model_paths_config {
-        cmd.arg("--extra-model-paths-config").arg(file);
-    }
     let mut child = cmd.spawn().with_context(|| {
         format!(
             "spawning {} main.py in {}",

@@ -40,7 +40,18 @@ API_KEYS_SECRET = os.environ.get("FLOWHOST_API_KEYS_SECRET", "flowhost-api-keys"
 POSTHOG_SECRET = os.environ.get("FLOWHOST_POSTHOG_SECRET", "flowhost-posthog")  # POSTHOG_API_KEY[, POSTHOG_HOST]
 HF_SECRET = os.environ.get("FLOWHOST_HF_SECRET", "huggingface")  # HF_TOKEN
 
-MEMORY_SNAPSHOT = os.environ.get("FLOWHOST_MEMORY_SNAPSHOT", "0").lower() in ("1", "true", "yes")
+# Cold start (docs/deploy-modal.md, "Cold start"). GPU snapshot (Modal alpha): flowhost, ComfyUI
+# and the warmed-up models on the GPU are started before the snapshot and restored from it; it
+# implies the CPU memory snapshot. The CPU snapshot alone captures only this Python process (the
+# GPU is absent before a CPU snapshot, so ComfyUI cannot start there).
+GPU_SNAPSHOT = os.environ.get("FLOWHOST_GPU_SNAPSHOT", "0").lower() in ("1", "true", "yes")
+MEMORY_SNAPSHOT = GPU_SNAPSHOT or os.environ.get("FLOWHOST_MEMORY_SNAPSHOT", "0").lower() in ("1", "true", "yes")
+# A ComfyUI launch profile (`flowhost serve --comfyui-profile`, docs/operations.md): default,
+# highvram, fp8 (changes images), fast. Opt-in.
+COMFYUI_PROFILE = os.environ.get("FLOWHOST_COMFYUI_PROFILE", "default")
+COMFYUI_PROFILES = ("default", "highvram", "fp8", "fast")
+if COMFYUI_PROFILE not in COMFYUI_PROFILES:
+    raise ValueError(f"FLOWHOST_COMFYUI_PROFILE={COMFYUI_PROFILE!r}: expected one of {', '.join(COMFYUI_PROFILES)}")
 
 # Custom nodes, each pinned to a full commit.
 CUSTOM_NODES = [
@@ -81,8 +92,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPTS = Path(__file__).resolve().parent / "build"
 
 
-def serve_command() -> list[str]:
+def serve_command(profile: str = "") -> list[str]:
     """The exact `flowhost serve` command line the web server runs."""
+    profile = profile or COMFYUI_PROFILE
     return [
         FLOWHOST_BIN,
         "serve",
@@ -93,7 +105,7 @@ def serve_command() -> list[str]:
         "--max-in-flight", str(MAX_IN_FLIGHT),
         "--job-timeout", str(JOB_TIMEOUT_S),
         "--log-format", "json",
-    ]  # fmt: skip
+    ] + (["--comfyui-profile", profile] if profile != "default" else [])  # fmt: skip
 
 
 def pull_command(only: list[str]) -> list[str]:
@@ -175,9 +187,13 @@ def _reload_plugins_forever(interval_s: float) -> None:
             print(f"plugins volume reload failed: {error!r}", flush=True)
 
 
-def wait_for_health(url: str, process: subprocess.Popen, deadline_s: float) -> None:
-    """Block until `url` answers 200, failing fast if the process exits."""
+def wait_for_health(url: str, process: subprocess.Popen, deadline_s: float) -> dict:
+    """Block until `url` (flowhost's /health: readiness) answers 200, failing fast if the
+    process exits. Returns the /health document. A 503 (ComfyUI starting, websocket not yet
+    connected, warm-up running) keeps waiting; /livez is for liveness probes, not for this."""
     deadline = time.monotonic() + deadline_s
+    last_report = time.monotonic()
+    status = None
     while time.monotonic() < deadline:
         code = process.poll()
         if code is not None:
@@ -185,14 +201,42 @@ def wait_for_health(url: str, process: subprocess.Popen, deadline_s: float) -> N
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
-                    return
+                    return _json_or_empty(response.read())
+        except urllib.error.HTTPError as error:  # 503 while not ready: read why
+            status = _json_or_empty(error.read()).get("status")
         except (urllib.error.URLError, OSError):
             pass
-        time.sleep(1)
+        if time.monotonic() - last_report > 15:
+            print(f"waiting for {url}: {status or 'no answer'}", flush=True)
+            last_report = time.monotonic()
+        time.sleep(0.25)
     raise TimeoutError(f"{url} not ready after {deadline_s:.0f} s")
 
 
-@app.function(
+def _json_or_empty(raw: bytes) -> dict:
+    import json
+
+    try:
+        doc = json.loads(raw)
+        return doc if isinstance(doc, dict) else {}
+    except ValueError:
+        return {}
+
+
+HEALTH_URL = f"http://127.0.0.1:{PORT}/health"
+
+
+def start_flowhost() -> subprocess.Popen:
+    """Seed an empty plugins volume, start the volume reloader and `flowhost serve`."""
+    copied = seed_plugins_if_empty()
+    if copied:
+        plugins_volume.commit()
+        print(f"plugins volume was empty; installed bundled plugins: {', '.join(copied)}", flush=True)
+    threading.Thread(target=_reload_plugins_forever, args=(PLUGIN_RELOAD_INTERVAL_S,), daemon=True).start()
+    return subprocess.Popen(serve_command())
+
+
+@app.cls(
     gpu=GPU,
     volumes={MODELS_DIR: models_volume, PLUGINS_DIR: plugins_volume, HF_CACHE_DIR: hf_cache_volume},
     secrets=_secrets(API_KEYS_SECRET, POSTHOG_SECRET, HF_SECRET),
@@ -200,19 +244,41 @@ def wait_for_health(url: str, process: subprocess.Popen, deadline_s: float) -> N
     timeout=REQUEST_TIMEOUT_S,
     startup_timeout=STARTUP_TIMEOUT_S,
     enable_memory_snapshot=MEMORY_SNAPSHOT,
+    experimental_options={"enable_gpu_snapshot": True} if GPU_SNAPSHOT else None,
 )
 @modal.concurrent(max_inputs=MAX_IN_FLIGHT)
-@modal.web_server(port=PORT, startup_timeout=STARTUP_TIMEOUT_S)
-def serve() -> None:
-    copied = seed_plugins_if_empty()
-    if copied:
-        plugins_volume.commit()
-        print(f"plugins volume was empty; installed bundled plugins: {', '.join(copied)}", flush=True)
-    threading.Thread(target=_reload_plugins_forever, args=(PLUGIN_RELOAD_INTERVAL_S,), daemon=True).start()
-    process = subprocess.Popen(serve_command())
-    # Modal routes traffic once this returns and the port accepts connections; returning only
-    # when /health answers means no request meets a half-started ComfyUI.
-    wait_for_health(f"http://127.0.0.1:{PORT}/health", process, STARTUP_TIMEOUT_S - 30)
+class Service:
+    """flowhost + ComfyUI on one GPU. Start order, with and without snapshots:
+
+    - no snapshot / CPU snapshot: `after_restore` starts flowhost (which starts ComfyUI) and
+      returns once /health is ready; Modal routes traffic only after that.
+    - GPU snapshot: `before_snapshot` starts flowhost and waits for /health ready (ComfyUI up,
+      websocket connected, warm-up done: weights on the GPU); Modal then snapshots CPU and GPU
+      memory. A restored container resumes with those processes; `after_restore` waits for
+      /health again (the websocket reconnects if the restore dropped it)."""
+
+    process: subprocess.Popen | None = None
+
+    # Modal accepts snap=True only with memory snapshots on; without them this is a plain
+    # method nobody calls, and `after_restore` is the ordinary start-up hook.
+    @(modal.enter(snap=True) if MEMORY_SNAPSHOT else (lambda method: method))
+    def before_snapshot(self) -> None:
+        if GPU_SNAPSHOT:
+            self.process = start_flowhost()
+            health = wait_for_health(HEALTH_URL, self.process, STARTUP_TIMEOUT_S - 30)
+            print(f"ready before the snapshot: {health.get('status')}", flush=True)
+
+    @modal.enter(snap=False)
+    def after_restore(self) -> None:
+        if self.process is None:
+            self.process = start_flowhost()
+        # Returning only when /health is ready means no request meets a half-started ComfyUI.
+        wait_for_health(HEALTH_URL, self.process, STARTUP_TIMEOUT_S - 30)
+
+    # The label keeps the URL the function-based app had: https://<workspace>--flowhost-serve.modal.run
+    @modal.web_server(port=PORT, startup_timeout=STARTUP_TIMEOUT_S, label=f"{APP_NAME}-serve")
+    def serve(self) -> None:
+        """Modal proxies HTTPS to flowhost on PORT; the process was started in an enter hook."""
 
 
 # --- one-off jobs --------------------------------------------------------------------------

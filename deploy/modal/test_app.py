@@ -32,6 +32,8 @@ SETTINGS_ENV = [
     "FLOWHOST_MODELS_VOLUME",
     "FLOWHOST_PLUGINS_VOLUME",
     "FLOWHOST_MEMORY_SNAPSHOT",
+    "FLOWHOST_GPU_SNAPSHOT",
+    "FLOWHOST_COMFYUI_PROFILE",
     "FLOWHOST_GPU",
     "FLOWHOST_POSTHOG_SECRET",
     "FLOWHOST_API_KEYS_SECRET",
@@ -74,6 +76,26 @@ def secret_names(function) -> list[str]:
     return [secret.name for secret in impl(function)._spec.secrets]
 
 
+def service(module):
+    """The class-service Function behind the `Service` class (GPU, volumes, snapshots...)."""
+    return impl(module.Service)._class_service_function
+
+
+def webhook_of(module):
+    return impl(module.Service)._method_partials["serve"].params.webhook_config
+
+
+def hooks(module) -> dict[str, list[str]]:
+    """Which methods Modal runs before the snapshot and after the restore (or at start)."""
+    from modal._partial_function import _find_partial_methods_for_user_cls, _PartialFunctionFlags
+
+    user_cls = impl(module.Service)._user_cls
+    return {
+        "pre_snapshot": list(_find_partial_methods_for_user_cls(user_cls, _PartialFunctionFlags.ENTER_PRE_SNAPSHOT)),
+        "post_snapshot": list(_find_partial_methods_for_user_cls(user_cls, _PartialFunctionFlags.ENTER_POST_SNAPSHOT)),
+    }
+
+
 def image_commands(image) -> list[str]:
     """Every Dockerfile line of an image and its bases, base first."""
     settings = dict(zip(image._load.__code__.co_freevars, (c.cell_contents for c in image._load.__closure__)))
@@ -87,27 +109,30 @@ def image_commands(image) -> list[str]:
 
 class TestServe:
     def test_runs_on_an_l40s_with_five_concurrent_inputs(self, app_module):
-        settings = loader_settings(app_module.serve)
-        assert impl(app_module.serve)._spec.gpus == "L40S"
+        settings = loader_settings(service(app_module))
+        assert impl(service(app_module))._spec.gpus == "L40S"
         assert settings["max_concurrent_inputs"] == 5
         assert settings["scaledown_window"] == 300
         assert settings["enable_memory_snapshot"] is False
+        assert not settings["experimental_options"]
 
     def test_volumes_are_mounted_where_flowhost_looks(self, app_module):
-        assert volume_names(app_module.serve) == {
+        assert volume_names(service(app_module)) == {
             "/root/models": "ryla-models",
             "/root/plugins": "flowhost-plugins",
             "/cache": "flowhost-hf-cache",
         }
 
     def test_secrets_are_attached_by_name(self, app_module):
-        assert secret_names(app_module.serve) == ["flowhost-api-keys", "flowhost-posthog", "huggingface"]
+        assert secret_names(service(app_module)) == ["flowhost-api-keys", "flowhost-posthog", "huggingface"]
 
     def test_is_a_web_server_on_port_8000_with_startup_time_for_comfyui(self, app_module):
-        webhook = impl(app_module.serve)._webhook_config
-        settings = loader_settings(app_module.serve)
+        webhook = webhook_of(app_module)
+        settings = loader_settings(service(app_module))
         assert webhook.type == api_pb2.WEBHOOK_TYPE_WEB_SERVER
         assert webhook.web_server_port == 8000
+        # The URL stays https://<workspace>--flowhost-serve.modal.run (as the function-based app had).
+        assert webhook.requested_suffix == "flowhost-serve"
         # ComfyUI boots in ~30 s on CPU here; the container gets far more before Modal gives up.
         assert webhook.web_server_startup_timeout >= 300
         assert settings["startup_timeout"] >= webhook.web_server_startup_timeout
@@ -132,21 +157,68 @@ class TestServe:
             pytest.skip("FLOWHOST_BIN not set: point it at a built `flowhost` to check flags against `serve --help`")
         help_text = subprocess.run([binary, "serve", "--help"], capture_output=True, text=True, check=True).stdout
         known = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
-        flags = [arg for arg in app_module.serve_command() if arg.startswith("--")]
+        flags = [arg for arg in app_module.serve_command("fp8") if arg.startswith("--")]
         assert [flag for flag in flags if flag not in known] == []
 
     def test_models_volume_name_follows_the_environment(self, monkeypatch):
         module = load_app(monkeypatch, FLOWHOST_MODELS_VOLUME="staging-models")
-        assert volume_names(module.serve)["/root/models"] == "staging-models"
+        assert volume_names(service(module))["/root/models"] == "staging-models"
         assert volume_names(module.download_models)["/root/models"] == "staging-models"
-
-    def test_memory_snapshot_is_opt_in(self, monkeypatch):
-        module = load_app(monkeypatch, FLOWHOST_MEMORY_SNAPSHOT="1")
-        assert loader_settings(module.serve)["enable_memory_snapshot"] is True
 
     def test_an_empty_secret_name_leaves_that_secret_out(self, monkeypatch):
         module = load_app(monkeypatch, FLOWHOST_POSTHOG_SECRET="")
-        assert secret_names(module.serve) == ["flowhost-api-keys", "huggingface"]
+        assert secret_names(service(module)) == ["flowhost-api-keys", "huggingface"]
+
+    def test_launch_profile_is_opt_in_and_reaches_the_command_line(self, monkeypatch, app_module):
+        assert "--comfyui-profile" not in app_module.serve_command()
+        module = load_app(monkeypatch, FLOWHOST_COMFYUI_PROFILE="fp8")
+        assert module.serve_command()[-2:] == ["--comfyui-profile", "fp8"]
+
+    def test_an_unknown_launch_profile_fails_the_deploy(self, monkeypatch):
+        with pytest.raises(ValueError, match="turbo"):
+            load_app(monkeypatch, FLOWHOST_COMFYUI_PROFILE="turbo")
+
+
+class TestColdStart:
+    """Snapshots are opt-in; what runs before the snapshot and what after the restore."""
+
+    def started(self, module, monkeypatch):
+        """Run the hooks Modal would run, in its order, recording what they start and wait for."""
+        calls = []
+        monkeypatch.setattr(module, "start_flowhost", lambda: calls.append("start") or "process")
+        monkeypatch.setattr(module, "wait_for_health", lambda url, process, deadline: calls.append(f"ready:{url}") or {"status": "ready"})
+        obj = impl(module.Service)._user_cls()
+        found = hooks(module)
+        for name in found["pre_snapshot"]:
+            calls.append("-- snapshot taken after this --")
+            getattr(obj, name)()
+        calls.append("-- restored / started --")
+        for name in found["post_snapshot"]:
+            getattr(obj, name)()
+        return calls
+
+    def test_without_snapshots_flowhost_starts_in_one_hook_and_waits_for_readiness(self, app_module, monkeypatch):
+        assert hooks(app_module) == {"pre_snapshot": [], "post_snapshot": ["after_restore"]}
+        assert self.started(app_module, monkeypatch) == ["-- restored / started --", "start", "ready:http://127.0.0.1:8000/health"]
+
+    def test_cpu_snapshot_alone_starts_flowhost_after_the_restore(self, monkeypatch):
+        module = load_app(monkeypatch, FLOWHOST_MEMORY_SNAPSHOT="1")
+        settings = loader_settings(service(module))
+        assert settings["enable_memory_snapshot"] is True and not settings["experimental_options"]
+        # No GPU before a CPU snapshot: ComfyUI must not start there.
+        assert self.started(module, monkeypatch) == [
+            "-- snapshot taken after this --", "-- restored / started --", "start", "ready:http://127.0.0.1:8000/health",
+        ]
+
+    def test_gpu_snapshot_starts_and_warms_before_the_snapshot_and_rechecks_after(self, monkeypatch):
+        module = load_app(monkeypatch, FLOWHOST_GPU_SNAPSHOT="1")
+        settings = loader_settings(service(module))
+        assert settings["enable_memory_snapshot"] is True
+        assert settings["experimental_options"] == {"enable_gpu_snapshot": "True"}
+        assert self.started(module, monkeypatch) == [
+            "-- snapshot taken after this --", "start", "ready:http://127.0.0.1:8000/health",
+            "-- restored / started --", "ready:http://127.0.0.1:8000/health",
+        ]
 
 
 class TestDownloadModels:
@@ -293,6 +365,33 @@ class TestStartup:
         finally:
             process.kill()
             server.shutdown()
+
+    def test_wait_for_health_waits_through_503_until_ready(self, app_module):
+        answers = [503, 503, 200]
+
+        class Health(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                code = answers.pop(0) if len(answers) > 1 else answers[0]
+                body = b'{"status": "%s"}' % (b"ready" if code == 200 else b"starting")
+                self.send_response(code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            health = app_module.wait_for_health(f"http://127.0.0.1:{server.server_port}/health", process, 20)
+        finally:
+            process.kill()
+            server.shutdown()
+        assert health == {"status": "ready"}
+        assert answers == [200], "it asked again after each 503"
 
     def test_wait_for_health_fails_when_flowhost_exits(self, app_module):
         process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])

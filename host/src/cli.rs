@@ -95,6 +95,15 @@ pub struct ServeArgs {
     /// Extra argument for ComfyUI's main.py (repeatable).
     #[arg(long = "comfyui-arg", allow_hyphen_values = true)]
     pub comfyui_args: Vec<String>,
+    /// Named bundle of ComfyUI speed options for --comfyui-dir: default (none),
+    /// highvram, fp8 (changes images), fast (fp8 + highvram + autotune).
+    /// See docs/operations.md.
+    #[arg(long, requires = "comfyui_dir", conflicts_with_all = ["comfyui_url", "simulate"])]
+    pub comfyui_profile: Option<flowhost_comfy::LaunchProfile>,
+    /// ComfyUI's --preview-method for latent previews while sampling
+    /// (none, auto, latent2rgb, taesd); unset leaves ComfyUI's default (none).
+    #[arg(long, requires = "comfyui_dir", conflicts_with_all = ["comfyui_url", "simulate"])]
+    pub comfyui_preview_method: Option<flowhost_comfy::PreviewMethod>,
     /// Python interpreter for --comfyui-dir.
     #[arg(long, env = "FLOWHOST_COMFYUI_PYTHON", default_value = "python3")]
     pub comfyui_python: String,
@@ -166,4 +175,40 @@ pub struct CheckPluginArgs {
     /// Wall-time limit per plugin call, milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub plugin_timeout_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let argv = ["flowhost", "serve"].into_iter().chain(args.iter().copied());
+        match Cli::try_parse_from(argv)?.command {
+            Command::Serve(args) => Ok(args),
+            _ => unreachable!("serve parses as serve"),
+        }
+    }
+
+    #[test]
+    fn a_launch_profile_is_parsed_by_name() {
+        let args = serve(&["--comfyui-dir", "/opt/ComfyUI", "--comfyui-profile", "fp8", "--comfyui-preview-method", "taesd"]).unwrap();
+        assert_eq!(args.comfyui_profile, Some(flowhost_comfy::LaunchProfile::Fp8));
+        assert_eq!(args.comfyui_preview_method, Some(flowhost_comfy::PreviewMethod::Taesd));
+        assert_eq!(serve(&["--comfyui-dir", "/opt/ComfyUI"]).unwrap().comfyui_profile, None, "opt-in");
+    }
+
+    #[test]
+    fn an_unknown_profile_is_refused_naming_the_known_ones() {
+        let err = serve(&["--comfyui-dir", "/opt/ComfyUI", "--comfyui-profile", "turbo"]).unwrap_err().to_string();
+        assert!(err.contains("turbo") && err.contains("default, highvram, fp8, fast"), "{err}");
+    }
+
+    #[test]
+    fn a_profile_without_a_supervised_comfyui_is_refused() {
+        // With --comfyui-url flowhost does not start ComfyUI, so a profile could not apply.
+        let err = serve(&["--comfyui-url", "http://127.0.0.1:8188", "--comfyui-profile", "fp8"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict, "{err}");
+        let err = serve(&["--comfyui-preview-method", "taesd"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument, "{err}");
+    }
 }

@@ -141,7 +141,10 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         let port = free_loopback_port()?;
         let mut sup = SupervisorConfig::new(dir, port);
         sup.python = args.comfyui_python.clone().into();
+        sup.profile = args.comfyui_profile.unwrap_or_default();
+        sup.preview = args.comfyui_preview_method;
         sup.extra_args = args.comfyui_args.clone();
+        tracing::info!(profile = %sup.profile, args = ?sup.profile.args(), "ComfyUI launch profile");
         sup.startup_timeout = Duration::from_secs(args.comfyui_startup_timeout);
         if let Some(root) = &models_root {
             let file = args.cache_dir.join("extra_model_paths.yaml");

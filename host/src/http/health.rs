@@ -1,4 +1,7 @@
-//! `GET /health`: is the service ready, and which endpoints are.
+//! `GET /health`: is the service ready, and which endpoints are (readiness:
+//! 503 until ComfyUI serves). `GET /livez`: is this process alive (liveness:
+//! always 200, touches nothing), so an orchestrator restarts a wedged process
+//! but not one whose ComfyUI is merely restarting or loading models.
 
 use axum::Json;
 use axum::extract::State;
@@ -20,4 +23,10 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "plugins_loaded": state.registry.snapshot().plugins().len(),
     });
     (status, Json(body)).into_response()
+}
+
+/// Liveness: 200 `ok` whenever the HTTP server can answer at all. Deliberately
+/// asks nothing of ComfyUI, the plugins or the job queue: those are readiness.
+pub async fn livez() -> Response {
+    (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], "ok\n").into_response()
 }

@@ -85,7 +85,7 @@ impl axum::extract::FromRef<AppState> for Metrics {
 /// The request id header, accepted from callers or generated.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Build the router: open routes (`/health`, `/openapi.json`), admin routes
+/// Build the router: open routes (`/health`, `/livez`, `/openapi.json`), admin routes
 /// (`/plugins`, `/metrics`: admin key when keys are configured) and the
 /// generation routes (any key when keys are configured).
 pub fn router(state: AppState) -> Router {
@@ -101,6 +101,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.simulated, mark_simulated));
     Router::new()
         .route("/health", get(health::health))
+        .route("/livez", get(health::livez))
         .route("/openapi.json", get(openapi::openapi))
         .merge(admin)
         .merge(generation)

@@ -138,7 +138,7 @@ mod tests {
 
     #[test]
     fn a_plugin_flooding_the_log_is_cut_off_per_call() {
-        use crate::plugins::bindings::host_imports::{Host as _, LogLevel};
+        use crate::plugins::calls::LogLevel;
         for json in [false, true] {
             let text = captured(json, || {
                 let mut state = sandbox();
@@ -156,7 +156,7 @@ mod tests {
 
     #[test]
     fn a_plugin_forging_log_lines_stays_on_one_line() {
-        use crate::plugins::bindings::host_imports::{Host as _, LogLevel};
+        use crate::plugins::calls::LogLevel;
         for json in [false, true] {
             let text = captured(json, || sandbox().log(LogLevel::Info, "innocent\nERROR forged line: admin logged in\r\u{1b}[2J".into()));
             assert_eq!(text.trim_end().lines().count(), 1, "{text}");

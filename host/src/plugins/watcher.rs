@@ -128,7 +128,7 @@ impl Scanner {
             state.sha256 = Some(sha);
             let loaded = LoadedPlugin::load_bytes(&self.ctx.engine, self.ctx.cache.as_ref(), path, &bytes, self.ctx.models.clone())
                 .and_then(|plugin| match route_move_refused(state.good.as_deref(), &plugin, &previous) {
-                    Some(reason) => Err(anyhow::anyhow!(reason)),
+                    Some(reason) => Err(super::loader::LoadError::new(LoadErrorKind::RouteConflict, reason)),
                     None => Ok(plugin),
                 });
             match loaded {

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# One end-to-end GPU run of flowhost in front of a real ComfyUI with full-size random-weight
+# Flux.1-dev models, as ONE command that ends inside DEADLINE_S (default 540 s). Run from the
+# root of a checkout on the GPU machine, with the carry folder prepare.sh filled beside it:
+#
+#   OUT=/some/dir bash benches/gpu/run.sh              (or bash .gpu/carry/harness/run.sh)
+#
+# Reads (sent along, git-ignored):  $CARRY/comfyui.tar.xz   ComfyUI a125cd84 source (git archive)
+#                                   $CARRY/flowhost.xz      stripped release flowhost binary
+#                                   $CARRY/plugins/*.wasm   flux_dev.wasm, flux_lora.wasm
+#                                   $CARRY/whl/*.whl        wheels the GPU machine lacks (torchsde, trampoline, av)
+#                                   $CARRY/jpeg_bench.xz    (optional) the PNG→JPEG bench binary
+# Writes into $OUT (8 files at most): run.log results.json summary.md flowhost.log nvsmi.csv
+#                                     warm.jpg direct.png (url mode: + comfyui.log)
+# Knobs (environment):
+#   PROFILE=full|tiny (model size), WORK (scratch, default /tmp/flowhost-gpu),
+#   MODELS (default /dev/shm/flowhost-models when it has room, else $WORK/models),
+#   DEADLINE_S (seconds this script may run, default 540), CARRY (default $ROOT/.gpu/carry),
+#   PROFILES (launch profiles compared after the main phases, default "fp8,fast"; "" = none),
+#   LORA (default flux-random-lora; "" skips the LoRA phase), WARM (warm pairs, default 5),
+#   JPEG_BENCH=1|0 (run the PNG→JPEG bench on ComfyUI's own PNG, default 1),
+#   BENCH_ARGS (extra bench.py arguments, e.g. "--mode url --extra 512x4,1024x4").
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+ROOT=$(pwd)
+HERE=${HERE:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
+CARRY=${CARRY:-$ROOT/.gpu/carry}
+WORK=${WORK:-/tmp/flowhost-gpu}
+OUT=${OUT:?OUT must name the folder whose files come back}
+PROFILE=${PROFILE:-full}
+DEADLINE_S=${DEADLINE_S:-540}
+PROFILES=${PROFILES-fp8,fast}
+LORA=${LORA-flux-random-lora}
+WARM=${WARM:-5}
+JPEG_BENCH=${JPEG_BENCH:-1}
+PY=${PY:-python3}
+START=$(date +%s)
+mkdir -p "$OUT" "$WORK"
+exec > >(tee -a "$OUT/run.log") 2>&1
+stamp() { echo "[run.sh +$(( $(date +%s) - START ))s] $*"; }
+
+stamp "facts"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv || true
+nproc; free -g; df -h /dev/shm /tmp "$ROOT" 2>/dev/null; uname -r; head -2 /etc/os-release; ldd --version | head -1
+$PY -c 'import sys, importlib.metadata as m
+print(sys.version.split()[0], *[f"{p}=={m.version(p)}" for p in ("torch","transformers","tokenizers","safetensors","numpy","aiohttp","pillow","sentencepiece")])'
+cat "$CARRY/PROVENANCE" 2>/dev/null
+
+stamp "unpack"
+# Python's lzma, not the xz binary: the GPU machine may lack xz-utils.
+$PY - "$CARRY" "$WORK" <<'EOF_PY' || { stamp "unpacking failed"; exit 1; }
+import lzma, os, shutil, sys, tarfile
+carry, work = sys.argv[1:3]
+with tarfile.open(f"{carry}/comfyui.tar.xz", "r:xz") as t:
+    t.extractall(work, filter="tar")
+for name in ("flowhost", "jpeg_bench"):
+    if os.path.exists(f"{carry}/{name}.xz"):
+        with lzma.open(f"{carry}/{name}.xz") as src, open(f"{work}/{name}", "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.chmod(f"{work}/{name}", 0o755)
+EOF_PY
+mkdir -p "$WORK/plugins" "$WORK/cache" "$WORK/frontend" && cp "$CARRY"/plugins/*.wasm "$WORK/plugins/"
+"$WORK/flowhost" --version || true
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$CARRY"/whl/*.whl || { stamp "wheel install failed"; exit 1; }
+export PYTHONPATH=$WORK/site
+
+if [ -z "${MODELS:-}" ]; then
+  shm_gb=$(df --output=avail -BG /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)
+  if [ "${shm_gb:-0}" -ge 45 ]; then MODELS=/dev/shm/flowhost-models; else MODELS=$WORK/models; fi
+fi
+stamp "models in $MODELS (profile $PROFILE)"
+
+nvidia-smi --query-gpu=timestamp,memory.used,memory.total,utilization.gpu,power.draw,clocks.sm,temperature.gpu \
+  --format=csv -lms 500 > "$OUT/nvsmi.csv" 2>/dev/null &
+SMI_PID=$!
+
+t=$(date +%s)
+$PY "$HERE/make_models.py" --comfyui "$WORK/ComfyUI" --out "$MODELS" --profile "$PROFILE" --lora flux-random-lora \
+  || { stamp "model generation failed"; kill "$SMI_PID"; exit 1; }
+stamp "models written in $(( $(date +%s) - t )) s"; du -sh "$MODELS"/*; free -g
+
+rm -rf "$WORK/ComfyUI/models" && ln -s "$MODELS" "$WORK/ComfyUI/models"
+
+left=$(( DEADLINE_S - ($(date +%s) - START) ))
+jpeg_reserve=0; [ "$JPEG_BENCH" = 1 ] && [ -x "$WORK/jpeg_bench" ] && jpeg_reserve=25
+budget=$(( left - 150 - jpeg_reserve ))
+stamp "bench: ${left}s left, optional phases start before ${budget}s"
+# shellcheck disable=SC2086
+timeout --signal=TERM "$(( left - 10 - jpeg_reserve ))" $PY "$HERE/bench.py" \
+  --comfyui "$WORK/ComfyUI" --python "$PY" --front-end-root "$WORK/frontend" \
+  --flowhost "$WORK/flowhost" --models "$MODELS" --plugins "$WORK/plugins" --cache-dir "$WORK/cache" \
+  --out "$OUT" --lora-id "$LORA" --budget-s "$budget" --warm "$WARM" --profiles "$PROFILES" \
+  --keep-png "$OUT/direct.png" ${BENCH_ARGS:-}
+stamp "bench exit $?"
+
+kill "$SMI_PID" 2>/dev/null
+if [ "$JPEG_BENCH" = 1 ] && [ -x "$WORK/jpeg_bench" ] && [ -f "$OUT/direct.png" ]; then
+  stamp "PNG→JPEG bench on the PNG ComfyUI wrote (SaveImage, compress_level 4) and the same pixels at compress_level 1 (SaveImageWebsocket)"
+  $PY - "$OUT/direct.png" "$WORK/ws-level1.png" <<'EOF_PY'
+import io, sys, time
+from PIL import Image
+src, dst = sys.argv[1:3]
+img = Image.open(src); img.load()
+img.save(dst, compress_level=1)
+# Pillow (libjpeg-turbo) as the reference for "a faster codec": decode + encode, q90 4:2:0.
+data = open(src, "rb").read()
+ts = []
+for _ in range(23):
+    t = time.perf_counter()
+    im = Image.open(io.BytesIO(data)); im.load()
+    out = io.BytesIO(); im.save(out, format="JPEG", quality=90, subsampling=2)
+    ts.append(time.perf_counter() - t)
+ts = sorted(ts[3:])
+print(f"| Pillow {Image.__version__} (libjpeg-turbo, zlib) PNG → JPEG, for reference | 1 | {ts[len(ts)//2]*1e3:.2f} | {ts[int(len(ts)*0.9)]*1e3:.2f} | {ts[0]*1e3:.2f} | {len(out.getvalue())/1024:.0f} |")
+EOF_PY
+  JPEG_BENCH_THREADS=${JPEG_BENCH_THREADS:-1,2,4,8} timeout 60 "$WORK/jpeg_bench" "$OUT/direct.png" "$WORK/ws-level1.png" || stamp "jpeg_bench failed"
+fi
+$PY "$HERE/summarize.py" "$OUT" > "$OUT/summary.md" 2>&1 || stamp "summarize failed"
+cat "$OUT/summary.md"
+stamp "done"
