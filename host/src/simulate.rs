@@ -41,6 +41,7 @@ mod with_double {
     pub struct SimulatedComfy {
         pub url: url::Url,
         pub input_dir: PathBuf,
+        pub output_dir: PathBuf,
         double: ComfyDouble,
         _scratch: Option<tempfile::TempDir>,
     }
@@ -59,7 +60,8 @@ mod with_double {
                 .context("starting the embedded ComfyUI double")?;
             let url = url::Url::parse(&double.url()).context("the double's URL")?;
             let input_dir = double.input_dir().to_path_buf();
-            Ok(Self { url, input_dir, double, _scratch: scratch })
+            let output_dir = double.output_dir().to_path_buf();
+            Ok(Self { url, input_dir, output_dir, double, _scratch: scratch })
         }
 
         pub async fn shutdown(self) {
@@ -72,6 +74,10 @@ mod with_double {
 
         pub fn input_dir(&self) -> PathBuf {
             self.input_dir.clone()
+        }
+
+        pub fn output_dir(&self) -> PathBuf {
+            self.output_dir.clone()
         }
     }
 }
@@ -92,6 +98,9 @@ impl SimulatedComfy {
         match *self {}
     }
     pub fn input_dir(&self) -> PathBuf {
+        match *self {}
+    }
+    pub fn output_dir(&self) -> PathBuf {
         match *self {}
     }
 }

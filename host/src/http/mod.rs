@@ -10,6 +10,8 @@ pub mod edge;
 pub mod generate;
 pub mod health;
 pub mod listener;
+pub mod job_errors;
+pub mod job_view;
 pub mod openapi;
 pub mod plugin_list;
 pub mod problem;
@@ -53,7 +55,7 @@ pub struct AppState {
     /// Bounds on concurrent plugin calls (503 when full).
     pub call_slots: Arc<crate::plugins::call_slots::CallSlots>,
     pub limits: HttpLimits,
-    pub jobs: Arc<crate::jobs::JobRunner>,
+    pub jobs: Arc<crate::jobs::JobService>,
     pub keys: AccessKeys,
     pub started_at: Instant,
     /// `--simulate`: ComfyUI is the embedded test double (said in `/health`
