@@ -11,6 +11,7 @@ pub mod openapi;
 pub mod plugin_list;
 pub mod problem;
 pub mod request_schema;
+pub mod v2;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -73,8 +74,10 @@ pub fn router(state: AppState) -> Router {
     let generation = Router::new()
         .route("/{route}", post(generate::generate))
         .route_layer(middleware::from_fn_with_state(keys, auth::require_api_key));
+    let v2 = v2::router(state.keys.clone());
     Router::new()
         .route("/health", get(health::health))
+        .nest("/api/v2", v2)
         .route("/openapi.json", get(openapi::openapi))
         .merge(admin)
         .merge(generation)
