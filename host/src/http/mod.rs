@@ -7,6 +7,8 @@
 
 pub mod generate;
 pub mod health;
+pub mod job_errors;
+pub mod job_view;
 pub mod openapi;
 pub mod plugin_list;
 pub mod problem;
@@ -47,7 +49,7 @@ pub struct AppState {
     pub registry: Arc<PluginRegistry>,
     pub engine: PluginEngine,
     pub limits: HttpLimits,
-    pub jobs: Arc<crate::jobs::JobRunner>,
+    pub jobs: Arc<crate::jobs::JobService>,
     pub keys: AccessKeys,
     pub started_at: Instant,
 }
