@@ -6,7 +6,11 @@
 //! idempotency, retention live in `jobs/`), never answer problem+json, and never build a
 //! response body by hand outside `http::job_view`.
 
+pub mod assets;
 pub mod envelope;
+pub mod errors;
+pub mod events;
+pub mod jobs;
 pub mod spec;
 pub mod submission;
 
@@ -14,9 +18,10 @@ use axum::Router;
 use axum::extract::{FromRequestParts, OriginalUri, Request, State};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode, header};
-use axum::middleware::Next;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, head, post};
 use axum::Json;
 use serde_json::json;
 
@@ -57,9 +62,18 @@ impl Origin {
 /// The v2 routes, to be nested under `/api/v2`. `/health` is open; everything else needs a
 /// key when keys are configured.
 pub fn router(keys: AccessKeys) -> Router<AppState> {
-    let _ = keys; // the protected job and asset routes arrive with the job service
-    let protected: Router<AppState> = Router::new();
-
+    let protected: Router<AppState> = Router::new()
+        .route("/jobs", post(jobs::submit).get(jobs::list))
+        .route("/jobs/{id}", get(jobs::get))
+        .route("/jobs/{id}/workflow", get(jobs::workflow))
+        .route("/jobs/{id}/events", get(events::events))
+        .route("/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/assets", post(assets::upload).layer(DefaultBodyLimit::max(assets::MAX_UPLOAD_BYTES)))
+        .route("/assets/from-hash", post(assets::from_hash))
+        .route("/assets/by-hash/{hash}", head(assets::head_by_hash))
+        .route("/assets/{id}", get(assets::get).delete(assets::delete))
+        .route("/assets/{id}/content", get(assets::content))
+        .route_layer(middleware::from_fn_with_state(keys, require_key));
     Router::new()
         .route("/health", get(health))
         .merge(protected)
@@ -68,7 +82,6 @@ pub fn router(keys: AccessKeys) -> Router<AppState> {
 }
 
 /// A request body up to `limit` bytes, or the envelope's 413.
-#[allow(dead_code)]
 pub(crate) async fn body_bytes(body: axum::body::Body, limit: usize) -> Result<axum::body::Bytes, V2Error> {
     axum::body::to_bytes(body, limit).await.map_err(|_| {
         V2Error::invalid_request("body", format!("bodies are limited to {limit} bytes")).with_status(StatusCode::PAYLOAD_TOO_LARGE)
@@ -76,7 +89,6 @@ pub(crate) async fn body_bytes(body: axum::body::Body, limit: usize) -> Result<a
 }
 
 /// Bearer-key check answering in the v2 envelope (the same keys as the typed routes).
-#[allow(dead_code)]
 async fn require_key(State(keys): State<AccessKeys>, mut request: Request, next: Next) -> Response {
     if !keys.is_configured() {
         return next.run(request).await;
