@@ -2,7 +2,10 @@
 # Run every test: Rust unit + integration tests (wasm plugins are built as real
 # components first), the plugin-author path with both build paths (needs
 # cargo-component: its tests fail, never skip, without it; .ci/run installs it),
-# and the Modal deployment tests (Python, no Modal account needed).
+# the official Python clients as test clients (comfy-sdk 0.5.0 driving
+# `flowhost serve --simulate` through the Comfy API v2; the standardwebhooks
+# verifier checking every webhook delivery), and the Modal deployment tests
+# (Python, no Modal account needed).
 # The flowhost binary is built with its default features, `simulate` included
 # (the tests run `flowhost serve --simulate`); release builds leave it out.
 set -euo pipefail
@@ -10,8 +13,14 @@ cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasip2 wasm32-wasip1
 scripts/build-plugins.sh "${CARGO_TARGET_DIR:-target}/bundled-plugins" >/dev/null
 cargo build -p flowhost --bin flowhost
+# One virtualenv with the pinned Python packages the tests drive (tests/python-requirements.txt);
+# a missing package fails the tests that need it, never skips them.
+FLOWHOST_TEST_PYTHON="$(scripts/python-test-env.sh)"
+export FLOWHOST_TEST_PYTHON
 cargo test --no-fail-fast
+target_abs="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
+# The Comfy API v2 through the official SDK, unchanged (COMFY_BASE_URL pointing at flowhost).
+"$FLOWHOST_TEST_PYTHON" tests/sdk/comfy_sdk_e2e.py "$target_abs/debug/flowhost" "$target_abs/bundled-plugins"
 if [ -x deploy/modal/run_tests.sh ]; then
-  target_dir="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
-  FLOWHOST_BIN="$target_dir/debug/flowhost" deploy/modal/run_tests.sh
+  FLOWHOST_BIN="$target_abs/debug/flowhost" deploy/modal/run_tests.sh
 fi

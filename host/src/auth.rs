@@ -222,7 +222,7 @@ pub fn check_listen_policy(
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
+pub enum Refusal {
     /// No `Authorization` header.
     Missing,
     /// Not `Bearer <key>`.
@@ -274,7 +274,10 @@ async fn authorize(keys: &AccessKeys, needed: Role, mut request: Request, next: 
     }
 }
 
-fn check_request(
+/// The caller of a request on a route that needs `needed`, or why it is refused. For
+/// surfaces that answer refusals in their own error shape (`/api/v2`'s envelope); the
+/// middlewares here answer problem+json.
+pub fn check_request(
     keys: &AccessKeys,
     needed: Role,
     headers: &axum::http::HeaderMap,

@@ -21,6 +21,10 @@ use crate::plugins::PluginManifest;
 /// The demo LoRA every simulated volume has.
 pub const DEMO_LORA: &str = "character-123.safetensors";
 
+/// Milliseconds the double waits per executed node and per sampler step (a slow GPU),
+/// for demos and for tests that must catch a job while it runs (e.g. the SDK test's cancel).
+pub const STEP_LATENCY_ENV: &str = "FLOWHOST_SIMULATE_STEP_LATENCY_MS";
+
 /// Bytes of each placeholder model file (non-empty: zero-byte files count as missing).
 const PLACEHOLDER: &[u8] = b"flowhost simulate placeholder: not a real model\n";
 
@@ -58,6 +62,10 @@ mod with_double {
             })
             .await
                 .context("starting the embedded ComfyUI double")?;
+            if let Some(ms) = std::env::var(super::STEP_LATENCY_ENV).ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|ms| *ms > 0) {
+                tracing::warn!(ms, "simulated ComfyUI slowed down ({})", super::STEP_LATENCY_ENV);
+                double.faults().set_step_latency(std::time::Duration::from_millis(ms));
+            }
             let url = url::Url::parse(&double.url()).context("the double's URL")?;
             let input_dir = double.input_dir().to_path_buf();
             let output_dir = double.output_dir().to_path_buf();

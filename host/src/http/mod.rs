@@ -16,6 +16,7 @@ pub mod openapi;
 pub mod plugin_list;
 pub mod problem;
 pub mod request_schema;
+pub mod v2;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -101,9 +102,11 @@ pub fn router(state: AppState) -> Router {
         .route("/{route}", post(generate::generate).fallback(generate::other_method))
         .route_layer(middleware::from_fn_with_state(keys, auth::require_api_key))
         .route_layer(middleware::from_fn_with_state(state.simulated, mark_simulated));
+    let v2 = v2::router(state.keys.clone());
     Router::new()
         .route("/health", get(health::health))
         .route("/livez", get(health::livez))
+        .nest("/api/v2", v2)
         .route("/openapi.json", get(openapi::openapi))
         .merge(admin)
         .merge(generation)

@@ -1,6 +1,7 @@
 //! `GET /openapi.json`: the API as it is right now, assembled from the loaded
 //! plugins' manifests (their request schemas are JSON Schema 2020-12, which
-//! OpenAPI 3.1 embeds as is).
+//! OpenAPI 3.1 embeds as is), plus the Comfy API v2 paths under `/api/v2` from the
+//! vendored contract (`http::v2::spec`, its schemas converted to 3.1).
 
 use axum::Json;
 use axum::extract::State;
@@ -40,12 +41,25 @@ pub fn document(state: &AppState) -> Value {
                         "name": "dry_run", "in": "query", "required": false,
                         "schema": {"type": "boolean", "default": false},
                         "description": "Validate and build the workflow, return it as JSON, run nothing. `true`/`1` or `false`/`0`; anything else (an empty value included) is a 400."
+                    }, {
+                        "name": "Prefer", "in": "header", "required": false,
+                        "schema": {"type": "string", "enum": ["respond-async"]},
+                        "description": "`respond-async`: answer 202 with the job instead of waiting for the media."
+                    }, {
+                        "name": "Idempotency-Key", "in": "header", "required": false,
+                        "schema": {"type": "string", "maxLength": 255},
+                        "description": "Same key + same body within 24 h → the same job, no second generation; same key + another body → 422."
                     }],
                     "requestBody": {"required": true, "content": {"application/json": {"schema": m.request_schema}}},
                     "responses": {
                         "200": {
                             "description": "The generated media (or, with `?dry_run=true`, the built job as application/json). Headers: X-Seed (seed used), X-Generation-Ms, X-Request-Id.",
                             "content": media
+                        },
+                        "202": {
+                            "description": "With `Prefer: respond-async` (RFC 7240): accepted as a job. Follow `Location` (the job at /api/v2/jobs/{id}) or the Job's `urls`; its outputs are in this endpoint's media type.",
+                            "headers": {"Location": {"schema": {"type": "string", "format": "uri-reference"}}},
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}
                         },
                         "400": problem_response("Invalid request: the first failing fields in `errors` (`errors_omitted` counts the rest)"),
                         "401": problem_response("An API key is required (when keys are configured)"),
@@ -67,27 +81,49 @@ pub fn document(state: &AppState) -> Value {
             }),
         );
     }
+    for (path, item) in super::v2::spec::paths() {
+        paths.insert(path, super::v2::spec::to_json_schema(&item));
+    }
     paths.insert("/health".into(), json!({"get": {"summary": "Service, ComfyUI and per-endpoint readiness", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}}));
     paths.insert("/plugins".into(), json!({"get": {"summary": "Plugin files: loaded or rejected, with reasons", "responses": {"200": {"description": "the list"}}}}));
     json!({
         "openapi": "3.1.0",
         "info": {"title": "flowhost", "version": env!("CARGO_PKG_VERSION"), "description": "ComfyUI workflows as HTTP endpoints; each endpoint is a WebAssembly plugin."},
         "paths": paths,
-        "components": {"schemas": {"DryRun": {
-            "type": "object",
-            "description": "`?dry_run=true`: the job the plugin built, not run",
-            "required": ["workflow", "uploads", "outputs", "output_format"],
-            "properties": {
-                "workflow": {"type": "object"},
-                "uploads": {"type": "array"},
-                "outputs": {"type": "array", "items": {"type": "string"}},
-                "output_format": {"type": "string"},
-                "seed": {"type": ["integer", "null"]},
-                "analytics": {"type": "object"},
-                "plugin": {"type": "object"},
-                "preflight": {"type": "object"}
-            }
-        }, "Problem": {
+        "components": components(),
+    })
+}
+
+/// The v2 contract's components (schemas converted to 3.1) and flowhost's `Problem`.
+fn components() -> Value {
+    let vendored = super::v2::spec::vendored().get("components").cloned().unwrap_or_else(|| json!({}));
+    let mut components = match super::v2::spec::to_json_schema(&vendored) {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    };
+    let mut schemas = super::v2::spec::component_schemas();
+    schemas.insert("Problem".into(), problem_schema());
+    schemas.insert("DryRun".into(), json!({
+        "type": "object",
+        "description": "`?dry_run=true`: the job the plugin built, not run",
+        "required": ["workflow", "uploads", "outputs", "output_format"],
+        "properties": {
+            "workflow": {"type": "object"},
+            "uploads": {"type": "array"},
+            "outputs": {"type": "array", "items": {"type": "string"}},
+            "output_format": {"type": "string"},
+            "seed": {"type": ["integer", "null"]},
+            "analytics": {"type": "object"},
+            "plugin": {"type": "object"},
+            "preflight": {"type": "object"}
+        }
+    }));
+    components.insert("schemas".into(), Value::Object(schemas));
+    Value::Object(components)
+}
+
+fn problem_schema() -> Value {
+    json!({
             "type": "object",
             "description": "RFC 9457 problem details",
             "required": ["type", "title", "status", "detail"],
@@ -100,6 +136,5 @@ pub fn document(state: &AppState) -> Value {
                 "plugin": {"type": "string"},
                 "node": {"type": "object"}
             }
-        }}}
     })
 }

@@ -161,6 +161,9 @@ impl JobService {
             _ => Map::new(),
         };
         extra.insert("flowhost".into(), json!({"job_id": job.id.to_string(), "request_id": job.spec.request_id}));
+        if let Some(transient) = self.take_transient_extra_data(job.id) {
+            extra.extend(transient);
+        }
         request.extra_data = Value::Object(extra);
         request.on_progress = Some(Arc::new(move |p| {
             let _ = progress_tx.send(p);

@@ -116,6 +116,9 @@ pub struct JobService {
     queue_notify: Notify,
     pub(super) live: Mutex<HashMap<Uuid, Live>>,
     estimate: Mutex<DurationEstimate>,
+    /// Per-prompt `extra_data` that must never be stored (v2's `api_key_comfy_org`): held in
+    /// memory for the job's run only, so a restart loses it (the job then runs without it).
+    transient_extra: Mutex<HashMap<Uuid, serde_json::Map<String, serde_json::Value>>>,
     /// Dispatch workers and the sweeper, stopped by [`JobService::shutdown`].
     pub(super) tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub metrics: Metrics,
@@ -150,6 +153,7 @@ impl JobService {
             queue_notify: Notify::new(),
             live: Mutex::new(HashMap::new()),
             estimate: Mutex::new(DurationEstimate { ewma_ms: None }),
+            transient_extra: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
             metrics,
             analytics,
@@ -290,6 +294,16 @@ impl JobService {
         self.metrics.set_queue_depth(q.order.len());
         drop(q);
         self.queue_notify.notify_one();
+    }
+
+    /// Extra `extra_data` for one job's prompt that is forwarded to ComfyUI and never
+    /// persisted (set before [`JobService::submit`] with the job's preassigned id).
+    pub fn set_transient_extra_data(&self, id: Uuid, extra: serde_json::Map<String, serde_json::Value>) {
+        lock(&self.transient_extra).insert(id, extra);
+    }
+
+    pub(super) fn take_transient_extra_data(&self, id: Uuid) -> Option<serde_json::Map<String, serde_json::Value>> {
+        lock(&self.transient_extra).remove(&id)
     }
 
     // ----- reading -----

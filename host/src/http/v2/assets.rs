@@ -1,0 +1,293 @@
+//! `/api/v2/assets`: multipart upload (blake3 dedup, `expected_hash` verified), `from-hash`,
+//! `HEAD by-hash/{hash}`, metadata, delete, and content with Range support (206/416).
+//!
+//! Owns reading the multipart form and the Range header. Must never trust a caller's hash
+//! (the asset service hashes the bytes), never use `file_path` as a path on disk (it is a
+//! label), and never delete what a job still depends on (outputs and job inputs: 409
+//! `asset_in_use`).
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, Multipart, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::Origin;
+use super::envelope::{ErrorCode, V2Error};
+use super::errors::{AssetContext, asset_error};
+use super::jobs::idempotency_key;
+use crate::auth::Caller;
+use crate::http::AppState;
+use crate::http::job_view::asset_json;
+use crate::jobs::{AssetRole, IdempotencyClaim, JobService};
+
+/// Largest upload (the spec's "~100 MB single-request expectation").
+pub const MAX_UPLOAD_BYTES: usize = 100 << 20;
+/// Bounds of the spec's `expires_in` override.
+const EXPIRES_IN: std::ops::RangeInclusive<i64> = 60..=604_800;
+
+fn asset_id(raw: &str) -> Result<Uuid, V2Error> {
+    Uuid::parse_str(raw).map_err(|_| V2Error::not_found("asset"))
+}
+
+/// A printable label of at most 255 bytes (`file_path`, `content_type`).
+fn label(field: &str, value: String) -> Result<String, V2Error> {
+    if value.is_empty() || value.len() > 255 || value.chars().any(char::is_control) {
+        return Err(V2Error::invalid_request(field, "must be 1 to 255 printable characters"));
+    }
+    Ok(value)
+}
+
+fn media_type(value: String) -> Result<String, V2Error> {
+    let value = label("content_type", value)?;
+    let valid = value.split_once('/').is_some_and(|(kind, sub)| !kind.is_empty() && !sub.is_empty() && !value.contains(' '));
+    if valid { Ok(value) } else { Err(V2Error::invalid_request("content_type", "must be a media type such as image/png")) }
+}
+
+fn expires_in(value: &str) -> Result<i64, V2Error> {
+    value.trim().parse().ok().filter(|s| EXPIRES_IN.contains(s)).ok_or_else(|| V2Error::invalid_request("expires_in", "must be an integer number of seconds from 60 to 604800"))
+}
+
+/// The upload form, read.
+struct UploadForm {
+    file: Bytes,
+    content_type: String,
+    file_path: String,
+    expected_hash: Option<String>,
+}
+
+async fn read_form(mut multipart: Multipart) -> Result<UploadForm, V2Error> {
+    let (mut file, mut content_type, mut file_path, mut expected_hash) = (None, None, None, None);
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(err) => return Err(form_error(err)),
+        };
+        let name = field.name().unwrap_or_default().to_string();
+        match name.as_str() {
+            "file" => file = Some(field.bytes().await.map_err(form_error)?),
+            "content_type" | "file_path" | "expected_hash" | "tags" | "expires_in" => {
+                let text = field.text().await.map_err(form_error)?;
+                match name.as_str() {
+                    "content_type" => content_type = Some(media_type(text)?),
+                    "file_path" => file_path = Some(label("file_path", text)?),
+                    "expected_hash" => expected_hash = Some(text),
+                    // Accepted and not kept: flowhost has no tag index, and retention is the
+                    // operator's (the spec lets such implementations ignore `expires_in`).
+                    "expires_in" => {
+                        expires_in(&text)?;
+                    }
+                    _ => {}
+                }
+            }
+            other => return Err(V2Error::invalid_request(other, "unknown form field (accepted: file, content_type, file_path, expected_hash, tags, expires_in)")),
+        }
+    }
+    let missing = |field: &str| V2Error::invalid_request(field, "is required");
+    Ok(UploadForm {
+        file: file.ok_or_else(|| missing("file"))?,
+        content_type: content_type.ok_or_else(|| missing("content_type"))?,
+        file_path: file_path.ok_or_else(|| missing("file_path"))?,
+        expected_hash,
+    })
+}
+
+fn form_error(err: axum::extract::multipart::MultipartError) -> V2Error {
+    if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return V2Error::invalid_request("file", format!("uploads are limited to {} bytes", MAX_UPLOAD_BYTES)).with_status(StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    V2Error::invalid_request("body", format!("not a readable multipart/form-data body ({})", err.body_text()))
+}
+
+fn key_scope(caller: Option<&Caller>) -> String {
+    match caller {
+        Some(caller) => format!("v2-assets:{}", caller.name),
+        None => "v2-assets".into(),
+    }
+}
+
+/// `POST /api/v2/assets`: 201 new bytes, 200 deduplicated onto bytes already stored.
+pub async fn upload(
+    State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Response, V2Error> {
+    let multipart = multipart.map_err(|_| V2Error::invalid_request("Content-Type", "uploads are multipart/form-data with a boundary"))?;
+    let key = idempotency_key(&headers)?;
+    let form = read_form(multipart).await?;
+    let service = state.jobs.clone();
+    let scope = key_scope(caller.as_deref());
+    if let Some(key) = &key {
+        let fingerprint = JobService::fingerprint(&[form.file.as_ref(), form.file_path.as_bytes()]);
+        let claim = service.claim_idempotency_key(&scope, key, &fingerprint, Uuid::new_v4()).await.map_err(|f| super::errors::job_failure(&f))?;
+        if let IdempotencyClaim::Existing { .. } = claim {
+            return Err(V2Error::new(ErrorCode::IdempotencyKeyReuse, "This Idempotency-Key was already used for an upload; keys are single-use."));
+        }
+    }
+    let created = service.put_asset(form.file, Some(form.file_path), &form.content_type, form.expected_hash.as_deref()).await;
+    match created {
+        Ok(created) => {
+            let status = if created.created_new { StatusCode::CREATED } else { StatusCode::OK };
+            tracing::info!(asset_id = %created.asset.id, created_new = created.created_new, "v2 asset uploaded");
+            Ok((status, Json(asset_json(&created.asset, &Origin::of(&headers), Some(created.created_new)))).into_response())
+        }
+        Err(err) => {
+            if let Some(key) = &key {
+                if let Err(e) = service.release_idempotency_key(&scope, key).await {
+                    tracing::warn!(error = %e, "could not release an idempotency key");
+                }
+            }
+            Err(asset_error(&err, AssetContext::Upload))
+        }
+    }
+}
+
+/// `POST /api/v2/assets/from-hash`: a new record over stored bytes (201), or 404
+/// `blob_not_found`.
+pub async fn from_hash(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, V2Error> {
+    let body = super::body_bytes(body, 64 << 10).await?;
+    let request: Value = serde_json::from_slice(&body).map_err(|e| V2Error::invalid_request("body", format!("not valid JSON ({e})")))?;
+    let Some(hash) = request.get("hash").and_then(Value::as_str) else {
+        return Err(V2Error::new(ErrorCode::BlobNotFound, "The body needs `hash` (blake3:<hex>) naming stored content."));
+    };
+    let file_path = match request.get("file_path") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(path)) => Some(label("file_path", path.clone())?),
+        Some(_) => return Err(V2Error::invalid_request("file_path", "must be a string")),
+    };
+    if let Some(value) = request.get("expires_in").filter(|v| !v.is_null()) {
+        expires_in(&value.to_string())?;
+    }
+    let created = state.jobs.asset_from_hash(hash, file_path, None).await.map_err(|e| asset_error(&e, AssetContext::ByHash))?;
+    Ok((StatusCode::CREATED, Json(asset_json(&created.asset, &Origin::of(&headers), Some(created.created_new)))).into_response())
+}
+
+/// `HEAD /api/v2/assets/by-hash/{hash}`: 200 when the bytes are stored, else 404.
+pub async fn head_by_hash(State(state): State<AppState>, Path(hash): Path<String>) -> Response {
+    match state.jobs.asset_exists_by_hash(&hash).await {
+        Ok(true) => StatusCode::OK.into_response(),
+        Ok(false) | Err(crate::jobs::AssetError::InvalidHash) => StatusCode::NOT_FOUND.into_response(),
+        Err(other) => asset_error(&other, AssetContext::ByHash).into_response(),
+    }
+}
+
+/// `GET /api/v2/assets/{id}`.
+pub async fn get(State(state): State<AppState>, Path(raw): Path<String>, origin: Origin) -> Result<Response, V2Error> {
+    let asset = state.jobs.get_asset(asset_id(&raw)?).await.map_err(|e| asset_error(&e, AssetContext::Record))?;
+    Ok(Json(asset_json(&asset, &origin, None)).into_response())
+}
+
+/// `DELETE /api/v2/assets/{id}`: uploads only; a job's outputs and inputs are held (409).
+pub async fn delete(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Response, V2Error> {
+    let id = asset_id(&raw)?;
+    let asset = state.jobs.get_asset(id).await.map_err(|e| asset_error(&e, AssetContext::Record))?;
+    if asset.role != AssetRole::Upload {
+        return Err(V2Error::new(ErrorCode::AssetInUse, "This asset cannot be deleted while the platform still depends on it."));
+    }
+    state.jobs.delete_asset(id).await.map_err(|e| asset_error(&e, AssetContext::Record))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A parsed `Range` header against content of `size` bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeRequest {
+    /// No (usable) range: the whole content, 200.
+    Full,
+    /// `start..=end`, 206.
+    Part { start: u64, end: u64 },
+    /// 416.
+    Unsatisfiable,
+}
+
+/// One `bytes=` range (first-last, first-, or -suffix). Several ranges or another unit are
+/// answered with the whole content (RFC 9110 lets a server ignore Range).
+pub fn parse_range(header: Option<&str>, size: u64) -> RangeRequest {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else { return RangeRequest::Full };
+    if spec.contains(',') {
+        return RangeRequest::Full;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else { return RangeRequest::Full };
+    let (first, last) = (first.trim(), last.trim());
+    match (first.is_empty(), last.is_empty()) {
+        (true, true) => RangeRequest::Full,
+        (true, false) => match last.parse::<u64>() {
+            Ok(n) if n == 0 || size == 0 => RangeRequest::Unsatisfiable,
+            Ok(n) => RangeRequest::Part { start: size.saturating_sub(n), end: size - 1 },
+            Err(_) => RangeRequest::Full,
+        },
+        (false, _) => {
+            let Ok(start) = first.parse::<u64>() else { return RangeRequest::Full };
+            let end = if last.is_empty() {
+                u64::MAX
+            } else {
+                match last.parse::<u64>() {
+                    Ok(end) if end >= start => end,
+                    _ => return RangeRequest::Full,
+                }
+            };
+            if start >= size { RangeRequest::Unsatisfiable } else { RangeRequest::Part { start, end: end.min(size - 1) } }
+        }
+    }
+}
+
+/// `GET /api/v2/assets/{id}/content`: the bytes (200), a range (206), or 416.
+pub async fn content(State(state): State<AppState>, Path(raw): Path<String>, headers: HeaderMap) -> Result<Response, V2Error> {
+    let id = asset_id(&raw)?;
+    let asset = state.jobs.get_asset(id).await.map_err(|e| asset_error(&e, AssetContext::Record))?;
+    let range = parse_range(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), asset.size_bytes);
+    let (status, wanted) = match range {
+        RangeRequest::Full => (StatusCode::OK, None),
+        RangeRequest::Part { start, end } => (StatusCode::PARTIAL_CONTENT, Some((start, Some(end)))),
+        RangeRequest::Unsatisfiable => {
+            let mut response = asset_error(&crate::jobs::AssetError::RangeNotSatisfiable { size: asset.size_bytes }, AssetContext::Record).into_response();
+            if let Ok(value) = HeaderValue::from_str(&format!("bytes */{}", asset.size_bytes)) {
+                response.headers_mut().insert(header::CONTENT_RANGE, value);
+            }
+            return Ok(response);
+        }
+    };
+    let (asset, bytes) = state.jobs.read_asset(id, wanted).await.map_err(|e| asset_error(&e, AssetContext::Record))?;
+    let mut response = Response::new(Body::from(bytes.clone()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(&asset.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")));
+    if let Some(hex) = asset.hash.strip_prefix("blake3:") {
+        if let Ok(etag) = HeaderValue::from_str(&format!("\"{hex}\"")) {
+            headers.insert(header::ETAG, etag);
+        }
+    }
+    if let Some((start, _)) = wanted {
+        let end = start + (bytes.len() as u64).saturating_sub(1);
+        if let Ok(value) = HeaderValue::from_str(&format!("bytes {start}-{end}/{}", asset.size_bytes)) {
+            headers.insert(header::CONTENT_RANGE, value);
+        }
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_follow_rfc_9110() {
+        use RangeRequest::*;
+        assert_eq!(parse_range(None, 10), Full);
+        assert_eq!(parse_range(Some("bytes=0-3"), 10), Part { start: 0, end: 3 });
+        assert_eq!(parse_range(Some("bytes=4-"), 10), Part { start: 4, end: 9 });
+        assert_eq!(parse_range(Some("bytes=5-100"), 10), Part { start: 5, end: 9 });
+        assert_eq!(parse_range(Some("bytes=-3"), 10), Part { start: 7, end: 9 });
+        assert_eq!(parse_range(Some("bytes=-30"), 10), Part { start: 0, end: 9 });
+        assert_eq!(parse_range(Some("bytes=10-"), 10), Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=-0"), 10), Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=0-1,4-5"), 10), Full);
+        assert_eq!(parse_range(Some("items=0-1"), 10), Full);
+        assert_eq!(parse_range(Some("bytes=5-2"), 10), Full);
+        assert_eq!(parse_range(Some("bytes=0-0"), 0), Unsatisfiable);
+    }
+}

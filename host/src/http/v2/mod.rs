@@ -1,0 +1,158 @@
+//! The Comfy API v2 at `/api/v2/` (the vendored spec, `host/api/comfy-api-v2.yaml`, is the
+//! authority): thin handlers over the job service, the v2 error envelope, bearer-key access.
+//!
+//! Owns the v2 request/response shapes and the mapping from domain errors to the envelope
+//! ([`envelope`], [`errors`]). Must never decide anything about jobs itself (queueing,
+//! idempotency, retention live in `jobs/`), never answer problem+json, and never build a
+//! response body by hand outside `http::job_view`.
+
+pub mod assets;
+pub mod envelope;
+pub mod errors;
+pub mod events;
+pub mod jobs;
+pub mod spec;
+pub mod submission;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, OriginalUri, Request, State};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, head, post};
+use axum::Json;
+use serde_json::json;
+
+use crate::auth::{self, AccessKeys, Refusal, Role};
+use crate::http::AppState;
+use envelope::{ErrorCode, V2Error};
+
+/// The `/api/v2` prefix every link carries.
+pub const V2: &str = "/api/v2";
+
+/// Where links point: the scheme and authority the caller used (`http://127.0.0.1:8000`).
+/// Asset and output `url`s are absolute (the spec says `format: uri`, and the SDK parses them
+/// as absolute URLs); the job's `urls` are host-relative (`uri-reference`).
+#[derive(Debug, Clone)]
+pub struct Origin(pub String);
+
+impl Origin {
+    /// The caller's origin, for absolute links: `X-Forwarded-Proto` (http/https only) or
+    /// http, and the `Host` header when it is a plain authority (else `localhost`).
+    pub fn of(headers: &axum::http::HeaderMap) -> Origin {
+        let scheme = match headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()) {
+            Some("https") => "https",
+            _ => "http",
+        };
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .filter(|h| !h.is_empty() && h.len() <= 255 && h.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')))
+            .unwrap_or("localhost");
+        Origin(format!("{scheme}://{host}"))
+    }
+
+    pub fn content_url(&self, asset_id: &uuid::Uuid) -> String {
+        format!("{}{V2}/assets/{asset_id}/content", self.0)
+    }
+}
+
+/// The v2 routes, to be nested under `/api/v2`. `/health` is open; everything else needs a
+/// key when keys are configured.
+pub fn router(keys: AccessKeys) -> Router<AppState> {
+    let protected: Router<AppState> = Router::new()
+        .route("/jobs", post(jobs::submit).get(jobs::list))
+        .route("/jobs/{id}", get(jobs::get))
+        .route("/jobs/{id}/workflow", get(jobs::workflow))
+        .route("/jobs/{id}/events", get(events::events))
+        .route("/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/assets", post(assets::upload).layer(DefaultBodyLimit::max(assets::MAX_UPLOAD_BYTES)))
+        .route("/assets/from-hash", post(assets::from_hash))
+        .route("/assets/by-hash/{hash}", head(assets::head_by_hash))
+        .route("/assets/{id}", get(assets::get).delete(assets::delete))
+        .route("/assets/{id}/content", get(assets::content))
+        .route_layer(middleware::from_fn_with_state(keys, require_key));
+    Router::new()
+        .route("/health", get(health))
+        .merge(protected)
+        .fallback(fallback)
+        .method_not_allowed_fallback(fallback)
+}
+
+/// A request body up to `limit` bytes, or the envelope's 413.
+pub(crate) async fn body_bytes(body: axum::body::Body, limit: usize) -> Result<axum::body::Bytes, V2Error> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        V2Error::invalid_request("body", format!("bodies are limited to {limit} bytes")).with_status(StatusCode::PAYLOAD_TOO_LARGE)
+    })
+}
+
+/// Bearer-key check answering in the v2 envelope (the same keys as the typed routes).
+async fn require_key(State(keys): State<AccessKeys>, mut request: Request, next: Next) -> Response {
+    if !keys.is_configured() {
+        return next.run(request).await;
+    }
+    match auth::check_request(&keys, Role::User, request.headers()) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(refusal) => {
+            tracing::info!(?refusal, path = %request.uri().path(), "v2 request refused by access control");
+            let message = match refusal {
+                Refusal::Missing => "An API key is required: send `Authorization: Bearer <key>`.",
+                Refusal::Malformed => "Malformed Authorization header: send exactly one `Authorization: Bearer <key>`.",
+                Refusal::UnknownKey => "The API key is not valid.",
+                Refusal::NotAdmin => "This key may not call this route.",
+            };
+            let code = if refusal == Refusal::NotAdmin { ErrorCode::Forbidden } else { ErrorCode::Unauthorized };
+            V2Error::new(code, message).into_response()
+        }
+    }
+}
+
+async fn fallback(method: Method, OriginalUri(uri): OriginalUri) -> V2Error {
+    let path = uri.path();
+    if crate::http::v2::spec::paths().keys().any(|template| matches_template(template, path)) {
+        return V2Error::new(ErrorCode::InvalidRequest, format!("{method} is not supported on {path}.")).with_status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    V2Error::new(ErrorCode::NotFound, format!("Nothing is served at {path}."))
+}
+
+fn matches_template(template: &str, path: &str) -> bool {
+    let (t, p): (Vec<&str>, Vec<&str>) = (template.split('/').collect(), path.split('/').collect());
+    t.len() == p.len() && t.iter().zip(&p).all(|(t, p)| (t.starts_with('{') && !p.is_empty()) || t == p)
+}
+
+/// `GET /api/v2/health`: whether jobs can run now (ComfyUI serving).
+async fn health(State(state): State<AppState>) -> Response {
+    let (status, comfyui) = match state.jobs.backend().map(|b| b.health()) {
+        Some(health) if health.is_serving() => ("ok", if matches!(health, flowhost_comfy::BackendHealth::Ready { .. }) { "ready" } else { "degraded" }),
+        Some(flowhost_comfy::BackendHealth::Starting) => ("unavailable", "starting"),
+        Some(_) => ("unavailable", "down"),
+        None => ("unavailable", "not_configured"),
+    };
+    let code = if status == "ok" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(json!({"status": status, "version": env!("CARGO_PKG_VERSION"), "comfyui": comfyui}))).into_response()
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Origin {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Origin::of(&parts.headers))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_match_their_paths_only() {
+        assert!(matches_template("/api/v2/jobs/{id}", "/api/v2/jobs/abc"));
+        assert!(!matches_template("/api/v2/jobs/{id}", "/api/v2/jobs/abc/events"));
+        assert!(!matches_template("/api/v2/jobs/{id}", "/api/v2/jobs/"));
+    }
+}

@@ -1,0 +1,39 @@
+//! `/api/v2` with API keys on: the existing keys are bearer tokens, refusals use the v2
+//! envelope, `/api/v2/health` stays open. A test binary of its own because the keys come
+//! from the environment at start-up (no other test may start a service meanwhile).
+
+use std::time::Duration;
+
+use flowhost_tests::contract::V2Client;
+use flowhost_tests::{TestServer, eventually};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_bearer_tokens_and_refusals_use_the_envelope() {
+    // SAFETY: the only test in this binary; nothing else reads the environment concurrently.
+    unsafe { std::env::set_var("FLOWHOST_API_KEYS", "alice:k-alice-v2") };
+    let server = TestServer::start(&[], &["--simulate"]).await.unwrap();
+    unsafe { std::env::remove_var("FLOWHOST_API_KEYS") };
+
+    let anonymous = V2Client::new(&server.base);
+    let healthy = eventually(Duration::from_secs(20), || async { (anonymous.get("/api/v2/health").await.status == 200).then_some(()) }).await;
+    assert!(healthy.is_some(), "health is open without a key");
+    let refused = anonymous.get("/api/v2/jobs").await;
+    assert_eq!((refused.status, refused.code().as_str()), (401, "unauthorized"));
+    assert!(refused.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")));
+
+    let wrong = V2Client::new(&server.base).with_key("k-mallory");
+    assert_eq!(wrong.get("/api/v2/jobs").await.code(), "unauthorized");
+
+    let alice = V2Client::new(&server.base).with_key("k-alice-v2");
+    assert_eq!(alice.get("/api/v2/jobs").await.status, 200);
+    let workflow = json!({
+        "5": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "auth"}}
+    });
+    let created = alice.post_json("/api/v2/jobs", &json!({"workflow": workflow})).await;
+    assert_eq!(created.status, 201, "{}", created.json());
+    let id = created.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(anonymous.get(&format!("/api/v2/jobs/{id}")).await.status, 401, "a job is not readable without a key");
+    assert_eq!(alice.get(&format!("/api/v2/jobs/{id}")).await.status, 200);
+}
