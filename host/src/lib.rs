@@ -18,3 +18,4 @@ pub mod server;
 pub mod media;
 pub mod simulate;
 pub mod timestamp;
+pub mod webhooks;

@@ -155,6 +155,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         jobs: Arc::new(jobs),
         keys,
         started_at: Instant::now(),
+        webhooks: None,
     };
     let app = crate::http::router(state.clone());
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;

@@ -11,6 +11,7 @@ pub mod openapi;
 pub mod plugin_list;
 pub mod problem;
 pub mod request_schema;
+pub mod webhooks_admin;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub jobs: Arc<crate::jobs::JobRunner>,
     pub keys: AccessKeys,
     pub started_at: Instant,
+    /// The webhook service (issue #14); `None` when the service runs without a job store.
+    pub webhooks: Option<crate::webhooks::Webhooks>,
 }
 
 impl axum::extract::FromRef<AppState> for Metrics {
@@ -69,6 +72,7 @@ pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/plugins", get(plugin_list::list_plugins))
         .route("/metrics", get(crate::metrics::serve_metrics))
+        .route("/admin/webhooks/dead-letters", get(webhooks_admin::dead_letters))
         .route_layer(middleware::from_fn_with_state(keys.clone(), auth::require_admin_key));
     let generation = Router::new()
         .route("/{route}", post(generate::generate))
