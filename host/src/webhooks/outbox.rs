@@ -140,6 +140,24 @@ impl SqliteOutbox {
     pub fn new(pool: SqlitePool) -> Self {
         Self { pool }
     }
+
+    /// Open (creating if needed) a database file of its own and create the table there
+    /// (idempotent): for tools and tests that run the outbox without a job store.
+    pub async fn open_standalone(path: &std::path::Path) -> Result<Self, OutboxError> {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        sqlx::raw_sql(MIGRATION_SQL).execute(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Close the pool (a clean stop; tests use it to simulate a restart).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
 }
 
 /// `url` without its query and fragment (the listing's `destination`).
