@@ -33,6 +33,9 @@ pub struct BackendConfig {
     /// ComfyUI's input directory on this machine, if reachable: upload subfolders are removed from it
     /// after a run. Supervised mode defaults to the supervisor's input directory.
     pub input_dir: Option<PathBuf>,
+    /// ComfyUI's output directory on this machine, if reachable: a finished prompt's output files are
+    /// removed from it (`remove_prompt_files`). Supervised mode defaults to the supervisor's.
+    pub output_dir: Option<PathBuf>,
     /// How often health is probed (`/system_stats` + `/prompt`).
     pub health_interval: Duration,
     /// How often a waiting run polls history while the socket looks alive.
@@ -46,6 +49,7 @@ impl BackendConfig {
         BackendConfig {
             mode,
             input_dir: None,
+            output_dir: None,
             health_interval: Duration::from_secs(5),
             history_poll_interval: Duration::from_secs(2),
             request_timeout: Duration::from_secs(30),
@@ -93,6 +97,7 @@ pub struct ComfyBackend {
     health: watch::Sender<BackendHealth>,
     supervisor: Option<Supervisor>,
     input_dir: Option<PathBuf>,
+    output_dir: Option<PathBuf>,
     monitor: Mutex<Option<AbortOnDrop>>,
 }
 
@@ -109,12 +114,13 @@ impl ComfyBackend {
     /// Start the backend. Does not wait for ComfyUI: health starts as `Starting` and the monitor keeps
     /// probing (use `wait_ready`). Fails only on configuration errors.
     pub async fn start(config: BackendConfig) -> anyhow::Result<Arc<ComfyBackend>> {
-        let (base_url, supervisor, default_input_dir) = match &config.mode {
-            BackendMode::Url(url) => (url.clone(), None, None),
+        let (base_url, supervisor, default_input_dir, default_output_dir) = match &config.mode {
+            BackendMode::Url(url) => (url.clone(), None, None, None),
             BackendMode::Supervised(sup) => (
                 sup.url()?,
                 Some(Supervisor::spawn(sup.clone())),
                 Some(sup.input_dir()),
+                Some(sup.output_dir()),
             ),
         };
         let mut client_config = ClientConfig::new(base_url);
@@ -128,6 +134,7 @@ impl ComfyBackend {
             health,
             supervisor,
             input_dir: config.input_dir.clone().or(default_input_dir),
+            output_dir: config.output_dir.clone().or(default_output_dir),
             monitor: Mutex::new(None),
         });
         let weak = Arc::downgrade(&backend);
@@ -266,6 +273,48 @@ impl ComfyBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e).with_context(|| format!("removing uploads in {}", dir.display())),
         }
+    }
+
+    /// After a prompt ended: delete its output files (type `output`, every node, from history) from
+    /// ComfyUI's output directory when it is reachable here, then its history entry. Best effort; returns
+    /// the number of files removed. ComfyUI has no file delete API, hence the directory.
+    pub async fn remove_prompt_files(&self, prompt_id: &str) -> anyhow::Result<usize> {
+        use anyhow::Context;
+        let mut removed = 0;
+        let entry = self.client.history(prompt_id).await?;
+        if let (Some(entry), Some(output_dir)) = (&entry, &self.output_dir) {
+            for output in entry.outputs.values() {
+                for file in crate::protocol::file_refs_in_ui_output(output) {
+                    if file.kind != "output" {
+                        continue;
+                    }
+                    let relative = if file.subfolder.is_empty() {
+                        file.filename.clone()
+                    } else {
+                        format!("{}/{}", file.subfolder, file.filename)
+                    };
+                    if check_relative(&relative).is_err() || file.filename.is_empty() {
+                        tracing::warn!(prompt_id, file = %relative, "not removing an output outside ComfyUI's output directory");
+                        continue;
+                    }
+                    let path = output_dir.join(&relative);
+                    match tokio::fs::remove_file(&path).await {
+                        Ok(()) => removed += 1,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e).with_context(|| format!("removing output {relative}")),
+                    }
+                }
+            }
+        }
+        if entry.is_some() {
+            self.client.delete_history(&[prompt_id]).await?;
+        }
+        Ok(removed)
+    }
+
+    /// Whether output files can be removed here (the output directory is known).
+    pub fn can_remove_outputs(&self) -> bool {
+        self.output_dir.is_some()
     }
 
     /// Submit a graph and wait for its outputs (see `run.rs`). Fails at once with `Unavailable` while down.

@@ -360,6 +360,12 @@ impl ComfyClient {
             .await
     }
 
+    /// POST /history {delete:[ids]}: forget finished prompts (ComfyUI keeps up to 10,000 otherwise).
+    pub async fn delete_history(&self, prompt_ids: &[&str]) -> Result<(), ComfyError> {
+        self.post_empty_answer("history", &json!({ "delete": prompt_ids }))
+            .await
+    }
+
     /// Stop `prompt_id` wherever it is: interrupt (if running) and delete (if pending). Both are harmless
     /// otherwise. Failures are logged, not returned: cancelling is best effort.
     pub async fn cancel(&self, prompt_id: &str) {

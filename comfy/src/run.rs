@@ -49,6 +49,9 @@ pub struct RunRequest {
     /// Sent as POST /prompt `extra_data` (echoed in history), e.g. `{"request_id": "..."}`.
     pub extra_data: Value,
     pub on_progress: Option<ProgressFn>,
+    /// The prompt_id to submit under; a fresh UUID when None. A caller that records it
+    /// before submission can find the prompt again (history) after its own restart.
+    pub prompt_id: Option<String>,
 }
 
 impl RunRequest {
@@ -59,6 +62,7 @@ impl RunRequest {
             deadline,
             extra_data: Value::Null,
             on_progress: None,
+            prompt_id: None,
         }
     }
 }
@@ -211,7 +215,10 @@ pub(crate) async fn run_prompt(
 ) -> Result<RunResult, ComfyError> {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + req.deadline;
-    let prompt_id = uuid::Uuid::new_v4().to_string();
+    let prompt_id = req
+        .prompt_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let mut events = client.tracker().register(&prompt_id);
     let mut guard = PromptGuard {
         client: client.clone(),

@@ -57,6 +57,21 @@ impl SupervisorConfig {
         ))?)
     }
 
+    /// ComfyUI's output directory: `--output-directory` if given, else `{comfyui_dir}/output`.
+    pub fn output_dir(&self) -> PathBuf {
+        let mut args = self.extra_args.iter();
+        while let Some(a) = args.next() {
+            if a == "--output-directory" {
+                if let Some(dir) = args.next() {
+                    return PathBuf::from(dir);
+                }
+            } else if let Some(dir) = a.strip_prefix("--output-directory=") {
+                return PathBuf::from(dir);
+            }
+        }
+        self.comfyui_dir.join("output")
+    }
+
     /// ComfyUI's input directory: `--input-directory` if given, else `{comfyui_dir}/input`.
     pub fn input_dir(&self) -> PathBuf {
         let mut args = self.extra_args.iter();

@@ -471,6 +471,16 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
                 break;
             }
         }
+        // Real ComfyUI opens the file when LoadImage executes: one removed since validation
+        // (another request's cleanup, say) fails the node, it never reads as an empty image.
+        if class == "LoadImage"
+            && let Some(path) = input(&graph, id, "image").and_then(Value::as_str).and_then(|v| annotated_path(v, &s.input_dir, &s.output_dir, &s.temp_dir))
+            && !path.is_file()
+        {
+            let message = format!("[Errno 2] No such file or directory: '{}'", path.display());
+            stop = Some(Stop::Error { node: id.clone(), class, exception_type: "FileNotFoundError".into(), message });
+            break;
+        }
         let latency = faults.step_latency;
         let spec = image_spec(s, &graph, id, &mut memo, 0).unwrap_or_default();
         if let Some(steps) = sampler_steps(&graph, id) {

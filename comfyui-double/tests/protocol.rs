@@ -707,6 +707,40 @@ mod execution {
     }
 
     #[tokio::test]
+    async fn load_image_of_a_file_removed_after_validation_fails_like_comfyui() {
+        let rig = rig().await;
+        let png = include_bytes!("../fixtures/stretch-partial-weights-output.png").to_vec();
+        let form = reqwest::multipart::Form::new()
+            .part("image", reqwest::multipart::Part::bytes(png).file_name("face.png").mime_str("image/png").unwrap())
+            .text("subfolder", "gone")
+            .text("overwrite", "true");
+        assert_eq!(rig.http.post(rig.url("/upload/image")).multipart(form).send().await.unwrap().status(), 200);
+        rig.double.faults().hang(true);
+        let pid = rig
+            .submit(json!({"prompt": {
+                "1": {"class_type": "LoadImage", "inputs": {"image": "gone/face.png"}},
+                "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}}))
+            .await;
+        for _ in 0..500 {
+            if rig.get("/queue").await.1["queue_running"][0][1] == pid.as_str() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Another request's cleanup removes the file after validation accepted it.
+        std::fs::remove_file(rig.double.input_dir().join("gone/face.png")).unwrap();
+        rig.double.faults().hang(false);
+        let entry = rig.history(&pid).await;
+        assert_eq!(entry["status"]["status_str"], "error", "{entry}");
+        let messages = entry["status"]["messages"].as_array().unwrap();
+        let error = messages.iter().find(|m| m[0] == "execution_error").expect("an execution_error");
+        assert_eq!(error[1]["node_type"], "LoadImage");
+        assert_eq!(error[1]["exception_type"], "FileNotFoundError");
+        assert!(error[1]["exception_message"].as_str().unwrap().starts_with("[Errno 2] No such file or directory"));
+        rig.double.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn queue_delete_clear_and_interrupt_behave_like_the_capture() {
         let rig = rig().await;
         let mut ws = rig.ws("rust-client-queue").await;

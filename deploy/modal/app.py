@@ -59,6 +59,7 @@ BUNDLED_PLUGIN_PACKAGES = ["flux-dev", "flux-lora", "flux-instantid", "workflow"
 
 PORT = 8000
 COMFYUI_DIR = "/root/comfyui"
+STATE_DIR = "/root/flowhost-state"  # jobs database + output blobs (container-local: jobs live as long as the container)
 MODELS_DIR = "/root/models"
 PLUGINS_DIR = "/root/plugins"
 HF_CACHE_DIR = "/cache"
@@ -90,6 +91,7 @@ def serve_command() -> list[str]:
         "--comfyui-dir", COMFYUI_DIR,
         "--models", MODELS_DIR,
         "--plugins", PLUGINS_DIR,
+        "--state-dir", STATE_DIR,
         "--max-in-flight", str(MAX_IN_FLIGHT),
         "--job-timeout", str(JOB_TIMEOUT_S),
         "--log-format", "json",

@@ -121,6 +121,7 @@ class TestServe:
             "--comfyui-dir", "/root/comfyui",
             "--models", "/root/models",
             "--plugins", "/root/plugins",
+            "--state-dir", "/root/flowhost-state",
             "--max-in-flight", "5",
             "--job-timeout", "120",
             "--log-format", "json",

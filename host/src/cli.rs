@@ -89,9 +89,27 @@ pub struct ServeArgs {
     /// when neither --comfyui-url nor --comfyui-dir is given.
     #[arg(long)]
     pub simulate: bool,
-    /// Jobs in flight at once; beyond that 503 + Retry-After.
+    /// Prompts in ComfyUI at once; further jobs wait in flowhost's queue.
     #[arg(long, env = "FLOWHOST_MAX_IN_FLIGHT", default_value_t = 5)]
     pub max_in_flight: usize,
+    /// Jobs that may wait in the queue beyond the running ones; beyond that 503 (typed
+    /// routes) / 429 (/api/v2) with a Retry-After estimated from recent job durations.
+    #[arg(long, env = "FLOWHOST_QUEUE_DEPTH", default_value_t = 100)]
+    pub queue_depth: usize,
+    /// Durable state: the job database (SQLite) and the blob store of outputs and inputs.
+    #[arg(long, env = "FLOWHOST_STATE_DIR", default_value = ".flowhost/state")]
+    pub state_dir: PathBuf,
+    /// How long jobs and their assets are kept, in hours.
+    #[arg(long, env = "FLOWHOST_RETENTION_HOURS", default_value_t = 24.0)]
+    pub retention_hours: f64,
+    /// ComfyUI's input directory as seen from here (with --comfyui-url), so each job's
+    /// uploads can be deleted when it ends. Supervised and simulated modes know it.
+    #[arg(long, env = "FLOWHOST_COMFYUI_INPUT_DIR")]
+    pub comfyui_input_dir: Option<PathBuf>,
+    /// ComfyUI's output directory as seen from here (with --comfyui-url), so each job's
+    /// output files can be deleted when it ends (flowhost keeps the bytes).
+    #[arg(long, env = "FLOWHOST_COMFYUI_OUTPUT_DIR")]
+    pub comfyui_output_dir: Option<PathBuf>,
     /// Per-job deadline in seconds; then the prompt is interrupted and 504 returned.
     #[arg(long, env = "FLOWHOST_JOB_TIMEOUT", default_value_t = 120)]
     pub job_timeout: u64,

@@ -14,6 +14,9 @@
 //! | `flowhost_output_encoding_duration_seconds`     | histogram | `route`         |
 //! | `flowhost_request_duration_seconds`             | histogram | `route`         |
 //! | `flowhost_jobs_in_flight`                       | gauge     |                 |
+//! | `flowhost_queue_depth`                          | gauge     |                 |
+//! | `flowhost_jobs_finished_total`                  | counter   | `route, status` |
+//! | `flowhost_jobs_refused_total`                   | counter   | `reason`        |
 //! | `flowhost_comfyui_restarts_total`               | counter   |                 |
 //! | `flowhost_plugin_loads_total`                   | counter   | `plugin`        |
 //! | `flowhost_plugin_rejections_total`              | counter   | `reason`        |
@@ -57,6 +60,12 @@ struct HttpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    route: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: String,
 }
@@ -92,6 +101,9 @@ struct Inner {
     encoding: DurationFamily,
     request: DurationFamily,
     jobs_in_flight: Gauge,
+    queue_depth: Gauge,
+    jobs_finished: Family<OutcomeLabels, Counter>,
+    jobs_refused: Family<ReasonLabels, Counter>,
     comfyui_restarts: Counter,
     plugin_loads: Family<PluginLabels, Counter>,
     plugin_rejections: Family<ReasonLabels, Counter>,
@@ -102,19 +114,19 @@ struct Inner {
 /// `delivered`, `failed` (an attempt failed), `refused` (destination refused by the SSRF
 /// policy), `dead_lettered` (given up).
 struct WebhookMetrics {
-    deliveries: Family<OutcomeLabels, Counter>,
+    deliveries: Family<WebhookOutcomeLabels, Counter>,
     pending: Gauge,
     dead_letters: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabels {
+struct WebhookOutcomeLabels {
     outcome: String,
 }
 
 impl WebhookMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let deliveries = Family::<OutcomeLabels, Counter>::default();
+        let deliveries = Family::<WebhookOutcomeLabels, Counter>::default();
         registry.register(
             "webhook_deliveries",
             "Webhook delivery attempts by outcome (delivered, failed, refused), and messages given up on (dead_lettered)",
@@ -192,6 +204,12 @@ impl Metrics {
             "Generation jobs running now",
             jobs_in_flight.clone(),
         );
+        let queue_depth = Gauge::default();
+        registry.register("queue_depth", "Jobs waiting in flowhost's queue for a slot", queue_depth.clone());
+        let jobs_finished = Family::<OutcomeLabels, Counter>::default();
+        registry.register("jobs_finished", "Jobs that reached a terminal status, by route and status", jobs_finished.clone());
+        let jobs_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register("jobs_refused", "Jobs refused at admission, by reason", jobs_refused.clone());
         let comfyui_restarts = Counter::default();
         registry.register(
             "comfyui_restarts",
@@ -222,6 +240,9 @@ impl Metrics {
                 encoding,
                 request,
                 jobs_in_flight,
+                queue_depth,
+                jobs_finished,
+                jobs_refused,
                 comfyui_restarts,
                 plugin_loads,
                 plugin_rejections,
@@ -270,6 +291,21 @@ impl Metrics {
         }
     }
 
+    /// The number of jobs waiting in the queue now.
+    pub fn set_queue_depth(&self, depth: usize) {
+        self.inner.queue_depth.set(depth as i64);
+    }
+
+    /// Count a job reaching a terminal `status` (`succeeded`, `failed`, `canceled`, `expired`).
+    pub fn job_finished(&self, route: &str, status: &str) {
+        self.inner.jobs_finished.get_or_create(&OutcomeLabels { route: route.to_owned(), status: status.to_owned() }).inc();
+    }
+
+    /// Count a job refused at admission; `reason` from a fixed set (`queue_full`).
+    pub fn job_refused(&self, reason: &str) {
+        self.inner.jobs_refused.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+
     /// Count a ComfyUI restart by the supervisor.
     pub fn comfyui_restarted(&self) {
         self.inner.comfyui_restarts.inc();
@@ -299,7 +335,7 @@ impl Metrics {
     /// Count one webhook attempt's outcome (`delivered`, `failed`, `refused`) or a message
     /// given up on (`dead_lettered`).
     pub fn webhook_delivery(&self, outcome: &'static str) {
-        self.inner.webhooks.deliveries.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
+        self.inner.webhooks.deliveries.get_or_create(&WebhookOutcomeLabels { outcome: outcome.to_owned() }).inc();
     }
 
     /// The outbox's current sizes.

@@ -14,7 +14,8 @@ use crate::auth::AccessKeys;
 use crate::cli::ServeArgs;
 use crate::events::{Analytics, Event};
 use crate::http::{AppState, HttpLimits};
-use crate::jobs::{JobConfig, JobRunner};
+use crate::jobs::blobs::FsBlobStore;
+use crate::jobs::{JobConfig, JobService, SqliteStore};
 use crate::metrics::Metrics;
 use crate::models::ModelVolume;
 use crate::plugins::compiled_cache::CompiledCache;
@@ -40,6 +41,10 @@ impl Server {
             let _ = tx.send(());
         }
         let served = (&mut self.task).await.context("server task panicked")?;
+        self.state.jobs.shutdown();
+        if let Some(webhooks) = &self.state.webhooks {
+            webhooks.stop();
+        }
         self.state.jobs.analytics.shutdown().await;
         if let Some(backend) = self.state.jobs.backend() {
             backend.shutdown().await;
@@ -105,17 +110,17 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     )
     .await?;
 
-    let (backend_mode, simulated, input_dir) = if simulate {
+    let (backend_mode, simulated, input_dir, output_dir) = if simulate {
         let root = models_root.clone().context("simulate mode has a models folder")?;
         if scratch_models.is_some() {
             crate::simulate::provision_placeholder_models(&root, &registry.snapshot().plugins())?;
         }
         let sim = crate::simulate::SimulatedComfy::start(&root, scratch_models).await?;
         tracing::warn!(url = %sim.url, models = %root.display(), "SIMULATED ComfyUI (test double): outputs are synthetic images, not generations");
-        let (url, input_dir) = (sim.url.clone(), sim.input_dir.clone());
-        (BackendMode::Url(url), Some(sim), Some(input_dir))
+        let (url, input_dir, output_dir) = (sim.url.clone(), sim.input_dir.clone(), sim.output_dir.clone());
+        (BackendMode::Url(url), Some(sim), Some(input_dir), Some(output_dir))
     } else if let Some(url) = &args.comfyui_url {
-        (BackendMode::Url(url.clone()), None, None)
+        (BackendMode::Url(url.clone()), None, args.comfyui_input_dir.clone(), args.comfyui_output_dir.clone())
     } else {
         let dir = args.comfyui_dir.clone().context("--comfyui-dir")?;
         let port = free_loopback_port()?;
@@ -129,33 +134,51 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
             crate::models::write_extra_model_paths(root, &file)?;
             sup.extra_model_paths_config = Some(file);
         }
-        (BackendMode::Supervised(sup), None, None)
+        (BackendMode::Supervised(sup), None, None, None)
     };
     let mut backend_config = BackendConfig::new(backend_mode);
     backend_config.input_dir = input_dir;
+    backend_config.output_dir = output_dir;
     let backend = ComfyBackend::start(backend_config).await.context("starting the ComfyUI backend")?;
     spawn_restart_counter(&backend, metrics.clone());
 
-    let jobs = JobRunner::new(
+    // Durable state first: every accepted job is recovered before we listen.
+    let store = SqliteStore::open(&args.state_dir.join("jobs.db")).await.with_context(|| format!("opening the job store in {}", args.state_dir.display()))?;
+    let outbox = crate::webhooks::outbox::SqliteOutbox::new(store.pool());
+    let blobs = FsBlobStore::new(args.state_dir.join("blobs")).with_context(|| format!("opening the blob store in {}", args.state_dir.display()))?;
+    let retention = Duration::from_secs_f64((args.retention_hours.max(0.0) * 3600.0).min(1e9));
+    let jobs = JobService::new(
+        Arc::new(store),
+        Arc::new(blobs),
         Some(backend),
         JobConfig {
             max_in_flight: args.max_in_flight,
+            queue_depth: args.queue_depth,
             job_timeout: Duration::from_secs(args.job_timeout.max(1)),
             jpeg_quality: args.jpeg_quality,
             inputs: args.inputs.clone(),
+            retention,
         },
         volume,
         metrics,
         analytics.clone(),
     );
+    jobs.set_registry(registry.clone());
+    // Webhooks before recovery: jobs reconciled at startup send their events too.
+    let webhook_settings = crate::webhooks::WebhookSettings::from_args(&args.webhooks)?;
+    let webhooks = crate::webhooks::Webhooks::start(webhook_settings, Arc::new(outbox), jobs.metrics.clone())?;
+    jobs.set_transition_messages(Arc::new(crate::webhooks::job_messages::JobMessages::new(webhooks.clone(), crate::http::job_view::job_json)));
+    jobs.recover().await.map_err(|e| anyhow::anyhow!("recovering jobs: {e}"))?;
+    jobs.start_workers();
+    jobs.start_sweeper();
     let state = AppState {
         registry: registry.clone(),
         engine,
         limits: HttpLimits { max_body_bytes: args.max_body_bytes },
-        jobs: Arc::new(jobs),
+        jobs,
         keys,
         started_at: Instant::now(),
-        webhooks: None,
+        webhooks: Some(webhooks),
     };
     let app = crate::http::router(state.clone());
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;

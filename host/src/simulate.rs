@@ -25,6 +25,7 @@ const PLACEHOLDER: &[u8] = b"flowhost simulate placeholder: not a real model\n";
 pub struct SimulatedComfy {
     pub url: url::Url,
     pub input_dir: PathBuf,
+    pub output_dir: PathBuf,
     double: ComfyDouble,
     _scratch: Option<tempfile::TempDir>,
 }
@@ -37,7 +38,8 @@ impl SimulatedComfy {
             .context("starting the embedded ComfyUI double")?;
         let url = url::Url::parse(&double.url()).context("the double's URL")?;
         let input_dir = double.input_dir().to_path_buf();
-        Ok(Self { url, input_dir, double, _scratch: scratch })
+        let output_dir = double.output_dir().to_path_buf();
+        Ok(Self { url, input_dir, output_dir, double, _scratch: scratch })
     }
 
     pub async fn shutdown(self) {

@@ -87,6 +87,8 @@ pub struct TestServer {
     pub client: reqwest::Client,
     pub plugins: tempfile::TempDir,
     pub cache: tempfile::TempDir,
+    /// The job store and blobs, unless the test named its own `--state-dir`.
+    pub state: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
@@ -105,12 +107,18 @@ impl TestServer {
         let plugins_dir = plugins.path().to_string_lossy().to_string();
         let cache_dir = cache.path().to_string_lossy().to_string();
         let mut argv = vec!["flowhost", "serve", "--listen", "127.0.0.1:0", "--plugins", &plugins_dir, "--cache-dir", &cache_dir];
+        // Each test server gets its own job store unless the test shares one on purpose.
+        let state = if extra_args.contains(&"--state-dir") { None } else { Some(tempfile::tempdir()?) };
+        let state_dir = state.as_ref().map(|s| s.path().to_string_lossy().to_string());
+        if let Some(dir) = &state_dir {
+            argv.extend_from_slice(&["--state-dir", dir]);
+        }
         argv.extend_from_slice(extra_args);
         let cli = <flowhost::cli::Cli as clap::Parser>::try_parse_from(argv)?;
         let flowhost::cli::Command::Serve(args) = cli.command else { bail!("not a serve command") };
         let server = flowhost::server::start(args).await?;
         let base = format!("http://{}", server.addr);
-        Ok(Self { server, base, client: reqwest::Client::new(), plugins, cache })
+        Ok(Self { server, base, client: reqwest::Client::new(), plugins, cache, state })
     }
 
     pub fn url(&self, path: &str) -> String {

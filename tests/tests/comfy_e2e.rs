@@ -203,7 +203,8 @@ async fn admission_limit_obeyed() {
 async fn admission_limit_violated_gets_503_with_retry_after() {
     let comfy = ExternalComfy::start().await.unwrap();
     comfy.double.faults().hang(true);
-    let server = std::sync::Arc::new(serve(&comfy, &["--max-in-flight", "1", "--job-timeout", "5"]).await);
+    // No room to wait in the queue either (--queue-depth 0): the second is refused.
+    let server = std::sync::Arc::new(serve(&comfy, &["--max-in-flight", "1", "--queue-depth", "0", "--job-timeout", "5"]).await);
     let first = {
         let server = server.clone();
         tokio::spawn(async move { server.post_json("/flux-dev", &flux(256, 256)).await.map(|r| r.status().as_u16()) })

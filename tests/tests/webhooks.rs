@@ -222,3 +222,121 @@ async fn a_receiver_down_across_a_restart_gets_the_delivery_afterwards() {
     assert_eq!(seen[0]["verified"], true, "{}", seen[0]);
     assert_eq!(seen[0]["webhook_id"], messages[0].message_id.as_str());
 }
+
+/// The same checks through a real `flowhost serve --simulate`: an async typed request names
+/// its webhook in headers; the message is written with the job's terminal state.
+mod serve {
+    use super::*;
+    use flowhost_tests::{TestServer, build_component, eventually, problem};
+    use std::sync::OnceLock;
+
+    fn flux_dev() -> PathBuf {
+        static BUILT: OnceLock<PathBuf> = OnceLock::new();
+        BUILT.get_or_init(|| build_component("flux-dev", &[]).expect("flux-dev builds")).clone()
+    }
+
+    async fn start(args: &[&str]) -> TestServer {
+        let plugin = flux_dev();
+        let mut argv = vec!["--simulate"];
+        argv.extend_from_slice(args);
+        let server = TestServer::start(&[("flux-dev.wasm", plugin.as_path())], &argv).await.unwrap();
+        let ready = eventually(Duration::from_secs(20), || async {
+            let h = server.get_json("/health").await.ok()?;
+            (h["comfyui"]["status"] == "ready").then_some(())
+        })
+        .await;
+        assert!(ready.is_some(), "ComfyUI never became ready");
+        server
+    }
+
+    async fn submit(server: &TestServer, webhook: &str) -> reqwest::Response {
+        server
+            .client
+            .post(server.url("/flux-dev"))
+            .header("prefer", "respond-async")
+            .header("flowhost-webhook-url", webhook)
+            .json(&json!({"prompt": "a lighthouse", "width": 256, "height": 256, "steps": 2}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_async_typed_request_is_told_its_job_succeeded_after_three_failed_attempts() {
+        require_standardwebhooks();
+        let dir = tempfile::tempdir().unwrap();
+        let secret = WebhookSecret::generate();
+        let receiver = Receiver::start(free_port(), &secret, 3, &dir.path().join("rx.log"));
+        let server = start(&["--webhook-secret", &secret, "--webhook-allow-host", "127.0.0.1", "--webhook-retry-base-ms", "100"]).await;
+        let response = submit(&server, &receiver.url()).await;
+        assert_eq!(response.status(), 202);
+        let job: Value = response.json().await.unwrap();
+        let seen = wait_for_deliveries(&receiver.log, 4, Duration::from_secs(40)).await;
+        assert_eq!(seen.len(), 4, "{seen:#?}");
+        let id = seen[0]["webhook_id"].as_str().unwrap().to_owned();
+        for entry in &seen {
+            assert_eq!(entry["verified"], true, "{entry}");
+            assert_eq!(entry["webhook_id"], id.as_str());
+            assert_eq!(entry["tampered_rejected"], true);
+        }
+        let arrived: Vec<f64> = seen.iter().map(|e| e["arrived"].as_f64().unwrap()).collect();
+        let gaps: Vec<f64> = arrived.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps[0] >= 0.1 && gaps[1] >= 0.6 && gaps[2] >= 2.4 && gaps[0] < gaps[1] && gaps[1] < gaps[2], "{gaps:?}");
+        let body: Value = serde_json::from_str(seen[3]["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["type"], "job.succeeded");
+        assert_eq!(body["data"]["id"], job["id"]);
+        assert_eq!(body["data"]["status"], "succeeded");
+        assert!(body["data"]["outputs"].as_array().is_some_and(|o| !o.is_empty()), "{body}");
+        let metrics = server.server.state.jobs.metrics.render();
+        assert!(metrics.contains("flowhost_webhook_deliveries_total{outcome=\"failed\"} 3"), "{metrics}");
+        server.server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_private_range_webhook_url_is_refused_at_submission() {
+        let secret = WebhookSecret::generate();
+        let server = start(&["--webhook-secret", &secret]).await;
+        for url in ["https://10.0.0.7/hook", "https://169.254.169.254/latest/meta-data/", "https://[::ffff:127.0.0.1]/x", "http://hooks.example.com/"] {
+            let (status, body) = problem(submit(&server, url).await).await.unwrap();
+            assert_eq!(status, 400, "{url}: {body}");
+            assert_eq!(body["header"], "Flowhost-Webhook-Url", "{body}");
+            assert!(body["detail"].as_str().unwrap().starts_with("Flowhost-Webhook-Url: "), "{body}");
+        }
+        // Without Prefer: respond-async the header is refused too (a sync caller gets the bytes).
+        let response = server.client.post(server.url("/flux-dev")).header("flowhost-webhook-url", "https://hooks.example.com/").json(&json!({"prompt": "x"})).send().await.unwrap();
+        assert_eq!(response.status(), 400);
+        server.server.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receiver_down_across_a_flowhost_restart_gets_the_delivery_afterwards() {
+        require_standardwebhooks();
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let state_dir = state.path().to_string_lossy().to_string();
+        let secret = WebhookSecret::generate();
+        let port = free_port(); // the receiver is down
+        let url = format!("http://127.0.0.1:{port}/hooks/flowhost");
+        let args = ["--state-dir", state_dir.as_str(), "--webhook-secret", secret.as_str(), "--webhook-allow-host", "127.0.0.1", "--webhook-retry-base-ms", "300"];
+        let server = start(&args).await;
+        let job: Value = submit(&server, &url).await.json().await.unwrap();
+        let metrics = server.server.state.jobs.metrics.clone();
+        let failed = eventually(Duration::from_secs(30), || {
+            let metrics = metrics.clone();
+            async move { metrics.render().contains("flowhost_webhook_deliveries_total{outcome=\"failed\"}").then_some(()) }
+        })
+        .await;
+        assert!(failed.is_some(), "no failed attempt: {}", metrics.render());
+        server.server.shutdown().await.unwrap();
+
+        let receiver = Receiver::start(port, &secret, 0, &dir.path().join("rx.log"));
+        let server = start(&args).await;
+        let seen = wait_for_deliveries(&receiver.log, 1, Duration::from_secs(30)).await;
+        assert_eq!(seen.len(), 1, "the pending delivery never arrived after the restart");
+        assert_eq!(seen[0]["verified"], true, "{}", seen[0]);
+        let body: Value = serde_json::from_str(seen[0]["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["data"]["id"], job["id"]);
+        assert_eq!(body["type"], "job.succeeded");
+        server.server.shutdown().await.unwrap();
+    }
+}

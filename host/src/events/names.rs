@@ -65,7 +65,7 @@ fn standard_name(prefix: &str, stage: &str) -> String {
 }
 
 /// The events of one generation request. Build one per request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GenerationEvents {
     /// The plugin manifest's `analytics_prefix`.
     pub prefix: String,

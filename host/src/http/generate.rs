@@ -4,26 +4,35 @@
 //! body within the size limit (413), parse JSON (400), check the plugin's schema
 //! (400 with every field), call the plugin in its sandbox (its own 400/404/503,
 //! or 500 `plugin_failed`), then either return the built job (`?dry_run=true`) or
-//! hand it to the job runner.
+//! submit it as a durable job: by default the request waits for it (within its
+//! deadline, queue wait included) and answers the media bytes; with
+//! `Prefer: respond-async` (RFC 7240) it answers `202 Accepted` with the v2 Job
+//! and its `Location`. `Idempotency-Key` (IETF httpapi draft): the same key with
+//! the same body is the same job — no second generation; with another body, 422.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 use super::problem::{FieldProblem, Problem};
-use super::{AppState, REQUEST_ID, request_schema};
+use super::{AppState, REQUEST_ID, job_errors, job_view, request_schema};
 use crate::auth::Caller;
 use crate::events::{FailureKind, GenerationEvents, JobTimings, distinct_id};
-use crate::jobs::JobContext;
+use crate::jobs::{CancelOnDrop, IdempotencyClaim, Job, JobService, JobSource, JobSpec, JobStatus, NewUpload, OutputEncoding, Submission, inputs};
 use crate::plugins::bindings::wit::BuildError;
+use crate::plugins::manifest::OutputFormat;
 use crate::plugins::{CallError, LoadedPlugin, PluginJob};
+
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 pub async fn generate(
     State(state): State<AppState>,
@@ -68,6 +77,84 @@ async fn handle(
     }
 
     let request_id = headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let respond_async = !dry_run && prefers_async(&headers);
+    // Webhook headers are vetted (SSRF policy) before any work; dry runs ignore them.
+    let webhook = if dry_run { None } else { super::webhook_headers::subscription(&state, &headers, respond_async).await? };
+    let idempotency = if dry_run { None } else { idempotency_key(&headers)? };
+    let caller_name = caller.as_ref().map(|c| c.name.clone()).unwrap_or_else(|| "-".into());
+    let claim = match &idempotency {
+        Some(key) => {
+            let scope = format!("route {route} caller {caller_name}");
+            let fingerprint = JobService::fingerprint(&[route.as_bytes(), &bytes[..]]);
+            let job_id = Uuid::new_v4();
+            match state.jobs.claim_idempotency_key(&scope, key, &fingerprint, job_id).await.map_err(|f| job_errors::problem(&f, None))? {
+                IdempotencyClaim::Claimed => Some((scope, key.clone(), job_id)),
+                IdempotencyClaim::Existing { fingerprint: theirs, job_id } if theirs == fingerprint => {
+                    // A retry: the same job, no second generation.
+                    return follow_existing(&state, &plugin, job_id, respond_async, started).await;
+                }
+                IdempotencyClaim::Existing { .. } => {
+                    return Err(Problem::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "idempotency_key_reused",
+                        "The idempotency key was used for another request",
+                        "this Idempotency-Key was sent with a different body; use a new key for a new request",
+                    ));
+                }
+            }
+        }
+        None => None,
+    };
+    let submitted = submit_new(&state, &plugin, &headers, caller.as_ref(), &bytes, &body, dry_run, respond_async, request_id, claim.as_ref().map(|c| c.2), started, webhook).await;
+    let job = match submitted {
+        Ok(Submitted::DryRun(response)) => return Ok(response),
+        Ok(Submitted::Job(job, plugin_build)) => (job, plugin_build),
+        Err(problem) => {
+            // Nothing was created: the key is free again.
+            if let Some((scope, key, _)) = &claim
+                && let Err(e) = state.jobs.release_idempotency_key(scope, key).await
+            {
+                tracing::warn!(error = %e, "releasing an idempotency key failed");
+            }
+            return Err(problem);
+        }
+    };
+    let (job, plugin_build) = job;
+    if respond_async {
+        return Ok(accepted(&job));
+    }
+    // A sync caller that goes away cancels its job, unless it may come back for it
+    // with its idempotency key.
+    let guard = claim.is_none().then(|| CancelOnDrop::new(state.jobs.clone(), job.id));
+    let done = state.jobs.wait(job.id, wait_deadline(&job)).await;
+    if let Some(guard) = guard {
+        guard.disarm();
+    }
+    let done = done.map_err(|f| job_errors::problem(&f, Some(&plugin.manifest.name)))?;
+    respond_with(&state, &plugin, &done, started, Some(plugin_build)).await
+}
+
+enum Submitted {
+    DryRun(Response),
+    Job(Job, std::time::Duration),
+}
+
+/// Readiness, the plugin's build, the dry run or the job's admission.
+#[allow(clippy::too_many_arguments)]
+async fn submit_new(
+    state: &AppState,
+    plugin: &Arc<LoadedPlugin>,
+    headers: &HeaderMap,
+    caller: Option<&Caller>,
+    bytes: &[u8],
+    body: &Value,
+    dry_run: bool,
+    respond_async: bool,
+    request_id: String,
+    job_id: Option<Uuid>,
+    started: Instant,
+    webhook: Option<crate::webhooks::Subscription>,
+) -> Result<Submitted, Problem> {
     // Dry runs are an authoring tool: they are not generations, so no events.
     let events = (!dry_run).then(|| GenerationEvents {
         prefix: plugin.manifest.analytics_prefix.clone(),
@@ -75,20 +162,23 @@ async fn handle(
         plugin_version: plugin.manifest.version.clone(),
         route: plugin.manifest.route.clone(),
         request_id: request_id.clone(),
-        distinct_id: distinct_id(&headers, caller.as_ref()),
+        distinct_id: distinct_id(headers, caller),
     });
     if let Some(events) = &events {
         state.jobs.analytics.emit(events.requested());
     }
+    let fail = |problem: Problem, kind: FailureKind, build: Option<Duration>| {
+        if let Some(events) = &events {
+            let timings = JobTimings { plugin_build: build, total: Some(started.elapsed()), ..JobTimings::default() };
+            state.jobs.analytics.emit(events.failed(&serde_json::Map::new(), &timings, kind, &problem.detail));
+        }
+        problem
+    };
     if !dry_run {
         // Not ready (ComfyUI down, custom node or model missing): say so before
         // the plugin runs, with the reason that matters most.
-        if let Err(problem) = state.jobs.check_ready(&plugin) {
-            if let Some(events) = &events {
-                let timings = JobTimings { total: Some(started.elapsed()), ..JobTimings::default() };
-                state.jobs.analytics.emit(events.failed(&serde_json::Map::new(), &timings, FailureKind::ModelError, &problem.detail));
-            }
-            return Err(problem);
+        if let Err(failure) = state.jobs.check_ready(plugin) {
+            return Err(fail(job_errors::problem(&failure, Some(&plugin.manifest.name)), FailureKind::ModelError, None));
         }
     }
     let build_started = Instant::now();
@@ -97,13 +187,7 @@ async fn handle(
     let text = String::from_utf8(bytes.to_vec()).unwrap_or_else(|_| body.to_string());
     let job = match call_build(plugin.clone(), text, rand::random::<u64>(), request_id.clone()).await {
         Ok(job) => job,
-        Err(problem) => {
-            if let Some(events) = &events {
-                let timings = JobTimings { plugin_build: Some(build_started.elapsed()), total: Some(started.elapsed()), ..JobTimings::default() };
-                state.jobs.analytics.emit(events.failed(&serde_json::Map::new(), &timings, FailureKind::WorkflowError, &problem.detail));
-            }
-            return Err(problem);
-        }
+        Err(problem) => return Err(fail(problem, FailureKind::WorkflowError, Some(build_started.elapsed()))),
     };
     let plugin_build = build_started.elapsed();
     tracing::debug!(plugin = %plugin.label, build_us = plugin_build.as_micros() as u64, "plugin built the job");
@@ -118,9 +202,187 @@ async fn handle(
         if let Some(seed) = job.seed {
             response.headers_mut().insert("x-seed", seed.into());
         }
-        return Ok(response);
+        return Ok(Submitted::DryRun(response));
     }
-    state.jobs.run(plugin, job, JobContext { request_id, started, plugin_build, events }).await
+    let submission = match submission_for(state, plugin, job, request_id, events.clone(), respond_async, job_id, plugin_build).await {
+        Ok(mut s) => {
+            s.spec.webhook = webhook;
+            s
+        }
+        Err(failure) => return Err(fail(job_errors::problem(&failure, Some(&plugin.manifest.name)), failure.failure_kind(), Some(plugin_build))),
+    };
+    match state.jobs.submit(submission).await {
+        Ok(job) => Ok(Submitted::Job(job, plugin_build)),
+        Err(failure) => Err(fail(job_errors::problem(&failure, Some(&plugin.manifest.name)), failure.failure_kind(), Some(plugin_build))),
+    }
+}
+
+/// The durable job for what the plugin built: input bytes read now (so a queued
+/// job survives a restart), the deadline of a sync request fixed at admission.
+#[allow(clippy::too_many_arguments)]
+async fn submission_for(
+    state: &AppState,
+    plugin: &LoadedPlugin,
+    job: PluginJob,
+    request_id: String,
+    events: Option<GenerationEvents>,
+    respond_async: bool,
+    id: Option<Uuid>,
+    plugin_build: Duration,
+) -> Result<Submission, crate::jobs::JobFailure> {
+    let mut uploads = Vec::with_capacity(job.uploads.len());
+    for upload in &job.uploads {
+        let inputs_dir = state.jobs.config().inputs.clone();
+        let owned = upload.clone();
+        let bytes = tokio::task::spawn_blocking(move || inputs::upload_bytes(&owned, inputs_dir.as_deref())).await.map_err(crate::jobs::JobFailure::internal)??;
+        let media_type = crate::media::sniff_media_type(&bytes).to_string();
+        uploads.push(NewUpload { node_id: upload.node_id.clone(), input_name: upload.input_name.clone(), filename: upload.filename.clone(), bytes: bytes.into(), media_type });
+    }
+    let mut spec = JobSpec::new(job.workflow);
+    spec.outputs = job.outputs;
+    spec.encoding = match job.output_format {
+        OutputFormat::Jpeg => OutputEncoding::Jpeg,
+        OutputFormat::Png => OutputEncoding::Png,
+        OutputFormat::Original => OutputEncoding::Original,
+    };
+    spec.caller_nodes = job.caller_nodes;
+    spec.seed = job.seed;
+    spec.analytics = job.analytics;
+    spec.request_id = request_id;
+    spec.events = events;
+    spec.extra_data = json!({"plugin": plugin.label.to_string()});
+    if !respond_async {
+        spec.deadline = Some(SystemTime::now() + state.jobs.config().job_timeout);
+    }
+    Ok(Submission {
+        id,
+        source: JobSource::Route { route: plugin.manifest.route.clone(), plugin: plugin.manifest.name.clone(), version: plugin.manifest.version.clone() },
+        spec,
+        uploads,
+        build_ms: Some(plugin_build.as_millis() as u64),
+    })
+}
+
+/// A sync wait ends at the job's deadline (plus a moment for the runner's own
+/// timeout to land first); an async job followed synchronously waits one timeout.
+fn wait_deadline(job: &Job) -> Option<Instant> {
+    let grace = Duration::from_secs(2);
+    job.spec.deadline.map(|at| Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default() + grace)
+}
+
+/// The same key and body as an earlier request: answer with that job.
+async fn follow_existing(state: &AppState, plugin: &Arc<LoadedPlugin>, job_id: Uuid, respond_async: bool, started: Instant) -> Result<Response, Problem> {
+    // The first request may still be building its job.
+    let mut job = None;
+    for _ in 0..100 {
+        if let Some(found) = state.jobs.get(job_id).await.map_err(|f| job_errors::problem(&f, None))? {
+            job = Some(found);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let Some(job) = job else {
+        return Err(Problem::new(StatusCode::CONFLICT, "idempotency_key_in_use", "A request with this idempotency key is in progress", "retry shortly")
+            .retry_after(1));
+    };
+    if respond_async {
+        return Ok(accepted(&job));
+    }
+    let deadline = Instant::now() + state.jobs.config().job_timeout + Duration::from_secs(2);
+    let done = state.jobs.wait(job.id, Some(deadline)).await.map_err(|f| job_errors::problem(&f, Some(&plugin.manifest.name)))?;
+    respond_with(state, plugin, &done, started, None).await
+}
+
+/// `202 Accepted` with the v2 Job, its `Location` and `Preference-Applied`.
+fn accepted(job: &Job) -> Response {
+    let location = job_view::job_url(&job.id);
+    let mut response = (StatusCode::ACCEPTED, Json(job_view::job_json(job))).into_response();
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        headers.insert(header::LOCATION, v);
+    }
+    headers.insert("preference-applied", HeaderValue::from_static("respond-async"));
+    if let Ok(v) = HeaderValue::from_str(&job.id.to_string()) {
+        headers.insert("x-job-id", v);
+    }
+    response
+}
+
+/// A terminal job as the typed route's answer: its first output's bytes, or the problem.
+async fn respond_with(state: &AppState, plugin: &LoadedPlugin, job: &Job, started: Instant, plugin_build: Option<Duration>) -> Result<Response, Problem> {
+    let job_id = HeaderValue::from_str(&job.id.to_string()).ok();
+    let with_job_id = |mut problem_response: Response| {
+        if let Some(v) = &job_id {
+            problem_response.headers_mut().insert("x-job-id", v.clone());
+        }
+        problem_response
+    };
+    let failure = match job.status {
+        JobStatus::Succeeded => None,
+        JobStatus::Canceled => Some(crate::jobs::JobFailure::Canceled),
+        JobStatus::Expired => {
+            return Ok(with_job_id(Problem::new(StatusCode::GONE, "expired", "The job expired", "the job's retention ended before it ran").into_response()));
+        }
+        _ => Some(job.error.clone().unwrap_or_else(|| crate::jobs::JobFailure::internal("job failed without an error"))),
+    };
+    if let Some(failure) = failure {
+        return Ok(with_job_id(job_errors::problem(&failure, Some(&plugin.manifest.name)).into_response()));
+    }
+    let Some(output) = job.first_output() else {
+        let failure = crate::jobs::JobFailure::OutputMissing { node_id: job.spec.outputs.first().cloned().unwrap_or_else(|| "*".into()) };
+        return Ok(with_job_id(job_errors::problem(&failure, Some(&plugin.manifest.name)).into_response()));
+    };
+    let bytes = state.jobs.blobs().get(&output.hash).await.map_err(|e| job_errors::problem(&crate::jobs::JobFailure::internal(e), None))?;
+    let mut response = (StatusCode::OK, bytes).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(&output.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")));
+    if let Some(seed) = job.spec.seed {
+        headers.insert("x-seed", HeaderValue::from(seed));
+    }
+    headers.insert("x-generation-ms", HeaderValue::from(started.elapsed().as_millis() as u64));
+    if let Some(v) = job.prompt_id.as_deref().and_then(|p| HeaderValue::from_str(p).ok()) {
+        headers.insert("x-prompt-id", v);
+    }
+    if let Some(v) = job_id {
+        headers.insert("x-job-id", v);
+    }
+    let m = &job.metrics;
+    let build = plugin_build.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(m.build_ms.unwrap_or(0) as f64);
+    let server_timing = format!(
+        "build;dur={build:.2}, queue;dur={:.1}, comfyui;dur={:.1}, encode;dur={:.2}",
+        (m.queue_ms.unwrap_or(0) + m.comfyui_queue_ms.unwrap_or(0)) as f64,
+        m.execution_ms.unwrap_or(0) as f64,
+        m.fetch_ms.unwrap_or(0) as f64
+    );
+    if let Ok(v) = HeaderValue::from_str(&server_timing) {
+        headers.insert("server-timing", v);
+    }
+    Ok(response)
+}
+
+/// `Prefer: respond-async` (RFC 7240: comma-separated preferences, any header).
+fn prefers_async(headers: &HeaderMap) -> bool {
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|p| {
+        let token = p.split(';').next().unwrap_or_default().split('=').next().unwrap_or_default().trim();
+        token.eq_ignore_ascii_case("respond-async")
+    })
+}
+
+/// `Idempotency-Key`: an sf-string (quoted) or a bare token; 1–255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let text = value.to_str().unwrap_or_default().trim();
+    let key = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(text);
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN || !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            "The Idempotency-Key header is invalid",
+            format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"),
+        )
+        .with("errors", json!([{"field": "Idempotency-Key", "message": "must be 1 to 255 visible ASCII characters"}])));
+    }
+    Ok(Some(key.to_string()))
 }
 
 /// Run the plugin's `build` on a blocking thread (it is CPU work with a
@@ -192,4 +454,32 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
         "Unsupported media type",
         format!("send the request as application/json, not {ct}"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn respond_async_is_found_among_other_preferences() {
+        let mut h = HeaderMap::new();
+        h.append("prefer", HeaderValue::from_static("return=minimal, Respond-Async; x=1"));
+        assert!(prefers_async(&h));
+        let mut h = HeaderMap::new();
+        h.append("prefer", HeaderValue::from_static("wait=10"));
+        assert!(!prefers_async(&h));
+    }
+
+    #[test]
+    fn idempotency_key_length_obeyed_and_violated() {
+        let key = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("idempotency-key", HeaderValue::from_str(v).unwrap());
+            idempotency_key(&h)
+        };
+        assert_eq!(key("\"abc\"").unwrap().as_deref(), Some("abc"));
+        assert_eq!(key(&"k".repeat(255)).unwrap().map(|k| k.len()), Some(255));
+        assert_eq!(key(&"k".repeat(256)).unwrap_err().status, StatusCode::BAD_REQUEST);
+        assert_eq!(key("\"\"").unwrap_err().status, StatusCode::BAD_REQUEST);
+    }
 }

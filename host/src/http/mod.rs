@@ -7,10 +7,13 @@
 
 pub mod generate;
 pub mod health;
+pub mod job_errors;
+pub mod job_view;
 pub mod openapi;
 pub mod plugin_list;
 pub mod problem;
 pub mod request_schema;
+pub mod webhook_headers;
 pub mod webhooks_admin;
 
 use std::sync::Arc;
@@ -47,7 +50,7 @@ pub struct AppState {
     pub registry: Arc<PluginRegistry>,
     pub engine: PluginEngine,
     pub limits: HttpLimits,
-    pub jobs: Arc<crate::jobs::JobRunner>,
+    pub jobs: Arc<crate::jobs::JobService>,
     pub keys: AccessKeys,
     pub started_at: Instant,
     /// The webhook service (issue #14); `None` when the service runs without a job store.

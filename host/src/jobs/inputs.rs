@@ -1,14 +1,11 @@
 //! Resolving the images a job uploads: bytes a plugin decoded, or a path on the
 //! inputs volume that the *host* opens, because plugins never touch files.
 //! Paths are confined to the volume: absolute paths, `..`, and symlinks leading
-//! out are refused; absent files are a 404 naming the request field.
+//! out are refused; absent files are `not_found` naming the request field.
 
 use std::path::{Component, Path, PathBuf};
 
-use axum::http::StatusCode;
-use serde_json::json;
-
-use crate::http::Problem;
+use super::failure::JobFailure;
 use crate::media::sniff_media_type;
 use crate::plugins::{PluginUpload, UploadSource};
 
@@ -16,52 +13,42 @@ use crate::plugins::{PluginUpload, UploadSource};
 pub const MAX_INPUT_IMAGE_BYTES: u64 = 32 << 20;
 
 /// The bytes of an upload, checked to be an image.
-pub fn upload_bytes(upload: &PluginUpload, inputs: Option<&Path>) -> Result<Vec<u8>, Problem> {
+pub fn upload_bytes(upload: &PluginUpload, inputs: Option<&Path>) -> Result<Vec<u8>, JobFailure> {
     let bytes = match &upload.source {
         UploadSource::Bytes(bytes) => bytes.clone(),
         UploadSource::InputPath(relative) => {
             let path = resolve_input_path(inputs, relative, &upload.field)?;
             let meta = std::fs::metadata(&path).map_err(|_| missing(&upload.field, relative))?;
             if meta.len() > MAX_INPUT_IMAGE_BYTES {
-                return Err(field_problem(StatusCode::BAD_REQUEST, "invalid_request", &upload.field, format!("{relative} is {} bytes; the limit is {MAX_INPUT_IMAGE_BYTES}", meta.len())));
+                return Err(invalid(&upload.field, format!("{relative} is {} bytes; the limit is {MAX_INPUT_IMAGE_BYTES}", meta.len())));
             }
             std::fs::read(&path).map_err(|_| missing(&upload.field, relative))?
         }
     };
     if !sniff_media_type(&bytes).starts_with("image/") {
-        return Err(field_problem(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            &upload.field,
-            "is not a PNG, JPEG, WEBP or GIF image".to_string(),
-        ));
+        return Err(invalid(&upload.field, "is not a PNG, JPEG, WEBP or GIF image".to_string()));
     }
     Ok(bytes)
 }
 
 /// `relative` inside `inputs`, or a 400/404 naming `field`.
-pub fn resolve_input_path(inputs: Option<&Path>, relative: &str, field: &str) -> Result<PathBuf, Problem> {
+pub fn resolve_input_path(inputs: Option<&Path>, relative: &str, field: &str) -> Result<PathBuf, JobFailure> {
     let Some(root) = inputs else {
-        return Err(field_problem(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            field,
-            "paths need an inputs volume, and none is configured (--inputs); send a data: URL instead".into(),
-        ));
+        return Err(invalid(field, "paths need an inputs volume, and none is configured (--inputs); send a data: URL instead".into()));
     };
     let candidate = Path::new(relative);
     let lexically_safe = !relative.is_empty()
         && !relative.contains('\0')
         && candidate.components().all(|c| matches!(c, Component::Normal(_)));
     if !lexically_safe {
-        return Err(field_problem(StatusCode::BAD_REQUEST, "invalid_request", field, format!("{relative:?} must be a relative path inside the inputs volume, without '..'")));
+        return Err(invalid(field, format!("{relative:?} must be a relative path inside the inputs volume, without '..'")));
     }
     let joined = root.join(candidate);
     // Symlinks may point anywhere: compare real paths.
     let real_root = root.canonicalize().map_err(|_| missing(field, relative))?;
     let real = joined.canonicalize().map_err(|_| missing(field, relative))?;
     if !real.starts_with(&real_root) {
-        return Err(field_problem(StatusCode::BAD_REQUEST, "invalid_request", field, format!("{relative:?} leads outside the inputs volume")));
+        return Err(invalid(field, format!("{relative:?} leads outside the inputs volume")));
     }
     if !real.is_file() {
         return Err(missing(field, relative));
@@ -69,13 +56,12 @@ pub fn resolve_input_path(inputs: Option<&Path>, relative: &str, field: &str) ->
     Ok(real)
 }
 
-fn missing(field: &str, relative: &str) -> Problem {
-    field_problem(StatusCode::NOT_FOUND, "not_found", field, format!("{relative} does not exist in the inputs volume"))
+fn missing(field: &str, relative: &str) -> JobFailure {
+    JobFailure::Input { field: field.to_string(), message: format!("{relative} does not exist in the inputs volume"), not_found: true }
 }
 
-fn field_problem(status: StatusCode, slug: &'static str, field: &str, message: String) -> Problem {
-    let title = if status == StatusCode::NOT_FOUND { "Not found" } else { "The request is invalid" };
-    Problem::new(status, slug, title, format!("{field}: {message}")).with("errors", json!([{"field": field, "message": message}]))
+fn invalid(field: &str, message: String) -> JobFailure {
+    JobFailure::Input { field: field.to_string(), message, not_found: false }
 }
 
 #[cfg(test)]
@@ -91,8 +77,7 @@ mod tests {
         std::os::unix::fs::symlink(outside.path().join("secret.png"), root.path().join("link.png")).unwrap();
         for bad in ["../secret.png", "/etc/passwd", "a/../../secret.png", "", "link.png"] {
             let err = resolve_input_path(Some(root.path()), bad, "reference_image").unwrap_err();
-            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad}: {err:?}");
-            assert!(err.body()["errors"][0]["field"] == "reference_image");
+            assert!(matches!(&err, JobFailure::Input { field, not_found: false, .. } if field == "reference_image"), "{bad}: {err:?}");
         }
     }
 
@@ -100,8 +85,7 @@ mod tests {
     fn absent_file_is_a_404_naming_the_field() {
         let root = tempfile::tempdir().unwrap();
         let err = resolve_input_path(Some(root.path()), "faces/nobody.png", "reference_image").unwrap_err();
-        assert_eq!(err.status, StatusCode::NOT_FOUND);
-        assert!(err.detail.contains("faces/nobody.png"));
+        assert!(matches!(&err, JobFailure::Input { not_found: true, message, .. } if message.contains("faces/nobody.png")), "{err:?}");
     }
 
     #[test]
@@ -120,6 +104,6 @@ mod tests {
         };
         assert!(upload_bytes(&upload("faces/a.png"), Some(root.path())).is_ok());
         let err = upload_bytes(&upload("faces/a.txt"), Some(root.path())).unwrap_err();
-        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(matches!(err, JobFailure::Input { not_found: false, .. }));
     }
 }

@@ -15,6 +15,7 @@
 pub mod delivery;
 pub mod destination;
 pub mod dispatcher;
+pub mod job_messages;
 pub mod outbox;
 pub mod schedule;
 pub mod signing;

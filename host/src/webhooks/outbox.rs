@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
-/// The outbox table. Also a migration of the job store (same text).
-pub const MIGRATION_SQL: &str = include_str!("outbox.sql");
+/// The outbox table: migration 2 of the job store (`jobs/migrations/`).
+pub const MIGRATION_SQL: &str = include_str!("../jobs/migrations/0002_webhook_outbox.sql");
 
 /// A message to enqueue.
 #[derive(Debug, Clone, PartialEq, Eq)]

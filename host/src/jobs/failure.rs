@@ -1,0 +1,246 @@
+//! Every way a job can fail or be refused, in domain terms: what happened and the
+//! facts the caller needs (field, node + class, model file, traceback). Statuses
+//! are decided once at the edge (`http::job_errors` for problem+json, the v2
+//! envelope in `http/`), never here. Classification is by *whose* fault it is,
+//! never by searching error text:
+//! - the caller's own graph failing validation → [`JobFailure::InvalidWorkflow`] with `caller_fault`;
+//! - a graph the plugin built failing validation → the same with `caller_fault: false`;
+//! - a model file the graph names missing from the volume → [`JobFailure::ModelMissing`].
+//!
+//! Persisted with the job (serde), so a job read back after a restart carries the
+//! same failure a sync caller saw.
+
+use flowhost_comfy::{ComfyError, NodeIssue};
+use serde::{Deserialize, Serialize};
+
+use crate::events::FailureKind;
+
+/// Seconds a caller should wait after ComfyUI was found down.
+pub const RETRY_AFTER_DOWN: u64 = 10;
+
+/// A job failure or refusal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobFailure {
+    /// The queue is full; try again after `retry_after_s` (estimated from recent job durations).
+    #[error("the queue is full ({depth} jobs waiting)")]
+    QueueFull { retry_after_s: u64, depth: usize },
+    /// No ComfyUI backend configured, or it is down.
+    #[error("ComfyUI is not available: {detail}")]
+    ComfyUnavailable { detail: String, retry_after_s: u64 },
+    /// ComfyUI has not answered yet.
+    #[error("ComfyUI is starting")]
+    ComfyStarting { retry_after_s: u64 },
+    /// The endpoint lacks node classes or model files.
+    #[error("{route} cannot run: {}", missing.join("; "))]
+    NotReady { route: String, plugin: String, missing: Vec<String> },
+    /// An input the job needs is unusable (bad image, missing file on the inputs volume).
+    #[error("{field}: {message}")]
+    Input { field: String, message: String, not_found: bool },
+    /// The graph fails validation (flowhost's preflight or ComfyUI's).
+    #[error("the workflow is invalid ({error_type}): {}", summary(issues))]
+    InvalidWorkflow { issues: Vec<NodeIssue>, error_type: String, caller_fault: bool },
+    /// A model file the graph names is not on the volume.
+    #[error("a model file is missing: {}", summary(issues))]
+    ModelMissing { issues: Vec<NodeIssue> },
+    /// A node raised while executing.
+    #[error("node {node_id} ({class_type}) raised {exception_type}: {exception_message}")]
+    Execution { prompt_id: String, node_id: String, class_type: String, exception_type: String, exception_message: String, traceback: Vec<String> },
+    /// An execution error the plugin explained in its own words (`explain-failure`).
+    #[error("{title}: {detail}")]
+    Explained { status: u16, title: String, detail: String, field: Option<String>, node_id: String, class_type: String },
+    /// Interrupted in ComfyUI by someone else.
+    #[error("prompt {prompt_id} was interrupted in ComfyUI")]
+    Interrupted { prompt_id: String, node_id: Option<String>, class_type: Option<String> },
+    /// The deadline passed (queue wait, uploads, execution or output fetching).
+    #[error("the job did not finish within {waited_ms} ms")]
+    Timeout { prompt_id: Option<String>, waited_ms: u64 },
+    /// ComfyUI answered something flowhost does not understand.
+    #[error("ComfyUI answered unexpectedly: {detail}")]
+    Protocol { detail: String },
+    /// The workflow finished without the expected output.
+    #[error("output node {node_id} produced no image or video")]
+    OutputMissing { node_id: String },
+    /// ComfyUI's output could not be decoded/encoded.
+    #[error("ComfyUI's output could not be encoded: {detail}")]
+    OutputUnreadable { detail: String },
+    /// The job was canceled (a sync waiter sees this).
+    #[error("the job was canceled")]
+    Canceled,
+    /// flowhost restarted while the job ran and ComfyUI no longer knew the prompt.
+    #[error("flowhost restarted while the job was running and ComfyUI no longer has its prompt")]
+    HostRestarted,
+    /// The plugin needed to finish the job failed.
+    #[error("the plugin failed: {detail}")]
+    PluginFailed { detail: String },
+    /// A flowhost-internal failure (store, blob store, task).
+    #[error("internal error: {detail}")]
+    Internal { detail: String },
+}
+
+fn summary(issues: &[NodeIssue]) -> String {
+    issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+impl JobFailure {
+    /// The stable machine-readable code (the v2 `JobError.code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            JobFailure::QueueFull { .. } => "queue_full",
+            JobFailure::ComfyUnavailable { .. } => "comfyui_unavailable",
+            JobFailure::ComfyStarting { .. } => "comfyui_starting",
+            JobFailure::NotReady { .. } => "endpoint_not_ready",
+            JobFailure::Input { .. } => "invalid_input",
+            JobFailure::InvalidWorkflow { .. } => "invalid_workflow",
+            JobFailure::ModelMissing { .. } => "model_missing",
+            JobFailure::Execution { .. } => "node_execution_error",
+            JobFailure::Explained { .. } => "node_execution_error",
+            JobFailure::Interrupted { .. } => "interrupted",
+            JobFailure::Timeout { .. } => "timeout",
+            JobFailure::Protocol { .. } => "comfyui_protocol_error",
+            JobFailure::OutputMissing { .. } => "output_missing",
+            JobFailure::OutputUnreadable { .. } => "output_unreadable",
+            JobFailure::Canceled => "canceled",
+            JobFailure::HostRestarted => "host_restarted",
+            JobFailure::PluginFailed { .. } => "plugin_failed",
+            JobFailure::Internal { .. } => "internal",
+        }
+    }
+
+    /// A message for people (no hosts, ports or paths).
+    pub fn message(&self) -> String {
+        self.to_string()
+    }
+
+    /// The node concerned, when there is one.
+    pub fn node_id(&self) -> Option<&str> {
+        match self {
+            JobFailure::Execution { node_id, .. } | JobFailure::Explained { node_id, .. } => Some(node_id),
+            JobFailure::Interrupted { node_id, .. } => node_id.as_deref(),
+            JobFailure::OutputMissing { node_id } => Some(node_id),
+            JobFailure::InvalidWorkflow { issues, .. } | JobFailure::ModelMissing { issues } => issues.first().map(|i| i.node_id.as_str()).filter(|s| !s.is_empty()),
+            _ => None,
+        }
+    }
+
+    pub fn class_type(&self) -> Option<&str> {
+        match self {
+            JobFailure::Execution { class_type, .. } | JobFailure::Explained { class_type, .. } => Some(class_type),
+            JobFailure::Interrupted { class_type, .. } => class_type.as_deref(),
+            JobFailure::InvalidWorkflow { issues, .. } | JobFailure::ModelMissing { issues } => issues.first().map(|i| i.class_type.as_str()).filter(|s| !s.is_empty()),
+            _ => None,
+        }
+    }
+
+    /// ComfyUI's traceback, joined, when it gave one.
+    pub fn traceback(&self) -> Option<String> {
+        match self {
+            JobFailure::Execution { traceback, .. } if !traceback.is_empty() => Some(traceback.concat()),
+            _ => None,
+        }
+    }
+
+    /// The prompt concerned, when there is one.
+    pub fn prompt_id(&self) -> Option<&str> {
+        match self {
+            JobFailure::Execution { prompt_id, .. } | JobFailure::Interrupted { prompt_id, .. } => Some(prompt_id),
+            JobFailure::Timeout { prompt_id, .. } => prompt_id.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The seed's analytics `error_type`.
+    pub fn failure_kind(&self) -> FailureKind {
+        match self {
+            JobFailure::Timeout { .. } => FailureKind::Timeout,
+            JobFailure::ModelMissing { .. } | JobFailure::NotReady { .. } => FailureKind::ModelError,
+            JobFailure::Execution { class_type, .. } if class_type.contains("Loader") => FailureKind::ModelError,
+            _ => FailureKind::WorkflowError,
+        }
+    }
+
+    /// Refused before any work (the caller may retry later): no job is worth keeping.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, JobFailure::QueueFull { .. } | JobFailure::ComfyUnavailable { .. } | JobFailure::ComfyStarting { .. } | JobFailure::NotReady { .. })
+    }
+
+    pub fn internal(detail: impl std::fmt::Display) -> JobFailure {
+        JobFailure::Internal { detail: detail.to_string() }
+    }
+}
+
+/// Is this issue a model file that is not on the volume? Model names are plain
+/// combos in ComfyUI, so "value not in list" on a loader's `*_name` input is it.
+pub fn is_missing_model(issue: &NodeIssue) -> bool {
+    issue.kind == "value_not_in_list" && (issue.class_type.contains("Loader") || issue.input_name.as_deref().is_some_and(|i| i.ends_with("_name")))
+}
+
+/// Classify validation issues by whose fault they are.
+pub fn validation_failure(issues: Vec<NodeIssue>, caller_nodes: &[String], error_type: &str) -> JobFailure {
+    let caller_fault = !caller_nodes.is_empty() && issues.iter().all(|i| i.node_id.is_empty() || caller_nodes.contains(&i.node_id));
+    let all_models = !issues.is_empty() && issues.iter().all(is_missing_model);
+    if !caller_fault && all_models {
+        return JobFailure::ModelMissing { issues };
+    }
+    JobFailure::InvalidWorkflow { issues, error_type: error_type.to_string(), caller_fault }
+}
+
+/// Classify a ComfyUI failure. `Execution` is usually offered to the plugin's
+/// `explain-failure` first; this is the generic answer.
+pub fn from_comfy(err: ComfyError, caller_nodes: &[String]) -> JobFailure {
+    match err {
+        ComfyError::Unavailable { detail } => JobFailure::ComfyUnavailable { detail, retry_after_s: RETRY_AFTER_DOWN },
+        ComfyError::Validation { error_type, message, node_errors } => {
+            let issues = if node_errors.is_empty() {
+                vec![NodeIssue { node_id: String::new(), class_type: String::new(), kind: error_type.clone(), input_name: None, message }]
+            } else {
+                node_errors
+            };
+            validation_failure(issues, caller_nodes, &error_type)
+        }
+        ComfyError::Execution { prompt_id, node_id, node_type, exception_type, exception_message, traceback } => {
+            JobFailure::Execution { prompt_id, node_id, class_type: node_type, exception_type, exception_message, traceback }
+        }
+        ComfyError::Interrupted { prompt_id, node_id, node_type } => JobFailure::Interrupted { prompt_id, node_id, class_type: node_type },
+        ComfyError::Timeout { prompt_id, waited } => JobFailure::Timeout { prompt_id: Some(prompt_id), waited_ms: waited.as_millis() as u64 },
+        ComfyError::Protocol { detail } => JobFailure::Protocol { detail },
+        ComfyError::OutputMissing { node_id } => JobFailure::OutputMissing { node_id },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issue(node: &str, class: &str, kind: &str, input: &str) -> NodeIssue {
+        NodeIssue { node_id: node.into(), class_type: class.into(), kind: kind.into(), input_name: Some(input.into()), message: format!("{input}: bad") }
+    }
+
+    #[test]
+    fn whose_fault_decides_the_kind() {
+        let f = validation_failure(vec![issue("5", "KSampler", "value_bigger_than_max", "steps")], &["5".into()], "x");
+        assert!(matches!(f, JobFailure::InvalidWorkflow { caller_fault: true, .. }));
+        let f = validation_failure(vec![issue("5", "KSampler", "value_bigger_than_max", "steps")], &[], "x");
+        assert!(matches!(f, JobFailure::InvalidWorkflow { caller_fault: false, .. }));
+        let f = validation_failure(vec![issue("1", "UNETLoader", "value_not_in_list", "unet_name")], &[], "x");
+        assert!(matches!(f, JobFailure::ModelMissing { .. }));
+        assert_eq!(f.failure_kind(), FailureKind::ModelError);
+    }
+
+    #[test]
+    fn a_failure_survives_the_store_round_trip() {
+        let f = JobFailure::Execution {
+            prompt_id: "p".into(),
+            node_id: "9".into(),
+            class_type: "KSampler".into(),
+            exception_type: "RuntimeError".into(),
+            exception_message: "HTTP 503 from somewhere".into(),
+            traceback: vec!["a\n".into(), "b\n".into()],
+        };
+        let back: JobFailure = serde_json::from_value(serde_json::to_value(&f).unwrap()).unwrap();
+        assert_eq!(back, f);
+        assert_eq!(back.code(), "node_execution_error");
+        assert_eq!(back.node_id(), Some("9"));
+        assert_eq!(back.traceback().as_deref(), Some("a\nb\n"));
+    }
+}

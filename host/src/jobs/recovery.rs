@@ -1,0 +1,208 @@
+//! After a restart, and as time passes: every accepted job is accounted for.
+//! - [`JobService::recover`] (before listening): queued jobs go back in the queue
+//!   in their order; jobs that were running are reconciled with ComfyUI's
+//!   `/history` — if ComfyUI still has their prompt, its outcome (and outputs) are
+//!   taken; if it is still running there, it is followed to its end; otherwise the
+//!   job ends `failed` with `host_restarted`.
+//! - [`JobService::sweep_at`] (periodically, or on demand in tests): expired
+//!   records go, then every blob no record references.
+//!
+//! Must never: run a prompt twice, or delete a blob a record still references.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use flowhost_comfy::protocol::{PromptOutcome, file_refs_in_ui_output};
+
+use super::failure::{JobFailure, RETRY_AFTER_DOWN};
+use super::model::{Job, JobStatus};
+use super::runner::{FetchedOutput, clean_comfy_side};
+use super::service::JobService;
+use super::store::SweepReport;
+
+/// What recovery found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub requeued: usize,
+    pub reconciling: usize,
+}
+
+/// How long recovery waits for ComfyUI to answer before giving up on reconciling.
+const RECONCILE_WAIT: Duration = Duration::from_secs(120);
+/// Blobs younger than this are never swept (an upload whose record is being written).
+const BLOB_GRACE: Duration = Duration::from_secs(600);
+
+impl JobService {
+    /// Requeue queued jobs; reconcile jobs that were running (in the background,
+    /// once ComfyUI answers). Call before listening and before `start_workers`.
+    pub async fn recover(self: &Arc<Self>) -> Result<RecoveryReport, JobFailure> {
+        let mut report = RecoveryReport::default();
+        for job in self.store.jobs_with_status(&[JobStatus::Queued]).await.map_err(JobFailure::internal)? {
+            self.requeue(&job);
+            report.requeued += 1;
+        }
+        for job in self.store.jobs_with_status(&[JobStatus::Running, JobStatus::Canceling]).await.map_err(JobFailure::internal)? {
+            self.make_live(&job);
+            report.reconciling += 1;
+            let this = self.clone();
+            tokio::spawn(async move { this.reconcile(job).await });
+        }
+        if report.requeued + report.reconciling > 0 {
+            tracing::info!(requeued = report.requeued, reconciling = report.reconciling, "recovered jobs from the store");
+        }
+        Ok(report)
+    }
+
+    /// Settle one job that was running when flowhost stopped.
+    async fn reconcile(self: Arc<Self>, mut job: Job) {
+        let outcome = self.reconcile_outcome(&mut job).await;
+        let now = SystemTime::now();
+        job.completed_at = Some(now);
+        job.metrics.total_ms = Some(now.duration_since(job.created_at).unwrap_or_default().as_millis() as u64);
+        match outcome {
+            Ok(()) => job.status = JobStatus::Succeeded,
+            Err(JobFailure::Canceled) => job.status = JobStatus::Canceled,
+            Err(failure) => {
+                job.status = JobStatus::Failed;
+                job.error = Some(failure);
+            }
+        }
+        tracing::info!(job_id = %job.id, status = job.status.as_str(), "reconciled a job that was running before the restart");
+        let _ = self.commit(&job).await;
+        self.metrics.job_finished(job.source.route_label(), job.status.as_str());
+        if let Some(backend) = &self.backend {
+            clean_comfy_side(backend, job.id, job.prompt_id.as_deref(), !job.spec.uploads.is_empty()).await;
+        }
+    }
+
+    async fn reconcile_outcome(&self, job: &mut Job) -> Result<(), JobFailure> {
+        let (Some(backend), Some(prompt_id)) = (self.backend.clone(), job.prompt_id.clone()) else {
+            return Err(JobFailure::HostRestarted);
+        };
+        if !backend.wait_ready(RECONCILE_WAIT).await {
+            return Err(JobFailure::HostRestarted);
+        }
+        let client = backend.client().clone();
+        let limit = job.started_at.unwrap_or(job.created_at) + self.config.job_timeout;
+        loop {
+            let entry = client.history(&prompt_id).await.map_err(|e| JobFailure::ComfyUnavailable { detail: e.to_string(), retry_after_s: RETRY_AFTER_DOWN })?;
+            if let Some(entry) = entry
+                && let Some(outcome) = entry.outcome(&prompt_id)
+            {
+                return match outcome {
+                    PromptOutcome::Success => {
+                        let outputs = self.collect_history_outputs(&client, job, &entry).await?;
+                        self.store_outputs(job, outputs).await
+                    }
+                    PromptOutcome::Error(e) => Err(JobFailure::Execution {
+                        prompt_id,
+                        node_id: e.node_id,
+                        class_type: e.node_type,
+                        exception_type: e.exception_type,
+                        exception_message: e.exception_message.trim_end().to_string(),
+                        traceback: e.traceback,
+                    }),
+                    PromptOutcome::Interrupted(e) if job.status == JobStatus::Canceling => {
+                        let _ = e;
+                        Err(JobFailure::Canceled)
+                    }
+                    PromptOutcome::Interrupted(e) => Err(JobFailure::Interrupted { prompt_id, node_id: e.node_id, class_type: e.node_type }),
+                };
+            }
+            // Not finished: still in ComfyUI's queue? Then follow it to its end.
+            let queue = client.queue().await.map_err(|e| JobFailure::ComfyUnavailable { detail: e.to_string(), retry_after_s: RETRY_AFTER_DOWN })?;
+            if !(queue.is_running(&prompt_id) || queue.is_pending(&prompt_id)) {
+                return Err(JobFailure::HostRestarted);
+            }
+            let canceled = job.status == JobStatus::Canceling || self.cancel_requested(job.id).is_some_and(|rx| *rx.borrow());
+            if canceled || SystemTime::now() >= limit {
+                client.cancel(&prompt_id).await;
+                if canceled {
+                    return Err(JobFailure::Canceled);
+                }
+                return Err(JobFailure::Timeout { prompt_id: Some(prompt_id), waited_ms: job.created_at.elapsed().unwrap_or_default().as_millis() as u64 });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The job's outputs from a history entry: the requested nodes, else the last node with media.
+    async fn collect_history_outputs(&self, client: &flowhost_comfy::ComfyClient, job: &Job, entry: &flowhost_comfy::protocol::HistoryEntry) -> Result<Vec<FetchedOutput>, JobFailure> {
+        let mut nodes: Vec<(&String, Vec<flowhost_comfy::protocol::FileRef>)> =
+            entry.outputs.iter().map(|(node, output)| (node, file_refs_in_ui_output(output))).filter(|(_, files)| !files.is_empty()).collect();
+        if !job.spec.outputs.is_empty() {
+            let mut picked = Vec::new();
+            for wanted in &job.spec.outputs {
+                let Some(pos) = nodes.iter().position(|(n, _)| *n == wanted) else {
+                    return Err(JobFailure::OutputMissing { node_id: wanted.clone() });
+                };
+                picked.push(nodes.swap_remove(pos));
+            }
+            nodes = picked;
+        } else {
+            nodes = nodes.pop().into_iter().collect();
+        }
+        let mut out = Vec::new();
+        for (node, files) in nodes {
+            for file in files {
+                let bytes = client.view(&file).await.map_err(|e| super::failure::from_comfy(e, &[]))?;
+                let media_type = flowhost_comfy::media::sniff_media_type(&bytes).to_string();
+                out.push(FetchedOutput { node_id: node.clone(), filename: file.filename.clone(), bytes, media_type });
+            }
+        }
+        if out.is_empty() {
+            return Err(JobFailure::OutputMissing { node_id: "*".into() });
+        }
+        Ok(out)
+    }
+
+    /// Expire what is past retention at `now` (queued jobs past it become `expired`),
+    /// remove the records, then every blob no record references (older than a grace
+    /// period before `now`), and retry ComfyUI-side cleanup of the removed jobs.
+    pub async fn sweep_at(&self, now: SystemTime) -> Result<(SweepReport, usize), JobFailure> {
+        for job in self.store.jobs_with_status(&[JobStatus::Queued]).await.map_err(JobFailure::internal)? {
+            if job.expires_at <= now && self.cancel(job.id).await.is_ok() {
+                if let Ok(Some(mut job)) = self.store.get_job(job.id).await {
+                    job.status = JobStatus::Expired;
+                    let _ = self.store.update_job(&job).await;
+                }
+            }
+        }
+        let report = self.store.sweep_expired(now).await.map_err(JobFailure::internal)?;
+        let referenced = self.store.referenced_hashes().await.map_err(JobFailure::internal)?;
+        let mut blobs_removed = 0;
+        for (hash, modified) in self.blobs.list().await.map_err(JobFailure::internal)? {
+            if referenced.contains(&hash) || modified + BLOB_GRACE > now {
+                continue;
+            }
+            if self.blobs.delete(&hash).await.map_err(JobFailure::internal)? {
+                blobs_removed += 1;
+            }
+        }
+        if let Some(backend) = &self.backend {
+            for id in &report.jobs {
+                // Outputs went when the job ended; uploads folders are retried here.
+                clean_comfy_side(backend, *id, None, true).await;
+            }
+        }
+        if !report.jobs.is_empty() || blobs_removed > 0 {
+            tracing::info!(jobs = report.jobs.len(), assets = report.assets, blobs = blobs_removed, "retention sweep");
+        }
+        Ok((report, blobs_removed))
+    }
+
+    /// Sweep now and then, forever (spawned by the server).
+    pub fn start_sweeper(self: &Arc<Self>) {
+        let this = self.clone();
+        let every = (self.config.retention / 10).clamp(Duration::from_secs(10), Duration::from_secs(300));
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = this.sweep_at(SystemTime::now()).await {
+                    tracing::warn!(error = %e, "retention sweep failed");
+                }
+            }
+        });
+        super::service::lock(&self.tasks).push(task);
+    }
+}

@@ -1,0 +1,327 @@
+//! Running one job against ComfyUI, from its dispatch to its terminal status:
+//! uploads into a per-job folder named by the job id (server-made, never a caller's
+//! id), preflight against the live node catalogue, submission under a prompt id
+//! recorded *before* submitting (so a restart can reconcile), progress, one
+//! deadline to the last output byte, outputs encoded and stored as assets, then
+//! the job's files on ComfyUI's side deleted — whatever the outcome.
+//!
+//! Must never: decide HTTP statuses, or leave a prompt running in ComfyUI after
+//! the job ended (timeout and cancel interrupt it).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use flowhost_comfy::{ComfyBackend, ComfyError, RunRequest};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use super::failure::{JobFailure, from_comfy, validation_failure};
+use super::model::{Asset, AssetRole, Job, JobEvent, JobStatus, OutputEncoding};
+use super::progress::ProgressTracker;
+use super::service::JobService;
+use crate::events::JobTimings;
+use crate::media;
+use crate::plugins::bindings::wit;
+
+/// Progress snapshots are stored and published at most this often.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// One output as fetched from ComfyUI.
+pub(super) struct FetchedOutput {
+    pub node_id: String,
+    pub filename: String,
+    pub bytes: Bytes,
+    pub media_type: String,
+}
+
+/// The per-job upload folder in ComfyUI's input directory.
+pub fn upload_subfolder(job_id: Uuid) -> String {
+    format!("flowhost-{job_id}")
+}
+
+impl JobService {
+    /// Run a queued job to its end. Every path ends in a committed terminal status.
+    pub(super) async fn execute(&self, mut job: Job) {
+        let _in_flight = self.metrics.job_started();
+        let now = SystemTime::now();
+        job.status = JobStatus::Running;
+        job.started_at = Some(now);
+        job.queue_position = None;
+        job.metrics.queue_ms = Some(now.duration_since(job.created_at).unwrap_or_default().as_millis() as u64);
+        let prompt_id = Uuid::new_v4().to_string();
+        job.prompt_id = Some(prompt_id.clone());
+        if self.commit(&job).await.is_err() {
+            return;
+        }
+        let Some(mut cancel) = self.cancel_requested(job.id) else { return };
+
+        // One deadline: execution is bounded by the job timeout; a sync request's
+        // deadline (admission + timeout) bounds it further.
+        let mut deadline = Instant::now() + self.config.job_timeout;
+        if let Some(at) = job.spec.deadline {
+            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+            deadline = deadline.min(Instant::now() + left);
+        }
+        let started = Instant::now();
+        let created_at = job.created_at;
+        let outcome = {
+            let run = self.run_in_comfy(&mut job, &prompt_id, deadline);
+            tokio::pin!(run);
+            tokio::select! {
+                r = tokio::time::timeout_at(deadline.into(), &mut run) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(JobFailure::Timeout { prompt_id: Some(prompt_id.clone()), waited_ms: created_at.elapsed().unwrap_or_default().as_millis() as u64 }),
+                },
+                _ = cancel.wait_for(|c| *c) => Err(JobFailure::Canceled),
+            }
+        };
+        if let (Err(JobFailure::Timeout { .. } | JobFailure::Canceled), Some(backend)) = (&outcome, &self.backend) {
+            // The run future is gone; make sure ComfyUI stops THAT prompt now.
+            backend.client().cancel(&prompt_id).await;
+        }
+        let elapsed = started.elapsed();
+        self.end(job, outcome, elapsed).await;
+    }
+
+    /// Record the outcome, emit events and metrics, clean ComfyUI's side.
+    async fn end(&self, mut job: Job, outcome: Result<RunPhases, JobFailure>, elapsed: Duration) {
+        let now = SystemTime::now();
+        job.completed_at = Some(now);
+        job.metrics.total_ms = Some(now.duration_since(job.created_at).unwrap_or_default().as_millis() as u64);
+        let mut timings = JobTimings { plugin_build: job.metrics.build_ms.map(Duration::from_millis), total: Some(now.duration_since(job.created_at).unwrap_or_default()), ..Default::default() };
+        match outcome {
+            Ok(phases) => {
+                job.status = JobStatus::Succeeded;
+                job.metrics.comfyui_queue_ms = Some(phases.comfy_queue.as_millis() as u64);
+                job.metrics.execution_ms = Some(phases.execution.as_millis() as u64);
+                job.metrics.fetch_ms = Some(phases.fetch.as_millis() as u64);
+                if let Some(p) = job.progress.as_mut() {
+                    p.value = 1.0;
+                }
+                timings.queue_wait = Some(Duration::from_millis(job.metrics.queue_ms.unwrap_or(0)) + phases.comfy_queue);
+                timings.execution = Some(phases.execution);
+                timings.encode = Some(phases.fetch);
+            }
+            Err(JobFailure::Canceled) => job.status = JobStatus::Canceled,
+            Err(failure) => {
+                job.status = JobStatus::Failed;
+                job.error = Some(failure);
+            }
+        }
+        tracing::info!(job_id = %job.id, status = job.status.as_str(), elapsed_ms = elapsed.as_millis() as u64, "job ended");
+        let _ = self.commit(&job).await;
+        self.metrics.observe_job(job.source.route_label(), &timings);
+        self.metrics.job_finished(job.source.route_label(), job.status.as_str());
+        if let Some(events) = &job.spec.events {
+            match (&job.status, &job.error) {
+                (JobStatus::Succeeded, _) => self.analytics.emit(events.completed(&job.spec.analytics, &timings)),
+                (_, Some(error)) => self.analytics.emit(events.failed(&job.spec.analytics, &timings, error.failure_kind(), &error.message())),
+                _ => {}
+            }
+        }
+        if let Some(backend) = &self.backend {
+            clean_comfy_side(backend, job.id, job.prompt_id.as_deref(), !job.spec.uploads.is_empty()).await;
+        }
+    }
+
+    /// Uploads, preflight, run, outputs. The job's workflow becomes the executed graph.
+    async fn run_in_comfy(&self, job: &mut Job, prompt_id: &str, deadline: Instant) -> Result<RunPhases, JobFailure> {
+        let backend = self.backend.clone().ok_or_else(|| JobFailure::ComfyUnavailable { detail: "no ComfyUI backend is configured; only ?dry_run=true works".into(), retry_after_s: 30 })?;
+        if let Some(events) = &job.spec.events
+            && let Some(event) = events.resolved(&job.spec.analytics)
+        {
+            self.analytics.emit(event);
+        }
+        let phase_started = Instant::now();
+        let mut workflow = job.spec.workflow.clone();
+        let subfolder = upload_subfolder(job.id);
+        for upload in &job.spec.uploads {
+            let bytes = self.blobs.get(&upload.hash).await.map_err(|e| JobFailure::internal(format!("input {}: {e}", upload.filename)))?;
+            let reference = backend.upload_image(bytes, &safe_filename(&upload.filename), &subfolder).await.map_err(|e| from_comfy(e, &job.spec.caller_nodes))?;
+            if let Some(Value::Object(node)) = workflow.get_mut(&upload.node_id)
+                && let Some(Value::Object(inputs)) = node.get_mut("inputs")
+            {
+                inputs.insert(upload.input_name.clone(), Value::String(reference));
+            }
+        }
+        let graph = Value::Object(workflow.clone());
+        if let Err(issues) = backend.preflight(&graph).await {
+            return Err(validation_failure(issues, &job.spec.caller_nodes, "preflight"));
+        }
+        job.workflow = graph.clone();
+        let _ = self.store.update_job(job).await;
+
+        let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut request = RunRequest::new(graph, deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+        request.outputs = job.spec.outputs.clone();
+        request.prompt_id = Some(prompt_id.to_string());
+        let mut extra = match &job.spec.extra_data {
+            Value::Object(m) => m.clone(),
+            _ => Map::new(),
+        };
+        extra.insert("flowhost".into(), json!({"job_id": job.id.to_string(), "request_id": job.spec.request_id}));
+        request.extra_data = Value::Object(extra);
+        request.on_progress = Some(Arc::new(move |p| {
+            let _ = progress_tx.send(p);
+        }));
+        let mut tracker = ProgressTracker::new(&workflow);
+        let run = backend.run(request);
+        tokio::pin!(run);
+        let mut last_stored = Instant::now() - PROGRESS_INTERVAL;
+        let mut pending: Option<super::model::Progress> = None;
+        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+        let result = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                Some(p) = progress_rx.recv() => {
+                    pending = Some(tracker.apply(&p));
+                }
+                _ = tick.tick() => {}
+            }
+            if let Some(p) = pending.take() {
+                if last_stored.elapsed() >= PROGRESS_INTERVAL {
+                    last_stored = Instant::now();
+                    job.progress = Some(p.clone());
+                    let _ = self.store.update_job(job).await;
+                    self.send_event(job.id, JobEvent::Progress(p));
+                } else {
+                    pending = Some(p);
+                }
+            }
+        };
+        let result = match result {
+            Ok(r) => r,
+            Err(ComfyError::Execution { prompt_id, node_id, node_type, exception_type, exception_message, traceback }) => {
+                return Err(self.explain(job, prompt_id, node_id, node_type, exception_type, exception_message, traceback).await);
+            }
+            Err(e) => return Err(from_comfy(e, &job.spec.caller_nodes)),
+        };
+        let comfy_queue = result.timings.queued.unwrap_or_else(|| phase_started.elapsed().saturating_sub(result.timings.executing + result.timings.fetching));
+        let fetch_started = Instant::now();
+        if result.media.is_empty() {
+            return Err(JobFailure::OutputMissing { node_id: job.spec.outputs.first().cloned().unwrap_or_else(|| "*".into()) });
+        }
+        let fetched: Vec<FetchedOutput> = result
+            .media
+            .into_iter()
+            .map(|m| FetchedOutput { node_id: m.node_id, filename: m.filename, bytes: m.bytes, media_type: m.media_type })
+            .collect();
+        self.store_outputs(job, fetched).await?;
+        Ok(RunPhases { comfy_queue, execution: result.timings.executing, fetch: result.timings.fetching + fetch_started.elapsed() })
+    }
+
+    /// Encode (per the job's encoding), store as blobs and asset records, tell subscribers.
+    pub(super) async fn store_outputs(&self, job: &mut Job, outputs: Vec<FetchedOutput>) -> Result<(), JobFailure> {
+        for output in outputs {
+            let (bytes, media_type) = encode(output.bytes, &output.media_type, job.spec.encoding, self.config.jpeg_quality).await?;
+            let size = bytes.len() as u64;
+            let (hash, _) = self.blobs.put(bytes).await.map_err(JobFailure::internal)?;
+            let asset = Asset {
+                id: Uuid::new_v4(),
+                hash,
+                size_bytes: size,
+                name: Some(rename_for(&output.filename, &media_type)),
+                content_type: media_type,
+                job_id: Some(job.id),
+                node_id: Some(output.node_id),
+                role: AssetRole::Output,
+                created_at: SystemTime::now(),
+                expires_at: Some(job.expires_at),
+            };
+            self.store.insert_asset(&asset).await.map_err(JobFailure::internal)?;
+            job.outputs.push(asset.clone());
+            self.send_event(job.id, JobEvent::Output(asset));
+        }
+        Ok(())
+    }
+
+    /// Let the plugin that built the graph explain an execution error in its words.
+    #[allow(clippy::too_many_arguments)]
+    async fn explain(&self, job: &Job, prompt_id: String, node_id: String, node_type: String, exception_type: String, exception_message: String, traceback: Vec<String>) -> JobFailure {
+        let plugin = match (&job.source, self.plugins.get()) {
+            (super::model::JobSource::Route { route, version, .. }, Some(registry)) => registry.lookup(route).filter(|p| &p.manifest.version == version),
+            _ => None,
+        };
+        if let Some(plugin) = plugin {
+            let failure = wit::ExecutionFailure { node_id: node_id.clone(), node_type: node_type.clone(), exception_type: exception_type.clone(), exception_message: exception_message.clone() };
+            let rid = job.spec.request_id.clone();
+            let explained = tokio::task::spawn_blocking(move || plugin.explain_failure(&failure, &rid)).await.ok().flatten();
+            if let Some(user) = explained {
+                return JobFailure::Explained { status: user.status, title: user.title, detail: user.detail, field: user.field, node_id, class_type: node_type };
+            }
+        }
+        JobFailure::Execution { prompt_id, node_id, class_type: node_type, exception_type, exception_message: exception_message.trim_end().to_string(), traceback }
+    }
+}
+
+/// Where the time of a successful run went.
+pub(super) struct RunPhases {
+    pub comfy_queue: Duration,
+    pub execution: Duration,
+    pub fetch: Duration,
+}
+
+/// Delete what the job left on ComfyUI's side: its upload folder and its output
+/// files (then its history entry). Best effort, logged.
+pub(super) async fn clean_comfy_side(backend: &ComfyBackend, job_id: Uuid, prompt_id: Option<&str>, uploaded: bool) {
+    if uploaded && let Err(err) = backend.remove_uploads(&upload_subfolder(job_id)).await {
+        tracing::warn!(%job_id, error = %format!("{err:#}"), "could not remove the job's uploads in ComfyUI");
+    }
+    if let Some(prompt_id) = prompt_id {
+        match backend.remove_prompt_files(prompt_id).await {
+            Ok(n) => tracing::debug!(%job_id, removed = n, "removed the job's outputs in ComfyUI"),
+            Err(err) => tracing::warn!(%job_id, error = %format!("{err:#}"), "could not remove the job's outputs in ComfyUI"),
+        }
+    }
+}
+
+/// PNG → JPEG (or PNG) per the job's encoding; other media pass through.
+pub(super) async fn encode(bytes: Bytes, media_type: &str, encoding: OutputEncoding, quality: u8) -> Result<(Bytes, String), JobFailure> {
+    let sniffed = media::sniff_media_type(&bytes);
+    let media_type = if sniffed == "application/octet-stream" { media_type.to_string() } else { sniffed.to_string() };
+    if media_type != "image/png" || encoding != OutputEncoding::Jpeg {
+        return Ok((bytes, media_type));
+    }
+    let encoded = tokio::task::spawn_blocking(move || media::png_to_jpeg(&bytes, quality)).await;
+    match encoded {
+        Ok(Ok(jpeg)) => Ok((jpeg.into(), "image/jpeg".into())),
+        Ok(Err(err)) => Err(JobFailure::OutputUnreadable { detail: format!("{err:#}") }),
+        Err(err) => Err(JobFailure::internal(err)),
+    }
+}
+
+/// The output's file name with the extension of what it now is.
+fn rename_for(filename: &str, media_type: &str) -> String {
+    if media_type == "image/jpeg" && filename.to_ascii_lowercase().ends_with(".png") {
+        format!("{}.jpg", &filename[..filename.len() - 4])
+    } else {
+        filename.to_string()
+    }
+}
+
+pub(super) fn safe_filename(name: &str) -> String {
+    let clean: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')).take(100).collect();
+    let clean = clean.trim_start_matches('.').to_string();
+    if clean.is_empty() { "input.png".into() } else { clean }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_names_cannot_escape_their_folder() {
+        assert_eq!(safe_filename("../../etc/passwd"), "etcpasswd");
+        assert_eq!(safe_filename(".hidden.png"), "hidden.png");
+        assert_eq!(safe_filename(""), "input.png");
+        let id = Uuid::new_v4();
+        assert_eq!(upload_subfolder(id), format!("flowhost-{id}"));
+    }
+
+    #[test]
+    fn jpeg_outputs_are_named_jpg() {
+        assert_eq!(rename_for("ComfyUI_00001_.png", "image/jpeg"), "ComfyUI_00001_.jpg");
+        assert_eq!(rename_for("a.webp", "image/webp"), "a.webp");
+    }
+}

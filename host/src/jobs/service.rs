@@ -1,0 +1,683 @@
+//! [`JobService`]: the queue and the lifecycle of every job. Admission (bounded
+//! depth, `QueueFull` with a Retry-After estimated from recent durations), FIFO
+//! dispatch to at most `max_in_flight` workers, status transitions (stored first,
+//! then published to subscribers), cancel, waiting, and the per-job event
+//! channels. Running one job against ComfyUI is in `runner.rs`; restart recovery
+//! and retention in `recovery.rs`; assets in `assets.rs`.
+//!
+//! Must never: hold a lock across an await, lose an accepted job (a job is in the
+//! store before it is in the queue), or know about HTTP.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use flowhost_comfy::{BackendHealth, ComfyBackend};
+use tokio::sync::{Notify, broadcast, watch};
+use uuid::Uuid;
+
+use super::blobs::{BlobStore, hash_of};
+use super::failure::JobFailure;
+use super::model::{Asset, AssetRole, Job, JobEvent, JobSource, JobSpec, JobStatus, UploadSpec};
+use super::store::{IdempotencyClaim, JobFilter, JobStore};
+use crate::events::Analytics;
+use crate::metrics::Metrics;
+use crate::models::ModelVolume;
+use crate::plugins::PluginRegistry;
+
+/// Settings of the job service.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// Prompts in ComfyUI at once (dispatch workers).
+    pub max_in_flight: usize,
+    /// Jobs waiting beyond the running ones; a full queue refuses with `QueueFull`.
+    pub queue_depth: usize,
+    /// Per-job deadline: execution (uploads to the last output byte) always; for a sync
+    /// typed request also its wait in the queue (admission to the last byte).
+    pub job_timeout: Duration,
+    pub jpeg_quality: u8,
+    /// The inputs volume for path-valued image fields.
+    pub inputs: Option<PathBuf>,
+    /// How long jobs and their assets are kept after creation.
+    pub retention: Duration,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        JobConfig { max_in_flight: 5, queue_depth: 100, job_timeout: Duration::from_secs(120), jpeg_quality: 90, inputs: None, retention: Duration::from_secs(24 * 3600) }
+    }
+}
+
+/// An image to upload for a new job, with its bytes.
+#[derive(Debug, Clone)]
+pub struct NewUpload {
+    pub node_id: String,
+    pub input_name: String,
+    pub filename: String,
+    pub bytes: Bytes,
+    pub media_type: String,
+}
+
+/// A job to admit.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    /// Preassigned id (e.g. after claiming an idempotency key); a fresh one when None.
+    pub id: Option<Uuid>,
+    pub source: JobSource,
+    pub spec: JobSpec,
+    /// Bytes to store as the job's input assets and upload to ComfyUI. (Uploads of
+    /// already-stored assets go straight into `spec.uploads`.)
+    pub uploads: Vec<NewUpload>,
+    /// The plugin's `build` time, for metrics.
+    pub build_ms: Option<u64>,
+}
+
+/// Per-job channels while a job is not terminal.
+pub(super) struct Live {
+    pub snapshot: watch::Sender<Job>,
+    pub events: broadcast::Sender<JobEvent>,
+    pub cancel: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    order: VecDeque<Uuid>,
+    /// Admissions between the capacity check and the push.
+    admitting: usize,
+    running: usize,
+}
+
+/// Recent execution durations, for Retry-After.
+struct DurationEstimate {
+    ewma_ms: Option<f64>,
+}
+
+impl DurationEstimate {
+    fn observe(&mut self, d: Duration) {
+        let ms = d.as_secs_f64() * 1000.0;
+        self.ewma_ms = Some(match self.ewma_ms {
+            Some(prev) => prev * 0.8 + ms * 0.2,
+            None => ms,
+        });
+    }
+}
+
+/// The job service. One per process; cheap to share (`Arc`).
+pub struct JobService {
+    pub(super) store: Arc<dyn JobStore>,
+    pub(super) blobs: Arc<dyn BlobStore>,
+    pub(super) backend: Option<Arc<ComfyBackend>>,
+    pub(super) config: JobConfig,
+    pub(super) models: Option<Arc<ModelVolume>>,
+    pub(super) plugins: OnceLock<Arc<PluginRegistry>>,
+    queue: Mutex<QueueState>,
+    queue_notify: Notify,
+    pub(super) live: Mutex<HashMap<Uuid, Live>>,
+    estimate: Mutex<DurationEstimate>,
+    /// Dispatch workers and the sweeper, stopped by [`JobService::shutdown`].
+    pub(super) tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pub metrics: Metrics,
+    pub analytics: Analytics,
+    /// Webhooks (issue #14).
+    pub(super) transition_messages: OnceLock<Arc<dyn TransitionMessages>>,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Makes the outbox messages (webhooks) a job's state change sends; they are stored in the
+/// same transaction as the change. Set once at startup ([`JobService::set_transition_messages`]).
+pub trait TransitionMessages: Send + Sync {
+    /// The messages for `job`'s new state (empty for most states).
+    fn messages_for(&self, job: &Job) -> Vec<crate::webhooks::outbox::NewDelivery>;
+    /// Messages were committed: deliver them.
+    fn committed(&self);
+}
+
+/// Subscribers may lag; a progress burst must not block the runner.
+const EVENT_BUFFER: usize = 64;
+
+impl JobService {
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        blobs: Arc<dyn BlobStore>,
+        backend: Option<Arc<ComfyBackend>>,
+        config: JobConfig,
+        models: Option<Arc<ModelVolume>>,
+        metrics: Metrics,
+        analytics: Analytics,
+    ) -> Arc<JobService> {
+        Arc::new(JobService {
+            store,
+            blobs,
+            backend,
+            config,
+            models,
+            plugins: OnceLock::new(),
+            queue: Mutex::new(QueueState::default()),
+            queue_notify: Notify::new(),
+            live: Mutex::new(HashMap::new()),
+            estimate: Mutex::new(DurationEstimate { ewma_ms: None }),
+            tasks: Mutex::new(Vec::new()),
+            metrics,
+            analytics,
+            transition_messages: OnceLock::new(),
+        })
+    }
+
+    /// Who makes the webhook messages of state changes.
+    pub fn set_transition_messages(&self, messages: Arc<dyn TransitionMessages>) {
+        let _ = self.transition_messages.set(messages);
+    }
+
+    /// The plugin registry, for `explain-failure` on jobs whose plugin is still loaded.
+    pub fn set_registry(&self, registry: Arc<PluginRegistry>) {
+        let _ = self.plugins.set(registry);
+    }
+
+    pub fn backend(&self) -> Option<&Arc<ComfyBackend>> {
+        self.backend.as_ref()
+    }
+
+    pub fn config(&self) -> &JobConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn JobStore> {
+        &self.store
+    }
+
+    pub fn blobs(&self) -> &Arc<dyn BlobStore> {
+        &self.blobs
+    }
+
+    /// Start the dispatch workers (after [`JobService::recover`]).
+    pub fn start_workers(self: &Arc<Self>) {
+        for _ in 0..self.config.max_in_flight.max(1) {
+            let this = self.clone();
+            let task = tokio::spawn(async move { this.worker().await });
+            lock(&self.tasks).push(task);
+        }
+    }
+
+    /// Stop dispatching (the process is stopping). Jobs keep their stored state:
+    /// queued ones stay queued and running ones are reconciled at the next start.
+    pub fn shutdown(&self) {
+        for task in lock(&self.tasks).drain(..) {
+            task.abort();
+        }
+    }
+
+    // ----- admission -----
+
+    /// Seconds until a slot is likely free: recent execution time × jobs ahead per slot.
+    pub fn retry_after(&self) -> u64 {
+        let waiting = {
+            let q = lock(&self.queue);
+            q.order.len() + q.admitting
+        };
+        let slots = self.config.max_in_flight.max(1) as f64;
+        let per_job_ms = lock(&self.estimate).ewma_ms.unwrap_or(5_000.0);
+        let secs = per_job_ms * (waiting as f64 + 1.0) / slots / 1000.0;
+        secs.ceil().clamp(1.0, 3600.0) as u64
+    }
+
+    /// Jobs waiting for a slot now.
+    pub fn queue_depth(&self) -> usize {
+        lock(&self.queue).order.len()
+    }
+
+    /// Admit a job: store it (with its input bytes) and queue it. `QueueFull` when
+    /// the queue is at its depth and no slot is free.
+    pub async fn submit(&self, submission: Submission) -> Result<Job, JobFailure> {
+        {
+            let mut q = lock(&self.queue);
+            let free_slots = self.config.max_in_flight.max(1).saturating_sub(q.running);
+            let waiting = q.order.len() + q.admitting;
+            if waiting >= self.config.queue_depth + free_slots {
+                drop(q);
+                self.metrics.job_refused("queue_full");
+                return Err(JobFailure::QueueFull { retry_after_s: self.retry_after(), depth: waiting });
+            }
+            q.admitting += 1;
+        }
+        let result = self.admit(submission).await;
+        let mut q = lock(&self.queue);
+        q.admitting -= 1;
+        match result {
+            Ok(mut job) => {
+                q.order.push_back(job.id);
+                job.queue_position = Some((q.order.len() - 1) as u32);
+                self.metrics.set_queue_depth(q.order.len());
+                drop(q);
+                self.queue_notify.notify_one();
+                Ok(job)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn admit(&self, submission: Submission) -> Result<Job, JobFailure> {
+        let Submission { id, source, mut spec, uploads, build_ms } = submission;
+        let mut job = Job::new(source, JobSpec::new(Default::default()), self.config.retention);
+        if let Some(id) = id {
+            job.id = id;
+        }
+        let mut inputs = Vec::with_capacity(uploads.len());
+        for upload in uploads {
+            let size = upload.bytes.len() as u64;
+            let (hash, _) = self.blobs.put(upload.bytes).await.map_err(JobFailure::internal)?;
+            inputs.push(Asset {
+                id: Uuid::new_v4(),
+                hash: hash.clone(),
+                size_bytes: size,
+                content_type: upload.media_type,
+                name: Some(upload.filename.clone()),
+                job_id: Some(job.id),
+                node_id: Some(upload.node_id.clone()),
+                role: AssetRole::Input,
+                created_at: job.created_at,
+                expires_at: Some(job.expires_at),
+            });
+            spec.uploads.push(UploadSpec { node_id: upload.node_id, input_name: upload.input_name, filename: upload.filename, hash });
+        }
+        job.workflow = serde_json::Value::Object(spec.workflow.clone());
+        job.metrics.build_ms = build_ms;
+        job.spec = spec;
+        self.store.insert_job(&job, &inputs).await.map_err(JobFailure::internal)?;
+        self.make_live(&job);
+        Ok(job)
+    }
+
+    pub(super) fn make_live(&self, job: &Job) {
+        let (snapshot, _) = watch::channel(job.clone());
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let (cancel, _) = watch::channel(false);
+        lock(&self.live).insert(job.id, Live { snapshot, events, cancel });
+    }
+
+    /// Put a stored queued job back in the queue (restart recovery).
+    pub(super) fn requeue(&self, job: &Job) {
+        self.make_live(job);
+        let mut q = lock(&self.queue);
+        q.order.push_back(job.id);
+        self.metrics.set_queue_depth(q.order.len());
+        drop(q);
+        self.queue_notify.notify_one();
+    }
+
+    // ----- reading -----
+
+    /// A job as now (live queue position filled in).
+    pub async fn get(&self, id: Uuid) -> Result<Option<Job>, JobFailure> {
+        let job = self.store.get_job(id).await.map_err(JobFailure::internal)?;
+        Ok(job.map(|j| self.with_position(j)))
+    }
+
+    /// Jobs newest first.
+    pub async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>, JobFailure> {
+        let jobs = self.store.list_jobs(filter).await.map_err(JobFailure::internal)?;
+        Ok(jobs.into_iter().map(|j| self.with_position(j)).collect())
+    }
+
+    fn with_position(&self, mut job: Job) -> Job {
+        job.queue_position = if job.status == JobStatus::Queued {
+            lock(&self.queue).order.iter().position(|id| *id == job.id).map(|p| p as u32)
+        } else {
+            None
+        };
+        job
+    }
+
+    /// The job as now and a receiver of its events from now on. A terminal job's
+    /// receiver is closed at once (nothing more will happen). `None`: no such job.
+    pub async fn subscribe(&self, id: Uuid) -> Result<Option<(Job, broadcast::Receiver<JobEvent>)>, JobFailure> {
+        let live = {
+            let live = lock(&self.live);
+            live.get(&id).map(|l| (l.snapshot.borrow().clone(), l.events.subscribe()))
+        };
+        if let Some((job, rx)) = live {
+            // The store has the outputs committed so far.
+            let stored = self.store.get_job(id).await.map_err(JobFailure::internal)?;
+            let mut job = stored.filter(|s| s.status == job.status).unwrap_or(job);
+            if job.progress.is_none() {
+                job.progress = lock(&self.live).get(&id).and_then(|l| l.snapshot.borrow().progress.clone());
+            }
+            return Ok(Some((self.with_position(job), rx)));
+        }
+        let Some(job) = self.get(id).await? else { return Ok(None) };
+        let (tx, rx) = broadcast::channel(1);
+        drop(tx);
+        Ok(Some((job, rx)))
+    }
+
+    /// Wait until the job is terminal and return it. `deadline`: give up waiting
+    /// then (a job still queued at its deadline is failed `Timeout`; one running is
+    /// bounded by its own deadline).
+    pub async fn wait(&self, id: Uuid, deadline: Option<Instant>) -> Result<Job, JobFailure> {
+        let rx = lock(&self.live).get(&id).map(|l| l.snapshot.subscribe());
+        if let Some(mut rx) = rx {
+            let waited = async { rx.wait_for(|j| j.status.is_terminal()).await.map(|j| j.clone()).ok() };
+            let outcome = match deadline {
+                Some(at) => match tokio::time::timeout_at(at.into(), waited).await {
+                    Ok(done) => done,
+                    Err(_) => {
+                        self.time_out_if_queued(id).await;
+                        let rx = lock(&self.live).get(&id).map(|l| l.snapshot.subscribe());
+                        match rx {
+                            Some(mut rx) => tokio::time::timeout(Duration::from_secs(10), async { rx.wait_for(|j| j.status.is_terminal()).await.map(|j| j.clone()).ok() }).await.ok().flatten(),
+                            None => None,
+                        }
+                    }
+                },
+                None => waited.await,
+            };
+            if outcome.is_some() {
+                // Read back: the store has the outputs.
+                if let Some(job) = self.get(id).await? {
+                    if job.status.is_terminal() {
+                        return Ok(job);
+                    }
+                }
+            }
+        }
+        match self.get(id).await? {
+            Some(job) if job.status.is_terminal() => Ok(job),
+            Some(_) => Err(JobFailure::Timeout { prompt_id: None, waited_ms: 0 }),
+            None => Err(JobFailure::internal(format!("job {id} vanished"))),
+        }
+    }
+
+    // ----- transitions -----
+
+    /// Store the job, then tell subscribers. Terminal: the live entry goes.
+    pub(super) async fn commit(&self, job: &Job) -> Result<(), JobFailure> {
+        let hook = self.transition_messages.get();
+        let messages = hook.map(|h| h.messages_for(job)).unwrap_or_default();
+        let stored = if messages.is_empty() { self.store.update_job(job).await } else { self.store.update_job_with_messages(job, &messages).await };
+        if let Err(e) = stored {
+            tracing::error!(job_id = %job.id, error = %e, "storing a job transition failed");
+            return Err(JobFailure::internal(e));
+        }
+        if let (Some(hook), false) = (hook, messages.is_empty()) {
+            hook.committed();
+        }
+        self.publish(job);
+        Ok(())
+    }
+
+    pub(super) fn publish(&self, job: &Job) {
+        let mut live = lock(&self.live);
+        if let Some(l) = live.get(&job.id) {
+            let _ = l.events.send(JobEvent::Status(Box::new(job.clone())));
+            l.snapshot.send_replace(job.clone());
+        }
+        if job.status.is_terminal() {
+            live.remove(&job.id);
+        }
+    }
+
+    pub(super) fn send_event(&self, id: Uuid, event: JobEvent) {
+        if let Some(l) = lock(&self.live).get(&id) {
+            if let JobEvent::Progress(p) = &event {
+                l.snapshot.send_modify(|j| j.progress = Some(p.clone()));
+            }
+            let _ = l.events.send(event);
+        }
+    }
+
+    pub(super) fn cancel_requested(&self, id: Uuid) -> Option<watch::Receiver<bool>> {
+        lock(&self.live).get(&id).map(|l| l.cancel.subscribe())
+    }
+
+    pub(super) fn observe_duration(&self, d: Duration) {
+        lock(&self.estimate).observe(d);
+    }
+
+    /// Finish a job that never ran (canceled or timed out in the queue).
+    async fn finish_unrun(&self, mut job: Job, status: JobStatus, error: Option<JobFailure>) -> Result<Job, JobFailure> {
+        job.status = status;
+        job.completed_at = Some(SystemTime::now());
+        job.error = error;
+        job.queue_position = None;
+        job.metrics.total_ms = Some(job.created_at.elapsed().unwrap_or_default().as_millis() as u64);
+        self.commit(&job).await?;
+        self.metrics.job_finished(job.source.route_label(), status.as_str());
+        if let (Some(events), Some(error)) = (&job.spec.events, &job.error) {
+            let timings = crate::events::JobTimings { total: job.metrics.total_ms.map(Duration::from_millis), ..Default::default() };
+            self.analytics.emit(events.failed(&job.spec.analytics, &timings, error.failure_kind(), &error.message()));
+        }
+        Ok(job)
+    }
+
+    fn take_from_queue(&self, id: Uuid) -> bool {
+        let mut q = lock(&self.queue);
+        let before = q.order.len();
+        q.order.retain(|j| *j != id);
+        self.metrics.set_queue_depth(q.order.len());
+        q.order.len() != before
+    }
+
+    async fn time_out_if_queued(&self, id: Uuid) {
+        if self.take_from_queue(id) {
+            if let Ok(Some(job)) = self.store.get_job(id).await {
+                let waited = job.created_at.elapsed().unwrap_or_default().as_millis() as u64;
+                let _ = self.finish_unrun(job, JobStatus::Failed, Some(JobFailure::Timeout { prompt_id: None, waited_ms: waited })).await;
+            }
+        }
+    }
+
+    /// Cancel: idempotent. Queued → canceled at once; running → canceling, then
+    /// interrupted in ComfyUI → canceled; terminal → as is. `None`: no such job.
+    pub async fn cancel(&self, id: Uuid) -> Result<Option<Job>, JobFailure> {
+        if self.take_from_queue(id) {
+            let Some(job) = self.store.get_job(id).await.map_err(JobFailure::internal)? else { return Ok(None) };
+            return self.finish_unrun(job, JobStatus::Canceled, None).await.map(Some);
+        }
+        let Some(mut job) = self.get(id).await? else { return Ok(None) };
+        match job.status {
+            JobStatus::Running => {
+                job.status = JobStatus::Canceling;
+                self.commit(&job).await?;
+                if let Some(l) = lock(&self.live).get(&id) {
+                    l.cancel.send_replace(true);
+                }
+                Ok(Some(job))
+            }
+            JobStatus::Canceling => {
+                if let Some(l) = lock(&self.live).get(&id) {
+                    l.cancel.send_replace(true);
+                }
+                Ok(Some(job))
+            }
+            _ => Ok(Some(job)),
+        }
+    }
+
+    // ----- idempotency -----
+
+    /// Claim an idempotency key for a new job id. See [`JobStore::claim_idempotency_key`].
+    pub async fn claim_idempotency_key(&self, scope: &str, key: &str, fingerprint: &str, job_id: Uuid) -> Result<IdempotencyClaim, JobFailure> {
+        let expires = SystemTime::now() + Duration::from_secs(24 * 3600);
+        self.store.claim_idempotency_key(scope, key, fingerprint, job_id, expires).await.map_err(JobFailure::internal)
+    }
+
+    /// Free a key whose submission failed without creating a job.
+    pub async fn release_idempotency_key(&self, scope: &str, key: &str) -> Result<(), JobFailure> {
+        self.store.release_idempotency_key(scope, key).await.map_err(JobFailure::internal)
+    }
+
+    /// The fingerprint of a request for idempotency: a hash of what makes it the same request.
+    pub fn fingerprint(parts: &[&[u8]]) -> String {
+        let mut all = Vec::new();
+        for part in parts {
+            all.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            all.extend_from_slice(part);
+        }
+        hash_of(&all)
+    }
+
+    // ----- dispatch -----
+
+    async fn next_job(&self) -> Uuid {
+        loop {
+            // A ComfyUI that is (re)starting: let the queue wait rather than fail it.
+            if let Some(backend) = &self.backend
+                && matches!(backend.health(), BackendHealth::Starting)
+            {
+                backend.wait_ready(Duration::from_secs(1)).await;
+                continue;
+            }
+            let notified = self.queue_notify.notified();
+            {
+                let mut q = lock(&self.queue);
+                if let Some(id) = q.order.pop_front() {
+                    q.running += 1;
+                    self.metrics.set_queue_depth(q.order.len());
+                    if !q.order.is_empty() {
+                        self.queue_notify.notify_one();
+                    }
+                    return id;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    async fn worker(self: Arc<Self>) {
+        loop {
+            let id = self.next_job().await;
+            let started = Instant::now();
+            self.run_job(id).await;
+            self.observe_duration(started.elapsed());
+            lock(&self.queue).running -= 1;
+            self.queue_notify.notify_one();
+        }
+    }
+
+    /// A job whose stored status is queued: run it unless its deadline passed.
+    async fn run_job(&self, id: Uuid) {
+        let job = match self.store.get_job(id).await {
+            Ok(Some(job)) if job.status == JobStatus::Queued => job,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(job_id = %id, error = %e, "reading a queued job failed");
+                return;
+            }
+        };
+        if let Some(deadline) = job.spec.deadline
+            && SystemTime::now() >= deadline
+        {
+            let waited = job.created_at.elapsed().unwrap_or_default().as_millis() as u64;
+            let _ = self.finish_unrun(job, JobStatus::Failed, Some(JobFailure::Timeout { prompt_id: None, waited_ms: waited })).await;
+            return;
+        }
+        if let Some(backend) = &self.backend
+            && let BackendHealth::Down { reason } = backend.health()
+        {
+            let failure = JobFailure::ComfyUnavailable { detail: reason, retry_after_s: super::failure::RETRY_AFTER_DOWN };
+            let _ = self.finish_unrun(job, JobStatus::Failed, Some(failure)).await;
+            return;
+        }
+        self.execute(job).await;
+    }
+}
+
+/// Cancels a sync request's job if the request goes away before it finished
+/// (the client disconnected): nobody would read its result.
+pub struct CancelOnDrop {
+    service: Option<Arc<JobService>>,
+    id: Uuid,
+}
+
+impl CancelOnDrop {
+    pub fn new(service: Arc<JobService>, id: Uuid) -> Self {
+        CancelOnDrop { service: Some(service), id }
+    }
+    pub fn disarm(mut self) {
+        self.service = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(service) = self.service.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let id = self.id;
+            tracing::info!(job_id = %id, "caller went away; canceling the job");
+            runtime.spawn(async move {
+                if let Err(e) = service.cancel(id).await {
+                    tracing::warn!(job_id = %id, error = %e, "canceling an abandoned job failed");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::blobs::FsBlobStore;
+    use crate::jobs::store::SqliteStore;
+
+    async fn service(dir: &std::path::Path, config: JobConfig) -> Arc<JobService> {
+        let store = SqliteStore::open(&dir.join("jobs.db")).await.unwrap();
+        let blobs = FsBlobStore::new(dir.join("blobs")).unwrap();
+        let analytics = Analytics::disabled();
+        JobService::new(Arc::new(store), Arc::new(blobs), None, config, None, Metrics::new(analytics.clone()), analytics)
+    }
+
+    fn submission() -> Submission {
+        let mut graph = serde_json::Map::new();
+        graph.insert("1".into(), serde_json::json!({"class_type": "EmptyImage", "inputs": {}}));
+        Submission { id: None, source: JobSource::Api, spec: JobSpec::new(graph), uploads: Vec::new(), build_ms: None }
+    }
+
+    #[tokio::test]
+    async fn queue_depth_obeyed_and_violated_with_a_retry_after_from_recent_durations() {
+        let dir = tempfile::tempdir().unwrap();
+        // No workers: nothing leaves the queue.
+        let svc = service(dir.path(), JobConfig { max_in_flight: 2, queue_depth: 1, ..JobConfig::default() }).await;
+        svc.observe_duration(Duration::from_secs(10));
+        assert_eq!(svc.retry_after(), 5, "one job of 10 s ahead, shared by 2 slots");
+        for _ in 0..3 {
+            svc.submit(submission()).await.expect("two free slots + depth 1");
+        }
+        match svc.submit(submission()).await {
+            Err(JobFailure::QueueFull { retry_after_s, depth }) => {
+                assert_eq!(depth, 3);
+                assert_eq!(retry_after_s, 20, "(3 waiting + 1) × 10 s / 2 slots");
+            }
+            other => panic!("expected QueueFull, got {other:?}"),
+        }
+        svc.observe_duration(Duration::from_secs(60));
+        assert!(svc.retry_after() > 20, "longer recent jobs, longer wait");
+    }
+
+    #[tokio::test]
+    async fn a_queued_job_is_canceled_at_once_and_leaves_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(dir.path(), JobConfig::default()).await;
+        let job = svc.submit(submission()).await.unwrap();
+        assert_eq!(job.queue_position, Some(0));
+        let (snapshot, mut events) = svc.subscribe(job.id).await.unwrap().unwrap();
+        assert_eq!(snapshot.status, JobStatus::Queued);
+        let canceled = svc.cancel(job.id).await.unwrap().unwrap();
+        assert_eq!(canceled.status, JobStatus::Canceled);
+        assert_eq!(svc.queue_depth(), 0);
+        match events.recv().await {
+            Ok(JobEvent::Status(j)) => assert_eq!(j.status, JobStatus::Canceled),
+            other => panic!("expected the status event, got {other:?}"),
+        }
+        assert!(events.recv().await.is_err(), "the stream ends after the terminal status");
+        let stored = svc.get(job.id).await.unwrap().unwrap();
+        assert_eq!(stored.status, JobStatus::Canceled);
+        assert_eq!(svc.cancel(job.id).await.unwrap().unwrap().status, JobStatus::Canceled, "idempotent");
+        assert!(svc.cancel(Uuid::new_v4()).await.unwrap().is_none());
+        assert_eq!(svc.wait(job.id, None).await.unwrap().status, JobStatus::Canceled);
+    }
+}
