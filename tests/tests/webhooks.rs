@@ -339,4 +339,37 @@ mod serve {
         assert_eq!(body["type"], "job.succeeded");
         server.server.shutdown().await.unwrap();
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_out_of_attempts_is_listed_as_a_dead_letter_and_counted() {
+        require_standardwebhooks();
+        let dir = tempfile::tempdir().unwrap();
+        let secret = WebhookSecret::generate();
+        let receiver = Receiver::start(free_port(), &secret, 1000, &dir.path().join("rx.log"));
+        // The whole schedule at 1 µs per unit: eleven attempts in a few milliseconds.
+        let server = start(&["--webhook-secret", &secret, "--webhook-allow-host", "127.0.0.1", "--webhook-retry-base-ms", "0.001"]).await;
+        let job: Value = submit(&server, &format!("{}?token=receiver-secret", receiver.url())).await.json().await.unwrap();
+        let listed = eventually(Duration::from_secs(30), || async {
+            let list = server.get_json("/admin/webhooks/dead-letters").await.ok()?;
+            (list["dead_letters"].as_array()?.len() == 1).then_some(list)
+        })
+        .await
+        .expect("never dead-lettered");
+        let letter = &listed["dead_letters"][0];
+        assert_eq!(letter["job_id"], job["id"]);
+        assert_eq!(letter["event_type"], "job.succeeded");
+        assert_eq!(letter["attempts"], 11);
+        assert_eq!(letter["last_status"], 500);
+        assert_eq!(letter["destination"], receiver.url(), "the query string (a receiver's token) is not shown");
+        assert_eq!(deliveries(&receiver.log).len(), 11);
+        assert!(deliveries(&receiver.log).iter().all(|d| d["verified"] == true));
+        let metrics = eventually(Duration::from_secs(5), || async {
+            let text = server.client.get(server.url("/metrics")).send().await.ok()?.text().await.ok()?;
+            (text.contains("flowhost_webhook_dead_letters 1") && text.contains("flowhost_webhook_pending 0")).then_some(text)
+        })
+        .await
+        .expect("the dead-letter and pending gauges never showed 1 and 0");
+        assert!(metrics.contains("flowhost_webhook_deliveries_total{outcome=\"dead_lettered\"} 1"), "{metrics}");
+        server.server.shutdown().await.unwrap();
+    }
 }
