@@ -492,6 +492,23 @@ mod tests {
     }
 
     #[test]
+    fn queue_depth_outcomes_and_refusals_are_exposed() {
+        let metrics = Metrics::new(Analytics::disabled());
+        metrics.set_queue_depth(3);
+        metrics.job_finished("/flux-dev", "succeeded");
+        metrics.job_finished("/flux-dev", "succeeded");
+        metrics.job_finished("/flux-dev", "canceled");
+        metrics.job_refused("queue_full");
+        let text = metrics.render();
+        assert!(text.contains("flowhost_queue_depth 3"), "{text}");
+        assert_eq!(line_value(&text, "flowhost_jobs_finished_total{route=\"/flux-dev\",status=\"succeeded\"}"), Some("2".into()), "{text}");
+        assert_eq!(line_value(&text, "flowhost_jobs_finished_total{route=\"/flux-dev\",status=\"canceled\"}"), Some("1".into()));
+        assert!(text.contains("flowhost_jobs_refused_total{reason=\"queue_full\"} 1"), "{text}");
+        metrics.set_queue_depth(0);
+        assert!(metrics.render().contains("flowhost_queue_depth 0"));
+    }
+
+    #[test]
     fn the_in_flight_gauge_follows_running_jobs() {
         let metrics = Metrics::new(Analytics::disabled());
         let first = metrics.job_started();
