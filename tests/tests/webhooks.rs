@@ -372,4 +372,53 @@ mod serve {
         assert!(metrics.contains("flowhost_webhook_deliveries_total{outcome=\"dead_lettered\"} 1"), "{metrics}");
         server.server.shutdown().await.unwrap();
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_operator_gets_terminal_events_and_a_caller_the_events_it_asked_for() {
+        require_standardwebhooks();
+        let dir = tempfile::tempdir().unwrap();
+        let secret = WebhookSecret::generate();
+        let operator = Receiver::start(free_port(), &secret, 0, &dir.path().join("operator.log"));
+        let caller = Receiver::start(free_port(), &secret, 0, &dir.path().join("caller.log"));
+        let server = start(&["--webhook-secret", &secret, "--webhook-allow-host", "127.0.0.1", "--webhook-url", &operator.url()]).await;
+        let response = server
+            .client
+            .post(server.url("/flux-dev"))
+            .header("prefer", "respond-async")
+            .header("flowhost-webhook-url", caller.url())
+            .header("flowhost-webhook-events", "job.started, job.succeeded")
+            .json(&json!({"prompt": "a lighthouse", "width": 256, "height": 256, "steps": 2}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let job: Value = response.json().await.unwrap();
+        // A plain sync request makes a job too: the operator hears of it, no caller does.
+        let sync = server.post_json("/flux-dev", &json!({"prompt": "a sync one", "width": 256, "height": 256, "steps": 2})).await.unwrap();
+        assert_eq!(sync.status(), 200);
+        let to_caller = wait_for_deliveries(&caller.log, 2, Duration::from_secs(30)).await;
+        let to_operator = wait_for_deliveries(&operator.log, 2, Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await; // nothing more may come
+        let types = |log: &Path| -> Vec<(String, String)> {
+            deliveries(log)
+                .iter()
+                .map(|d| {
+                    assert_eq!(d["verified"], true, "{d}");
+                    let body: Value = serde_json::from_str(d["body"].as_str().unwrap()).unwrap();
+                    (body["type"].as_str().unwrap().to_owned(), body["data"]["id"].as_str().unwrap().to_owned())
+                })
+                .collect()
+        };
+        let id = job["id"].as_str().unwrap().to_owned();
+        assert_eq!(to_caller.len(), 2);
+        // Messages are independent (no ordering promise): compare as a set.
+        let mut caller_types = types(&caller.log);
+        caller_types.sort();
+        assert_eq!(caller_types, vec![("job.started".to_owned(), id.clone()), ("job.succeeded".to_owned(), id.clone())]);
+        assert_eq!(to_operator.len(), 2);
+        let operator_types = types(&operator.log);
+        assert!(operator_types.iter().all(|(t, _)| t == "job.succeeded"), "{operator_types:?}");
+        assert!(operator_types.iter().any(|(_, j)| *j == id), "{operator_types:?}");
+        server.server.shutdown().await.unwrap();
+    }
 }
