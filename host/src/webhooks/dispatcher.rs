@@ -271,12 +271,13 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        handle.stop();
         assert_eq!(dead.len(), 1, "never dead-lettered");
         assert_eq!(dead[0].attempts, RetrySchedule::default().max_attempts());
         assert_eq!(seen.lock().unwrap().len(), RetrySchedule::default().max_attempts() as usize);
         assert_eq!((dead[0].last_status, dead[0].last_error.as_deref()), (Some(500), Some("answered 500")));
+        // The gauges are refreshed by the running loop (at its next round, within 1 s).
         assert!(wait_for(Duration::from_secs(3), || metrics.render().contains("flowhost_webhook_dead_letters 1")).await, "{}", metrics.render());
+        handle.stop();
         assert!(metrics.render().contains("flowhost_webhook_deliveries_total{outcome=\"dead_lettered\"} 1"));
     }
 
