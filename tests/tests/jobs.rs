@@ -407,3 +407,35 @@ async fn a_jobs_comfyui_files_go_when_it_ends_and_retention_sweeps_records_and_b
     assert!(jobs.get(id).await.unwrap().is_none());
     assert!(!jobs.blobs().exists(&output).await.unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_snapshots_reach_subscribers_and_the_store_while_a_job_runs() {
+    let comfy = ExternalComfy::start().await.unwrap();
+    comfy.double.faults().set_step_latency(Duration::from_millis(150));
+    let state = tempfile::tempdir().unwrap();
+    let server = serve(&comfy, state.path(), &[]).await;
+    let job = post_async(&server.client, &server.base, "/flux-dev", &json!({"prompt": "p", "width": 256, "height": 256, "steps": 12, "seed": 3})).await;
+    let id = job_id(&job);
+    let (snapshot, mut events) = server.server.state.jobs.subscribe(id).await.unwrap().expect("the job exists");
+    assert!(!snapshot.status.is_terminal());
+    let mut values = Vec::new();
+    let mut saw_output = false;
+    let mut last_status = snapshot.status;
+    while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+        match event {
+            flowhost::jobs::JobEvent::Progress(p) => {
+                assert!(p.nodes_total > 0 && (0.0..=1.0).contains(&p.value), "{p:?}");
+                values.push(p.value);
+            }
+            flowhost::jobs::JobEvent::Output(asset) => saw_output = asset.content_type == "image/jpeg",
+            flowhost::jobs::JobEvent::Status(j) => last_status = j.status,
+            flowhost::jobs::JobEvent::Preview { .. } => {}
+        }
+    }
+    assert_eq!(last_status, JobStatus::Succeeded, "the stream ends after the terminal status");
+    assert!(saw_output, "the output was announced");
+    assert!(values.len() >= 2, "throttled, but more than one snapshot over ~3 s: {values:?}");
+    assert!(values.windows(2).all(|w| w[1] >= w[0]), "progress never goes back: {values:?}");
+    let stored = server.server.state.jobs.get(id).await.unwrap().unwrap();
+    assert_eq!(stored.progress.map(|p| p.value), Some(1.0), "the stored snapshot ends at 1");
+}
