@@ -174,6 +174,9 @@ pub struct ServeArgs {
     /// Seconds between plugin-folder rescans (network volumes send no events).
     #[arg(long, default_value_t = 2)]
     pub rescan_interval: u64,
+    /// Webhooks (signing secrets, operator subscriptions, SSRF allow-list).
+    #[command(flatten)]
+    pub webhooks: crate::webhooks::WebhookArgs,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -19,3 +19,4 @@ pub mod server;
 pub mod media;
 pub mod simulate;
 pub mod timestamp;
+pub mod webhooks;

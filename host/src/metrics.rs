@@ -26,6 +26,9 @@
 //! `unmatched`. `reason` is one of `file`, `compile`, `contract`, `manifest`,
 //! `route_conflict`, `duplicate_name` (`plugins::LoadErrorKind::label`).
 //! | `flowhost_analytics_dropped_events_total`       | counter   |                 |
+//! | `flowhost_webhook_deliveries_total`             | counter   | `outcome`       |
+//! | `flowhost_webhook_pending`                      | gauge     |                 |
+//! | `flowhost_webhook_dead_letters`                 | gauge     |                 |
 
 use std::sync::Arc;
 
@@ -109,6 +112,37 @@ struct Inner {
     comfyui_restarts: Counter,
     plugin_loads: Family<PluginLabels, Counter>,
     plugin_rejections: Family<ReasonLabels, Counter>,
+    webhooks: WebhookMetrics,
+}
+
+/// The webhook outbox's metrics (issue #14). `outcome` is one of a fixed set:
+/// `delivered`, `failed` (an attempt failed), `refused` (destination refused by the SSRF
+/// policy), `dead_lettered` (given up).
+struct WebhookMetrics {
+    deliveries: Family<WebhookOutcomeLabels, Counter>,
+    pending: Gauge,
+    dead_letters: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookOutcomeLabels {
+    outcome: String,
+}
+
+impl WebhookMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let deliveries = Family::<WebhookOutcomeLabels, Counter>::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts by outcome (delivered, failed, refused), and messages given up on (dead_lettered)",
+            deliveries.clone(),
+        );
+        let pending = Gauge::default();
+        registry.register("webhook_pending", "Webhook messages waiting for delivery (in the outbox)", pending.clone());
+        let dead_letters = Gauge::default();
+        registry.register("webhook_dead_letters", "Webhook messages given up on and kept for inspection (GET /admin/webhooks/dead-letters)", dead_letters.clone());
+        Self { deliveries, pending, dead_letters }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -200,6 +234,7 @@ impl Metrics {
             plugin_rejections.clone(),
         );
         registry.register_collector(Box::new(AnalyticsDrops(analytics)));
+        let webhooks = WebhookMetrics::register(&mut registry);
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -216,6 +251,7 @@ impl Metrics {
                 comfyui_restarts,
                 plugin_loads,
                 plugin_rejections,
+                webhooks,
             }),
         }
     }
@@ -299,6 +335,18 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// Count one webhook attempt's outcome (`delivered`, `failed`, `refused`) or a message
+    /// given up on (`dead_lettered`).
+    pub fn webhook_delivery(&self, outcome: &'static str) {
+        self.inner.webhooks.deliveries.get_or_create(&WebhookOutcomeLabels { outcome: outcome.to_owned() }).inc();
+    }
+
+    /// The outbox's current sizes.
+    pub fn webhook_outbox(&self, pending: u64, dead_letters: u64) {
+        self.inner.webhooks.pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
+        self.inner.webhooks.dead_letters.set(i64::try_from(dead_letters).unwrap_or(i64::MAX));
     }
 
     /// The OpenMetrics text exposition (ends with `# EOF`).

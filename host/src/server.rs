@@ -42,6 +42,9 @@ impl Server {
         }
         let served = (&mut self.task).await.context("server task panicked")?;
         self.state.jobs.shutdown();
+        if let Some(webhooks) = &self.state.webhooks {
+            webhooks.stop();
+        }
         self.state.jobs.analytics.shutdown().await;
         if let Some(backend) = self.state.jobs.backend() {
             backend.shutdown().await;
@@ -164,6 +167,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
 
     // Durable state first: every accepted job is recovered before we listen.
     let store = SqliteStore::open(&args.state_dir.join("jobs.db")).await.with_context(|| format!("opening the job store in {}", args.state_dir.display()))?;
+    let outbox = crate::webhooks::outbox::SqliteOutbox::new(store.pool());
     let blobs = FsBlobStore::new(args.state_dir.join("blobs")).with_context(|| format!("opening the blob store in {}", args.state_dir.display()))?;
     let retention = Duration::from_secs_f64((args.retention_hours.max(0.0) * 3600.0).min(1e9));
     let jobs = JobService::new(
@@ -183,6 +187,10 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         analytics.clone(),
     );
     jobs.set_registry(registry.clone());
+    // Webhooks before recovery: jobs reconciled at startup send their events too.
+    let webhook_settings = crate::webhooks::WebhookSettings::from_args(&args.webhooks)?;
+    let webhooks = crate::webhooks::Webhooks::start(webhook_settings, Arc::new(outbox), jobs.metrics.clone())?;
+    jobs.set_transition_messages(Arc::new(crate::webhooks::job_messages::JobMessages::new(webhooks.clone(), crate::http::job_view::job_json)));
     jobs.recover().await.map_err(|e| anyhow::anyhow!("recovering jobs: {e}"))?;
     jobs.start_workers();
     jobs.start_sweeper();
@@ -195,6 +203,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         keys,
         started_at: Instant::now(),
         simulated: simulate,
+        webhooks: Some(webhooks),
     };
     let app = crate::http::router(state.clone());
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;

@@ -90,6 +90,8 @@ async fn handle(
 
     let request_id = headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let respond_async = !dry_run && prefers_async(&headers);
+    // Webhook headers are vetted (SSRF policy) before any work; dry runs ignore them.
+    let webhook = if dry_run { None } else { super::webhook_headers::subscription(&state, &headers, respond_async).await? };
     let idempotency = if dry_run { None } else { idempotency_key(&headers)? };
     let caller_name = caller.as_ref().map(|c| c.name.clone()).unwrap_or_else(|| "-".into());
     let claim = match &idempotency {
@@ -115,7 +117,7 @@ async fn handle(
         }
         None => None,
     };
-    let submitted = submit_new(&state, &plugin, &headers, caller.as_ref(), &bytes, &body, dry_run, respond_async, request_id, claim.as_ref().map(|c| c.2), started).await;
+    let submitted = submit_new(&state, &plugin, &headers, caller.as_ref(), &bytes, &body, dry_run, respond_async, request_id, claim.as_ref().map(|c| c.2), started, webhook).await;
     let job = match submitted {
         Ok(Submitted::DryRun(response)) => return Ok(response),
         Ok(Submitted::Job(job, plugin_build)) => (job, plugin_build),
@@ -163,6 +165,7 @@ async fn submit_new(
     request_id: String,
     job_id: Option<Uuid>,
     started: Instant,
+    webhook: Option<crate::webhooks::Subscription>,
 ) -> Result<Submitted, Problem> {
     // Dry runs are an authoring tool: they are not generations, so no events.
     let events = (!dry_run).then(|| GenerationEvents {
@@ -220,7 +223,10 @@ async fn submit_new(
         return Ok(Submitted::DryRun(response));
     }
     let submission = match submission_for(state, plugin, job, request_id, events.clone(), respond_async, job_id, plugin_build).await {
-        Ok(s) => s,
+        Ok(mut s) => {
+            s.spec.webhook = webhook;
+            s
+        }
         Err(failure) => return Err(fail(job_errors::problem(&failure, Some(&plugin.manifest.name)), failure.failure_kind(), Some(plugin_build))),
     };
     match state.jobs.submit(submission).await {

@@ -17,6 +17,8 @@ pub mod plugin_list;
 pub mod problem;
 pub mod request_schema;
 pub mod v2;
+pub mod webhook_headers;
+pub mod webhooks_admin;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -62,6 +64,8 @@ pub struct AppState {
     /// `--simulate`: ComfyUI is the embedded test double (said in `/health`
     /// and in an `X-Flowhost-Simulated` header on generation responses).
     pub simulated: bool,
+    /// The webhook service (issue #14); `None` when the service runs without a job store.
+    pub webhooks: Option<crate::webhooks::Webhooks>,
 }
 
 /// The header marking responses produced by the simulated ComfyUI.
@@ -97,6 +101,7 @@ pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/plugins", get(plugin_list::list_plugins))
         .route("/metrics", get(crate::metrics::serve_metrics))
+        .route("/admin/webhooks/dead-letters", get(webhooks_admin::dead_letters))
         .route_layer(middleware::from_fn_with_state(keys.clone(), auth::require_admin_key));
     let generation = Router::new()
         .route("/{route}", post(generate::generate).fallback(generate::other_method))

@@ -45,7 +45,7 @@ pub use assets::{AssetError, CreatedAsset};
 pub use failure::JobFailure;
 pub use model::{Asset, AssetRole, Job, JobEvent, JobMetrics, JobSource, JobSpec, JobStatus, OutputEncoding, Progress, UploadSpec};
 pub use readiness::{HealthReport, plugin_needs};
-pub use service::{CancelOnDrop, JobConfig, JobService, NewUpload, Submission};
+pub use service::{CancelOnDrop, JobConfig, JobService, NewUpload, Submission, TransitionMessages};
 pub use store::{IdempotencyClaim, JobFilter, JobStore, SqliteStore};
 
 /// The old name of the service (one release).

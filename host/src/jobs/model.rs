@@ -142,6 +142,10 @@ pub struct JobSpec {
     /// Seed analytics (`…_generation_completed/failed`), when the job came from a typed route.
     #[serde(default)]
     pub events: Option<crate::events::GenerationEvents>,
+    /// The caller's webhook (`Flowhost-Webhook-Url` on an async typed request), kept with
+    /// the job so its messages are made when the job changes state, even after a restart.
+    #[serde(default)]
+    pub webhook: Option<crate::webhooks::Subscription>,
 }
 
 impl JobSpec {
@@ -159,6 +163,7 @@ impl JobSpec {
             deadline: None,
             extra_data: Value::Null,
             events: None,
+            webhook: None,
         }
     }
 }

@@ -123,10 +123,21 @@ pub struct JobService {
     pub(super) tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub metrics: Metrics,
     pub analytics: Analytics,
+    /// Webhooks (issue #14).
+    pub(super) transition_messages: OnceLock<Arc<dyn TransitionMessages>>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Makes the outbox messages (webhooks) a job's state change sends; they are stored in the
+/// same transaction as the change. Set once at startup ([`JobService::set_transition_messages`]).
+pub trait TransitionMessages: Send + Sync {
+    /// The messages for `job`'s new state (empty for most states).
+    fn messages_for(&self, job: &Job) -> Vec<crate::webhooks::outbox::NewDelivery>;
+    /// Messages were committed: deliver them.
+    fn committed(&self);
 }
 
 /// Subscribers may lag; a progress burst must not block the runner.
@@ -157,7 +168,13 @@ impl JobService {
             tasks: Mutex::new(Vec::new()),
             metrics,
             analytics,
+            transition_messages: OnceLock::new(),
         })
+    }
+
+    /// Who makes the webhook messages of state changes.
+    pub fn set_transition_messages(&self, messages: Arc<dyn TransitionMessages>) {
+        let _ = self.transition_messages.set(messages);
     }
 
     /// The plugin registry, for `explain-failure` on jobs whose plugin is still loaded.
@@ -392,9 +409,15 @@ impl JobService {
 
     /// Store the job, then tell subscribers. Terminal: the live entry goes.
     pub(super) async fn commit(&self, job: &Job) -> Result<(), JobFailure> {
-        if let Err(e) = self.store.update_job(job).await {
+        let hook = self.transition_messages.get();
+        let messages = hook.map(|h| h.messages_for(job)).unwrap_or_default();
+        let stored = if messages.is_empty() { self.store.update_job(job).await } else { self.store.update_job_with_messages(job, &messages).await };
+        if let Err(e) = stored {
             tracing::error!(job_id = %job.id, error = %e, "storing a job transition failed");
             return Err(JobFailure::internal(e));
+        }
+        if let (Some(hook), false) = (hook, messages.is_empty()) {
+            hook.committed();
         }
         self.publish(job);
         Ok(())

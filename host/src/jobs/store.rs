@@ -80,6 +80,9 @@ pub trait JobStore: Send + Sync {
     /// Rewrite a job's record (status, times, progress, error, metrics, prompt id, workflow).
     /// Outputs are assets: add them with [`JobStore::insert_asset`].
     async fn update_job(&self, job: &Job) -> StoreResult<()>;
+    /// [`JobStore::update_job`] and enqueue webhook messages in one transaction: the
+    /// state change and its messages commit together or not at all (issue #14).
+    async fn update_job_with_messages(&self, job: &Job, messages: &[crate::webhooks::outbox::NewDelivery]) -> StoreResult<()>;
     /// A job with its output assets.
     async fn get_job(&self, id: Uuid) -> StoreResult<Option<Job>>;
     /// Jobs newest first.
@@ -115,7 +118,10 @@ pub trait JobStore: Send + Sync {
 }
 
 /// The migrations, in order. Never edit a released one: add the next.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "jobs assets idempotency", include_str!("migrations/0001_jobs.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "jobs assets idempotency", include_str!("migrations/0001_jobs.sql")),
+    (2, "webhook outbox", include_str!("migrations/0002_webhook_outbox.sql")),
+];
 
 /// SQLite in WAL mode under the state directory.
 #[derive(Clone)]
@@ -151,6 +157,11 @@ impl SqliteStore {
         };
         migrator.run(&pool).await?;
         Ok(SqliteStore { pool })
+    }
+
+    /// The database pool, shared with the webhook outbox (same file, same transactions).
+    pub fn pool(&self) -> SqlitePool {
+        self.pool.clone()
     }
 }
 
@@ -251,6 +262,20 @@ impl JobStore for SqliteStore {
             .bind(job.id.to_string())
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    async fn update_job_with_messages(&self, job: &Job, messages: &[crate::webhooks::outbox::NewDelivery]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE jobs SET status = ?, expires_at = ?, doc = ? WHERE id = ?")
+            .bind(job.status.as_str())
+            .bind(to_ms(job.expires_at))
+            .bind(job_doc(job)?)
+            .bind(job.id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        crate::webhooks::outbox::insert_deliveries(&mut tx, messages).await.map_err(|e| StoreError(e.to_string()))?;
+        tx.commit().await?;
         Ok(())
     }
 
