@@ -40,6 +40,8 @@ async fn quickstart(build: &str, name: &str) {
     let plugins = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
+    // Its own job store: the two build paths run at once, and two services must not share one.
+    let state = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let _service = Child(
@@ -48,6 +50,8 @@ async fn quickstart(build: &str, name: &str) {
             .arg(plugins.path())
             .arg("--cache-dir")
             .arg(cache.path())
+            .arg("--state-dir")
+            .arg(state.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -286,3 +286,34 @@ async fn supervised_comfyui_crash_is_restarted_and_the_next_request_succeeds() {
     let metrics = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.lines().any(|l| l.starts_with("flowhost_comfyui_restarts_total") && !l.ends_with(" 0")), "{metrics}");
 }
+
+/// Sums the `Server-Timing` phases other than `total`, and returns them with `total`.
+fn timing_phases(header: &str) -> (Vec<(String, f64)>, f64) {
+    let mut phases = Vec::new();
+    let mut total = 0.0;
+    for part in header.split(',') {
+        let (name, dur) = part.trim().split_once(";dur=").expect("name;dur=ms");
+        let dur: f64 = dur.parse().expect("a number");
+        if name == "total" { total = dur } else { phases.push((name.to_string(), dur)) }
+    }
+    (phases, total)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_timing_accounts_for_a_slow_output_fetch() {
+    let comfy = ExternalComfy::start().await.unwrap();
+    let server = serve(&comfy, &[]).await;
+    comfy.double.faults().set_view_delay(Duration::from_millis(600));
+    let response = server.post_json("/flux-dev", &flux(256, 256)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let header = response.headers()["server-timing"].to_str().unwrap().to_string();
+    let (phases, total) = timing_phases(&header);
+    let names: Vec<&str> = phases.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["build", "queue", "prepare", "comfyui", "encode"], "{header}");
+    // The 600 ms spent fetching the output is in a phase, not lost between them.
+    let encode = phases.iter().find(|(n, _)| n == "encode").unwrap().1;
+    assert!(encode >= 600.0, "{header}");
+    let sum: f64 = phases.iter().map(|(_, d)| d).sum();
+    assert!(sum <= total + 1.0 && sum >= 0.9 * total, "phases {sum} ms of a {total} ms request: {header}");
+}
+

@@ -151,6 +151,24 @@ enum Submitted {
     Job(Job, std::time::Duration),
 }
 
+/// `Server-Timing` of a generation, every phase of it named so that a slow request shows where
+/// the time went: `build` (the plugin), `queue` (flowhost's queue), `prepare` (uploads, waiting
+/// for the ComfyUI websocket, preflight, submission and ComfyUI's own queue), `comfyui`
+/// (execution), `encode` (fetching, encoding and storing the outputs) and `total` (as the caller
+/// waited, from the first byte of the request).
+fn server_timing(m: &crate::jobs::JobMetrics, plugin_build: Option<std::time::Duration>, total: std::time::Duration) -> String {
+    let ms = |v: Option<u64>| v.unwrap_or(0) as f64;
+    let build = plugin_build.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(ms(m.build_ms));
+    format!(
+        "build;dur={build:.2}, queue;dur={:.1}, prepare;dur={:.1}, comfyui;dur={:.1}, encode;dur={:.1}, total;dur={:.1}",
+        ms(m.queue_ms),
+        ms(m.comfyui_queue_ms),
+        ms(m.execution_ms),
+        ms(m.fetch_ms),
+        total.as_secs_f64() * 1000.0
+    )
+}
+
 /// Readiness, the plugin's build, the dry run or the job's admission.
 #[allow(clippy::too_many_arguments)]
 async fn submit_new(
@@ -364,14 +382,7 @@ async fn respond_with(state: &AppState, plugin: &LoadedPlugin, job: &Job, starte
     if let Some(v) = job_id {
         headers.insert("x-job-id", v);
     }
-    let m = &job.metrics;
-    let build = plugin_build.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(m.build_ms.unwrap_or(0) as f64);
-    let server_timing = format!(
-        "build;dur={build:.2}, queue;dur={:.1}, comfyui;dur={:.1}, encode;dur={:.2}",
-        (m.queue_ms.unwrap_or(0) + m.comfyui_queue_ms.unwrap_or(0)) as f64,
-        m.execution_ms.unwrap_or(0) as f64,
-        m.fetch_ms.unwrap_or(0) as f64
-    );
+    let server_timing = server_timing(&job.metrics, plugin_build, started.elapsed());
     if let Ok(v) = HeaderValue::from_str(&server_timing) {
         headers.insert("server-timing", v);
     }

@@ -200,7 +200,9 @@ impl JobService {
             }
             Err(e) => return Err(from_comfy(e, &job.spec.caller_nodes)),
         };
-        let comfy_queue = result.timings.queued.unwrap_or_else(|| phase_started.elapsed().saturating_sub(result.timings.executing + result.timings.fetching));
+        // Everything between the dispatch slot and execution: uploads, the websocket wait,
+        // preflight, submission and ComfyUI's own queue (Server-Timing's `prepare`).
+        let comfy_queue = phase_started.elapsed().saturating_sub(result.timings.executing + result.timings.fetching);
         let fetch_started = Instant::now();
         if result.media.is_empty() {
             return Err(JobFailure::OutputMissing { node_id: job.spec.outputs.first().cloned().unwrap_or_else(|| "*".into()), caller_fault: !job.spec.caller_nodes.is_empty() });

@@ -42,6 +42,49 @@ pub struct UserError {
     pub field: Option<String>,
 }
 
+impl UserError {
+    /// Longest `detail` kept, characters; `title` and `field` keep [`Self::MAX_SHORT`].
+    pub const MAX_DETAIL: usize = 500;
+    pub const MAX_SHORT: usize = 200;
+
+    /// The error with its texts cut to the caps: they reach answers, the job store and webhook
+    /// payloads, and a plugin must not make them unbounded.
+    pub fn bounded(self) -> Self {
+        fn cut(s: String, max: usize) -> String {
+            match s.char_indices().nth(max) {
+                Some((at, _)) => format!("{}…", &s[..at]),
+                None => s,
+            }
+        }
+        Self {
+            status: self.status,
+            title: cut(self.title, Self::MAX_SHORT),
+            detail: cut(self.detail, Self::MAX_DETAIL),
+            field: self.field.map(|f| cut(f, Self::MAX_SHORT)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UserError;
+
+    #[test]
+    fn explained_texts_within_the_caps_are_kept() {
+        let e = UserError { status: 422, title: "t".repeat(UserError::MAX_SHORT), detail: "d".repeat(UserError::MAX_DETAIL), field: Some("f".into()) };
+        assert_eq!(e.clone().bounded(), e);
+    }
+
+    #[test]
+    fn explained_texts_beyond_the_caps_are_cut() {
+        let e = UserError { status: 422, title: "日".repeat(10_000), detail: "d".repeat(31 << 20), field: Some("f".repeat(1000)) }.bounded();
+        assert_eq!(e.title.chars().count(), UserError::MAX_SHORT + 1);
+        assert_eq!(e.detail.chars().count(), UserError::MAX_DETAIL + 1);
+        assert!(e.detail.ends_with('…'));
+        assert_eq!(e.field.map(|f| f.chars().count()), Some(UserError::MAX_SHORT + 1));
+    }
+}
+
 /// Log levels of the `log` host import (the same in every contract version).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogLevel {

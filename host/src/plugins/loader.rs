@@ -267,7 +267,7 @@ impl LoadedPlugin {
         let result = self.handler.explain_failure(&mut store, failure);
         store.data().flush_output();
         match result {
-            Ok(explained) => explained.filter(|e| (400..=599).contains(&e.status)),
+            Ok(explained) => explained.filter(|e| (400..=599).contains(&e.status)).map(UserError::bounded),
             Err(err) => {
                 tracing::warn!(plugin = %self.label, error = %self.classify_trap(&err, store.data()), "explain_failure failed");
                 None

@@ -40,6 +40,7 @@ impl Plugin for Hostile {
             analytics_prefix: "hostile".into(),
             node_classes: vec![],
             models: vec![],
+            warm_up: None,
         }
     }
 
@@ -92,6 +93,8 @@ impl Plugin for Hostile {
             seed: Some(request.random_seed),
             analytics: "{}".into(),
             caller_nodes: vec![],
+            models: Default::default(),
+            progress: vec![],
         })
     }
 }
