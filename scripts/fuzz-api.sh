@@ -21,7 +21,7 @@ scripts/build-plugins.sh "$target/fuzz-plugins" >/dev/null
 cargo build -p flowhost --bin flowhost
 work="$(mktemp -d)"
 "$target/debug/flowhost" serve --simulate --listen "127.0.0.1:$port" \
-  --plugins "$target/fuzz-plugins" --cache-dir "$work/cache" >"$work/serve.log" 2>&1 &
+  --plugins "$target/fuzz-plugins" --cache-dir "$work/cache" --state-dir "$work/state" >"$work/serve.log" 2>&1 &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 1 120); do

@@ -55,6 +55,22 @@ fn face_png_data_url() -> String {
 mod simulate {
     use super::*;
 
+    /// ComfyUI answers an identical prompt from its cache, naming the earlier prompt's output
+    /// files; flowhost deleted those when the earlier job ended. The repeat must still get its image.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_identical_repeat_request_gets_its_image_after_the_first_jobs_files_were_deleted() {
+        let server = start(&["--simulate"]).await;
+        let body = json!({"prompt": "the same lighthouse", "width": 256, "height": 256, "steps": 2, "seed": 7});
+        let first = server.post_json("/flux-dev", &body).await.unwrap();
+        assert_eq!(first.status(), 200);
+        let first = first.bytes().await.unwrap();
+        for _ in 0..3 {
+            let again = server.post_json("/flux-dev", &body).await.unwrap();
+            assert_eq!(again.status(), 200, "{:?}", again.text().await);
+            assert_eq!(again.bytes().await.unwrap(), first, "the same seed gives the same picture");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_endpoint_returns_a_jpeg_of_the_requested_size() {
         let server = start(&["--simulate"]).await;

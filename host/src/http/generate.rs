@@ -103,7 +103,7 @@ async fn handle(
                 IdempotencyClaim::Claimed => Some((scope, key.clone(), job_id)),
                 IdempotencyClaim::Existing { fingerprint: theirs, job_id } if theirs == fingerprint => {
                     // A retry: the same job, no second generation.
-                    return follow_existing(&state, &plugin, job_id, respond_async, started).await;
+                    return follow_existing(&state, &plugin, &headers, job_id, respond_async, started).await;
                 }
                 IdempotencyClaim::Existing { .. } => {
                     return Err(Problem::new(
@@ -133,7 +133,7 @@ async fn handle(
     };
     let (job, plugin_build) = job;
     if respond_async {
-        return Ok(accepted(&job));
+        return Ok(accepted(&job, &headers));
     }
     // A sync caller that goes away cancels its job, unless it may come back for it
     // with its idempotency key.
@@ -307,7 +307,7 @@ fn wait_deadline(job: &Job) -> Option<Instant> {
 }
 
 /// The same key and body as an earlier request: answer with that job.
-async fn follow_existing(state: &AppState, plugin: &Arc<LoadedPlugin>, job_id: Uuid, respond_async: bool, started: Instant) -> Result<Response, Problem> {
+async fn follow_existing(state: &AppState, plugin: &Arc<LoadedPlugin>, headers: &HeaderMap, job_id: Uuid, respond_async: bool, started: Instant) -> Result<Response, Problem> {
     // The first request may still be building its job.
     let mut job = None;
     for _ in 0..100 {
@@ -322,7 +322,7 @@ async fn follow_existing(state: &AppState, plugin: &Arc<LoadedPlugin>, job_id: U
             .retry_after(1));
     };
     if respond_async {
-        return Ok(accepted(&job));
+        return Ok(accepted(&job, headers));
     }
     let deadline = Instant::now() + state.jobs.config().job_timeout + Duration::from_secs(2);
     let done = state.jobs.wait(job.id, Some(deadline)).await.map_err(|f| job_errors::problem(&f, Some(&plugin.manifest.name)))?;
@@ -330,9 +330,11 @@ async fn follow_existing(state: &AppState, plugin: &Arc<LoadedPlugin>, job_id: U
 }
 
 /// `202 Accepted` with the v2 Job, its `Location` and `Preference-Applied`.
-fn accepted(job: &Job) -> Response {
+/// 202 with the v2 Job, its links absolute as the v2 surface gives them (the Job schema's
+/// `url`s are URIs, and the SDKs refuse relative ones).
+fn accepted(job: &Job, headers: &HeaderMap) -> Response {
     let location = job_view::job_url(&job.id);
-    let mut response = (StatusCode::ACCEPTED, Json(job_view::job_json(job))).into_response();
+    let mut response = (StatusCode::ACCEPTED, Json(job_view::job_json_at(job, &super::v2::Origin::of(headers)))).into_response();
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&location) {
         headers.insert(header::LOCATION, v);

@@ -82,7 +82,9 @@ pub fn document(state: &AppState) -> Value {
         );
     }
     for (path, item) in super::v2::spec::paths() {
-        paths.insert(path, super::v2::spec::to_json_schema(&item));
+        let mut item = super::v2::spec::to_json_schema(&item);
+        as_flowhost_serves(&path, &mut item);
+        paths.insert(path, item);
     }
     paths.insert("/health".into(), json!({"get": {"summary": "Service, ComfyUI and per-endpoint readiness", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}}));
     paths.insert("/plugins".into(), json!({"get": {"summary": "Plugin files: loaded or rejected, with reasons", "responses": {"200": {"description": "the list"}}}}));
@@ -92,6 +94,40 @@ pub fn document(state: &AppState) -> Value {
         "paths": paths,
         "components": components(),
     })
+}
+
+/// Where flowhost's answers on a v2 path are more specific than the vendored contract says, the
+/// document describes what flowhost does (the vendored file itself stays as published):
+/// asset content comes in the asset's own media type; the event stream is SSE frames, not one
+/// string; a request refused outside the workflow (`invalid_request`) is a 422 on every
+/// operation that takes input.
+fn as_flowhost_serves(path: &str, item: &mut Value) {
+    let Value::Object(methods) = item else { return };
+    for (method, op) in methods.iter_mut() {
+        let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else { continue };
+        if path.ends_with("/content") {
+            for status in ["200", "206"] {
+                if let Some(r) = responses.get_mut(status).and_then(Value::as_object_mut) {
+                    r.insert("content".into(), json!({"*/*": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}));
+                }
+            }
+        }
+        if path.ends_with("/events") {
+            if let Some(Value::Object(content)) = responses.get_mut("200").and_then(|r| r.get_mut("content")) {
+                for (_, media) in content.iter_mut() {
+                    if let Value::Object(media) = media {
+                        media.remove("schema");
+                    }
+                }
+            }
+        }
+        if matches!(method.as_str(), "post" | "put" | "patch" | "delete" | "get") && !responses.contains_key("422") {
+            responses.insert(
+                "422".into(),
+                json!({"description": "The request is refused (`invalid_request`, or the operation's own 422 codes)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}}),
+            );
+        }
+    }
 }
 
 /// The v2 contract's components (schemas converted to 3.1) and flowhost's `Problem`.

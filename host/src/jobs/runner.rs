@@ -151,6 +151,7 @@ impl JobService {
         }
         job.workflow = graph.clone();
         let _ = self.store.update_job(job).await;
+        let graph = with_job_output_names(graph, job.id);
 
         let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut request = RunRequest::new(graph, deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
@@ -260,6 +261,24 @@ impl JobService {
     }
 }
 
+/// The graph as submitted: every save node's `filename_prefix` gets the job's short id, so the
+/// job's output files are its own. Why: flowhost deletes a job's files in ComfyUI when it ends,
+/// and ComfyUI answers an identical prompt from its cache with the *earlier* prompt's file
+/// names — files already deleted (a 404 on `/view`). With the job id in the prefix the save
+/// node re-runs (writing new files) while everything upstream still comes from the cache.
+fn with_job_output_names(mut graph: Value, job_id: Uuid) -> Value {
+    let tag = job_id.simple().to_string();
+    let tag = &tag[..8];
+    if let Value::Object(nodes) = &mut graph {
+        for node in nodes.values_mut() {
+            if let Some(Value::String(prefix)) = node.get_mut("inputs").and_then(|i| i.get_mut("filename_prefix")) {
+                *prefix = format!("{prefix}_{tag}");
+            }
+        }
+    }
+    graph
+}
+
 /// Where the time of a successful run went.
 pub(super) struct RunPhases {
     pub comfy_queue: Duration,
@@ -330,3 +349,23 @@ mod tests {
         assert_eq!(rename_for("a.webp", "image/webp"), "a.webp");
     }
 }
+
+#[cfg(test)]
+mod output_name_tests {
+    use super::*;
+
+    #[test]
+    fn save_nodes_get_the_jobs_tag_and_links_are_left_alone() {
+        let id = Uuid::parse_str("0123456789abcdef0123456789abcdef").unwrap();
+        let graph = serde_json::json!({
+            "1": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "flux-dev"}},
+            "2": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0]}},
+            "4": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": ["5", 0]}},
+        });
+        let out = with_job_output_names(graph, id);
+        assert_eq!(out["1"]["inputs"]["filename_prefix"], "flux-dev_01234567");
+        assert_eq!(out["4"]["inputs"]["filename_prefix"], serde_json::json!(["5", 0]));
+        assert_eq!(out["2"]["inputs"]["samples"], serde_json::json!(["3", 0]));
+    }
+}
+
