@@ -259,3 +259,19 @@ pub fn fake_comfyui_dir() -> Result<tempfile::TempDir> {
 pub fn nodes_of_class(workflow: &serde_json::Value, class: &str) -> usize {
     workflow.as_object().map(|nodes| nodes.values().filter(|n| n["class_type"] == class).count()).unwrap_or(0)
 }
+
+/// A child process killed (and reaped) when the test lets go of it, pass or fail.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port free at the moment of asking (for a process the test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
+}
+

@@ -8,20 +8,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use flowhost_tests::{eventually, workspace_root};
+use flowhost_tests::{KillOnDrop as Child, eventually, free_port, workspace_root};
 use serde_json::Value;
-
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 #[test]
 fn the_readme_embeds_the_quickstart_script_verbatim() {

@@ -5,19 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use flowhost_tests::eventually;
-
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use flowhost_tests::{KillOnDrop as Child, eventually, free_port};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn livez_is_200_without_a_key_while_health_says_not_ready() {

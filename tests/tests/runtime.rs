@@ -563,19 +563,9 @@ mod check_plugin_cli {
 mod served_binary {
     //! The real `flowhost` binary, configured through its environment.
     use super::*;
+    use flowhost_tests::{KillOnDrop as Child, free_port};
     use std::process::{Command, Stdio};
 
-    struct Child(std::process::Child);
-    impl Drop for Child {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn api_keys_guard_generation_and_admin_routes() {
