@@ -20,6 +20,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "uptime_s": state.started_at.elapsed().as_secs(),
         "comfyui": report.comfyui,
         "endpoints": report.endpoints,
+        "workers": report.workers,
         "plugins_loaded": state.registry.snapshot().plugins().len(),
     });
     (status, Json(body)).into_response()
