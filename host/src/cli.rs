@@ -110,7 +110,7 @@ pub struct ServeArgs {
     pub dispatch: crate::jobs::DispatchPolicy,
     /// Seconds a job may be passed over by affinity dispatch; after that the next free
     /// worker takes it whatever it has loaded.
-    #[arg(long, env = "FLOWHOST_AFFINITY_WAIT_BOUND", default_value_t = 30.0)]
+    #[arg(long, env = "FLOWHOST_AFFINITY_WAIT_BOUND", default_value_t = 30.0, value_parser = parse_seconds)]
     pub affinity_wait_bound: f64,
     /// Extra argument for ComfyUI's main.py (repeatable).
     #[arg(long = "comfyui-arg", allow_hyphen_values = true)]
@@ -203,6 +203,14 @@ pub struct ServeArgs {
     pub webhooks: crate::webhooks::WebhookArgs,
 }
 
+/// A non-negative, finite number of seconds (at most a year).
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=31_536_000.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds between 0 and 31536000")),
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct CheckPluginArgs {
     /// The component to check.
@@ -253,6 +261,10 @@ mod tests {
         let err = serve(&["--simulate", "--dispatch", "random"]).unwrap_err().to_string();
         assert!(err.contains("fifo or affinity"), "{err}");
         assert_eq!(serve(&["--gpus", "0,1"]).unwrap_err().kind(), clap::error::ErrorKind::MissingRequiredArgument, "GPUs need a ComfyUI to spawn");
+        for bad in ["-1", "NaN", "inf", "soon"] {
+            let err = serve(&["--simulate", "--affinity-wait-bound", bad]).unwrap_err().to_string();
+            assert!(err.contains("number of seconds"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -79,6 +79,9 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
              (flowhost runs ComfyUI from that folder), or --simulate (the embedded test double: no GPU, synthetic images)"
         );
     }
+    if args.workers > 1 && !simulate {
+        anyhow::bail!("--workers runs a pool of embedded doubles and needs --simulate; for real ComfyUIs repeat --comfyui-url or give --comfyui-dir with --gpus");
+    }
     #[cfg(not(feature = "simulate"))]
     if simulate {
         anyhow::bail!("--simulate is not available: this flowhost was built without the `simulate` feature (release builds leave the test double out)");

@@ -252,3 +252,68 @@ async fn a_lora_request_goes_to_the_worker_that_has_that_lora_loaded() {
     let switches: u64 = pool.doubles.iter().map(|d| d.model_state().switches).sum();
     assert_eq!(switches, 2, "only the first load on each worker");
 }
+
+/// A trivial graph (no models) for `/api/v2/jobs`.
+fn tiny_graph(width: u32) -> Value {
+    json!({
+        "5": {"class_type": "EmptyImage", "inputs": {"width": width, "height": 64, "batch_size": 1, "color": 0}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "pool"}}
+    })
+}
+
+async fn run_v2(server: &TestServer, width: u32) -> Job {
+    let response = server.client.post(server.url("/api/v2/jobs")).json(&json!({"workflow": tiny_graph(width)})).send().await.unwrap();
+    assert_eq!(response.status(), 201, "{:?}", response.text().await);
+    let job: Value = response.json().await.unwrap();
+    let id = Uuid::parse_str(job["id"].as_str().unwrap()).unwrap();
+    let jobs = server.server.state.jobs.clone();
+    eventually(Duration::from_secs(60), || async { jobs.get(id).await.ok().flatten().filter(|j| j.status.is_terminal()) }).await.expect("the job ends")
+}
+
+async fn wait_pool_ready(server: &TestServer, n: usize) -> Value {
+    let health = eventually(Duration::from_secs(60), || async {
+        let h: Value = server.client.get(server.url("/health")).send().await.ok()?.json().await.ok()?;
+        let workers = h["workers"].as_array()?;
+        (workers.len() == n && workers.iter().all(|w| w["status"] == "ready")).then_some(h)
+    })
+    .await;
+    health.expect("the pool becomes ready")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simulate_with_workers_runs_a_pool_of_doubles() {
+    let server = TestServer::start(&[], &["--simulate", "--workers", "3"]).await.unwrap();
+    let health = wait_pool_ready(&server, 3).await;
+    assert_eq!(health["simulated"], true);
+    for width in [64, 72, 80] {
+        assert_eq!(run_v2(&server, width).await.status, JobStatus::Succeeded);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_supervised_comfyui_per_gpu_each_pinned_with_its_own_folders() {
+    // A ComfyUI checkout whose main.py notes the GPU it was given, then runs the double.
+    let comfyui = tempfile::tempdir().unwrap();
+    let bin = flowhost_tests::double_binary();
+    let main = format!(
+        "import os, sys\nargs = sys.argv[1:]\ninp = args[args.index('--input-directory') + 1]\n\
+         open(os.path.join(inp, '..', 'cuda.txt'), 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))\n\
+         binary = {:?}\nos.execv(binary, [binary] + args)\n",
+        bin.to_string_lossy()
+    );
+    std::fs::write(comfyui.path().join("main.py"), main).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let (dir, state_dir) = (comfyui.path().to_string_lossy().to_string(), state.path().to_string_lossy().to_string());
+    let server = TestServer::start(&[], &["--comfyui-dir", &dir, "--gpus", "0,1", "--state-dir", &state_dir, "--comfyui-startup-timeout", "60"]).await.unwrap();
+    let health = wait_pool_ready(&server, 2).await;
+    assert_eq!(health["workers"][0]["gpu"], "0");
+    assert_eq!(health["workers"][1]["gpu"], "1");
+    for gpu in ["0", "1"] {
+        let noted = std::fs::read_to_string(state.path().join("comfyui").join(format!("gpu-{gpu}")).join("cuda.txt")).unwrap();
+        assert_eq!(noted, gpu, "CUDA_VISIBLE_DEVICES of the ComfyUI for GPU {gpu}");
+    }
+    for width in [64, 72] {
+        assert_eq!(run_v2(&server, width).await.status, JobStatus::Succeeded);
+    }
+    server.server.shutdown().await.unwrap();
+}
