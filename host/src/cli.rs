@@ -262,7 +262,8 @@ mod tests {
         assert!(err.contains("fifo or affinity"), "{err}");
         assert_eq!(serve(&["--gpus", "0,1"]).unwrap_err().kind(), clap::error::ErrorKind::MissingRequiredArgument, "GPUs need a ComfyUI to spawn");
         for bad in ["-1", "NaN", "inf", "soon"] {
-            let err = serve(&["--simulate", "--affinity-wait-bound", bad]).unwrap_err().to_string();
+            let arg = format!("--affinity-wait-bound={bad}");
+            let err = serve(&["--simulate", &arg]).unwrap_err().to_string();
             assert!(err.contains("number of seconds"), "{bad}: {err}");
         }
     }
