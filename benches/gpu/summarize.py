@@ -55,6 +55,8 @@ def headline(R):
         ("flowhost start → /health 200, serving (s)", s.get("flowhost_to_health_ready_s")),
         ("flowhost start → /health \"ready\" (s; none = stayed degraded)", s.get("flowhost_to_status_ready_s")),
         ("/health status when serving", (s.get("health") or {}).get("status")),
+        ("warm-up round before ready (ms; none = off or old flowhost)", ((s.get("health") or {}).get("warm_up") or {}).get("duration_ms")),
+        ("warm-up per route (ms)", ", ".join(f"{r.get('route')} {r.get('state')} {r.get('duration_ms')}" for r in (((s.get("health") or {}).get("warm_up") or {}).get("routes") or [])) or None),
         ("first /flux-dev after ready, wall (s)", first.get("wall_s")),
         ("first request's Server-Timing queue (ms)", (first.get("server_timing") or {}).get("queue")),
         (f"warm /flux-dev {sz}, median wall (s)", med(w.get("flowhost_wall_s"))),
@@ -81,7 +83,9 @@ def headline(R):
         st = e.get("start") or {}
         ratio = f" ({pw / base:.2f}× default)" if pw and base else ""
         rows.append((f"profile {name}: warm {sz} median wall (s)", f"{pw}{ratio}" if pw else e.get("error")))
-        rows.append((f"profile {name}: first request wall (s) / start → /health 200 (s)", f"{(e.get('first') or {}).get('wall_s')} / {st.get('flowhost_to_health_ready_s')}"))
+        fw = (e.get("first") or {}).get("wall_s")
+        first_ratio = f" ({fw / pw:.2f}× its warm)" if fw and pw else ""
+        rows.append((f"profile {name}: first request wall (s) / start → /health 200, warm-up included (s)", f"{fw}{first_ratio} / {st.get('flowhost_to_health_ready_s')}"))
     print("| measure | value |\n|---|---|")
     for k, v in rows:
         print(f"| {k} | {v if v is not None else '–'} |")

@@ -27,6 +27,9 @@ pub struct FaultSettings {
     pub hang: bool,
     pub drop_ws_after: Option<u32>,
     pub view_delay: Duration,
+    /// Websocket upgrades answered 503 (HTTP keeps answering): a ComfyUI whose socket
+    /// cannot connect yet.
+    pub refuse_ws: bool,
 }
 
 /// Fires once: after it, every connection of the double errors and nothing answers any more.
@@ -113,6 +116,11 @@ impl Faults {
     /// Delay before `GET /view` answers.
     pub fn set_view_delay(&self, d: Duration) {
         self.lock().view_delay = d;
+    }
+
+    /// While on, `GET /ws` is refused with 503 (new connections only; open sockets stay).
+    pub fn refuse_websocket(&self, on: bool) {
+        self.lock().refuse_ws = on;
     }
 
     /// Back to no faults (a crash cannot be undone).
