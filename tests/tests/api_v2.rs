@@ -349,6 +349,61 @@ mod previews {
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "the PNG ComfyUI saved");
         assert_eq!(image::load_from_memory(&bytes).unwrap().width(), 64);
     }
+
+    /// The events a stream sends within `within` (it may stay open longer).
+    async fn first_events(client: &V2Client, path: &str, within: Duration) -> Vec<(String, Value)> {
+        let response = client.request(reqwest::Method::GET, path).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        let mut buffer = String::new();
+        let mut events = Vec::new();
+        let _ = tokio::time::timeout(within, async {
+            while let Some(Ok(chunk)) = stream.next().await {
+                buffer.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buffer.find("\n\n") {
+                    let frame: String = buffer.drain(..end + 2).collect();
+                    let name = frame.lines().find_map(|l| l.strip_prefix("event:")).map(|v| v.trim().to_string()).unwrap_or_default();
+                    let data: String = frame.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
+                    if !name.is_empty() {
+                        let value: Value = serde_json::from_str(&data).unwrap();
+                        Contract::get().check_event(&name, &value).unwrap();
+                        events.push((name, value));
+                    }
+                }
+            }
+        })
+        .await;
+        events
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_opened_after_sampling_gets_the_latest_preview_in_its_snapshot() {
+        let comfy = ExternalComfy::start_with_argv(&["--preview-method", "taesd"]).await.unwrap();
+        let mut args: Vec<String> = comfy.args();
+        args.extend(["--warm-up".to_string(), "off".to_string()]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = TestServer::start(&[], &refs).await.unwrap();
+        let client = V2Client::new(&server.base);
+        wait_healthy(&client).await;
+        // The output fetch hangs: the job stays running after its sampler sent its last preview.
+        comfy.double.faults().set_view_delay(Duration::from_secs(60));
+        let job = submit_ok(&client, &sampled(4)).await;
+        let id = job["id"].as_str().unwrap().to_string();
+        let prompt_id = eventually(Duration::from_secs(20), || async { comfy.double.record().prompts.first().map(|(p, _)| p.clone()) }).await.expect("the prompt reached ComfyUI");
+        let http = reqwest::Client::new();
+        let executed = eventually(Duration::from_secs(20), || async {
+            let history: Value = http.get(format!("{}/history/{prompt_id}", comfy.double.url())).send().await.ok()?.json().await.ok()?;
+            history.get(&prompt_id).map(|_| ())
+        })
+        .await;
+        assert!(executed.is_some(), "the prompt finished executing in ComfyUI");
+        // No preview is sent any more; a new stream still gets the latest one, with the status.
+        let events = first_events(&client, &format!("/api/v2/jobs/{id}/events"), Duration::from_millis(1500)).await;
+        assert_eq!(events.first().map(|(n, v)| (n.as_str(), v["status"].clone())), Some(("status", json!("running"))), "{events:?}");
+        let preview = events.iter().find(|(n, _)| n == "preview").map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("no preview in the snapshot: {events:?}"));
+        assert_eq!(preview["node_id"], "3");
+        assert_eq!(preview["content_type"], "image/jpeg");
+    }
 }
 
 /// A well-formed id no job or asset has.
