@@ -80,10 +80,6 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     let metrics = Metrics::new(analytics.clone());
 
     let simulate = args.simulate;
-    let warm_up_plan = crate::warm_up::WarmUpPlan::from_args(args.warm_up, &args.warm_up_requests)?;
-    // One process per state dir (a second would run and reconcile this one's jobs): checked
-    // before anything starts, ComfyUI included.
-    let state_lock = crate::state_lock::acquire(&args.state_dir)?;
     if !simulate && args.comfyui_url.is_none() && args.comfyui_dir.is_none() {
         anyhow::bail!(
             "no ComfyUI backend chosen: pass --comfyui-url URL (use a running ComfyUI), --comfyui-dir DIR \
@@ -94,6 +90,10 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     if simulate {
         anyhow::bail!("--simulate is not available: this flowhost was built without the `simulate` feature (release builds leave the test double out)");
     }
+    let warm_up_plan = crate::warm_up::WarmUpPlan::from_args(args.warm_up, &args.warm_up_requests)?;
+    // One process per state dir (a second would run and reconcile this one's jobs): checked
+    // before anything starts, ComfyUI included.
+    let state_lock = crate::state_lock::acquire(&args.state_dir)?;
     // --simulate without --models gets a scratch volume, provisioned below.
     let scratch_models = if simulate && args.models.is_none() { Some(tempfile::Builder::new().prefix("flowhost-sim-models-").tempdir()?) } else { None };
     let models_root = args.models.clone().or_else(|| scratch_models.as_ref().map(|d| d.path().to_path_buf()));

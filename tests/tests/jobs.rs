@@ -78,6 +78,8 @@ impl Flowhost {
             .arg("--state-dir")
             .arg(state)
             .args(comfy.args())
+            // The test arms faults and counts prompts: no warm-up prompt of flowhost's own.
+            .args(["--warm-up", "off"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
