@@ -32,7 +32,7 @@ pub use backend::{BackendConfig, BackendHealth, BackendMode, ComfyBackend};
 pub use catalogue::{Catalogue, ClassInfo, InputKind, InputSpec};
 pub use client::{ClientConfig, ComfyClient, WsState};
 pub use error::{ComfyError, NodeIssue};
-pub use run::{OutputMedia, Progress, ProgressFn, RunRequest, RunResult, RunTimings};
+pub use run::{OutputMedia, Preview, PreviewFn, Progress, ProgressFn, RunRequest, RunResult, RunTimings};
 pub use profile::{LaunchProfile, PreviewMethod};
 pub use supervisor::{ProcessState, Supervisor, SupervisorConfig};
 pub use tracker::{PromptEvent, PromptTracker};

@@ -37,6 +37,20 @@ pub enum Progress {
 /// Callback for progress; called on the waiting task, keep it cheap.
 pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 
+/// A preview image ComfyUI sent while a node ran (`--preview-method`: latent previews while
+/// sampling). Not an output: outputs come from output nodes (files, SaveImageWebsocket frames).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preview {
+    /// The node that sent it (the sampler), when known.
+    pub node_id: Option<String>,
+    /// `image/jpeg` or `image/png`, from the frame's header or metadata (sniffed when absent).
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+/// Callback for previews; called on the waiting task, keep it cheap (throttle elsewhere).
+pub type PreviewFn = Arc<dyn Fn(Preview) + Send + Sync>;
+
 /// What to run.
 #[derive(Clone)]
 pub struct RunRequest {
@@ -49,6 +63,8 @@ pub struct RunRequest {
     /// Sent as POST /prompt `extra_data` (echoed in history), e.g. `{"request_id": "..."}`.
     pub extra_data: Value,
     pub on_progress: Option<ProgressFn>,
+    /// Receives preview frames (images a non-output node sent on the websocket).
+    pub on_preview: Option<PreviewFn>,
     /// The prompt_id to submit under; a fresh UUID when None. A caller that records it
     /// before submission can find the prompt again (history) after its own restart.
     pub prompt_id: Option<String>,
@@ -62,6 +78,7 @@ impl RunRequest {
             deadline,
             extra_data: Value::Null,
             on_progress: None,
+            on_preview: None,
             prompt_id: None,
         }
     }
@@ -126,6 +143,20 @@ impl Drop for PromptGuard {
             runtime.spawn(async move { client.cancel(&prompt_id).await });
         }
     }
+}
+
+/// Nodes whose websocket images are outputs: every `SaveImageWebsocket` node and the
+/// requested output nodes. Any other node that sends an image sends a preview.
+fn socket_output_nodes<'a>(graph: &'a Value, outputs: &'a [String]) -> HashSet<&'a str> {
+    let mut nodes: HashSet<&str> = outputs.iter().map(String::as_str).collect();
+    if let Some(map) = graph.as_object() {
+        for (id, node) in map {
+            if node.get("class_type").and_then(Value::as_str) == Some("SaveImageWebsocket") {
+                nodes.insert(id.as_str());
+            }
+        }
+    }
+    nodes
 }
 
 enum Source {
@@ -271,6 +302,17 @@ pub(crate) async fn run_prompt(
             f(p);
         }
     };
+    // Socket images from these nodes are outputs; from any other node (a sampler), previews.
+    let socket_outputs = socket_output_nodes(&req.graph, &req.outputs);
+    let image = |collected: &mut Collected, node_id: Option<String>, bytes: Bytes, media_type: Option<String>| match node_id {
+        Some(node) if !socket_outputs.contains(node.as_str()) => {
+            if let Some(f) = &req.on_preview {
+                let media_type = media_type.unwrap_or_else(|| sniff_media_type(&bytes).to_string());
+                f(Preview { node_id: Some(node), media_type, bytes });
+            }
+        }
+        node => collected.slot(&node.unwrap_or_default()).push(Source::Socket(bytes)),
+    };
     let mut collected = Collected::default();
     let mut execution_started: Option<Instant> = None;
     let mut outcome: Option<PromptOutcome> = None;
@@ -305,10 +347,7 @@ pub(crate) async fn run_prompt(
                     WsMessage::Executing { node: None, .. } => poll_now = true,
                     _ => {}
                 },
-                Some(PromptEvent::Image { node_id, bytes }) => {
-                    let node = node_id.unwrap_or_default();
-                    collected.slot(&node).push(Source::Socket(bytes));
-                }
+                Some(PromptEvent::Image { node_id, bytes, media_type }) => image(&mut collected, node_id, bytes, media_type),
                 None => poll_now = true,
             },
             _ = poll_timer.tick() => poll_now = true,
@@ -413,9 +452,7 @@ pub(crate) async fn run_prompt(
     // Drain images that were already routed but not yet read.
     while let Ok(event) = events.try_recv() {
         match event {
-            PromptEvent::Image { node_id, bytes } => collected
-                .slot(&node_id.unwrap_or_default())
-                .push(Source::Socket(bytes)),
+            PromptEvent::Image { node_id, bytes, media_type } => image(&mut collected, node_id, bytes, media_type),
             PromptEvent::Message(WsMessage::Executed { node, output, .. }) => {
                 collected.add_ui_output(&node, &output)
             }

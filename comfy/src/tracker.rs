@@ -18,6 +18,8 @@ pub enum PromptEvent {
     Image {
         node_id: Option<String>,
         bytes: Bytes,
+        /// From the frame (type 1's format, type 4's `image_type`), when it says.
+        media_type: Option<String>,
     },
 }
 
@@ -100,25 +102,34 @@ impl PromptTracker {
     /// Route one decoded binary frame.
     pub fn route_binary(&self, frame: BinaryFrame) {
         let state = self.lock();
-        let (prompt_id, node_id, bytes) = match frame {
+        let (prompt_id, node_id, bytes, media_type) = match frame {
             BinaryFrame::PreviewImageWithMetadata { metadata, image } => {
                 let node = metadata.real_node_id.or(metadata.node_id);
+                let media_type = metadata.image_type.filter(|t| t.starts_with("image/"));
                 match metadata.prompt_id {
-                    Some(p) => (p, node, image),
+                    Some(p) => (p, node, image, media_type),
                     None => match &state.executing {
-                        Some((p, _)) => (p.clone(), node, image),
+                        Some((p, _)) => (p.clone(), node, image, media_type),
                         None => return,
                     },
                 }
             }
-            BinaryFrame::PreviewImage { image, .. } => match &state.executing {
-                Some((p, n)) => (p.clone(), Some(n.clone()), image),
-                None => return,
-            },
+            BinaryFrame::PreviewImage { image, format } => {
+                // ComfyUI's PREVIEW_IMAGE formats: 1 = JPEG, 2 = PNG.
+                let media_type = match format {
+                    1 => Some("image/jpeg".to_string()),
+                    2 => Some("image/png".to_string()),
+                    _ => None,
+                };
+                match &state.executing {
+                    Some((p, n)) => (p.clone(), Some(n.clone()), image, media_type),
+                    None => return,
+                }
+            }
             BinaryFrame::Text { .. } | BinaryFrame::Unknown { .. } => return,
         };
         if let Some(tx) = state.prompts.get(&prompt_id) {
-            let _ = tx.send(PromptEvent::Image { node_id, bytes });
+            let _ = tx.send(PromptEvent::Image { node_id, bytes, media_type });
         }
     }
 }

@@ -544,6 +544,17 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
                 }
                 run.set_progress(id, json!(step), json!(steps), "running");
                 run.send_client_or_all("progress", json!({"value": step, "max": steps, "prompt_id": item.prompt_id, "node": id}));
+                if s.preview_method.is_some() {
+                    // As ComfyUI's latent previews: a small JPEG from the sampler after each step.
+                    if let Some(jpeg) = render::preview_jpeg(step, steps) {
+                        let metadata = format!(
+                            "{{\"node_id\": {id}, \"prompt_id\": {pid}, \"display_node_id\": {id}, \"parent_node_id\": null, \"real_node_id\": {id}, \"image_type\": \"image/jpeg\"}}",
+                            id = Value::from(id.as_str()),
+                            pid = Value::from(item.prompt_id.as_str()),
+                        );
+                        s.send_image(&jpeg, 1, &metadata, run.client.as_deref());
+                    }
+                }
             }
             if was_interrupted {
                 stop = Some(Stop::Interrupted { node: id.clone(), class });

@@ -31,6 +31,9 @@ pub struct FaultSettings {
     /// diffusion model, LoRAs and their strengths) differ from the previous prompt's. Real
     /// ComfyUI re-patches the model then (9–22 s for a LoRA change of Flux on an H200).
     pub model_switch: Duration,
+    /// Websocket upgrades answered 503 (HTTP keeps answering): a ComfyUI whose socket
+    /// cannot connect yet.
+    pub refuse_ws: bool,
 }
 
 /// Fires once: after it, every connection of the double errors and nothing answers any more.
@@ -123,6 +126,11 @@ impl Faults {
     /// Delay before `GET /view` answers.
     pub fn set_view_delay(&self, d: Duration) {
         self.lock().view_delay = d;
+    }
+
+    /// While on, `GET /ws` is refused with 503 (new connections only; open sockets stay).
+    pub fn refuse_websocket(&self, on: bool) {
+        self.lock().refuse_ws = on;
     }
 
     /// Back to no faults (a crash cannot be undone). The model-switch cost stays: it is how

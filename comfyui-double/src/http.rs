@@ -428,6 +428,9 @@ fn webp_preview(bytes: &[u8]) -> Option<Vec<u8>> {
 }
 
 async fn ws(State(s): S, Query(q): Query<HashMap<String, String>>, upgrade: WebSocketUpgrade) -> Response {
+    if s.faults.settings().refuse_ws {
+        return (StatusCode::SERVICE_UNAVAILABLE, "websocket refused (fault)").into_response();
+    }
     let sid = q.get("clientId").filter(|c| !c.is_empty()).cloned().unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     upgrade.on_upgrade(move |socket| run_socket(s, sid, socket))
 }

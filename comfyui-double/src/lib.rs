@@ -136,6 +136,7 @@ impl ComfyDouble {
             cache: Mutex::new(HashMap::new()),
             temp_prefix,
             next_conn: AtomicU64::new(0),
+            preview_method: preview_method_of(&argv),
             argv,
             max_history: cfg.max_history.max(1),
             keep_record: cfg.keep_record,
@@ -304,4 +305,12 @@ impl AsyncWrite for KillableStream {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+/// ComfyUI's `--preview-method` (`--preview-method X` or `--preview-method=X`), unless `none`.
+fn preview_method_of(argv: &[String]) -> Option<String> {
+    let value = argv.iter().enumerate().find_map(|(i, a)| {
+        if a == "--preview-method" { argv.get(i + 1).cloned() } else { a.strip_prefix("--preview-method=").map(str::to_string) }
+    })?;
+    (value != "none").then_some(value)
 }

@@ -283,3 +283,12 @@ mod tests {
         assert_eq!(image_size(&png), Some((7, 3)));
     }
 }
+
+/// A 64×64 JPEG standing in for a latent preview at `step` of `steps` (brighter as sampling goes).
+pub fn preview_jpeg(step: u64, steps: u64) -> Option<Vec<u8>> {
+    let level = ((step * 255) / steps.max(1)).min(255) as u8;
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([level, (x * 4) as u8, (y * 4) as u8]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 80).encode_image(&img).ok()?;
+    Some(out.into_inner())
+}

@@ -105,6 +105,8 @@ pub(crate) struct Shared {
     pub temp_prefix: String,
     pub next_conn: AtomicU64,
     pub argv: Vec<String>,
+    /// `--preview-method` from argv, unless `none`: samplers then send a JPEG preview per step.
+    pub preview_method: Option<String>,
     /// Most `/history` entries kept (oldest dropped first).
     pub max_history: usize,
     /// Whether prompts and uploads are recorded for tests.
@@ -153,6 +155,12 @@ impl Shared {
 
     /// A preview image for `sid` (or everyone): type 4 with metadata for sockets that did the handshake, else type 1.
     pub fn send_preview(&self, png: &[u8], metadata_json: &str, sid: Option<&str>) {
+        self.send_image(png, 2, metadata_json, sid);
+    }
+
+    /// As [`Shared::send_preview`] for an image of type-1 `format` (1 = JPEG, 2 = PNG), as ComfyUI's
+    /// latent previews (JPEG) and SaveImageWebsocket (PNG) go out.
+    pub fn send_image(&self, png: &[u8], format: u32, metadata_json: &str, sid: Option<&str>) {
         let sockets = lock(&self.sockets);
         let frame = |with_metadata: bool| -> Message {
             let mut out = Vec::with_capacity(png.len() + metadata_json.len() + 8);
@@ -162,7 +170,7 @@ impl Shared {
                 out.extend_from_slice(metadata_json.as_bytes());
             } else {
                 out.extend_from_slice(&1u32.to_be_bytes());
-                out.extend_from_slice(&2u32.to_be_bytes());
+                out.extend_from_slice(&format.to_be_bytes());
             }
             out.extend_from_slice(png);
             Message::Binary(out.into())

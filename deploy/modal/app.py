@@ -53,6 +53,13 @@ COMFYUI_PROFILES = ("default", "highvram", "fp8", "fast")
 if COMFYUI_PROFILE not in COMFYUI_PROFILES:
     raise ValueError(f"FLOWHOST_COMFYUI_PROFILE={COMFYUI_PROFILE!r}: expected one of {', '.join(COMFYUI_PROFILES)}")
 
+# Warm-up before ready (`flowhost serve --warm-up`): `auto` runs each plugin's declared warm-up
+# request (flux-dev: 1 step at 256²) before /health answers 200, so the weights are on the GPU
+# before the first request, and before a GPU snapshot is taken. `off` skips it.
+WARM_UP = os.environ.get("FLOWHOST_WARM_UP", "auto")
+if WARM_UP not in ("auto", "off"):
+    raise ValueError(f"FLOWHOST_WARM_UP={WARM_UP!r}: expected auto or off")
+
 # Custom nodes, each pinned to a full commit.
 CUSTOM_NODES = [
     ("https://github.com/cubiq/ComfyUI_InstantID", "1ef34ef573581bd9727c1e0ac05aa956b356a510"),
@@ -107,7 +114,9 @@ def serve_command(profile: str = "") -> list[str]:
         "--max-in-flight", str(MAX_IN_FLIGHT),
         "--job-timeout", str(JOB_TIMEOUT_S),
         "--log-format", "json",
-    ] + (["--comfyui-profile", profile] if profile != "default" else [])  # fmt: skip
+    ] + (["--comfyui-profile", profile] if profile != "default" else []) + (
+        ["--warm-up", "off"] if WARM_UP == "off" else []
+    )  # fmt: skip
 
 
 def pull_command(only: list[str]) -> list[str]:
@@ -205,7 +214,12 @@ def wait_for_health(url: str, process: subprocess.Popen, deadline_s: float) -> d
                 if response.status == 200:
                     return _json_or_empty(response.read())
         except urllib.error.HTTPError as error:  # 503 while not ready: read why
-            status = _json_or_empty(error.read()).get("status")
+            doc = _json_or_empty(error.read())
+            status = doc.get("status")
+            if status == "warm_up_failed":
+                # Not transient: the weights did not load (OOM, missing file). Fail the start
+                # with the reason instead of waiting out the timeout.
+                raise RuntimeError(f"flowhost's warm-up failed: {doc.get('reason') or 'see /health'}")
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() - last_report > 15:

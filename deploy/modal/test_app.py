@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -174,6 +175,13 @@ class TestServe:
         assert "--comfyui-profile" not in app_module.serve_command()
         module = load_app(monkeypatch, FLOWHOST_COMFYUI_PROFILE="fp8")
         assert module.serve_command()[-2:] == ["--comfyui-profile", "fp8"]
+
+    def test_warm_up_is_on_by_default_and_can_be_switched_off(self, monkeypatch, app_module):
+        assert "--warm-up" not in app_module.serve_command(), "auto is flowhost's default"
+        module = load_app(monkeypatch, FLOWHOST_WARM_UP="off")
+        assert module.serve_command()[-2:] == ["--warm-up", "off"]
+        with pytest.raises(ValueError, match="sometimes"):
+            load_app(monkeypatch, FLOWHOST_WARM_UP="sometimes")
 
     def test_an_unknown_launch_profile_fails_the_deploy(self, monkeypatch):
         with pytest.raises(ValueError, match="turbo"):
@@ -398,3 +406,28 @@ class TestStartup:
         process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
         with pytest.raises(RuntimeError, match="status 3"):
             app_module.wait_for_health("http://127.0.0.1:9/health", process, 20)
+
+    def test_wait_for_health_fails_at_once_with_the_reason_when_the_warm_up_failed(self, app_module):
+        class Health(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = b'{"status": "warm_up_failed", "reason": "warm-up failed: /flux-dev: CUDA out of memory"}'
+                self.send_response(503)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        started = time.monotonic()
+        try:
+            with pytest.raises(RuntimeError, match="CUDA out of memory"):
+                app_module.wait_for_health(f"http://127.0.0.1:{server.server_port}/health", process, 20)
+        finally:
+            process.kill()
+            server.shutdown()
+        assert time.monotonic() - started < 10, "a failed warm-up is not waited out"

@@ -198,6 +198,15 @@ pub struct ServeArgs {
     /// Seconds between plugin-folder rescans (network volumes send no events).
     #[arg(long, default_value_t = 2)]
     pub rescan_interval: u64,
+    /// Warm-up before ready: `auto` runs one cheap job per route whose plugin declares a
+    /// warm-up request (weights on the GPU before traffic; again after a ComfyUI restart);
+    /// `off` is ready as soon as ComfyUI answers. See docs/operations.md.
+    #[arg(long, value_enum, env = "FLOWHOST_WARM_UP", default_value = "auto")]
+    pub warm_up: crate::warm_up::WarmUpMode,
+    /// ROUTE=FILE.json: warm ROUTE with this request body instead of the plugin's own
+    /// warm-up request (also for a plugin that declares none). Repeatable.
+    #[arg(long = "warm-up-request", value_name = "ROUTE=FILE.json")]
+    pub warm_up_requests: Vec<crate::warm_up::WarmUpOverride>,
     /// Webhooks (signing secrets, operator subscriptions, SSRF allow-list).
     #[command(flatten)]
     pub webhooks: crate::webhooks::WebhookArgs,

@@ -18,5 +18,7 @@ pub mod plugins;
 pub mod server;
 pub mod media;
 pub mod simulate;
+pub mod state_lock;
 pub mod timestamp;
+pub mod warm_up;
 pub mod webhooks;

@@ -32,6 +32,10 @@ pub struct Server {
     _watcher: PluginWatcher,
     /// The embedded ComfyUI doubles in `--simulate` mode (kept alive here).
     simulated: Vec<crate::simulate::SimulatedComfy>,
+    /// Warms the primary worker whenever it (re)starts serving (`warm_up.rs`).
+    warm_up: Option<tokio::task::JoinHandle<()>>,
+    /// The `--state-dir` lock, released when the server is dropped.
+    _state_lock: crate::state_lock::StateDirLock,
 }
 
 impl Server {
@@ -41,6 +45,9 @@ impl Server {
             let _ = tx.send(());
         }
         let served = (&mut self.task).await.context("server task panicked")?;
+        if let Some(task) = self.warm_up.take() {
+            task.abort();
+        }
         self.state.jobs.shutdown();
         if let Some(webhooks) = &self.state.webhooks {
             webhooks.stop();
@@ -86,6 +93,10 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     if simulate {
         anyhow::bail!("--simulate is not available: this flowhost was built without the `simulate` feature (release builds leave the test double out)");
     }
+    let warm_up_plan = crate::warm_up::WarmUpPlan::from_args(args.warm_up, &args.warm_up_requests)?;
+    // One process per state dir (a second would run and reconcile this one's jobs): checked
+    // before anything starts, ComfyUI included.
+    let state_lock = crate::state_lock::acquire(&args.state_dir)?;
     // --simulate without --models gets a scratch volume, provisioned below.
     let scratch_models = if simulate && args.models.is_none() { Some(tempfile::Builder::new().prefix("flowhost-sim-models-").tempdir()?) } else { None };
     let models_root = args.models.clone().or_else(|| scratch_models.as_ref().map(|d| d.path().to_path_buf()));
@@ -182,6 +193,8 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     jobs.recover().await.map_err(|e| anyhow::anyhow!("recovering jobs: {e}"))?;
     jobs.start_workers();
     jobs.start_sweeper();
+    let warm_up_status = crate::warm_up::WarmUpStatus::new(warm_up_plan.mode);
+    let warm_up = jobs.backend().cloned().and_then(|backend| crate::warm_up::spawn(jobs.clone(), registry.clone(), backend, warm_up_plan, warm_up_status.clone()));
     let state = AppState {
         registry: registry.clone(),
         engine,
@@ -192,6 +205,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         started_at: Instant::now(),
         simulated: simulate,
         webhooks: Some(webhooks),
+        warm_up: warm_up_status,
     };
     let app = crate::http::router(state.clone());
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
@@ -212,7 +226,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         .collect();
     analytics.emit(Event::app_deployed(env!("CARGO_PKG_VERSION"), &plugins));
     tracing::info!(%addr, plugins = %args.plugins.display(), endpoints = plugins.len(), "flowhost listening");
-    Ok(Server { addr, state, shutdown: Some(tx), task, _watcher: watcher, simulated })
+    Ok(Server { addr, state, shutdown: Some(tx), task, _watcher: watcher, simulated, warm_up, _state_lock: state_lock })
 }
 
 /// One ComfyUI worker to start: where it is, its folders as seen from here, its GPU.

@@ -113,6 +113,11 @@ impl TestServer {
         if !extra_args.iter().any(|a| matches!(*a, "--comfyui-url" | "--comfyui-dir" | "--simulate")) {
             argv.push("--simulate");
         }
+        // Warm-up runs its own prompts in the double; a test that counts prompts, arms a
+        // fault or cancels "the" running job must not meet them, so it is opt-in here.
+        if !extra_args.iter().any(|a| a.starts_with("--warm-up")) {
+            argv.extend_from_slice(&["--warm-up", "off"]);
+        }
         // Each test server gets its own job store unless the test shares one on purpose.
         let state = if extra_args.contains(&"--state-dir") { None } else { Some(tempfile::tempdir()?) };
         let state_dir = state.as_ref().map(|s| s.path().to_string_lossy().to_string());
@@ -195,6 +200,12 @@ pub struct ExternalComfy {
 
 impl ExternalComfy {
     pub async fn start() -> Result<Self> {
+        Self::start_with_argv(&[]).await
+    }
+
+    /// As [`ExternalComfy::start`], as if ComfyUI were started with these flags (e.g.
+    /// `--preview-method latent2rgb`: samplers then send preview frames).
+    pub async fn start_with_argv(flags: &[&str]) -> Result<Self> {
         let models = tempfile::tempdir()?;
         for (folder, name) in [
             ("diffusion_models", "flux1-dev.safetensors"),
@@ -214,10 +225,11 @@ impl ExternalComfy {
             }
             std::fs::write(path, b"placeholder weights")?;
         }
-        let double = comfyui_double::ComfyDouble::start(comfyui_double::DoubleConfig {
-            models_dir: Some(models.path().to_path_buf()),
-            ..Default::default()
-        })
+        let argv = std::iter::once("main.py").chain(flags.iter().copied()).map(str::to_string).collect();
+        let double = comfyui_double::ComfyDouble::start_with_argv(
+            comfyui_double::DoubleConfig { models_dir: Some(models.path().to_path_buf()), ..Default::default() },
+            argv,
+        )
         .await?;
         Ok(Self { double, models })
     }

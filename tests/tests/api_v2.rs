@@ -289,6 +289,123 @@ mod events {
     }
 }
 
+mod previews {
+    use super::*;
+
+    /// A sampler with `steps` steps whose image is saved: previews come from node 3 (KSampler),
+    /// the output from node 9 (SaveImage).
+    fn sampled(steps: u32) -> Value {
+        json!({
+            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["4", 1]}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "3": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0],
+                "seed": 1, "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+            "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "v2"}}
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_multi_step_job_streams_throttled_previews_and_its_outputs_are_the_real_ones() {
+        // ComfyUI started with --preview-method: the sampler sends a JPEG preview per step.
+        let comfy = ExternalComfy::start_with_argv(&["--preview-method", "latent2rgb"]).await.unwrap();
+        let mut args: Vec<String> = comfy.args();
+        args.extend(["--warm-up".to_string(), "off".to_string()]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = TestServer::start(&[], &refs).await.unwrap();
+        let client = V2Client::new(&server.base);
+        wait_healthy(&client).await;
+        // 12 steps of 200 ms: 2.4 s of sampling, 12 preview frames from ComfyUI.
+        comfy.double.faults().set_step_latency(Duration::from_millis(200));
+        comfy.double.faults().hang(true);
+        let job = submit_ok(&client, &sampled(12)).await;
+        let id = job["id"].as_str().unwrap().to_string();
+        wait_status(&client, &id, |s| s == "running").await;
+        let faults = comfy.double.faults().clone();
+        let events = read_events(&client, &format!("/api/v2/jobs/{id}/events"), move || faults.hang(false)).await;
+
+        let previews: Vec<&Value> = events.iter().filter(|(name, _)| name == "preview").map(|(_, v)| v).collect();
+        assert!(previews.len() >= 2, "previews while sampling: {:?}", events.iter().map(|(n, _)| n).collect::<Vec<_>>());
+        assert!(previews.len() < 12, "throttled: fewer previews than the 12 frames ComfyUI sent ({})", previews.len());
+        for preview in &previews {
+            assert_eq!(preview["node_id"], "3", "from the sampler: {preview}");
+            assert_eq!(preview["content_type"], "image/jpeg");
+            let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, preview["data_base64"].as_str().unwrap()).unwrap();
+            assert_eq!(&bytes[..2], &[0xFF, 0xD8], "a JPEG");
+        }
+        // The outputs are exactly the SaveImage output, no preview among them.
+        let (_, last) = events.last().unwrap();
+        assert_eq!(last["status"], "succeeded", "{last}");
+        let outputs = last["outputs"].as_array().unwrap();
+        assert_eq!(outputs.len(), 1, "one output (the SaveImage file), not the previews: {last}");
+        let done = wait_terminal(&client, &id).await;
+        let asset = &done["outputs"][0];
+        assert_eq!(asset["node_id"], "9", "{done}");
+        let content = client.get(&format!("/api/v2/assets/{}/content", asset["id"].as_str().unwrap())).await;
+        assert_eq!(content.status, 200);
+        let bytes = content.body.clone();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "the PNG ComfyUI saved");
+        assert_eq!(image::load_from_memory(&bytes).unwrap().width(), 64);
+    }
+
+    /// The events a stream sends within `within` (it may stay open longer).
+    async fn first_events(client: &V2Client, path: &str, within: Duration) -> Vec<(String, Value)> {
+        let response = client.request(reqwest::Method::GET, path).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        let mut buffer = String::new();
+        let mut events = Vec::new();
+        let _ = tokio::time::timeout(within, async {
+            while let Some(Ok(chunk)) = stream.next().await {
+                buffer.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buffer.find("\n\n") {
+                    let frame: String = buffer.drain(..end + 2).collect();
+                    let name = frame.lines().find_map(|l| l.strip_prefix("event:")).map(|v| v.trim().to_string()).unwrap_or_default();
+                    let data: String = frame.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
+                    if !name.is_empty() {
+                        let value: Value = serde_json::from_str(&data).unwrap();
+                        Contract::get().check_event(&name, &value).unwrap();
+                        events.push((name, value));
+                    }
+                }
+            }
+        })
+        .await;
+        events
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_opened_after_sampling_gets_the_latest_preview_in_its_snapshot() {
+        let comfy = ExternalComfy::start_with_argv(&["--preview-method", "taesd"]).await.unwrap();
+        let mut args: Vec<String> = comfy.args();
+        args.extend(["--warm-up".to_string(), "off".to_string()]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = TestServer::start(&[], &refs).await.unwrap();
+        let client = V2Client::new(&server.base);
+        wait_healthy(&client).await;
+        // The output fetch hangs: the job stays running after its sampler sent its last preview.
+        comfy.double.faults().set_view_delay(Duration::from_secs(60));
+        let job = submit_ok(&client, &sampled(4)).await;
+        let id = job["id"].as_str().unwrap().to_string();
+        let prompt_id = eventually(Duration::from_secs(20), || async { comfy.double.record().prompts.first().map(|(p, _)| p.clone()) }).await.expect("the prompt reached ComfyUI");
+        let http = reqwest::Client::new();
+        let executed = eventually(Duration::from_secs(20), || async {
+            let history: Value = http.get(format!("{}/history/{prompt_id}", comfy.double.url())).send().await.ok()?.json().await.ok()?;
+            history.get(&prompt_id).map(|_| ())
+        })
+        .await;
+        assert!(executed.is_some(), "the prompt finished executing in ComfyUI");
+        // No preview is sent any more; a new stream still gets the latest one, with the status.
+        let events = first_events(&client, &format!("/api/v2/jobs/{id}/events"), Duration::from_millis(1500)).await;
+        assert_eq!(events.first().map(|(n, v)| (n.as_str(), v["status"].clone())), Some(("status", json!("running"))), "{events:?}");
+        let preview = events.iter().find(|(n, _)| n == "preview").map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("no preview in the snapshot: {events:?}"));
+        assert_eq!(preview["node_id"], "3");
+        assert_eq!(preview["content_type"], "image/jpeg");
+    }
+}
+
 /// A well-formed id no job or asset has.
 const UNKNOWN_ID: &str = "7f3d2c1b-9a8e-4d6f-b012-3c4d5e6f7a8b";
 

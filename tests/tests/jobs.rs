@@ -78,6 +78,8 @@ impl Flowhost {
             .arg("--state-dir")
             .arg(state)
             .args(comfy.args())
+            // The test arms faults and counts prompts: no warm-up prompt of flowhost's own.
+            .args(["--warm-up", "off"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -438,4 +440,19 @@ async fn progress_snapshots_reach_subscribers_and_the_store_while_a_job_runs() {
     assert!(values.windows(2).all(|w| w[1] >= w[0]), "progress never goes back: {values:?}");
     let stored = server.server.state.jobs.get(id).await.unwrap().unwrap();
     assert_eq!(stored.progress.map(|p| p.value), Some(1.0), "the stored snapshot ends at 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_flowhost_on_the_same_state_dir_fails_at_start_naming_it() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_string_lossy().to_string();
+    let first = TestServer::start(&[], &["--simulate", "--state-dir", &dir]).await.unwrap();
+    let second = TestServer::start(&[], &["--simulate", "--state-dir", &dir]).await;
+    let err = format!("{:#}", second.err().expect("the second flowhost must not start on a locked state dir"));
+    assert!(err.contains("in use by another flowhost") && err.contains(&dir), "{err}");
+    // The first keeps serving; once it is gone the directory is free again.
+    assert_eq!(first.client.get(first.url("/livez")).send().await.unwrap().status(), 200);
+    first.server.shutdown().await.unwrap();
+    let third = TestServer::start(&[], &["--simulate", "--state-dir", &dir]).await;
+    assert!(third.is_ok(), "free again after the first shut down: {:?}", third.err());
 }

@@ -579,6 +579,9 @@ mod served_binary {
                 .arg(plugins.path())
                 .arg("--cache-dir")
                 .arg(cache.path())
+                // Its own state dir: the default one is locked by whichever flowhost holds it.
+                .arg("--state-dir")
+                .arg(cache.path().join("state"))
                 .env("FLOWHOST_API_KEYS", "app:user-secret-1")
                 .env("FLOWHOST_ADMIN_KEYS", "ops:admin-secret-2")
                 .stdout(Stdio::null())

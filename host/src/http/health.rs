@@ -1,5 +1,6 @@
 //! `GET /health`: is the service ready, and which endpoints are (readiness:
-//! 503 until ComfyUI serves). `GET /livez`: is this process alive (liveness:
+//! 503 until ComfyUI answers with its websocket connected and the warm-up round
+//! is done; a failed warm-up stays 503 with its reason). `GET /livez`: is this process alive (liveness:
 //! always 200, touches nothing), so an orchestrator restarts a wedged process
 //! but not one whose ComfyUI is merely restarting or loading models.
 
@@ -13,17 +14,31 @@ use super::AppState;
 
 pub async fn health(State(state): State<AppState>) -> Response {
     let report = state.jobs.health(&state.registry.snapshot().plugins()).await;
-    let status = if report.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    // Without its websocket a run waits on history polls: answering is not enough.
+    let websocket = state.jobs.backend().map(|b| b.client().ws_state().borrow().connected);
+    let warm_up = state.warm_up.report();
+    let (ready, status) = match (report.ready, websocket, warm_up.state) {
+        (false, _, _) => (false, report.status),
+        (true, Some(false), _) => (false, "websocket_down"),
+        (true, _, "failed") => (false, "warm_up_failed"),
+        (true, _, _) if !warm_up.ready => (false, "warming_up"),
+        (true, _, _) => (true, report.status),
+    };
+    let status_code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({
-        "status": report.status,
+        "status": status,
+        "ready": ready,
+        "reason": warm_up.reason,
         "simulated": state.simulated,
         "uptime_s": state.started_at.elapsed().as_secs(),
         "comfyui": report.comfyui,
+        "websocket": {"connected": websocket},
+        "warm_up": warm_up,
         "endpoints": report.endpoints,
         "workers": report.workers,
         "plugins_loaded": state.registry.snapshot().plugins().len(),
     });
-    (status, Json(body)).into_response()
+    (status_code, Json(body)).into_response()
 }
 
 /// Liveness: 200 `ok` whenever the HTTP server can answer at all. Deliberately

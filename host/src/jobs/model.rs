@@ -66,6 +66,9 @@ pub enum JobSource {
     Route { route: String, plugin: String, version: String },
     /// A Comfy API v2 submission (the caller's own graph).
     Api,
+    /// A warm-up run of a route's plugin before the service is ready (`warm_up.rs`):
+    /// no analytics, no webhooks, its own metrics label.
+    WarmUp { route: String, plugin: String, version: String },
 }
 
 impl JobSource {
@@ -74,12 +77,18 @@ impl JobSource {
         match self {
             JobSource::Route { route, .. } => route,
             JobSource::Api => "/api/v2/jobs",
+            JobSource::WarmUp { .. } => "warm-up",
         }
+    }
+
+    /// A warm-up run, not a user's job.
+    pub fn is_warm_up(&self) -> bool {
+        matches!(self, JobSource::WarmUp { .. })
     }
 
     pub fn plugin_name(&self) -> Option<&str> {
         match self {
-            JobSource::Route { plugin, .. } => Some(plugin),
+            JobSource::Route { plugin, .. } | JobSource::WarmUp { plugin, .. } => Some(plugin),
             JobSource::Api => None,
         }
     }

@@ -26,6 +26,10 @@ use crate::plugins::bindings::wit;
 
 /// Progress snapshots are stored and published at most this often.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+/// Previews are published at most this often (the newest wins; never stored).
+const PREVIEW_INTERVAL: Duration = Duration::from_millis(500);
+/// A preview larger than this is dropped (previews are small: latent2rgb/TAESD JPEGs).
+const MAX_PREVIEW_BYTES: usize = 4 << 20;
 
 /// One output as fetched from ComfyUI.
 pub(super) struct FetchedOutput {
@@ -170,6 +174,15 @@ impl JobService {
         request.on_progress = Some(Arc::new(move |p| {
             let _ = progress_tx.send(p);
         }));
+        // Only the newest preview matters: a watch slot, read at most every PREVIEW_INTERVAL.
+        let (preview_tx, mut preview_rx) = tokio::sync::watch::channel::<Option<flowhost_comfy::Preview>>(None);
+        request.on_preview = Some(Arc::new(move |p: flowhost_comfy::Preview| {
+            if p.bytes.len() <= MAX_PREVIEW_BYTES {
+                preview_tx.send_replace(Some(p));
+            }
+        }));
+        let mut last_preview = Instant::now() - PREVIEW_INTERVAL;
+        let mut preview_pending = false;
         let mut tracker = ProgressTracker::new(&workflow);
         let run = backend.run(request);
         tokio::pin!(run);
@@ -182,7 +195,15 @@ impl JobService {
                 Some(p) = progress_rx.recv() => {
                     pending = Some(tracker.apply(&p));
                 }
+                Ok(()) = preview_rx.changed() => preview_pending = true,
                 _ = tick.tick() => {}
+            }
+            if preview_pending && last_preview.elapsed() >= PREVIEW_INTERVAL {
+                preview_pending = false;
+                last_preview = Instant::now();
+                if let Some(p) = preview_rx.borrow_and_update().clone() {
+                    self.send_event(job.id, JobEvent::Preview { bytes: p.bytes, media_type: p.media_type, node_id: p.node_id });
+                }
             }
             if let Some(p) = pending.take() {
                 if last_stored.elapsed() >= PROGRESS_INTERVAL {

@@ -85,6 +85,8 @@ pub(super) struct Live {
     pub snapshot: watch::Sender<Job>,
     pub events: broadcast::Sender<JobEvent>,
     pub cancel: watch::Sender<bool>,
+    /// The newest preview (the v2 stream pushes it on connect; never stored).
+    pub latest_preview: Option<JobEvent>,
 }
 
 /// This process's share of the load: what admission counts beside the queue's depth.
@@ -358,7 +360,7 @@ impl JobService {
         let (snapshot, _) = watch::channel(job.clone());
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (cancel, _) = watch::channel(false);
-        lock(&self.live).insert(job.id, Live { snapshot, events, cancel });
+        lock(&self.live).insert(job.id, Live { snapshot, events, cancel, latest_preview: None });
     }
 
     /// Put a stored queued job back in the queue (restart recovery).
@@ -494,12 +496,19 @@ impl JobService {
     }
 
     pub(super) fn send_event(&self, id: Uuid, event: JobEvent) {
-        if let Some(l) = lock(&self.live).get(&id) {
-            if let JobEvent::Progress(p) = &event {
-                l.snapshot.send_modify(|j| j.progress = Some(p.clone()));
+        if let Some(l) = lock(&self.live).get_mut(&id) {
+            match &event {
+                JobEvent::Progress(p) => l.snapshot.send_modify(|j| j.progress = Some(p.clone())),
+                JobEvent::Preview { .. } => l.latest_preview = Some(event.clone()),
+                _ => {}
             }
             let _ = l.events.send(event);
         }
+    }
+
+    /// The newest preview of a running job (`JobEvent::Preview`), if it sent one.
+    pub fn latest_preview(&self, id: Uuid) -> Option<JobEvent> {
+        lock(&self.live).get(&id).and_then(|l| l.latest_preview.clone())
     }
 
     pub(super) fn cancel_requested(&self, id: Uuid) -> Option<watch::Receiver<bool>> {

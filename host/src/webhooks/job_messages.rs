@@ -28,7 +28,8 @@ impl JobMessages {
 impl TransitionMessages for JobMessages {
     fn messages_for(&self, job: &Job) -> Vec<NewDelivery> {
         let Some(event) = JobEventType::for_status(job.status.as_str()) else { return Vec::new() };
-        if !self.webhooks.enabled() {
+        // A warm-up run is the service's own, not a user's job: no message for it.
+        if !self.webhooks.enabled() || job.source.is_warm_up() {
             return Vec::new();
         }
         let at = match event {

@@ -48,6 +48,15 @@ fn status_event(job: &Job, origin: &Origin) -> Event {
     event("status", &data)
 }
 
+/// The `preview` payload (`PreviewEvent`).
+fn preview_json(bytes: &[u8], media_type: String, node_id: Option<String>) -> Value {
+    json!({
+        "node_id": node_id.unwrap_or_default(),
+        "content_type": media_type,
+        "data_base64": base64::engine::general_purpose::STANDARD.encode(bytes),
+    })
+}
+
 /// What the stream sends next for one job, from the service's events.
 struct Stream {
     service: std::sync::Arc<JobService>,
@@ -128,6 +137,13 @@ impl Stream {
                 return;
             }
         }
+        // The spec: the most recent preview, if any, is part of the snapshot.
+        if let Some(JobEvent::Preview { bytes, media_type, node_id }) = self.service.latest_preview(self.job.id) {
+            self.pending_preview = Some(preview_json(&bytes, media_type, node_id));
+            if !self.flush_preview(Instant::now()).await {
+                return;
+            }
+        }
         loop {
             let flush_at = self.next_flush();
             let received = tokio::select! {
@@ -152,11 +168,7 @@ impl Stream {
                     self.flush_progress_if_due(now).await
                 }
                 Some(Ok(JobEvent::Preview { bytes, media_type, node_id })) => {
-                    self.pending_preview = Some(json!({
-                        "node_id": node_id.unwrap_or_default(),
-                        "content_type": media_type,
-                        "data_base64": base64::engine::general_purpose::STANDARD.encode(&bytes),
-                    }));
+                    self.pending_preview = Some(preview_json(&bytes, media_type, node_id));
                     self.flush_preview_if_due(now).await
                 }
                 Some(Ok(JobEvent::Output(asset))) => {
