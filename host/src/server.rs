@@ -14,8 +14,7 @@ use crate::auth::AccessKeys;
 use crate::cli::ServeArgs;
 use crate::events::{Analytics, Event};
 use crate::http::{AppState, HttpLimits};
-use crate::jobs::blobs::FsBlobStore;
-use crate::jobs::{JobConfig, JobService, SqliteStore};
+use crate::jobs::{JobConfig, JobService};
 use crate::metrics::Metrics;
 use crate::models::ModelVolume;
 use crate::plugins::compiled_cache::CompiledCache;
@@ -166,13 +165,11 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     spawn_restart_counter(&backend, metrics.clone());
 
     // Durable state first: every accepted job is recovered before we listen.
-    let store = SqliteStore::open(&args.state_dir.join("jobs.db")).await.with_context(|| format!("opening the job store in {}", args.state_dir.display()))?;
-    let outbox = crate::webhooks::outbox::SqliteOutbox::new(store.pool());
-    let blobs = FsBlobStore::new(args.state_dir.join("blobs")).with_context(|| format!("opening the blob store in {}", args.state_dir.display()))?;
+    let backing = crate::backing::open(&args.backing, &args.state_dir).await?;
     let retention = Duration::from_secs_f64((args.retention_hours.max(0.0) * 3600.0).min(1e9));
     let jobs = JobService::new(
-        Arc::new(store),
-        Arc::new(blobs),
+        backing.store.clone(),
+        backing.blobs.clone(),
         Some(backend),
         JobConfig {
             max_in_flight: args.max_in_flight,
@@ -189,7 +186,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     jobs.set_registry(registry.clone());
     // Webhooks before recovery: jobs reconciled at startup send their events too.
     let webhook_settings = crate::webhooks::WebhookSettings::from_args(&args.webhooks)?;
-    let webhooks = crate::webhooks::Webhooks::start(webhook_settings, Arc::new(outbox), jobs.metrics.clone())?;
+    let webhooks = crate::webhooks::Webhooks::start(webhook_settings, backing.outbox.clone(), jobs.metrics.clone())?;
     jobs.set_transition_messages(Arc::new(crate::webhooks::job_messages::JobMessages::new(webhooks.clone(), crate::http::job_view::job_json)));
     jobs.recover().await.map_err(|e| anyhow::anyhow!("recovering jobs: {e}"))?;
     jobs.start_workers();

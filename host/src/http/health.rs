@@ -21,6 +21,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "comfyui": report.comfyui,
         "endpoints": report.endpoints,
         "plugins_loaded": state.registry.snapshot().plugins().len(),
+        "jobs": crate::backing::describe(state.jobs.store().as_ref(), state.jobs.blobs().as_ref()),
     });
     (status, Json(body)).into_response()
 }

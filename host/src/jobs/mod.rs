@@ -31,6 +31,7 @@
 
 pub mod assets;
 pub mod blobs;
+pub mod blobs_s3;
 pub mod failure;
 pub mod inputs;
 pub mod model;
@@ -40,6 +41,7 @@ pub mod recovery;
 pub mod runner;
 pub mod service;
 pub mod store;
+pub mod store_pg;
 
 pub use assets::{AssetError, CreatedAsset};
 pub use failure::JobFailure;
@@ -47,6 +49,7 @@ pub use model::{Asset, AssetRole, Job, JobEvent, JobMetrics, JobSource, JobSpec,
 pub use readiness::{HealthReport, plugin_needs};
 pub use service::{CancelOnDrop, JobConfig, JobService, NewUpload, Submission, TransitionMessages};
 pub use store::{IdempotencyClaim, JobFilter, JobStore, SqliteStore};
+pub use store_pg::PostgresStore;
 
 /// The old name of the service (one release).
 pub type JobRunner = JobService;
