@@ -198,8 +198,8 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn presigned_get(&self, hash: &str) -> Result<Option<String>, BlobError> {
-        let Some(expires_in) = self.presign_for else { return Ok(None) };
         let path = self.path_of(hash)?;
+        let Some(expires_in) = self.presign_for else { return Ok(None) };
         let url = self.s3.signed_url(http::Method::GET, &path, expires_in).await.map_err(|e| s3_error(hash, e))?;
         Ok(Some(url.to_string()))
     }
