@@ -45,6 +45,31 @@ pub struct BackingArgs {
     /// after this, then failed `worker_lost`.
     #[arg(long, env = "FLOWHOST_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub lease_seconds: u64,
+    /// Where queued jobs wait: `shared` (rows of the PostgreSQL store that every instance
+    /// claims from; the default with --database-url) or `local` (this process's memory;
+    /// the default otherwise, and the only choice without --database-url).
+    #[arg(long, env = "FLOWHOST_WORK_QUEUE", value_enum)]
+    pub work_queue: Option<WorkQueueKind>,
+}
+
+/// `--work-queue`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkQueueKind {
+    Local,
+    Shared,
+}
+
+impl BackingArgs {
+    /// The queue these flags choose; `shared` needs the PostgreSQL store.
+    pub fn work_queue(&self) -> Result<WorkQueueKind> {
+        let has_database = self.database_url.as_deref().is_some_and(|u| !u.is_empty());
+        match (self.work_queue, has_database) {
+            (Some(WorkQueueKind::Shared), false) => anyhow::bail!("--work-queue shared needs --database-url (the queue is rows of the shared job store)"),
+            (Some(kind), _) => Ok(kind),
+            (None, true) => Ok(WorkQueueKind::Shared),
+            (None, false) => Ok(WorkQueueKind::Local),
+        }
+    }
 }
 
 /// The opened stores.
