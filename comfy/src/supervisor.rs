@@ -38,6 +38,9 @@ pub struct SupervisorConfig {
     pub restart_backoff_max: Duration,
     /// Time between SIGTERM and kill on shutdown.
     pub stop_grace: Duration,
+    /// Environment set on the process besides the inherited one (a pool pins each
+    /// ComfyUI to its GPU with `CUDA_VISIBLE_DEVICES`).
+    pub env: Vec<(String, String)>,
 }
 
 impl SupervisorConfig {
@@ -54,6 +57,7 @@ impl SupervisorConfig {
             restart_backoff_initial: Duration::from_secs(1),
             restart_backoff_max: Duration::from_secs(60),
             stop_grace: Duration::from_secs(10),
+            env: Vec::new(),
         }
     }
 
@@ -325,6 +329,7 @@ fn spawn_comfyui(
     use anyhow::Context;
     let mut cmd = Command::new(&config.python);
     cmd.args(config.command_args())
+        .envs(config.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .current_dir(&config.comfyui_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -408,6 +408,26 @@ async fn pause(s: &Shared, d: Duration) -> bool {
     }
 }
 
+/// The signature of the models a graph loads (checkpoint or diffusion model, LoRAs with
+/// their strengths), sorted so node order does not matter; `None` when it loads none.
+fn model_set(graph: &Map<String, Value>) -> Option<String> {
+    let mut parts: Vec<String> = Vec::new();
+    for node in graph.values() {
+        let inputs = &node["inputs"];
+        let text = |k: &str| inputs[k].as_str().unwrap_or_default().to_string();
+        let num = |k: &str| inputs[k].as_f64().map(|v| format!("{v:.3}")).unwrap_or_default();
+        match node["class_type"].as_str().unwrap_or_default() {
+            "UNETLoader" => parts.push(format!("unet:{}:{}", text("unet_name"), text("weight_dtype"))),
+            "CheckpointLoaderSimple" => parts.push(format!("ckpt:{}", text("ckpt_name"))),
+            "LoraLoader" => parts.push(format!("lora:{}:{}:{}", text("lora_name"), num("strength_model"), num("strength_clip"))),
+            "LoraLoaderModelOnly" => parts.push(format!("lora:{}:{}", text("lora_name"), num("strength_model"))),
+            _ => {}
+        }
+    }
+    parts.sort();
+    (!parts.is_empty()).then(|| parts.join("|"))
+}
+
 /// Executes one prompt and returns its history entry.
 async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
     let graph = item.prompt.as_object().cloned().unwrap_or_default();
@@ -438,6 +458,23 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
     let cached_msg = json!({"nodes": cached_ids, "prompt_id": item.prompt_id, "timestamp": now_ms()});
     run.send_client("execution_cached", cached_msg.clone());
     messages.push(json!(["execution_cached", cached_msg]));
+
+    // Another model set than the last prompt's: the "GPU" loads it first (interruptible).
+    if let Some(set) = model_set(&graph) {
+        let switched = {
+            let mut models = lock(&s.loaded_models);
+            let switched = models.loaded.as_deref() != Some(set.as_str());
+            if switched {
+                models.loaded = Some(set);
+                models.switches += 1;
+            }
+            switched
+        };
+        let cost = s.faults.settings().model_switch;
+        if switched && !cost.is_zero() {
+            pause(s, cost).await;
+        }
+    }
 
     let mut memo = HashMap::new();
     let mut outputs = Map::new();
@@ -610,4 +647,27 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
         "status": {"status_str": status_str, "completed": completed, "messages": messages},
         "meta": meta
     })
+}
+
+#[cfg(test)]
+mod model_set_tests {
+    use super::*;
+
+    #[test]
+    fn a_model_set_is_the_loaders_in_any_order_and_a_strength_change_is_another_set() {
+        let graph = |strength: f64, flip: bool| -> Map<String, Value> {
+            let unet = json!({"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}});
+            let lora = json!({"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": "a.safetensors", "strength_model": strength, "model": ["1", 0]}});
+            let (a, b) = if flip { ("2", "1") } else { ("1", "2") };
+            let mut m = Map::new();
+            m.insert(a.into(), unet);
+            m.insert(b.into(), lora);
+            m.insert("3".into(), json!({"class_type": "KSampler", "inputs": {}}));
+            m
+        };
+        assert_eq!(model_set(&graph(0.8, false)), model_set(&graph(0.8, true)));
+        assert_ne!(model_set(&graph(0.8, false)), model_set(&graph(1.0, false)));
+        let none: Map<String, Value> = json!({"1": {"class_type": "EmptyImage", "inputs": {}}}).as_object().cloned().unwrap();
+        assert_eq!(model_set(&none), None);
+    }
 }

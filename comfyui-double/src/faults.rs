@@ -27,6 +27,10 @@ pub struct FaultSettings {
     pub hang: bool,
     pub drop_ws_after: Option<u32>,
     pub view_delay: Duration,
+    /// What loading another model set costs: paid before a prompt whose loaders (checkpoint /
+    /// diffusion model, LoRAs and their strengths) differ from the previous prompt's. Real
+    /// ComfyUI re-patches the model then (9–22 s for a LoRA change of Flux on an H200).
+    pub model_switch: Duration,
 }
 
 /// Fires once: after it, every connection of the double errors and nothing answers any more.
@@ -110,14 +114,23 @@ impl Faults {
         self.lock().drop_ws_after = progress_events;
     }
 
+    /// The cost of a model switch (see [`FaultSettings::model_switch`]); zero: free.
+    /// Unlike the other knobs it does not turn the execution cache off.
+    pub fn set_model_switch_cost(&self, d: Duration) {
+        self.lock().model_switch = d;
+    }
+
     /// Delay before `GET /view` answers.
     pub fn set_view_delay(&self, d: Duration) {
         self.lock().view_delay = d;
     }
 
-    /// Back to no faults (a crash cannot be undone).
+    /// Back to no faults (a crash cannot be undone). The model-switch cost stays: it is how
+    /// this "GPU" behaves, not a fault.
     pub fn clear(&self) {
-        *self.lock() = FaultSettings::default();
+        let mut settings = self.lock();
+        let model_switch = settings.model_switch;
+        *settings = FaultSettings { model_switch, ..FaultSettings::default() };
     }
 
     /// The current settings.

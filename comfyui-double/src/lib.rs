@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 pub use catalogue::object_info_fixture;
 pub use faults::{FaultSettings, Faults, InjectedFailure, Record, UploadRecord};
 pub use models::{ModelPaths, parse_extra_model_paths};
+pub use state::ModelState;
 
 use faults::KillSwitch;
 use state::Shared;
@@ -138,6 +139,7 @@ impl ComfyDouble {
             argv,
             max_history: cfg.max_history.max(1),
             keep_record: cfg.keep_record,
+            loaded_models: Mutex::new(ModelState::default()),
         });
         let app = http::router(shared.clone());
         let listener = KillableListener { inner: listener, kill: kill.clone() };
@@ -175,6 +177,11 @@ impl ComfyDouble {
 
     pub fn faults(&self) -> &Faults {
         &self.shared.faults
+    }
+
+    /// What the double has loaded and how many model switches it paid for so far.
+    pub fn model_state(&self) -> ModelState {
+        state::lock(&self.shared.loaded_models).clone()
     }
 
     /// A snapshot of what the double received so far.

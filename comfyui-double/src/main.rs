@@ -3,7 +3,8 @@
 //! (unknown flags and positional arguments such as `main.py` are ignored), a ComfyUI-like startup log on
 //! stdout, serves until killed. Env: `COMFYUI_DOUBLE_MODELS_DIR` (a models dir with ComfyUI's folder names),
 //! faults: `COMFYUI_DOUBLE_STEP_LATENCY_MS`, `COMFYUI_DOUBLE_FAIL_AT` (`class_or_id:ExceptionType:message`),
-//! `COMFYUI_DOUBLE_HANG=1`, `COMFYUI_DOUBLE_VIEW_DELAY_MS`, `COMFYUI_DOUBLE_DROP_WS_AFTER` (progress events).
+//! `COMFYUI_DOUBLE_HANG=1`, `COMFYUI_DOUBLE_VIEW_DELAY_MS`, `COMFYUI_DOUBLE_DROP_WS_AFTER` (progress events);
+//! the cost of loading another model set: `--model-switch-ms MS` or `COMFYUI_DOUBLE_MODEL_SWITCH_MS`.
 //!
 //! Must never: listen anywhere other than what it was told (default 127.0.0.1:8188).
 
@@ -50,6 +51,9 @@ async fn main() -> anyhow::Result<()> {
     let env_u64 = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok());
     if let Some(ms) = env_u64("COMFYUI_DOUBLE_STEP_LATENCY_MS") {
         double.faults().set_step_latency(Duration::from_millis(ms));
+    }
+    if let Some(ms) = value_of(&args, "--model-switch-ms").and_then(|v| v.trim().parse::<u64>().ok()).or_else(|| env_u64("COMFYUI_DOUBLE_MODEL_SWITCH_MS")) {
+        double.faults().set_model_switch_cost(Duration::from_millis(ms));
     }
     if let Some(ms) = env_u64("COMFYUI_DOUBLE_VIEW_DELAY_MS") {
         double.faults().set_view_delay(Duration::from_millis(ms));

@@ -109,6 +109,16 @@ pub(crate) struct Shared {
     pub max_history: usize,
     /// Whether prompts and uploads are recorded for tests.
     pub keep_record: bool,
+    /// The model set the last executed prompt loaded, and how often it changed.
+    pub loaded_models: Mutex<ModelState>,
+}
+
+/// What the double's "GPU" has loaded: the model-set signature of the last prompt that
+/// loaded any, and the number of switches (the first load counts: it costs too).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelState {
+    pub loaded: Option<String>,
+    pub switches: u64,
 }
 
 pub(crate) fn text_frame(kind: &str, data: Value) -> Message {

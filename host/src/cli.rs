@@ -86,12 +86,32 @@ pub struct ServeArgs {
     /// Host-owned folder for compiled plugins (never the plugin folder).
     #[arg(long, env = "FLOWHOST_CACHE_DIR", default_value = ".flowhost/cache")]
     pub cache_dir: PathBuf,
-    /// Use a running ComfyUI at this URL.
-    #[arg(long, env = "FLOWHOST_COMFYUI_URL", conflicts_with_all = ["comfyui_dir", "simulate"])]
-    pub comfyui_url: Option<url::Url>,
+    /// Use a running ComfyUI at this URL. Repeat it (or give a comma-separated list in
+    /// the env var) for a pool of workers: one prompt slot set per ComfyUI, jobs dispatched
+    /// by model affinity (see --dispatch).
+    #[arg(long, env = "FLOWHOST_COMFYUI_URL", value_delimiter = ',', conflicts_with_all = ["comfyui_dir", "simulate"])]
+    pub comfyui_url: Vec<url::Url>,
     /// Spawn and supervise ComfyUI from this folder (`python main.py ...`).
     #[arg(long, env = "FLOWHOST_COMFYUI_DIR", conflicts_with = "simulate")]
     pub comfyui_dir: Option<PathBuf>,
+    /// With --comfyui-dir: spawn one supervised ComfyUI per GPU listed (`0,1,2,3`), each
+    /// with `CUDA_VISIBLE_DEVICES` set to its GPU, its own port and input/output/temp
+    /// folders (under --state-dir) and the shared model volume. Unset: one ComfyUI that
+    /// sees every GPU.
+    #[arg(long, env = "FLOWHOST_GPUS", value_delimiter = ',', requires = "comfyui_dir")]
+    pub gpus: Vec<String>,
+    /// With --simulate: how many embedded ComfyUI doubles to run as a pool.
+    #[arg(long, env = "FLOWHOST_SIMULATE_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: u16,
+    /// How a free ComfyUI worker picks its next job: `affinity` (the oldest job of the model
+    /// set it has loaded — no LoRA/model switch — unless a job has waited past
+    /// --affinity-wait-bound) or `fifo` (oldest first).
+    #[arg(long, env = "FLOWHOST_DISPATCH", default_value = "affinity")]
+    pub dispatch: crate::jobs::DispatchPolicy,
+    /// Seconds a job may be passed over by affinity dispatch; after that the next free
+    /// worker takes it whatever it has loaded.
+    #[arg(long, env = "FLOWHOST_AFFINITY_WAIT_BOUND", default_value_t = 30.0)]
+    pub affinity_wait_bound: f64,
     /// Extra argument for ComfyUI's main.py (repeatable).
     #[arg(long = "comfyui-arg", allow_hyphen_values = true)]
     pub comfyui_args: Vec<String>,
@@ -116,7 +136,9 @@ pub struct ServeArgs {
     /// Modal builds leave it out).
     #[arg(long, env = "FLOWHOST_SIMULATE")]
     pub simulate: bool,
-    /// Prompts in ComfyUI at once; further jobs wait in flowhost's queue.
+    /// Prompts in each ComfyUI worker at once; further jobs wait in flowhost's queue.
+    /// ComfyUI runs one prompt at a time, so with a pool and affinity dispatch 1 keeps the
+    /// choice of the next job in flowhost (where it can follow the loaded models).
     #[arg(long, env = "FLOWHOST_MAX_IN_FLIGHT", default_value_t = 5)]
     pub max_in_flight: usize,
     /// Jobs that may wait in the queue beyond the running ones; beyond that 503 (typed
@@ -131,12 +153,14 @@ pub struct ServeArgs {
     pub retention_hours: f64,
     /// ComfyUI's input directory as seen from here (with --comfyui-url), so each job's
     /// uploads can be deleted when it ends. Supervised and simulated modes know it.
-    #[arg(long, env = "FLOWHOST_COMFYUI_INPUT_DIR")]
-    pub comfyui_input_dir: Option<PathBuf>,
+    /// Repeatable: the n-th applies to the n-th --comfyui-url.
+    #[arg(long, env = "FLOWHOST_COMFYUI_INPUT_DIR", value_delimiter = ',')]
+    pub comfyui_input_dir: Vec<PathBuf>,
     /// ComfyUI's output directory as seen from here (with --comfyui-url), so each job's
     /// output files can be deleted when it ends (flowhost keeps the bytes).
-    #[arg(long, env = "FLOWHOST_COMFYUI_OUTPUT_DIR")]
-    pub comfyui_output_dir: Option<PathBuf>,
+    /// Repeatable: the n-th applies to the n-th --comfyui-url.
+    #[arg(long, env = "FLOWHOST_COMFYUI_OUTPUT_DIR", value_delimiter = ',')]
+    pub comfyui_output_dir: Vec<PathBuf>,
     /// Per-job deadline in seconds; then the prompt is interrupted and 504 returned.
     #[arg(long, env = "FLOWHOST_JOB_TIMEOUT", default_value_t = 120)]
     pub job_timeout: u64,
@@ -219,6 +243,19 @@ mod tests {
         assert_eq!(args.comfyui_profile, Some(flowhost_comfy::LaunchProfile::Fp8));
         assert_eq!(args.comfyui_preview_method, Some(flowhost_comfy::PreviewMethod::Taesd));
         assert_eq!(serve(&["--comfyui-dir", "/opt/ComfyUI"]).unwrap().comfyui_profile, None, "opt-in");
+    }
+
+    #[test]
+    fn a_pool_is_several_urls_or_gpus_and_dispatch_is_named() {
+        let args = serve(&["--comfyui-url", "http://127.0.0.1:8188", "--comfyui-url", "http://127.0.0.1:8189", "--dispatch", "fifo"]).unwrap();
+        assert_eq!(args.comfyui_url.len(), 2);
+        assert_eq!(args.dispatch, crate::jobs::DispatchPolicy::Fifo);
+        let args = serve(&["--comfyui-dir", "/opt/ComfyUI", "--gpus", "0,1,2,3"]).unwrap();
+        assert_eq!(args.gpus, ["0", "1", "2", "3"]);
+        assert_eq!((args.dispatch, args.affinity_wait_bound), (crate::jobs::DispatchPolicy::Affinity, 30.0), "defaults");
+        let err = serve(&["--simulate", "--dispatch", "random"]).unwrap_err().to_string();
+        assert!(err.contains("fifo or affinity"), "{err}");
+        assert_eq!(serve(&["--gpus", "0,1"]).unwrap_err().kind(), clap::error::ErrorKind::MissingRequiredArgument, "GPUs need a ComfyUI to spawn");
     }
 
     #[test]

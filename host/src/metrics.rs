@@ -18,6 +18,9 @@
 //! | `flowhost_jobs_finished_total`                  | counter   | `route, status` |
 //! | `flowhost_jobs_refused_total`                   | counter   | `reason`        |
 //! | `flowhost_comfyui_restarts_total`               | counter   |                 |
+//! | `flowhost_dispatch_wait_duration_seconds`       | histogram | `route`         |
+//! | `flowhost_model_switches_total`                 | counter   | `worker`        |
+//! | `flowhost_affinity_hits_total`                  | counter   | `worker`        |
 //! | `flowhost_plugin_loads_total`                   | counter   | `plugin`        |
 //! | `flowhost_plugin_rejections_total`              | counter   | `reason`        |
 //!
@@ -80,6 +83,12 @@ struct PluginLabels {
     plugin: String,
 }
 
+/// `worker` is the pool index name (`w0`, `w1`, …): bounded, and no host or port.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    worker: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
@@ -113,6 +122,9 @@ struct Inner {
     plugin_loads: Family<PluginLabels, Counter>,
     plugin_rejections: Family<ReasonLabels, Counter>,
     webhooks: WebhookMetrics,
+    dispatch_wait: DurationFamily,
+    model_switches: Family<WorkerLabels, Counter>,
+    affinity_hits: Family<WorkerLabels, Counter>,
 }
 
 /// The webhook outbox's metrics (issue #14). `outcome` is one of a fixed set:
@@ -203,6 +215,10 @@ impl Metrics {
             "request_duration",
             "Total time of generation requests, by route.",
         );
+        let dispatch_wait = duration(
+            "dispatch_wait_duration",
+            "Time a job waited in flowhost's queue until a worker claimed it (every outcome), by route",
+        );
         let jobs_in_flight = Gauge::default();
         registry.register(
             "jobs_in_flight",
@@ -235,6 +251,18 @@ impl Metrics {
         );
         registry.register_collector(Box::new(AnalyticsDrops(analytics)));
         let webhooks = WebhookMetrics::register(&mut registry);
+        let model_switches = Family::<WorkerLabels, Counter>::default();
+        registry.register(
+            "model_switches",
+            "Jobs dispatched to a ComfyUI worker that had another model set loaded (a LoRA or model change), by worker",
+            model_switches.clone(),
+        );
+        let affinity_hits = Family::<WorkerLabels, Counter>::default();
+        registry.register(
+            "affinity_hits",
+            "Jobs dispatched to a ComfyUI worker that already had their model set loaded, by worker",
+            affinity_hits.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -252,6 +280,9 @@ impl Metrics {
                 plugin_loads,
                 plugin_rejections,
                 webhooks,
+                dispatch_wait,
+                model_switches,
+                affinity_hits,
             }),
         }
     }
@@ -294,6 +325,18 @@ impl Metrics {
         InFlightJob {
             gauge: self.inner.jobs_in_flight.clone(),
         }
+    }
+
+    /// A job went to `worker` (a pool name, `w0`…): a model switch or an affinity hit.
+    pub fn worker_dispatch(&self, worker: &str, switch: bool) {
+        let labels = WorkerLabels { worker: worker.to_owned() };
+        let family = if switch { &self.inner.model_switches } else { &self.inner.affinity_hits };
+        family.get_or_create(&labels).inc();
+    }
+
+    /// How long a job of `route` waited in the queue before a worker claimed it.
+    pub fn observe_dispatch_wait(&self, route: &str, waited: std::time::Duration) {
+        self.inner.dispatch_wait.get_or_create(&RouteLabels { route: route.to_owned() }).observe(waited.as_secs_f64());
     }
 
     /// The number of jobs waiting in the queue now.

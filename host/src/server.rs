@@ -29,8 +29,8 @@ pub struct Server {
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
     _watcher: PluginWatcher,
-    /// The embedded ComfyUI double in `--simulate` mode (kept alive here).
-    simulated: Option<crate::simulate::SimulatedComfy>,
+    /// The embedded ComfyUI doubles in `--simulate` mode (kept alive here).
+    simulated: Vec<crate::simulate::SimulatedComfy>,
 }
 
 impl Server {
@@ -45,10 +45,10 @@ impl Server {
             webhooks.stop();
         }
         self.state.jobs.analytics.shutdown().await;
-        if let Some(backend) = self.state.jobs.backend() {
-            backend.shutdown().await;
+        for worker in self.state.jobs.pool().workers() {
+            worker.backend.shutdown().await;
         }
-        if let Some(simulated) = self.simulated.take() {
+        for simulated in self.simulated.drain(..) {
             simulated.shutdown().await;
         }
         served
@@ -72,7 +72,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     let metrics = Metrics::new(analytics.clone());
 
     let simulate = args.simulate;
-    if !simulate && args.comfyui_url.is_none() && args.comfyui_dir.is_none() {
+    if !simulate && args.comfyui_url.is_empty() && args.comfyui_dir.is_none() {
         anyhow::bail!(
             "no ComfyUI backend chosen: pass --comfyui-url URL (use a running ComfyUI), --comfyui-dir DIR \
              (flowhost runs ComfyUI from that folder), or --simulate (the embedded test double: no GPU, synthetic images)"
@@ -132,45 +132,43 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     )
     .await?;
 
-    let (backend_mode, simulated, input_dir, output_dir) = if simulate {
-        let root = models_root.clone().context("simulate mode has a models folder")?;
-        let sim = crate::simulate::SimulatedComfy::start(&root, scratch_models).await?;
-        tracing::warn!(url = %sim.url(), models = %root.display(), "SIMULATED ComfyUI (test double): outputs are synthetic images, not generations");
-        let (url, input_dir, output_dir) = (sim.url(), sim.input_dir(), sim.output_dir());
-        (BackendMode::Url(url), Some(sim), Some(input_dir), Some(output_dir))
-    } else if let Some(url) = &args.comfyui_url {
-        (BackendMode::Url(url.clone()), None, args.comfyui_input_dir.clone(), args.comfyui_output_dir.clone())
-    } else {
-        let dir = args.comfyui_dir.clone().context("--comfyui-dir")?;
-        let port = free_loopback_port()?;
-        let mut sup = SupervisorConfig::new(dir, port);
-        sup.python = args.comfyui_python.clone().into();
-        sup.profile = args.comfyui_profile.unwrap_or_default();
-        sup.preview = args.comfyui_preview_method;
-        sup.extra_args = args.comfyui_args.clone();
-        tracing::info!(profile = %sup.profile, args = ?sup.profile.args(), "ComfyUI launch profile");
-        sup.startup_timeout = Duration::from_secs(args.comfyui_startup_timeout);
-        if let Some(root) = &models_root {
-            let file = args.cache_dir.join("extra_model_paths.yaml");
-            std::fs::create_dir_all(&args.cache_dir)?;
-            crate::models::write_extra_model_paths(root, &file)?;
-            sup.extra_model_paths_config = Some(file);
-        }
-        (BackendMode::Supervised(sup), None, None, None)
-    };
-    let mut backend_config = BackendConfig::new(backend_mode);
-    backend_config.input_dir = input_dir;
-    backend_config.output_dir = output_dir;
-    let backend = ComfyBackend::start(backend_config).await.context("starting the ComfyUI backend")?;
-    spawn_restart_counter(&backend, metrics.clone());
+    let (workers, simulated) = start_workers(&args, models_root.as_deref(), scratch_models).await?;
+    let mut backends = Vec::with_capacity(workers.len());
+    for (mode, input_dir, output_dir, gpu) in workers {
+        let mut backend_config = BackendConfig::new(mode);
+        backend_config.input_dir = input_dir;
+        backend_config.output_dir = output_dir;
+        let backend = ComfyBackend::start(backend_config).await.context("starting the ComfyUI backend")?;
+        spawn_restart_counter(&backend, metrics.clone());
+        backends.push((backend, gpu));
+    }
+    if backends.len() > 1 {
+        tracing::info!(workers = backends.len(), dispatch = args.dispatch.as_str(), wait_bound_s = args.affinity_wait_bound, "ComfyUI worker pool");
+    }
 
     // Durable state first: every accepted job is recovered before we listen.
     let backing = crate::backing::open(&args.backing, &args.state_dir).await?;
     let retention = Duration::from_secs_f64((args.retention_hours.max(0.0) * 3600.0).min(1e9));
-    let jobs = JobService::new(
+    let dispatch = crate::jobs::DispatchRule { policy: args.dispatch, wait_bound: Duration::from_secs_f64(args.affinity_wait_bound.clamp(0.0, 1e9)) };
+    // Where queued jobs wait: this process's memory, or the shared PostgreSQL queue every
+    // instance claims from (issue #12).
+    let shared_queue = match (args.backing.work_queue()?, &backing.pg) {
+        (crate::backing::WorkQueueKind::Shared, Some((pool, owner))) => {
+            let lease = Duration::from_secs(args.backing.lease_seconds);
+            tracing::info!(lease_s = args.backing.lease_seconds, "work queue: shared (PostgreSQL)");
+            Some(Arc::new(crate::jobs::shared_queue::PgQueue::new(pool.clone(), owner.clone(), dispatch, lease)))
+        }
+        _ => None,
+    };
+    let queue: Arc<dyn crate::jobs::WorkQueue> = match &shared_queue {
+        Some(queue) => queue.clone(),
+        None => Arc::new(crate::jobs::LocalQueue::new(dispatch)),
+    };
+    let jobs = JobService::with_pool(
         backing.store.clone(),
         backing.blobs.clone(),
-        Some(backend),
+        crate::jobs::WorkerPool::new(backends),
+        queue,
         JobConfig {
             max_in_flight: args.max_in_flight,
             queue_depth: args.queue_depth,
@@ -178,6 +176,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
             jpeg_quality: args.jpeg_quality,
             inputs: args.inputs.clone(),
             retention,
+            dispatch,
         },
         volume,
         metrics,
@@ -188,7 +187,17 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     let webhook_settings = crate::webhooks::WebhookSettings::from_args(&args.webhooks)?;
     let webhooks = crate::webhooks::Webhooks::start(webhook_settings, backing.outbox.clone(), jobs.metrics.clone())?;
     jobs.set_transition_messages(Arc::new(crate::webhooks::job_messages::JobMessages::new(webhooks.clone(), crate::http::job_view::job_json)));
-    jobs.recover().await.map_err(|e| anyhow::anyhow!("recovering jobs: {e}"))?;
+    match &shared_queue {
+        // Shared: queued jobs wait in the database already, and a job that was running
+        // on an instance that stopped is settled when its lease runs out.
+        Some(queue) => {
+            jobs.set_shared_queue(queue.clone());
+            jobs.start_lease_keeper(queue.clone());
+        }
+        None => {
+            jobs.recover().await.map_err(|e| anyhow::anyhow!("recovering jobs: {e}"))?;
+        }
+    }
     jobs.start_workers();
     jobs.start_sweeper();
     let state = AppState {
@@ -222,6 +231,74 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     analytics.emit(Event::app_deployed(env!("CARGO_PKG_VERSION"), &plugins));
     tracing::info!(%addr, plugins = %args.plugins.display(), endpoints = plugins.len(), "flowhost listening");
     Ok(Server { addr, state, shutdown: Some(tx), task, _watcher: watcher, simulated })
+}
+
+/// One ComfyUI worker to start: where it is, its folders as seen from here, its GPU.
+type WorkerSpec = (BackendMode, Option<std::path::PathBuf>, Option<std::path::PathBuf>, Option<String>);
+
+/// The ComfyUI workers the arguments ask for: `--workers` embedded doubles
+/// (`--simulate`), every `--comfyui-url`, or one supervised ComfyUI from `--comfyui-dir`
+/// per `--gpus` entry (one seeing every GPU without it).
+async fn start_workers(args: &ServeArgs, models_root: Option<&std::path::Path>, scratch: Option<tempfile::TempDir>) -> Result<(Vec<WorkerSpec>, Vec<crate::simulate::SimulatedComfy>)> {
+    if args.simulate {
+        let root = models_root.context("simulate mode has a models folder")?;
+        let mut scratch = scratch;
+        let (mut specs, mut sims) = (Vec::new(), Vec::new());
+        for _ in 0..args.workers.max(1) {
+            // The first double keeps the scratch volume alive; all share it.
+            let sim = crate::simulate::SimulatedComfy::start(root, scratch.take()).await?;
+            tracing::warn!(url = %sim.url(), models = %root.display(), "SIMULATED ComfyUI (test double): outputs are synthetic images, not generations");
+            specs.push((BackendMode::Url(sim.url()), Some(sim.input_dir()), Some(sim.output_dir()), None));
+            sims.push(sim);
+        }
+        return Ok((specs, sims));
+    }
+    if !args.comfyui_url.is_empty() {
+        let specs = args
+            .comfyui_url
+            .iter()
+            .enumerate()
+            .map(|(i, url)| (BackendMode::Url(url.clone()), args.comfyui_input_dir.get(i).cloned(), args.comfyui_output_dir.get(i).cloned(), None))
+            .collect();
+        return Ok((specs, Vec::new()));
+    }
+    let dir = args.comfyui_dir.clone().context("--comfyui-dir")?;
+    let extra_model_paths = match models_root {
+        Some(root) => {
+            let file = args.cache_dir.join("extra_model_paths.yaml");
+            std::fs::create_dir_all(&args.cache_dir)?;
+            crate::models::write_extra_model_paths(root, &file)?;
+            Some(file)
+        }
+        None => None,
+    };
+    let gpus: Vec<Option<&String>> = if args.gpus.is_empty() { vec![None] } else { args.gpus.iter().map(Some).collect() };
+    let mut specs = Vec::new();
+    for gpu in gpus {
+        let mut sup = SupervisorConfig::new(dir.clone(), free_loopback_port()?);
+        sup.python = args.comfyui_python.clone().into();
+        sup.profile = args.comfyui_profile.unwrap_or_default();
+        sup.preview = args.comfyui_preview_method;
+        sup.extra_args = args.comfyui_args.clone();
+        sup.startup_timeout = Duration::from_secs(args.comfyui_startup_timeout);
+        sup.extra_model_paths_config = extra_model_paths.clone();
+        if let Some(gpu) = gpu {
+            if gpu.is_empty() || !gpu.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                anyhow::bail!("--gpus: {gpu:?} is not a GPU index or UUID");
+            }
+            // Its own folders, so two ComfyUIs never number or delete each other's files.
+            let root = args.state_dir.join("comfyui").join(format!("gpu-{gpu}"));
+            for (flag, sub) in [("--input-directory", "input"), ("--output-directory", "output"), ("--temp-directory", "temp")] {
+                let folder = root.join(sub);
+                std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+                sup.extra_args.extend([flag.to_string(), folder.display().to_string()]);
+            }
+            sup.env.push(("CUDA_VISIBLE_DEVICES".into(), gpu.clone()));
+        }
+        tracing::info!(profile = %sup.profile, args = ?sup.profile.args(), gpu = gpu.map(String::as_str), "ComfyUI launch profile");
+        specs.push((BackendMode::Supervised(sup), None, None, gpu.cloned()));
+    }
+    Ok((specs, Vec::new()))
 }
 
 /// Count ComfyUI restarts: every transition from Down back to serving.

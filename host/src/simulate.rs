@@ -25,6 +25,10 @@ pub const DEMO_LORA: &str = "character-123.safetensors";
 /// for demos and for tests that must catch a job while it runs (e.g. the SDK test's cancel).
 pub const STEP_LATENCY_ENV: &str = "FLOWHOST_SIMULATE_STEP_LATENCY_MS";
 
+/// Milliseconds the double takes to load another model set (a LoRA or model change), so a
+/// `--simulate --workers N` pool shows what affinity dispatch saves.
+pub const MODEL_SWITCH_ENV: &str = "FLOWHOST_SIMULATE_MODEL_SWITCH_MS";
+
 /// Bytes of each placeholder model file (non-empty: zero-byte files count as missing).
 const PLACEHOLDER: &[u8] = b"flowhost simulate placeholder: not a real model\n";
 
@@ -65,6 +69,9 @@ mod with_double {
             if let Some(ms) = std::env::var(super::STEP_LATENCY_ENV).ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|ms| *ms > 0) {
                 tracing::warn!(ms, "simulated ComfyUI slowed down ({})", super::STEP_LATENCY_ENV);
                 double.faults().set_step_latency(std::time::Duration::from_millis(ms));
+            }
+            if let Some(ms) = std::env::var(super::MODEL_SWITCH_ENV).ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|ms| *ms > 0) {
+                double.faults().set_model_switch_cost(std::time::Duration::from_millis(ms));
             }
             let url = url::Url::parse(&double.url()).context("the double's URL")?;
             let input_dir = double.input_dir().to_path_buf();

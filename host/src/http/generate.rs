@@ -275,6 +275,9 @@ async fn submission_for(
         uploads.push(NewUpload { node_id: upload.node_id.clone(), input_name: upload.input_name.clone(), filename: upload.filename.clone(), bytes: bytes.into(), media_type });
     }
     let mut spec = JobSpec::new(job.workflow);
+    // The plugin's model set (declared on 0.2+, inferred for 0.1): what affinity dispatch routes by.
+    spec.model_key = crate::jobs::affinity::model_key(&job.models);
+    spec.model_label = crate::jobs::affinity::model_label(&job.models);
     spec.outputs = job.outputs;
     spec.encoding = match job.output_format {
         OutputFormat::Jpeg => OutputEncoding::Jpeg,

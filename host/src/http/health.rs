@@ -20,6 +20,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "uptime_s": state.started_at.elapsed().as_secs(),
         "comfyui": report.comfyui,
         "endpoints": report.endpoints,
+        "workers": report.workers,
         "plugins_loaded": state.registry.snapshot().plugins().len(),
         "jobs": crate::backing::describe(state.jobs.store().as_ref(), state.jobs.blobs().as_ref()),
     });

@@ -21,7 +21,13 @@
 //! | `put_asset(bytes, name, content_type, expected_hash)` | → `CreatedAsset { asset, created_new }`, `AssetError::HashMismatch` |
 //! | `asset_from_hash(hash, name, content_type)` / `asset_exists_by_hash(hash)` | dedup fast path (`BlobNotFound`, `InvalidHash`) |
 //! | `get_asset(id)` / `read_asset(id, Some((start, end_inclusive)))` / `delete_asset(id)` / `list_assets(limit, offset)` | records and (ranged) bytes; `RangeNotSatisfiable { size }` |
-//! | `check_ready(&plugin)`, `health(..)`, `retry_after()`, `queue_depth()` | readiness, health, queue state |
+//! | `check_ready(&plugin)`, `health(..)`, `retry_after().await`, `queue_depth().await` | readiness, health, queue state |
+//! | `pool()` / `backend()` | the ComfyUI workers / the one that speaks for them (first serving) |
+//!
+//! Where jobs wait: [`queue::WorkQueue`] (in memory: [`queue::LocalQueue`]); which one a
+//! free worker takes: [`affinity::pick`] (oldest of its loaded model set, unless a job
+//! waited past the bound). A job's model set is `spec.model_key` (declared by the plugin,
+//! else read off the graph's loader nodes at admission).
 //! | `sweep_at(now)` | retention sweep now (tests) |
 //!
 //! A v2 submission builds `Submission { id, source: JobSource::Api, spec, uploads: vec![], build_ms: None }`
@@ -29,22 +35,31 @@
 //! a `core/ASSET` reference becomes a `spec.uploads` entry (`UploadSpec { node_id, input_name, filename, hash }`)
 //! naming the asset's blob: the runner uploads it into the job's ComfyUI folder and writes the name in.
 
+pub mod affinity;
 pub mod assets;
 pub mod blobs;
 pub mod blobs_s3;
 pub mod failure;
+pub mod follow;
 pub mod inputs;
+pub mod lease;
 pub mod model;
+pub mod pool;
 pub mod progress;
+pub mod queue;
 pub mod readiness;
 pub mod recovery;
 pub mod runner;
 pub mod service;
+pub mod shared_queue;
 pub mod store;
 pub mod store_pg;
 
 pub use assets::{AssetError, CreatedAsset};
 pub use failure::JobFailure;
+pub use affinity::{Candidate, DispatchPolicy, DispatchRule};
+pub use pool::{ComfyWorker, WorkerPool};
+pub use queue::{LocalQueue, WorkQueue};
 pub use model::{Asset, AssetRole, Job, JobEvent, JobMetrics, JobSource, JobSpec, JobStatus, OutputEncoding, Progress, UploadSpec};
 pub use readiness::{HealthReport, plugin_needs};
 pub use service::{CancelOnDrop, JobConfig, JobService, NewUpload, Submission, TransitionMessages};

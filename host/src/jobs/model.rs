@@ -146,6 +146,14 @@ pub struct JobSpec {
     /// the job so its messages are made when the job changes state, even after a restart.
     #[serde(default)]
     pub webhook: Option<crate::webhooks::Subscription>,
+    /// The stable key of the models the job loads ([`super::affinity::model_key`]): declared
+    /// by the plugin or read off the graph's loader nodes at admission. Kept with the job
+    /// so dispatch by model affinity survives a restart. `None`: the job loads no model.
+    #[serde(default)]
+    pub model_key: Option<String>,
+    /// The same set in words (base model + LoRAs), for `/health`'s workers and logs.
+    #[serde(default)]
+    pub model_label: Option<String>,
 }
 
 impl JobSpec {
@@ -164,6 +172,8 @@ impl JobSpec {
             extra_data: Value::Null,
             events: None,
             webhook: None,
+            model_key: None,
+            model_label: None,
         }
     }
 }

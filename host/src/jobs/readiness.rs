@@ -20,6 +20,8 @@ pub struct HealthReport {
     pub status: &'static str,
     pub comfyui: Value,
     pub endpoints: Vec<Value>,
+    /// One entry per ComfyUI worker (name, status, loaded models, switches).
+    pub workers: Vec<Value>,
 }
 
 impl JobService {
@@ -27,7 +29,7 @@ impl JobService {
     /// graph, when a node catalogue is at hand (uploads are not made, so image
     /// inputs that reference uploads are not checked for existence).
     pub async fn dry_run_preflight(&self, job: &PluginJob) -> Value {
-        let Some(backend) = &self.backend else {
+        let Some(backend) = self.backend() else {
             return json!({"checked": false, "reason": "no ComfyUI backend configured"});
         };
         if backend.catalogue().is_empty() {
@@ -51,7 +53,7 @@ impl JobService {
     /// the real reason first: ComfyUI down (503 `comfyui_unavailable`) before a
     /// missing node class or model file (503 `endpoint_not_ready`, naming it).
     pub fn check_ready(&self, plugin: &LoadedPlugin) -> Result<(), JobFailure> {
-        let Some(backend) = &self.backend else {
+        let Some(backend) = self.backend() else {
             return Err(JobFailure::ComfyUnavailable { detail: "no ComfyUI backend is configured; only ?dry_run=true works".into(), retry_after_s: 30 });
         };
         match backend.health() {
@@ -94,12 +96,13 @@ impl JobService {
 
     /// `/health`: ComfyUI's state and per-endpoint readiness.
     pub async fn health(&self, plugins: &[Arc<LoadedPlugin>]) -> HealthReport {
-        let Some(backend) = &self.backend else {
+        let Some(backend) = self.backend() else {
             return HealthReport {
                 ready: false,
                 status: "down",
                 comfyui: json!({"status": "not_configured"}),
                 endpoints: plugins.iter().map(|p| json!({"route": p.manifest.route, "plugin": p.manifest.name, "version": p.manifest.version, "ready": false, "missing": ["ComfyUI"]})).collect(),
+                workers: Vec::new(),
             };
         };
         let health = backend.health();
@@ -134,7 +137,8 @@ impl JobService {
             BackendHealth::Ready { .. } if all_ready => (true, "ready"),
             BackendHealth::Ready { .. } => (true, "degraded"),
         };
-        HealthReport { ready, status, comfyui, endpoints }
+        let workers = self.pool.workers().iter().map(|w| w.describe()).collect();
+        HealthReport { ready, status, comfyui, endpoints, workers }
     }
 }
 

@@ -38,7 +38,7 @@ impl JobService {
     pub async fn recover(self: &Arc<Self>) -> Result<RecoveryReport, JobFailure> {
         let mut report = RecoveryReport::default();
         for job in self.store.jobs_with_status(&[JobStatus::Queued]).await.map_err(JobFailure::internal)? {
-            self.requeue(&job);
+            self.requeue(&job).await?;
             report.requeued += 1;
         }
         for job in self.store.jobs_with_status(&[JobStatus::Running, JobStatus::Canceling]).await.map_err(JobFailure::internal)? {
@@ -55,7 +55,8 @@ impl JobService {
 
     /// Settle one job that was running when flowhost stopped.
     async fn reconcile(self: Arc<Self>, mut job: Job) {
-        let outcome = self.reconcile_outcome(&mut job).await;
+        let backend = self.backend_of_prompt(job.prompt_id.as_deref()).await;
+        let outcome = self.reconcile_outcome(&mut job, backend.clone()).await;
         let now = SystemTime::now();
         job.completed_at = Some(now);
         job.metrics.total_ms = Some(now.duration_since(job.created_at).unwrap_or_default().as_millis() as u64);
@@ -70,13 +71,35 @@ impl JobService {
         tracing::info!(job_id = %job.id, status = job.status.as_str(), "reconciled a job that was running before the restart");
         let _ = self.commit(&job).await;
         self.metrics.job_finished(job.source.route_label(), job.status.as_str());
-        if let Some(backend) = &self.backend {
+        if let Some(backend) = &backend {
             clean_comfy_side(backend, job.id, job.prompt_id.as_deref(), !job.spec.uploads.is_empty()).await;
         }
     }
 
-    async fn reconcile_outcome(&self, job: &mut Job) -> Result<(), JobFailure> {
-        let (Some(backend), Some(prompt_id)) = (self.backend.clone(), job.prompt_id.clone()) else {
+    /// The worker that ran `prompt_id` before the restart: the one whose ComfyUI has it in
+    /// its history or queue; the pool's primary when none says so (or only one worker).
+    async fn backend_of_prompt(&self, prompt_id: Option<&str>) -> Option<Arc<flowhost_comfy::ComfyBackend>> {
+        let workers = self.pool.workers();
+        if let (Some(prompt_id), true) = (prompt_id, workers.len() > 1) {
+            let primary = self.backend().cloned()?;
+            primary.wait_ready(RECONCILE_WAIT).await;
+            for worker in workers {
+                if !worker.backend.health().is_serving() {
+                    continue;
+                }
+                let client = worker.backend.client();
+                let known = matches!(client.history(prompt_id).await, Ok(Some(_)))
+                    || client.queue().await.is_ok_and(|q| q.is_running(prompt_id) || q.is_pending(prompt_id));
+                if known {
+                    return Some(worker.backend.clone());
+                }
+            }
+        }
+        self.backend().cloned()
+    }
+
+    async fn reconcile_outcome(&self, job: &mut Job, backend: Option<Arc<flowhost_comfy::ComfyBackend>>) -> Result<(), JobFailure> {
+        let (Some(backend), Some(prompt_id)) = (backend, job.prompt_id.clone()) else {
             return Err(JobFailure::HostRestarted);
         };
         if !backend.wait_ready(RECONCILE_WAIT).await {
@@ -179,10 +202,10 @@ impl JobService {
                 blobs_removed += 1;
             }
         }
-        if let Some(backend) = &self.backend {
+        for worker in self.pool.workers() {
             for id in &report.jobs {
                 // Outputs went when the job ended; uploads folders are retried here.
-                clean_comfy_side(backend, *id, None, true).await;
+                clean_comfy_side(&worker.backend, *id, None, true).await;
             }
         }
         if !report.jobs.is_empty() || blobs_removed > 0 {

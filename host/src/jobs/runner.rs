@@ -41,8 +41,9 @@ pub fn upload_subfolder(job_id: Uuid) -> String {
 }
 
 impl JobService {
-    /// Run a queued job to its end. Every path ends in a committed terminal status.
-    pub(super) async fn execute(&self, mut job: Job) {
+    /// Run a queued job to its end on `backend` (the worker that claimed it). Every path
+    /// ends in a committed terminal status.
+    pub(super) async fn execute(&self, mut job: Job, backend: Option<Arc<ComfyBackend>>) {
         let _in_flight = self.metrics.job_started();
         let now = SystemTime::now();
         job.status = JobStatus::Running;
@@ -66,7 +67,7 @@ impl JobService {
         let started = Instant::now();
         let created_at = job.created_at;
         let outcome = {
-            let run = self.run_in_comfy(&mut job, &prompt_id, deadline);
+            let run = self.run_in_comfy(&mut job, &prompt_id, deadline, backend.clone());
             tokio::pin!(run);
             tokio::select! {
                 r = tokio::time::timeout_at(deadline.into(), &mut run) => match r {
@@ -76,16 +77,16 @@ impl JobService {
                 _ = cancel.wait_for(|c| *c) => Err(JobFailure::Canceled),
             }
         };
-        if let (Err(JobFailure::Timeout { .. } | JobFailure::Canceled), Some(backend)) = (&outcome, &self.backend) {
+        if let (Err(JobFailure::Timeout { .. } | JobFailure::Canceled), Some(backend)) = (&outcome, &backend) {
             // The run future is gone; make sure ComfyUI stops THAT prompt now.
             backend.client().cancel(&prompt_id).await;
         }
         let elapsed = started.elapsed();
-        self.end(job, outcome, elapsed).await;
+        self.end(job, outcome, elapsed, backend.as_deref()).await;
     }
 
     /// Record the outcome, emit events and metrics, clean ComfyUI's side.
-    async fn end(&self, mut job: Job, outcome: Result<RunPhases, JobFailure>, elapsed: Duration) {
+    async fn end(&self, mut job: Job, outcome: Result<RunPhases, JobFailure>, elapsed: Duration, backend: Option<&ComfyBackend>) {
         let now = SystemTime::now();
         job.completed_at = Some(now);
         job.metrics.total_ms = Some(now.duration_since(job.created_at).unwrap_or_default().as_millis() as u64);
@@ -120,14 +121,14 @@ impl JobService {
                 _ => {}
             }
         }
-        if let Some(backend) = &self.backend {
+        if let Some(backend) = backend {
             clean_comfy_side(backend, job.id, job.prompt_id.as_deref(), !job.spec.uploads.is_empty()).await;
         }
     }
 
     /// Uploads, preflight, run, outputs. The job's workflow becomes the executed graph.
-    async fn run_in_comfy(&self, job: &mut Job, prompt_id: &str, deadline: Instant) -> Result<RunPhases, JobFailure> {
-        let backend = self.backend.clone().ok_or_else(|| JobFailure::ComfyUnavailable { detail: "no ComfyUI backend is configured; only ?dry_run=true works".into(), retry_after_s: 30 })?;
+    async fn run_in_comfy(&self, job: &mut Job, prompt_id: &str, deadline: Instant, backend: Option<Arc<ComfyBackend>>) -> Result<RunPhases, JobFailure> {
+        let backend = backend.ok_or_else(|| JobFailure::ComfyUnavailable { detail: "no ComfyUI backend is configured; only ?dry_run=true works".into(), retry_after_s: 30 })?;
         if let Some(events) = &job.spec.events
             && let Some(event) = events.resolved(&job.spec.analytics)
         {

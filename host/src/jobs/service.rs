@@ -1,26 +1,30 @@
-//! [`JobService`]: the queue and the lifecycle of every job. Admission (bounded
-//! depth, `QueueFull` with a Retry-After estimated from recent durations), FIFO
-//! dispatch to at most `max_in_flight` workers, status transitions (stored first,
-//! then published to subscribers), cancel, waiting, and the per-job event
-//! channels. Running one job against ComfyUI is in `runner.rs`; restart recovery
-//! and retention in `recovery.rs`; assets in `assets.rs`.
+//! [`JobService`]: the lifecycle of every job. Admission (bounded depth, `QueueFull`
+//! with a Retry-After estimated from recent durations), dispatch loops that claim from
+//! the [`WorkQueue`] for their ComfyUI worker (`max_in_flight` per worker, by model
+//! affinity: [`super::affinity`]), status transitions (stored first, then published to
+//! subscribers), cancel, waiting, and the per-job event channels. Running one job
+//! against ComfyUI is in `runner.rs`; restart recovery and retention in `recovery.rs`;
+//! assets in `assets.rs`; the workers in `pool.rs`.
 //!
 //! Must never: hold a lock across an await, lose an accepted job (a job is in the
 //! store before it is in the queue), or know about HTTP.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use flowhost_comfy::{BackendHealth, ComfyBackend};
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
+use super::affinity::{Candidate, DispatchRule};
 use super::blobs::{BlobStore, hash_of};
 use super::failure::JobFailure;
 use super::model::{Asset, AssetRole, Job, JobEvent, JobSource, JobSpec, JobStatus, UploadSpec};
+use super::pool::{ComfyWorker, Dispatch, WorkerPool};
+use super::queue::{LocalQueue, WorkQueue};
 use super::store::{IdempotencyClaim, JobFilter, JobStore};
 use crate::events::Analytics;
 use crate::metrics::Metrics;
@@ -30,7 +34,7 @@ use crate::plugins::PluginRegistry;
 /// Settings of the job service.
 #[derive(Debug, Clone)]
 pub struct JobConfig {
-    /// Prompts in ComfyUI at once (dispatch workers).
+    /// Prompts in each ComfyUI worker at once (dispatch loops per worker).
     pub max_in_flight: usize,
     /// Jobs waiting beyond the running ones; a full queue refuses with `QueueFull`.
     pub queue_depth: usize,
@@ -42,11 +46,13 @@ pub struct JobConfig {
     pub inputs: Option<PathBuf>,
     /// How long jobs and their assets are kept after creation.
     pub retention: Duration,
+    /// Which queued job a free worker takes (`--dispatch`, `--affinity-wait-bound`).
+    pub dispatch: DispatchRule,
 }
 
 impl Default for JobConfig {
     fn default() -> Self {
-        JobConfig { max_in_flight: 5, queue_depth: 100, job_timeout: Duration::from_secs(120), jpeg_quality: 90, inputs: None, retention: Duration::from_secs(24 * 3600) }
+        JobConfig { max_in_flight: 5, queue_depth: 100, job_timeout: Duration::from_secs(120), jpeg_quality: 90, inputs: None, retention: Duration::from_secs(24 * 3600), dispatch: DispatchRule::default() }
     }
 }
 
@@ -81,11 +87,12 @@ pub(super) struct Live {
     pub cancel: watch::Sender<bool>,
 }
 
+/// This process's share of the load: what admission counts beside the queue's depth.
 #[derive(Default)]
-struct QueueState {
-    order: VecDeque<Uuid>,
+struct Slots {
     /// Admissions between the capacity check and the push.
     admitting: usize,
+    /// Jobs claimed by this process's dispatch loops and not finished.
     running: usize,
 }
 
@@ -108,12 +115,15 @@ impl DurationEstimate {
 pub struct JobService {
     pub(super) store: Arc<dyn JobStore>,
     pub(super) blobs: Arc<dyn BlobStore>,
-    pub(super) backend: Option<Arc<ComfyBackend>>,
+    pub(super) pool: WorkerPool,
     pub(super) config: JobConfig,
     pub(super) models: Option<Arc<ModelVolume>>,
     pub(super) plugins: OnceLock<Arc<PluginRegistry>>,
-    queue: Mutex<QueueState>,
-    queue_notify: Notify,
+    queue: Arc<dyn WorkQueue>,
+    /// The shared queue's leases and cancel requests (issue #12), when instances share
+    /// one: then a job is live here only while this instance runs it.
+    pub(super) shared: OnceLock<Arc<super::shared_queue::PgQueue>>,
+    slots: Mutex<Slots>,
     pub(super) live: Mutex<HashMap<Uuid, Live>>,
     estimate: Mutex<DurationEstimate>,
     /// Per-prompt `extra_data` that must never be stored (v2's `api_key_comfy_org`): held in
@@ -144,6 +154,7 @@ pub trait TransitionMessages: Send + Sync {
 const EVENT_BUFFER: usize = 64;
 
 impl JobService {
+    /// A service with one ComfyUI (or none) and the in-memory queue.
     pub fn new(
         store: Arc<dyn JobStore>,
         blobs: Arc<dyn BlobStore>,
@@ -153,15 +164,34 @@ impl JobService {
         metrics: Metrics,
         analytics: Analytics,
     ) -> Arc<JobService> {
+        let pool = WorkerPool::new(backend.into_iter().map(|b| (b, None)).collect());
+        let queue = Arc::new(LocalQueue::new(config.dispatch));
+        Self::with_pool(store, blobs, pool, queue, config, models, metrics, analytics)
+    }
+
+    /// A service over a pool of ComfyUI workers and a queue (the in-memory
+    /// [`LocalQueue`], or one shared by several flowhost instances).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_pool(
+        store: Arc<dyn JobStore>,
+        blobs: Arc<dyn BlobStore>,
+        pool: WorkerPool,
+        queue: Arc<dyn WorkQueue>,
+        config: JobConfig,
+        models: Option<Arc<ModelVolume>>,
+        metrics: Metrics,
+        analytics: Analytics,
+    ) -> Arc<JobService> {
         Arc::new(JobService {
             store,
             blobs,
-            backend,
+            pool,
             config,
             models,
             plugins: OnceLock::new(),
-            queue: Mutex::new(QueueState::default()),
-            queue_notify: Notify::new(),
+            queue,
+            shared: OnceLock::new(),
+            slots: Mutex::new(Slots::default()),
             live: Mutex::new(HashMap::new()),
             estimate: Mutex::new(DurationEstimate { ewma_ms: None }),
             transient_extra: Mutex::new(HashMap::new()),
@@ -170,6 +200,12 @@ impl JobService {
             analytics,
             transition_messages: OnceLock::new(),
         })
+    }
+
+    /// Run as one of many instances over the shared queue `queue` (the one passed to
+    /// [`JobService::with_pool`]): follow jobs through the store, cancel through it.
+    pub fn set_shared_queue(&self, queue: Arc<super::shared_queue::PgQueue>) {
+        let _ = self.shared.set(queue);
     }
 
     /// Who makes the webhook messages of state changes.
@@ -182,8 +218,20 @@ impl JobService {
         let _ = self.plugins.set(registry);
     }
 
+    /// The ComfyUI that speaks for the pool (validation, catalogue, overall health):
+    /// the first serving worker. See [`WorkerPool::primary`].
     pub fn backend(&self) -> Option<&Arc<ComfyBackend>> {
-        self.backend.as_ref()
+        self.pool.primary()
+    }
+
+    /// The ComfyUI workers.
+    pub fn pool(&self) -> &WorkerPool {
+        &self.pool
+    }
+
+    /// Every prompt slot of this process: `max_in_flight` per worker.
+    fn total_slots(&self) -> usize {
+        self.config.max_in_flight.max(1) * self.pool.workers().len().max(1)
     }
 
     pub fn config(&self) -> &JobConfig {
@@ -198,12 +246,17 @@ impl JobService {
         &self.blobs
     }
 
-    /// Start the dispatch workers (after [`JobService::recover`]).
+    /// Start the dispatch loops, `max_in_flight` per worker (after [`JobService::recover`]).
+    /// Without any worker, one loop fails what it claims (`comfyui_unavailable`).
     pub fn start_workers(self: &Arc<Self>) {
-        for _ in 0..self.config.max_in_flight.max(1) {
-            let this = self.clone();
-            let task = tokio::spawn(async move { this.worker().await });
-            lock(&self.tasks).push(task);
+        let workers: Vec<Option<Arc<ComfyWorker>>> = if self.pool.is_empty() { vec![None] } else { self.pool.workers().iter().cloned().map(Some).collect() };
+        for worker in workers {
+            for _ in 0..self.config.max_in_flight.max(1) {
+                let this = self.clone();
+                let worker = worker.clone();
+                let task = tokio::spawn(async move { this.dispatch_loop(worker).await });
+                lock(&self.tasks).push(task);
+            }
         }
     }
 
@@ -218,49 +271,58 @@ impl JobService {
     // ----- admission -----
 
     /// Seconds until a slot is likely free: recent execution time × jobs ahead per slot.
-    pub fn retry_after(&self) -> u64 {
-        let waiting = {
-            let q = lock(&self.queue);
-            q.order.len() + q.admitting
-        };
-        let slots = self.config.max_in_flight.max(1) as f64;
+    pub async fn retry_after(&self) -> u64 {
+        let depth = self.queue.depth().await.unwrap_or(0);
+        let waiting = depth + lock(&self.slots).admitting;
+        self.retry_after_for(waiting)
+    }
+
+    fn retry_after_for(&self, waiting: usize) -> u64 {
+        let slots = self.total_slots() as f64;
         let per_job_ms = lock(&self.estimate).ewma_ms.unwrap_or(5_000.0);
         let secs = per_job_ms * (waiting as f64 + 1.0) / slots / 1000.0;
         secs.ceil().clamp(1.0, 3600.0) as u64
     }
 
     /// Jobs waiting for a slot now.
-    pub fn queue_depth(&self) -> usize {
-        lock(&self.queue).order.len()
+    pub async fn queue_depth(&self) -> usize {
+        self.queue.depth().await.unwrap_or(0)
     }
 
     /// Admit a job: store it (with its input bytes) and queue it. `QueueFull` when
     /// the queue is at its depth and no slot is free.
     pub async fn submit(&self, submission: Submission) -> Result<Job, JobFailure> {
+        let depth = self.queue.depth().await.map_err(JobFailure::internal)?;
         {
-            let mut q = lock(&self.queue);
-            let free_slots = self.config.max_in_flight.max(1).saturating_sub(q.running);
-            let waiting = q.order.len() + q.admitting;
+            let mut slots = lock(&self.slots);
+            let free_slots = self.total_slots().saturating_sub(slots.running);
+            let waiting = depth + slots.admitting;
             if waiting >= self.config.queue_depth + free_slots {
-                drop(q);
+                drop(slots);
                 self.metrics.job_refused("queue_full");
-                return Err(JobFailure::QueueFull { retry_after_s: self.retry_after(), depth: waiting });
+                return Err(JobFailure::QueueFull { retry_after_s: self.retry_after_for(waiting), depth: waiting });
             }
-            q.admitting += 1;
+            slots.admitting += 1;
         }
-        let result = self.admit(submission).await;
-        let mut q = lock(&self.queue);
-        q.admitting -= 1;
-        match result {
-            Ok(mut job) => {
-                q.order.push_back(job.id);
-                job.queue_position = Some((q.order.len() - 1) as u32);
-                self.metrics.set_queue_depth(q.order.len());
-                drop(q);
-                self.queue_notify.notify_one();
-                Ok(job)
-            }
+        let result = match self.admit(submission).await {
+            Ok(mut job) => match self.queue.push(candidate(&job)).await {
+                Ok(position) => {
+                    job.queue_position = Some(position as u32);
+                    Ok(job)
+                }
+                // Stored as queued: the next start's recovery queues it again.
+                Err(e) => Err(JobFailure::internal(format!("queueing job {}: {e}", job.id))),
+            },
             Err(e) => Err(e),
+        };
+        lock(&self.slots).admitting -= 1;
+        self.refresh_depth_metric().await;
+        result
+    }
+
+    async fn refresh_depth_metric(&self) {
+        if let Ok(depth) = self.queue.depth().await {
+            self.metrics.set_queue_depth(depth);
         }
     }
 
@@ -288,11 +350,21 @@ impl JobService {
             });
             spec.uploads.push(UploadSpec { node_id: upload.node_id, input_name: upload.input_name, filename: upload.filename, hash });
         }
+        if spec.model_key.is_none() {
+            // v2 and /workflow graphs (and plugins that said nothing): read the loaders.
+            let set = crate::plugins::ModelSet::inferred_from_workflow(&spec.workflow);
+            spec.model_key = super::affinity::model_key(&set);
+            spec.model_label = super::affinity::model_label(&set);
+        }
         job.workflow = serde_json::Value::Object(spec.workflow.clone());
         job.metrics.build_ms = build_ms;
         job.spec = spec;
         self.store.insert_job(&job, &inputs).await.map_err(JobFailure::internal)?;
-        self.make_live(&job);
+        // Shared queue: whichever instance claims the job makes it live there; here it
+        // is followed through the store.
+        if self.shared.get().is_none() {
+            self.make_live(&job);
+        }
         Ok(job)
     }
 
@@ -304,13 +376,11 @@ impl JobService {
     }
 
     /// Put a stored queued job back in the queue (restart recovery).
-    pub(super) fn requeue(&self, job: &Job) {
+    pub(super) async fn requeue(&self, job: &Job) -> Result<(), JobFailure> {
         self.make_live(job);
-        let mut q = lock(&self.queue);
-        q.order.push_back(job.id);
-        self.metrics.set_queue_depth(q.order.len());
-        drop(q);
-        self.queue_notify.notify_one();
+        self.queue.push(candidate(job)).await.map_err(JobFailure::internal)?;
+        self.refresh_depth_metric().await;
+        Ok(())
     }
 
     /// Extra `extra_data` for one job's prompt that is forwarded to ComfyUI and never
@@ -328,21 +398,24 @@ impl JobService {
     /// A job as now (live queue position filled in).
     pub async fn get(&self, id: Uuid) -> Result<Option<Job>, JobFailure> {
         let job = self.store.get_job(id).await.map_err(JobFailure::internal)?;
-        Ok(job.map(|j| self.with_position(j)))
+        match job {
+            Some(j) => Ok(Some(self.with_position(j).await)),
+            None => Ok(None),
+        }
     }
 
     /// Jobs newest first.
     pub async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>, JobFailure> {
         let jobs = self.store.list_jobs(filter).await.map_err(JobFailure::internal)?;
-        Ok(jobs.into_iter().map(|j| self.with_position(j)).collect())
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            out.push(self.with_position(job).await);
+        }
+        Ok(out)
     }
 
-    fn with_position(&self, mut job: Job) -> Job {
-        job.queue_position = if job.status == JobStatus::Queued {
-            lock(&self.queue).order.iter().position(|id| *id == job.id).map(|p| p as u32)
-        } else {
-            None
-        };
+    async fn with_position(&self, mut job: Job) -> Job {
+        job.queue_position = if job.status == JobStatus::Queued { self.queue.position(job.id).await.ok().flatten().map(|p| p as u32) } else { None };
         job
     }
 
@@ -360,9 +433,14 @@ impl JobService {
             if job.progress.is_none() {
                 job.progress = lock(&self.live).get(&id).and_then(|l| l.snapshot.borrow().progress.clone());
             }
-            return Ok(Some((self.with_position(job), rx)));
+            return Ok(Some((self.with_position(job).await, rx)));
         }
         let Some(job) = self.get(id).await? else { return Ok(None) };
+        if !job.status.is_terminal() {
+            // Running on another instance (shared queue): follow it through the store.
+            let rx = self.follow_events(&job);
+            return Ok(Some((job, rx)));
+        }
         let (tx, rx) = broadcast::channel(1);
         drop(tx);
         Ok(Some((job, rx)))
@@ -396,6 +474,13 @@ impl JobService {
                         return Ok(job);
                     }
                 }
+            }
+        } else {
+            // Not live here (another instance runs it, shared queue): follow the store.
+            let followed = self.follow_until_terminal(id, deadline).await?;
+            if followed.is_some_and(|j| !j.status.is_terminal()) {
+                self.time_out_if_queued(id).await;
+                self.follow_until_terminal(id, Some(Instant::now() + Duration::from_secs(10))).await?;
             }
         }
         match self.get(id).await? {
@@ -467,16 +552,20 @@ impl JobService {
         Ok(job)
     }
 
-    fn take_from_queue(&self, id: Uuid) -> bool {
-        let mut q = lock(&self.queue);
-        let before = q.order.len();
-        q.order.retain(|j| *j != id);
-        self.metrics.set_queue_depth(q.order.len());
-        q.order.len() != before
+    async fn take_from_queue(&self, id: Uuid) -> bool {
+        let taken = match self.queue.remove(id).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                tracing::warn!(job_id = %id, error = %e, "taking a job out of the queue failed");
+                false
+            }
+        };
+        self.refresh_depth_metric().await;
+        taken
     }
 
     async fn time_out_if_queued(&self, id: Uuid) {
-        if self.take_from_queue(id) {
+        if self.take_from_queue(id).await {
             if let Ok(Some(job)) = self.store.get_job(id).await {
                 let waited = job.created_at.elapsed().unwrap_or_default().as_millis() as u64;
                 let _ = self.finish_unrun(job, JobStatus::Failed, Some(JobFailure::Timeout { prompt_id: None, waited_ms: waited })).await;
@@ -487,11 +576,22 @@ impl JobService {
     /// Cancel: idempotent. Queued → canceled at once; running → canceling, then
     /// interrupted in ComfyUI → canceled; terminal → as is. `None`: no such job.
     pub async fn cancel(&self, id: Uuid) -> Result<Option<Job>, JobFailure> {
-        if self.take_from_queue(id) {
+        if self.take_from_queue(id).await {
             let Some(job) = self.store.get_job(id).await.map_err(JobFailure::internal)? else { return Ok(None) };
             return self.finish_unrun(job, JobStatus::Canceled, None).await.map(Some);
         }
         let Some(mut job) = self.get(id).await? else { return Ok(None) };
+        if let Some(shared) = self.shared.get()
+            && !job.status.is_terminal()
+            && !lock(&self.live).contains_key(&id)
+        {
+            // Another instance holds it: leave the request where its lease renewal reads it.
+            shared.request_cancel(id).await.map_err(JobFailure::internal)?;
+            if job.status == JobStatus::Running {
+                job.status = JobStatus::Canceling;
+            }
+            return Ok(Some(job));
+        }
         match job.status {
             JobStatus::Running => {
                 job.status = JobStatus::Canceling;
@@ -536,44 +636,62 @@ impl JobService {
 
     // ----- dispatch -----
 
-    async fn next_job(&self) -> Uuid {
+    /// Wait until `worker` should claim: its ComfyUI is serving, or — so that jobs end
+    /// rather than wait forever, as with a single ComfyUI — it is down and no other
+    /// worker serves. A (re)starting worker lets the queue wait.
+    async fn wait_until_claimable(&self, worker: &ComfyWorker) {
         loop {
-            // A ComfyUI that is (re)starting: let the queue wait rather than fail it.
-            if let Some(backend) = &self.backend
-                && matches!(backend.health(), BackendHealth::Starting)
+            match worker.backend.health() {
+                BackendHealth::Starting => {
+                    worker.backend.wait_ready(Duration::from_secs(1)).await;
+                }
+                BackendHealth::Down { .. } if self.pool.another_is_serving(&worker.name) => {
+                    worker.backend.wait_ready(Duration::from_secs(1)).await;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// One prompt slot of one worker: claim (by the worker's loaded models), run, repeat.
+    async fn dispatch_loop(self: Arc<Self>, worker: Option<Arc<ComfyWorker>>) {
+        let name = worker.as_ref().map(|w| w.name.clone()).unwrap_or_else(|| "none".into());
+        loop {
+            if let Some(worker) = &worker {
+                self.wait_until_claimable(worker).await;
+            }
+            let loaded = worker.as_ref().and_then(|w| w.loaded_key());
+            let claimed = match self.queue.claim(&name, loaded.as_deref()).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    tracing::warn!(worker = %name, error = %e, "claiming a job failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            // A worker whose ComfyUI died while it waited: give the job back for a live one.
+            if let Some(w) = &worker
+                && matches!(w.backend.health(), BackendHealth::Down { .. })
+                && self.pool.another_is_serving(&w.name)
             {
-                backend.wait_ready(Duration::from_secs(1)).await;
+                if let Err(e) = self.queue.push(claimed).await {
+                    tracing::error!(worker = %name, error = %e, "giving a job back to the queue failed; it is requeued at the next start");
+                }
                 continue;
             }
-            let notified = self.queue_notify.notified();
-            {
-                let mut q = lock(&self.queue);
-                if let Some(id) = q.order.pop_front() {
-                    q.running += 1;
-                    self.metrics.set_queue_depth(q.order.len());
-                    if !q.order.is_empty() {
-                        self.queue_notify.notify_one();
-                    }
-                    return id;
-                }
-            }
-            notified.await;
-        }
-    }
-
-    async fn worker(self: Arc<Self>) {
-        loop {
-            let id = self.next_job().await;
+            lock(&self.slots).running += 1;
+            self.refresh_depth_metric().await;
             let started = Instant::now();
-            self.run_job(id).await;
+            self.run_job(claimed, worker.as_ref()).await;
             self.observe_duration(started.elapsed());
-            lock(&self.queue).running -= 1;
-            self.queue_notify.notify_one();
+            lock(&self.slots).running -= 1;
         }
     }
 
-    /// A job whose stored status is queued: run it unless its deadline passed.
-    async fn run_job(&self, id: Uuid) {
+    /// A claimed job whose stored status is queued: run it on `worker` unless its
+    /// deadline passed or the worker is down.
+    async fn run_job(&self, claimed: Candidate, worker: Option<&Arc<ComfyWorker>>) {
+        let id = claimed.id;
         let job = match self.store.get_job(id).await {
             Ok(Some(job)) if job.status == JobStatus::Queued => job,
             Ok(_) => return,
@@ -582,6 +700,10 @@ impl JobService {
                 return;
             }
         };
+        // Claimed from the shared queue: live here from now on (it was followed before).
+        if !lock(&self.live).contains_key(&id) {
+            self.make_live(&job);
+        }
         if let Some(deadline) = job.spec.deadline
             && SystemTime::now() >= deadline
         {
@@ -589,15 +711,27 @@ impl JobService {
             let _ = self.finish_unrun(job, JobStatus::Failed, Some(JobFailure::Timeout { prompt_id: None, waited_ms: waited })).await;
             return;
         }
-        if let Some(backend) = &self.backend
-            && let BackendHealth::Down { reason } = backend.health()
+        if let Some(worker) = worker
+            && let BackendHealth::Down { reason } = worker.backend.health()
         {
             let failure = JobFailure::ComfyUnavailable { detail: reason, retry_after_s: super::failure::RETRY_AFTER_DOWN };
             let _ = self.finish_unrun(job, JobStatus::Failed, Some(failure)).await;
             return;
         }
-        self.execute(job).await;
+        self.metrics.observe_dispatch_wait(job.source.route_label(), job.created_at.elapsed().unwrap_or_default());
+        if let Some(worker) = worker {
+            let dispatch = worker.dispatched(job.spec.model_key.as_deref(), job.spec.model_label.as_deref());
+            self.metrics.worker_dispatch(&worker.name, dispatch == Dispatch::Switch);
+            tracing::debug!(job_id = %id, worker = %worker.name, switch = dispatch == Dispatch::Switch, "dispatched");
+        }
+        self.execute(job, worker.map(|w| w.backend.clone())).await;
     }
+}
+
+/// A stored job as the queue holds it: id, model key, age (its creation: a requeued
+/// job keeps its place).
+pub(super) fn candidate(job: &Job) -> Candidate {
+    Candidate { id: job.id, model_key: job.spec.model_key.clone(), queued_at: job.created_at }
 }
 
 /// Cancels a sync request's job if the request goes away before it finished
@@ -657,7 +791,7 @@ mod tests {
         // No workers: nothing leaves the queue.
         let svc = service(dir.path(), JobConfig { max_in_flight: 2, queue_depth: 1, ..JobConfig::default() }).await;
         svc.observe_duration(Duration::from_secs(10));
-        assert_eq!(svc.retry_after(), 5, "one job of 10 s ahead, shared by 2 slots");
+        assert_eq!(svc.retry_after().await, 5, "one job of 10 s ahead, shared by 2 slots");
         for _ in 0..3 {
             svc.submit(submission()).await.expect("two free slots + depth 1");
         }
@@ -669,7 +803,7 @@ mod tests {
             other => panic!("expected QueueFull, got {other:?}"),
         }
         svc.observe_duration(Duration::from_secs(60));
-        assert!(svc.retry_after() > 20, "longer recent jobs, longer wait");
+        assert!(svc.retry_after().await > 20, "longer recent jobs, longer wait");
     }
 
     #[tokio::test]
@@ -682,7 +816,7 @@ mod tests {
         assert_eq!(snapshot.status, JobStatus::Queued);
         let canceled = svc.cancel(job.id).await.unwrap().unwrap();
         assert_eq!(canceled.status, JobStatus::Canceled);
-        assert_eq!(svc.queue_depth(), 0);
+        assert_eq!(svc.queue_depth().await, 0);
         match events.recv().await {
             Ok(JobEvent::Status(j)) => assert_eq!(j.status, JobStatus::Canceled),
             other => panic!("expected the status event, got {other:?}"),
