@@ -169,17 +169,26 @@ async fn a_job_submitted_on_one_instance_is_polled_streamed_downloaded_and_cance
     let shared = SharedState::start().await;
     let a = Instance::start(&shared, &["--max-in-flight", "1"]).await;
     let b = Instance::start(&shared, &["--max-in-flight", "1"]).await;
-    for i in [&a, &b] {
-        i.comfy.double.faults().set_step_latency(Duration::from_millis(150));
-    }
     let client = reqwest::Client::new();
+    // Occupy both instances' only slot with a stuck job each, then free A's: the job
+    // under test can only run on A, and everything about it is asked of B.
+    for i in [&a, &b] {
+        i.comfy.double.faults().hang(true);
+    }
+    let blockers = [submit(&client, &a, 60).await, submit(&client, &b, 61).await];
+    let both_busy = eventually(Duration::from_secs(30), || async { (a.prompts().len() == 1 && b.prompts().len() == 1).then_some(()) }).await;
+    assert!(both_busy.is_some(), "each instance claimed one job from the shared queue: {} / {}", a.prompts().len(), b.prompts().len());
+    let id = submit(&client, &b, 64).await;
+    a.comfy.double.faults().set_step_latency(Duration::from_millis(700));
+    a.comfy.double.faults().hang(false);
 
-    // Submit on A, stream on B: B gets progress and the terminal status of a job it may
-    // not be running.
-    let id = submit(&client, &a, 64).await;
+    // Stream on B a job A runs: B gets its progress and its terminal status.
     let streamed = events(&client, &b, &id).await;
+    assert_eq!(prompts_for(&[&a], &id), 1, "A ran it");
+    assert_eq!(prompts_for(&[&b], &id), 0, "B did not");
     let (last_name, last) = streamed.last().expect("at least one event");
     assert_eq!((last_name.as_str(), last["status"].as_str()), ("status", Some("succeeded")), "{streamed:?}");
+    assert!(streamed.iter().any(|(name, _)| name == "progress"), "progress crossed instances: {streamed:?}");
     // Poll on B, download on B and on A: the same bytes, from the shared bucket.
     let done = job(&client, &b, &id).await;
     assert_eq!(done["status"], "succeeded");
@@ -190,21 +199,28 @@ async fn a_job_submitted_on_one_instance_is_polled_streamed_downloaded_and_cance
     let ranged = client.get(b.url(&format!("/api/v2/assets/{output}/content"))).header("range", "bytes=1-3").send().await.unwrap();
     assert_eq!(ranged.status(), 206);
     assert_eq!(&ranged.bytes().await.unwrap()[..], &from_b[1..4]);
-    assert_eq!(prompts_for(&[&a, &b], &id), 1, "the job ran exactly once");
 
-    // Cancel on B a job running on whichever instance claimed it.
-    for i in [&a, &b] {
-        i.comfy.double.faults().hang(true);
-    }
-    let hung = submit(&client, &a, 65).await;
+    // Cancel on B a job running on A.
+    a.comfy.double.faults().hang(true);
+    let hung = submit(&client, &b, 65).await;
+    let on_a = eventually(Duration::from_secs(30), || async { (prompts_for(&[&a], &hung) == 1).then_some(()) }).await;
+    assert!(on_a.is_some(), "A claimed the job (B's slot is still taken)");
     status_eventually(&client, &b, &hung, Duration::from_secs(30), |s| s == "running").await;
     let canceled = client.post(b.url(&format!("/api/v2/jobs/{hung}/cancel"))).send().await.unwrap();
     assert!(canceled.status().is_success(), "{:?}", canceled.text().await);
-    let ended = status_eventually(&client, &a, &hung, Duration::from_secs(30), |s| s == "canceled").await;
+    let ended = status_eventually(&client, &b, &hung, Duration::from_secs(30), |s| s == "canceled").await;
     assert_eq!(ended["status"], "canceled");
-    let interrupts: usize = [&a, &b].iter().map(|i| i.comfy.double.record().interrupts.len()).sum();
-    assert!(interrupts >= 1, "the instance running the job interrupted its ComfyUI");
+    assert!(!a.comfy.double.record().interrupts.is_empty(), "A interrupted its ComfyUI");
+    assert!(b.comfy.double.record().interrupts.is_empty(), "B had nothing to interrupt");
     assert_eq!(prompts_for(&[&a, &b], &hung), 1);
+    // The blockers finish once their ComfyUIs do; every job ran exactly once.
+    for i in [&a, &b] {
+        i.comfy.double.faults().hang(false);
+    }
+    for blocker in &blockers {
+        status_eventually(&client, &a, blocker, Duration::from_secs(30), |s| s == "succeeded").await;
+        assert_eq!(prompts_for(&[&a, &b], blocker), 1);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
