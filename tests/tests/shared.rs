@@ -43,8 +43,16 @@ struct Instance {
 
 impl Instance {
     async fn start(shared: &SharedState, extra: &[&str]) -> Instance {
+        Self::start_with(shared, extra, &[]).await
+    }
+
+    /// With plugin components (`(file name, path)`) in its plugins folder.
+    async fn start_with(shared: &SharedState, extra: &[&str], components: &[(&str, std::path::PathBuf)]) -> Instance {
         let comfy = ExternalComfy::start().await.unwrap();
         let (plugins, cache, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for (name, path) in components {
+            std::fs::copy(path, plugins.path().join(name)).unwrap();
+        }
         let port = free_port();
         let mut command = Command::new(flowhost_tests::flowhost_binary());
         command
@@ -220,6 +228,41 @@ async fn a_job_submitted_on_one_instance_is_polled_streamed_downloaded_and_cance
     for blocker in &blockers {
         status_eventually(&client, &a, blocker, Duration::from_secs(30), |s| s == "succeeded").await;
         assert_eq!(prompts_for(&[&a, &b], blocker), 1);
+    }
+}
+
+/// A sync typed request on B that A runs: B's waiter sees A finish it (through the store)
+/// and answers with the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sync_typed_request_on_one_instance_is_answered_when_another_runs_it() {
+    let shared = SharedState::start().await;
+    let flux = vec![("flux-dev.wasm", flowhost_tests::build_component("flux-dev", &[]).expect("the flux-dev component builds"))];
+    let a = Instance::start_with(&shared, &["--max-in-flight", "1"], &flux).await;
+    let b = Instance::start_with(&shared, &["--max-in-flight", "1"], &flux).await;
+    let client = reqwest::Client::new();
+    for i in [&a, &b] {
+        i.comfy.double.faults().hang(true);
+    }
+    let blockers = [submit(&client, &a, 70).await, submit(&client, &b, 71).await];
+    let both_busy = eventually(Duration::from_secs(30), || async { (a.prompts().len() == 1 && b.prompts().len() == 1).then_some(()) }).await;
+    assert!(both_busy.is_some(), "each instance holds one stuck job");
+    let request = client.post(b.url("/flux-dev")).json(&json!({"prompt": "a lighthouse", "width": 256, "height": 256, "steps": 2, "seed": 9})).send();
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        a.comfy.double.faults().hang(false);
+    };
+    let (response, ()) = tokio::join!(request, release);
+    let response = response.unwrap();
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    assert_eq!(response.headers()["content-type"], "image/jpeg");
+    let id = response.headers()["x-job-id"].to_str().unwrap().to_string();
+    let bytes = response.bytes().await.unwrap();
+    assert!(image::load_from_memory_with_format(&bytes, image::ImageFormat::Jpeg).is_ok(), "a real JPEG");
+    assert_eq!(prompts_for(&[&a], &id), 1, "A ran it");
+    assert_eq!(prompts_for(&[&b], &id), 0, "B only waited");
+    b.comfy.double.faults().hang(false);
+    for blocker in &blockers {
+        status_eventually(&client, &b, blocker, Duration::from_secs(30), |s| s == "succeeded").await;
     }
 }
 
