@@ -39,6 +39,12 @@ HF_CACHE_VOLUME_NAME = os.environ.get("FLOWHOST_HF_CACHE_VOLUME", "flowhost-hf-c
 API_KEYS_SECRET = os.environ.get("FLOWHOST_API_KEYS_SECRET", "flowhost-api-keys")  # FLOWHOST_API_KEYS[, FLOWHOST_ADMIN_KEYS]
 POSTHOG_SECRET = os.environ.get("FLOWHOST_POSTHOG_SECRET", "flowhost-posthog")  # POSTHOG_API_KEY[, POSTHOG_HOST]
 HF_SECRET = os.environ.get("FLOWHOST_HF_SECRET", "huggingface")  # HF_TOKEN
+# Shared state for many containers (docs/deploy-modal.md, "Many containers"): a secret with
+# FLOWHOST_DATABASE_URL (PostgreSQL job store), FLOWHOST_BLOB_STORE (s3://bucket/prefix) and the
+# bucket's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL / AWS_REGION, which
+# `flowhost serve` reads from its environment. Off by default: one container, SQLite on its disk
+# (jobs end with the container; /health says `"jobs": {"durability": "instance"}`).
+SHARED_STATE_SECRET = os.environ.get("FLOWHOST_SHARED_STATE_SECRET", "")
 
 # Cold start (docs/deploy-modal.md, "Cold start"). GPU snapshot (Modal alpha): flowhost, ComfyUI
 # and the warmed-up models on the GPU are started before the snapshot and restored from it; it
@@ -255,7 +261,7 @@ def start_flowhost() -> subprocess.Popen:
 @app.cls(
     gpu=GPU,
     volumes={MODELS_DIR: models_volume, PLUGINS_DIR: plugins_volume, HF_CACHE_DIR: hf_cache_volume},
-    secrets=_secrets(API_KEYS_SECRET, POSTHOG_SECRET, HF_SECRET),
+    secrets=_secrets(API_KEYS_SECRET, POSTHOG_SECRET, HF_SECRET, SHARED_STATE_SECRET),
     scaledown_window=SCALEDOWN_WINDOW_S,
     timeout=REQUEST_TIMEOUT_S,
     startup_timeout=STARTUP_TIMEOUT_S,

@@ -40,6 +40,7 @@ SETTINGS_ENV = [
     "FLOWHOST_API_KEYS_SECRET",
     "FLOWHOST_HF_SECRET",
     "FLOWHOST_COMFYUI_COMMIT",
+    "FLOWHOST_SHARED_STATE_SECRET",
 ]
 
 
@@ -170,6 +171,15 @@ class TestServe:
     def test_an_empty_secret_name_leaves_that_secret_out(self, monkeypatch):
         module = load_app(monkeypatch, FLOWHOST_POSTHOG_SECRET="")
         assert secret_names(service(module)) == ["flowhost-api-keys", "huggingface"]
+
+    def test_shared_state_is_opt_in_through_a_secret_flowhost_reads_from_its_environment(self, monkeypatch, app_module):
+        # Default: one container, no shared-state secret (SQLite on the container's disk).
+        assert "flowhost-shared" not in secret_names(service(app_module))
+        module = load_app(monkeypatch, FLOWHOST_SHARED_STATE_SECRET="flowhost-shared")
+        assert secret_names(service(module)) == ["flowhost-api-keys", "flowhost-posthog", "huggingface", "flowhost-shared"]
+        # The database URL and bucket come from the secret's environment, never the command line
+        # (a URL with a password must not show in `ps` or Modal's logs).
+        assert not any(arg in ("--database-url", "--blob-store") for arg in module.serve_command())
 
     def test_launch_profile_is_opt_in_and_reaches_the_command_line(self, monkeypatch, app_module):
         assert "--comfyui-profile" not in app_module.serve_command()

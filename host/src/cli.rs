@@ -210,6 +210,9 @@ pub struct ServeArgs {
     /// Webhooks (signing secrets, operator subscriptions, SSRF allow-list).
     #[command(flatten)]
     pub webhooks: crate::webhooks::WebhookArgs,
+    /// Shared state for many instances (PostgreSQL job store, S3 blob store).
+    #[command(flatten)]
+    pub backing: crate::backing::BackingArgs,
 }
 
 /// A non-negative, finite number of seconds (at most a year).

@@ -5,6 +5,7 @@
 //! with `media`, `models`, `events`, `auth` and `metrics` beside them.
 
 pub mod auth;
+pub mod backing;
 pub mod check_plugin;
 pub mod cli;
 pub mod events;

@@ -14,8 +14,7 @@ use crate::auth::AccessKeys;
 use crate::cli::ServeArgs;
 use crate::events::{Analytics, Event};
 use crate::http::{AppState, HttpLimits};
-use crate::jobs::blobs::FsBlobStore;
-use crate::jobs::{JobConfig, JobService, SqliteStore};
+use crate::jobs::{JobConfig, JobService};
 use crate::metrics::Metrics;
 use crate::models::ModelVolume;
 use crate::plugins::compiled_cache::CompiledCache;
@@ -162,16 +161,28 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     }
 
     // Durable state first: every accepted job is recovered before we listen.
-    let store = SqliteStore::open(&args.state_dir.join("jobs.db")).await.with_context(|| format!("opening the job store in {}", args.state_dir.display()))?;
-    let outbox = crate::webhooks::outbox::SqliteOutbox::new(store.pool());
-    let blobs = FsBlobStore::new(args.state_dir.join("blobs")).with_context(|| format!("opening the blob store in {}", args.state_dir.display()))?;
+    let backing = crate::backing::open(&args.backing, &args.state_dir).await?;
     let retention = Duration::from_secs_f64((args.retention_hours.max(0.0) * 3600.0).min(1e9));
     let dispatch = crate::jobs::DispatchRule { policy: args.dispatch, wait_bound: Duration::from_secs_f64(args.affinity_wait_bound.clamp(0.0, 1e9)) };
+    // Where queued jobs wait: this process's memory, or the shared PostgreSQL queue every
+    // instance claims from (issue #12).
+    let shared_queue = match (args.backing.work_queue()?, &backing.pg) {
+        (crate::backing::WorkQueueKind::Shared, Some((pool, owner))) => {
+            let lease = Duration::from_secs(args.backing.lease_seconds);
+            tracing::info!(lease_s = args.backing.lease_seconds, "work queue: shared (PostgreSQL)");
+            Some(Arc::new(crate::jobs::shared_queue::PgQueue::new(pool.clone(), owner.clone(), dispatch, lease)))
+        }
+        _ => None,
+    };
+    let queue: Arc<dyn crate::jobs::WorkQueue> = match &shared_queue {
+        Some(queue) => queue.clone(),
+        None => Arc::new(crate::jobs::LocalQueue::new(dispatch)),
+    };
     let jobs = JobService::with_pool(
-        Arc::new(store),
-        Arc::new(blobs),
+        backing.store.clone(),
+        backing.blobs.clone(),
         crate::jobs::WorkerPool::new(backends),
-        Arc::new(crate::jobs::LocalQueue::new(dispatch)),
+        queue,
         JobConfig {
             max_in_flight: args.max_in_flight,
             queue_depth: args.queue_depth,
@@ -188,9 +199,19 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     jobs.set_registry(registry.clone());
     // Webhooks before recovery: jobs reconciled at startup send their events too.
     let webhook_settings = crate::webhooks::WebhookSettings::from_args(&args.webhooks)?;
-    let webhooks = crate::webhooks::Webhooks::start(webhook_settings, Arc::new(outbox), jobs.metrics.clone())?;
+    let webhooks = crate::webhooks::Webhooks::start(webhook_settings, backing.outbox.clone(), jobs.metrics.clone())?;
     jobs.set_transition_messages(Arc::new(crate::webhooks::job_messages::JobMessages::new(webhooks.clone(), crate::http::job_view::job_json)));
-    jobs.recover().await.map_err(|e| anyhow::anyhow!("recovering jobs: {e}"))?;
+    match &shared_queue {
+        // Shared: queued jobs wait in the database already, and a job that was running
+        // on an instance that stopped is settled when its lease runs out.
+        Some(queue) => {
+            jobs.set_shared_queue(queue.clone());
+            jobs.start_lease_keeper(queue.clone());
+        }
+        None => {
+            jobs.recover().await.map_err(|e| anyhow::anyhow!("recovering jobs: {e}"))?;
+        }
+    }
     jobs.start_workers();
     jobs.start_sweeper();
     let warm_up_status = crate::warm_up::WarmUpStatus::new(warm_up_plan.mode);

@@ -1,6 +1,9 @@
 //! Durable jobs end to end: a real `flowhost serve` (in-process, or the binary when
 //! the test must kill it like a crash) against a ComfyUI double the test controls,
-//! real plugins, real sockets, a real SQLite store in a temporary state dir.
+//! real plugins, real sockets, a real job store: every test runs twice, on the embedded
+//! SQLite store in a temporary state dir (`sqlite::…`) and on a PostgreSQL store in a
+//! throw-away cluster (`postgres::…`, tests/support/pg.rs) with this instance's own
+//! (local) work queue — the store is what differs, the behaviour asserted is the same.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -9,9 +12,72 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use flowhost::jobs::{Job, JobStatus};
+use flowhost_tests::pg::PgCluster;
 use flowhost_tests::{ExternalComfy, TestServer, build_component, eventually, problem};
 use serde_json::{Value, json};
 use uuid::Uuid;
+
+#[derive(Clone, Copy)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// Each named test once per store: `sqlite::name` and `postgres::name`.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Dialect::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Dialect::Postgres).await })*
+        }
+    };
+}
+
+on_both_stores!(
+    a_queued_job_runs_and_a_running_one_is_reconciled_from_history_after_a_crash,
+    a_job_running_when_flowhost_died_that_comfyui_lost_ends_host_restarted,
+    an_async_typed_request_is_followed_to_a_jpeg,
+    a_sync_request_on_a_busy_queue_waits_then_succeeds,
+    queue_full_is_a_503_with_retry_after,
+    cancel_of_a_queued_and_of_a_running_job_reaches_comfyui,
+    an_idempotent_retry_starts_no_second_prompt_and_another_body_is_422,
+    concurrent_requests_sharing_an_x_request_id_each_get_their_own_reference_image,
+    a_jobs_comfyui_files_go_when_it_ends_and_retention_sweeps_records_and_blobs,
+    progress_snapshots_reach_subscribers_and_the_store_while_a_job_runs,
+);
+
+/// Where a test's flowhost keeps its state (the same across the test's restarts): the
+/// state dir always (blobs, and SQLite's `jobs.db`), plus a PostgreSQL database for the
+/// `postgres` variant.
+struct State {
+    dir: tempfile::TempDir,
+    postgres: Option<(PgCluster, String)>,
+}
+
+impl State {
+    async fn new(dialect: Dialect) -> State {
+        let dir = tempfile::tempdir().unwrap();
+        let postgres = match dialect {
+            Dialect::Sqlite => None,
+            Dialect::Postgres => {
+                let cluster = PgCluster::start().await.expect("a PostgreSQL test cluster starts");
+                let url = cluster.fresh_database().await.unwrap();
+                Some((cluster, url))
+            }
+        };
+        State { dir, postgres }
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut args = vec!["--state-dir".to_string(), self.dir.path().to_string_lossy().to_string()];
+        if let Some((_, url)) = &self.postgres {
+            args.extend(["--database-url".to_string(), url.clone(), "--work-queue".to_string(), "local".to_string()]);
+        }
+        args
+    }
+}
 
 fn component(package: &str) -> PathBuf {
     static BUILT: OnceLock<std::sync::Mutex<std::collections::HashMap<String, PathBuf>>> = OnceLock::new();
@@ -35,9 +101,9 @@ async fn wait_ready(base: &str) {
 }
 
 /// An in-process flowhost against `comfy` with `state` as its state dir.
-async fn serve(comfy: &ExternalComfy, state: &Path, extra: &[&str]) -> TestServer {
+async fn serve(comfy: &ExternalComfy, state: &State, extra: &[&str]) -> TestServer {
     let mut args: Vec<String> = comfy.args();
-    args.extend(["--state-dir".to_string(), state.to_string_lossy().to_string()]);
+    args.extend(state.args());
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let files = plugin_files();
@@ -63,7 +129,7 @@ impl Drop for Flowhost {
 }
 
 impl Flowhost {
-    async fn start(comfy: &ExternalComfy, state: &Path, extra: &[&str]) -> Flowhost {
+    async fn start(comfy: &ExternalComfy, state: &State, extra: &[&str]) -> Flowhost {
         let plugins = tempfile::tempdir().unwrap();
         for (name, path) in plugin_files() {
             std::fs::copy(path, plugins.path().join(name)).unwrap();
@@ -75,8 +141,7 @@ impl Flowhost {
             .arg(plugins.path())
             .arg("--cache-dir")
             .arg(cache.path())
-            .arg("--state-dir")
-            .arg(state)
+            .args(state.args())
             .args(comfy.args())
             // The test arms faults and counts prompts: no warm-up prompt of flowhost's own.
             .args(["--warm-up", "off"])
@@ -137,12 +202,11 @@ async fn output_jpeg(server: &TestServer, job: &Job) -> (u32, u32) {
     (image.width(), image.height())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queued_job_runs_and_a_running_one_is_reconciled_from_history_after_a_crash() {
+async fn a_queued_job_runs_and_a_running_one_is_reconciled_from_history_after_a_crash(dialect: Dialect) {
     let comfy = ExternalComfy::start().await.unwrap();
-    let state = tempfile::tempdir().unwrap();
+    let state = State::new(dialect).await;
     comfy.double.faults().hang(true);
-    let first = Flowhost::start(&comfy, state.path(), &["--max-in-flight", "1"]).await;
+    let first = Flowhost::start(&comfy, &state, &["--max-in-flight", "1"]).await;
     let client = reqwest::Client::new();
     let running = post_async(&client, &first.base, "/flux-dev", &flux(1)).await;
     let submitted = eventually(Duration::from_secs(10), || async { (comfy.double.record().prompts.len() == 1).then_some(()) }).await;
@@ -161,7 +225,7 @@ async fn a_queued_job_runs_and_a_running_one_is_reconciled_from_history_after_a_
     .await;
     assert!(finished.is_some(), "the double finished the orphaned prompt");
 
-    let second = serve(&comfy, state.path(), &["--max-in-flight", "1"]).await;
+    let second = serve(&comfy, &state, &["--max-in-flight", "1"]).await;
     let reconciled = job_eventually(&second, job_id(&running), "succeeded", |j| j.status == JobStatus::Succeeded).await;
     assert_eq!(output_jpeg(&second, &reconciled).await, (512, 256));
     let ran = job_eventually(&second, job_id(&queued), "succeeded", |j| j.status == JobStatus::Succeeded).await;
@@ -170,18 +234,17 @@ async fn a_queued_job_runs_and_a_running_one_is_reconciled_from_history_after_a_
     second.server.shutdown().await.unwrap();
 
     // A finished job is still readable, with its output, after another restart.
-    let third = serve(&comfy, state.path(), &[]).await;
+    let third = serve(&comfy, &state, &[]).await;
     let again = third.server.state.jobs.get(job_id(&queued)).await.unwrap().expect("still stored");
     assert_eq!(again.status, JobStatus::Succeeded);
     assert_eq!(output_jpeg(&third, &again).await, (512, 256));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_running_when_flowhost_died_that_comfyui_lost_ends_host_restarted() {
+async fn a_job_running_when_flowhost_died_that_comfyui_lost_ends_host_restarted(dialect: Dialect) {
     let comfy = ExternalComfy::start().await.unwrap();
-    let state = tempfile::tempdir().unwrap();
+    let state = State::new(dialect).await;
     comfy.double.faults().hang(true);
-    let first = Flowhost::start(&comfy, state.path(), &[]).await;
+    let first = Flowhost::start(&comfy, &state, &[]).await;
     let client = reqwest::Client::new();
     let running = post_async(&client, &first.base, "/flux-dev", &flux(1)).await;
     let submitted = eventually(Duration::from_secs(10), || async { (comfy.double.record().prompts.len() == 1).then_some(()) }).await;
@@ -190,17 +253,16 @@ async fn a_job_running_when_flowhost_died_that_comfyui_lost_ends_host_restarted(
     drop(comfy); // ComfyUI died too: a new one knows nothing of the prompt.
 
     let fresh = ExternalComfy::start().await.unwrap();
-    let second = serve(&fresh, state.path(), &[]).await;
+    let second = serve(&fresh, &state, &[]).await;
     let job = job_eventually(&second, job_id(&running), "failed", |j| j.status == JobStatus::Failed).await;
     assert_eq!(job.error.as_ref().map(|e| e.code()), Some("host_restarted"), "{job:?}");
     assert!(fresh.double.record().prompts.is_empty(), "it is not run again behind the caller's back");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_async_typed_request_is_followed_to_a_jpeg() {
+async fn an_async_typed_request_is_followed_to_a_jpeg(dialect: Dialect) {
     let comfy = ExternalComfy::start().await.unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let server = serve(&comfy, state.path(), &[]).await;
+    let state = State::new(dialect).await;
+    let server = serve(&comfy, &state, &[]).await;
     let response = server.client.post(server.url("/flux-dev")).header("prefer", "respond-async").json(&flux(7)).send().await.unwrap();
     assert_eq!(response.status(), 202);
     assert_eq!(response.headers()["preference-applied"], "respond-async");
@@ -216,12 +278,11 @@ async fn an_async_typed_request_is_followed_to_a_jpeg() {
     assert!(job.metrics.execution_ms.is_some() && job.metrics.queue_ms.is_some(), "{:?}", job.metrics);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sync_request_on_a_busy_queue_waits_then_succeeds() {
+async fn a_sync_request_on_a_busy_queue_waits_then_succeeds(dialect: Dialect) {
     let comfy = ExternalComfy::start().await.unwrap();
     comfy.double.faults().set_step_latency(Duration::from_millis(100));
-    let state = tempfile::tempdir().unwrap();
-    let server = serve(&comfy, state.path(), &["--max-in-flight", "1"]).await;
+    let state = State::new(dialect).await;
+    let server = serve(&comfy, &state, &["--max-in-flight", "1"]).await;
     let (one, two) = (flux(1), flux(2));
     let (a, b) = tokio::join!(server.post_json("/flux-dev", &one), server.post_json("/flux-dev", &two));
     let (a, b) = (a.unwrap(), b.unwrap());
@@ -231,12 +292,11 @@ async fn a_sync_request_on_a_busy_queue_waits_then_succeeds() {
     assert_eq!(comfy.double.record().prompts.len(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_full_is_a_503_with_retry_after() {
+async fn queue_full_is_a_503_with_retry_after(dialect: Dialect) {
     let comfy = ExternalComfy::start().await.unwrap();
     comfy.double.faults().hang(true);
-    let state = tempfile::tempdir().unwrap();
-    let server = serve(&comfy, state.path(), &["--max-in-flight", "1", "--queue-depth", "1"]).await;
+    let state = State::new(dialect).await;
+    let server = serve(&comfy, &state, &["--max-in-flight", "1", "--queue-depth", "1"]).await;
     let client = server.client.clone();
     post_async(&client, &server.base, "/flux-dev", &flux(1)).await;
     let submitted = eventually(Duration::from_secs(10), || async { (comfy.double.record().prompts.len() == 1).then_some(()) }).await;
@@ -251,12 +311,11 @@ async fn queue_full_is_a_503_with_retry_after() {
     comfy.double.faults().hang(false);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_of_a_queued_and_of_a_running_job_reaches_comfyui() {
+async fn cancel_of_a_queued_and_of_a_running_job_reaches_comfyui(dialect: Dialect) {
     let comfy = ExternalComfy::start().await.unwrap();
     comfy.double.faults().hang(true);
-    let state = tempfile::tempdir().unwrap();
-    let server = serve(&comfy, state.path(), &["--max-in-flight", "1"]).await;
+    let state = State::new(dialect).await;
+    let server = serve(&comfy, &state, &["--max-in-flight", "1"]).await;
     let client = server.client.clone();
     let running = job_id(&post_async(&client, &server.base, "/flux-dev", &flux(1)).await);
     let submitted = eventually(Duration::from_secs(10), || async { (comfy.double.record().prompts.len() == 1).then_some(()) }).await;
@@ -280,12 +339,11 @@ async fn cancel_of_a_queued_and_of_a_running_job_reaches_comfyui() {
     comfy.double.faults().hang(false);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idempotent_retry_starts_no_second_prompt_and_another_body_is_422() {
+async fn an_idempotent_retry_starts_no_second_prompt_and_another_body_is_422(dialect: Dialect) {
     let comfy = ExternalComfy::start().await.unwrap();
     comfy.double.faults().set_step_latency(Duration::from_millis(50));
-    let state = tempfile::tempdir().unwrap();
-    let server = serve(&comfy, state.path(), &[]).await;
+    let state = State::new(dialect).await;
+    let server = serve(&comfy, &state, &[]).await;
     let send = |body: Value| server.client.post(server.url("/flux-dev")).header("idempotency-key", "\"order-42\"").json(&body).send();
     // The retry arrives while the first is still running: it waits for that job.
     let (first, retry) = tokio::join!(send(flux(5)), async {
@@ -333,12 +391,11 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_requests_sharing_an_x_request_id_each_get_their_own_reference_image() {
+async fn concurrent_requests_sharing_an_x_request_id_each_get_their_own_reference_image(dialect: Dialect) {
     let comfy = ExternalComfy::start().await.unwrap();
     comfy.double.faults().set_step_latency(Duration::from_millis(30));
-    let state = tempfile::tempdir().unwrap();
-    let server = serve(&comfy, state.path(), &["--max-in-flight", "2"]).await;
+    let state = State::new(dialect).await;
+    let server = serve(&comfy, &state, &["--max-in-flight", "2"]).await;
     let (image_a, size_a) = png_data_url(64, 64, 10);
     let (image_b, size_b) = png_data_url(96, 80, 200);
     assert_ne!(size_a, size_b);
@@ -375,13 +432,12 @@ async fn concurrent_requests_sharing_an_x_request_id_each_get_their_own_referenc
     assert_eq!(sizes, expected);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_jobs_comfyui_files_go_when_it_ends_and_retention_sweeps_records_and_blobs() {
+async fn a_jobs_comfyui_files_go_when_it_ends_and_retention_sweeps_records_and_blobs(dialect: Dialect) {
     let comfy = ExternalComfy::start().await.unwrap();
-    let state = tempfile::tempdir().unwrap();
+    let state = State::new(dialect).await;
     let input_dir = comfy.double.input_dir().to_string_lossy().to_string();
     let output_dir = comfy.double.output_dir().to_string_lossy().to_string();
-    let server = serve(&comfy, state.path(), &["--comfyui-input-dir", &input_dir, "--comfyui-output-dir", &output_dir]).await;
+    let server = serve(&comfy, &state, &["--comfyui-input-dir", &input_dir, "--comfyui-output-dir", &output_dir]).await;
     let (image, _) = png_data_url(64, 64, 90);
     let response = server.post_json("/flux-instantid", &json!({"prompt": "a portrait", "reference_image": image, "width": 256, "height": 256, "steps": 1})).await.unwrap();
     assert_eq!(response.status(), 200, "{:?}", response.text().await);
@@ -410,12 +466,11 @@ async fn a_jobs_comfyui_files_go_when_it_ends_and_retention_sweeps_records_and_b
     assert!(!jobs.blobs().exists(&output).await.unwrap());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn progress_snapshots_reach_subscribers_and_the_store_while_a_job_runs() {
+async fn progress_snapshots_reach_subscribers_and_the_store_while_a_job_runs(dialect: Dialect) {
     let comfy = ExternalComfy::start().await.unwrap();
     comfy.double.faults().set_step_latency(Duration::from_millis(150));
-    let state = tempfile::tempdir().unwrap();
-    let server = serve(&comfy, state.path(), &[]).await;
+    let state = State::new(dialect).await;
+    let server = serve(&comfy, &state, &[]).await;
     let job = post_async(&server.client, &server.base, "/flux-dev", &json!({"prompt": "p", "width": 256, "height": 256, "steps": 12, "seed": 3})).await;
     let id = job_id(&job);
     let (snapshot, mut events) = server.server.state.jobs.subscribe(id).await.unwrap().expect("the job exists");

@@ -37,6 +37,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "endpoints": report.endpoints,
         "workers": report.workers,
         "plugins_loaded": state.registry.snapshot().plugins().len(),
+        "jobs": crate::backing::describe(state.jobs.store().as_ref(), state.jobs.blobs().as_ref()),
     });
     (status_code, Json(body)).into_response()
 }

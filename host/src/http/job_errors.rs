@@ -168,6 +168,13 @@ pub fn problem(failure: &JobFailure, plugin: Option<&str>) -> Problem {
             "flowhost restarted while the job was running and ComfyUI no longer had it; submit it again",
         )
         .retry_after(5),
+        JobFailure::WorkerLost => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "worker_lost",
+            "The instance running the job was lost",
+            "the flowhost instance running the job stopped (it was retried once on another); submit it again",
+        )
+        .retry_after(5),
         JobFailure::PluginFailed { detail } => with_plugin(Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed", "The plugin failed", detail.clone())),
         JobFailure::Internal { detail } => {
             tracing::error!(%detail, "internal job failure");

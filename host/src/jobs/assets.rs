@@ -118,6 +118,16 @@ impl JobService {
         }
     }
 
+    /// A presigned URL the asset's bytes can be fetched from directly, when the blob
+    /// store hands those out (S3 with `--blob-presign`); `None`: stream them through.
+    pub async fn asset_download_url(&self, asset: &Asset) -> Result<Option<String>, AssetError> {
+        match self.blobs.presigned_get(&asset.hash).await {
+            Ok(url) => Ok(url),
+            Err(BlobError::NotFound(h)) => Err(AssetError::BlobNotFound(h)),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     /// Remove an asset record (the blob goes at the next sweep if unreferenced).
     pub async fn delete_asset(&self, id: Uuid) -> Result<(), AssetError> {
         if self.store.delete_asset(id).await.map_err(unavailable)? { Ok(()) } else { Err(AssetError::NotFound) }

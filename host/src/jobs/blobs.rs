@@ -1,7 +1,8 @@
 //! Content-addressed bytes behind one trait, [`BlobStore`]: a blob is named by
 //! the blake3 hash of its bytes (`blake3:<hex>`), so the same bytes are stored
 //! once however many assets refer to them. The default is a folder under the
-//! state directory ([`FsBlobStore`]); S3 can come later behind the same trait.
+//! state directory ([`FsBlobStore`]); an S3-compatible bucket is the other
+//! ([`super::blobs_s3::S3BlobStore`]), for many instances sharing outputs.
 //!
 //! Owns: bytes on disk, written atomically (temp file + rename), and their
 //! names. Must never: take a file name from a caller (names are hashes it made
@@ -46,6 +47,15 @@ pub trait BlobStore: Send + Sync {
     async fn delete(&self, hash: &str) -> Result<bool, BlobError>;
     /// Every stored hash with its last write time (for the sweeper).
     async fn list(&self) -> Result<Vec<(String, SystemTime)>, BlobError>;
+    /// A short-lived URL a client can GET the blob from directly, when this store
+    /// hands those out (S3 with presigning on); `None`: stream the bytes through.
+    async fn presigned_get(&self, _hash: &str) -> Result<Option<String>, BlobError> {
+        Ok(None)
+    }
+    /// `local` (this instance's disk) or `s3` (a bucket every instance reads).
+    fn kind(&self) -> &'static str {
+        "local"
+    }
 }
 
 /// Blobs as files `root/<2 hex>/<64 hex>`.

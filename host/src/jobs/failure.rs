@@ -92,6 +92,10 @@ pub enum JobFailure {
     /// flowhost restarted while the job ran and ComfyUI no longer knew the prompt.
     #[error("flowhost restarted while the job was running and ComfyUI no longer has its prompt")]
     HostRestarted,
+    /// The instance running the job stopped renewing its lease (it died or lost the
+    /// shared store) twice: the job was re-queued once, then given up on. Issue #12.
+    #[error("the flowhost instance running the job was lost (the job was retried once)")]
+    WorkerLost,
     /// The plugin needed to finish the job failed.
     #[error("the plugin failed: {detail}")]
     PluginFailed { detail: String },
@@ -124,6 +128,7 @@ impl JobFailure {
             JobFailure::OutputUnreadable { .. } => "output_unreadable",
             JobFailure::Canceled => "canceled",
             JobFailure::HostRestarted => "host_restarted",
+            JobFailure::WorkerLost => "worker_lost",
             JobFailure::PluginFailed { .. } => "plugin_failed",
             JobFailure::Internal { .. } => "internal",
         }

@@ -38,8 +38,11 @@
 pub mod affinity;
 pub mod assets;
 pub mod blobs;
+pub mod blobs_s3;
 pub mod failure;
+pub mod follow;
 pub mod inputs;
+pub mod lease;
 pub mod model;
 pub mod pool;
 pub mod progress;
@@ -48,7 +51,9 @@ pub mod readiness;
 pub mod recovery;
 pub mod runner;
 pub mod service;
+pub mod shared_queue;
 pub mod store;
+pub mod store_pg;
 
 pub use assets::{AssetError, CreatedAsset};
 pub use failure::JobFailure;
@@ -59,6 +64,7 @@ pub use model::{Asset, AssetRole, Job, JobEvent, JobMetrics, JobSource, JobSpec,
 pub use readiness::{HealthReport, plugin_needs};
 pub use service::{CancelOnDrop, JobConfig, JobService, NewUpload, Submission, TransitionMessages};
 pub use store::{IdempotencyClaim, JobFilter, JobStore, SqliteStore};
+pub use store_pg::PostgresStore;
 
 /// The old name of the service (one release).
 pub type JobRunner = JobService;

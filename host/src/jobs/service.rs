@@ -122,6 +122,9 @@ pub struct JobService {
     pub(super) models: Option<Arc<ModelVolume>>,
     pub(super) plugins: OnceLock<Arc<PluginRegistry>>,
     queue: Arc<dyn WorkQueue>,
+    /// The shared queue's leases and cancel requests (issue #12), when instances share
+    /// one: then a job is live here only while this instance runs it.
+    pub(super) shared: OnceLock<Arc<super::shared_queue::PgQueue>>,
     slots: Mutex<Slots>,
     pub(super) live: Mutex<HashMap<Uuid, Live>>,
     estimate: Mutex<DurationEstimate>,
@@ -189,6 +192,7 @@ impl JobService {
             models,
             plugins: OnceLock::new(),
             queue,
+            shared: OnceLock::new(),
             slots: Mutex::new(Slots::default()),
             live: Mutex::new(HashMap::new()),
             estimate: Mutex::new(DurationEstimate { ewma_ms: None }),
@@ -198,6 +202,12 @@ impl JobService {
             analytics,
             transition_messages: OnceLock::new(),
         })
+    }
+
+    /// Run as one of many instances over the shared queue `queue` (the one passed to
+    /// [`JobService::with_pool`]): follow jobs through the store, cancel through it.
+    pub fn set_shared_queue(&self, queue: Arc<super::shared_queue::PgQueue>) {
+        let _ = self.shared.set(queue);
     }
 
     /// Who makes the webhook messages of state changes.
@@ -352,7 +362,11 @@ impl JobService {
         job.metrics.build_ms = build_ms;
         job.spec = spec;
         self.store.insert_job(&job, &inputs).await.map_err(JobFailure::internal)?;
-        self.make_live(&job);
+        // Shared queue: whichever instance claims the job makes it live there; here it
+        // is followed through the store.
+        if self.shared.get().is_none() {
+            self.make_live(&job);
+        }
         Ok(job)
     }
 
@@ -424,6 +438,11 @@ impl JobService {
             return Ok(Some((self.with_position(job).await, rx)));
         }
         let Some(job) = self.get(id).await? else { return Ok(None) };
+        if !job.status.is_terminal() {
+            // Running on another instance (shared queue): follow it through the store.
+            let rx = self.follow_events(&job);
+            return Ok(Some((job, rx)));
+        }
         let (tx, rx) = broadcast::channel(1);
         drop(tx);
         Ok(Some((job, rx)))
@@ -457,6 +476,13 @@ impl JobService {
                         return Ok(job);
                     }
                 }
+            }
+        } else {
+            // Not live here (another instance runs it, shared queue): follow the store.
+            let followed = self.follow_until_terminal(id, deadline).await?;
+            if followed.is_some_and(|j| !j.status.is_terminal()) {
+                self.time_out_if_queued(id).await;
+                self.follow_until_terminal(id, Some(Instant::now() + Duration::from_secs(10))).await?;
             }
         }
         match self.get(id).await? {
@@ -564,6 +590,17 @@ impl JobService {
             return self.finish_unrun(job, JobStatus::Canceled, None).await.map(Some);
         }
         let Some(mut job) = self.get(id).await? else { return Ok(None) };
+        if let Some(shared) = self.shared.get()
+            && !job.status.is_terminal()
+            && !lock(&self.live).contains_key(&id)
+        {
+            // Another instance holds it: leave the request where its lease renewal reads it.
+            shared.request_cancel(id).await.map_err(JobFailure::internal)?;
+            if job.status == JobStatus::Running {
+                job.status = JobStatus::Canceling;
+            }
+            return Ok(Some(job));
+        }
         match job.status {
             JobStatus::Running => {
                 job.status = JobStatus::Canceling;
@@ -672,6 +709,10 @@ impl JobService {
                 return;
             }
         };
+        // Claimed from the shared queue: live here from now on (it was followed before).
+        if !lock(&self.live).contains_key(&id) {
+            self.make_live(&job);
+        }
         if let Some(deadline) = job.spec.deadline
             && SystemTime::now() >= deadline
         {

@@ -1,8 +1,9 @@
 //! The durable record of jobs, assets and idempotency keys behind one trait,
 //! [`JobStore`], with SQLite ([`SqliteStore`], WAL, versioned migrations) as the
-//! embedded default. The scale-out work adds PostgreSQL behind the same trait, so
-//! the SQL here stays portable: plain tables, `ON CONFLICT … DO NOTHING`, integer
-//! milliseconds for times, JSON text for the job document.
+//! embedded default and PostgreSQL ([`super::store_pg::PostgresStore`]) for many
+//! instances sharing one store. One implementation serves both ([`sql_job_store!`]):
+//! plain tables, `$N` placeholders, `ON CONFLICT … DO NOTHING`, integer milliseconds
+//! for times, JSON text for the job document.
 //!
 //! Owns: rows and their consistency. Must never: hold bytes (that is the
 //! [`super::blobs::BlobStore`]), know about ComfyUI, or decide HTTP anything.
@@ -13,16 +14,29 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use uuid::Uuid;
 
-use super::model::{Asset, AssetRole, Job, JobStatus, from_ms, to_ms};
+use super::model::{Asset, AssetRole, Job, JobStatus, from_ms};
 
 /// A store failure (the database is unreadable, full, or corrupt).
 #[derive(Debug, thiserror::Error)]
 #[error("job store: {0}")]
 pub struct StoreError(pub String);
+
+/// What [`StoreError::lease_lost`] says (compared by [`StoreError::is_lease_lost`]).
+const LEASE_LOST: &str = "another instance holds this job's lease";
+
+impl StoreError {
+    /// The write was refused: another instance holds the job now (shared queue).
+    pub fn lease_lost() -> StoreError {
+        StoreError(LEASE_LOST.to_string())
+    }
+    pub fn is_lease_lost(&self) -> bool {
+        self.0 == LEASE_LOST
+    }
+}
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
@@ -115,18 +129,41 @@ pub trait JobStore: Send + Sync {
     async fn sweep_expired(&self, now: SystemTime) -> StoreResult<SweepReport>;
     /// Every blob hash some asset still references.
     async fn referenced_hashes(&self) -> StoreResult<HashSet<String>>;
+    /// `sqlite` (this instance's disk) or `postgres` (shared by every instance).
+    fn dialect(&self) -> &'static str;
 }
 
-/// The migrations, in order. Never edit a released one: add the next.
+/// The SQLite migrations, in order (`migrations/sqlite/`). Never edit a released one:
+/// add the next, here and in [`super::store_pg::MIGRATIONS`] (the same version numbers
+/// and meaning on both dialects).
 const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (1, "jobs assets idempotency", include_str!("migrations/0001_jobs.sql")),
-    (2, "webhook outbox", include_str!("migrations/0002_webhook_outbox.sql")),
+    (1, "jobs assets idempotency", include_str!("migrations/sqlite/0001_jobs.sql")),
+    (2, "webhook outbox", include_str!("migrations/sqlite/0002_webhook_outbox.sql")),
+    (3, "shared queue", include_str!("migrations/sqlite/0003_shared_queue.sql")),
 ];
+
+/// A [`sqlx::migrate::Migrator`] over `(version, description, sql)` triples (hand-built
+/// rather than `migrate!` so the SQL is in the binary without compile-time macros).
+pub(crate) fn migrator(migrations: &[(i64, &'static str, &'static str)]) -> sqlx::migrate::Migrator {
+    sqlx::migrate::Migrator {
+        migrations: Cow::Owned(
+            migrations
+                .iter()
+                .map(|(version, description, sql)| {
+                    sqlx::migrate::Migration::new(*version, Cow::Borrowed(*description), sqlx::migrate::MigrationType::Simple, Cow::Borrowed(*sql), false)
+                })
+                .collect(),
+        ),
+        ..sqlx::migrate::Migrator::DEFAULT
+    }
+}
 
 /// SQLite in WAL mode under the state directory.
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// This process's lease name (no SQLite job is ever leased: one process owns the file).
+    owner: String,
 }
 
 impl SqliteStore {
@@ -144,19 +181,8 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new().max_connections(4).min_connections(1).connect_with(options).await?;
-        let migrator = sqlx::migrate::Migrator {
-            migrations: Cow::Owned(
-                MIGRATIONS
-                    .iter()
-                    .map(|(version, description, sql)| {
-                        sqlx::migrate::Migration::new(*version, Cow::Borrowed(*description), sqlx::migrate::MigrationType::Simple, Cow::Borrowed(*sql), false)
-                    })
-                    .collect(),
-            ),
-            ..sqlx::migrate::Migrator::DEFAULT
-        };
-        migrator.run(&pool).await?;
-        Ok(SqliteStore { pool })
+        migrator(MIGRATIONS).run(&pool).await?;
+        Ok(SqliteStore { pool, owner: format!("sqlite-{}", Uuid::new_v4().simple()) })
     }
 
     /// The database pool, shared with the webhook outbox (same file, same transactions).
@@ -166,7 +192,7 @@ impl SqliteStore {
 }
 
 /// The job document: everything but the outputs (those are asset rows).
-fn job_doc(job: &Job) -> StoreResult<String> {
+pub(crate) fn job_doc(job: &Job) -> StoreResult<String> {
     let mut doc = serde_json::to_value(job)?;
     if let Some(map) = doc.as_object_mut() {
         map.remove("outputs");
@@ -175,9 +201,9 @@ fn job_doc(job: &Job) -> StoreResult<String> {
     Ok(doc.to_string())
 }
 
-fn job_from_row(row: &SqliteRow) -> StoreResult<Job> {
-    let doc: String = row.try_get("doc")?;
-    let mut value: serde_json::Value = serde_json::from_str(&doc)?;
+/// A job from its stored document (outputs empty: the caller adds the asset rows).
+pub(crate) fn job_from_doc(doc: &str) -> StoreResult<Job> {
+    let mut value: serde_json::Value = serde_json::from_str(doc)?;
     if let Some(map) = value.as_object_mut() {
         map.insert("outputs".into(), serde_json::Value::Array(Vec::new()));
         map.insert("queue_position".into(), serde_json::Value::Null);
@@ -185,346 +211,364 @@ fn job_from_row(row: &SqliteRow) -> StoreResult<Job> {
     Ok(serde_json::from_value(value)?)
 }
 
-fn asset_from_row(row: &SqliteRow) -> StoreResult<Asset> {
-    let id: String = row.try_get("id")?;
-    let job_id: Option<String> = row.try_get("job_id")?;
-    let expires_at: Option<i64> = row.try_get("expires_at")?;
-    let size: i64 = row.try_get("size_bytes")?;
-    let role: String = row.try_get("role")?;
-    Ok(Asset {
-        id: Uuid::parse_str(&id).map_err(|e| StoreError(format!("asset id {id}: {e}")))?,
-        hash: row.try_get("hash")?,
-        size_bytes: size.max(0) as u64,
-        content_type: row.try_get("content_type")?,
-        name: row.try_get("name")?,
-        job_id: job_id.and_then(|j| Uuid::parse_str(&j).ok()),
-        node_id: row.try_get("node_id")?,
-        role: AssetRole::parse(&role),
-        created_at: from_ms(row.try_get("created_at")?),
-        expires_at: expires_at.map(from_ms),
-    })
+/// The columns of an asset row, decoded the same way on every dialect.
+pub(crate) struct AssetColumns {
+    pub id: String,
+    pub hash: String,
+    pub size_bytes: i64,
+    pub content_type: String,
+    pub name: Option<String>,
+    pub job_id: Option<String>,
+    pub node_id: Option<String>,
+    pub role: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
 }
 
-const ASSET_COLUMNS: &str = "id, hash, size_bytes, content_type, name, job_id, node_id, role, created_at, expires_at";
-
-async fn insert_asset_on<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(executor: E, asset: &Asset) -> StoreResult<()> {
-    sqlx::query(&format!("INSERT INTO assets ({ASSET_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
-        .bind(asset.id.to_string())
-        .bind(&asset.hash)
-        .bind(asset.size_bytes as i64)
-        .bind(&asset.content_type)
-        .bind(&asset.name)
-        .bind(asset.job_id.map(|j| j.to_string()))
-        .bind(&asset.node_id)
-        .bind(asset.role.as_str())
-        .bind(to_ms(asset.created_at))
-        .bind(asset.expires_at.map(to_ms))
-        .execute(executor)
-        .await?;
-    Ok(())
-}
-
-impl SqliteStore {
-    async fn with_outputs(&self, mut job: Job) -> StoreResult<Job> {
-        let rows = sqlx::query(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE job_id = ? AND role = 'output' ORDER BY seq"))
-            .bind(job.id.to_string())
-            .fetch_all(&self.pool)
-            .await?;
-        job.outputs = rows.iter().map(asset_from_row).collect::<StoreResult<_>>()?;
-        Ok(job)
+impl AssetColumns {
+    pub(crate) fn into_asset(self) -> StoreResult<Asset> {
+        Ok(Asset {
+            id: Uuid::parse_str(&self.id).map_err(|e| StoreError(format!("asset id {}: {e}", self.id)))?,
+            hash: self.hash,
+            size_bytes: self.size_bytes.max(0) as u64,
+            content_type: self.content_type,
+            name: self.name,
+            job_id: self.job_id.and_then(|j| Uuid::parse_str(&j).ok()),
+            node_id: self.node_id,
+            role: AssetRole::parse(&self.role),
+            created_at: from_ms(self.created_at),
+            expires_at: self.expires_at.map(from_ms),
+        })
     }
 }
 
-#[async_trait]
-impl JobStore for SqliteStore {
-    async fn insert_job(&self, job: &Job, inputs: &[Asset]) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO jobs (id, status, created_at, expires_at, doc) VALUES (?, ?, ?, ?, ?)")
-            .bind(job.id.to_string())
-            .bind(job.status.as_str())
-            .bind(to_ms(job.created_at))
-            .bind(to_ms(job.expires_at))
-            .bind(job_doc(job)?)
-            .execute(&mut *tx)
-            .await?;
-        for asset in inputs {
-            insert_asset_on(&mut *tx, asset).await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
+pub(crate) const ASSET_COLUMNS: &str = "id, hash, size_bytes, content_type, name, job_id, node_id, role, created_at, expires_at";
 
-    async fn update_job(&self, job: &Job) -> StoreResult<()> {
-        sqlx::query("UPDATE jobs SET status = ?, expires_at = ?, doc = ? WHERE id = ?")
-            .bind(job.status.as_str())
-            .bind(to_ms(job.expires_at))
-            .bind(job_doc(job)?)
-            .bind(job.id.to_string())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
+/// `$from, $from+1, …` (`count` numbered placeholders; both dialects read `$N`).
+pub(crate) fn placeholders(from: usize, count: usize) -> String {
+    (from..from + count).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
+}
 
-    async fn update_job_with_messages(&self, job: &Job, messages: &[crate::webhooks::outbox::NewDelivery]) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE jobs SET status = ?, expires_at = ?, doc = ? WHERE id = ?")
-            .bind(job.status.as_str())
-            .bind(to_ms(job.expires_at))
-            .bind(job_doc(job)?)
-            .bind(job.id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        crate::webhooks::outbox::insert_deliveries(&mut tx, messages).await.map_err(|e| StoreError(e.to_string()))?;
-        tx.commit().await?;
-        Ok(())
-    }
+/// The one implementation of [`JobStore`] over SQL, instantiated per dialect
+/// (`sqlx::Sqlite` here, `sqlx::Postgres` in [`super::store_pg`]). The statements
+/// are written once in the SQL both dialects accept: `$N` placeholders, integer
+/// milliseconds, TEXT ids and documents, `ON CONFLICT … DO NOTHING`. A macro rather
+/// than generics over `sqlx::Database`: the bounds those need (`Encode`/`Decode`/
+/// `Type` for every bound type, `IntoArguments`, executor lifetimes) would be longer
+/// than the statements. `$outbox_insert` enqueues webhook rows on the dialect's
+/// connection inside the job's transaction.
+macro_rules! sql_job_store {
+    ($store:ty, $db:ty, $dialect:literal, $outbox_insert:path) => {
+        const _: () = {
+            use std::collections::HashSet;
+            use std::time::SystemTime;
 
-    async fn get_job(&self, id: Uuid) -> StoreResult<Option<Job>> {
-        let row = sqlx::query("SELECT doc FROM jobs WHERE id = ?").bind(id.to_string()).fetch_optional(&self.pool).await?;
-        match row {
-            Some(row) => Ok(Some(self.with_outputs(job_from_row(&row)?).await?)),
-            None => Ok(None),
-        }
-    }
+            use sqlx::Row;
+            use uuid::Uuid;
 
-    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<Job>> {
-        let mut sql = String::from("SELECT doc FROM jobs WHERE 1 = 1");
-        if !filter.statuses.is_empty() {
-            sql.push_str(" AND status IN (");
-            sql.push_str(&vec!["?"; filter.statuses.len()].join(", "));
-            sql.push(')');
-        }
-        if filter.created_before.is_some() {
-            sql.push_str(" AND created_at < ?");
-        }
-        sql.push_str(" ORDER BY created_at DESC, id DESC LIMIT ?");
-        let mut query = sqlx::query(&sql);
-        for status in &filter.statuses {
-            query = query.bind(status.as_str());
-        }
-        if let Some(before) = filter.created_before {
-            query = query.bind(to_ms(before));
-        }
-        let limit = if filter.limit == 0 { 100 } else { filter.limit.min(1000) };
-        let rows = query.bind(limit as i64).fetch_all(&self.pool).await?;
-        let mut jobs = Vec::with_capacity(rows.len());
-        for row in &rows {
-            jobs.push(self.with_outputs(job_from_row(row)?).await?);
-        }
-        Ok(jobs)
-    }
+            use $crate::jobs::model::{Asset, Job, JobStatus, to_ms};
+            use $crate::jobs::store::{
+                ASSET_COLUMNS, AssetColumns, IdempotencyClaim, JobFilter, JobStore, StoreError, StoreResult, SweepReport, job_doc, job_from_doc,
+                placeholders,
+            };
 
-    async fn jobs_with_status(&self, statuses: &[JobStatus]) -> StoreResult<Vec<Job>> {
-        if statuses.is_empty() {
-            return Ok(Vec::new());
-        }
-        let sql = format!("SELECT doc FROM jobs WHERE status IN ({}) ORDER BY created_at ASC, id ASC", vec!["?"; statuses.len()].join(", "));
-        let mut query = sqlx::query(&sql);
-        for status in statuses {
-            query = query.bind(status.as_str());
-        }
-        let rows = query.fetch_all(&self.pool).await?;
-        let mut jobs = Vec::with_capacity(rows.len());
-        for row in &rows {
-            jobs.push(self.with_outputs(job_from_row(row)?).await?);
-        }
-        Ok(jobs)
-    }
+            type DbRow = <$db as sqlx::Database>::Row;
 
-    async fn insert_asset(&self, asset: &Asset) -> StoreResult<()> {
-        insert_asset_on(&self.pool, asset).await
-    }
-
-    async fn get_asset(&self, id: Uuid) -> StoreResult<Option<Asset>> {
-        let row = sqlx::query(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE id = ?")).bind(id.to_string()).fetch_optional(&self.pool).await?;
-        row.as_ref().map(asset_from_row).transpose()
-    }
-
-    async fn asset_by_hash(&self, hash: &str) -> StoreResult<Option<Asset>> {
-        let row = sqlx::query(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE hash = ? ORDER BY seq DESC LIMIT 1")).bind(hash).fetch_optional(&self.pool).await?;
-        row.as_ref().map(asset_from_row).transpose()
-    }
-
-    async fn delete_asset(&self, id: Uuid) -> StoreResult<bool> {
-        let done = sqlx::query("DELETE FROM assets WHERE id = ?").bind(id.to_string()).execute(&self.pool).await?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    async fn list_assets(&self, limit: usize, offset: usize) -> StoreResult<Vec<Asset>> {
-        let rows = sqlx::query(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE role = 'upload' ORDER BY seq DESC LIMIT ? OFFSET ?"))
-            .bind(limit.clamp(1, 1000) as i64)
-            .bind(offset as i64)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(asset_from_row).collect()
-    }
-
-    async fn job_inputs(&self, job_id: Uuid) -> StoreResult<Vec<Asset>> {
-        let rows = sqlx::query(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE job_id = ? AND role = 'input' ORDER BY seq"))
-            .bind(job_id.to_string())
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(asset_from_row).collect()
-    }
-
-    async fn extend_asset(&self, id: Uuid, until: SystemTime) -> StoreResult<()> {
-        sqlx::query("UPDATE assets SET expires_at = ? WHERE id = ? AND expires_at IS NOT NULL AND expires_at < ?")
-            .bind(to_ms(until))
-            .bind(id.to_string())
-            .bind(to_ms(until))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn claim_idempotency_key(&self, scope: &str, key: &str, fingerprint: &str, job_id: Uuid, expires_at: SystemTime) -> StoreResult<IdempotencyClaim> {
-        let now = to_ms(SystemTime::now());
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND expires_at <= ?").bind(scope).bind(key).bind(now).execute(&mut *tx).await?;
-        sqlx::query("INSERT INTO idempotency_keys (scope, key, fingerprint, job_id, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (scope, key) DO NOTHING")
-            .bind(scope)
-            .bind(key)
-            .bind(fingerprint)
-            .bind(job_id.to_string())
-            .bind(now)
-            .bind(to_ms(expires_at))
-            .execute(&mut *tx)
-            .await?;
-        let row = sqlx::query("SELECT fingerprint, job_id FROM idempotency_keys WHERE scope = ? AND key = ?").bind(scope).bind(key).fetch_one(&mut *tx).await?;
-        tx.commit().await?;
-        let existing_fp: String = row.try_get("fingerprint")?;
-        let existing_job: String = row.try_get("job_id")?;
-        let existing_job = Uuid::parse_str(&existing_job).map_err(|e| StoreError(format!("idempotency job id: {e}")))?;
-        if existing_job == job_id {
-            Ok(IdempotencyClaim::Claimed)
-        } else {
-            Ok(IdempotencyClaim::Existing { fingerprint: existing_fp, job_id: existing_job })
-        }
-    }
-
-    async fn release_idempotency_key(&self, scope: &str, key: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?").bind(scope).bind(key).execute(&self.pool).await?;
-        Ok(())
-    }
-
-    async fn sweep_expired(&self, now: SystemTime) -> StoreResult<SweepReport> {
-        let now = to_ms(now);
-        let mut tx = self.pool.begin().await?;
-        // Only terminal jobs are removed; a job still queued or running past its
-        // retention deadline is expired by the service first.
-        let rows = sqlx::query("SELECT id FROM jobs WHERE expires_at <= ? AND status IN ('succeeded', 'failed', 'canceled', 'expired')").bind(now).fetch_all(&mut *tx).await?;
-        let mut jobs = Vec::with_capacity(rows.len());
-        let mut assets = 0usize;
-        for row in &rows {
-            let id: String = row.try_get("id")?;
-            let done = sqlx::query("DELETE FROM assets WHERE job_id = ? AND role IN ('output', 'input')").bind(&id).execute(&mut *tx).await?;
-            assets += done.rows_affected() as usize;
-            sqlx::query("DELETE FROM jobs WHERE id = ?").bind(&id).execute(&mut *tx).await?;
-            if let Ok(uuid) = Uuid::parse_str(&id) {
-                jobs.push(uuid);
+            fn job_from_row(row: &DbRow) -> StoreResult<Job> {
+                let doc: String = row.try_get("doc")?;
+                job_from_doc(&doc)
             }
-        }
-        let done = sqlx::query("DELETE FROM assets WHERE role = 'upload' AND expires_at IS NOT NULL AND expires_at <= ?").bind(now).execute(&mut *tx).await?;
-        assets += done.rows_affected() as usize;
-        let keys = sqlx::query("DELETE FROM idempotency_keys WHERE expires_at <= ?").bind(now).execute(&mut *tx).await?.rows_affected() as usize;
-        tx.commit().await?;
-        Ok(SweepReport { jobs, assets, keys })
-    }
 
-    async fn referenced_hashes(&self) -> StoreResult<HashSet<String>> {
-        let rows = sqlx::query("SELECT DISTINCT hash FROM assets").fetch_all(&self.pool).await?;
-        rows.iter().map(|r| r.try_get::<String, _>("hash").map_err(StoreError::from)).collect()
-    }
+            fn asset_from_row(row: &DbRow) -> StoreResult<Asset> {
+                AssetColumns {
+                    id: row.try_get("id")?,
+                    hash: row.try_get("hash")?,
+                    size_bytes: row.try_get("size_bytes")?,
+                    content_type: row.try_get("content_type")?,
+                    name: row.try_get("name")?,
+                    job_id: row.try_get("job_id")?,
+                    node_id: row.try_get("node_id")?,
+                    role: row.try_get("role")?,
+                    created_at: row.try_get("created_at")?,
+                    expires_at: row.try_get("expires_at")?,
+                }
+                .into_asset()
+            }
+
+            async fn insert_asset_on<'e, E: sqlx::Executor<'e, Database = $db>>(executor: E, asset: &Asset) -> StoreResult<()> {
+                sqlx::query(&format!("INSERT INTO assets ({ASSET_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"))
+                    .bind(asset.id.to_string())
+                    .bind(asset.hash.clone())
+                    .bind(asset.size_bytes as i64)
+                    .bind(asset.content_type.clone())
+                    .bind(asset.name.clone())
+                    .bind(asset.job_id.map(|j| j.to_string()))
+                    .bind(asset.node_id.clone())
+                    .bind(asset.role.as_str().to_string())
+                    .bind(to_ms(asset.created_at))
+                    .bind(asset.expires_at.map(to_ms))
+                    .execute(executor)
+                    .await?;
+                Ok(())
+            }
+
+            /// Rewrite the job unless another instance holds its lease (the shared queue,
+            /// issue #12): an instance that lost a job (its lease ran out and the job was
+            /// re-queued) must not overwrite what the new holder records.
+            async fn fenced_update(tx: &mut sqlx::Transaction<'static, $db>, job: &Job, owner: &str) -> StoreResult<()> {
+                let done = sqlx::query("UPDATE jobs SET status = $1, expires_at = $2, doc = $3 WHERE id = $4 AND (lease_owner IS NULL OR lease_owner = $5)")
+                    .bind(job.status.as_str().to_string())
+                    .bind(to_ms(job.expires_at))
+                    .bind(job_doc(job)?)
+                    .bind(job.id.to_string())
+                    .bind(owner.to_string())
+                    .execute(&mut **tx)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    let holder: Option<Option<String>> =
+                        sqlx::query_scalar("SELECT lease_owner FROM jobs WHERE id = $1").bind(job.id.to_string()).fetch_optional(&mut **tx).await?;
+                    if let Some(Some(_)) = holder {
+                        return Err(StoreError::lease_lost());
+                    }
+                }
+                Ok(())
+            }
+
+            impl $store {
+                async fn with_outputs(&self, mut job: Job) -> StoreResult<Job> {
+                    let rows = sqlx::query(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE job_id = $1 AND role = 'output' ORDER BY seq"))
+                        .bind(job.id.to_string())
+                        .fetch_all(&self.pool)
+                        .await?;
+                    job.outputs = rows.iter().map(asset_from_row).collect::<StoreResult<_>>()?;
+                    Ok(job)
+                }
+
+                async fn jobs_from_rows(&self, rows: &[DbRow]) -> StoreResult<Vec<Job>> {
+                    let mut jobs = Vec::with_capacity(rows.len());
+                    for row in rows {
+                        jobs.push(self.with_outputs(job_from_row(row)?).await?);
+                    }
+                    Ok(jobs)
+                }
+            }
+
+            #[async_trait::async_trait]
+            impl JobStore for $store {
+                async fn insert_job(&self, job: &Job, inputs: &[Asset]) -> StoreResult<()> {
+                    let mut tx = self.pool.begin().await?;
+                    sqlx::query("INSERT INTO jobs (id, status, created_at, expires_at, doc) VALUES ($1, $2, $3, $4, $5)")
+                        .bind(job.id.to_string())
+                        .bind(job.status.as_str().to_string())
+                        .bind(to_ms(job.created_at))
+                        .bind(to_ms(job.expires_at))
+                        .bind(job_doc(job)?)
+                        .execute(&mut *tx)
+                        .await?;
+                    for asset in inputs {
+                        insert_asset_on(&mut *tx, asset).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(())
+                }
+
+                async fn update_job(&self, job: &Job) -> StoreResult<()> {
+                    let mut tx = self.pool.begin().await?;
+                    fenced_update(&mut tx, job, &self.owner).await?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+
+                async fn update_job_with_messages(&self, job: &Job, messages: &[$crate::webhooks::outbox::NewDelivery]) -> StoreResult<()> {
+                    let mut tx = self.pool.begin().await?;
+                    fenced_update(&mut tx, job, &self.owner).await?;
+                    $outbox_insert(&mut tx, messages).await.map_err(|e| StoreError(e.to_string()))?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+
+                async fn get_job(&self, id: Uuid) -> StoreResult<Option<Job>> {
+                    let row = sqlx::query("SELECT doc FROM jobs WHERE id = $1").bind(id.to_string()).fetch_optional(&self.pool).await?;
+                    match row {
+                        Some(row) => Ok(Some(self.with_outputs(job_from_row(&row)?).await?)),
+                        None => Ok(None),
+                    }
+                }
+
+                async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<Job>> {
+                    let mut sql = String::from("SELECT doc FROM jobs WHERE 1 = 1");
+                    let mut next = 1;
+                    if !filter.statuses.is_empty() {
+                        sql.push_str(&format!(" AND status IN ({})", placeholders(next, filter.statuses.len())));
+                        next += filter.statuses.len();
+                    }
+                    if filter.created_before.is_some() {
+                        sql.push_str(&format!(" AND created_at < ${next}"));
+                        next += 1;
+                    }
+                    sql.push_str(&format!(" ORDER BY created_at DESC, id DESC LIMIT ${next}"));
+                    let mut query = sqlx::query(&sql);
+                    for status in &filter.statuses {
+                        query = query.bind(status.as_str().to_string());
+                    }
+                    if let Some(before) = filter.created_before {
+                        query = query.bind(to_ms(before));
+                    }
+                    let limit = if filter.limit == 0 { 100 } else { filter.limit.min(1000) };
+                    let rows = query.bind(limit as i64).fetch_all(&self.pool).await?;
+                    self.jobs_from_rows(&rows).await
+                }
+
+                async fn jobs_with_status(&self, statuses: &[JobStatus]) -> StoreResult<Vec<Job>> {
+                    if statuses.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    let sql = format!("SELECT doc FROM jobs WHERE status IN ({}) ORDER BY created_at ASC, id ASC", placeholders(1, statuses.len()));
+                    let mut query = sqlx::query(&sql);
+                    for status in statuses {
+                        query = query.bind(status.as_str().to_string());
+                    }
+                    let rows = query.fetch_all(&self.pool).await?;
+                    self.jobs_from_rows(&rows).await
+                }
+
+                async fn insert_asset(&self, asset: &Asset) -> StoreResult<()> {
+                    insert_asset_on(&self.pool, asset).await
+                }
+
+                async fn get_asset(&self, id: Uuid) -> StoreResult<Option<Asset>> {
+                    let row = sqlx::query(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE id = $1")).bind(id.to_string()).fetch_optional(&self.pool).await?;
+                    row.as_ref().map(asset_from_row).transpose()
+                }
+
+                async fn asset_by_hash(&self, hash: &str) -> StoreResult<Option<Asset>> {
+                    let row = sqlx::query(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE hash = $1 ORDER BY seq DESC LIMIT 1"))
+                        .bind(hash.to_string())
+                        .fetch_optional(&self.pool)
+                        .await?;
+                    row.as_ref().map(asset_from_row).transpose()
+                }
+
+                async fn delete_asset(&self, id: Uuid) -> StoreResult<bool> {
+                    let done = sqlx::query("DELETE FROM assets WHERE id = $1").bind(id.to_string()).execute(&self.pool).await?;
+                    Ok(done.rows_affected() > 0)
+                }
+
+                async fn list_assets(&self, limit: usize, offset: usize) -> StoreResult<Vec<Asset>> {
+                    let rows = sqlx::query(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE role = 'upload' ORDER BY seq DESC LIMIT $1 OFFSET $2"))
+                        .bind(limit.clamp(1, 1000) as i64)
+                        .bind(offset as i64)
+                        .fetch_all(&self.pool)
+                        .await?;
+                    rows.iter().map(asset_from_row).collect()
+                }
+
+                async fn job_inputs(&self, job_id: Uuid) -> StoreResult<Vec<Asset>> {
+                    let rows = sqlx::query(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE job_id = $1 AND role = 'input' ORDER BY seq"))
+                        .bind(job_id.to_string())
+                        .fetch_all(&self.pool)
+                        .await?;
+                    rows.iter().map(asset_from_row).collect()
+                }
+
+                async fn extend_asset(&self, id: Uuid, until: SystemTime) -> StoreResult<()> {
+                    sqlx::query("UPDATE assets SET expires_at = $1 WHERE id = $2 AND expires_at IS NOT NULL AND expires_at < $1")
+                        .bind(to_ms(until))
+                        .bind(id.to_string())
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(())
+                }
+
+                async fn claim_idempotency_key(&self, scope: &str, key: &str, fingerprint: &str, job_id: Uuid, expires_at: SystemTime) -> StoreResult<IdempotencyClaim> {
+                    let now = to_ms(SystemTime::now());
+                    let mut tx = self.pool.begin().await?;
+                    sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND expires_at <= $3")
+                        .bind(scope.to_string())
+                        .bind(key.to_string())
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    // ON CONFLICT waits for a concurrent claimer of the same key to commit
+                    // (PostgreSQL) or is serialised by the write lock (SQLite): one wins.
+                    sqlx::query(
+                        "INSERT INTO idempotency_keys (scope, key, fingerprint, job_id, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6) \
+                         ON CONFLICT (scope, key) DO NOTHING",
+                    )
+                    .bind(scope.to_string())
+                    .bind(key.to_string())
+                    .bind(fingerprint.to_string())
+                    .bind(job_id.to_string())
+                    .bind(now)
+                    .bind(to_ms(expires_at))
+                    .execute(&mut *tx)
+                    .await?;
+                    let row = sqlx::query("SELECT fingerprint, job_id FROM idempotency_keys WHERE scope = $1 AND key = $2")
+                        .bind(scope.to_string())
+                        .bind(key.to_string())
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    let existing_fp: String = row.try_get("fingerprint")?;
+                    let existing_job: String = row.try_get("job_id")?;
+                    let existing_job = Uuid::parse_str(&existing_job).map_err(|e| StoreError(format!("idempotency job id: {e}")))?;
+                    if existing_job == job_id {
+                        Ok(IdempotencyClaim::Claimed)
+                    } else {
+                        Ok(IdempotencyClaim::Existing { fingerprint: existing_fp, job_id: existing_job })
+                    }
+                }
+
+                async fn release_idempotency_key(&self, scope: &str, key: &str) -> StoreResult<()> {
+                    sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2")
+                        .bind(scope.to_string())
+                        .bind(key.to_string())
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(())
+                }
+
+                async fn sweep_expired(&self, now: SystemTime) -> StoreResult<SweepReport> {
+                    let now = to_ms(now);
+                    let mut tx = self.pool.begin().await?;
+                    // Only terminal jobs are removed; a job still queued or running past its
+                    // retention deadline is expired by the service first.
+                    let rows = sqlx::query("SELECT id FROM jobs WHERE expires_at <= $1 AND status IN ('succeeded', 'failed', 'canceled', 'expired')")
+                        .bind(now)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    let mut jobs = Vec::with_capacity(rows.len());
+                    let mut assets = 0usize;
+                    for row in &rows {
+                        let id: String = row.try_get("id")?;
+                        let done = sqlx::query("DELETE FROM assets WHERE job_id = $1 AND role IN ('output', 'input')").bind(id.clone()).execute(&mut *tx).await?;
+                        assets += done.rows_affected() as usize;
+                        sqlx::query("DELETE FROM jobs WHERE id = $1").bind(id.clone()).execute(&mut *tx).await?;
+                        if let Ok(uuid) = Uuid::parse_str(&id) {
+                            jobs.push(uuid);
+                        }
+                    }
+                    let done = sqlx::query("DELETE FROM assets WHERE role = 'upload' AND expires_at IS NOT NULL AND expires_at <= $1").bind(now).execute(&mut *tx).await?;
+                    assets += done.rows_affected() as usize;
+                    let keys = sqlx::query("DELETE FROM idempotency_keys WHERE expires_at <= $1").bind(now).execute(&mut *tx).await?.rows_affected() as usize;
+                    tx.commit().await?;
+                    Ok(SweepReport { jobs, assets, keys })
+                }
+
+                async fn referenced_hashes(&self) -> StoreResult<HashSet<String>> {
+                    let rows = sqlx::query("SELECT DISTINCT hash FROM assets").fetch_all(&self.pool).await?;
+                    rows.iter().map(|r| r.try_get::<String, _>("hash").map_err(StoreError::from)).collect()
+                }
+
+                fn dialect(&self) -> &'static str {
+                    $dialect
+                }
+            }
+        };
+    };
 }
+pub(crate) use sql_job_store;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::jobs::model::{JobSource, JobSpec};
+sql_job_store!(SqliteStore, sqlx::Sqlite, "sqlite", crate::webhooks::outbox::insert_deliveries);
 
-    fn job() -> Job {
-        let mut workflow = serde_json::Map::new();
-        workflow.insert("1".into(), serde_json::json!({"class_type": "EmptyImage", "inputs": {}}));
-        Job::new(JobSource::Api, JobSpec::new(workflow), Duration::from_secs(3600))
-    }
-
-    fn asset(job: Option<Uuid>, role: AssetRole, hash: &str) -> Asset {
-        Asset {
-            id: Uuid::new_v4(),
-            hash: hash.into(),
-            size_bytes: 3,
-            content_type: "image/png".into(),
-            name: Some("a.png".into()),
-            job_id: job,
-            node_id: Some("9".into()),
-            role,
-            created_at: SystemTime::now(),
-            expires_at: Some(SystemTime::now() + Duration::from_secs(60)),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_job_and_its_outputs_survive_reopening_the_database() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("jobs.db");
-        let mut j = job();
-        {
-            let store = SqliteStore::open(&path).await.unwrap();
-            store.insert_job(&j, &[]).await.unwrap();
-            j.status = JobStatus::Succeeded;
-            j.prompt_id = Some("p-1".into());
-            store.update_job(&j).await.unwrap();
-            store.insert_asset(&asset(Some(j.id), AssetRole::Output, "blake3:aa")).await.unwrap();
-            store.pool.close().await;
-        }
-        let store = SqliteStore::open(&path).await.unwrap();
-        let back = store.get_job(j.id).await.unwrap().expect("still there");
-        assert_eq!(back.status, JobStatus::Succeeded);
-        assert_eq!(back.prompt_id.as_deref(), Some("p-1"));
-        assert_eq!(back.outputs.len(), 1);
-        assert_eq!(back.outputs[0].hash, "blake3:aa");
-        assert_eq!(back.spec, j.spec);
-    }
-
-    #[tokio::test]
-    async fn an_idempotency_key_names_one_job_until_it_expires() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("jobs.db")).await.unwrap();
-        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let later = SystemTime::now() + Duration::from_secs(60);
-        assert_eq!(store.claim_idempotency_key("s", "k", "fp1", a, later).await.unwrap(), IdempotencyClaim::Claimed);
-        assert_eq!(store.claim_idempotency_key("s", "k", "fp2", b, later).await.unwrap(), IdempotencyClaim::Existing { fingerprint: "fp1".into(), job_id: a });
-        assert_eq!(store.claim_idempotency_key("other", "k", "fp2", b, later).await.unwrap(), IdempotencyClaim::Claimed, "scopes are separate");
-        store.release_idempotency_key("s", "k").await.unwrap();
-        assert_eq!(store.claim_idempotency_key("s", "k", "fp2", b, later).await.unwrap(), IdempotencyClaim::Claimed);
-        let past = SystemTime::now() - Duration::from_secs(1);
-        let c = Uuid::new_v4();
-        assert_eq!(store.claim_idempotency_key("s", "old", "fp", c, past).await.unwrap(), IdempotencyClaim::Claimed);
-        assert_eq!(store.claim_idempotency_key("s", "old", "fp", a, later).await.unwrap(), IdempotencyClaim::Claimed, "an expired claim is free again");
-    }
-
-    #[tokio::test]
-    async fn sweeping_removes_expired_terminal_jobs_and_their_assets_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("jobs.db")).await.unwrap();
-        let mut old = job();
-        old.status = JobStatus::Succeeded;
-        old.expires_at = SystemTime::now() - Duration::from_secs(1);
-        let mut running = job();
-        running.status = JobStatus::Running;
-        running.expires_at = SystemTime::now() - Duration::from_secs(1);
-        let fresh = job();
-        for j in [&old, &running, &fresh] {
-            store.insert_job(j, &[]).await.unwrap();
-        }
-        store.insert_asset(&asset(Some(old.id), AssetRole::Output, "blake3:old")).await.unwrap();
-        store.insert_asset(&asset(Some(fresh.id), AssetRole::Output, "blake3:fresh")).await.unwrap();
-        let report = store.sweep_expired(SystemTime::now()).await.unwrap();
-        assert_eq!(report.jobs, vec![old.id]);
-        assert_eq!(report.assets, 1);
-        assert!(store.get_job(old.id).await.unwrap().is_none());
-        assert!(store.get_job(running.id).await.unwrap().is_some(), "a running job is never swept");
-        let hashes = store.referenced_hashes().await.unwrap();
-        assert!(hashes.contains("blake3:fresh") && !hashes.contains("blake3:old"));
-    }
-}
+// The store's tests run against both dialects: tests/tests/job_store.rs.

@@ -12,14 +12,19 @@
 //! A claimed row carries a lease (`leased_until_ms`): a process that dies mid-attempt
 //! leaves it pending, and it is due again once the lease runs out (at least once). With
 //! the embedded SQLite store one process owns the database, so a starting dispatcher
-//! releases every lease at once ([`OutboxStore::release_leases`]).
+//! releases every lease at once ([`OutboxStore::release_leases`]). With PostgreSQL
+//! ([`PgOutbox`]) many instances share the table: claims skip rows another instance
+//! has locked (`FOR UPDATE SKIP LOCKED`), and a starting instance releases nothing (a
+//! lease held by a live peer is that peer's; a dead peer's runs out).
+//!
+//! The statements are written once ([`sql_outbox!`]) in SQL both dialects read.
 
 use std::time::Duration;
 
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use sqlx::{PgConnection, PgPool, SqliteConnection, SqlitePool};
 
 /// The outbox table: migration 2 of the job store (`jobs/migrations/`).
-pub const MIGRATION_SQL: &str = include_str!("../jobs/migrations/0002_webhook_outbox.sql");
+pub const MIGRATION_SQL: &str = include_str!("../jobs/migrations/sqlite/0002_webhook_outbox.sql");
 
 /// A message to enqueue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,25 +113,56 @@ pub trait OutboxStore: Send + Sync {
     async fn sweep(&self, delivered_before_ms: i64, dead_before_ms: i64) -> Result<u64, OutboxError>;
 }
 
+/// The one INSERT of a message (both dialects).
+const INSERT_DELIVERY: &str = "INSERT INTO webhook_deliveries (message_id, job_id, event_type, url, payload, created_at_ms, next_attempt_at_ms) \
+                               VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
 /// Insert messages on `connection`: call it inside the transaction that records the
 /// job's new state, so the job's state and its messages commit together.
 pub async fn insert_deliveries(connection: &mut SqliteConnection, deliveries: &[NewDelivery]) -> Result<(), OutboxError> {
-    for delivery in deliveries {
-        sqlx::query(
-            "INSERT INTO webhook_deliveries (message_id, job_id, event_type, url, payload, created_at_ms, next_attempt_at_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&delivery.message_id)
-        .bind(&delivery.job_id)
-        .bind(&delivery.event_type)
-        .bind(&delivery.url)
-        .bind(&delivery.payload)
-        .bind(delivery.created_at_ms)
-        .bind(delivery.created_at_ms)
-        .execute(&mut *connection)
-        .await?;
+    for d in deliveries {
+        sqlx::query(INSERT_DELIVERY)
+            .bind(&d.message_id)
+            .bind(&d.job_id)
+            .bind(&d.event_type)
+            .bind(&d.url)
+            .bind(&d.payload)
+            .bind(d.created_at_ms)
+            .bind(d.created_at_ms)
+            .execute(&mut *connection)
+            .await?;
     }
     Ok(())
+}
+
+/// [`insert_deliveries`] on a PostgreSQL connection.
+pub async fn insert_deliveries_pg(connection: &mut PgConnection, deliveries: &[NewDelivery]) -> Result<(), OutboxError> {
+    for d in deliveries {
+        sqlx::query(INSERT_DELIVERY)
+            .bind(&d.message_id)
+            .bind(&d.job_id)
+            .bind(&d.event_type)
+            .bind(&d.url)
+            .bind(&d.payload)
+            .bind(d.created_at_ms)
+            .bind(d.created_at_ms)
+            .execute(&mut *connection)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The outbox in the shared PostgreSQL job store (the table comes from the store's
+/// migrations).
+#[derive(Debug, Clone)]
+pub struct PgOutbox {
+    pool: PgPool,
+}
+
+impl PgOutbox {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
 }
 
 /// The outbox in the job store's SQLite database.
@@ -176,143 +212,162 @@ fn status_of(value: Option<i64>) -> Option<u16> {
     value.and_then(|v| u16::try_from(v).ok())
 }
 
-#[async_trait::async_trait]
-impl OutboxStore for SqliteOutbox {
-    async fn enqueue(&self, deliveries: &[NewDelivery]) -> Result<(), OutboxError> {
-        let mut transaction = self.pool.begin().await?;
-        insert_deliveries(&mut transaction, deliveries).await?;
-        transaction.commit().await?;
-        Ok(())
-    }
+/// The one implementation of [`OutboxStore`] over SQL, per dialect: `$lock` is what the
+/// claim's inner SELECT adds (`FOR UPDATE SKIP LOCKED` where many instances claim at
+/// once), `$release_on_start` whether [`OutboxStore::release_leases`] may release every
+/// lease (only when one process owns the database).
+macro_rules! sql_outbox {
+    ($outbox:ty, $insert:path, $lock:literal, $release_on_start:literal) => {
+        const _: () = {
+            use sqlx::Row;
 
-    async fn claim_due(&self, now_ms: i64, lease: Duration, limit: u32) -> Result<Vec<DueDelivery>, OutboxError> {
-        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
-        let rows = sqlx::query(
-            "UPDATE webhook_deliveries SET leased_until_ms = ?1 \
-             WHERE id IN (SELECT id FROM webhook_deliveries \
-                          WHERE state = 'pending' AND next_attempt_at_ms <= ?2 \
-                            AND (leased_until_ms IS NULL OR leased_until_ms <= ?2) \
-                          ORDER BY next_attempt_at_ms LIMIT ?3) \
-             RETURNING id, message_id, job_id, event_type, url, payload, attempts",
-        )
-        .bind(now_ms.saturating_add(lease_ms))
-        .bind(now_ms)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        let mut due = Vec::with_capacity(rows.len());
-        for row in rows {
-            due.push(DueDelivery {
-                row_id: row.try_get("id")?,
-                message_id: row.try_get("message_id")?,
-                job_id: row.try_get("job_id")?,
-                event_type: row.try_get("event_type")?,
-                url: row.try_get("url")?,
-                payload: row.try_get("payload")?,
-                attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
-            });
-        }
-        Ok(due)
-    }
+        #[async_trait::async_trait]
+        impl OutboxStore for $outbox {
+            async fn enqueue(&self, deliveries: &[NewDelivery]) -> Result<(), OutboxError> {
+                let mut transaction = self.pool.begin().await?;
+                $insert(&mut transaction, deliveries).await?;
+                transaction.commit().await?;
+                Ok(())
+            }
 
-    async fn next_due_at(&self) -> Result<Option<i64>, OutboxError> {
-        let next: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(MAX(next_attempt_at_ms, COALESCE(leased_until_ms, 0))) FROM webhook_deliveries WHERE state = 'pending'",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(next)
-    }
+            async fn claim_due(&self, now_ms: i64, lease: Duration, limit: u32) -> Result<Vec<DueDelivery>, OutboxError> {
+                let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
+                let rows = sqlx::query(concat!(
+                    "UPDATE webhook_deliveries SET leased_until_ms = $1 \
+                     WHERE id IN (SELECT id FROM webhook_deliveries \
+                                  WHERE state = 'pending' AND next_attempt_at_ms <= $2 \
+                                    AND (leased_until_ms IS NULL OR leased_until_ms <= $2) \
+                                  ORDER BY next_attempt_at_ms LIMIT $3",
+                    $lock,
+                    ") RETURNING id, message_id, job_id, event_type, url, payload, attempts",
+                ))
+                .bind(now_ms.saturating_add(lease_ms))
+                .bind(now_ms)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                let mut due = Vec::with_capacity(rows.len());
+                for row in rows {
+                    due.push(DueDelivery {
+                        row_id: row.try_get("id")?,
+                        message_id: row.try_get("message_id")?,
+                        job_id: row.try_get("job_id")?,
+                        event_type: row.try_get("event_type")?,
+                        url: row.try_get("url")?,
+                        payload: row.try_get("payload")?,
+                        attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+                    });
+                }
+                Ok(due)
+            }
 
-    async fn record(&self, row_id: i64, at_ms: i64, outcome: &AttemptRecord) -> Result<(), OutboxError> {
-        let query = match outcome {
-            AttemptRecord::Delivered { status } => sqlx::query(
-                "UPDATE webhook_deliveries SET state = 'delivered', attempts = attempts + 1, last_attempt_at_ms = ?1, \
-                 delivered_at_ms = ?1, last_status = ?2, last_error = NULL, leased_until_ms = NULL WHERE id = ?3",
-            )
-            .bind(at_ms)
-            .bind(i64::from(*status)),
-            AttemptRecord::Retry { status, error, next_attempt_at_ms } => sqlx::query(
-                "UPDATE webhook_deliveries SET attempts = attempts + 1, last_attempt_at_ms = ?1, last_status = ?2, \
-                 last_error = ?3, next_attempt_at_ms = ?4, leased_until_ms = NULL WHERE id = ?5",
-            )
-            .bind(at_ms)
-            .bind(status.map(i64::from))
-            .bind(error.clone())
-            .bind(*next_attempt_at_ms),
-            AttemptRecord::Dead { status, error } => sqlx::query(
-                "UPDATE webhook_deliveries SET state = 'dead', attempts = attempts + 1, last_attempt_at_ms = ?1, \
-                 last_status = ?2, last_error = ?3, leased_until_ms = NULL WHERE id = ?4",
-            )
-            .bind(at_ms)
-            .bind(status.map(i64::from))
-            .bind(error.clone()),
-        };
-        query.bind(row_id).execute(&self.pool).await?;
-        Ok(())
-    }
+            async fn next_due_at(&self) -> Result<Option<i64>, OutboxError> {
+                let next: Option<i64> = sqlx::query_scalar(
+                    "SELECT MIN(CASE WHEN next_attempt_at_ms > COALESCE(leased_until_ms, 0) THEN next_attempt_at_ms ELSE COALESCE(leased_until_ms, 0) END) FROM webhook_deliveries WHERE state = 'pending'",
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(next)
+            }
 
-    async fn release_leases(&self) -> Result<u64, OutboxError> {
-        let done = sqlx::query("UPDATE webhook_deliveries SET leased_until_ms = NULL WHERE state = 'pending' AND leased_until_ms IS NOT NULL")
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected())
-    }
+            async fn record(&self, row_id: i64, at_ms: i64, outcome: &AttemptRecord) -> Result<(), OutboxError> {
+                let query = match outcome {
+                    AttemptRecord::Delivered { status } => sqlx::query(
+                        "UPDATE webhook_deliveries SET state = 'delivered', attempts = attempts + 1, last_attempt_at_ms = $1, \
+                         delivered_at_ms = $1, last_status = $2, last_error = NULL, leased_until_ms = NULL WHERE id = $3",
+                    )
+                    .bind(at_ms)
+                    .bind(i64::from(*status)),
+                    AttemptRecord::Retry { status, error, next_attempt_at_ms } => sqlx::query(
+                        "UPDATE webhook_deliveries SET attempts = attempts + 1, last_attempt_at_ms = $1, last_status = $2, \
+                         last_error = $3, next_attempt_at_ms = $4, leased_until_ms = NULL WHERE id = $5",
+                    )
+                    .bind(at_ms)
+                    .bind(status.map(i64::from))
+                    .bind(error.clone())
+                    .bind(*next_attempt_at_ms),
+                    AttemptRecord::Dead { status, error } => sqlx::query(
+                        "UPDATE webhook_deliveries SET state = 'dead', attempts = attempts + 1, last_attempt_at_ms = $1, \
+                         last_status = $2, last_error = $3, leased_until_ms = NULL WHERE id = $4",
+                    )
+                    .bind(at_ms)
+                    .bind(status.map(i64::from))
+                    .bind(error.clone()),
+                };
+                query.bind(row_id).execute(&self.pool).await?;
+                Ok(())
+            }
 
-    async fn counts(&self) -> Result<OutboxCounts, OutboxError> {
-        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM webhook_deliveries GROUP BY state").fetch_all(&self.pool).await?;
-        let mut counts = OutboxCounts::default();
-        for row in rows {
-            let state: String = row.try_get("state")?;
-            let n = u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0);
-            match state.as_str() {
-                "pending" => counts.pending = n,
-                "delivered" => counts.delivered = n,
-                "dead" => counts.dead = n,
-                _ => {}
+            async fn release_leases(&self) -> Result<u64, OutboxError> {
+                if !$release_on_start {
+                    return Ok(0);
+                }
+                let done = sqlx::query("UPDATE webhook_deliveries SET leased_until_ms = NULL WHERE state = 'pending' AND leased_until_ms IS NOT NULL")
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn counts(&self) -> Result<OutboxCounts, OutboxError> {
+                let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM webhook_deliveries GROUP BY state").fetch_all(&self.pool).await?;
+                let mut counts = OutboxCounts::default();
+                for row in rows {
+                    let state: String = row.try_get("state")?;
+                    let n = u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0);
+                    match state.as_str() {
+                        "pending" => counts.pending = n,
+                        "delivered" => counts.delivered = n,
+                        "dead" => counts.dead = n,
+                        _ => {}
+                    }
+                }
+                Ok(counts)
+            }
+
+            async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, OutboxError> {
+                let rows = sqlx::query(
+                    "SELECT message_id, job_id, event_type, url, attempts, created_at_ms, last_attempt_at_ms, last_status, last_error \
+                     FROM webhook_deliveries WHERE state = 'dead' ORDER BY last_attempt_at_ms DESC, id DESC LIMIT $1",
+                )
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                let mut letters = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let url: String = row.try_get("url")?;
+                    letters.push(DeadLetter {
+                        message_id: row.try_get("message_id")?,
+                        job_id: row.try_get("job_id")?,
+                        event_type: row.try_get("event_type")?,
+                        destination: destination_of(&url),
+                        attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+                        created_at_ms: row.try_get("created_at_ms")?,
+                        last_attempt_at_ms: row.try_get("last_attempt_at_ms")?,
+                        last_status: status_of(row.try_get("last_status")?),
+                        last_error: row.try_get("last_error")?,
+                    });
+                }
+                Ok(letters)
+            }
+
+            async fn sweep(&self, delivered_before_ms: i64, dead_before_ms: i64) -> Result<u64, OutboxError> {
+                let done = sqlx::query(
+                    "DELETE FROM webhook_deliveries WHERE (state = 'delivered' AND delivered_at_ms < $1) \
+                     OR (state = 'dead' AND last_attempt_at_ms < $2)",
+                )
+                .bind(delivered_before_ms)
+                .bind(dead_before_ms)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected())
             }
         }
-        Ok(counts)
-    }
-
-    async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, OutboxError> {
-        let rows = sqlx::query(
-            "SELECT message_id, job_id, event_type, url, attempts, created_at_ms, last_attempt_at_ms, last_status, last_error \
-             FROM webhook_deliveries WHERE state = 'dead' ORDER BY last_attempt_at_ms DESC, id DESC LIMIT ?",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        let mut letters = Vec::with_capacity(rows.len());
-        for row in rows {
-            let url: String = row.try_get("url")?;
-            letters.push(DeadLetter {
-                message_id: row.try_get("message_id")?,
-                job_id: row.try_get("job_id")?,
-                event_type: row.try_get("event_type")?,
-                destination: destination_of(&url),
-                attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
-                created_at_ms: row.try_get("created_at_ms")?,
-                last_attempt_at_ms: row.try_get("last_attempt_at_ms")?,
-                last_status: status_of(row.try_get("last_status")?),
-                last_error: row.try_get("last_error")?,
-            });
-        }
-        Ok(letters)
-    }
-
-    async fn sweep(&self, delivered_before_ms: i64, dead_before_ms: i64) -> Result<u64, OutboxError> {
-        let done = sqlx::query(
-            "DELETE FROM webhook_deliveries WHERE (state = 'delivered' AND delivered_at_ms < ?1) \
-             OR (state = 'dead' AND last_attempt_at_ms < ?2)",
-        )
-        .bind(delivered_before_ms)
-        .bind(dead_before_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
-    }
+        };
+    };
 }
+
+sql_outbox!(SqliteOutbox, insert_deliveries, "", true);
+sql_outbox!(PgOutbox, insert_deliveries_pg, " FOR UPDATE SKIP LOCKED", false);
 
 #[cfg(test)]
 pub(crate) mod tests {

@@ -234,10 +234,21 @@ pub fn parse_range(header: Option<&str>, size: u64) -> RangeRequest {
     }
 }
 
-/// `GET /api/v2/assets/{id}/content`: the bytes (200), a range (206), or 416.
+/// `GET /api/v2/assets/{id}/content`: the bytes (200), a range (206), or 416; or a
+/// 302 to a presigned URL of the bucket when the blob store presigns (the client's
+/// Range header then goes to the bucket, which honours it too).
 pub async fn content(State(state): State<AppState>, Path(raw): Path<String>, headers: HeaderMap) -> Result<Response, V2Error> {
     let id = asset_id(&raw)?;
     let asset = state.jobs.get_asset(id).await.map_err(|e| asset_error(&e, AssetContext::Record))?;
+    if let Some(url) = state.jobs.asset_download_url(&asset).await.map_err(|e| asset_error(&e, AssetContext::Record))? {
+        if let Ok(location) = HeaderValue::from_str(&url) {
+            let mut response = Response::new(Body::empty());
+            *response.status_mut() = StatusCode::FOUND;
+            response.headers_mut().insert(header::LOCATION, location);
+            response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+            return Ok(response);
+        }
+    }
     let range = parse_range(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), asset.size_bytes);
     let (status, wanted) = match range {
         RangeRequest::Full => (StatusCode::OK, None),

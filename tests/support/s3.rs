@@ -1,0 +1,79 @@
+//! An S3-compatible server on loopback for the shared blob store: moto in server mode
+//! (`python -m moto.server`, pinned in tests/python-requirements.txt, from the test
+//! venv `$FLOWHOST_TEST_PYTHON`). Chosen over s3s-fs because it is an independent
+//! implementation of the S3 wire protocol (SigV4 checks, presigned URLs, ranges) that
+//! the test venv installs anyway; s3s-fs would be a second Rust S3 stack built into
+//! the tests. Killed on drop. A missing moto fails the test: nothing skips.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// A running moto server with one bucket.
+pub struct S3Server {
+    child: crate::KillOnDrop,
+    pub port: u16,
+    pub bucket: String,
+}
+
+/// The test venv's interpreter (scripts/test.sh sets it), else `python3`.
+pub fn test_python() -> String {
+    std::env::var("FLOWHOST_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+impl S3Server {
+    /// Start moto on a free port and create `bucket`.
+    pub async fn start(bucket: &str) -> Result<S3Server> {
+        let port = crate::free_port();
+        let child = Command::new(test_python())
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting moto (pip install -r tests/python-requirements.txt, or set FLOWHOST_TEST_PYTHON)")?;
+        let mut server = S3Server { child: crate::KillOnDrop(child), port, bucket: bucket.to_string() };
+        let client = reqwest::Client::new();
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = server.child.0.try_wait() {
+                let mut err = String::new();
+                if let Some(mut stderr) = server.child.0.stderr.take() {
+                    use std::io::Read;
+                    let _ = stderr.read_to_string(&mut err);
+                }
+                bail!("moto exited ({status}); is moto[server] installed in {}? {err}", test_python());
+            }
+            // moto accepts any credentials; creating the bucket is a plain PUT.
+            if let Ok(response) = client.put(format!("{}/{bucket}", server.endpoint())).send().await {
+                if response.status().is_success() {
+                    return Ok(server);
+                }
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("moto did not answer within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The AWS_* variables a client of this server needs.
+    pub fn aws_vars(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
+            ("AWS_REGION".into(), "us-east-1".into()),
+            ("AWS_ENDPOINT_URL".into(), self.endpoint()),
+        ]
+    }
+
+    /// `s3://bucket/prefix`.
+    pub fn blob_store_url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.bucket)
+    }
+}
