@@ -19,7 +19,9 @@
 #   PROFILES (launch profiles compared after the main phases, default "fp8,fast"; "" = none),
 #   LORA (default flux-random-lora; "" skips the LoRA phase), WARM (warm pairs, default 5),
 #   JPEG_BENCH=1|0 (run the PNG→JPEG bench on ComfyUI's own PNG, default 1),
-#   BENCH_ARGS (extra bench.py arguments, e.g. "--mode url --extra 512x4,1024x4").
+#   BENCH_ARGS (extra bench.py arguments, e.g. "--mode url --extra 512x4,1024x4"),
+#   BENCH=1|0 (the single-worker phases above, default 1), POOL_GPUS (e.g. "0,1" or "0,0": the
+#   worker-pool phase, pool.py; default empty = skipped), POOL_ARGS (extra pool.py arguments).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 ROOT=$(pwd)
@@ -85,6 +87,7 @@ left=$(( DEADLINE_S - ($(date +%s) - START) ))
 jpeg_reserve=0; [ "$JPEG_BENCH" = 1 ] && [ -x "$WORK/jpeg_bench" ] && jpeg_reserve=25
 budget=$(( left - 150 - jpeg_reserve ))
 stamp "bench: ${left}s left, optional phases start before ${budget}s"
+if [ "${BENCH:-1}" = 1 ]; then
 # shellcheck disable=SC2086
 timeout --signal=TERM "$(( left - 10 - jpeg_reserve ))" $PY "$HERE/bench.py" \
   --comfyui "$WORK/ComfyUI" --python "$PY" --front-end-root "$WORK/frontend" \
@@ -92,6 +95,19 @@ timeout --signal=TERM "$(( left - 10 - jpeg_reserve ))" $PY "$HERE/bench.py" \
   --out "$OUT" --lora-id "$LORA" --budget-s "$budget" --warm "$WARM" --profiles "$PROFILES" \
   --keep-png "$OUT/direct.png" ${BENCH_ARGS:-}
 stamp "bench exit $?"
+fi
+if [ -n "${POOL_GPUS:-}" ]; then
+  # The worker pool (issues 13, 16): one supervised ComfyUI per --gpus entry, an interleave over
+  # several LoRA sets under affinity and FIFO dispatch (pool.py; POOL_ARGS for more options).
+  left=$(( DEADLINE_S - ($(date +%s) - START) ))
+  stamp "pool: --gpus $POOL_GPUS, ${left}s left"
+  # shellcheck disable=SC2086
+  timeout --signal=TERM "$(( left - 10 ))" $PY "$HERE/pool.py" \
+    --comfyui "$WORK/ComfyUI" --python "$PY" --front-end-root "$WORK/frontend" \
+    --flowhost "$WORK/flowhost" --models "$MODELS" --plugins "$WORK/plugins" --cache-dir "$WORK/cache" \
+    --out "$OUT" --gpus "$POOL_GPUS" --lora-id "${LORA:-flux-random-lora}" --budget-s "$(( left - 200 ))" ${POOL_ARGS:-}
+  stamp "pool exit $?"
+fi
 
 kill "$SMI_PID" 2>/dev/null
 if [ "$JPEG_BENCH" = 1 ] && [ -x "$WORK/jpeg_bench" ] && [ -f "$OUT/direct.png" ]; then

@@ -31,8 +31,8 @@ pub struct Server {
     _watcher: PluginWatcher,
     /// The embedded ComfyUI doubles in `--simulate` mode (kept alive here).
     simulated: Vec<crate::simulate::SimulatedComfy>,
-    /// Warms the primary worker whenever it (re)starts serving (`warm_up.rs`).
-    warm_up: Option<tokio::task::JoinHandle<()>>,
+    /// Warms each worker whenever it (re)starts serving (`warm_up.rs`).
+    warm_up: Vec<tokio::task::JoinHandle<()>>,
     /// The `--state-dir` lock, released when the server is dropped.
     _state_lock: crate::state_lock::StateDirLock,
 }
@@ -44,7 +44,7 @@ impl Server {
             let _ = tx.send(());
         }
         let served = (&mut self.task).await.context("server task panicked")?;
-        if let Some(task) = self.warm_up.take() {
+        for task in self.warm_up.drain(..) {
             task.abort();
         }
         self.state.jobs.shutdown();
@@ -214,8 +214,18 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     }
     jobs.start_workers();
     jobs.start_sweeper();
-    let warm_up_status = crate::warm_up::WarmUpStatus::new(warm_up_plan.mode);
-    let warm_up = jobs.backend().cloned().and_then(|backend| crate::warm_up::spawn(jobs.clone(), registry.clone(), backend, warm_up_plan, warm_up_status.clone()));
+    let worker_names: Vec<String> = jobs.pool().workers().iter().map(|w| w.name.clone()).collect();
+    let warm_up_status = crate::warm_up::WarmUps::new(warm_up_plan.mode, &worker_names);
+    let warm_up: Vec<tokio::task::JoinHandle<()>> = jobs
+        .pool()
+        .workers()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, worker)| {
+            let status = warm_up_status.worker(i)?;
+            crate::warm_up::spawn(jobs.clone(), registry.clone(), worker.backend.clone(), warm_up_plan.clone(), status)
+        })
+        .collect();
     let state = AppState {
         registry: registry.clone(),
         engine,
@@ -291,6 +301,9 @@ async fn start_workers(args: &ServeArgs, models_root: Option<&std::path::Path>, 
     };
     let gpus: Vec<Option<&String>> = if args.gpus.is_empty() { vec![None] } else { args.gpus.iter().map(Some).collect() };
     let mut specs = Vec::new();
+    // A GPU may be listed twice (two ComfyUIs sharing one big card): each still gets its
+    // own folders (`gpu-0`, then `gpu-0-2`).
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for gpu in gpus {
         let mut sup = SupervisorConfig::new(dir.clone(), free_loopback_port()?);
         sup.python = args.comfyui_python.clone().into();
@@ -304,7 +317,10 @@ async fn start_workers(args: &ServeArgs, models_root: Option<&std::path::Path>, 
                 anyhow::bail!("--gpus: {gpu:?} is not a GPU index or UUID");
             }
             // Its own folders, so two ComfyUIs never number or delete each other's files.
-            let root = args.state_dir.join("comfyui").join(format!("gpu-{gpu}"));
+            let n = seen.entry(gpu.clone()).or_insert(0);
+            *n += 1;
+            let folder_name = if *n == 1 { format!("gpu-{gpu}") } else { format!("gpu-{gpu}-{n}") };
+            let root = args.state_dir.join("comfyui").join(folder_name);
             for (flag, sub) in [("--input-directory", "input"), ("--output-directory", "output"), ("--temp-directory", "temp")] {
                 let folder = root.join(sub);
                 std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;

@@ -107,6 +107,10 @@ pub enum RouteState {
     Pending,
     Running,
     Done,
+    /// The plugin's own warm-up request names something this model volume lacks (its 404,
+    /// e.g. flux-lora's demo LoRA on a real volume): nothing to warm for it, and no reason
+    /// to stay unready — another route warms the shared base model. The reason is shown.
+    Skipped,
     Failed,
 }
 
@@ -121,6 +125,9 @@ pub struct RouteWarmUp {
     pub reason: Option<String>,
     /// The warm-up job (visible in the job API, source `warm_up`).
     pub job_id: Option<String>,
+    /// The ComfyUI worker it warmed, when there are several.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -183,7 +190,7 @@ impl WarmUpStatus {
             "pending"
         } else if !failed.is_empty() {
             "failed"
-        } else if inner.routes.iter().all(|r| r.state == RouteState::Done) {
+        } else if inner.routes.iter().all(|r| matches!(r.state, RouteState::Done | RouteState::Skipped)) {
             "done"
         } else {
             "running"
@@ -225,6 +232,64 @@ impl WarmUpStatus {
     }
 }
 
+/// Every worker's warm-up as `/health` shows it: ready once each worker's round is
+/// done (a pool is only as warm as the worker the next job lands on).
+#[derive(Debug)]
+pub struct WarmUps {
+    mode: WarmUpMode,
+    workers: Vec<(String, Arc<WarmUpStatus>)>,
+}
+
+impl WarmUps {
+    pub fn new(mode: WarmUpMode, workers: &[String]) -> Arc<Self> {
+        Arc::new(WarmUps { mode, workers: workers.iter().map(|w| (w.clone(), WarmUpStatus::new(mode))).collect() })
+    }
+
+    /// The status one worker's warm-up task writes.
+    pub fn worker(&self, index: usize) -> Option<Arc<WarmUpStatus>> {
+        self.workers.get(index).map(|(_, s)| s.clone())
+    }
+
+    pub fn report(&self) -> WarmUpReport {
+        match self.workers.as_slice() {
+            [] => WarmUpStatus::new(self.mode).report(),
+            [(_, only)] => only.report(),
+            several => {
+                let reports: Vec<(String, WarmUpReport)> = several.iter().map(|(name, s)| (name.clone(), s.report())).collect();
+                let any = |state: &str| reports.iter().any(|(_, r)| r.state == state);
+                let state = if self.mode == WarmUpMode::Off {
+                    "off"
+                } else if any("failed") {
+                    "failed"
+                } else if reports.iter().all(|(_, r)| r.state == "done") {
+                    "done"
+                } else if any("running") {
+                    "running"
+                } else {
+                    "pending"
+                };
+                let reasons: Vec<String> = reports.iter().filter_map(|(name, r)| r.reason.as_ref().map(|why| format!("worker {name}: {why}"))).collect();
+                let durations: Option<Vec<u64>> = reports.iter().map(|(_, r)| r.duration_ms).collect();
+                WarmUpReport {
+                    mode: self.mode,
+                    state,
+                    ready: reports.iter().all(|(_, r)| r.ready),
+                    rounds: reports.iter().map(|(_, r)| r.rounds).max().unwrap_or(0),
+                    duration_ms: durations.and_then(|d| d.into_iter().max()),
+                    routes: reports
+                        .iter()
+                        .flat_map(|(name, r)| r.routes.iter().cloned().map(move |mut route| {
+                            route.worker = Some(name.clone());
+                            route
+                        }))
+                        .collect(),
+                    reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
+                }
+            }
+        }
+    }
+}
+
 /// Start the task that warms `backend` whenever it starts serving: now, and after
 /// every restart. Returns the task (aborted by the server at shutdown).
 ///
@@ -256,13 +321,13 @@ pub fn spawn(jobs: Arc<JobService>, registry: Arc<PluginRegistry>, backend: Arc<
 
 /// One warm-up round against `backend`: every route with a warm-up request, one
 /// after the other (they would compete for the same GPU anyway), timed and logged.
-pub async fn warm_backend(jobs: &Arc<JobService>, registry: &PluginRegistry, backend: &ComfyBackend, plan: &WarmUpPlan, status: &WarmUpStatus) {
+pub async fn warm_backend(jobs: &Arc<JobService>, registry: &PluginRegistry, backend: &Arc<ComfyBackend>, plan: &WarmUpPlan, status: &WarmUpStatus) {
     let plugins = registry.snapshot().plugins();
     let mut planned = Vec::new();
     let mut routes = Vec::new();
     for plugin in plugins.iter() {
         if let Some(request) = plan.request_for(plugin) {
-            routes.push(RouteWarmUp { route: plugin.manifest.route.clone(), plugin: plugin.manifest.name.clone(), state: RouteState::Pending, duration_ms: None, reason: None, job_id: None });
+            routes.push(RouteWarmUp { route: plugin.manifest.route.clone(), plugin: plugin.manifest.name.clone(), state: RouteState::Pending, duration_ms: None, reason: None, job_id: None, worker: None });
             planned.push((plugin.clone(), request));
         }
     }
@@ -277,10 +342,19 @@ pub async fn warm_backend(jobs: &Arc<JobService>, registry: &PluginRegistry, bac
         let route = plugin.manifest.route.clone();
         status.update(&route, |r| r.state = RouteState::Running);
         let started = Instant::now();
-        let outcome = warm_route(jobs, &plugin, request, |id| status.update(&route, |r| r.job_id = Some(id.to_string()))).await;
+        let overridden = plan.overrides.contains_key(&route);
+        let outcome = warm_route(jobs, backend, &plugin, request, overridden, |id| status.update(&route, |r| r.job_id = Some(id.to_string()))).await;
         let took = started.elapsed().as_millis() as u64;
         match outcome {
-            Ok(()) => {
+            Ok(WarmOutcome::Skipped(reason)) => {
+                tracing::warn!(%route, %reason, "warm-up skipped: its request names something this volume lacks (give one with --warm-up-request)");
+                status.update(&route, |r| {
+                    r.state = RouteState::Skipped;
+                    r.duration_ms = Some(took);
+                    r.reason = Some(reason);
+                });
+            }
+            Ok(WarmOutcome::Done) => {
                 tracing::info!(%route, duration_ms = took, "warm-up done");
                 status.update(&route, |r| {
                     r.state = RouteState::Done;
@@ -301,9 +375,15 @@ pub async fn warm_backend(jobs: &Arc<JobService>, registry: &PluginRegistry, bac
     tracing::info!(duration_ms = round_started.elapsed().as_millis() as u64, "warm-up round ended");
 }
 
+/// How one route's warm-up ended when it did not fail.
+enum WarmOutcome {
+    Done,
+    Skipped(String),
+}
+
 /// Build the route's job from the warm-up request and run it as a job; `Err` is the
 /// public reason it failed.
-async fn warm_route(jobs: &Arc<JobService>, plugin: &Arc<LoadedPlugin>, request: Value, on_job: impl FnOnce(uuid::Uuid)) -> Result<(), String> {
+async fn warm_route(jobs: &Arc<JobService>, backend: &Arc<ComfyBackend>, plugin: &Arc<LoadedPlugin>, request: Value, overridden: bool, on_job: impl FnOnce(uuid::Uuid)) -> Result<WarmOutcome, String> {
     let problems = crate::http::request_schema::check(&plugin.validator, &plugin.manifest.request_schema, &request);
     if !problems.is_empty() {
         let fields: Vec<String> = problems.iter().take(5).map(|p| format!("{}: {}", p.field, p.message)).collect();
@@ -315,7 +395,15 @@ async fn warm_route(jobs: &Arc<JobService>, plugin: &Arc<LoadedPlugin>, request:
         let body = request.to_string();
         tokio::task::spawn_blocking(move || plugin.build(&body, 0, "warm-up")).await.map_err(|e| format!("the plugin's build crashed: {e}"))?
     };
-    let job = built.map_err(|e| crate::jobs::failure::public_reason(&e.to_string()))?;
+    let job = match built {
+        Ok(job) => job,
+        // Only the plugin's *declared* request is skipped this way: an operator's own
+        // (--warm-up-request) naming a missing file is a mistake to report.
+        Err(crate::plugins::CallError::Refused(crate::plugins::calls::BuildError::NotFound(field))) if !overridden => {
+            return Ok(WarmOutcome::Skipped(format!("{}: {}", field.field, field.message)));
+        }
+        Err(e) => return Err(crate::jobs::failure::public_reason(&e.to_string())),
+    };
     if !job.uploads.is_empty() {
         return Err("the warm-up request needs image uploads, which warm-up does not make; give a request without images (--warm-up-request)".into());
     }
@@ -339,12 +427,15 @@ async fn warm_route(jobs: &Arc<JobService>, plugin: &Arc<LoadedPlugin>, request:
         uploads: Vec::new(),
         build_ms: None,
     };
-    let submitted = jobs.submit(submission).await.map_err(|f| f.message())?;
-    on_job(submitted.id);
-    let deadline = Instant::now() + jobs.config().job_timeout + Duration::from_secs(2);
-    let done = jobs.wait(submitted.id, Some(deadline)).await.map_err(|f| f.message())?;
+    let submission = Submission { id: Some(uuid::Uuid::new_v4()), ..submission };
+    if let Some(id) = submission.id {
+        on_job(id);
+    }
+    // On this backend, not through the queue: another worker or instance warming
+    // its own GPU would leave this one cold.
+    let done = jobs.run_on(submission, backend).await.map_err(|f| f.message())?;
     match done.status {
-        JobStatus::Succeeded => Ok(()),
+        JobStatus::Succeeded => Ok(WarmOutcome::Done),
         status => Err(done.error.map(|e| e.message()).unwrap_or_else(|| format!("the warm-up job ended {}", status.as_str()))),
     }
 }
@@ -375,12 +466,33 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_is_ready_only_once_every_worker_is_warm() {
+        let warm = WarmUps::new(WarmUpMode::Auto, &["w0".into(), "w1".into()]);
+        let route = |state| RouteWarmUp { route: "/a".into(), plugin: "a".into(), state, duration_ms: Some(5), reason: None, job_id: None, worker: None };
+        warm.worker(0).unwrap().plan_round(vec![route(RouteState::Done)], Vec::new());
+        warm.worker(0).unwrap().finish_round(Duration::from_millis(5));
+        let report = warm.report();
+        assert!(!report.ready, "w1 is still cold");
+        assert_eq!(report.state, "pending");
+        warm.worker(1).unwrap().plan_round(vec![route(RouteState::Done)], Vec::new());
+        warm.worker(1).unwrap().finish_round(Duration::from_millis(7));
+        let report = warm.report();
+        assert!(report.ready && report.state == "done");
+        assert_eq!(report.duration_ms, Some(7), "the slowest worker's round");
+        assert_eq!(report.routes.iter().filter_map(|r| r.worker.as_deref()).collect::<Vec<_>>(), ["w0", "w1"]);
+        warm.worker(1).unwrap().reset();
+        warm.worker(1).unwrap().plan_round(vec![RouteWarmUp { state: RouteState::Failed, reason: Some("boom".into()), ..route(RouteState::Failed) }], Vec::new());
+        let report = warm.report();
+        assert!(!report.ready && report.state == "failed" && report.reason.unwrap().starts_with("worker w1:"));
+    }
+
+    #[test]
     fn off_is_ready_at_once_and_auto_waits_for_a_round() {
         assert!(WarmUpStatus::new(WarmUpMode::Off).report().ready);
         let status = WarmUpStatus::new(WarmUpMode::Auto);
         assert_eq!(status.report().state, "pending");
         assert!(!status.report().ready);
-        let route = |state| RouteWarmUp { route: "/a".into(), plugin: "a".into(), state, duration_ms: None, reason: None, job_id: None };
+        let route = |state| RouteWarmUp { route: "/a".into(), plugin: "a".into(), state, duration_ms: None, reason: None, job_id: None, worker: None };
         status.plan_round(vec![route(RouteState::Pending)], Vec::new());
         assert_eq!(status.report().state, "running");
         status.update("/a", |r| r.state = RouteState::Done);

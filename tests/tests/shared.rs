@@ -65,6 +65,8 @@ impl Instance {
             .arg(state.path())
             .args(comfy.args())
             .args(["--database-url", &shared.database_url, "--blob-store", &shared.s3.blob_store_url("outputs"), "--lease-seconds", LEASE_S])
+            // These tests count prompts on the doubles: no warm-up prompts.
+            .args(["--warm-up", "off"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -190,3 +190,44 @@ async fn supervised_start_first_request_does_not_queue_and_a_restart_warms_again
     assert_eq!(again["warm_up"]["state"], "done", "{again}");
     assert_ne!(backend.supervisor().and_then(|s| s.pid()), Some(pid));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_warm_up_naming_a_lora_this_volume_lacks_is_skipped_not_fatal() {
+    let comfy = ExternalComfy::start().await.unwrap();
+    // flux-lora declares a warm-up with the demo LoRA; a real volume has its own LoRAs only.
+    std::fs::remove_file(comfy.models.path().join("loras").join("character-123.safetensors")).unwrap();
+    let mut args: Vec<String> = comfy.args();
+    args.extend(["--warm-up".to_string(), "auto".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = TestServer::start(&[("flux-dev.wasm", &component("flux-dev")), ("flux-lora.wasm", &component("flux-lora"))], &args).await.unwrap();
+    let ready = eventually(Duration::from_secs(30), || async {
+        let (code, h) = health(&server).await;
+        (code == 200).then_some(h)
+    })
+    .await
+    .expect("a missing demo LoRA must not keep the service unready");
+    let routes = ready["warm_up"]["routes"].as_array().unwrap();
+    let state_of = |route: &str| routes.iter().find(|r| r["route"] == route).map(|r| r["state"].clone());
+    assert_eq!(state_of("/flux-dev"), Some(json!("done")), "{ready}");
+    assert_eq!(state_of("/flux-lora"), Some(json!("skipped")), "{ready}");
+    let lora = routes.iter().find(|r| r["route"] == "/flux-lora").unwrap();
+    assert!(lora["reason"].as_str().unwrap().contains("character-123"), "the reason names the missing LoRA: {ready}");
+    // Only flux-dev's warm-up reached ComfyUI.
+    assert_eq!(comfy.double.record().prompts.len(), 1);
+
+    // An operator's own warm-up request naming a missing LoRA is a mistake: reported, not ready.
+    drop(server);
+    let request = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(request.path(), r#"{"prompt": "w", "lora_id": "character-123", "width": 256, "height": 256, "steps": 1}"#).unwrap();
+    let mut args: Vec<String> = comfy.args();
+    args.extend(["--warm-up".into(), "auto".into(), "--warm-up-request".into(), format!("/flux-lora={}", request.path().display())]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = TestServer::start(&[("flux-dev.wasm", &component("flux-dev")), ("flux-lora.wasm", &component("flux-lora"))], &args).await.unwrap();
+    let failed = eventually(Duration::from_secs(30), || async {
+        let (code, h) = health(&server).await;
+        (h["warm_up"]["state"] == "failed").then_some((code, h))
+    })
+    .await;
+    let (code, h) = failed.expect("an operator's warm-up naming a missing LoRA fails the warm-up");
+    assert_eq!(code, 503, "{h}");
+}

@@ -67,7 +67,7 @@ pub struct AppState {
     /// The webhook service (issue #14); `None` when the service runs without a job store.
     pub webhooks: Option<crate::webhooks::Webhooks>,
     /// Warm-up rounds (`warm_up.rs`): `/health` is not ready until the current one is done.
-    pub warm_up: Arc<crate::warm_up::WarmUpStatus>,
+    pub warm_up: Arc<crate::warm_up::WarmUps>,
 }
 
 /// The header marking responses produced by the simulated ComfyUI.

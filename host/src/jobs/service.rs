@@ -697,6 +697,27 @@ impl JobService {
         }
     }
 
+    /// Run a job on one given ComfyUI now, outside the queue, and return it terminal.
+    /// For warm-up: its point is that *this* worker's GPU holds the weights, and through
+    /// the queue any worker (or, with a shared queue, any instance) could take the job.
+    /// The job is stored and followed like any other; it takes no queue place or lease.
+    pub async fn run_on(&self, submission: Submission, backend: &Arc<ComfyBackend>) -> Result<Job, JobFailure> {
+        let job = self.admit(submission).await?;
+        if !lock(&self.live).contains_key(&job.id) {
+            self.make_live(&job);
+        }
+        let id = job.id;
+        if let Some(worker) = self.pool.workers().iter().find(|w| Arc::ptr_eq(&w.backend, backend)) {
+            let dispatch = worker.dispatched(job.spec.model_key.as_deref(), job.spec.model_label.as_deref());
+            self.metrics.worker_dispatch(&worker.name, dispatch == Dispatch::Switch);
+        }
+        self.execute(job, Some(backend.clone())).await;
+        match self.get(id).await? {
+            Some(job) => Ok(job),
+            None => Err(JobFailure::internal(format!("job {id} vanished"))),
+        }
+    }
+
     /// A claimed job whose stored status is queued: run it on `worker` unless its
     /// deadline passed or the worker is down.
     async fn run_job(&self, claimed: Candidate, worker: Option<&Arc<ComfyWorker>>) {
