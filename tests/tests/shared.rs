@@ -65,8 +65,8 @@ impl Instance {
             .arg(state.path())
             .args(comfy.args())
             .args(["--database-url", &shared.database_url, "--blob-store", &shared.s3.blob_store_url("outputs"), "--lease-seconds", LEASE_S])
-            // These tests count prompts on the doubles: no warm-up prompts.
-            .args(["--warm-up", "off"])
+            // These tests count prompts on the doubles: no warm-up prompts unless asked.
+            .args(if extra.contains(&"--warm-up") { &[][..] } else { &["--warm-up", "off"][..] })
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -344,3 +344,28 @@ async fn three_instances_run_fifty_concurrent_submissions_each_exactly_once() {
     }
 }
 
+
+/// Warm-up warms the instance's own GPU: with a shared queue each instance's warm-up job is
+/// pinned to it (another instance taking it would leave this one cold and run it elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_instance_warms_its_own_comfyui_through_the_shared_store() {
+    let shared = SharedState::start().await;
+    let flux = vec![("flux-dev.wasm", flowhost_tests::build_component("flux-dev", &[]).expect("the flux-dev component builds"))];
+    let a = Instance::start_with(&shared, &["--warm-up", "auto"], &flux).await;
+    let b = Instance::start_with(&shared, &["--warm-up", "auto"], &flux).await;
+    let client = reqwest::Client::new();
+    for i in [&a, &b] {
+        let ready = eventually(Duration::from_secs(60), || async {
+            let r = client.get(i.url("/health")).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+        assert!(ready.is_some(), "{} never finished its warm-up", i.base);
+    }
+    // Exactly one prompt on each ComfyUI: its own instance's warm-up, nothing run twice.
+    assert_eq!(a.prompts().len(), 1, "A's ComfyUI ran A's warm-up");
+    assert_eq!(b.prompts().len(), 1, "B's ComfyUI ran B's warm-up");
+    let jobs: Value = client.get(a.url("/api/v2/jobs?limit=10")).send().await.unwrap().json().await.unwrap();
+    let succeeded = jobs["jobs"].as_array().expect("a job list").iter().filter(|j| j["status"] == "succeeded").count();
+    assert_eq!(succeeded, 2, "both warm-up jobs are in the shared store, succeeded: {jobs}");
+}

@@ -703,10 +703,17 @@ impl JobService {
     /// The job is stored and followed like any other; it takes no queue place or lease.
     pub async fn run_on(&self, submission: Submission, backend: &Arc<ComfyBackend>) -> Result<Job, JobFailure> {
         let job = self.admit(submission).await?;
-        if !lock(&self.live).contains_key(&job.id) {
+        let id = job.id;
+        // With a shared queue every instance may claim a stored queued job: take this one
+        // for this instance first (its lease keeper renews it). Lost to a faster instance
+        // (a window of one round trip): that instance runs it; follow it there.
+        if self.shared.get().is_some() && !self.queue.remove(id).await.map_err(JobFailure::internal)? {
+            tracing::warn!(job_id = %id, "another instance claimed a pinned job first; following it");
+            return self.wait(id, None).await;
+        }
+        if !lock(&self.live).contains_key(&id) {
             self.make_live(&job);
         }
-        let id = job.id;
         if let Some(worker) = self.pool.workers().iter().find(|w| Arc::ptr_eq(&w.backend, backend)) {
             let dispatch = worker.dispatched(job.spec.model_key.as_deref(), job.spec.model_label.as_deref());
             self.metrics.worker_dispatch(&worker.name, dispatch == Dispatch::Switch);
