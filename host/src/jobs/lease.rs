@@ -57,11 +57,16 @@ impl JobService {
         let mut last_renewed = Instant::now();
         loop {
             tick.tick().await;
+            // Before renewing: a job claimed while the renewal runs is not in what it
+            // returns, and must not be taken for one whose lease was taken over (it was
+            // stopped and ended `canceled` that way). Whatever runs here now was claimed
+            // (committed) before the renewal starts, so the renewal sees its lease.
+            let running_before = self.running_here();
             match queue.renew().await {
                 Ok((held, cancel)) => {
                     last_renewed = Instant::now();
                     let held: HashSet<Uuid> = held.into_iter().collect();
-                    for id in self.running_here() {
+                    for id in running_before {
                         if !held.contains(&id) {
                             self.stop_here(id, "its lease was taken over");
                         }
