@@ -148,10 +148,10 @@ def flux_body(size: int, steps: int, tag: str) -> dict:
     }
 
 
-def flowhost_call(route: str, body: dict, timeout: float, keep_body=False) -> dict:
+def flowhost_call(route: str, body: dict, timeout: float, keep_body=False, port=None) -> dict:
     t_wall = time.time()
     try:
-        st, hd, raw, dt = http_req(ARGS.flowhost_port, "POST", route, body, timeout=timeout)
+        st, hd, raw, dt = http_req(port or ARGS.flowhost_port, "POST", route, body, timeout=timeout)
     except Exception as e:  # timeouts, resets: reported, never fatal
         return {"route": route, "status": None, "error": repr(e), "started_at": t_wall}
     row = {
@@ -487,7 +487,29 @@ def phase_first():
         save()
 
 
+def start_files_flowhost():
+    """A second flowhost on the same supervised ComfyUI with `--output-transport files`
+    (SaveImage PNG, /view, PNG→JPEG): the A/B for the raster transport, same GPU state."""
+    if not ARGS.files_variant:
+        return None
+    cache = ARGS.cache_dir.rstrip("/") + "-files"
+    state = os.path.join(ARGS.out, "state-files")
+    cmd = [ARGS.flowhost, "serve", "--comfyui-url", f"http://127.0.0.1:{ARGS.comfy_port}/", "--output-transport", "files",
+           "--warm-up", "off", "--models", ARGS.models, "--plugins", ARGS.plugins,
+           "--listen", f"127.0.0.1:{ARGS.files_port}", "--cache-dir", cache, "--state-dir", state]
+    log("flowhost (files transport, same ComfyUI):", " ".join(cmd))
+    p = spawn(cmd, "flowhost-files.log")
+    ok = wait_until(lambda: get_json(ARGS.files_port, "/health", timeout=2)[0] == 200, 60)
+    R["phases"]["files_flowhost"] = {"ready": bool(ok), "port": ARGS.files_port}
+    save()
+    if not ok:
+        R["notes"].append("files-transport flowhost never became ready; no A/B")
+        return None
+    return p
+
+
 def phase_warm(template):
+    files = start_files_flowhost()
     rows = []
     R["phases"]["warm"] = {"size": ARGS.size, "steps": ARGS.steps, "rows": rows}
     def one_flowhost(i):
@@ -500,6 +522,14 @@ def phase_warm(template):
         fh["i"] = i
         rows.append(fh)
         log("warm flowhost", i, {k: fh.get(k) for k in ("status", "wall_s", "x_generation_ms", "server_timing", "jpeg_size")})
+
+    def one_files(i):
+        body = flux_body(ARGS.size, ARGS.steps, "warm-files")
+        fh = flowhost_call("/flux-dev", body, timeout=ARGS.request_timeout, port=ARGS.files_port)
+        fh["i"] = i
+        fh["path"] = "files"
+        rows.append(fh)
+        log("warm files   ", i, {k: fh.get(k) for k in ("status", "wall_s", "server_timing", "jpeg_size")})
 
     def one_direct(i):
         d = direct_call(graph_for(template, f"direct #{i}: a lighthouse on a cliff at dawn {uuid.uuid4().hex[:8]}", 5000 + i), ARGS.request_timeout)
@@ -516,14 +546,15 @@ def phase_warm(template):
 
     for i in range(ARGS.warm):
         # rotate which path goes first, so none always follows another
-        steps = [one_flowhost, one_direct] + ([one_direct_ws] if ARGS.ws_variant else [])
+        steps = [one_flowhost, one_direct] + ([one_direct_ws] if ARGS.ws_variant else []) + ([one_files] if files else [])
         k = i % len(steps)
         for step in steps[k:] + steps[:k]:
             if step is not one_flowhost and not template:
                 continue
             step(i)
         save()
-    fh_rows = [r for r in rows if r.get("route") and r.get("status") == 200]
+    fh_rows = [r for r in rows if r.get("route") and r.get("path") != "files" and r.get("status") == 200]
+    files_rows = [r for r in rows if r.get("path") == "files" and r.get("status") == 200]
     dc_rows = [r for r in rows if r.get("path") == "direct" and r.get("status") == 200]
     ws_rows = [r for r in rows if r.get("path") == "direct_ws" and r.get("status") == 200]
     # ComfyUI's own view of each run (execution_start → execution_success, ms stamps from
@@ -567,6 +598,14 @@ def phase_warm(template):
         summ["overhead_basis"] = "ComfyUI history stamps"
     if a and b:
         summ["overhead_ms_median_of_added"] = round(a["median"] - b["median"], 1)
+    # The raster transport (default, flowhost's node) against files (SaveImage + /view + PNG→JPEG),
+    # same ComfyUI, interleaved.
+    summ["files_wall_s"] = stats([r["wall_s"] for r in files_rows])
+    summ["files_comfyui_exec_ms"] = stats([r["server_timing"].get("comfyui") for r in files_rows])
+    summ["files_encode_ms"] = stats([r["server_timing"].get("encode") for r in files_rows])
+    summ["files_wall_minus_exec_ms"] = stats([r["wall_s"] * 1000 - r["server_timing"].get("comfyui", 0) for r in files_rows])
+    if summ["files_wall_s"] and summ["flowhost_wall_s"]:
+        summ["raster_minus_files_wall_ms"] = round((summ["flowhost_wall_s"]["median"] - summ["files_wall_s"]["median"]) * 1000, 1)
     summ["direct_ws_wall_s"] = stats([r["wall_s"] for r in ws_rows])
     summ["history_exec_ms_direct_ws"] = stats([r.get("history_exec_ms") for r in ws_rows])
     summ["direct_ws_wall_minus_history_exec_ms"] = stats([r["wall_s"] * 1000 - r["history_exec_ms"] for r in ws_rows if r.get("history_exec_ms")])
@@ -797,6 +836,9 @@ def main() -> int:
     ap.add_argument("--keep-profile-jpeg", default="", help="folder for one warm JPEG per compared profile")
     ap.add_argument("--ws-variant", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the direct client with SaveImageWebsocket as the output node")
+    ap.add_argument("--files-variant", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time a second flowhost with --output-transport files on the same ComfyUI (--mode dir)")
+    ap.add_argument("--files-port", type=int, default=8011)
     ap.add_argument("--keep-png", default="", help="write one PNG the direct client got from /view here")
     ap.add_argument("--mode", choices=["url", "dir"], default="dir",
                     help="url: start ComfyUI here, flowhost --comfyui-url; dir: flowhost --comfyui-dir spawns it")

@@ -279,7 +279,14 @@ impl ComfyBackend {
     /// After a prompt ended: delete its output files (type `output`, every node, from history) from
     /// ComfyUI's output directory when it is reachable here, then its history entry. Best effort; returns
     /// the number of files removed. ComfyUI has no file delete API, hence the directory.
+    /// A prompt re-run with files after its rasters were lost (`{prompt_id}-files`) is removed too.
     pub async fn remove_prompt_files(&self, prompt_id: &str) -> anyhow::Result<usize> {
+        let mut removed = self.remove_one_prompt_files(prompt_id).await?;
+        removed += self.remove_one_prompt_files(&crate::raster::files_prompt_id(prompt_id)).await?;
+        Ok(removed)
+    }
+
+    async fn remove_one_prompt_files(&self, prompt_id: &str) -> anyhow::Result<usize> {
         use anyhow::Context;
         let mut removed = 0;
         let entry = self.client.history(prompt_id).await?;
@@ -319,11 +326,43 @@ impl ComfyBackend {
     }
 
     /// Submit a graph and wait for its outputs (see `run.rs`). Fails at once with `Unavailable` while down.
-    pub async fn run(&self, req: RunRequest) -> Result<RunResult, ComfyError> {
+    ///
+    /// With `raster_outputs` and a ComfyUI that lists [`crate::raster::RASTER_NODE`], `SaveImage`
+    /// outputs come as raw pixels. If any were lost on the way (a dropped websocket), the
+    /// original graph runs once more under `{prompt_id}-files`: ComfyUI's cache answers every
+    /// node but the save, so the retry costs about one PNG, and the outputs come from files.
+    pub async fn run(&self, mut req: RunRequest) -> Result<RunResult, ComfyError> {
         if let BackendHealth::Down { reason } = self.health() {
             return Err(ComfyError::unavailable(reason));
         }
-        run_prompt(&self.client, req, self.health.subscribe()).await
+        // Pixels sent while the socket is down reach no one: without a socket, files.
+        let socket = req.raster_outputs && self.client.wait_ws_connected(std::time::Duration::from_secs(2).min(req.deadline)).await;
+        let rewritten = match socket && self.catalogue().has_class(crate::raster::RASTER_NODE) {
+            true => crate::raster::with_raster_outputs(&req.graph),
+            false => None,
+        };
+        let Some(rewritten) = rewritten else {
+            return run_prompt(&self.client, req, self.health.subscribe()).await;
+        };
+        let started = std::time::Instant::now();
+        let mut files = req.clone();
+        files.raster_outputs = false;
+        req.graph = rewritten;
+        match run_prompt(&self.client, req, self.health.subscribe()).await {
+            Err(ComfyError::OutputsLost { prompt_id, node_id, sent, received }) => {
+                tracing::warn!(prompt_id, node_id, sent, received, "raster outputs lost on the websocket; running the graph again with file outputs");
+                let left = files.deadline.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    return Err(ComfyError::Timeout { prompt_id, waited: started.elapsed() });
+                }
+                files.deadline = left;
+                files.prompt_id = Some(crate::raster::files_prompt_id(&prompt_id));
+                let mut result = run_prompt(&self.client, files, self.health.subscribe()).await?;
+                result.timings.total = started.elapsed();
+                Ok(result)
+            }
+            other => other,
+        }
     }
 
     /// Stop monitoring and, in supervised mode, stop ComfyUI.

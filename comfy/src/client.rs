@@ -499,6 +499,18 @@ fn ws_url(base: &Url, client_id: &str) -> anyhow::Result<Url> {
     Ok(url)
 }
 
+/// Largest websocket message (and frame: ComfyUI sends each message as one frame) accepted.
+/// Raster outputs are raw pixels: 8192² RGBA is 256 MiB, tungstenite's default 16 MiB frame
+/// limit would drop the socket at 2400² RGB. A bigger one fails the socket, and the run falls
+/// back to file outputs.
+const MAX_WS_MESSAGE: usize = 320 << 20;
+
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_WS_MESSAGE))
+        .max_frame_size(Some(MAX_WS_MESSAGE))
+}
+
 /// The websocket loop: connect, handshake, route frames, reconnect with backoff (cut short by
 /// [`ComfyClient::reconnect_ws_now`]). Runs until aborted.
 async fn run_websocket(
@@ -513,7 +525,7 @@ async fn run_websocket(
     loop {
         match tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::connect_async(url.as_str()),
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true),
         )
         .await
         {

@@ -87,6 +87,12 @@ pub enum ComfyError {
     /// The prompt succeeded but a requested output node produced no media.
     #[error("output node {node_id} produced no media")]
     OutputMissing { node_id: String },
+
+    /// The prompt succeeded, but raw-pixel outputs its raster node sent never arrived (the
+    /// websocket dropped while they were on it). [`crate::ComfyBackend::run`] re-runs such a
+    /// prompt with file outputs, so callers see this only if they call the run loop directly.
+    #[error("output node {node_id} sent {sent} images over the websocket; {received} arrived")]
+    OutputsLost { prompt_id: String, node_id: String, sent: usize, received: usize },
 }
 
 fn issues_suffix(issues: &[NodeIssue]) -> String {

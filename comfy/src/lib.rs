@@ -24,6 +24,7 @@ pub mod media;
 pub mod preflight;
 pub mod profile;
 pub mod protocol;
+pub mod raster;
 pub mod run;
 pub mod supervisor;
 pub mod tracker;

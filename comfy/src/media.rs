@@ -3,6 +3,20 @@
 //! This is the one sniffer: the host (`flowhost::media`) re-exports it, so the type the client
 //! reports and the type the host answers with can never disagree.
 
+/// An image as raw 8-bit pixels (`FlowhostImageOutput`'s frames): `height` rows of `width`
+/// pixels of `channels` samples (1 grey, 2 grey + alpha, 3 RGB, 4 RGBA), no padding. Not a file
+/// format: the host encodes it (JPEG or PNG) before anyone sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Raster {
+    pub width: u32,
+    pub height: u32,
+    pub channels: u8,
+    pub pixels: bytes::Bytes,
+}
+
+/// The media type [`crate::OutputMedia`] reports for a [`Raster`] (its bytes are the pixels).
+pub const RASTER_MEDIA_TYPE: &str = "application/x-flowhost-raster";
+
 /// The media type of `bytes` by magic number: PNG (APNG when an `acTL` chunk comes before the
 /// first `IDAT`), JPEG, WEBP, GIF, MP4, QuickTime (`ftyp` brand `qt  `), WEBM; else
 /// `application/octet-stream`.

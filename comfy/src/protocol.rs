@@ -201,6 +201,9 @@ pub enum BinaryFrame {
     },
     /// Type 3 `TEXT`.
     Text { node_id: String, text: String },
+    /// flowhost's own [`RASTER_EVENT`]: one image's raw pixels from `FlowhostImageOutput`
+    /// (`comfy/comfyui_nodes/flowhost`); the header names prompt, node and shape.
+    Raster { header: RasterHeader, pixels: bytes::Bytes },
     /// Anything else (type 2 is internal; newer types may appear).
     Unknown { event_type: u32 },
 }
@@ -218,6 +221,56 @@ pub struct PreviewMetadata {
     pub real_node_id: Option<String>,
     #[serde(default)]
     pub image_type: Option<String>,
+}
+
+/// The binary event type `FlowhostImageOutput` sends its pixels under: big-endian "FLWR",
+/// far from ComfyUI's own small integers.
+pub const RASTER_EVENT: u32 = 0x464C_5752;
+/// The raster header versions this client reads.
+const RASTER_VERSION: u32 = 1;
+
+/// The JSON header of a [`BinaryFrame::Raster`] frame.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RasterHeader {
+    pub version: u32,
+    #[serde(default)]
+    pub prompt_id: Option<String>,
+    #[serde(deserialize_with = "id_string")]
+    pub node_id: String,
+    pub index: u32,
+    pub count: u32,
+    pub width: u32,
+    pub height: u32,
+    pub channels: u8,
+    pub dtype: String,
+    pub layout: String,
+    #[serde(default)]
+    pub filename: Option<String>,
+}
+
+fn id_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let v = Value::deserialize(d)?;
+    value_as_id(&v).ok_or_else(|| serde::de::Error::custom("node_id is neither a string nor a number"))
+}
+
+/// Decode and check a raster frame's body (after the event type): the header must be a
+/// version this client knows, 8-bit HWC with 1–4 channels, and the pixels exactly its shape.
+fn parse_raster(frame: &bytes::Bytes) -> Result<BinaryFrame, String> {
+    let len = be_u32(frame, 4).ok_or("raster frame without header length")? as usize;
+    let end = 8usize.checked_add(len).filter(|e| *e <= frame.len()).ok_or("raster header length beyond frame")?;
+    let header: RasterHeader = serde_json::from_slice(&frame[8..end]).map_err(|e| format!("raster header is not valid: {e}"))?;
+    if header.version != RASTER_VERSION {
+        return Err(format!("raster header version {} is not {RASTER_VERSION}", header.version));
+    }
+    if header.dtype != "uint8" || header.layout != "hwc" || !(1..=4).contains(&header.channels) {
+        return Err(format!("raster of {} {} with {} channels is not 8-bit HWC with 1-4 channels", header.dtype, header.layout, header.channels));
+    }
+    let expected = (header.width as u64).checked_mul(header.height as u64).and_then(|n| n.checked_mul(header.channels as u64));
+    let pixels = frame.slice(end..);
+    if header.width == 0 || header.height == 0 || expected != Some(pixels.len() as u64) {
+        return Err(format!("raster {}x{}x{} carries {} bytes", header.width, header.height, header.channels, pixels.len()));
+    }
+    Ok(BinaryFrame::Raster { header, pixels })
 }
 
 fn be_u32(b: &[u8], at: usize) -> Option<u32> {
@@ -263,6 +316,7 @@ impl BinaryFrame {
                     text: String::from_utf8_lossy(&frame[end..]).into_owned(),
                 })
             }
+            RASTER_EVENT => parse_raster(frame),
             other => Ok(BinaryFrame::Unknown { event_type: other }),
         }
     }
@@ -617,5 +671,42 @@ mod tests {
     #[test]
     fn invalid_prompt_details_name_the_node() {
         assert_eq!(node_id_from_details("Node ID '#2'").as_deref(), Some("2"));
+    }
+
+    fn raster_frame(header: &str, pixels: &[u8]) -> bytes::Bytes {
+        let mut out = RASTER_EVENT.to_be_bytes().to_vec();
+        out.extend_from_slice(&(header.len() as u32).to_be_bytes());
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(pixels);
+        out.into()
+    }
+
+    const HEADER_2X1: &str = r#"{"version": 1, "prompt_id": "p", "node_id": "9", "index": 0, "count": 1, "width": 2, "height": 1, "channels": 3, "dtype": "uint8", "layout": "hwc", "filename": "x_00001_.png"}"#;
+
+    #[test]
+    fn raster_frames_carry_their_prompt_node_and_exact_pixels() {
+        let frame = raster_frame(HEADER_2X1, &[1, 2, 3, 4, 5, 6]);
+        let BinaryFrame::Raster { header, pixels } = BinaryFrame::parse(&frame).unwrap() else { panic!("not a raster") };
+        assert_eq!((header.prompt_id.as_deref(), header.node_id.as_str(), header.width, header.height, header.channels), (Some("p"), "9", 2, 1, 3));
+        assert_eq!(&pixels[..], &[1, 2, 3, 4, 5, 6]);
+        // A numeric node id (as ComfyUI may send) reads as its string.
+        let numeric = HEADER_2X1.replace(r#""node_id": "9""#, r#""node_id": 9"#);
+        let BinaryFrame::Raster { header, .. } = BinaryFrame::parse(&raster_frame(&numeric, &[0; 6])).unwrap() else { panic!() };
+        assert_eq!(header.node_id, "9");
+    }
+
+    #[test]
+    fn raster_frames_whose_pixels_do_not_match_their_header_are_refused() {
+        assert!(BinaryFrame::parse(&raster_frame(HEADER_2X1, &[0; 5])).unwrap_err().contains("2x1x3 carries 5 bytes"));
+        assert!(BinaryFrame::parse(&raster_frame(HEADER_2X1, &[0; 7])).is_err());
+        let v2 = HEADER_2X1.replace(r#""version": 1"#, r#""version": 2"#);
+        assert!(BinaryFrame::parse(&raster_frame(&v2, &[0; 6])).unwrap_err().contains("version 2"));
+        let f32s = HEADER_2X1.replace("uint8", "float32");
+        assert!(BinaryFrame::parse(&raster_frame(&f32s, &[0; 6])).is_err());
+        let huge = HEADER_2X1.replace(r#""width": 2"#, r#""width": 4294967295"#).replace(r#""height": 1"#, r#""height": 4294967295"#);
+        assert!(BinaryFrame::parse(&raster_frame(&huge, &[0; 6])).is_err());
+        let mut short = RASTER_EVENT.to_be_bytes().to_vec();
+        short.extend_from_slice(&100u32.to_be_bytes());
+        assert!(BinaryFrame::parse(&short.into()).unwrap_err().contains("beyond frame"));
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::backend::BackendHealth;
 use crate::client::ComfyClient;
 use crate::error::ComfyError;
-use crate::media::{extension_for, sniff_media_type};
+use crate::media::{RASTER_MEDIA_TYPE, Raster, extension_for, sniff_media_type};
 use crate::protocol::{FileRef, HistoryEntry, PromptOutcome, WsMessage, file_refs_in_ui_output};
 use crate::tracker::PromptEvent;
 
@@ -68,6 +68,9 @@ pub struct RunRequest {
     /// The prompt_id to submit under; a fresh UUID when None. A caller that records it
     /// before submission can find the prompt again (history) after its own restart.
     pub prompt_id: Option<String>,
+    /// Take `SaveImage` outputs as raw pixels ([`crate::raster`]) when ComfyUI has the node:
+    /// the caller will encode them anyway (JPEG), so ComfyUI's PNG is pure cost.
+    pub raster_outputs: bool,
 }
 
 impl RunRequest {
@@ -80,6 +83,7 @@ impl RunRequest {
             on_progress: None,
             on_preview: None,
             prompt_id: None,
+            raster_outputs: false,
         }
     }
 }
@@ -97,10 +101,22 @@ impl std::fmt::Debug for RunRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutputMedia {
     pub node_id: String,
+    /// The file's bytes; for a raster, its pixels.
     pub bytes: Bytes,
-    /// Sniffed from the bytes (`image/png`, `image/jpeg`, `image/webp`, `image/gif`, `video/mp4`, …).
+    /// Sniffed from the bytes (`image/png`, `image/jpeg`, `image/webp`, `image/gif`, `video/mp4`, …);
+    /// [`RASTER_MEDIA_TYPE`] for a raster.
     pub media_type: String,
     pub filename: String,
+    /// Set when the output came as raw pixels (`raster_outputs`): its shape. Encode before use.
+    pub raster: Option<RasterShape>,
+}
+
+/// The shape of a raster output's pixels (see [`crate::media::Raster`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RasterShape {
+    pub width: u32,
+    pub height: u32,
+    pub channels: u8,
 }
 
 /// Where the time went.
@@ -162,6 +178,7 @@ fn socket_output_nodes<'a>(graph: &'a Value, outputs: &'a [String]) -> HashSet<&
 enum Source {
     File(FileRef),
     Socket(Bytes),
+    Raster(Raster, Option<String>),
 }
 
 /// Media per node in the order nodes produced it.
@@ -348,6 +365,7 @@ pub(crate) async fn run_prompt(
                     _ => {}
                 },
                 Some(PromptEvent::Image { node_id, bytes, media_type }) => image(&mut collected, node_id, bytes, media_type),
+                Some(PromptEvent::Raster { node_id, filename, raster }) => collected.slot(&node_id).push(Source::Raster(raster, filename)),
                 None => poll_now = true,
             },
             _ = poll_timer.tick() => poll_now = true,
@@ -453,10 +471,24 @@ pub(crate) async fn run_prompt(
     while let Ok(event) = events.try_recv() {
         match event {
             PromptEvent::Image { node_id, bytes, media_type } => image(&mut collected, node_id, bytes, media_type),
+            PromptEvent::Raster { node_id, filename, raster } => collected.slot(&node_id).push(Source::Raster(raster, filename)),
             PromptEvent::Message(WsMessage::Executed { node, output, .. }) => {
                 collected.add_ui_output(&node, &output)
             }
             PromptEvent::Message(_) => {}
+        }
+    }
+
+    // Pixels exist only on the socket: a raster node that says it sent more than arrived lost
+    // them (the socket dropped mid-run). The caller re-runs with files; never a partial answer.
+    if let Some(h) = &history {
+        for (node, output) in &h.outputs {
+            if let Some(sent) = crate::raster::rasters_sent(output) {
+                let got = collected.nodes.iter().find(|(n, _)| n == node).map_or(0, |(_, s)| s.iter().filter(|s| matches!(s, Source::Raster(..))).count());
+                if got < sent {
+                    return Err(ComfyError::OutputsLost { prompt_id, node_id: node.clone(), sent, received: got });
+                }
+            }
         }
     }
 
@@ -496,16 +528,25 @@ pub(crate) async fn run_prompt(
     let mut media = Vec::new();
     for (node_id, sources) in selected {
         for (index, source) in sources.into_iter().enumerate() {
-            let (bytes, name) = match source {
+            let (bytes, name, raster) = match source {
                 Source::File(file) => {
                     let bytes = tokio::time::timeout_at(deadline, client.view(&file)).await.map_err(|_| past_deadline(&prompt_id))??;
-                    (bytes, file.filename)
+                    (bytes, file.filename, None)
                 }
-                Source::Socket(bytes) => (bytes, String::new()),
+                Source::Socket(bytes) => (bytes, String::new(), None),
+                Source::Raster(r, name) => {
+                    let shape = RasterShape { width: r.width, height: r.height, channels: r.channels };
+                    (r.pixels, name.unwrap_or_default(), Some(shape))
+                }
             };
-            let media_type = sniff_media_type(&bytes).to_string();
+            let media_type = match raster {
+                Some(_) => RASTER_MEDIA_TYPE.to_string(),
+                None => sniff_media_type(&bytes).to_string(),
+            };
             let filename = if name.is_empty() {
-                format!("{node_id}_{index:05}.{}", extension_for(&media_type))
+                // A raster becomes the caller's JPEG or PNG; name it as the PNG it replaces.
+                let extension = if raster.is_some() { "png" } else { extension_for(&media_type) };
+                format!("{node_id}_{index:05}.{extension}")
             } else {
                 name
             };
@@ -514,6 +555,7 @@ pub(crate) async fn run_prompt(
                 bytes,
                 media_type,
                 filename,
+                raster,
             });
         }
     }

@@ -32,6 +32,9 @@ pub struct SupervisorConfig {
     pub extra_args: Vec<String>,
     /// Passed as `--extra-model-paths-config FILE`.
     pub extra_model_paths_config: Option<PathBuf>,
+    /// flowhost's own `custom_nodes` config ([`crate::raster::install`]), passed as a second
+    /// `--extra-model-paths-config FILE` so the operator's file still applies.
+    pub flowhost_nodes_config: Option<PathBuf>,
     /// How long ComfyUI may take to answer `/system_stats` after spawning (real ComfyUI: ~35 s cold).
     pub startup_timeout: Duration,
     pub restart_backoff_initial: Duration,
@@ -53,6 +56,7 @@ impl SupervisorConfig {
             preview: None,
             extra_args: Vec::new(),
             extra_model_paths_config: None,
+            flowhost_nodes_config: None,
             startup_timeout: Duration::from_secs(180),
             restart_backoff_initial: Duration::from_secs(1),
             restart_backoff_max: Duration::from_secs(60),
@@ -71,13 +75,14 @@ impl SupervisorConfig {
 
     /// Everything after the interpreter on the command line the supervisor spawns:
     /// `main.py --listen 127.0.0.1 --port P`, the profile's options, the preview
-    /// method, the operator's `extra_args`, then `--extra-model-paths-config FILE`.
+    /// method, the operator's `extra_args`, then `--extra-model-paths-config FILE` for the
+    /// models file and for flowhost's nodes.
     pub fn command_args(&self) -> Vec<String> {
         let mut args: Vec<String> = ["main.py", "--listen", "127.0.0.1", "--port"].map(String::from).to_vec();
         args.push(self.port.to_string());
         args.extend(launch_args(self.profile, self.preview));
         args.extend(self.extra_args.iter().cloned());
-        if let Some(file) = &self.extra_model_paths_config {
+        for file in [&self.extra_model_paths_config, &self.flowhost_nodes_config].into_iter().flatten() {
             args.push("--extra-model-paths-config".into());
             args.push(file.display().to_string());
         }
@@ -435,5 +440,17 @@ mod tests {
         assert_eq!(c.input_dir(), PathBuf::from("/opt/ComfyUI/input"));
         c.extra_args = vec!["--input-directory".into(), "/data/in".into()];
         assert_eq!(c.input_dir(), PathBuf::from("/data/in"));
+    }
+
+    #[test]
+    fn flowhost_nodes_come_as_a_second_extra_model_paths_config() {
+        let mut c = SupervisorConfig::new("/opt/ComfyUI".into(), 8188);
+        c.extra_model_paths_config = Some("/cache/extra_model_paths.yaml".into());
+        c.flowhost_nodes_config = Some("/state/comfyui/flowhost-nodes.yaml".into());
+        let args = c.command_args();
+        let configs: Vec<&str> = args.windows(2).filter(|w| w[0] == "--extra-model-paths-config").map(|w| w[1].as_str()).collect();
+        assert_eq!(configs, ["/cache/extra_model_paths.yaml", "/state/comfyui/flowhost-nodes.yaml"]);
+        c.extra_model_paths_config = None;
+        assert_eq!(c.command_args().iter().filter(|a| *a == "--extra-model-paths-config").count(), 1);
     }
 }

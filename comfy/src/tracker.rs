@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::media::Raster;
 use crate::protocol::{BinaryFrame, WsMessage};
 
 /// What a waiting run receives.
@@ -20,6 +21,13 @@ pub enum PromptEvent {
         bytes: Bytes,
         /// From the frame (type 1's format, type 4's `image_type`), when it says.
         media_type: Option<String>,
+    },
+    /// One image's raw pixels from `FlowhostImageOutput` (always an output, never a preview).
+    Raster {
+        node_id: String,
+        /// The name the node gave it (`{filename_prefix}_{n:05}_.png`), when it did.
+        filename: Option<String>,
+        raster: Raster,
     },
 }
 
@@ -125,6 +133,19 @@ impl PromptTracker {
                     Some((p, n)) => (p.clone(), Some(n.clone()), image, media_type),
                     None => return,
                 }
+            }
+            BinaryFrame::Raster { header, pixels } => {
+                // The header names its prompt; the executing node is the fallback for a node
+                // that could not read its context.
+                let prompt_id = match header.prompt_id.or_else(|| state.executing.as_ref().map(|(p, _)| p.clone())) {
+                    Some(p) => p,
+                    None => return,
+                };
+                if let Some(tx) = state.prompts.get(&prompt_id) {
+                    let raster = Raster { width: header.width, height: header.height, channels: header.channels, pixels };
+                    let _ = tx.send(PromptEvent::Raster { node_id: header.node_id, filename: header.filename, raster });
+                }
+                return;
             }
             BinaryFrame::Text { .. } | BinaryFrame::Unknown { .. } => return,
         };

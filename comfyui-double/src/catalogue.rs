@@ -13,6 +13,8 @@ use serde_json::{Map, Value};
 use crate::models::ModelPaths;
 
 const OBJECT_INFO: &str = include_str!("../fixtures/object_info.json");
+/// `GET /object_info/FlowhostImageOutput` of a real ComfyUI 0.3.64 with flowhost's node loaded.
+const FLOWHOST_NODE: &str = include_str!("../fixtures/flowhost-image-output.object_info.json");
 
 /// The real `GET /object_info` answer of ComfyUI 0.3.64 (custom nodes included), verbatim.
 pub fn object_info_fixture() -> &'static str {
@@ -26,6 +28,21 @@ pub(crate) fn base() -> &'static Map<String, Value> {
         Ok(Value::Object(map)) => map,
         // The fixture is compiled in and covered by tests; an empty catalogue makes every prompt invalid.
         _ => Map::new(),
+    })
+}
+
+/// The catalogue of a ComfyUI with (`flowhost_nodes`) or without flowhost's custom node.
+pub(crate) fn catalogue(flowhost_nodes: bool) -> &'static Map<String, Value> {
+    static WITH: OnceLock<Map<String, Value>> = OnceLock::new();
+    if !flowhost_nodes {
+        return base();
+    }
+    WITH.get_or_init(|| {
+        let mut all = base().clone();
+        if let Ok(Value::Object(extra)) = serde_json::from_str::<Value>(FLOWHOST_NODE) {
+            all.extend(extra);
+        }
+        all
     })
 }
 
@@ -144,8 +161,8 @@ fn set_options(spec: &mut Value, options: Vec<Value>) {
 }
 
 /// The NodeInfo of `class` as ComfyUI would serve it right now (live model/input lists).
-pub(crate) fn live_node(class: &str, models: &ModelPaths, input_dir: &Path) -> Option<Value> {
-    let mut node = base().get(class)?.clone();
+pub(crate) fn live_node(class: &str, flowhost_nodes: bool, models: &ModelPaths, input_dir: &Path) -> Option<Value> {
+    let mut node = catalogue(flowhost_nodes).get(class)?.clone();
     patch_node(class, &mut node, models, input_dir);
     Some(node)
 }
@@ -164,8 +181,8 @@ fn patch_node(class: &str, node: &mut Value, models: &ModelPaths, input_dir: &Pa
 }
 
 /// The whole live catalogue (`GET /object_info`).
-pub(crate) fn live_catalogue(models: &ModelPaths, input_dir: &Path) -> Map<String, Value> {
-    let mut all = base().clone();
+pub(crate) fn live_catalogue(flowhost_nodes: bool, models: &ModelPaths, input_dir: &Path) -> Map<String, Value> {
+    let mut all = catalogue(flowhost_nodes).clone();
     for (class, node) in all.iter_mut() {
         patch_node(class, node, models, input_dir);
     }
@@ -211,9 +228,19 @@ mod tests {
         std::fs::write(input.path().join("a.jpg"), b"x").unwrap();
         std::fs::write(input.path().join("notes.txt"), b"x").unwrap();
         let models = ModelPaths::new(Some(dir.path()), None).unwrap();
-        let vae = live_node("VAELoader", &models, input.path()).unwrap();
+        let vae = live_node("VAELoader", false, &models, input.path()).unwrap();
         assert_eq!(vae["input"]["required"]["vae_name"][0], serde_json::json!(["mine.safetensors", "pixel_space"]));
-        let load = live_node("LoadImage", &models, input.path()).unwrap();
+        let load = live_node("LoadImage", false, &models, input.path()).unwrap();
         assert_eq!(load["input"]["required"]["image"][0], serde_json::json!(["a.jpg", "b.png"]));
+    }
+
+    #[test]
+    fn flowhosts_node_is_listed_only_where_it_is_installed() {
+        let (models, input) = (ModelPaths::new(None, None).unwrap(), tempfile::tempdir().unwrap());
+        assert!(live_node("FlowhostImageOutput", false, &models, input.path()).is_none());
+        let node = live_node("FlowhostImageOutput", true, &models, input.path()).unwrap();
+        assert_eq!(node["output_node"], true);
+        assert_eq!(node["input"]["required"]["images"][0], "IMAGE");
+        assert!(live_catalogue(true, &models, input.path()).contains_key("SaveImage"), "the stock nodes stay");
     }
 }

@@ -168,7 +168,9 @@ fn input_f64(graph: &Map<String, Value>, id: &str, name: &str) -> Option<f64> {
     input(graph, id, name).and_then(Value::as_f64)
 }
 
-const UNCACHEABLE: &[&str] = &["SaveImageWebsocket"];
+/// Nodes that never come from the cache: SaveImageWebsocket has no IS_CHANGED but its cached
+/// run would send nothing; FlowhostImageOutput's IS_CHANGED returns NaN for that reason.
+const UNCACHEABLE: &[&str] = &["SaveImageWebsocket", "FlowhostImageOutput"];
 
 /// ComfyUI-like input signature: class + literal inputs + signatures of linked nodes.
 fn signatures(s: &Shared, graph: &Map<String, Value>, order: &[String], run_nonce: u64) -> HashMap<String, String> {
@@ -588,6 +590,31 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
                 break;
             }
             run.set_progress(id, json!(n), json!(n), "finished");
+        } else if class == "FlowhostImageOutput" && s.flowhost_nodes {
+            // flowhost's node (comfy/comfyui_nodes/flowhost): each image as raw 8-bit RGB, one
+            // frame per image to the prompt's client, then its `ui` lists what it sent.
+            pause(s, latency).await;
+            let prefix = input(&graph, id, "filename_prefix").and_then(Value::as_str).unwrap_or("ComfyUI").to_string();
+            let n = spec.batch;
+            let mut sent = Vec::new();
+            for i in 0..n {
+                let filename = format!("{prefix}_{:05}_.png", i + 1);
+                let header = json!({
+                    "version": 1, "prompt_id": item.prompt_id, "node_id": id, "index": i, "count": n,
+                    "width": spec.width, "height": spec.height, "channels": 3, "dtype": "uint8", "layout": "hwc", "filename": filename,
+                });
+                if s.faults.settings().drop_ws_on_raster {
+                    s.drop_all_sockets();
+                } else {
+                    s.send_raster(&header.to_string(), &render::pixels(&spec, i), run.client.as_deref());
+                }
+                sent.push(json!({"index": i, "width": spec.width, "height": spec.height, "channels": 3, "name": filename}));
+            }
+            let ui = json!({"flowhost_rasters": sent});
+            run.send_client("executed", json!({"node": id, "display_node": id, "output": ui, "prompt_id": item.prompt_id}));
+            outputs.insert(id.clone(), ui);
+            meta.insert(id.clone(), json!({"node_id": id, "display_node": id, "parent_node": null, "real_node_id": id}));
+            run.set_progress(id, json!(1.0), json!(1.0), "finished");
         } else {
             if pause(s, latency).await {
                 // ComfyUI notices an interrupt only when the next node starts.

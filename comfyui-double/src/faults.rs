@@ -34,6 +34,9 @@ pub struct FaultSettings {
     /// Websocket upgrades answered 503 (HTTP keeps answering): a ComfyUI whose socket
     /// cannot connect yet.
     pub refuse_ws: bool,
+    /// Close every client websocket instead of sending a `FlowhostImageOutput` raster (the
+    /// frames are lost as on a real drop); the prompt still completes and lands in history.
+    pub drop_ws_on_raster: bool,
 }
 
 /// Fires once: after it, every connection of the double errors and nothing answers any more.
@@ -126,6 +129,12 @@ impl Faults {
     /// Delay before `GET /view` answers.
     pub fn set_view_delay(&self, d: Duration) {
         self.lock().view_delay = d;
+    }
+
+    /// While on, every `FlowhostImageOutput` frame is lost with the socket (see
+    /// [`FaultSettings::drop_ws_on_raster`]).
+    pub fn drop_ws_on_raster(&self, on: bool) {
+        self.lock().drop_ws_on_raster = on;
     }
 
     /// While on, `GET /ws` is refused with 503 (new connections only; open sockets stay).

@@ -81,11 +81,11 @@ async fn features() -> Json<Value> {
 }
 
 async fn object_info(State(s): S) -> Json<Value> {
-    Json(Value::Object(live_catalogue(&s.models, &s.input_dir)))
+    Json(Value::Object(live_catalogue(s.flowhost_nodes, &s.models, &s.input_dir)))
 }
 
 async fn object_info_class(State(s): S, UrlPath(class): UrlPath<String>) -> Json<Value> {
-    match live_node(&class, &s.models, &s.input_dir) {
+    match live_node(&class, s.flowhost_nodes, &s.models, &s.input_dir) {
         Some(node) => Json(json!({ class: node })),
         None => Json(json!({})),
     }
@@ -140,7 +140,7 @@ async fn post_prompt(State(s): S, body: Bytes) -> Response {
     };
     let partial: Option<Vec<String>> =
         request.get("partial_execution_targets").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect());
-    let ctx = ValidationContext { models: &s.models, input_dir: &s.input_dir, output_dir: &s.output_dir, temp_dir: &s.temp_dir };
+    let ctx = ValidationContext { catalogue: crate::catalogue::catalogue(s.flowhost_nodes), models: &s.models, input_dir: &s.input_dir, output_dir: &s.output_dir, temp_dir: &s.temp_dir };
     let (check, coerced) = match validate_prompt(prompt, partial.as_deref(), &ctx) {
         Ok(r) => r,
         Err(e) => {

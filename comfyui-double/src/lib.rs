@@ -55,6 +55,9 @@ pub struct DoubleConfig {
     /// Whether to keep the observation [`Record`] of every prompt and upload (for tests). A double
     /// serving for a long time (`flowhost serve --simulate`) keeps none, so memory stays flat.
     pub keep_record: bool,
+    /// Whether flowhost's custom node (`FlowhostImageOutput`, raw pixels over the websocket) is
+    /// installed, as in a ComfyUI that flowhost starts. A stock ComfyUI does not have it.
+    pub flowhost_nodes: bool,
 }
 
 /// ComfyUI's `MAXIMUM_HISTORY_SIZE`.
@@ -70,6 +73,7 @@ impl Default for DoubleConfig {
             output_dir: None,
             max_history: MAXIMUM_HISTORY_SIZE,
             keep_record: true,
+            flowhost_nodes: false,
         }
     }
 }
@@ -140,6 +144,7 @@ impl ComfyDouble {
             argv,
             max_history: cfg.max_history.max(1),
             keep_record: cfg.keep_record,
+            flowhost_nodes: cfg.flowhost_nodes,
             loaded_models: Mutex::new(ModelState::default()),
         });
         let app = http::router(shared.clone());

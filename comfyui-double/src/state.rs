@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// `FlowhostImageOutput`'s binary event type (big-endian "FLWR").
+pub(crate) const RASTER_EVENT: u32 = 0x464C_5752;
+
 use axum::extract::ws::Message;
 use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, mpsc};
@@ -111,6 +114,8 @@ pub(crate) struct Shared {
     pub max_history: usize,
     /// Whether prompts and uploads are recorded for tests.
     pub keep_record: bool,
+    /// flowhost's `FlowhostImageOutput` is installed (in the catalogue, executable).
+    pub flowhost_nodes: bool,
     /// The model set the last executed prompt loaded, and how often it changed.
     pub loaded_models: Mutex<ModelState>,
 }
@@ -178,6 +183,23 @@ impl Shared {
         for (id, s) in sockets.iter() {
             if sid.is_none_or(|sid| sid == id) {
                 let _ = s.tx.send(frame(s.preview_metadata.load(Ordering::SeqCst)));
+            }
+        }
+    }
+
+    /// One `FlowhostImageOutput` raster frame (event `FLWR`, header length, JSON header, pixels)
+    /// for `sid`, or everyone when the prompt has no client, as `send_sync(..., server.client_id)`.
+    pub fn send_raster(&self, header_json: &str, pixels: &[u8], sid: Option<&str>) {
+        let mut out = Vec::with_capacity(pixels.len() + header_json.len() + 8);
+        out.extend_from_slice(&RASTER_EVENT.to_be_bytes());
+        out.extend_from_slice(&(header_json.len() as u32).to_be_bytes());
+        out.extend_from_slice(header_json.as_bytes());
+        out.extend_from_slice(pixels);
+        let frame = Message::Binary(out.into());
+        let sockets = lock(&self.sockets);
+        for (id, s) in sockets.iter() {
+            if sid.is_none_or(|sid| sid == id) {
+                let _ = s.tx.send(frame.clone());
             }
         }
     }

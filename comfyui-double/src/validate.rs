@@ -10,11 +10,13 @@ use std::path::{Component, Path, PathBuf};
 
 use serde_json::{Map, Value, json};
 
-use crate::catalogue::{base, model_combos, model_options};
+use crate::catalogue::{model_combos, model_options};
 use crate::models::ModelPaths;
 
 /// What validation needs to know about the server's disk.
 pub(crate) struct ValidationContext<'a> {
+    /// The node classes this ComfyUI has (with or without flowhost's node).
+    pub catalogue: &'a Map<String, Value>,
     pub models: &'a ModelPaths,
     pub input_dir: &'a Path,
     pub output_dir: &'a Path,
@@ -259,7 +261,7 @@ const TB_INPUTS: &str = "  File \"/opt/ComfyUI/execution.py\", line 717, in vali
 
 impl Validator<'_, '_> {
     fn input_specs(&self, class: &str) -> Vec<(String, Value, bool)> {
-        let Some(info) = base().get(class) else { return Vec::new() };
+        let Some(info) = self.ctx.catalogue.get(class) else { return Vec::new() };
         let mut out = Vec::new();
         for (category, required) in [("required", true), ("optional", false)] {
             let Some(inputs) = info.get("input").and_then(|i| i.get(category)).and_then(Value::as_object) else { continue };
@@ -336,7 +338,7 @@ impl Validator<'_, '_> {
                     None => return Err(PyError { kind: "KeyError", message: py_repr(&link[0]), traceback: vec![TB_KEY.into()] }),
                 };
                 let o_class = self.prompt[&o_id].get("class_type").and_then(Value::as_str).unwrap_or_default();
-                let outputs = base().get(o_class).and_then(|i| i.get("output")).and_then(Value::as_array).cloned().unwrap_or_default();
+                let outputs = self.ctx.catalogue.get(o_class).and_then(|i| i.get("output")).and_then(Value::as_array).cloned().unwrap_or_default();
                 let index = match &link[1] {
                     Value::Number(n) if n.as_i64().is_some() => n.as_i64().unwrap_or(0),
                     other => {
@@ -548,7 +550,7 @@ fn validate_prompt_here(
             return Ok((PromptCheck::Rejected { error, node_errors: Map::new() }, prompt.clone()));
         };
         let class_name = py_str(class);
-        let Some(info) = base().get(&class_name) else {
+        let Some(info) = ctx.catalogue.get(&class_name) else {
             let error = error_obj(
                 "invalid_prompt",
                 &format!("Cannot execute because node {class_name} does not exist."),
@@ -640,7 +642,7 @@ mod tests {
     }
 
     fn check(d: &Dirs, prompt: Value) -> (PromptCheck, Value) {
-        let ctx = ValidationContext { models: &d.models, input_dir: d.input.path(), output_dir: d.input.path(), temp_dir: d.input.path() };
+        let ctx = ValidationContext { catalogue: crate::catalogue::catalogue(false), models: &d.models, input_dir: d.input.path(), output_dir: d.input.path(), temp_dir: d.input.path() };
         validate_prompt(&prompt, None, &ctx).unwrap()
     }
 

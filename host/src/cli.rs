@@ -69,6 +69,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// How images a job wants as JPEG leave ComfyUI (`--output-transport`).
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
+pub enum OutputTransport {
+    /// Raw pixels over the websocket through flowhost's `FlowhostImageOutput` node when
+    /// ComfyUI lists it (flowhost installs it into a ComfyUI it supervises), else files.
+    #[default]
+    Auto,
+    /// Always ComfyUI's own `SaveImage` PNG files, fetched over `/view`.
+    Files,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address to listen on.
@@ -167,6 +178,11 @@ pub struct ServeArgs {
     /// JPEG quality for image outputs (1-100).
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub jpeg_quality: u8,
+    /// How JPEG outputs leave ComfyUI: `auto` takes raw pixels over the websocket from
+    /// flowhost's own output node when ComfyUI has it (no PNG, no disk, no /view; installed
+    /// automatically with --comfyui-dir), `files` always uses SaveImage's PNG files.
+    #[arg(long, value_enum, env = "FLOWHOST_OUTPUT_TRANSPORT", default_value = "auto")]
+    pub output_transport: OutputTransport,
     /// Log format.
     #[arg(long, value_enum, env = "FLOWHOST_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,

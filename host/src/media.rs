@@ -1,7 +1,9 @@
 //! Output encoding: ComfyUI saves PNG; callers were promised `image/jpeg`, and the
 //! old service labelled PNG bytes as JPEG. Here PNG is decoded and re-encoded as a
 //! real baseline JPEG (4:2:0, quality configurable); anything else (animated WEBP,
-//! GIF, MP4, or JPEG already) passes through with its true media type.
+//! GIF, MP4, or JPEG already) passes through with its true media type. Raw pixels
+//! from ComfyUI's `FlowhostImageOutput` (the raster transport) are encoded the same
+//! way, without the PNG round trip.
 //!
 //! Speed: one 1024² image is on every request's critical path, and a photographic
 //! (or worst case: noisy) image costs a single core tens of milliseconds to
@@ -80,6 +82,60 @@ pub fn png_to_jpeg_threads(png_bytes: &[u8], quality: u8, threads: usize) -> Res
         Ok(strip)
     });
     encode_strips(decoded, &plan, width, line, layout, quality, threads)
+}
+
+/// Raw 8-bit pixels (`channels` of 1–4: grey, grey + alpha, RGB, RGBA; rows of `width`, no
+/// padding) as a baseline JPEG at `quality`, in strips on up to [`default_threads`] threads.
+/// What the raster output transport (`FlowhostImageOutput`) needs: the same JPEG
+/// [`png_to_jpeg`] makes of a PNG of these pixels, without the PNG.
+pub fn raster_to_jpeg(pixels: &[u8], width: u32, height: u32, channels: u8, quality: u8) -> Result<Vec<u8>> {
+    raster_to_jpeg_threads(pixels, width, height, channels, quality, default_threads())
+}
+
+/// [`raster_to_jpeg`] on exactly `threads` encoder threads (for the benchmark).
+pub fn raster_to_jpeg_threads(pixels: &[u8], width: u32, height: u32, channels: u8, quality: u8, threads: usize) -> Result<Vec<u8>> {
+    if width == 0 || height == 0 || width > u16::MAX as u32 || height > u16::MAX as u32 {
+        bail!("a {width}x{height} image cannot be a JPEG");
+    }
+    let layout = Layout::of(raster_color(channels)?)?;
+    let line = width as usize * layout.channels;
+    if pixels.len() != line * height as usize {
+        bail!("{} bytes are not {width}x{height} pixels of {channels} channels", pixels.len());
+    }
+    let plan = StripPlan::new(width, height, layout.mcu, threads);
+    if plan.strips <= 1 {
+        return encode_strip(pixels, width, height, layout, quality, None);
+    }
+    let strips = pixels.chunks(plan.rows_per_strip as usize * line).map(|s| Ok(s.to_vec()));
+    encode_strips(strips, &plan, width, line, layout, quality, threads)
+}
+
+/// Raw 8-bit pixels as a PNG (fast compression), for a raster output a job wants as PNG.
+pub fn raster_to_png(pixels: &[u8], width: u32, height: u32, channels: u8) -> Result<Vec<u8>> {
+    let color = raster_color(channels)?;
+    let expected = width as usize * height as usize * channels as usize;
+    if pixels.len() != expected || width == 0 || height == 0 {
+        bail!("{} bytes are not {width}x{height} pixels of {channels} channels", pixels.len());
+    }
+    let mut out = Vec::with_capacity(expected / 2 + 1024);
+    let mut encoder = png::Encoder::new(&mut out, width, height);
+    encoder.set_color(color);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_compression(png::Compression::Fast);
+    let mut writer = encoder.write_header().context("writing the PNG header")?;
+    writer.write_image_data(pixels).context("encoding the PNG")?;
+    writer.finish().context("finishing the PNG")?;
+    Ok(out)
+}
+
+fn raster_color(channels: u8) -> Result<png::ColorType> {
+    Ok(match channels {
+        1 => png::ColorType::Grayscale,
+        2 => png::ColorType::GrayscaleAlpha,
+        3 => png::ColorType::Rgb,
+        4 => png::ColorType::Rgba,
+        n => bail!("an image of {n} channels is not grey, grey + alpha, RGB or RGBA"),
+    })
 }
 
 /// How decoded PNG pixels map onto the JPEG encoder's input.
@@ -421,5 +477,40 @@ mod tests {
     fn quicktime_is_not_labelled_mp4() {
         // The host once had its own sniffer that called every ftyp file video/mp4.
         assert_eq!(sniff_media_type(b"\0\0\0\x14ftypqt  \0\0\0\0qt  "), "video/quicktime");
+    }
+
+    #[test]
+    fn raw_pixels_become_byte_for_byte_the_jpeg_their_png_becomes() {
+        let (w, h) = (203, 77);
+        let rgb = noise((w * h * 3) as usize);
+        for threads in [1, 2, 8] {
+            let from_png = png_to_jpeg_threads(&png_of(w, h, png::ColorType::Rgb, &rgb), 90, threads).unwrap();
+            assert_eq!(raster_to_jpeg_threads(&rgb, w, h, 3, 90, threads).unwrap(), from_png, "{threads} threads");
+        }
+        let rgba = noise((w * h * 4) as usize);
+        let from_png = png_to_jpeg_threads(&png_of(w, h, png::ColorType::Rgba, &rgba), 85, 4).unwrap();
+        assert_eq!(raster_to_jpeg_threads(&rgba, w, h, 4, 85, 4).unwrap(), from_png);
+        let grey = noise((w * h) as usize);
+        let from_png = png_to_jpeg_threads(&png_of(w, h, png::ColorType::Grayscale, &grey), 90, 3).unwrap();
+        assert_eq!(raster_to_jpeg_threads(&grey, w, h, 1, 90, 3).unwrap(), from_png);
+    }
+
+    #[test]
+    fn raw_pixels_of_the_wrong_size_or_shape_are_errors() {
+        assert!(raster_to_jpeg(&[0; 11], 2, 2, 3, 90).unwrap_err().to_string().contains("not 2x2 pixels"));
+        assert!(raster_to_jpeg(&[0; 20], 2, 2, 5, 90).is_err());
+        assert!(raster_to_jpeg(&[], 0, 0, 3, 90).is_err());
+        assert!(raster_to_png(&[0; 11], 2, 2, 3).is_err());
+    }
+
+    #[test]
+    fn raw_pixels_as_png_decode_to_the_same_pixels() {
+        let rgb = noise(31 * 17 * 3);
+        let png_bytes = raster_to_png(&rgb, 31, 17, 3).unwrap();
+        let mut reader = png::Decoder::new(std::io::Cursor::new(&png_bytes)).read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!((info.width, info.height), (31, 17));
+        assert_eq!(&buf[..info.buffer_size()], &rgb[..]);
     }
 }

@@ -83,6 +83,12 @@ struct PluginLabels {
     plugin: String,
 }
 
+/// `transport`: `raster` or `encoded`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabels {
+    transport: String,
+}
+
 /// `worker` is the pool index name (`w0`, `w1`, …): bounded, and no host or port.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerLabels {
@@ -125,6 +131,7 @@ struct Inner {
     dispatch_wait: DurationFamily,
     model_switches: Family<WorkerLabels, Counter>,
     affinity_hits: Family<WorkerLabels, Counter>,
+    outputs: Family<TransportLabels, Counter>,
 }
 
 /// The webhook outbox's metrics (issue #14). `outcome` is one of a fixed set:
@@ -257,6 +264,12 @@ impl Metrics {
             "Jobs dispatched to a ComfyUI worker that had another model set loaded (a LoRA or model change), by worker",
             model_switches.clone(),
         );
+        let outputs = Family::<TransportLabels, Counter>::default();
+        registry.register(
+            "outputs",
+            "Outputs stored, by how they left ComfyUI: `raster` (raw pixels from flowhost's node, encoded here) or `encoded` (media ComfyUI encoded: SaveImage files, websocket images, videos)",
+            outputs.clone(),
+        );
         let affinity_hits = Family::<WorkerLabels, Counter>::default();
         registry.register(
             "affinity_hits",
@@ -283,6 +296,7 @@ impl Metrics {
                 dispatch_wait,
                 model_switches,
                 affinity_hits,
+                outputs,
             }),
         }
     }
@@ -332,6 +346,11 @@ impl Metrics {
         let labels = WorkerLabels { worker: worker.to_owned() };
         let family = if switch { &self.inner.model_switches } else { &self.inner.affinity_hits };
         family.get_or_create(&labels).inc();
+    }
+
+    /// One output stored; `transport` is `raster` or `encoded` (see the family's help).
+    pub fn output_stored(&self, transport: &'static str) {
+        self.inner.outputs.get_or_create(&TransportLabels { transport: transport.to_owned() }).inc();
     }
 
     /// How long a job of `route` waited in the queue before a worker claimed it.

@@ -188,6 +188,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
             queue_depth: args.queue_depth,
             job_timeout: Duration::from_secs(args.job_timeout.max(1)),
             jpeg_quality: args.jpeg_quality,
+            raster_outputs: args.output_transport == crate::cli::OutputTransport::Auto,
             inputs: args.inputs.clone(),
             retention,
             dispatch,
@@ -299,6 +300,14 @@ async fn start_workers(args: &ServeArgs, models_root: Option<&std::path::Path>, 
         }
         None => None,
     };
+    // flowhost's output node, rewritten on every start (an upgraded flowhost ships its node).
+    let flowhost_nodes = match args.output_transport {
+        crate::cli::OutputTransport::Auto => {
+            let folder = args.cache_dir.join("comfyui-nodes");
+            Some(flowhost_comfy::raster::install(&folder).with_context(|| format!("installing flowhost's ComfyUI node in {}", folder.display()))?)
+        }
+        crate::cli::OutputTransport::Files => None,
+    };
     let gpus: Vec<Option<&String>> = if args.gpus.is_empty() { vec![None] } else { args.gpus.iter().map(Some).collect() };
     let mut specs = Vec::new();
     // A GPU may be listed twice (two ComfyUIs sharing one big card): each still gets its
@@ -312,6 +321,7 @@ async fn start_workers(args: &ServeArgs, models_root: Option<&std::path::Path>, 
         sup.extra_args = args.comfyui_args.clone();
         sup.startup_timeout = Duration::from_secs(args.comfyui_startup_timeout);
         sup.extra_model_paths_config = extra_model_paths.clone();
+        sup.flowhost_nodes_config = flowhost_nodes.clone();
         if let Some(gpu) = gpu {
             if gpu.is_empty() || !gpu.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
                 anyhow::bail!("--gpus: {gpu:?} is not a GPU index or UUID");

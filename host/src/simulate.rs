@@ -62,6 +62,8 @@ mod with_double {
                 // A simulated backend may serve for days: keep a short history and no test record.
                 max_history: SIMULATED_HISTORY,
                 keep_record: false,
+                // flowhost "installed" its output node, as it does in a ComfyUI it starts.
+                flowhost_nodes: true,
                 ..DoubleConfig::default()
             })
             .await

@@ -56,6 +56,15 @@ pub fn build_component(package: &str, env: &[(&str, &str)]) -> Result<PathBuf> {
     Ok(copy)
 }
 
+/// [`build_component`] without extra env, built once per test binary: the path of
+/// `package`'s component (panics if it does not build: every test needing it fails).
+pub fn component(package: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<Mutex<std::collections::HashMap<String, PathBuf>>> = std::sync::OnceLock::new();
+    let map = BUILT.get_or_init(Default::default);
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(package.to_string()).or_insert_with(|| build_component(package, &[]).expect("component builds")).clone()
+}
+
 /// Write `bytes` to `dir/name` atomically (temp file + rename), the way a
 /// careful publisher does.
 pub fn publish_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
@@ -208,6 +217,16 @@ impl ExternalComfy {
     /// As [`ExternalComfy::start`], as if ComfyUI were started with these flags (e.g.
     /// `--preview-method latent2rgb`: samplers then send preview frames).
     pub async fn start_with_argv(flags: &[&str]) -> Result<Self> {
+        Self::start_configured(flags, false).await
+    }
+
+    /// As [`ExternalComfy::start`], with flowhost's `FlowhostImageOutput` node installed (as in a
+    /// ComfyUI that flowhost starts), so JPEG outputs come as raw pixels over the websocket.
+    pub async fn start_with_flowhost_nodes() -> Result<Self> {
+        Self::start_configured(&[], true).await
+    }
+
+    async fn start_configured(flags: &[&str], flowhost_nodes: bool) -> Result<Self> {
         let models = tempfile::tempdir()?;
         for (folder, name) in [
             ("diffusion_models", "flux1-dev.safetensors"),
@@ -229,7 +248,7 @@ impl ExternalComfy {
         }
         let argv = std::iter::once("main.py").chain(flags.iter().copied()).map(str::to_string).collect();
         let double = comfyui_double::ComfyDouble::start_with_argv(
-            comfyui_double::DoubleConfig { models_dir: Some(models.path().to_path_buf()), ..Default::default() },
+            comfyui_double::DoubleConfig { models_dir: Some(models.path().to_path_buf()), flowhost_nodes, ..Default::default() },
             argv,
         )
         .await?;

@@ -3,19 +3,12 @@
 //! failure the old service got wrong has a test here, asserting the status and
 //! the facts in the problem body.
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use flowhost_tests::{ExternalComfy, TestServer, build_component, eventually, problem};
+use flowhost_tests::{ExternalComfy, TestServer, component, eventually, problem};
 use serde_json::{Value, json};
 
-fn component(package: &str) -> PathBuf {
-    static BUILT: OnceLock<std::sync::Mutex<std::collections::HashMap<String, PathBuf>>> = OnceLock::new();
-    let map = BUILT.get_or_init(Default::default);
-    let mut map = map.lock().unwrap();
-    map.entry(package.to_string()).or_insert_with(|| build_component(package, &[]).expect("component builds")).clone()
-}
+
 
 async fn serve(comfy: &ExternalComfy, extra: &[&str]) -> TestServer {
     let mut args: Vec<String> = comfy.args();

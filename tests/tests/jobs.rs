@@ -7,13 +7,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use flowhost::jobs::{Job, JobStatus};
 use flowhost_tests::pg::PgCluster;
-use flowhost_tests::{ExternalComfy, TestServer, build_component, eventually, problem};
+use flowhost_tests::{ExternalComfy, TestServer, component, eventually, problem};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -38,6 +37,7 @@ macro_rules! on_both_stores {
 on_both_stores!(
     a_queued_job_runs_and_a_running_one_is_reconciled_from_history_after_a_crash,
     a_job_running_when_flowhost_died_that_comfyui_lost_ends_host_restarted,
+    a_job_whose_pixels_went_to_a_dead_flowhost_is_recovered_with_files_after_the_restart,
     an_async_typed_request_is_followed_to_a_jpeg,
     a_sync_request_on_a_busy_queue_waits_then_succeeds,
     queue_full_is_a_503_with_retry_after,
@@ -79,12 +79,7 @@ impl State {
     }
 }
 
-fn component(package: &str) -> PathBuf {
-    static BUILT: OnceLock<std::sync::Mutex<std::collections::HashMap<String, PathBuf>>> = OnceLock::new();
-    let map = BUILT.get_or_init(Default::default);
-    let mut map = map.lock().unwrap();
-    map.entry(package.to_string()).or_insert_with(|| build_component(package, &[]).expect("component builds")).clone()
-}
+
 
 fn plugin_files() -> Vec<(&'static str, PathBuf)> {
     vec![("flux-dev.wasm", component("flux-dev")), ("flux-instantid.wasm", component("flux-instantid"))]
@@ -238,6 +233,38 @@ async fn a_queued_job_runs_and_a_running_one_is_reconciled_from_history_after_a_
     let again = third.server.state.jobs.get(job_id(&queued)).await.unwrap().expect("still stored");
     assert_eq!(again.status, JobStatus::Succeeded);
     assert_eq!(output_jpeg(&third, &again).await, (512, 256));
+}
+
+/// The raster transport's pixels exist only on the websocket: a flowhost that died while its
+/// ComfyUI ran the prompt never got them. After the restart the job still succeeds, from one
+/// re-run of the graph with file outputs (the derived `{prompt_id}-files` prompt).
+async fn a_job_whose_pixels_went_to_a_dead_flowhost_is_recovered_with_files_after_the_restart(dialect: Dialect) {
+    let comfy = ExternalComfy::start_with_flowhost_nodes().await.unwrap();
+    let state = State::new(dialect).await;
+    comfy.double.faults().hang(true);
+    let first = Flowhost::start(&comfy, &state, &["--max-in-flight", "1"]).await;
+    let client = reqwest::Client::new();
+    let running = post_async(&client, &first.base, "/flux-dev", &flux(1)).await;
+    let submitted = eventually(Duration::from_secs(10), || async { (comfy.double.record().prompts.len() == 1).then_some(()) }).await;
+    assert!(submitted.is_some(), "the job reached ComfyUI");
+    first.crash();
+    comfy.double.faults().hang(false);
+    let finished = eventually(Duration::from_secs(10), || async {
+        let history: Value = reqwest::get(format!("{}/history", comfy.double.url())).await.ok()?.json().await.ok()?;
+        (history.as_object()?.len() == 1).then_some(())
+    })
+    .await;
+    assert!(finished.is_some(), "the double finished the orphaned prompt");
+
+    let second = serve(&comfy, &state, &["--max-in-flight", "1"]).await;
+    let recovered = job_eventually(&second, job_id(&running), "succeeded", |j| j.status == JobStatus::Succeeded).await;
+    assert_eq!(output_jpeg(&second, &recovered).await, (512, 256));
+    let prompts = comfy.double.record().prompts;
+    assert_eq!(prompts.len(), 2, "one re-run, no more");
+    assert_eq!(flowhost_tests::nodes_of_class(&prompts[0].1, "FlowhostImageOutput"), 1, "the first run sent pixels");
+    assert!(prompts[1].0.ends_with("-files"), "the re-run is the derived prompt: {}", prompts[1].0);
+    assert_eq!(flowhost_tests::nodes_of_class(&prompts[1].1, "SaveImage"), 1, "the re-run saves a file");
+    second.server.shutdown().await.unwrap();
 }
 
 async fn a_job_running_when_flowhost_died_that_comfyui_lost_ends_host_restarted(dialect: Dialect) {

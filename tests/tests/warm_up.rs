@@ -4,19 +4,12 @@
 //! it 503 with the reason; after a supervised ComfyUI restart the round runs
 //! again. Real `flowhost serve`, real plugins, the ComfyUI double, real sockets.
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use flowhost_tests::{ExternalComfy, TestServer, build_component, eventually};
+use flowhost_tests::{ExternalComfy, TestServer, component, eventually};
 use serde_json::{Value, json};
 
-fn component(package: &str) -> PathBuf {
-    static BUILT: OnceLock<std::sync::Mutex<std::collections::HashMap<String, PathBuf>>> = OnceLock::new();
-    let map = BUILT.get_or_init(Default::default);
-    let mut map = map.lock().unwrap();
-    map.entry(package.to_string()).or_insert_with(|| build_component(package, &[]).expect("component builds")).clone()
-}
+
 
 async fn serve(comfy: &ExternalComfy, extra: &[&str]) -> TestServer {
     let mut args: Vec<String> = comfy.args();

@@ -1,7 +1,8 @@
 //! PNG → JPEG, the part of every image request flowhost spends on its own CPU:
 //! decode-only, encode-only and the whole conversion, single-threaded (the old
 //! path) against `flowhost::media`'s strip-parallel encoder at several thread
-//! counts, on a worst-case image.
+//! counts, on a worst-case image; and raw pixels → JPEG (the raster transport,
+//! where no PNG exists).
 //!
 //! ```sh
 //! cargo run --release -p flowhost-benches --bin jpeg_bench                 # 1024² noise, generated
@@ -53,6 +54,14 @@ fn main() -> Result<()> {
             let size = media::png_to_jpeg_threads(png_bytes, QUALITY, threads)?.len();
             let label = if threads == 1 { "PNG → JPEG (old path: one thread, no restart markers)" } else { "PNG → JPEG, strips in parallel" };
             line(label, &threads.to_string(), &t, Some(size));
+        }
+        if pixels.len() == (w * h * 3) as usize {
+            // The raster transport: the same pixels arrive raw, so only the encode is left.
+            for &threads in &threads {
+                let t = time(n, || media::raster_to_jpeg_threads(&pixels, w, h, 3, QUALITY, threads).map(|j| j.len()));
+                let size = media::raster_to_jpeg_threads(&pixels, w, h, 3, QUALITY, threads)?.len();
+                line("raw pixels → JPEG (raster transport), strips in parallel", &threads.to_string(), &t, Some(size));
+            }
         }
     }
     Ok(())

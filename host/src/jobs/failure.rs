@@ -232,6 +232,8 @@ pub fn from_comfy(err: ComfyError, caller_nodes: &[String]) -> JobFailure {
         ComfyError::Timeout { prompt_id, waited } => JobFailure::Timeout { prompt_id: Some(prompt_id), waited_ms: waited.as_millis() as u64 },
         ComfyError::Protocol { detail } => JobFailure::Protocol { detail },
         ComfyError::OutputMissing { node_id } => JobFailure::OutputMissing { node_id, caller_fault: !caller_nodes.is_empty() },
+        // The backend re-runs such a prompt with files; reaching here means it could not.
+        e @ ComfyError::OutputsLost { .. } => JobFailure::ComfyUnavailable { detail: e.to_string(), retry_after_s: RETRY_AFTER_DOWN },
     }
 }
 

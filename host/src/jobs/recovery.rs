@@ -113,6 +113,12 @@ impl JobService {
                 && let Some(outcome) = entry.outcome(&prompt_id)
             {
                 return match outcome {
+                    PromptOutcome::Success if entry.outputs.values().any(|o| flowhost_comfy::raster::rasters_sent(o).is_some()) => {
+                        // Its pixels went to the socket of the flowhost that stopped: run the
+                        // graph again with file outputs (ComfyUI's cache answers all but the save).
+                        let outputs = self.rerun_with_files(&backend, job, &prompt_id, limit).await?;
+                        self.store_outputs(job, outputs).await
+                    }
                     PromptOutcome::Success => {
                         let outputs = self.collect_history_outputs(&client, job, &entry).await?;
                         self.store_outputs(job, outputs).await
@@ -149,6 +155,21 @@ impl JobService {
         }
     }
 
+    /// Run the job's executed graph once more with `SaveImage` files, under the derived
+    /// `{prompt_id}-files` id, within what is left of the job's time.
+    async fn rerun_with_files(&self, backend: &flowhost_comfy::ComfyBackend, job: &Job, prompt_id: &str, limit: SystemTime) -> Result<Vec<FetchedOutput>, JobFailure> {
+        let left = limit.duration_since(SystemTime::now()).unwrap_or_default();
+        if left.is_zero() {
+            return Err(JobFailure::Timeout { prompt_id: Some(prompt_id.to_string()), waited_ms: job.created_at.elapsed().unwrap_or_default().as_millis() as u64 });
+        }
+        tracing::info!(job_id = %job.id, prompt_id, "outputs were sent as pixels to the stopped flowhost; running the graph again with files");
+        let mut request = flowhost_comfy::RunRequest::new(super::runner::with_job_output_names(job.workflow.clone(), job.id), left);
+        request.outputs = job.spec.outputs.clone();
+        request.prompt_id = Some(flowhost_comfy::raster::files_prompt_id(prompt_id));
+        let result = backend.run(request).await.map_err(|e| super::failure::from_comfy(e, &job.spec.caller_nodes))?;
+        Ok(result.media.into_iter().map(|m| FetchedOutput { node_id: m.node_id, filename: m.filename, bytes: m.bytes, media_type: m.media_type, raster: m.raster }).collect())
+    }
+
     /// The job's outputs from a history entry: the requested nodes, else the last node with media.
     async fn collect_history_outputs(&self, client: &flowhost_comfy::ComfyClient, job: &Job, entry: &flowhost_comfy::protocol::HistoryEntry) -> Result<Vec<FetchedOutput>, JobFailure> {
         let mut nodes: Vec<(&String, Vec<flowhost_comfy::protocol::FileRef>)> =
@@ -170,7 +191,7 @@ impl JobService {
             for file in files {
                 let bytes = client.view(&file).await.map_err(|e| super::failure::from_comfy(e, &[]))?;
                 let media_type = flowhost_comfy::media::sniff_media_type(&bytes).to_string();
-                out.push(FetchedOutput { node_id: node.clone(), filename: file.filename.clone(), bytes, media_type });
+                out.push(FetchedOutput { node_id: node.clone(), filename: file.filename.clone(), bytes, media_type, raster: None });
             }
         }
         if out.is_empty() {

@@ -37,6 +37,8 @@ pub(super) struct FetchedOutput {
     pub filename: String,
     pub bytes: Bytes,
     pub media_type: String,
+    /// Set when `bytes` are raw pixels (the raster transport): encode them, never store them.
+    pub raster: Option<flowhost_comfy::run::RasterShape>,
 }
 
 /// The per-job upload folder in ComfyUI's input directory.
@@ -162,6 +164,8 @@ impl JobService {
         let mut request = RunRequest::new(graph, deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
         request.outputs = job.spec.outputs.clone();
         request.prompt_id = Some(prompt_id.to_string());
+        // The job wants a JPEG we encode anyway: ComfyUI's PNG would only be decoded again.
+        request.raster_outputs = self.config.raster_outputs && job.spec.encoding == OutputEncoding::Jpeg;
         let mut extra = match &job.spec.extra_data {
             Value::Object(m) => m.clone(),
             _ => Map::new(),
@@ -233,7 +237,7 @@ impl JobService {
         let fetched: Vec<FetchedOutput> = result
             .media
             .into_iter()
-            .map(|m| FetchedOutput { node_id: m.node_id, filename: m.filename, bytes: m.bytes, media_type: m.media_type })
+            .map(|m| FetchedOutput { node_id: m.node_id, filename: m.filename, bytes: m.bytes, media_type: m.media_type, raster: m.raster })
             .collect();
         self.store_outputs(job, fetched).await?;
         Ok(RunPhases { comfy_queue, execution: result.timings.executing, fetch: result.timings.fetching + fetch_started.elapsed() })
@@ -242,7 +246,11 @@ impl JobService {
     /// Encode (per the job's encoding), store as blobs and asset records, tell subscribers.
     pub(super) async fn store_outputs(&self, job: &mut Job, outputs: Vec<FetchedOutput>) -> Result<(), JobFailure> {
         for output in outputs {
-            let (bytes, media_type) = encode(output.bytes, &output.media_type, job.spec.encoding, self.config.jpeg_quality).await?;
+            self.metrics.output_stored(if output.raster.is_some() { "raster" } else { "encoded" });
+            let (bytes, media_type) = match output.raster {
+                Some(shape) => encode_raster(output.bytes, shape, job.spec.encoding, self.config.jpeg_quality).await?,
+                None => encode(output.bytes, &output.media_type, job.spec.encoding, self.config.jpeg_quality).await?,
+            };
             let size = bytes.len() as u64;
             let (hash, _) = self.blobs.put(bytes).await.map_err(JobFailure::internal)?;
             let asset = Asset {
@@ -288,7 +296,7 @@ impl JobService {
 /// and ComfyUI answers an identical prompt from its cache with the *earlier* prompt's file
 /// names — files already deleted (a 404 on `/view`). With the job id in the prefix the save
 /// node re-runs (writing new files) while everything upstream still comes from the cache.
-fn with_job_output_names(mut graph: Value, job_id: Uuid) -> Value {
+pub(super) fn with_job_output_names(mut graph: Value, job_id: Uuid) -> Value {
     let tag = job_id.simple().to_string();
     let tag = &tag[..8];
     if let Value::Object(nodes) = &mut graph {
@@ -332,6 +340,21 @@ pub(super) async fn encode(bytes: Bytes, media_type: &str, encoding: OutputEncod
     let encoded = tokio::task::spawn_blocking(move || media::png_to_jpeg(&bytes, quality)).await;
     match encoded {
         Ok(Ok(jpeg)) => Ok((jpeg.into(), "image/jpeg".into())),
+        Ok(Err(err)) => Err(JobFailure::OutputUnreadable { detail: format!("{err:#}") }),
+        Err(err) => Err(JobFailure::internal(err)),
+    }
+}
+
+/// Raw pixels → JPEG (or PNG, for a job that keeps PNG), on the blocking pool.
+pub(super) async fn encode_raster(pixels: Bytes, shape: flowhost_comfy::run::RasterShape, encoding: OutputEncoding, quality: u8) -> Result<(Bytes, String), JobFailure> {
+    let flowhost_comfy::run::RasterShape { width, height, channels } = shape;
+    let encoded = tokio::task::spawn_blocking(move || match encoding {
+        OutputEncoding::Jpeg => media::raster_to_jpeg(&pixels, width, height, channels, quality).map(|b| (b, "image/jpeg")),
+        _ => media::raster_to_png(&pixels, width, height, channels).map(|b| (b, "image/png")),
+    })
+    .await;
+    match encoded {
+        Ok(Ok((bytes, media_type))) => Ok((bytes.into(), media_type.into())),
         Ok(Err(err)) => Err(JobFailure::OutputUnreadable { detail: format!("{err:#}") }),
         Err(err) => Err(JobFailure::internal(err)),
     }

@@ -42,6 +42,9 @@ pub struct JobConfig {
     /// typed request also its wait in the queue (admission to the last byte).
     pub job_timeout: Duration,
     pub jpeg_quality: u8,
+    /// Ask for JPEG outputs as raw pixels (`--output-transport auto`; used only when
+    /// ComfyUI lists the node).
+    pub raster_outputs: bool,
     /// The inputs volume for path-valued image fields.
     pub inputs: Option<PathBuf>,
     /// How long jobs and their assets are kept after creation.
@@ -52,7 +55,7 @@ pub struct JobConfig {
 
 impl Default for JobConfig {
     fn default() -> Self {
-        JobConfig { max_in_flight: 5, queue_depth: 100, job_timeout: Duration::from_secs(120), jpeg_quality: 90, inputs: None, retention: Duration::from_secs(24 * 3600), dispatch: DispatchRule::default() }
+        JobConfig { max_in_flight: 5, queue_depth: 100, job_timeout: Duration::from_secs(120), jpeg_quality: 90, raster_outputs: true, inputs: None, retention: Duration::from_secs(24 * 3600), dispatch: DispatchRule::default() }
     }
 }
 
