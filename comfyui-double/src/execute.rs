@@ -603,6 +603,9 @@ async fn run_prompt(s: &Shared, item: &QueueItem) -> Value {
                     "version": 1, "prompt_id": item.prompt_id, "node_id": id, "index": i, "count": n,
                     "width": spec.width, "height": spec.height, "channels": 3, "dtype": "uint8", "layout": "hwc", "filename": filename,
                 });
+                if run.client.is_none() {
+                    continue; // the real node sends nothing to a prompt without a client (and lists nothing)
+                }
                 if s.faults.settings().drop_ws_on_raster {
                     s.drop_all_sockets();
                 } else {

@@ -55,13 +55,18 @@ mod support {
     }
 
     pub async fn rig() -> Rig {
+        rig_with(false).await
+    }
+
+    /// A rig whose ComfyUI has flowhost's `FlowhostImageOutput` installed (or not).
+    pub async fn rig_with(flowhost_nodes: bool) -> Rig {
         let models = tempfile::tempdir().unwrap();
         for f in CAPTURED_MODELS {
             let p = models.path().join(f);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, b"").unwrap();
         }
-        let double = ComfyDouble::start(DoubleConfig { models_dir: Some(models.path().to_path_buf()), ..Default::default() }).await.unwrap();
+        let double = ComfyDouble::start(DoubleConfig { models_dir: Some(models.path().to_path_buf()), flowhost_nodes, ..Default::default() }).await.unwrap();
         Rig { double, http: reqwest::Client::new(), models }
     }
 
@@ -991,5 +996,103 @@ mod long_running {
         assert_eq!(kept, ids[3..].iter().collect::<Vec<_>>(), "the newest three, oldest first");
         assert!(rig.double.record().prompts.is_empty());
         assert!(rig.double.record().uploads.is_empty());
+    }
+}
+
+/// flowhost's own ComfyUI node against what a real ComfyUI 0.3.64 with it loaded answered
+/// (`fixtures/*flowhost*`: object_info, the websocket transcript and history of one prompt).
+mod flowhost_node {
+    use super::*;
+
+    /// The captured prompt: node 1 EmptyImage 67×45 ×2, node 2 FlowhostImageOutput, node 3 SaveImage.
+    fn captured() -> (String, Value, Vec<Value>) {
+        let history = fixture_json("history-flowhost-raster.json");
+        let (pid, entry) = history.as_object().unwrap().iter().next().unwrap();
+        let lines = transcript("transcript-flowhost-raster.jsonl");
+        (pid.clone(), entry.clone(), lines)
+    }
+
+    #[tokio::test]
+    async fn it_is_listed_and_accepted_only_where_installed() {
+        let with = rig_with(true).await;
+        let (status, info) = with.get("/object_info/FlowhostImageOutput").await;
+        assert_eq!(status, 200);
+        assert_eq!(info, fixture_json("flowhost-image-output.object_info.json"));
+        let stock = rig().await;
+        assert_eq!(stock.get("/object_info/FlowhostImageOutput").await.1, json!({}));
+        let (_, entry, _) = captured();
+        let (status, body) = stock.post("/prompt", &json!({"prompt": entry["prompt"][2]})).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"]["message"], "Cannot execute because node FlowhostImageOutput does not exist.");
+        with.double.shutdown().await;
+        stock.double.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn its_frames_history_and_pixels_are_the_real_nodes() {
+        let rig = rig_with(true).await;
+        let (real_pid, entry, lines) = captured();
+        let mut ws = rig.ws("raster-client").await;
+        let pid = rig.submit(json!({"prompt": entry["prompt"][2], "client_id": "raster-client"})).await;
+        let frames = ws.until_done(&pid).await;
+
+        // The same frames: event type, header (its own prompt id), payload size.
+        let real: Vec<&Value> = lines.iter().filter_map(|l| l.get("binary")).collect();
+        let ours: Vec<&Vec<u8>> = frames.iter().filter_map(|f| if let Frame::Binary(b) = f { Some(b) } else { None }).collect();
+        assert_eq!(ours.len(), real.len(), "one frame per image");
+        let saved = rig.history(&pid).await["outputs"]["3"]["images"].clone();
+        for (i, (frame, want)) in ours.iter().zip(&real).enumerate() {
+            assert_eq!(u32::from_be_bytes(frame[..4].try_into().unwrap()) as u64, want["event_type"].as_u64().unwrap());
+            let len = u32::from_be_bytes(frame[4..8].try_into().unwrap()) as usize;
+            let mut header: Value = serde_json::from_slice(&frame[8..8 + len]).unwrap();
+            assert_eq!(header["prompt_id"], pid);
+            header["prompt_id"] = json!(real_pid);
+            assert_eq!(header, want["header"]);
+            let pixels = &frame[8 + len..];
+            assert_eq!(pixels.len() as u64, want["payload_len"].as_u64().unwrap());
+            // The pixels are exactly what SaveImage wrote for the same image.
+            let png = rig.view(&saved[i]).await.bytes().await.unwrap();
+            assert_eq!(png_pixels(&png).2, pixels, "image {i}");
+        }
+
+        // The same order of messages around them.
+        let kinds = |items: Vec<String>| items.into_iter().filter(|k| k != "progress_state" && k != "status").collect::<Vec<_>>();
+        let real_order = kinds(lines.iter().map(|l| match l.get("binary") {
+            Some(_) => "binary".to_string(),
+            None => l["text"]["type"].as_str().unwrap().to_string(),
+        }).collect());
+        let our_order = kinds(frames.iter().filter_map(|f| match f {
+            Frame::Binary(_) => Some("binary".to_string()),
+            Frame::Text(v) => Some(v["type"].as_str().unwrap().to_string()),
+            Frame::Closed => None,
+        }).collect());
+        assert_eq!(our_order, real_order);
+        assert_eq!(rig.history(&pid).await["outputs"]["2"], entry["outputs"]["2"]);
+
+        // IS_CHANGED is NaN: the same prompt again sends its frames again (the image comes from the cache).
+        let again = rig.submit(json!({"prompt": entry["prompt"][2], "client_id": "raster-client"})).await;
+        let frames = ws.until_done(&again).await;
+        assert_eq!(frames.iter().filter(|f| matches!(f, Frame::Binary(_))).count(), 2);
+        let cached = texts(&frames).into_iter().find(|v| v["type"] == "execution_cached").unwrap();
+        assert!(cached["data"]["nodes"].as_array().unwrap().contains(&json!("1")), "{cached}");
+        rig.double.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_prompt_without_a_client_broadcasts_no_pixels_and_lists_none() {
+        let rig = rig_with(true).await;
+        let (_, entry, _) = captured();
+        let mut ws = rig.ws("bystander").await;
+        let pid = rig.submit(json!({"prompt": entry["prompt"][2]})).await;
+        let done = rig.history(&pid).await;
+        assert_eq!(done["outputs"]["2"], json!({"flowhost_rasters": []}));
+        // What the bystander got by then: status broadcasts at most, never a raster frame.
+        while let Ok(frame) = tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+            assert!(!matches!(frame, Frame::Binary(_)), "pixels broadcast to a socket that did not submit");
+            if matches!(frame, Frame::Closed) {
+                break;
+            }
+        }
+        rig.double.shutdown().await;
     }
 }

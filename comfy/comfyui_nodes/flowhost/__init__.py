@@ -20,13 +20,16 @@ client, in order with the prompt's other messages, so before `execution_success`
 
     u32 BE  event type 0x464C5752 ("FLWR")
     u32 BE  length of the JSON header that follows
-    JSON    {"prompt_id", "node_id", "index", "count", "width", "height",
-             "channels", "dtype": "uint8", "layout": "hwc", "filename"}
+    JSON    {"version": 1, "prompt_id", "node_id", "index", "count", "width",
+             "height", "channels", "dtype": "uint8", "layout": "hwc", "filename"}
     bytes   height x width x channels samples, row-major, no padding
 
 The node's history output (`ui.flowhost_rasters`: index, width, height, channels and
 `name`, never `filename`, so no client takes it for a file to `/view`) lists what it sent, so
-flowhost can tell "sent but lost" from "never produced".
+flowhost can tell "sent but lost" from "never produced". A prompt without a `client_id`
+gets no frames (ComfyUI would broadcast them to every socket). With list inputs the node
+runs once per list item, so `index`/`count` restart per call: flowhost orders frames by
+arrival, never by `index`.
 """
 
 import json
@@ -104,6 +107,10 @@ class FlowhostImageOutput:
             payload = bytearray(struct.pack(">I", len(header)))
             payload += header
             payload += pixels.tobytes()
+            if srv.client_id is None:
+                # A prompt without a client: send_sync would broadcast the pixels to every
+                # socket. Nobody asked for them; the history lists only what was sent.
+                continue
             srv.send_sync(EVENT_RASTER, payload, srv.client_id)
             sent.append({"index": index, "width": width, "height": height, "channels": channels, "name": filename})
         return {"ui": {"flowhost_rasters": sent}}
