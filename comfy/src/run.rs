@@ -1,8 +1,9 @@
 //! One prompt from submission to output bytes: choose the prompt_id, register with the tracker, submit,
 //! wait for the terminal event on the websocket while polling history as a fallback, enforce the
 //! deadline (interrupt + dequeue THAT prompt), cancel the prompt if the caller goes away, then collect
-//! the outputs (`executed`/history files via /view, and SaveImageWebsocket frames). Never retries a
-//! prompt and never decides HTTP statuses.
+//! the outputs (`executed`/history files via /view, SaveImageWebsocket frames, and the raw pixels of
+//! flowhost's `FlowhostImageOutput`). Never retries a prompt (a raster lost on the socket is
+//! reported as `OutputsLost`; the backend decides to re-run) and never decides HTTP statuses.
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -317,3 +317,31 @@ async fn one_supervised_comfyui_per_gpu_each_pinned_with_its_own_folders() {
     }
     server.server.shutdown().await.unwrap();
 }
+
+/// One big card shared by two ComfyUIs (`--gpus 0,0`): both pinned to it, each with its own
+/// folders (`gpu-0`, `gpu-0-2`), so neither numbers nor deletes the other's files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gpu_listed_twice_gets_two_comfyuis_with_their_own_folders() {
+    let comfyui = tempfile::tempdir().unwrap();
+    let bin = flowhost_tests::double_binary();
+    let main = format!(
+        "import os, sys\nargs = sys.argv[1:]\ninp = args[args.index('--input-directory') + 1]\n\
+         open(os.path.join(inp, '..', 'cuda.txt'), 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))\n\
+         binary = {:?}\nos.execv(binary, [binary] + args)\n",
+        bin.to_string_lossy()
+    );
+    std::fs::write(comfyui.path().join("main.py"), main).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let (dir, state_dir) = (comfyui.path().to_string_lossy().to_string(), state.path().to_string_lossy().to_string());
+    let server = TestServer::start(&[], &["--comfyui-dir", &dir, "--gpus", "0,0", "--state-dir", &state_dir, "--comfyui-startup-timeout", "60"]).await.unwrap();
+    let health = wait_pool_ready(&server, 2).await;
+    assert_eq!((health["workers"][0]["gpu"].as_str(), health["workers"][1]["gpu"].as_str()), (Some("0"), Some("0")));
+    for folder in ["gpu-0", "gpu-0-2"] {
+        let noted = std::fs::read_to_string(state.path().join("comfyui").join(folder).join("cuda.txt")).unwrap();
+        assert_eq!(noted, "0", "{folder}'s ComfyUI runs on GPU 0");
+    }
+    for width in [64, 72] {
+        assert_eq!(run_v2(&server, width).await.status, JobStatus::Succeeded);
+    }
+    server.server.shutdown().await.unwrap();
+}
