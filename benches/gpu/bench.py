@@ -493,7 +493,7 @@ def start_files_flowhost():
     if not ARGS.files_variant:
         return None
     cache = ARGS.cache_dir.rstrip("/") + "-files"
-    state = os.path.join(ARGS.out, "state-files")
+    state = ARGS.cache_dir.rstrip("/") + "-files-state"  # not under --out: nothing of it comes back
     cmd = [ARGS.flowhost, "serve", "--comfyui-url", f"http://127.0.0.1:{ARGS.comfy_port}/", "--output-transport", "files",
            "--warm-up", "off", "--models", ARGS.models, "--plugins", ARGS.plugins,
            "--listen", f"127.0.0.1:{ARGS.files_port}", "--cache-dir", cache, "--state-dir", state]
