@@ -287,11 +287,15 @@ pub(crate) async fn run_prompt(
     }
     let mut ws_state = client.ws_state();
     ws_state.borrow_and_update();
+    // While the socket stays up from before submission to the terminal event, nothing it carries
+    // was missed: its `executed` messages name every output, and history need not be read.
+    let mut socket_intact = ws_state.borrow().connected;
     if let BackendHealth::Down { reason } = &*health.borrow_and_update() {
         return Err(ComfyError::unavailable(reason.clone()));
     }
 
     guard.cancel_on_drop = true; // from here on, a dropped future must not leave the prompt running
+    let submit_started = Instant::now();
     match tokio::time::timeout_at(
         deadline,
         client.submit(&req.graph, &prompt_id, &req.extra_data),
@@ -313,7 +317,7 @@ pub(crate) async fn run_prompt(
         }
     }
     let submitted = Instant::now();
-    tracing::debug!(prompt_id, "prompt submitted");
+    tracing::debug!(prompt_id, submit_us = submitted.duration_since(submit_started).as_micros() as u64, "prompt submitted");
 
     let progress = |p: Progress| {
         if let Some(f) = &req.on_progress {
@@ -332,6 +336,7 @@ pub(crate) async fn run_prompt(
         node => collected.slot(&node.unwrap_or_default()).push(Source::Socket(bytes)),
     };
     let mut collected = Collected::default();
+    let mut executed_ui: std::collections::HashMap<String, Value> = std::collections::HashMap::new();
     let mut execution_started: Option<Instant> = None;
     let mut outcome: Option<PromptOutcome> = None;
     let mut final_history: Option<Box<HistoryEntry>> = None;
@@ -357,7 +362,10 @@ pub(crate) async fn run_prompt(
                     }
                     WsMessage::Executing { node: Some(node), .. } => progress(Progress::Node { node_id: node }),
                     WsMessage::Progress { node, value, max, .. } => progress(Progress::Step { node_id: node, value, max }),
-                    WsMessage::Executed { node, output, .. } => collected.add_ui_output(&node, &output),
+                    WsMessage::Executed { node, output, .. } => {
+                        collected.add_ui_output(&node, &output);
+                        executed_ui.insert(node, output);
+                    }
                     WsMessage::ExecutionSuccess { .. } => outcome = Some(PromptOutcome::Success),
                     WsMessage::ExecutionError(e) => outcome = Some(PromptOutcome::Error(e)),
                     WsMessage::ExecutionInterrupted(e) => outcome = Some(PromptOutcome::Interrupted(e)),
@@ -375,6 +383,7 @@ pub(crate) async fn run_prompt(
                 if ws_watch_open {
                     let state = *ws_state.borrow_and_update();
                     ws_alive = state.connected;
+                    socket_intact = false;
                     // Lost or regained: events may have been missed either way, and ComfyUI may have restarted.
                     poll_now = true;
                     check_queue = true;
@@ -457,6 +466,7 @@ pub(crate) async fn run_prompt(
     let past_deadline = |prompt_id: &str| ComfyError::Timeout { prompt_id: prompt_id.to_string(), waited: started.elapsed() };
     let history = match final_history {
         Some(h) => Some(h),
+        None if socket_intact => None,
         None => match tokio::time::timeout_at(deadline, client.history(&prompt_id)).await.map_err(|_| past_deadline(&prompt_id))? {
             Ok(h) => h.map(Box::new),
             Err(e) => {
@@ -474,7 +484,8 @@ pub(crate) async fn run_prompt(
             PromptEvent::Image { node_id, bytes, media_type } => image(&mut collected, node_id, bytes, media_type),
             PromptEvent::Raster { node_id, filename, raster } => collected.slot(&node_id).push(Source::Raster(raster, filename)),
             PromptEvent::Message(WsMessage::Executed { node, output, .. }) => {
-                collected.add_ui_output(&node, &output)
+                collected.add_ui_output(&node, &output);
+                executed_ui.insert(node, output);
             }
             PromptEvent::Message(_) => {}
         }
@@ -482,8 +493,12 @@ pub(crate) async fn run_prompt(
 
     // Pixels exist only on the socket: a raster node that says it sent more than arrived lost
     // them (the socket dropped mid-run). The caller re-runs with files; never a partial answer.
-    if let Some(h) = &history {
-        for (node, output) in &h.outputs {
+    let node_outputs: Vec<(&String, &Value)> = match &history {
+        Some(h) => h.outputs.iter().collect(),
+        None => executed_ui.iter().collect(),
+    };
+    {
+        for (node, output) in node_outputs {
             if let Some(sent) = crate::raster::rasters_sent(output) {
                 let got = collected.nodes.iter().find(|(n, _)| n == node).map_or(0, |(_, s)| s.iter().filter(|s| matches!(s, Source::Raster(..))).count());
                 if got < sent {
@@ -560,6 +575,13 @@ pub(crate) async fn run_prompt(
             });
         }
     }
+    tracing::debug!(
+        prompt_id,
+        queued_us = execution_started.map(|s| s.saturating_duration_since(submitted).as_micros() as u64),
+        collect_us = finished.elapsed().as_micros() as u64,
+        socket_intact,
+        "prompt outputs collected"
+    );
     let timings = RunTimings {
         queued: execution_started.map(|s| s.saturating_duration_since(submitted)),
         executing: finished.saturating_duration_since(execution_started.unwrap_or(submitted)),

@@ -158,6 +158,7 @@ impl JobService {
         }
         job.workflow = graph.clone();
         let _ = self.store.update_job(job).await;
+        tracing::debug!(job_id = %job.id, prepare_us = phase_started.elapsed().as_micros() as u64, "uploads, preflight and the workflow record done");
         let graph = with_job_output_names(graph, job.id);
 
         let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -247,12 +248,15 @@ impl JobService {
     pub(super) async fn store_outputs(&self, job: &mut Job, outputs: Vec<FetchedOutput>) -> Result<(), JobFailure> {
         for output in outputs {
             self.metrics.output_stored(if output.raster.is_some() { "raster" } else { "encoded" });
+            let started = Instant::now();
             let (bytes, media_type) = match output.raster {
                 Some(shape) => encode_raster(output.bytes, shape, job.spec.encoding, self.config.jpeg_quality).await?,
                 None => encode(output.bytes, &output.media_type, job.spec.encoding, self.config.jpeg_quality).await?,
             };
+            let encoded = Instant::now();
             let size = bytes.len() as u64;
             let (hash, _) = self.blobs.put(bytes).await.map_err(JobFailure::internal)?;
+            tracing::debug!(job_id = %job.id, encode_us = encoded.duration_since(started).as_micros() as u64, blob_us = encoded.elapsed().as_micros() as u64, "output encoded and stored");
             let asset = Asset {
                 id: Uuid::new_v4(),
                 hash,
