@@ -29,9 +29,24 @@ pub use flowhost_comfy::media::sniff_media_type;
 /// get too short for the thread hand-off to pay, and concurrent requests share cores.
 const MAX_THREADS: usize = 8;
 
-/// Encoder threads a call uses: the machine's cores, at most [`MAX_THREADS`].
+/// Overrides the encoder thread count per image (1–64): `FLOWHOST_JPEG_THREADS`.
+pub const THREADS_ENV: &str = "FLOWHOST_JPEG_THREADS";
+
+/// Encoder threads a call uses: [`THREADS_ENV`] when set, else the machine's cores, at most
+/// [`MAX_THREADS`]. Read once.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(MAX_THREADS)
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        threads_from(std::env::var(THREADS_ENV).ok().as_deref(), cores)
+    })
+}
+
+fn threads_from(setting: Option<&str>, cores: usize) -> usize {
+    match setting.and_then(|v| v.trim().parse::<usize>().ok()) {
+        Some(n) => n.clamp(1, 64),
+        None => cores.clamp(1, MAX_THREADS),
+    }
 }
 
 /// Decode a PNG and encode it as a baseline JPEG at `quality` (1–100), on up to
@@ -512,5 +527,14 @@ mod tests {
         let info = reader.next_frame(&mut buf).unwrap();
         assert_eq!((info.width, info.height), (31, 17));
         assert_eq!(&buf[..info.buffer_size()], &rgb[..]);
+    }
+
+    #[test]
+    fn the_thread_count_follows_the_setting_else_the_cores_up_to_eight() {
+        assert_eq!(threads_from(None, 16), 8);
+        assert_eq!(threads_from(None, 2), 2);
+        assert_eq!(threads_from(Some("16"), 4), 16);
+        assert_eq!(threads_from(Some("0"), 4), 1);
+        assert_eq!(threads_from(Some("many"), 4), 4);
     }
 }
