@@ -604,6 +604,10 @@ def phase_warm(template):
     summ["files_comfyui_exec_ms"] = stats([r["server_timing"].get("comfyui") for r in files_rows])
     summ["files_encode_ms"] = stats([r["server_timing"].get("encode") for r in files_rows])
     summ["files_wall_minus_exec_ms"] = stats([r["wall_s"] * 1000 - r["server_timing"].get("comfyui", 0) for r in files_rows])
+    # ComfyUI's execution by its own stamps (Server-Timing comfyui_clock): its websocket messages
+    # can reach a client late (its event loop waits for the GIL while the worker computes).
+    summ["flowhost_wall_minus_clock_ms"] = stats([r["wall_s"] * 1000 - r["server_timing"]["comfyui_clock"] for r in fh_rows if "comfyui_clock" in r["server_timing"]])
+    summ["files_wall_minus_clock_ms"] = stats([r["wall_s"] * 1000 - r["server_timing"]["comfyui_clock"] for r in files_rows if "comfyui_clock" in r["server_timing"]])
     if summ["files_wall_s"] and summ["flowhost_wall_s"]:
         summ["raster_minus_files_wall_ms"] = round((summ["flowhost_wall_s"]["median"] - summ["files_wall_s"]["median"]) * 1000, 1)
     summ["direct_ws_wall_s"] = stats([r["wall_s"] for r in ws_rows])

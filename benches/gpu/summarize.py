@@ -69,6 +69,8 @@ def headline(R):
         ("flowhost's time beyond the direct client's (ms)", w.get("overhead_ms_median_of_added")),
         ("flowhost Server-Timing encode (raster or PNG → JPEG), median (ms)", med(w.get("flowhost_encode_ms"))),
         ("flowhost ComfyUI execution as it saw it (Server-Timing comfyui), median (ms)", med(w.get("flowhost_comfyui_exec_ms"))),
+        ("flowhost wall − ComfyUI execution by its own stamps (comfyui_clock), median (ms)", med(w.get("flowhost_wall_minus_clock_ms"))),
+        ("files transport wall − ComfyUI's own stamps, median (ms)", med(w.get("files_wall_minus_clock_ms"))),
         ("files transport (--output-transport files), median wall (s)", med(w.get("files_wall_s"))),
         ("files transport wall − ComfyUI execution, median (ms)", med(w.get("files_wall_minus_exec_ms"))),
         ("files transport ComfyUI execution (Server-Timing comfyui), median (ms)", med(w.get("files_comfyui_exec_ms"))),

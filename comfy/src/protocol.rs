@@ -26,6 +26,8 @@ pub enum WsMessage {
     },
     ExecutionStart {
         prompt_id: String,
+        /// ComfyUI's own clock (ms since the epoch), stamped when execution began.
+        timestamp: Option<u64>,
     },
     ExecutionCached {
         prompt_id: String,
@@ -49,6 +51,8 @@ pub enum WsMessage {
     },
     ExecutionSuccess {
         prompt_id: String,
+        /// ComfyUI's own clock (ms since the epoch), stamped when execution ended.
+        timestamp: Option<u64>,
     },
     ExecutionError(ExecutionErrorData),
     ExecutionInterrupted(ExecutionInterruptedData),
@@ -121,6 +125,7 @@ impl WsMessage {
             },
             "execution_start" => WsMessage::ExecutionStart {
                 prompt_id: need_pid()?,
+                timestamp: d.get("timestamp").and_then(Value::as_u64),
             },
             "execution_cached" => WsMessage::ExecutionCached {
                 prompt_id: need_pid()?,
@@ -147,6 +152,7 @@ impl WsMessage {
             },
             "execution_success" => WsMessage::ExecutionSuccess {
                 prompt_id: need_pid()?,
+                timestamp: d.get("timestamp").and_then(Value::as_u64),
             },
             "execution_error" => WsMessage::ExecutionError(
                 serde_json::from_value(d.clone())
@@ -166,10 +172,10 @@ impl WsMessage {
     /// The prompt this message is about, if any.
     pub fn prompt_id(&self) -> Option<&str> {
         match self {
-            WsMessage::ExecutionStart { prompt_id }
+            WsMessage::ExecutionStart { prompt_id, .. }
             | WsMessage::ExecutionCached { prompt_id, .. }
             | WsMessage::Executed { prompt_id, .. }
-            | WsMessage::ExecutionSuccess { prompt_id } => Some(prompt_id),
+            | WsMessage::ExecutionSuccess { prompt_id, .. } => Some(prompt_id),
             WsMessage::Executing { prompt_id, .. } | WsMessage::Progress { prompt_id, .. } => {
                 prompt_id.as_deref()
             }
@@ -708,5 +714,13 @@ mod tests {
         let mut short = RASTER_EVENT.to_be_bytes().to_vec();
         short.extend_from_slice(&100u32.to_be_bytes());
         assert!(BinaryFrame::parse(&short.into()).unwrap_err().contains("beyond frame"));
+    }
+
+    #[test]
+    fn execution_start_and_success_carry_comfyuis_own_stamps() {
+        let start = WsMessage::parse(r#"{"type":"execution_start","data":{"prompt_id":"p","timestamp":1796216180785}}"#).unwrap();
+        assert_eq!(start, WsMessage::ExecutionStart { prompt_id: "p".into(), timestamp: Some(1796216180785) });
+        let done = WsMessage::parse(r#"{"type":"execution_success","data":{"prompt_id":"p"}}"#).unwrap();
+        assert_eq!(done, WsMessage::ExecutionSuccess { prompt_id: "p".into(), timestamp: None });
     }
 }

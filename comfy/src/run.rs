@@ -129,6 +129,9 @@ pub struct RunTimings {
     pub executing: Duration,
     /// Fetching output bytes.
     pub fetching: Duration,
+    /// ComfyUI's own account of its execution: `execution_success`'s timestamp minus
+    /// `execution_start`'s (its clock, ms resolution), when both came over the socket.
+    pub comfy_clock: Option<Duration>,
     pub total: Duration,
 }
 
@@ -338,6 +341,9 @@ pub(crate) async fn run_prompt(
     let mut collected = Collected::default();
     let mut executed_ui: std::collections::HashMap<String, Value> = std::collections::HashMap::new();
     let mut execution_started: Option<Instant> = None;
+    // ComfyUI's own stamps (its clock, ms): what it spent executing, however late its messages
+    // reached us (its event loop waits for the GIL while the worker thread computes).
+    let (mut comfy_started_ms, mut comfy_finished_ms): (Option<u64>, Option<u64>) = (None, None);
     let mut outcome: Option<PromptOutcome> = None;
     let mut final_history: Option<Box<HistoryEntry>> = None;
     let mut poll_failures = 0u32;
@@ -356,8 +362,9 @@ pub(crate) async fn run_prompt(
         tokio::select! {
             event = events.recv() => match event {
                 Some(PromptEvent::Message(message)) => match message {
-                    WsMessage::ExecutionStart { .. } => {
+                    WsMessage::ExecutionStart { timestamp, .. } => {
                         execution_started.get_or_insert_with(Instant::now);
+                        comfy_started_ms = comfy_started_ms.or(timestamp);
                         progress(Progress::Started);
                     }
                     WsMessage::Executing { node: Some(node), .. } => progress(Progress::Node { node_id: node }),
@@ -366,7 +373,10 @@ pub(crate) async fn run_prompt(
                         collected.add_ui_output(&node, &output);
                         executed_ui.insert(node, output);
                     }
-                    WsMessage::ExecutionSuccess { .. } => outcome = Some(PromptOutcome::Success),
+                    WsMessage::ExecutionSuccess { timestamp, .. } => {
+                        comfy_finished_ms = timestamp;
+                        outcome = Some(PromptOutcome::Success);
+                    }
                     WsMessage::ExecutionError(e) => outcome = Some(PromptOutcome::Error(e)),
                     WsMessage::ExecutionInterrupted(e) => outcome = Some(PromptOutcome::Interrupted(e)),
                     // End marker without a terminal message seen (lost frame?): ask history.
@@ -586,6 +596,10 @@ pub(crate) async fn run_prompt(
         queued: execution_started.map(|s| s.saturating_duration_since(submitted)),
         executing: finished.saturating_duration_since(execution_started.unwrap_or(submitted)),
         fetching: finished.elapsed(),
+        comfy_clock: match (comfy_started_ms, comfy_finished_ms) {
+            (Some(a), Some(b)) if b >= a => Some(Duration::from_millis(b - a)),
+            _ => None,
+        },
         total: started.elapsed(),
     };
     Ok(RunResult {

@@ -166,6 +166,7 @@ mod tests {
         let mut b = t.register("b");
         t.route_message(WsMessage::ExecutionStart {
             prompt_id: "a".into(),
+            timestamp: None,
         });
         t.route_message(WsMessage::Executing {
             prompt_id: Some("a".into()),

@@ -155,18 +155,23 @@ enum Submitted {
 /// the time went: `build` (the plugin), `queue` (flowhost's queue), `prepare` (uploads, waiting
 /// for the ComfyUI websocket, preflight, submission and ComfyUI's own queue), `comfyui`
 /// (execution), `encode` (fetching, encoding and storing the outputs) and `total` (as the caller
-/// waited, from the first byte of the request).
+/// waited, from the first byte of the request). Outside the sum: `comfyui_clock`, the execution
+/// by ComfyUI's own stamps (its messages can reach us late: its event loop waits on the GIL).
 fn server_timing(m: &crate::jobs::JobMetrics, plugin_build: Option<std::time::Duration>, total: std::time::Duration) -> String {
     let ms = |v: Option<u64>| v.unwrap_or(0) as f64;
     let build = plugin_build.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(ms(m.build_ms));
-    format!(
+    let mut header = format!(
         "build;dur={build:.2}, queue;dur={:.1}, prepare;dur={:.1}, comfyui;dur={:.1}, encode;dur={:.1}, total;dur={:.1}",
         ms(m.queue_ms),
         ms(m.comfyui_queue_ms),
         ms(m.execution_ms),
         ms(m.fetch_ms),
         total.as_secs_f64() * 1000.0
-    )
+    );
+    if let Some(clock) = m.comfyui_clock_ms {
+        header.push_str(&format!(", comfyui_clock;dur={clock}.0"));
+    }
+    header
 }
 
 /// Readiness, the plugin's build, the dry run or the job's admission.

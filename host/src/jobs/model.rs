@@ -217,6 +217,10 @@ pub struct JobMetrics {
     pub total_ms: Option<u64>,
     /// The plugin's `build` call (typed routes).
     pub build_ms: Option<u64>,
+    /// ComfyUI's execution by its own clock (`execution_start` → `execution_success` stamps);
+    /// `execution_ms` is the same span as flowhost saw it. Not in the v2 `metrics` object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comfyui_clock_ms: Option<u64>,
 }
 
 impl JobMetrics {

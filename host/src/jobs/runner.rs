@@ -102,6 +102,7 @@ impl JobService {
                 job.status = JobStatus::Succeeded;
                 job.metrics.comfyui_queue_ms = Some(phases.comfy_queue.as_millis() as u64);
                 job.metrics.execution_ms = Some(phases.execution.as_millis() as u64);
+                job.metrics.comfyui_clock_ms = phases.comfy_clock.map(|d| d.as_millis() as u64);
                 job.metrics.fetch_ms = Some(phases.fetch.as_millis() as u64);
                 if let Some(p) = job.progress.as_mut() {
                     p.value = 1.0;
@@ -241,7 +242,7 @@ impl JobService {
             .map(|m| FetchedOutput { node_id: m.node_id, filename: m.filename, bytes: m.bytes, media_type: m.media_type, raster: m.raster })
             .collect();
         self.store_outputs(job, fetched).await?;
-        Ok(RunPhases { comfy_queue, execution: result.timings.executing, fetch: result.timings.fetching + fetch_started.elapsed() })
+        Ok(RunPhases { comfy_queue, execution: result.timings.executing, comfy_clock: result.timings.comfy_clock, fetch: result.timings.fetching + fetch_started.elapsed() })
     }
 
     /// Encode (per the job's encoding), store as blobs and asset records, tell subscribers.
@@ -317,6 +318,8 @@ pub(super) fn with_job_output_names(mut graph: Value, job_id: Uuid) -> Value {
 pub(super) struct RunPhases {
     pub comfy_queue: Duration,
     pub execution: Duration,
+    /// ComfyUI's own stamps of the same span, when it sent them.
+    pub comfy_clock: Option<Duration>,
     pub fetch: Duration,
 }
 
