@@ -82,8 +82,8 @@ pub fn png_to_jpeg_threads(png_bytes: &[u8], quality: u8, threads: usize) -> Res
         if plan.strips <= 1 {
             return encode_strip(pixels, width, height, layout, quality, None);
         }
-        let strips: Vec<Vec<u8>> = pixels.chunks(plan.rows_per_strip as usize * line).map(<[u8]>::to_vec).collect();
-        return encode_strips(strips.into_iter().map(Ok), &plan, width, line, layout, quality, threads);
+        let strips = pixels.chunks(plan.rows_per_strip as usize * line).map(Ok);
+        return encode_strips(strips, &plan, width, line, layout, quality, threads);
     }
     // Decode strip by strip on this thread; encoder threads pick strips up as they
     // complete, so decoding and encoding overlap.
@@ -121,7 +121,8 @@ pub fn raster_to_jpeg_threads(pixels: &[u8], width: u32, height: u32, channels: 
     if plan.strips <= 1 {
         return encode_strip(pixels, width, height, layout, quality, None);
     }
-    let strips = pixels.chunks(plan.rows_per_strip as usize * line).map(|s| Ok(s.to_vec()));
+    // The pixels are all here: strips are borrowed, never copied.
+    let strips = pixels.chunks(plan.rows_per_strip as usize * line).map(Ok);
     encode_strips(strips, &plan, width, line, layout, quality, threads)
 }
 
@@ -227,8 +228,8 @@ fn encode_strip(pixels: &[u8], width: u32, height: u32, layout: Layout, quality:
 
 /// Encode strips (arriving in order from `strips`) on `threads` threads and join
 /// them into one JPEG with restart markers between them.
-fn encode_strips(
-    strips: impl Iterator<Item = Result<Vec<u8>>>,
+fn encode_strips<S: AsRef<[u8]> + Send>(
+    strips: impl Iterator<Item = Result<S>>,
     plan: &StripPlan,
     width: u32,
     line: usize,
@@ -236,7 +237,7 @@ fn encode_strips(
     quality: u8,
     threads: usize,
 ) -> Result<Vec<u8>> {
-    let (tx, rx) = mpsc::channel::<(usize, Vec<u8>)>();
+    let (tx, rx) = mpsc::channel::<(usize, S)>();
     let rx = Mutex::new(rx);
     let results: Mutex<Vec<Option<Result<Vec<u8>>>>> = Mutex::new((0..plan.strips).map(|_| None).collect());
     let work = || {
@@ -247,8 +248,9 @@ fn encode_strips(
                 Err(_) => return,
             };
             let Ok((index, pixels)) = next else { return };
+            let pixels = pixels.as_ref();
             let height = (pixels.len() / line.max(1)) as u32;
-            let encoded = encode_strip(&pixels, width, height, layout, quality, Some(plan.interval));
+            let encoded = encode_strip(pixels, width, height, layout, quality, Some(plan.interval));
             if let Ok(mut results) = results.lock() {
                 results[index] = Some(encoded);
             }
