@@ -212,13 +212,7 @@ async fn a_queued_job_runs_and_a_running_one_is_reconciled_from_history_after_a_
     first.crash();
 
     // ComfyUI finishes the prompt while flowhost is down; it keeps it in /history.
-    comfy.double.faults().hang(false);
-    let finished = eventually(Duration::from_secs(10), || async {
-        let history: Value = reqwest::get(format!("{}/history", comfy.double.url())).await.ok()?.json().await.ok()?;
-        (history.as_object()?.len() == 1).then_some(())
-    })
-    .await;
-    assert!(finished.is_some(), "the double finished the orphaned prompt");
+    let_the_orphaned_prompt_finish(&comfy).await;
 
     let second = serve(&comfy, &state, &["--max-in-flight", "1"]).await;
     let reconciled = job_eventually(&second, job_id(&running), "succeeded", |j| j.status == JobStatus::Succeeded).await;
@@ -235,6 +229,17 @@ async fn a_queued_job_runs_and_a_running_one_is_reconciled_from_history_after_a_
     assert_eq!(output_jpeg(&third, &again).await, (512, 256));
 }
 
+/// ComfyUI (hung so far) finishes the prompt of a flowhost that died; it keeps it in /history.
+async fn let_the_orphaned_prompt_finish(comfy: &ExternalComfy) {
+    comfy.double.faults().hang(false);
+    let finished = eventually(Duration::from_secs(10), || async {
+        let history: Value = reqwest::get(format!("{}/history", comfy.double.url())).await.ok()?.json().await.ok()?;
+        (history.as_object()?.len() == 1).then_some(())
+    })
+    .await;
+    assert!(finished.is_some(), "the double finished the orphaned prompt");
+}
+
 /// The raster transport's pixels exist only on the websocket: a flowhost that died while its
 /// ComfyUI ran the prompt never got them. After the restart the job still succeeds, from one
 /// re-run of the graph with file outputs (the derived `{prompt_id}-files` prompt).
@@ -248,13 +253,7 @@ async fn a_job_whose_pixels_went_to_a_dead_flowhost_is_recovered_with_files_afte
     let submitted = eventually(Duration::from_secs(10), || async { (comfy.double.record().prompts.len() == 1).then_some(()) }).await;
     assert!(submitted.is_some(), "the job reached ComfyUI");
     first.crash();
-    comfy.double.faults().hang(false);
-    let finished = eventually(Duration::from_secs(10), || async {
-        let history: Value = reqwest::get(format!("{}/history", comfy.double.url())).await.ok()?.json().await.ok()?;
-        (history.as_object()?.len() == 1).then_some(())
-    })
-    .await;
-    assert!(finished.is_some(), "the double finished the orphaned prompt");
+    let_the_orphaned_prompt_finish(&comfy).await;
 
     let second = serve(&comfy, &state, &["--max-in-flight", "1"]).await;
     let recovered = job_eventually(&second, job_id(&running), "succeeded", |j| j.status == JobStatus::Succeeded).await;

@@ -290,9 +290,9 @@ async fn simulate_with_workers_runs_a_pool_of_doubles() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_supervised_comfyui_per_gpu_each_pinned_with_its_own_folders() {
-    // A ComfyUI checkout whose main.py notes the GPU it was given, then runs the double.
+/// A ComfyUI checkout whose main.py notes the GPU it was given (`cuda.txt` beside its input
+/// folder), then runs the double.
+fn gpu_noting_comfyui() -> tempfile::TempDir {
     let comfyui = tempfile::tempdir().unwrap();
     let bin = flowhost_tests::double_binary();
     let main = format!(
@@ -302,6 +302,12 @@ async fn one_supervised_comfyui_per_gpu_each_pinned_with_its_own_folders() {
         bin.to_string_lossy()
     );
     std::fs::write(comfyui.path().join("main.py"), main).unwrap();
+    comfyui
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_supervised_comfyui_per_gpu_each_pinned_with_its_own_folders() {
+    let comfyui = gpu_noting_comfyui();
     let state = tempfile::tempdir().unwrap();
     let (dir, state_dir) = (comfyui.path().to_string_lossy().to_string(), state.path().to_string_lossy().to_string());
     let server = TestServer::start(&[], &["--comfyui-dir", &dir, "--gpus", "0,1", "--state-dir", &state_dir, "--comfyui-startup-timeout", "60"]).await.unwrap();
@@ -322,15 +328,7 @@ async fn one_supervised_comfyui_per_gpu_each_pinned_with_its_own_folders() {
 /// folders (`gpu-0`, `gpu-0-2`), so neither numbers nor deletes the other's files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_gpu_listed_twice_gets_two_comfyuis_with_their_own_folders() {
-    let comfyui = tempfile::tempdir().unwrap();
-    let bin = flowhost_tests::double_binary();
-    let main = format!(
-        "import os, sys\nargs = sys.argv[1:]\ninp = args[args.index('--input-directory') + 1]\n\
-         open(os.path.join(inp, '..', 'cuda.txt'), 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))\n\
-         binary = {:?}\nos.execv(binary, [binary] + args)\n",
-        bin.to_string_lossy()
-    );
-    std::fs::write(comfyui.path().join("main.py"), main).unwrap();
+    let comfyui = gpu_noting_comfyui();
     let state = tempfile::tempdir().unwrap();
     let (dir, state_dir) = (comfyui.path().to_string_lossy().to_string(), state.path().to_string_lossy().to_string());
     let server = TestServer::start(&[], &["--comfyui-dir", &dir, "--gpus", "0,0", "--state-dir", &state_dir, "--comfyui-startup-timeout", "60"]).await.unwrap();
