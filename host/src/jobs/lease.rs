@@ -67,8 +67,16 @@ impl JobService {
                     last_renewed = Instant::now();
                     let held: HashSet<Uuid> = held.into_iter().collect();
                     for id in running_before {
+                        // Not renewed is not proof of a takeover (the job may have ended, or
+                        // its lease may have changed hands here, between the two reads; a
+                        // job stopped on that inference ended `canceled` in the 3 x 50 test):
+                        // stop it only if another instance holds it now.
                         if !held.contains(&id) {
-                            self.stop_here(id, "its lease was taken over");
+                            match queue.held_elsewhere(id).await {
+                                Ok(true) => self.stop_here(id, "its lease was taken over"),
+                                Ok(false) => tracing::debug!(job_id = %id, "not renewed, but no other instance holds it"),
+                                Err(e) => tracing::warn!(job_id = %id, error = %e, "reading who holds a job failed"),
+                            }
                         }
                     }
                     for id in cancel {

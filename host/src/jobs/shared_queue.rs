@@ -166,6 +166,16 @@ impl PgQueue {
         Ok(expired)
     }
 
+    /// Whether another instance holds `id`'s lease now (read fresh, not inferred from a
+    /// renewal's result set): only then has the job been taken over.
+    pub async fn held_elsewhere(&self, id: Uuid) -> StoreResult<bool> {
+        let owner: Option<Option<String>> = sqlx::query_scalar("SELECT lease_owner FROM jobs WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(matches!(owner, Some(Some(other)) if other != self.owner))
+    }
+
     /// Let go of a job this instance holds (it finished, or was put back).
     pub async fn release(&self, id: Uuid) -> StoreResult<()> {
         sqlx::query("UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $2")
