@@ -167,7 +167,7 @@ impl JobService {
         request.outputs = job.spec.outputs.clone();
         request.prompt_id = Some(flowhost_comfy::raster::files_prompt_id(prompt_id));
         let result = backend.run(request).await.map_err(|e| super::failure::from_comfy(e, &job.spec.caller_nodes))?;
-        Ok(result.media.into_iter().map(|m| FetchedOutput { node_id: m.node_id, filename: m.filename, bytes: m.bytes, media_type: m.media_type, raster: m.raster }).collect())
+        Ok(result.media.into_iter().map(FetchedOutput::from).collect())
     }
 
     /// The job's outputs from a history entry: the requested nodes, else the last node with media.

@@ -41,6 +41,12 @@ pub(super) struct FetchedOutput {
     pub raster: Option<flowhost_comfy::run::RasterShape>,
 }
 
+impl From<flowhost_comfy::OutputMedia> for FetchedOutput {
+    fn from(m: flowhost_comfy::OutputMedia) -> Self {
+        FetchedOutput { node_id: m.node_id, filename: m.filename, bytes: m.bytes, media_type: m.media_type, raster: m.raster }
+    }
+}
+
 /// The per-job upload folder in ComfyUI's input directory.
 pub fn upload_subfolder(job_id: Uuid) -> String {
     format!("flowhost-{job_id}")
@@ -236,11 +242,7 @@ impl JobService {
         if result.media.is_empty() {
             return Err(JobFailure::OutputMissing { node_id: job.spec.outputs.first().cloned().unwrap_or_else(|| "*".into()), caller_fault: !job.spec.caller_nodes.is_empty() });
         }
-        let fetched: Vec<FetchedOutput> = result
-            .media
-            .into_iter()
-            .map(|m| FetchedOutput { node_id: m.node_id, filename: m.filename, bytes: m.bytes, media_type: m.media_type, raster: m.raster })
-            .collect();
+        let fetched: Vec<FetchedOutput> = result.media.into_iter().map(FetchedOutput::from).collect();
         self.store_outputs(job, fetched).await?;
         Ok(RunPhases { comfy_queue, execution: result.timings.executing, comfy_clock: result.timings.comfy_clock, fetch: result.timings.fetching + fetch_started.elapsed() })
     }
