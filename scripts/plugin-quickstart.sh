@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's "Write a plugin" short version (the README embeds this file
-# between its markers; tests/tests/author_path.rs checks they match and runs it
+# between its markers; tests/tests/all/author_path.rs checks they match and runs it
 # with both build paths). Needs `scripts/serve.sh` running in another terminal.
 #   BUILD=wasip2 (default): cargo build --target wasm32-wasip2
 #   BUILD=component:        cargo component build (cargo install cargo-component@0.21.1 --locked)

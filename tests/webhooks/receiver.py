@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A loopback webhook receiver that checks every delivery with the official Standard
-Webhooks verifier (`standardwebhooks` from PyPI), for tests/tests/webhooks.rs.
+Webhooks verifier (`standardwebhooks` from PyPI), for tests/tests/all/webhooks.rs.
 
 Usage: receiver.py --port PORT --secret whsec_... --log FILE [--fail-first N]
 

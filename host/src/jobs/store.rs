@@ -571,4 +571,4 @@ pub(crate) use sql_job_store;
 
 sql_job_store!(SqliteStore, sqlx::Sqlite, "sqlite", crate::webhooks::outbox::insert_deliveries);
 
-// The store's tests run against both dialects: tests/tests/job_store.rs.
+// The store's tests run against both dialects: tests/tests/all/job_store.rs.

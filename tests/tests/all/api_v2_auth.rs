@@ -1,31 +1,47 @@
 //! `/api/v2` with API keys on: the existing keys are bearer tokens, refusals use the v2
-//! envelope, `/api/v2/health` stays open. A test binary of its own because the keys come
-//! from the environment at start-up (no other test may start a service meanwhile).
+//! envelope, `/api/v2/health` stays open. The keys come from the environment at start-up,
+//! so this runs the `flowhost` binary as a child with them: setting them in this process
+//! would hand them to every other test's in-process server.
 
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use flowhost_tests::contract::V2Client;
-use flowhost_tests::{TestServer, eventually};
+use flowhost_tests::{KillOnDrop, eventually, free_port};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_are_bearer_tokens_and_refusals_use_the_envelope() {
-    // SAFETY: the only test in this binary; nothing else reads the environment concurrently.
-    unsafe { std::env::set_var("FLOWHOST_API_KEYS", "alice:k-alice-v2") };
-    let server = TestServer::start(&[], &["--simulate"]).await.unwrap();
-    unsafe { std::env::remove_var("FLOWHOST_API_KEYS") };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _child = KillOnDrop(
+        Command::new(flowhost_tests::flowhost_binary())
+            .args(["serve", "--simulate", "--warm-up", "off", "--listen", &format!("127.0.0.1:{port}"), "--plugins"])
+            .arg(dir.path().join("plugins"))
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("FLOWHOST_API_KEYS", "alice:k-alice-v2")
+            .env_remove("FLOWHOST_ADMIN_KEYS")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
 
-    let anonymous = V2Client::new(&server.base);
-    let healthy = eventually(Duration::from_secs(20), || async { (anonymous.get("/api/v2/health").await.status == 200).then_some(()) }).await;
+    let anonymous = V2Client::new(&base);
+    let healthy = eventually(Duration::from_secs(60), || async { (anonymous.get("/api/v2/health").await.status == 200).then_some(()) }).await;
     assert!(healthy.is_some(), "health is open without a key");
     let refused = anonymous.get("/api/v2/jobs").await;
     assert_eq!((refused.status, refused.code().as_str()), (401, "unauthorized"));
     assert!(refused.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")));
 
-    let wrong = V2Client::new(&server.base).with_key("k-mallory");
+    let wrong = V2Client::new(&base).with_key("k-mallory");
     assert_eq!(wrong.get("/api/v2/jobs").await.code(), "unauthorized");
 
-    let alice = V2Client::new(&server.base).with_key("k-alice-v2");
+    let alice = V2Client::new(&base).with_key("k-alice-v2");
     assert_eq!(alice.get("/api/v2/jobs").await.status, 200);
     let workflow = json!({
         "5": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},

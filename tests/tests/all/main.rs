@@ -1,0 +1,24 @@
+//! The end-to-end tests as one binary (wasmtime's `tests/all/` layout): one link of
+//! wasmtime, sqlx and axum instead of one per area. Each module is one area; shared
+//! setup lives in `flowhost_tests` (`tests/support/`). Tests here run in one process, so
+//! none may change the process environment: a test that needs an environment variable
+//! starts the `flowhost` binary as a child with it (see `api_v2_auth`).
+
+mod api_v2;
+mod api_v2_auth;
+mod author_path;
+mod blob_store_s3;
+mod comfy_e2e;
+mod endpoints;
+mod hardening;
+mod job_store;
+mod jobs;
+mod liveness;
+mod plugin_graphs;
+mod pool;
+mod raster;
+mod runtime;
+mod shared;
+mod shared_queue;
+mod warm_up;
+mod webhooks;
