@@ -400,12 +400,13 @@ async fn forward_lines(
 /// SIGTERM, wait up to `grace`, then kill.
 async fn stop_child(child: &mut Child, grace: Duration) {
     if let Some(pid) = child.id() {
-        // No signal crate in the workspace: the `kill` utility sends SIGTERM.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .await;
+        // A syscall, not the `kill` program: the Modal image (Debian slim) has no procps,
+        // so shelling out there would never ask ComfyUI to stop.
+        if let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+            if let Err(error) = rustix::process::kill_process(pid, rustix::process::Signal::TERM) {
+                tracing::warn!(target: "comfyui", %error, "could not send SIGTERM to ComfyUI");
+            }
+        }
         if tokio::time::timeout(grace, child.wait()).await.is_ok() {
             tracing::info!(target: "comfyui", pid, "ComfyUI stopped");
             return;
@@ -432,6 +433,32 @@ mod tests {
             import_failure_in("   0.9 seconds: /opt/ComfyUI/custom_nodes/ComfyUI_InstantID"),
             None
         );
+    }
+
+    /// ComfyUI is asked to stop with SIGTERM (it flushes and exits), not killed: the child
+    /// records the signal it got, and stops well inside the grace period.
+    #[tokio::test]
+    async fn stop_sends_sigterm_before_any_kill() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("signal");
+        let script = format!(
+            "trap 'echo TERM > {}; exit 0' TERM; touch {}.ready; while :; do sleep 0.05; done",
+            marker.display(),
+            marker.display()
+        );
+        let mut child = Command::new("sh").arg("-c").arg(script).spawn().unwrap();
+        let ready = marker.with_extension("ready");
+        for _ in 0..200 {
+            if ready.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(ready.exists(), "the child never set its trap");
+        stop_child(&mut child, Duration::from_secs(30)).await;
+        let status = child.wait().await.unwrap();
+        assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), "TERM", "the child got SIGTERM");
+        assert!(status.success(), "it exited on its own (trap → exit 0), not by SIGKILL: {status:?}");
     }
 
     #[test]
