@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::cli::CheckPluginArgs;
 use crate::http::generate::call_error_problem;
-use crate::http::request_schema;
+use crate::generation::request_schema;
 use crate::plugins::engine::AllocatorChoice;
 use crate::plugins::{LoadedPlugin, ModelLister, PluginEngine, PluginLimits};
 

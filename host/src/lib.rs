@@ -9,6 +9,7 @@ pub mod backing;
 pub mod check_plugin;
 pub mod cli;
 pub mod events;
+pub mod generation;
 pub mod http;
 pub mod jobs;
 pub mod metrics;

@@ -22,8 +22,7 @@ use flowhost_comfy::{BackendHealth, ComfyBackend};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::jobs::{JobService, JobSource, JobSpec, JobStatus, OutputEncoding, Submission};
-use crate::plugins::manifest::OutputFormat;
+use crate::jobs::{JobService, JobSource, JobStatus, Submission};
 use crate::plugins::{LoadedPlugin, PluginRegistry};
 
 /// Largest `--warm-up-request` file, bytes (a request body, not a payload).
@@ -384,7 +383,7 @@ enum WarmOutcome {
 /// Build the route's job from the warm-up request and run it as a job; `Err` is the
 /// public reason it failed.
 async fn warm_route(jobs: &Arc<JobService>, backend: &Arc<ComfyBackend>, plugin: &Arc<LoadedPlugin>, request: Value, overridden: bool, on_job: impl FnOnce(uuid::Uuid)) -> Result<WarmOutcome, String> {
-    let problems = crate::http::request_schema::check(&plugin.validator, &plugin.manifest.request_schema, &request);
+    let problems = crate::generation::request_schema::check(&plugin.validator, &plugin.manifest.request_schema, &request);
     if !problems.is_empty() {
         let fields: Vec<String> = problems.iter().take(5).map(|p| format!("{}: {}", p.field, p.message)).collect();
         return Err(format!("the warm-up request does not match the route's schema ({})", fields.join("; ")));
@@ -404,20 +403,12 @@ async fn warm_route(jobs: &Arc<JobService>, backend: &Arc<ComfyBackend>, plugin:
         }
         Err(e) => return Err(crate::jobs::failure::public_reason(&e.to_string())),
     };
-    if !job.uploads.is_empty() {
+    let (mut spec, uploads) = crate::generation::spec_for(plugin, job);
+    if !uploads.is_empty() {
         return Err("the warm-up request needs image uploads, which warm-up does not make; give a request without images (--warm-up-request)".into());
     }
-    let mut spec = JobSpec::new(job.workflow);
-    spec.outputs = job.outputs;
-    spec.encoding = match job.output_format {
-        OutputFormat::Jpeg => OutputEncoding::Jpeg,
-        OutputFormat::Png => OutputEncoding::Png,
-        OutputFormat::Original => OutputEncoding::Original,
-    };
-    spec.caller_nodes = job.caller_nodes;
-    spec.seed = job.seed;
     spec.request_id = "warm-up".into();
-    spec.extra_data = json!({"plugin": plugin.label.to_string(), "warm_up": true});
+    spec.extra_data["warm_up"] = json!(true);
     // No `events` (no analytics) and no `webhook`: a warm-up is not a user's generation.
     spec.deadline = Some(SystemTime::now() + jobs.config().job_timeout);
     let submission = Submission {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use flowhost::http::request_schema;
+use flowhost::generation::request_schema;
 use flowhost::plugins::compiled_cache::CompiledCache;
 use flowhost::plugins::engine::AllocatorChoice;
 use flowhost::plugins::watcher::{LoadContext, Scanner};

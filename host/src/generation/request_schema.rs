@@ -6,7 +6,7 @@
 use jsonschema::error::ValidationErrorKind;
 use serde_json::Value;
 
-use super::problem::{FieldProblem, truncate_chars};
+use super::{FieldProblem, truncate_chars};
 
 /// Most characters of a caller's value (or unknown field name) echoed in one message.
 pub const ECHO_CHARS: usize = 200;

@@ -23,17 +23,15 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::problem::{FieldProblem, MAX_ERROR_TEXT, Problem, truncate_chars};
-use super::{AppState, REQUEST_ID, body_shape, job_errors, job_view, request_schema};
+use super::{AppState, REQUEST_ID, body_shape, job_errors, job_view};
+use crate::generation::request_schema;
 use crate::auth::Caller;
 use crate::events::{FailureKind, GenerationEvents, JobTimings, distinct_id};
-use crate::jobs::{CancelOnDrop, IdempotencyClaim, Job, JobService, JobSource, JobSpec, JobStatus, NewUpload, OutputEncoding, Submission, inputs};
+use crate::jobs::{CancelOnDrop, IdempotencyClaim, Job, JobService, JobSource, JobStatus, NewUpload, Submission, inputs};
 use crate::plugins::bindings::wit::BuildError;
 use crate::plugins::call_slots::{Busy, CallSlots};
-use crate::plugins::manifest::OutputFormat;
 use crate::plugins::{CallError, LoadedPlugin, PluginJob};
 
-/// Longest accepted `Idempotency-Key`.
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 pub async fn generate(
     State(state): State<AppState>,
@@ -122,8 +120,10 @@ async fn handle(
         Ok(Submitted::DryRun(response)) => return Ok(response),
         Ok(Submitted::Job(job, plugin_build)) => (job, plugin_build),
         Err(problem) => {
-            // Nothing was created: the key is free again.
+            // Refused without a job: the key is free again. An internal failure leaves it
+            // claimed, as on `/api/v2`: the job may exist, and a retry must find it.
             if let Some((scope, key, _)) = &claim
+                && problem.slug != "internal"
                 && let Err(e) = state.jobs.release_idempotency_key(scope, key).await
             {
                 tracing::warn!(error = %e, "releasing an idempotency key failed");
@@ -271,30 +271,17 @@ async fn submission_for(
     id: Option<Uuid>,
     plugin_build: Duration,
 ) -> Result<Submission, crate::jobs::JobFailure> {
-    let mut uploads = Vec::with_capacity(job.uploads.len());
-    for upload in &job.uploads {
+    let (mut spec, plugin_uploads) = crate::generation::spec_for(plugin, job);
+    let mut uploads = Vec::with_capacity(plugin_uploads.len());
+    for upload in &plugin_uploads {
         let inputs_dir = state.jobs.config().inputs.clone();
         let owned = upload.clone();
         let bytes = tokio::task::spawn_blocking(move || inputs::upload_bytes(&owned, inputs_dir.as_deref())).await.map_err(crate::jobs::JobFailure::internal)??;
         let media_type = crate::media::sniff_media_type(&bytes).to_string();
         uploads.push(NewUpload { node_id: upload.node_id.clone(), input_name: upload.input_name.clone(), filename: upload.filename.clone(), bytes: bytes.into(), media_type });
     }
-    let mut spec = JobSpec::new(job.workflow);
-    // The plugin's model set (declared on 0.2+, inferred for 0.1): what affinity dispatch routes by.
-    spec.model_key = crate::jobs::affinity::model_key(&job.models);
-    spec.model_label = crate::jobs::affinity::model_label(&job.models);
-    spec.outputs = job.outputs;
-    spec.encoding = match job.output_format {
-        OutputFormat::Jpeg => OutputEncoding::Jpeg,
-        OutputFormat::Png => OutputEncoding::Png,
-        OutputFormat::Original => OutputEncoding::Original,
-    };
-    spec.caller_nodes = job.caller_nodes;
-    spec.seed = job.seed;
-    spec.analytics = job.analytics;
     spec.request_id = request_id;
     spec.events = events;
-    spec.extra_data = json!({"plugin": plugin.label.to_string()});
     if !respond_async {
         spec.deadline = Some(SystemTime::now() + state.jobs.config().job_timeout);
     }
@@ -407,21 +394,12 @@ fn prefers_async(headers: &HeaderMap) -> bool {
     })
 }
 
-/// `Idempotency-Key`: an sf-string (quoted) or a bare token; 1–255 visible ASCII characters.
+/// The `Idempotency-Key` header ([`super::idempotency`]), refused as problem+json.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
-    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
-    let text = value.to_str().unwrap_or_default().trim();
-    let key = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(text);
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN || !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-        return Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_idempotency_key",
-            "The Idempotency-Key header is invalid",
-            format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"),
-        )
-        .with("errors", json!([{"field": "Idempotency-Key", "message": "must be 1 to 255 visible ASCII characters"}])));
-    }
-    Ok(Some(key.to_string()))
+    super::idempotency::parse(headers).map_err(|refused| {
+        Problem::new(StatusCode::BAD_REQUEST, "invalid_idempotency_key", "The Idempotency-Key header is invalid", format!("Idempotency-Key: {}", refused.message()))
+            .with("errors", json!([{"field": "Idempotency-Key", "message": refused.message()}]))
+    })
 }
 
 /// Run the plugin's `build` on a blocking thread (it is CPU work with a
@@ -650,16 +628,4 @@ mod tests {
         assert!(!prefers_async(&h));
     }
 
-    #[test]
-    fn idempotency_key_length_obeyed_and_violated() {
-        let key = |v: &str| {
-            let mut h = HeaderMap::new();
-            h.insert("idempotency-key", HeaderValue::from_str(v).unwrap());
-            idempotency_key(&h)
-        };
-        assert_eq!(key("\"abc\"").unwrap().as_deref(), Some("abc"));
-        assert_eq!(key(&"k".repeat(255)).unwrap().map(|k| k.len()), Some(255));
-        assert_eq!(key(&"k".repeat(256)).unwrap_err().status, StatusCode::BAD_REQUEST);
-        assert_eq!(key("\"\"").unwrap_err().status, StatusCode::BAD_REQUEST);
-    }
 }

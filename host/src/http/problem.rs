@@ -13,12 +13,7 @@ pub const MAX_REPORTED_ERRORS: usize = 50;
 pub const MAX_ERROR_TEXT: usize = 500;
 
 /// The first `max` characters of `s` (never splitting a character), with `…` when cut.
-pub fn truncate_chars(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((at, _)) => format!("{}…", &s[..at]),
-        None => s.to_string(),
-    }
-}
+pub use crate::generation::{FieldProblem, truncate_chars};
 
 /// Base of every problem `type`.
 pub const PROBLEM_BASE: &str = "https://flowhost.dev/problems/";
@@ -100,13 +95,6 @@ fn display_field(field: &str) -> &str {
     if field.is_empty() { "(body)" } else { field }
 }
 
-/// One failing field.
-#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
-pub struct FieldProblem {
-    /// Field path, `/`-separated (`width`, `loras/0/name`); empty for the body.
-    pub field: String,
-    pub message: String,
-}
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
@@ -145,7 +133,5 @@ mod tests {
 
     #[test]
     fn truncation_never_splits_a_character() {
-        assert_eq!(truncate_chars("日本語です", 3), "日本語…");
-        assert_eq!(truncate_chars("abc", 3), "abc");
     }
 }

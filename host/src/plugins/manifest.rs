@@ -122,13 +122,17 @@ impl ModelSet {
     /// The model set of a workflow whose plugin declared none (contract 0.1):
     /// read from the stock loader nodes. Unknown loaders are not guessed at.
     pub fn inferred_from_workflow(workflow: &serde_json::Map<String, serde_json::Value>) -> Self {
+        // The same rule as the SDK's `hints::model_set_of` (what 0.2 plugins declare), so a
+        // graph gets one affinity key whoever read it; `tests/tests/all/plugin_graphs.rs`
+        // checks the two agree on every graph the bundled plugins build.
         let mut set = ModelSet { source: ModelSetSource::Inferred, ..ModelSet::default() };
         let text = |node: &serde_json::Value, key: &str| node["inputs"][key].as_str().map(str::to_string);
         let model = |folder: &str, name: String| ModelRef { folder: folder.into(), name };
+        let mut bases: Vec<ModelRef> = Vec::new();
         for node in workflow.values() {
             match node["class_type"].as_str().unwrap_or_default() {
-                "UNETLoader" => set.base = text(node, "unet_name").map(|n| model("diffusion_models", n)).or(set.base.take()),
-                "CheckpointLoaderSimple" => set.base = text(node, "ckpt_name").map(|n| model("checkpoints", n)).or(set.base.take()),
+                "UNETLoader" => bases.extend(text(node, "unet_name").map(|n| model("diffusion_models", n))),
+                "CheckpointLoaderSimple" => bases.extend(text(node, "ckpt_name").map(|n| model("checkpoints", n))),
                 "LoraLoader" | "LoraLoaderModelOnly" => {
                     if let Some(name) = text(node, "lora_name") {
                         let strength_model = node["inputs"]["strength_model"].as_f64().unwrap_or(1.0);
@@ -141,9 +145,18 @@ impl ModelSet {
                     set.others.extend(["clip_name1", "clip_name2"].iter().filter_map(|k| text(node, k)).map(|n| model("text_encoders", n)))
                 }
                 "CLIPLoader" => set.others.extend(text(node, "clip_name").map(|n| model("text_encoders", n))),
+                "ControlNetLoader" => set.others.extend(text(node, "control_net_name").map(|n| model("controlnet", n))),
+                "InstantIDModelLoader" => set.others.extend(text(node, "instantid_file").map(|n| model("instantid", n))),
                 _ => {}
             }
         }
+        // The base is the diffusion model when there is one (a second stage's checkpoint,
+        // as in InstantID, is just another file), else the checkpoint.
+        let first = bases.iter().position(|m| m.folder == "diffusion_models").unwrap_or(0);
+        if first < bases.len() {
+            set.base = Some(bases.remove(first));
+        }
+        set.others.extend(bases);
         set
     }
 }

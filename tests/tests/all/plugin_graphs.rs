@@ -101,6 +101,15 @@ fn check<P: Plugin>(
         Err(error) => problems.push(format!("{} {body}: build failed: {error:?}", manifest.name)),
         Ok(job) => {
             let mut graph: Value = serde_json::from_str(&job.workflow).expect("workflow is JSON");
+            // One model-set rule: the host reading this graph (a v2 or /workflow job, a 0.1
+            // plugin) must key it as the plugin declared it, or the same graph is dispatched
+            // by two affinity keys.
+            let declared = host_model_set(&job.models);
+            let inferred = flowhost::plugins::ModelSet::inferred_from_workflow(graph.as_object().expect("a graph is an object"));
+            let (declared_key, inferred_key) = (flowhost::jobs::affinity::model_key(&declared), flowhost::jobs::affinity::model_key(&inferred));
+            if declared_key != inferred_key {
+                problems.push(format!("{} {body}: model set declared {declared:?}, host reads {inferred:?}", manifest.name));
+            }
             patch(&job, &mut graph);
             if let Err(issues) = catalogue.preflight(&graph) {
                 for issue in issues {
@@ -124,6 +133,18 @@ fn check<P: Plugin>(
         }
     }
     problems
+}
+
+/// The SDK's model set as the host lifts it from a 0.2 plugin.
+fn host_model_set(set: &flowhost_sdk::ModelSet) -> flowhost::plugins::ModelSet {
+    use flowhost::plugins::manifest::{Lora, ModelRef};
+    let model = |m: &flowhost_sdk::ModelRef| ModelRef { folder: m.folder.clone(), name: m.name.clone() };
+    flowhost::plugins::ModelSet {
+        base: set.base.as_ref().map(model),
+        loras: set.loras.iter().map(|l| Lora { model: model(&l.model), strength_model: l.strength_model, strength_clip: l.strength_clip }).collect(),
+        others: set.others.iter().map(model).collect(),
+        ..Default::default()
+    }
 }
 
 fn no_patch(_: &Job, _: &mut Value) {}

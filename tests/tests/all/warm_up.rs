@@ -224,3 +224,34 @@ async fn a_declared_warm_up_naming_a_lora_this_volume_lacks_is_skipped_not_fatal
     let (code, h) = failed.expect("an operator's warm-up naming a missing LoRA fails the warm-up");
     assert_eq!(code, 503, "{h}");
 }
+
+/// Warm-up and the typed route make the same job of the same request (one `PluginJob →
+/// JobSpec` in `generation/`): the models warm-up loaded are the ones the route's first
+/// real request needs, so that request is an affinity hit on the warmed worker, not a
+/// second model switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_request_after_warm_up_finds_its_models_loaded() {
+    let comfy = ExternalComfy::start().await.unwrap();
+    let server = serve(&comfy, &["--warm-up", "auto"]).await;
+    let ready = eventually(Duration::from_secs(30), || async {
+        let (code, h) = health(&server).await;
+        (code == 200).then_some(h)
+    })
+    .await
+    .expect("never ready after the warm-up");
+    let worker = &ready["workers"][0];
+    assert_eq!(worker["model_switches"], 1, "the warm-up loaded the route's models once: {ready}");
+    let warmed_key = worker["loaded_model_key"].as_str().expect("the warm-up left a model key").to_string();
+
+    let status = server.plugin_status("flux-dev.wasm").await.unwrap().expect("flux-dev listed");
+    let body = status["warm_up"].clone();
+    assert!(body.is_object(), "flux-dev declares its warm-up request: {status}");
+    let response = server.post_json("/flux-dev", &body).await.unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+
+    let (_, after) = health(&server).await;
+    let worker = &after["workers"][0];
+    assert_eq!(worker["loaded_model_key"], warmed_key.as_str(), "the typed request keyed its models as warm-up did: {after}");
+    assert_eq!(worker["model_switches"], 1, "no second switch: {after}");
+    assert_eq!(worker["affinity_hits"], 1, "the request was dispatched to the warmed models: {after}");
+}
