@@ -1,7 +1,7 @@
 //! Access control: API keys from the environment, the `Authorization: Bearer` check for
 //! generation and admin routes, and the listen-address policy.
 //!
-//! Owns key parsing, key comparison and the 401/403 answers. Must never log or echo a
+//! Owns key parsing and key comparison (the 401/403 answers are `http::access`'s and `/api/v2`'s). Must never log or echo a
 //! key (only key *names*), never read keys from the query string, and never compare
 //! keys in a way whose timing depends on how much of a key matched.
 //!
@@ -13,10 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::bail;
-use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderValue, header};
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
@@ -233,50 +230,9 @@ pub enum Refusal {
     NotAdmin,
 }
 
-/// Middleware for generation routes: when keys are configured, a valid user or admin key
-/// is required; the caller goes into the request's extensions.
-///
-/// `axum::middleware::from_fn_with_state(access_keys.clone(), auth::require_api_key)`
-pub async fn require_api_key(
-    State(keys): State<AccessKeys>,
-    request: Request,
-    next: Next,
-) -> Response {
-    authorize(&keys, Role::User, request, next).await
-}
-
-/// Middleware for admin routes (`/metrics`, `/plugins`, ...): when keys are configured,
-/// an admin key is required (a user key gets 403).
-///
-/// `axum::middleware::from_fn_with_state(access_keys.clone(), auth::require_admin_key)`
-pub async fn require_admin_key(
-    State(keys): State<AccessKeys>,
-    request: Request,
-    next: Next,
-) -> Response {
-    authorize(&keys, Role::Admin, request, next).await
-}
-
-async fn authorize(keys: &AccessKeys, needed: Role, mut request: Request, next: Next) -> Response {
-    if !keys.is_configured() {
-        return next.run(request).await;
-    }
-    match check_request(keys, needed, request.headers()) {
-        Ok(caller) => {
-            tracing::debug!(caller = %caller.name, "request authenticated");
-            request.extensions_mut().insert(caller);
-            next.run(request).await
-        }
-        Err(refusal) => {
-            tracing::info!(?refusal, path = %request.uri().path(), "request refused by access control");
-            refusal_response(refusal)
-        }
-    }
-}
-
-/// The caller of a request on a route that needs `needed`, or why it is refused. For
-/// surfaces that answer refusals in their own error shape (`/api/v2`'s envelope); the
-/// middlewares here answer problem+json.
+/// The caller of a request on a route that needs `needed`, or why it is refused. Each
+/// surface answers a refusal in its own error shape: problem+json (`http::access`), or
+/// `/api/v2`'s envelope.
 pub fn check_request(
     keys: &AccessKeys,
     needed: Role,
@@ -307,64 +263,6 @@ fn bearer_token(value: &HeaderValue) -> Option<&str> {
         return None;
     }
     Some(token)
-}
-
-fn refusal_response(refusal: Refusal) -> Response {
-    let (status, slug, title, detail, challenge) = match refusal {
-        Refusal::Missing => (
-            StatusCode::UNAUTHORIZED,
-            "missing-api-key",
-            "API key required",
-            "Send your API key as `Authorization: Bearer <key>`.",
-            "Bearer realm=\"flowhost\"",
-        ),
-        Refusal::Malformed => (
-            StatusCode::UNAUTHORIZED,
-            "malformed-authorization",
-            "Malformed Authorization header",
-            "Send exactly one header `Authorization: Bearer <key>` (one space, no padding). Keys in the query string are not accepted.",
-            "Bearer realm=\"flowhost\", error=\"invalid_request\"",
-        ),
-        Refusal::UnknownKey => (
-            StatusCode::UNAUTHORIZED,
-            "invalid-api-key",
-            "Invalid API key",
-            "The API key is not valid. Check it for typos, or ask the operator for a key.",
-            "Bearer realm=\"flowhost\", error=\"invalid_token\"",
-        ),
-        Refusal::NotAdmin => (
-            StatusCode::FORBIDDEN,
-            "admin-key-required",
-            "Admin key required",
-            "This route needs an admin key (FLOWHOST_ADMIN_KEYS); your key may only call generation routes.",
-            "Bearer realm=\"flowhost\", error=\"insufficient_scope\"",
-        ),
-    };
-    let mut response = problem_response(status, slug, title, detail);
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static(challenge),
-    );
-    response
-}
-
-/// An RFC 9457 problem+json response, shaped like the lead's `http` problems (to be unified).
-fn problem_response(status: StatusCode, slug: &str, title: &str, detail: &str) -> Response {
-    let body = serde_json::json!({
-        "type": format!("https://flowhost.dev/problems/{slug}"),
-        "title": title,
-        "status": status.as_u16(),
-        "detail": detail,
-    });
-    (
-        status,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        )],
-        body.to_string(),
-    )
-        .into_response()
 }
 
 #[cfg(test)]

@@ -35,9 +35,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -389,7 +388,7 @@ impl Metrics {
     }
 
     /// Count a plugin file refused at load time. `reason` must come from a small fixed
-    /// set (`invalid_component`, `wrong_contract_version`, `duplicate_route`, ...).
+    /// set (`LoadErrorKind::label`: `file`, `compile`, `contract`, `manifest`, `route_conflict`, ...).
     pub fn plugin_rejected(&self, reason: &str) {
         self.inner
             .plugin_rejections
@@ -455,19 +454,6 @@ pub async fn serve_metrics(State(metrics): State<Metrics>) -> Response {
     metrics.response()
 }
 
-/// Middleware counting every answered request by matched route and status
-/// (`axum::middleware::from_fn_with_state(metrics.clone(), metrics::track_http)`,
-/// added with `Router::layer` so the matched route is known).
-pub async fn track_http(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map_or_else(
-        || UNMATCHED_ROUTE.to_owned(),
-        |path| path.as_str().to_owned(),
-    );
-    let response = next.run(request).await;
-    metrics.record_http(&route, response.status().as_u16());
-    response
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,7 +483,7 @@ mod tests {
         );
         metrics.comfyui_restarted();
         metrics.plugin_loaded("flux-dev");
-        metrics.plugin_rejected("wrong_contract_version");
+        metrics.plugin_rejected(crate::plugins::loader::LoadErrorKind::Contract.label());
         let text = metrics.render();
         assert_eq!(
             line_value(
@@ -549,7 +535,7 @@ mod tests {
         assert!(text.contains("flowhost_comfyui_restarts_total 1"));
         assert!(text.contains("flowhost_plugin_loads_total{plugin=\"flux-dev\"} 1"));
         assert!(
-            text.contains("flowhost_plugin_rejections_total{reason=\"wrong_contract_version\"} 1")
+            text.contains("flowhost_plugin_rejections_total{reason=\"contract\"} 1")
         );
         assert!(
             text.contains("flowhost_analytics_dropped_events_total 0"),

@@ -1,5 +1,6 @@
 //! Operations modules over real sockets on 127.0.0.1: access control in front of a
-//! router, analytics delivery to a local PostHog capture server, and `/metrics`.
+//! router, and analytics delivery to a local PostHog capture server. (`/metrics` labels are
+//! tested through the real router: `tests/tests/all/runtime.rs`.)
 
 use std::net::SocketAddr;
 
@@ -20,7 +21,8 @@ mod access_control {
     use axum::Extension;
     use axum::middleware::from_fn_with_state;
     use axum::routing::{get, post};
-    use flowhost::auth::{AccessKeys, Caller, require_admin_key, require_api_key};
+    use flowhost::auth::{AccessKeys, Caller};
+    use flowhost::http::access::{require_admin_key, require_api_key};
     use reqwest::StatusCode;
 
     const USER_KEY: &str = "fh_user_4f9c2a7d1e8b";
@@ -550,66 +552,5 @@ mod analytics {
         analytics.shutdown().await;
         assert!(server.bodies().is_empty());
         assert_eq!(analytics.dropped(), 0);
-    }
-}
-
-mod metrics_endpoint {
-    use super::*;
-    use axum::middleware::from_fn_with_state;
-    use axum::routing::{get, post};
-    use flowhost::events::Analytics;
-    use flowhost::metrics::{Metrics, serve_metrics, track_http};
-
-    #[tokio::test]
-    async fn counts_requests_by_matched_route_and_serves_openmetrics() {
-        let metrics = Metrics::new(Analytics::disabled());
-        let app = Router::new()
-            .route("/flux-dev", post(|| async { "ok" }))
-            .route("/jobs/{id}", get(|| async { "job" }))
-            .route("/metrics", get(serve_metrics))
-            .with_state(metrics.clone())
-            .layer(from_fn_with_state(metrics.clone(), track_http));
-        let base = format!("http://{}", serve(app).await);
-        let client = reqwest::Client::new();
-        client
-            .post(format!("{base}/flux-dev"))
-            .send()
-            .await
-            .unwrap();
-        client
-            .post(format!("{base}/flux-dev"))
-            .send()
-            .await
-            .unwrap();
-        client.get(format!("{base}/jobs/123")).send().await.unwrap();
-        client.get(format!("{base}/jobs/456")).send().await.unwrap();
-        let missing = client
-            .get(format!("{base}/no/such/path"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(missing.status(), 404);
-        let response = client.get(format!("{base}/metrics")).send().await.unwrap();
-        assert_eq!(
-            response.headers()["content-type"],
-            "application/openmetrics-text; version=1.0.0; charset=utf-8"
-        );
-        let text = response.text().await.unwrap();
-        assert!(
-            text.contains("flowhost_http_requests_total{route=\"/flux-dev\",status=\"200\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("flowhost_http_requests_total{route=\"/jobs/{id}\",status=\"200\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("flowhost_http_requests_total{route=\"unmatched\",status=\"404\"} 1"),
-            "{text}"
-        );
-        assert!(
-            !text.contains("/jobs/123") && !text.contains("/no/such/path"),
-            "raw paths must not become labels"
-        );
     }
 }

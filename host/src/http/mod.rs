@@ -5,17 +5,18 @@
 //! looked up per request, not baked into the router). Everything that fails
 //! answers `application/problem+json` ([`problem`]).
 
+pub mod access;
 pub mod body_shape;
 pub mod edge;
 pub mod generate;
 pub mod health;
+pub mod idempotency;
 pub mod listener;
 pub mod job_errors;
 pub mod job_view;
 pub mod openapi;
 pub mod plugin_list;
 pub mod problem;
-pub mod request_schema;
 pub mod v2;
 pub mod webhook_headers;
 pub mod webhooks_admin;
@@ -30,7 +31,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::LatencyUnit;
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 
-use crate::auth::{self, AccessKeys};
+use crate::auth::AccessKeys;
 use crate::metrics::Metrics;
 use crate::plugins::{PluginEngine, PluginRegistry};
 pub use problem::Problem;
@@ -104,10 +105,10 @@ pub fn router(state: AppState) -> Router {
         .route("/plugins", get(plugin_list::list_plugins))
         .route("/metrics", get(crate::metrics::serve_metrics))
         .route("/admin/webhooks/dead-letters", get(webhooks_admin::dead_letters))
-        .route_layer(middleware::from_fn_with_state(keys.clone(), auth::require_admin_key));
+        .route_layer(middleware::from_fn_with_state(keys.clone(), access::require_admin_key));
     let generation = Router::new()
         .route("/{route}", post(generate::generate).fallback(generate::other_method))
-        .route_layer(middleware::from_fn_with_state(keys, auth::require_api_key))
+        .route_layer(middleware::from_fn_with_state(keys, access::require_api_key))
         .route_layer(middleware::from_fn_with_state(state.simulated, mark_simulated));
     let v2 = v2::router(state.keys.clone());
     Router::new()

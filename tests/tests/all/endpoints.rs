@@ -220,6 +220,7 @@ mod external_comfy {
         std::fs::create_dir(inputs.path().join("faces")).unwrap();
         let data_url = face_png_data_url();
         let png = base64::engine::general_purpose::STANDARD.decode(data_url.split_once(',').unwrap().1).unwrap();
+        let png_len = png.len();
         std::fs::write(inputs.path().join("faces/alice.png"), png).unwrap();
         let mut args = comfy.args();
         args.extend(["--inputs".to_string(), inputs.path().to_string_lossy().to_string()]);
@@ -227,8 +228,13 @@ mod external_comfy {
         let server = start(&args).await;
         let ok = server.post_json("/flux-instantid", &json!({"prompt": "p", "reference_image": "faces/alice.png", "width": 256, "height": 256, "steps": 1})).await.unwrap();
         assert_eq!(jpeg_size(ok).await, (256, 256));
-        let uploads = comfy.double.record().uploads;
-        assert!(!uploads.is_empty(), "the host uploaded the reference image");
+        let record = comfy.double.record();
+        assert_eq!(record.uploads.len(), 1, "the host uploaded the reference image once: {:?}", record.uploads);
+        let upload = &record.uploads[0];
+        assert_eq!((upload.kind.as_str(), upload.size), ("input", png_len), "the volume file's bytes, into ComfyUI's input folder");
+        let (_, graph) = record.prompts.last().expect("the job's prompt");
+        let loaded: Vec<&Value> = graph.as_object().unwrap().values().filter(|n| n["class_type"] == "LoadImage").map(|n| &n["inputs"]["image"]).collect();
+        assert_eq!(loaded, [&json!(format!("{}/{}", upload.subfolder, upload.name))], "the graph's LoadImage reads the uploaded file");
         let (status, body) = problem(server.post_json("/flux-instantid", &json!({"prompt": "p", "reference_image": "faces/nobody.png"})).await.unwrap()).await.unwrap();
         assert_eq!(status, 404, "{body}");
         assert_eq!(body["errors"][0]["field"], "reference_image");

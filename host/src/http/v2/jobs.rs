@@ -24,7 +24,6 @@ use crate::http::job_view::job_json_at as job_json;
 use crate::jobs::{IdempotencyClaim, JobFailure, JobFilter, JobService, JobSource, JobSpec, JobStatus, OutputEncoding, UploadSpec};
 
 /// Longest Idempotency-Key accepted (the SDK's own bound).
-const MAX_IDEMPOTENCY_KEY: usize = 255;
 /// Default and largest page of `GET /api/v2/jobs`.
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 100;
@@ -43,18 +42,9 @@ fn key_scope(kind: &str, caller: Option<&Caller>) -> String {
     }
 }
 
-/// The `Idempotency-Key` header, checked (printable ASCII, 1–255 characters).
+/// The `Idempotency-Key` header ([`crate::http::idempotency`]), refused in the v2 envelope.
 pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, V2Error> {
-    let mut values = headers.get_all("idempotency-key").iter();
-    let Some(value) = values.next() else { return Ok(None) };
-    if values.next().is_some() {
-        return Err(V2Error::invalid_request("Idempotency-Key", "send the header once"));
-    }
-    let key = value.to_str().ok().filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY && k.chars().all(|c| c.is_ascii_graphic() || c == ' '));
-    match key {
-        Some(key) => Ok(Some(key.to_string())),
-        None => Err(V2Error::invalid_request("Idempotency-Key", format!("must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"))),
-    }
+    crate::http::idempotency::parse(headers).map_err(|refused| V2Error::invalid_request("Idempotency-Key", refused.message()))
 }
 
 /// A file name ComfyUI can take for an uploaded asset: the asset's own name reduced to safe
@@ -265,15 +255,5 @@ mod tests {
         for bad in ["limit=0", "limit=101", "status=done", "cursor=xyz", "color=red"] {
             assert!(parse_list_query(Some(bad)).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn idempotency_keys_are_bounded() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(idempotency_key(&headers).unwrap(), None);
-        headers.insert("idempotency-key", "k-1".parse().unwrap());
-        assert_eq!(idempotency_key(&headers).unwrap().as_deref(), Some("k-1"));
-        headers.insert("idempotency-key", "x".repeat(256).parse().unwrap());
-        assert!(idempotency_key(&headers).is_err());
     }
 }
