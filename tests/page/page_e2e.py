@@ -9,7 +9,7 @@ again from the job history; see the built graph; a 400 marks its fields; a plugi
 the plugin folder while the page is open appears without a reload; a hostile plugin's markup and
 script (in its summary, its field descriptions and its error texts) stay inert text; with keys
 on, no key → the page says so, a wrong key is refused, the right one works and stays out of URLs,
-localStorage and the server's log.
+localStorage and the server's log; a 503 (models missing) shows its reason and Retry-After.
 
 Usage: page_e2e.py FLOWHOST_BINARY BUNDLED_PLUGINS_DIR HOSTILE_WASM [--screenshot PNG] [--bench N]
   --screenshot PNG  save a screenshot of the page after a /flux-dev run (docs/page.png)
@@ -54,9 +54,9 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict[str, st
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()
     except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), err.read()
+        return err.code, err.headers, err.read()
 
 
 def find_tool(*names: str) -> str:
@@ -71,7 +71,7 @@ def find_tool(*names: str) -> str:
 class Flowhost:
     """`flowhost serve --simulate` as a child with its own environment and plugin folder."""
 
-    def __init__(self, binary: str, plugins: list[str], env: dict[str, str] | None = None):
+    def __init__(self, binary: str, plugins: list[str], env: dict[str, str] | None = None, args: list[str] | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.tmp = tempfile.TemporaryDirectory(prefix="flowhost-page-")
@@ -83,7 +83,6 @@ class Flowhost:
         self.log = open(self.log_path, "w+")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWHOST_")}
         full_env["FLOWHOST_SIMULATE_STEP_LATENCY_MS"] = STEP_LATENCY_MS
-        full_env["RUST_LOG"] = "info"
         full_env.update(env or {})
         argv = [
             binary, "serve", "--simulate",
@@ -91,6 +90,7 @@ class Flowhost:
             "--plugins", self.plugins,
             "--cache-dir", os.path.join(self.tmp.name, "cache"),
             "--state-dir", os.path.join(self.tmp.name, "state"),
+            *(args or []),
         ]
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
         deadline = time.monotonic() + 90
@@ -98,8 +98,9 @@ class Flowhost:
             if self.process.poll() is not None:
                 fail(f"flowhost exited with {self.process.returncode}:\n{self.logs()}")
             try:
-                status, _, body = http("GET", f"{self.base}/health", timeout=5)
-                if status == 200 and json.loads(body).get("status") == "ok":
+                # Up, not necessarily ready (a server without its models never is).
+                status, _, body = http("GET", f"{self.base}/livez", timeout=5)
+                if status == 200:
                     return
             except (OSError, ValueError):
                 pass
@@ -116,7 +117,7 @@ class Flowhost:
     def logs(self) -> str:
         self.log.flush()
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
+            return f.read()[-6000:]
 
     def stop(self) -> None:
         self.process.terminate()
@@ -246,7 +247,7 @@ def case_headers(server: Flowhost) -> None:
     print("ok: GET / serves the page to browsers under a strict CSP, the API's 404 to API clients")
 
 
-def case_run_flux_dev(browser: Browser, server: Flowhost, screenshot: str | None) -> None:
+def case_run_flux_dev(browser: Browser, server: Flowhost) -> None:
     open_page(browser, server)
     select_endpoint(browser, "/flux-dev")
     browser.js("window.__same_page = 'flux';")
@@ -279,12 +280,6 @@ def case_run_flux_dev(browser: Browser, server: Flowhost, screenshot: str | None
     job_id = browser.js("return document.body.dataset.jobId")
     # The job history has it, with a thumbnail; "run again" refills the form.
     browser.wait("return document.querySelector(`#job-list li[data-job='${arguments[0]}'] img.thumb`)?.src.startsWith('blob:')", "the job's thumbnail in the history", 20, job_id)
-    if screenshot:
-        browser.click("#dry-run")
-        browser.wait("return !document.getElementById('graph-panel').hidden", "the graph panel", 10)
-        with open(screenshot, "wb") as f:
-            f.write(browser.screenshot())
-        print(f"screenshot saved to {screenshot}")
     browser.type("#f-prompt", "something else")
     browser.click(f"#job-list li[data-job='{job_id}'] button[data-action='again']")
     refilled = browser.js("return [document.getElementById('f-prompt').value, document.getElementById('f-steps').value]")
@@ -334,7 +329,7 @@ def case_hostile(browser: Browser) -> None:
     check("<b>bold</b>" in helps, f"the descriptions are not shown as text: {helps!r}")
     options = browser.js("return [...document.querySelectorAll('#f-mode option')].map(o => o.textContent)")
     check("markup-error" in options, f"mode options: {options}")
-    browser.js("const s = document.getElementById('f-mode'); s.value = String([...s.options].findIndex(o => o.textContent === 'markup-error') - (s.options[0].value === '' ? 1 : 0));")
+    browser.js("const s = document.getElementById('f-mode'); s.value = [...s.options].find(o => o.textContent === 'markup-error').value;")
     browser.click("#run")
     browser.wait("return document.querySelector(\"#fields .field[data-field='mode']\").getAttribute('aria-invalid') === 'true'", "the plugin's field error on mode", 20)
     message = browser.js("return document.querySelector(\"#fields .field[data-field='mode'] .field-error\").textContent")
@@ -382,6 +377,50 @@ def case_keys(browser: Browser, binary: str, plugins: list[str]) -> None:
         server.stop()
 
 
+def case_unavailable(browser: Browser, binary: str, plugins: list[str]) -> None:
+    """A server whose model volume lacks flux-dev's models: Run shows the 503's reason and Retry-After."""
+    models = tempfile.TemporaryDirectory(prefix="flowhost-page-models-")
+    server = Flowhost(binary, plugins, args=["--models", models.name, "--warm-up", "off"])
+    try:
+        open_page(browser, server)
+        select_endpoint(browser, "/flux-dev")
+        browser.type("#f-prompt", "no models here")
+        browser.click("#run")
+        browser.wait("return !document.getElementById('form-problem').hidden", "the 503 shown", 20)
+        said = browser.js("return [document.getElementById('form-problem').textContent, document.getElementById('form-problem').dataset.retryAfter]")
+        check(said[0].startswith("Unavailable: ") and ".safetensors" in said[0], f"the 503's reason: {said[0]!r}")
+        check(said[1] and said[1].isdigit() and f"Retry after {said[1]} s." in said[0], f"the 503's Retry-After: {said}")
+        print(f"ok: a 503 shows its reason and Retry-After: {said[0]!r}")
+    finally:
+        server.stop()
+        models.cleanup()
+
+
+def take_screenshot(browser: Browser, binary: str, bundled: str, path: str) -> None:
+    """The page after a /flux-dev run, with the bundled plugins only (for docs/page.png)."""
+    plugins = [os.path.join(bundled, f) for f in sorted(os.listdir(bundled)) if f.endswith(".wasm")]
+    server = Flowhost(binary, plugins)
+    try:
+        browser.call("POST", "/window/rect", {"width": 1400, "height": 1250})
+        open_page(browser, server)
+        select_endpoint(browser, "/flux-dev")
+        browser.type("#f-prompt", "a lighthouse at dawn")
+        browser.type("#f-width", "512")
+        browser.type("#f-height", "384")
+        browser.type("#f-steps", "8")
+        browser.click("#run")
+        browser.wait("return document.body.dataset.jobStatus === 'succeeded' && document.getElementById('output').naturalWidth > 0", "the final image", 60)
+        job_id = browser.js("return document.body.dataset.jobId")
+        browser.wait("return document.querySelector(`#job-list li[data-job='${arguments[0]}'] img.thumb`)?.src.startsWith('blob:')", "the thumbnail", 20, job_id)
+        browser.js("window.scrollTo(0, 0)")
+        with open(path, "wb") as f:
+            f.write(browser.screenshot())
+        print(f"screenshot saved to {path}")
+    finally:
+        server.stop()
+        browser.call("POST", "/window/rect", {"width": 1400, "height": 1050})
+
+
 def bench(browser: Browser, server: Flowhost, runs: int) -> None:
     sizes = {}
     for path in ["/", "/_page/page.js", "/_page/page.css"]:
@@ -424,13 +463,16 @@ def main() -> None:
     server = Flowhost(binary, [flux_dev, hostile])
     try:
         case_headers(server)
-        case_run_flux_dev(browser, server, screenshot)
+        case_run_flux_dev(browser, server)
         case_field_errors(browser)
         case_hot_load(browser, server, flux_lora)
         case_hostile(browser)
         if runs:
             bench(browser, server, runs)
         case_keys(browser, binary, [flux_dev])
+        case_unavailable(browser, binary, [flux_dev])
+        if screenshot:
+            take_screenshot(browser, binary, bundled, screenshot)
     finally:
         server.stop()
         browser.quit()

@@ -44,6 +44,7 @@
     thumbs: new Map(), // output id -> object URL
     output: null, // object URL of the shown output
     firstRender: true,
+    historySignature: '',
   };
 
   // ---------------------------------------------------------------- the key, and every request
@@ -741,7 +742,7 @@
       if (typeof ms === 'number') fact(name.replace(/_ms$/, ''), `${ms} ms`);
     }
     const total = Date.parse(job.completed_at) - Date.parse(job.created_at);
-    if (Number.isFinite(total)) fact('total', `${total} ms`);
+    if (Number.isFinite(total)) fact('created → done', `${total} ms`);
     if (job.status !== 'succeeded') {
       const error = job.error || {};
       const where = [error.node_id && `node ${error.node_id}`, error.class_type].filter(Boolean).join(' ');
@@ -821,6 +822,10 @@
 
   function renderHistory(jobs) {
     const remembered = requests();
+    // Unchanged list: leave it (and any open "request" details) alone.
+    const signature = JSON.stringify([state.access, jobs.map((j) => [j.id, j.status, !!remembered[j.id]]), [...state.endpoints.keys()]]);
+    if (signature === state.historySignature) return;
+    state.historySignature = signature;
     const items = jobs.map((job) => {
       const request = remembered[job.id];
       const img = el('img', { class: 'thumb', alt: '' });
@@ -839,7 +844,7 @@
         img,
         el('div', { class: 'meta' },
           el('span', { class: `badge ${job.status}`, text: job.status }), ' ',
-          el('span', { text: request ? request.route : 'v2 job' }),
+          el('span', { text: request ? request.route : 'not from this page' }),
           el('span', { class: 'when', text: new Date(job.created_at).toLocaleString() }),
           buttons));
       if (request) li.append(el('details', {}, el('summary', { text: 'request' }), el('pre', { text: request.body })));
