@@ -744,6 +744,7 @@
     const total = Date.parse(job.completed_at) - Date.parse(job.created_at);
     if (Number.isFinite(total)) fact('created → done', `${total} ms`);
     if (job.status !== 'succeeded') {
+      $('progress-text').textContent = '';
       const error = job.error || {};
       const where = [error.node_id && `node ${error.node_id}`, error.class_type].filter(Boolean).join(' ');
       const box = $('job-problem');
@@ -752,6 +753,7 @@
       return;
     }
     $('progress').value = 1;
+    $('progress-text').textContent = 'done';
     const output = (job.outputs || []).find((o) => o.type === 'image') || (job.outputs || [])[0];
     if (!output) return;
     const response = await api(output.url).catch(() => null);
