@@ -28,11 +28,13 @@ import shutil
 import socket
 import statistics
 import subprocess
+import struct
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
 STEP_LATENCY_MS = "120"
@@ -260,7 +262,7 @@ def case_run_flux_dev(browser: Browser, server: Flowhost) -> None:
     browser.type("#f-prompt", "a lighthouse at dawn")
     browser.type("#f-width", "256")
     browser.type("#f-height", "256")
-    browser.type("#f-steps", "12")
+    browser.type("#f-steps", "20")
     # Progress values seen while it runs (recorded by the page itself, read after).
     browser.js("window.__progress = []; new MutationObserver(() => window.__progress.push(document.body.dataset.progress)).observe(document.body, {attributes: true, attributeFilter: ['data-progress']});")
     browser.click("#run")
@@ -283,7 +285,7 @@ def case_run_flux_dev(browser: Browser, server: Flowhost) -> None:
     browser.type("#f-prompt", "something else")
     browser.click(f"#job-list li[data-job='{job_id}'] button[data-action='again']")
     refilled = browser.js("return [document.getElementById('f-prompt').value, document.getElementById('f-steps').value]")
-    check(refilled == ["a lighthouse at dawn", "12"], f"run again refilled {refilled}")
+    check(refilled == ["a lighthouse at dawn", "20"], f"run again refilled {refilled}")
     # The built graph (dry run).
     browser.click("#dry-run")
     browser.wait("return !document.getElementById('graph-panel').hidden && document.getElementById('graph').textContent.includes('KSampler')", "the built graph", 20)
@@ -303,6 +305,40 @@ def case_field_errors(browser: Browser) -> None:
     check(all(message for _, message in marked), f"a marked field has no message: {marked}")
     check(not browser.js("return document.querySelector(\"#fields .field[data-field='steps']\").hasAttribute('aria-invalid')"), "a valid field was marked")
     print(f"ok: a 400 marks its fields beside them: {marked}")
+
+
+def png(width: int, height: int) -> bytes:
+    """A real RGB PNG (no Pillow needed)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\x00" + b"".join(bytes((x * 3 % 256, y * 5 % 256, 120)) for x in range(width)) for y in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def case_image_picker(browser: Browser, tmp: str) -> None:
+    """/flux-instantid's reference image is a file picker; the picked file goes as a data URL."""
+    select_endpoint(browser, "/flux-instantid")
+    check(browser.js("return !!document.querySelector(\"#fields .field[data-field='reference_image'] input[type=file]\")"), "reference_image is not a file picker")
+    face = os.path.join(tmp, "face <img id=pwned src=x>.png")
+    with open(face, "wb") as f:
+        f.write(png(64, 64))
+    browser.type("#f-reference_image", face, clear=False)
+    chosen = browser.js("return document.querySelector(\"#fields .field[data-field='reference_image'] .chosen\").textContent")
+    check("face <img id=pwned src=x>.png" in chosen, f"the chosen file's name is not shown as text: {chosen!r}")
+    browser.type("#f-prompt", "a portrait")
+    browser.type("#f-width", "256")
+    browser.type("#f-height", "256")
+    browser.type("#f-steps", "2")
+    browser.click("#run")
+    browser.wait("return document.body.dataset.jobStatus === 'succeeded' && document.getElementById('output').naturalWidth > 0", "the /flux-instantid run with a picked image", 60)
+    job_id = browser.js("return document.body.dataset.jobId")
+    sent = browser.js("return JSON.parse(localStorage.getItem('flowhost.requests'))[arguments[0]].body", job_id)
+    check('"reference_image":"data:image/png;base64,' in sent, f"the picked file was not sent as a data URL: {sent[:200]!r}")
+    check(browser.js(INERT), "the file name became markup")
+    print("ok: an image field is a file picker whose file is sent as a data URL")
 
 
 def case_hot_load(browser: Browser, server: Flowhost, lora_wasm: str) -> None:
@@ -460,13 +496,14 @@ def main() -> None:
     for path in [binary, flux_dev, flux_lora, hostile]:
         check(os.path.exists(path), f"{path} is missing (build the binary and the plugins first)")
     browser = Browser()
-    server = Flowhost(binary, [flux_dev, hostile])
+    server = Flowhost(binary, [flux_dev, hostile, os.path.join(bundled, "flux_instantid.wasm")])
     try:
         case_headers(server)
         case_run_flux_dev(browser, server)
         case_field_errors(browser)
         case_hot_load(browser, server, flux_lora)
         case_hostile(browser)
+        case_image_picker(browser, server.tmp.name)
         if runs:
             bench(browser, server, runs)
         case_keys(browser, binary, [flux_dev])
