@@ -5,7 +5,7 @@
 # the official Python clients as test clients (comfy-sdk 0.5.0 driving
 # `flowhost serve --simulate` through the Comfy API v2; the standardwebhooks
 # verifier checking every webhook delivery), and the Modal deployment tests
-# (Python, no Modal account needed).
+# (Python, no Modal account needed), and the page at GET / in headless Chromium.
 # The flowhost binary is built with its default features, `simulate` included
 # (the tests run `flowhost serve --simulate`); release builds leave it out.
 set -euo pipefail
@@ -21,6 +21,9 @@ cargo test --no-fail-fast
 target_abs="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
 # The Comfy API v2 through the official SDK, unchanged (COMFY_BASE_URL pointing at flowhost).
 "$FLOWHOST_TEST_PYTHON" tests/sdk/comfy_sdk_e2e.py "$target_abs/debug/flowhost" "$target_abs/bundled-plugins"
+# The page at GET / in headless Chromium (Debian's chromium + chromium-driver; a missing one fails).
+cargo build --quiet --release --target wasm32-wasip2 -p fixture-hostile
+"$FLOWHOST_TEST_PYTHON" tests/page/page_e2e.py "$target_abs/debug/flowhost" "$target_abs/bundled-plugins" "$target_abs/wasm32-wasip2/release/fixture_hostile.wasm"
 if [ -x deploy/modal/run_tests.sh ]; then
   FLOWHOST_BIN="$target_abs/debug/flowhost" deploy/modal/run_tests.sh
 fi

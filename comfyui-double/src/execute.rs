@@ -203,7 +203,7 @@ fn signatures(s: &Shared, graph: &Map<String, Value>, order: &[String], run_nonc
 /// The image batch each node produces, traced from its sources.
 fn image_spec(s: &Shared, graph: &Map<String, Value>, id: &str, memo: &mut HashMap<String, Option<ImageSpec>>, depth: u32) -> Option<ImageSpec> {
     if let Some(v) = memo.get(id) {
-        return *v;
+        return v.clone();
     }
     if depth > 256 {
         return None;
@@ -244,16 +244,38 @@ fn image_spec(s: &Shared, graph: &Map<String, Value>, id: &str, memo: &mut HashM
                 (w, 0) => (w, ((src.height as f64) * w as f64 / src.width as f64).round().max(1.0) as u32),
                 wh => wh,
             };
-            Some(ImageSpec { width: w, height: h, ..src })
+            // Images are resized for real (latents keep their pattern: a latent has no pixels).
+            let method = input(graph, id, "upscale_method").and_then(Value::as_str).unwrap_or("bilinear");
+            let center = input(graph, id, "crop").and_then(Value::as_str) == Some("center");
+            let real = if class == "ImageScale" { render::scale(&src, w, h, method, center) } else { None };
+            real.or(Some(ImageSpec { width: w, height: h, ..src }))
         }
         "ImageScaleBy" | "LatentUpscaleBy" => {
             let src = upstream(if class == "ImageScaleBy" { "image" } else { "samples" }, memo).unwrap_or_default();
             let k = input_f64(graph, id, "scale_by").unwrap_or(1.0);
-            Some(ImageSpec {
-                width: ((src.width as f64 * k).round() as u32).clamp(1, 16384),
-                height: ((src.height as f64 * k).round() as u32).clamp(1, 16384),
-                ..src
+            let (w, h) = (((src.width as f64 * k).round() as u32).clamp(1, 16384), ((src.height as f64 * k).round() as u32).clamp(1, 16384));
+            let method = input(graph, id, "upscale_method").and_then(Value::as_str).unwrap_or("bilinear");
+            let real = if class == "ImageScaleBy" { render::scale(&src, w, h, method, false) } else { None };
+            real.or(Some(ImageSpec { width: w, height: h, ..src }))
+        }
+        "ImageInvert" => {
+            let src = upstream("image", memo).unwrap_or_default();
+            render::invert(&src).or(Some(src))
+        }
+        "ImageCrop" => {
+            let src = upstream("image", memo).unwrap_or_default();
+            let (w, h) = (dim("width").unwrap_or(512).max(1), dim("height").unwrap_or(512).max(1));
+            let (x, y) = (dim("x").unwrap_or(0), dim("y").unwrap_or(0));
+            render::crop(&src, w, h, x, y).or_else(|| {
+                let (x, y) = (x.min(src.width.saturating_sub(1)), y.min(src.height.saturating_sub(1)));
+                Some(ImageSpec { width: w.min(src.width - x).max(1), height: h.min(src.height - y).max(1), ..src })
             })
+        }
+        "ImageBlur" => {
+            let src = upstream("image", memo).unwrap_or_default();
+            let radius = input_u64(graph, id, "blur_radius").unwrap_or(1);
+            let sigma = input_f64(graph, id, "sigma").unwrap_or(1.0);
+            render::blur(&src, radius, sigma).or(Some(src))
         }
         "ImageScaleToTotalPixels" => {
             let src = upstream("image", memo).unwrap_or_default();
@@ -268,9 +290,12 @@ fn image_spec(s: &Shared, graph: &Map<String, Value>, id: &str, memo: &mut HashM
         "LoadImage" => {
             let path = input(graph, id, "image").and_then(Value::as_str).and_then(|v| annotated_path(v, &s.input_dir, &s.output_dir, &s.temp_dir));
             let bytes = path.and_then(|p| std::fs::read(p).ok()).unwrap_or_default();
-            let (w, h) = render::image_size(&bytes).unwrap_or((512, 512));
-            let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3));
-            Some(ImageSpec { width: w.max(1), height: h.max(1), batch: 1, fill: Fill::Seeded(hash) })
+            // The file's own pixels; a file that does not decode (or is huge) keeps its size only.
+            render::decode(&bytes).or_else(|| {
+                let (w, h) = render::image_size(&bytes).unwrap_or((512, 512));
+                let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3));
+                Some(ImageSpec { width: w.max(1), height: h.max(1), batch: 1, fill: Fill::Seeded(hash) })
+            })
         }
         _ => {
             let mut found = None;
@@ -287,7 +312,7 @@ fn image_spec(s: &Shared, graph: &Map<String, Value>, id: &str, memo: &mut HashM
             found
         }
     };
-    memo.insert(id.to_string(), spec);
+    memo.insert(id.to_string(), spec.clone());
     spec
 }
 

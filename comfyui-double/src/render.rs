@@ -3,20 +3,29 @@
 //! Must never: produce a file whose bytes do not match its extension / content type.
 
 use std::io::Cursor;
+use std::sync::Arc;
 
 use anyhow::Context;
 
 /// How an image's pixels are filled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Fill {
     /// ComfyUI's EmptyImage `color` (0xRRGGBB).
     Solid(u32),
-    /// A deterministic pattern from a sampler seed (same seed → same pixels).
+    /// A deterministic pattern from a sampler seed (same seed → same pixels), stamped
+    /// "SIMULATED": a synthetic generation must never pass for a real one (or for a bug).
     Seeded(u64),
+    /// Real pixels, one RGB8 buffer per batch image: a loaded file or what an image node
+    /// (invert, scale, crop, blur) made of its input.
+    Pixels(Arc<[Vec<u8>]>),
 }
 
+/// Most pixels (over the whole batch) an image node works on for real; beyond it the double keeps
+/// only the output's shape (its pixels are then a pattern), so a huge graph cannot exhaust memory.
+pub(crate) const MAX_REAL_PIXELS: u64 = 1 << 26;
+
 /// An image batch flowing along the graph.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ImageSpec {
     pub width: u32,
     pub height: u32,
@@ -41,15 +50,15 @@ fn splitmix(mut x: u64) -> u64 {
 pub(crate) fn pixels(spec: &ImageSpec, index: u32) -> Vec<u8> {
     let (w, h) = (spec.width as usize, spec.height as usize);
     let mut out = Vec::with_capacity(w * h * 3);
-    match spec.fill {
+    match &spec.fill {
         Fill::Solid(color) => {
-            let rgb = [(color >> 16) as u8, (color >> 8) as u8, color as u8];
+            let rgb = [(color >> 16) as u8, (color >> 8) as u8, *color as u8];
             for _ in 0..w * h {
                 out.extend_from_slice(&rgb);
             }
         }
         Fill::Seeded(seed) => {
-            let k = splitmix(seed ^ (index as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+            let k = splitmix(*seed ^ (index as u64).wrapping_mul(0xA24B_AED4_963E_E407));
             let (a, b, c) = ((k & 0xff) as usize | 1, ((k >> 8) & 0xff) as usize | 1, ((k >> 16) & 0xff) as usize);
             let (d, e) = (((k >> 24) & 0xff) as usize, ((k >> 32) & 0xff) as usize);
             for y in 0..h {
@@ -59,9 +68,183 @@ pub(crate) fn pixels(spec: &ImageSpec, index: u32) -> Vec<u8> {
                     out.push((((x ^ y) + e) & 0xff) as u8);
                 }
             }
+            stamp_simulated(&mut out, w, h);
         }
+        Fill::Pixels(frames) => match frames.get(index as usize % frames.len().max(1)) {
+            Some(frame) if frame.len() == w * h * 3 => out.extend_from_slice(frame),
+            _ => out.resize(w * h * 3, 0),
+        },
     }
     out
+}
+
+/// 5×7 glyphs of the letters in "SIMULATED", one row per byte (bit 4 = leftmost column).
+fn glyph(c: char) -> [u8; 7] {
+    match c {
+        'S' => [0b01111, 0b10000, 0b10000, 0b01110, 0b00001, 0b00001, 0b11110],
+        'I' => [0b11111, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b11111],
+        'M' => [0b10001, 0b11011, 0b10101, 0b10101, 0b10001, 0b10001, 0b10001],
+        'U' => [0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b01110],
+        'L' => [0b10000, 0b10000, 0b10000, 0b10000, 0b10000, 0b10000, 0b11111],
+        'A' => [0b01110, 0b10001, 0b10001, 0b11111, 0b10001, 0b10001, 0b10001],
+        'T' => [0b11111, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100],
+        'E' => [0b11111, 0b10000, 0b10000, 0b11110, 0b10000, 0b10000, 0b11111],
+        'D' => [0b11110, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b11110],
+        _ => [0; 7],
+    }
+}
+
+/// The band's colours: black letters on amber.
+pub(crate) const BAND_RGB: [u8; 3] = [255, 193, 7];
+pub(crate) const INK_RGB: [u8; 3] = [0, 0, 0];
+
+/// The rows the "SIMULATED" band covers in a `height`-row image: the bottom eighth (at least 9
+/// rows, at most the whole image).
+pub(crate) fn band_rows(height: usize) -> std::ops::Range<usize> {
+    let band = (height / 8).max(9).min(height);
+    height - band..height
+}
+
+/// Stamp a "SIMULATED" band across the bottom of an RGB8 image: whoever sees a simulated
+/// generation knows at a glance it is synthetic.
+pub(crate) fn stamp_simulated(rgb: &mut [u8], width: usize, height: usize) {
+    if width == 0 || height == 0 || rgb.len() < width * height * 3 {
+        return;
+    }
+    let rows = band_rows(height);
+    for y in rows.clone() {
+        for x in 0..width {
+            rgb[(y * width + x) * 3..][..3].copy_from_slice(&BAND_RGB);
+        }
+    }
+    const TEXT: &str = "SIMULATED";
+    // 6 columns per letter (5 + a gap), 7 rows; as large as the band and the width allow.
+    let band_height = rows.len();
+    let scale = ((band_height.saturating_sub(2)) / 7).min(width / (TEXT.len() * 6)).max(1);
+    let (text_w, text_h) = (TEXT.len() * 6 * scale, 7 * scale);
+    let x0 = width.saturating_sub(text_w) / 2;
+    let y0 = rows.start + band_height.saturating_sub(text_h) / 2;
+    for (i, c) in TEXT.chars().enumerate() {
+        for (row, bits) in glyph(c).iter().enumerate() {
+            for col in 0..5 {
+                if bits & (0b10000 >> col) == 0 {
+                    continue;
+                }
+                for dy in 0..scale {
+                    for dx in 0..scale {
+                        let (x, y) = (x0 + (i * 6 + col) * scale + dx, y0 + row * scale + dy);
+                        if x < width && y < height {
+                            rgb[(y * width + x) * 3..][..3].copy_from_slice(&INK_RGB);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether a batch this large is worked on for real (see [`MAX_REAL_PIXELS`]).
+fn fits(width: u32, height: u32, batch: u32) -> bool {
+    (width as u64) * (height as u64) * (batch as u64) <= MAX_REAL_PIXELS
+}
+
+fn frames_of(spec: &ImageSpec) -> Vec<image::RgbImage> {
+    (0..spec.batch.max(1))
+        .map(|i| image::RgbImage::from_raw(spec.width, spec.height, pixels(spec, i)).unwrap_or_else(|| image::RgbImage::new(spec.width, spec.height)))
+        .collect()
+}
+
+fn from_frames(frames: Vec<image::RgbImage>) -> Option<ImageSpec> {
+    let first = frames.first()?;
+    let (width, height) = first.dimensions();
+    let batch = frames.len() as u32;
+    Some(ImageSpec { width, height, batch, fill: Fill::Pixels(frames.into_iter().map(image::RgbImage::into_raw).collect()) })
+}
+
+/// A decoded image file (PNG, JPEG, WebP) as a batch of one, if it decodes and fits.
+pub(crate) fn decode(bytes: &[u8]) -> Option<ImageSpec> {
+    let (w, h) = image_size(bytes)?;
+    if !fits(w, h, 1) {
+        return None;
+    }
+    let rgb = image::load_from_memory(bytes).ok()?.to_rgb8();
+    from_frames(vec![rgb])
+}
+
+/// ComfyUI's ImageInvert: `1 - x` on every channel.
+pub(crate) fn invert(src: &ImageSpec) -> Option<ImageSpec> {
+    if !fits(src.width, src.height, src.batch) {
+        return None;
+    }
+    let mut frames = frames_of(src);
+    for frame in &mut frames {
+        image::imageops::invert(frame);
+    }
+    from_frames(frames)
+}
+
+/// ComfyUI's ImageScale: `crop: center` first cuts the source to the target's aspect ratio
+/// (as `comfy.utils.common_upscale` does), then resizes with the named method.
+pub(crate) fn scale(src: &ImageSpec, width: u32, height: u32, method: &str, crop_center: bool) -> Option<ImageSpec> {
+    if !fits(src.width, src.height, src.batch) || !fits(width, height, src.batch) || width == 0 || height == 0 {
+        return None;
+    }
+    use image::imageops::FilterType;
+    let filter = match method {
+        "nearest-exact" => FilterType::Nearest,
+        "bilinear" | "area" => FilterType::Triangle,
+        "bicubic" => FilterType::CatmullRom,
+        "lanczos" => FilterType::Lanczos3,
+        _ => FilterType::Triangle,
+    };
+    let frames = frames_of(src)
+        .into_iter()
+        .map(|frame| {
+            let frame = if crop_center {
+                let (sw, sh) = (src.width as f64, src.height as f64);
+                let (old_aspect, new_aspect) = (sw / sh, width as f64 / height as f64);
+                let (x, y, w, h) = if old_aspect > new_aspect {
+                    let x = ((sw - sw * (new_aspect / old_aspect)) / 2.0).round() as u32;
+                    (x, 0, src.width - 2 * x.min(src.width / 2), src.height)
+                } else if old_aspect < new_aspect {
+                    let y = ((sh - sh * (old_aspect / new_aspect)) / 2.0).round() as u32;
+                    (0, y, src.width, src.height - 2 * y.min(src.height / 2))
+                } else {
+                    (0, 0, src.width, src.height)
+                };
+                image::imageops::crop_imm(&frame, x, y, w.max(1), h.max(1)).to_image()
+            } else {
+                frame
+            };
+            image::imageops::resize(&frame, width, height, filter)
+        })
+        .collect();
+    from_frames(frames)
+}
+
+/// ComfyUI's ImageCrop: `x`, `y` clamped into the image, the region clipped at its edges.
+pub(crate) fn crop(src: &ImageSpec, width: u32, height: u32, x: u32, y: u32) -> Option<ImageSpec> {
+    if !fits(src.width, src.height, src.batch) {
+        return None;
+    }
+    let x = x.min(src.width.saturating_sub(1));
+    let y = y.min(src.height.saturating_sub(1));
+    let w = width.min(src.width - x).max(1);
+    let h = height.min(src.height - y).max(1);
+    let frames = frames_of(src).into_iter().map(|frame| image::imageops::crop_imm(&frame, x, y, w, h).to_image()).collect();
+    from_frames(frames)
+}
+
+/// ComfyUI's ImageBlur: a Gaussian blur of `sigma` (none when the radius is 0).
+pub(crate) fn blur(src: &ImageSpec, radius: u64, sigma: f64) -> Option<ImageSpec> {
+    if !fits(src.width, src.height, src.batch) {
+        return None;
+    }
+    if radius == 0 || !(sigma > 0.0) {
+        return from_frames(frames_of(src));
+    }
+    let frames = frames_of(src).into_iter().map(|frame| image::imageops::blur(&frame, sigma as f32)).collect();
+    from_frames(frames)
 }
 
 /// Python's `json.dumps(v)` (default separators, `ensure_ascii=True`), as ComfyUI writes PNG metadata.

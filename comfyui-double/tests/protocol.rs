@@ -1096,3 +1096,146 @@ mod flowhost_node {
         rig.double.shutdown().await;
     }
 }
+
+/// The simple image nodes the double claims work on the real pixels of their input (an
+/// ImageInvert of an upload is that upload inverted), and its synthetic generations carry a
+/// visible "SIMULATED" band (issue #27).
+mod image_nodes {
+    use super::*;
+
+    /// A `w`×`h` RGB PNG: the left half red, the right half blue.
+    fn halves(w: u32, h: u32) -> Vec<u8> {
+        let mut rgb = Vec::new();
+        for _ in 0..h {
+            for x in 0..w {
+                rgb.extend_from_slice(if x < w / 2 { &[200, 10, 20] } else { &[5, 30, 220] });
+            }
+        }
+        let mut out = Vec::new();
+        let mut encoder = png::Encoder::new(&mut out, w, h);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.write_header().unwrap().write_image_data(&rgb).unwrap();
+        out
+    }
+
+    async fn upload(rig: &Rig, name: &str, png: Vec<u8>) {
+        let form = reqwest::multipart::Form::new()
+            .part("image", reqwest::multipart::Part::bytes(png).file_name(name.to_string()).mime_str("image/png").unwrap())
+            .text("overwrite", "true");
+        assert_eq!(rig.http.post(rig.url("/upload/image")).multipart(form).send().await.unwrap().status(), 200);
+    }
+
+    /// Run `node` (its `image` input linked to LoadImage of `file`) into SaveImage; the saved pixels.
+    async fn through(rig: &Rig, file: &str, node: Value) -> (u32, u32, Vec<u8>) {
+        let mut node = node;
+        node["inputs"]["image"] = json!(["1", 0]);
+        let pid = rig
+            .submit(json!({"prompt": {
+                "1": {"class_type": "LoadImage", "inputs": {"image": file}},
+                "2": node,
+                "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "nodes"}}}}))
+            .await;
+        let entry = rig.history(&pid).await;
+        assert_eq!(entry["status"]["status_str"], "success", "{entry}");
+        let bytes = rig.view(&entry["outputs"]["3"]["images"][0]).await.bytes().await.unwrap();
+        png_pixels(&bytes)
+    }
+
+    fn at(rgb: &[u8], w: u32, x: u32, y: u32) -> [u8; 3] {
+        let i = ((y * w + x) * 3) as usize;
+        [rgb[i], rgb[i + 1], rgb[i + 2]]
+    }
+
+    #[tokio::test]
+    async fn image_invert_of_an_upload_is_the_upload_inverted() {
+        let rig = rig().await;
+        let png = halves(64, 32);
+        upload(&rig, "halves.png", png.clone()).await;
+        let (w, h, got) = through(&rig, "halves.png", json!({"class_type": "ImageInvert", "inputs": {}})).await;
+        let (_, _, original) = png_pixels(&png);
+        assert_eq!((w, h), (64, 32));
+        assert_eq!(got, original.iter().map(|v| 255 - v).collect::<Vec<u8>>(), "every channel inverted");
+        rig.double.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn crop_scale_and_blur_work_on_the_uploaded_pixels() {
+        let rig = rig().await;
+        upload(&rig, "halves.png", halves(64, 32)).await;
+
+        // A crop inside the right (blue) half is all blue; one past the edge is clipped.
+        let (w, h, rgb) = through(&rig, "halves.png", json!({"class_type": "ImageCrop", "inputs": {"width": 16, "height": 8, "x": 40, "y": 4}})).await;
+        assert_eq!((w, h), (16, 8));
+        assert!(rgb.chunks(3).all(|p| p == [5, 30, 220]), "the crop is not the blue half");
+        let (w, h, _) = through(&rig, "halves.png", json!({"class_type": "ImageCrop", "inputs": {"width": 32, "height": 32, "x": 48, "y": 16}})).await;
+        assert_eq!((w, h), (16, 16), "clipped at the image's edges like ComfyUI");
+
+        // Scaled: the halves stay where they were, at the new size.
+        let (w, h, rgb) = through(
+            &rig,
+            "halves.png",
+            json!({"class_type": "ImageScale", "inputs": {"upscale_method": "nearest-exact", "width": 32, "height": 16, "crop": "disabled"}}),
+        )
+        .await;
+        assert_eq!((w, h), (32, 16));
+        assert_eq!(at(&rgb, w, 2, 8), [200, 10, 20]);
+        assert_eq!(at(&rgb, w, 29, 8), [5, 30, 220]);
+
+        // Blurred: the edge between the halves mixes both colours; far from it nothing changes.
+        let (w, h, rgb) = through(&rig, "halves.png", json!({"class_type": "ImageBlur", "inputs": {"blur_radius": 3, "sigma": 2.0}})).await;
+        assert_eq!((w, h), (64, 32));
+        let edge = at(&rgb, w, 32, 16);
+        assert!(edge[0] > 20 && edge[0] < 190 && edge[2] > 30 && edge[2] < 210, "the edge is not blurred: {edge:?}");
+        assert_eq!(at(&rgb, w, 4, 16), [200, 10, 20]);
+        rig.double.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn empty_image_has_its_colour_and_no_band() {
+        let rig = rig().await;
+        let pid = rig
+            .submit(json!({"prompt": {
+                "1": {"class_type": "EmptyImage", "inputs": {"width": 24, "height": 16, "batch_size": 1, "color": 0x336699}},
+                "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+                "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "empty"}},
+                "4": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "inverted"}}}}))
+            .await;
+        let entry = rig.history(&pid).await;
+        let (_, _, plain) = png_pixels(&rig.view(&entry["outputs"]["3"]["images"][0]).await.bytes().await.unwrap());
+        let (_, _, inverted) = png_pixels(&rig.view(&entry["outputs"]["4"]["images"][0]).await.bytes().await.unwrap());
+        assert!(plain.chunks(3).all(|p| p == [0x33, 0x66, 0x99]), "EmptyImage is its colour, unstamped");
+        assert!(inverted.chunks(3).all(|p| p == [0xcc, 0x99, 0x66]));
+        rig.double.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn sampled_images_carry_a_simulated_band() {
+        let rig = rig().await;
+        let pid = rig
+            .submit(json!({"prompt": {
+                "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+                "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "type": "flux"}},
+                "3": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+                "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["2", 0]}},
+                "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 256, "height": 128, "batch_size": 1}},
+                "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 3, "steps": 1, "cfg": 1.0, "sampler_name": "euler",
+                      "scheduler": "simple", "positive": ["4", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}},
+                "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["3", 0]}},
+                "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "flux"}}}}))
+            .await;
+        let entry = rig.history(&pid).await;
+        let (w, h, rgb) = png_pixels(&rig.view(&entry["outputs"]["8"]["images"][0]).await.bytes().await.unwrap());
+        assert_eq!((w, h), (256, 128));
+        // The bottom rows: amber band with black lettering; the top: the synthetic pattern.
+        let bottom: Vec<[u8; 3]> = (0..w).map(|x| at(&rgb, w, x, h - 1)).collect();
+        assert!(bottom.iter().all(|p| *p == [255, 193, 7]), "no band on the last row");
+        let band_row = h - 8;
+        let row: Vec<[u8; 3]> = (0..w).map(|x| at(&rgb, w, x, band_row)).collect();
+        let ink = row.iter().filter(|p| **p == [0, 0, 0]).count();
+        assert!(ink > 10 && row.iter().all(|p| *p == [0, 0, 0] || *p == [255, 193, 7]), "no lettering in the band: {ink} ink pixels");
+        let top_amber = (0..w).filter(|x| at(&rgb, w, *x, 2) == [255, 193, 7]).count();
+        assert!(top_amber < w as usize / 2, "the band covers the image");
+        rig.double.shutdown().await;
+    }
+}

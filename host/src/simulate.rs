@@ -57,7 +57,10 @@ mod with_double {
     impl SimulatedComfy {
         /// Start the double on 127.0.0.1 with `models` as its models folder.
         pub async fn start(models: &Path, scratch: Option<tempfile::TempDir>) -> Result<Self> {
-            let double = ComfyDouble::start(DoubleConfig {
+            // Latent previews on (`--preview-method auto`), as a ComfyUI started for flowhost can
+            // have them: the page and the v2 event stream show preview frames while sampling.
+            let argv = vec!["main.py".to_string(), "--preview-method".to_string(), "auto".to_string()];
+            let double = ComfyDouble::start_with_argv(DoubleConfig {
                 models_dir: Some(models.to_path_buf()),
                 // A simulated backend may serve for days: keep a short history and no test record.
                 max_history: SIMULATED_HISTORY,
@@ -65,7 +68,7 @@ mod with_double {
                 // flowhost "installed" its output node, as it does in a ComfyUI it starts.
                 flowhost_nodes: true,
                 ..DoubleConfig::default()
-            })
+            }, argv)
             .await
                 .context("starting the embedded ComfyUI double")?;
             if let Some(ms) = std::env::var(super::STEP_LATENCY_ENV).ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|ms| *ms > 0) {

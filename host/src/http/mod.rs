@@ -15,6 +15,7 @@ pub mod listener;
 pub mod job_errors;
 pub mod job_view;
 pub mod openapi;
+pub mod page;
 pub mod plugin_list;
 pub mod problem;
 pub mod v2;
@@ -116,6 +117,9 @@ pub fn router(state: AppState) -> Router {
         .route("/livez", get(health::livez))
         .nest("/api/v2", v2)
         .route("/openapi.json", get(openapi::openapi))
+        .route("/", get(page::index).fallback(fallback))
+        .route(page::SCRIPT_PATH, get(page::script))
+        .route(page::STYLE_PATH, get(page::style))
         .merge(admin)
         .merge(generation)
         .fallback(fallback)

@@ -9,6 +9,10 @@ use flowhost_sdk::{BuildError, FieldError, Host, ImageSource, Job, Manifest, Out
 
 struct Hostile;
 
+/// Markup and script a page must show as text: if any of it ran, `window.__pwned` would be set
+/// (or an `<img id="pwned">` would exist).
+pub const MARKUP: &str = r#"<img id="pwned" src="x" onerror="window.__pwned=1"><script>window.__pwned=2</script><b>bold</b>"#;
+
 /// A tiny valid PNG (1×1), so uploads pass the host's checks.
 const PNG_1X1: &[u8] = &[
     0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00,
@@ -20,7 +24,8 @@ impl Plugin for Hostile {
     fn manifest() -> Manifest {
         let summary = match option_env!("HOSTILE_HUGE_MANIFEST") {
             Some(_) => "x".repeat(2 << 20),
-            None => "Test plugin that floods logs, forges log lines, answers huge texts or asks for endless uploads".into(),
+            // Markup in every text a page shows (issue #27): a page must render it inert.
+            None => format!("Test plugin that floods logs, forges log lines, answers huge texts or asks for endless uploads {MARKUP}"),
         };
         Manifest {
             name: "hostile".into(),
@@ -31,8 +36,8 @@ impl Plugin for Hostile {
                 "type": "object",
                 "required": ["mode"],
                 "properties": {
-                    "mode": {"enum": ["ok", "slow", "log-flood", "log-forge", "huge-error", "uploads"]},
-                    "n": {"type": "integer", "minimum": 0}
+                    "mode": {"enum": ["ok", "slow", "log-flood", "log-forge", "huge-error", "uploads", "markup-error"], "description": format!("What to attack. {MARKUP}")},
+                    "n": {"type": "integer", "minimum": 0, "description": MARKUP}
                 }
             })
             .to_string(),
@@ -61,6 +66,12 @@ impl Plugin for Hostile {
                 for _ in 0..n {
                     host.log(LogLevel::Info, &line);
                 }
+            }
+            "markup-error" => {
+                return Err(BuildError::InvalidRequest(vec![
+                    FieldError { field: "mode".into(), message: format!("refused: {MARKUP}") },
+                    FieldError { field: MARKUP.into(), message: MARKUP.into() },
+                ]));
             }
             "log-forge" => host.log(LogLevel::Info, "innocent\nERROR forged line: admin logged in\r\x1b[2Jcleared"),
             "huge-error" => {
