@@ -606,7 +606,8 @@ mod sdk_faithful {
         let decoded = image::load_from_memory(&content.body).expect("a real image");
         assert_eq!((decoded.width(), decoded.height()), (12, 10), "the newest upload named portrait.png was loaded");
         let workflow = client.get(&format!("/api/v2/jobs/{}/workflow", job["id"].as_str().unwrap())).await.json();
-        assert_eq!(workflow["workflow"]["1"]["inputs"]["image"], "portrait.png", "the submitted graph is kept verbatim");
+        let executed = workflow["workflow"]["1"]["inputs"]["image"].as_str().unwrap();
+        assert!(executed.ends_with("-portrait.png") && executed != "portrait.png", "the executed graph loads the job's copy of the asset: {executed}");
 
         // Not only LoadImage: every input ComfyUI reads from its input folder.
         let mask = submit(&client, &json!({
