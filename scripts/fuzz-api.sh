@@ -5,6 +5,8 @@
 #
 #   scripts/fuzz-api.sh                 # 300 examples per operation, seed 1
 #   FUZZ_EXAMPLES=2000 FUZZ_SEED=7 scripts/fuzz-api.sh
+#   FUZZ_SPEC=v2 scripts/fuzz-api.sh    # the vendored Comfy API v2 contract itself
+#                                       # (host/api/comfy-api-v2.yaml) against /api/v2
 #
 # Needs python3; installs schemathesis==4.32.5 with pip if `st` is missing.
 # Not part of scripts/test.sh: it runs for minutes and its inputs are random.
@@ -32,7 +34,14 @@ curl -fsS "http://127.0.0.1:$port/health" | grep -q '"status":"ready"' || { echo
 # not_a_server_error: zero 5xx. The conformance checks catch undocumented statuses
 # and content types. Plugins legitimately answer 503 when at capacity: none here
 # (one request at a time).
-st run "http://127.0.0.1:$port/openapi.json" \
+# FUZZ_SPEC=v2: the vendored contract (its paths carry /api/v2; --url is the service root),
+# so flowhost is held to Comfy's document, not to its own description of it.
+if [ "${FUZZ_SPEC:-openapi}" = v2 ]; then
+  schema=(host/api/comfy-api-v2.yaml --url "http://127.0.0.1:$port")
+else
+  schema=("http://127.0.0.1:$port/openapi.json")
+fi
+st run "${schema[@]}" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
   --max-examples "$examples" --seed "$seed" --workers 1 \
   --request-timeout 60 --suppress-health-check all

@@ -220,8 +220,34 @@ impl ComfyBackend {
         if stale.is_empty() {
             return Err(issues);
         }
-        let mut refreshed = (*catalogue).clone();
-        for class in stale {
+        let refreshed = self.refresh_classes(&catalogue, &stale).await;
+        refreshed.preflight(graph)
+    }
+
+    /// Of `absent` (input-folder files the catalogue did not list, [`Catalogue::file_inputs`]),
+    /// those still absent after their classes are refetched once: a file put into ComfyUI's
+    /// input folder since the catalogue was fetched is listed then.
+    pub async fn still_absent(&self, graph: &serde_json::Map<String, Value>, absent: &[crate::FileInput]) -> Vec<crate::FileInput> {
+        if absent.is_empty() {
+            return Vec::new();
+        }
+        let mut classes: Vec<&str> = absent.iter().map(|f| f.class_type.as_str()).collect();
+        classes.sort_unstable();
+        classes.dedup();
+        let refreshed = self.refresh_classes(&self.catalogue(), &classes).await;
+        refreshed
+            .file_inputs(graph)
+            .into_iter()
+            .filter(|f| f.listed == Some(false) && absent.iter().any(|a| a.node_id == f.node_id && a.input == f.input))
+            .collect()
+    }
+
+    /// `catalogue` with `classes` refetched from ComfyUI (each failure logged and the old
+    /// entry kept), installed as the live catalogue.
+    async fn refresh_classes(&self, catalogue: &Catalogue, classes: &[&str]) -> Arc<Catalogue> {
+        let mut refreshed = catalogue.clone();
+        for class in classes {
+            let class = *class;
             match self.client.object_info_class(class).await {
                 Ok(subset) if !subset.is_empty() => match refreshed.with_classes(&subset) {
                     Ok(next) => refreshed = next,
@@ -231,9 +257,8 @@ impl ComfyBackend {
                 Err(e) => tracing::warn!(class, error = %e, "refreshing class from ComfyUI failed"),
             }
         }
-        let result = refreshed.preflight(graph);
         self.set_catalogue(refreshed);
-        result
+        self.catalogue()
     }
 
     /// A fresh per-request upload subfolder name.

@@ -51,6 +51,11 @@ pub struct InputSpec {
     pub name: String,
     pub required: bool,
     pub kind: InputKind,
+    /// The value names a file ComfyUI loads from its input folder (the node declares an
+    /// `*_upload` widget and no `remote` source: `LoadImage.image`, `LoadImageMask.image`,
+    /// `LoadAudio.audio`, `LoadVideo.file`, `Load3D.model_file`, …). `LoadImageOutput`
+    /// declares `remote` (it reads the output folder) and is not one.
+    pub input_file: bool,
 }
 
 /// One node class.
@@ -84,6 +89,7 @@ impl ClassInfo {
                         name: input_name.clone(),
                         required,
                         kind: parse_input_kind(spec),
+                        input_file: is_input_file(spec),
                     });
                 }
             }
@@ -112,6 +118,30 @@ impl ClassInfo {
             output_node,
         })
     }
+}
+
+/// Whether an input spec (`[type, {options}]`) is a file in ComfyUI's input folder.
+fn is_input_file(spec: &Value) -> bool {
+    let Some(opts) = spec.as_array().and_then(|a| a.get(1)).and_then(Value::as_object) else {
+        return false;
+    };
+    let upload = opts
+        .iter()
+        .any(|(k, v)| k.ends_with("_upload") && v.as_bool() == Some(true));
+    upload && !opts.contains_key("remote")
+}
+
+/// A plain string in an input-folder input ([`InputSpec::input_file`]) of some node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInput {
+    pub node_id: String,
+    pub class_type: String,
+    pub input: String,
+    pub value: String,
+    /// Whether ComfyUI lists the file now: `Some(true)` listed, `Some(false)` absent from
+    /// the list, `None` not knowable here (no list, or a `sub/dir` or `name [annotated]`
+    /// value, which ComfyUI resolves on its own disk).
+    pub listed: Option<bool>,
 }
 
 fn parse_input_kind(spec: &Value) -> InputKind {
@@ -150,6 +180,48 @@ fn parse_input_kind(spec: &Value) -> InputKind {
             _ => InputKind::Data(t),
         },
         _ => InputKind::Data("*".into()),
+    }
+}
+
+impl Catalogue {
+    /// Every plain string value of an input-folder input in `graph` (links, objects and
+    /// unknown classes are skipped): what a file-name reference or a missing upload is.
+    pub fn file_inputs(&self, graph: &Map<String, Value>) -> Vec<FileInput> {
+        let mut found = Vec::new();
+        for (node_id, node) in graph {
+            let Some(class) = node
+                .get("class_type")
+                .and_then(Value::as_str)
+                .and_then(|c| self.class(c))
+            else {
+                continue;
+            };
+            let Some(inputs) = node.get("inputs").and_then(Value::as_object) else {
+                continue;
+            };
+            for spec in class.inputs.iter().filter(|s| s.input_file) {
+                let Some(Value::String(value)) = inputs.get(&spec.name) else {
+                    continue;
+                };
+                let annotated = value.contains(['/', '\\']) || value.ends_with(']');
+                let listed = match &spec.kind {
+                    _ if annotated => None,
+                    InputKind::Combo {
+                        options: Some(options),
+                        ..
+                    } => Some(options.iter().any(|o| o.as_str() == Some(value.as_str()))),
+                    _ => None,
+                };
+                found.push(FileInput {
+                    node_id: node_id.clone(),
+                    class_type: class.name.clone(),
+                    input: spec.name.clone(),
+                    value: value.clone(),
+                    listed,
+                });
+            }
+        }
+        found
     }
 }
 
@@ -234,6 +306,34 @@ mod tests {
             "/../comfyui-double/fixtures/object_info.json"
         );
         Catalogue::from_object_info(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn input_folder_inputs_are_the_upload_widgets_without_a_remote_source() {
+        let c = real();
+        let graph = serde_json::json!({
+            "1": {"class_type": "LoadImage", "inputs": {"image": "portrait.png"}},
+            "2": {"class_type": "LoadImageMask", "inputs": {"image": "example.png", "channel": "alpha"}},
+            "3": {"class_type": "LoadAudio", "inputs": {"audio": "voice.wav"}},
+            "4": {"class_type": "LoadImageOutput", "inputs": {"image": "out.png [output]"}},
+            "5": {"class_type": "LoadImage", "inputs": {"image": "sub/x.png"}},
+            "6": {"class_type": "LoadImage", "inputs": {"image": ["9", 0]}},
+            "7": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}}
+        });
+        let found = c.file_inputs(graph.as_object().unwrap());
+        let seen: Vec<(&str, &str, Option<bool>)> = found
+            .iter()
+            .map(|f| (f.node_id.as_str(), f.input.as_str(), f.listed))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("1", "image", Some(false)),
+                ("2", "image", Some(true)),
+                ("3", "audio", Some(false)),
+                ("5", "image", None),
+            ]
+        );
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub mod supervisor;
 pub mod tracker;
 
 pub use backend::{BackendConfig, BackendHealth, BackendMode, ComfyBackend};
-pub use catalogue::{Catalogue, ClassInfo, InputKind, InputSpec};
+pub use catalogue::{Catalogue, ClassInfo, FileInput, InputKind, InputSpec};
 pub use client::{ClientConfig, ComfyClient, WsState};
 pub use error::{ComfyError, NodeIssue};
 pub use run::{OutputMedia, Preview, PreviewFn, Progress, ProgressFn, RunRequest, RunResult, RunTimings};

@@ -4,7 +4,8 @@
 Starts `flowhost serve --simulate` on a free loopback port with a temporary state folder,
 points the SDK at it with COMFY_BASE_URL, and does what a user of the SDK does: upload an
 input asset twice (the second time through the by-hash fast path, checked on flowhost's own
-request counters), submit a workflow that references it, iterate its events to the end, wait,
+request counters; a third time under the first name: from-hash returns the same asset), submit
+a workflow naming it by file name and one that references it, iterate its events to the end, wait,
 download every output (checked against the input: the double's LoadImage→SaveImage keeps the
 size, so the output proves the asset reached ComfyUI), read the workflow back, list jobs,
 cancel a slow job, see an Idempotency-Key reuse refused. Then all of it again with API keys on
@@ -171,6 +172,20 @@ def scenario(server: Flowhost, key: str | None, admin_key: str | None) -> None:
     check(uploads_after == uploads_before, "the second commit sent no bytes (no POST /api/v2/assets)")
     check(server.counter("/api/v2/assets/by-hash/{hash}", 200, admin_key) >= 1, "the SDK probed HEAD by-hash and got 200")
     check(server.counter("/api/v2/assets/from-hash", 201, admin_key) == 1, "the fast path minted through from-hash")
+    # The same bytes under the same name again: from-hash answers the identical reference (200).
+    third = client.assets.from_bytes(image, filename="photo.png", content_type="image/png")
+    third.commit()
+    check(third.id == first.id, f"the same bytes and file_path are the same asset ({third.id} vs {first.id})")
+    check(server.counter("/api/v2/assets/from-hash", 200, admin_key) == 1, "from-hash returned the existing reference as is")
+
+    # -- a workflow naming the upload by file name (what most SDK users write)
+    by_name = client.run(client.workflows.from_json({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "sdk-name"}},
+    }))
+    check(by_name.status == "succeeded", f"the job by file name ended {by_name.status}: {by_name.error}")
+    named = by_name.get_outputs("2")
+    check(len(named) == 1 and png_size(named[0].to_bytes()) == (64, 48), "the file name reached ComfyUI as the uploaded image")
 
     # -- a workflow that references the asset; events to the end; wait; download
     graph = {

@@ -90,6 +90,7 @@ async fn handle(
     let respond_async = !dry_run && prefers_async(&headers);
     // Webhook headers are vetted (SSRF policy) before any work; dry runs ignore them.
     let webhook = if dry_run { None } else { super::webhook_headers::subscription(&state, &headers, respond_async).await? };
+    let labels = job_labels(&headers)?;
     let idempotency = if dry_run { None } else { idempotency_key(&headers)? };
     let caller_name = caller.as_ref().map(|c| c.name.clone()).unwrap_or_else(|| "-".into());
     let claim = match &idempotency {
@@ -115,7 +116,7 @@ async fn handle(
         }
         None => None,
     };
-    let submitted = submit_new(&state, &plugin, &headers, caller.as_ref(), &bytes, &body, dry_run, respond_async, request_id, claim.as_ref().map(|c| c.2), started, webhook).await;
+    let submitted = submit_new(&state, &plugin, &headers, caller.as_ref(), &bytes, &body, dry_run, respond_async, request_id, claim.as_ref().map(|c| c.2), started, webhook, labels).await;
     let job = match submitted {
         Ok(Submitted::DryRun(response)) => return Ok(response),
         Ok(Submitted::Job(job, plugin_build)) => (job, plugin_build),
@@ -189,6 +190,7 @@ async fn submit_new(
     job_id: Option<Uuid>,
     started: Instant,
     webhook: Option<crate::webhooks::Subscription>,
+    labels: crate::jobs::labels::Labels,
 ) -> Result<Submitted, Problem> {
     // Dry runs are an authoring tool: they are not generations, so no events.
     let events = (!dry_run).then(|| GenerationEvents {
@@ -248,6 +250,7 @@ async fn submit_new(
     let submission = match submission_for(state, plugin, job, request_id, events.clone(), respond_async, job_id, plugin_build).await {
         Ok(mut s) => {
             s.spec.webhook = webhook;
+            s.spec.labels = labels;
             s
         }
         Err(failure) => return Err(fail(job_errors::problem(&failure, Some(&plugin.manifest.name)), failure.failure_kind(), Some(plugin_build))),
@@ -384,6 +387,24 @@ async fn respond_with(state: &AppState, plugin: &LoadedPlugin, job: &Job, starte
         headers.insert("server-timing", v);
     }
     Ok(response)
+}
+
+/// The job's labels from `Flowhost-Label: key=value` headers (repeatable; comma-separated
+/// pairs allowed): the typed routes' spelling of v2's `metadata` ([`crate::jobs::labels`]).
+fn job_labels(headers: &HeaderMap) -> Result<crate::jobs::labels::Labels, Problem> {
+    let mut values = Vec::new();
+    for value in headers.get_all(LABEL_HEADER) {
+        let text = value.to_str().map_err(|_| label_problem("Flowhost-Label values are printable ASCII key=value pairs".into()))?;
+        values.push(text);
+    }
+    crate::jobs::labels::from_pairs("Flowhost-Label", values).map_err(|e| label_problem(e.to_string()))
+}
+
+/// The typed routes' label header.
+pub const LABEL_HEADER: &str = "flowhost-label";
+
+fn label_problem(detail: String) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, "invalid_label", "A job label is not valid", detail)
 }
 
 /// `Prefer: respond-async` (RFC 7240: comma-separated preferences, any header).

@@ -147,7 +147,7 @@ pub fn job_json(job: &Job) -> Value {
 pub fn job_json_at(job: &Job, origin: &Origin) -> Value {
     let metrics: Map<String, Value> = job.metrics.to_map().into_iter().map(|(k, v)| (k.to_string(), v.map(Value::from).unwrap_or(Value::Null))).collect();
     let error = job.error.as_ref().map(job_error_json);
-    json!({
+    let mut body = json!({
         "id": job.id.to_string(),
         "status": job.status.as_str(),
         "created_at": time(job.created_at),
@@ -160,7 +160,13 @@ pub fn job_json_at(job: &Job, origin: &Origin) -> Value {
         "error": error,
         "metrics": metrics,
         "urls": job_urls(job),
-    })
+    });
+    // flowhost's label extension: present only on jobs that carry labels, so a job
+    // without them is exactly the contract's Job.
+    if !job.spec.labels.is_empty() {
+        body["metadata"] = json!(job.spec.labels);
+    }
+    body
 }
 
 #[cfg(test)]

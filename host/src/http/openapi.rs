@@ -49,6 +49,10 @@ pub fn document(state: &AppState) -> Value {
                         "name": "Idempotency-Key", "in": "header", "required": false,
                         "schema": {"type": "string", "maxLength": 255},
                         "description": "Same key + same body within 24 h → the same job, no second generation; same key + another body → 422."
+                    }, {
+                        "name": "Flowhost-Label", "in": "header", "required": false,
+                        "schema": {"type": "string"},
+                        "description": "Labels for the job, `key=value` (repeatable or comma-separated; at most 16, keys 1–64 of A-Z a-z 0-9 _ - ., values ≤ 256 bytes; else 400 invalid_label). Returned as the Job's `metadata`; find the jobs with GET /api/v2/jobs?metadata[key]=value."
                     }],
                     "requestBody": {"required": true, "content": {"application/json": {"schema": m.request_schema}}},
                     "responses": {

@@ -41,6 +41,17 @@ fn unavailable(e: impl std::fmt::Display) -> AssetError {
     AssetError::Unavailable(e.to_string())
 }
 
+/// How many same-named uploads a name lookup considers (newest first) before giving up.
+const NAMED_CANDIDATES: usize = 100;
+
+/// Whether `caller` (an API key's name; `None` without keys) may read `asset`: the one
+/// place the rule lives, so file-name references, `from-hash` and the asset routes agree.
+/// Today every caller may read every asset (keys authenticate, they do not partition).
+pub fn may_read(asset: &Asset, caller: Option<&str>) -> bool {
+    let _ = (asset, caller);
+    true
+}
+
 /// A new asset, and whether its bytes were new to the store (v2 `created_new`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreatedAsset {
@@ -84,6 +95,36 @@ impl JobService {
         let asset = self.new_upload_record(hash.to_string(), size, &content_type, name.or_else(|| existing.and_then(|a| a.name)));
         self.store.insert_asset(&asset).await.map_err(unavailable)?;
         Ok(CreatedAsset { asset, created_new: false })
+    }
+
+    /// The asset a file name refers to: the newest live upload whose `file_path` is `name`
+    /// among those `caller` may read ([`may_read`]). What a plain string in an input-folder
+    /// input of a v2 graph resolves to (newest wins: uploading `portrait.png` again
+    /// replaces what `"portrait.png"` means, as placing a file under that name would).
+    pub async fn upload_named(&self, name: &str, caller: Option<&str>) -> Result<Option<Asset>, AssetError> {
+        let now = SystemTime::now();
+        let candidates = self.store.uploads_named(name, NAMED_CANDIDATES).await.map_err(unavailable)?;
+        Ok(candidates.into_iter().find(|a| a.expires_at.is_none_or(|at| at > now) && may_read(a, caller)))
+    }
+
+    /// An upload record over `hash` that `from-hash` with the same `hash` and `file_path`
+    /// would duplicate (v2's "an identical reference already existed; returned as-is"):
+    /// the newest live one named `name` (any name when `name` is `None`) that `caller` may read.
+    pub async fn identical_reference(&self, hash: &str, name: Option<&str>, caller: Option<&str>) -> Result<Option<Asset>, AssetError> {
+        if !is_valid_hash(hash) {
+            return Err(AssetError::InvalidHash);
+        }
+        let now = SystemTime::now();
+        let candidates = match name {
+            Some(name) => self.store.uploads_named(name, NAMED_CANDIDATES).await.map_err(unavailable)?,
+            None => self.store.asset_by_hash(hash).await.map_err(unavailable)?.filter(|a| a.role == AssetRole::Upload).into_iter().collect(),
+        };
+        let found = candidates.into_iter().find(|a| a.hash == hash && a.expires_at.is_none_or(|at| at > now) && may_read(a, caller));
+        match found {
+            // The blob must still be there (a record outliving its bytes is no reference).
+            Some(asset) if self.blobs.exists(hash).await.map_err(unavailable)? => Ok(Some(asset)),
+            _ => Ok(None),
+        }
     }
 
     /// Whether bytes with this hash are stored (v2 `HEAD /assets/by-hash/{hash}`).

@@ -42,6 +42,7 @@ pub mod blobs_s3;
 pub mod failure;
 pub mod follow;
 pub mod inputs;
+pub mod labels;
 pub mod lease;
 pub mod model;
 pub mod pool;

@@ -163,6 +163,10 @@ pub struct JobSpec {
     /// The same set in words (base model + LoRAs), for `/health`'s workers and logs.
     #[serde(default)]
     pub model_label: Option<String>,
+    /// The caller's labels (v2 `metadata`, typed `Flowhost-Label`): returned on the job and
+    /// matched by the job list's `metadata[key]=value` filter ([`super::labels`]).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: super::labels::Labels,
 }
 
 impl JobSpec {
@@ -183,6 +187,7 @@ impl JobSpec {
             webhook: None,
             model_key: None,
             model_label: None,
+            labels: Default::default(),
         }
     }
 }

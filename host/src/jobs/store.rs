@@ -64,6 +64,8 @@ pub struct JobFilter {
     pub limit: usize,
     /// Only jobs created strictly before this (cursor pagination).
     pub created_before: Option<SystemTime>,
+    /// Only jobs carrying every one of these `(key, value)` labels.
+    pub labels: Vec<(String, String)>,
 }
 
 /// The answer to claiming an idempotency key.
@@ -110,6 +112,9 @@ pub trait JobStore: Send + Sync {
     async fn asset_by_hash(&self, hash: &str) -> StoreResult<Option<Asset>>;
     /// Removes the record; the blob goes when nothing references it (sweep).
     async fn delete_asset(&self, id: Uuid) -> StoreResult<bool>;
+    /// Uploaded assets (role `upload`) whose `file_path` is `name`, newest first, at most
+    /// `limit` (file-name references and `from-hash`'s identical-reference check).
+    async fn uploads_named(&self, name: &str, limit: usize) -> StoreResult<Vec<Asset>>;
     /// Uploaded assets (role `upload`) newest first.
     async fn list_assets(&self, limit: usize, offset: usize) -> StoreResult<Vec<Asset>>;
     /// Input assets of one job (the images it uploads to ComfyUI).
@@ -140,6 +145,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "jobs assets idempotency", include_str!("migrations/sqlite/0001_jobs.sql")),
     (2, "webhook outbox", include_str!("migrations/sqlite/0002_webhook_outbox.sql")),
     (3, "shared queue", include_str!("migrations/sqlite/0003_shared_queue.sql")),
+    (6, "job labels", include_str!("migrations/sqlite/0006_job_labels.sql")),
 ];
 
 /// A [`sqlx::migrate::Migrator`] over `(version, description, sql)` triples (hand-built
@@ -368,6 +374,14 @@ macro_rules! sql_job_store {
                     for asset in inputs {
                         insert_asset_on(&mut *tx, asset).await?;
                     }
+                    for (key, value) in &job.spec.labels {
+                        sqlx::query("INSERT INTO job_labels (job_id, key, value) VALUES ($1, $2, $3)")
+                            .bind(job.id.to_string())
+                            .bind(key.clone())
+                            .bind(value.clone())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                     tx.commit().await?;
                     Ok(())
                 }
@@ -406,6 +420,10 @@ macro_rules! sql_job_store {
                         sql.push_str(&format!(" AND created_at < ${next}"));
                         next += 1;
                     }
+                    for _ in &filter.labels {
+                        sql.push_str(&format!(" AND id IN (SELECT job_id FROM job_labels WHERE key = ${next} AND value = ${})", next + 1));
+                        next += 2;
+                    }
                     sql.push_str(&format!(" ORDER BY created_at DESC, id DESC LIMIT ${next}"));
                     let mut query = sqlx::query(&sql);
                     for status in &filter.statuses {
@@ -413,6 +431,9 @@ macro_rules! sql_job_store {
                     }
                     if let Some(before) = filter.created_before {
                         query = query.bind(to_ms(before));
+                    }
+                    for (key, value) in &filter.labels {
+                        query = query.bind(key.clone()).bind(value.clone());
                     }
                     let limit = if filter.limit == 0 { 100 } else { filter.limit.min(1000) };
                     let rows = query.bind(limit as i64).fetch_all(&self.pool).await?;
@@ -452,6 +473,15 @@ macro_rules! sql_job_store {
                 async fn delete_asset(&self, id: Uuid) -> StoreResult<bool> {
                     let done = sqlx::query("DELETE FROM assets WHERE id = $1").bind(id.to_string()).execute(&self.pool).await?;
                     Ok(done.rows_affected() > 0)
+                }
+
+                async fn uploads_named(&self, name: &str, limit: usize) -> StoreResult<Vec<Asset>> {
+                    let rows = sqlx::query(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE role = 'upload' AND name = $1 ORDER BY seq DESC LIMIT $2"))
+                        .bind(name.to_string())
+                        .bind(limit.clamp(1, 1000) as i64)
+                        .fetch_all(&self.pool)
+                        .await?;
+                    rows.iter().map(asset_from_row).collect()
                 }
 
                 async fn list_assets(&self, limit: usize, offset: usize) -> StoreResult<Vec<Asset>> {
@@ -543,6 +573,7 @@ macro_rules! sql_job_store {
                         let id: String = row.try_get("id")?;
                         let done = sqlx::query("DELETE FROM assets WHERE job_id = $1 AND role IN ('output', 'input')").bind(id.clone()).execute(&mut *tx).await?;
                         assets += done.rows_affected() as usize;
+                        sqlx::query("DELETE FROM job_labels WHERE job_id = $1").bind(id.clone()).execute(&mut *tx).await?;
                         sqlx::query("DELETE FROM jobs WHERE id = $1").bind(id.clone()).execute(&mut *tx).await?;
                         if let Ok(uuid) = Uuid::parse_str(&id) {
                             jobs.push(uuid);

@@ -575,6 +575,170 @@ mod refusals {
     }
 }
 
+/// Issue #23: what SDK users write (file names, from-hash dedup, labels) and what flowhost
+/// can refuse at submit.
+mod sdk_faithful {
+    use super::*;
+
+    fn load_named(node_class: &str, input: &str, name: &str) -> Value {
+        match node_class {
+            "LoadAudio" => json!({
+                "1": {"class_type": "LoadAudio", "inputs": {input: name}},
+                "2": {"class_type": "SaveAudio", "inputs": {"audio": ["1", 0], "filename_prefix": "v2"}}
+            }),
+            _ => json!({
+                "1": {"class_type": node_class, "inputs": {input: name}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "v2"}}
+            }),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_name_is_the_newest_upload_so_named_and_an_unknown_one_is_refused_at_submit() {
+        let (_server, client) = simulated(&[]).await;
+        assert_eq!(upload(&client, &png(8, 8), "portrait.png", None).await.status, 201);
+        assert_eq!(upload(&client, &png(12, 10), "portrait.png", None).await.status, 201);
+
+        let job = submit_ok(&client, &load_named("LoadImage", "image", "portrait.png")).await;
+        let done = wait_terminal(&client, job["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        let content = client.get(&format!("/api/v2/assets/{}/content", done["outputs"][0]["id"].as_str().unwrap())).await;
+        let decoded = image::load_from_memory(&content.body).expect("a real image");
+        assert_eq!((decoded.width(), decoded.height()), (12, 10), "the newest upload named portrait.png was loaded");
+        let workflow = client.get(&format!("/api/v2/jobs/{}/workflow", job["id"].as_str().unwrap())).await.json();
+        let executed = workflow["workflow"]["1"]["inputs"]["image"].as_str().unwrap();
+        assert!(executed.ends_with("-portrait.png") && executed != "portrait.png", "the executed graph loads the job's copy of the asset: {executed}");
+
+        // Not only LoadImage: every input ComfyUI reads from its input folder.
+        let mask = submit(&client, &json!({
+            "1": {"class_type": "LoadImageMask", "inputs": {"image": "portrait.png", "channel": "alpha"}},
+            "3": {"class_type": "MaskToImage", "inputs": {"mask": ["1", 0]}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "v2"}}
+        }))
+        .await;
+        assert_eq!(mask.status, 201, "LoadImageMask resolves the name too: {}", mask.json());
+        for (class, input) in [("LoadImage", "image"), ("LoadAudio", "audio")] {
+            let refused = submit(&client, &load_named(class, input, "nobody-uploaded-this.png")).await;
+            assert_eq!((refused.status, refused.code().as_str()), (422, "invalid_workflow"), "{class}: {}", refused.json());
+            let body = refused.json();
+            let issue = &body["error"]["details"]["node_errors"]["1"][0];
+            assert_eq!(issue["field"], input, "{body}");
+            assert_eq!(issue["reason"], "file_not_found", "{body}");
+            assert_eq!(issue["class_type"], class, "{body}");
+            assert!(body["error"]["message"].as_str().unwrap().contains("nobody-uploaded-this.png"), "{body}");
+        }
+        assert_eq!(upload(&client, b"RIFF....WAVEfmt ", "voice.wav", None).await.status, 201);
+        let audio = submit(&client, &load_named("LoadAudio", "audio", "voice.wav")).await;
+        assert_eq!(audio.status, 201, "an uploaded audio file name resolves too: {}", audio.json());
+
+        // A string that is no file name of an input-folder input passes unchanged.
+        let prefix = json!({
+            "5": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "portrait.png"}}
+        });
+        assert_eq!(submit(&client, &prefix).await.status, 201);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn from_hash_returns_an_identical_reference_as_is_and_answers_only_documented_statuses() {
+        let (_server, client) = simulated(&[]).await;
+        let bytes = png(9, 9);
+        let hash = blake3_of(&bytes);
+        let first = upload(&client, &bytes, "a.png", None).await.json();
+
+        let same = client.post_json("/api/v2/assets/from-hash", &json!({"hash": hash, "file_path": "a.png"})).await;
+        assert_eq!(same.status, 200, "{}", same.json());
+        assert_eq!(same.json()["id"], first["id"], "the existing asset, as is");
+        assert_eq!(same.json()["created_new"], false);
+
+        let other = client.post_json("/api/v2/assets/from-hash", &json!({"hash": hash, "file_path": "b.png"})).await;
+        assert_eq!(other.status, 201);
+        assert_ne!(other.json()["id"], first["id"]);
+        let again = client.post_json("/api/v2/assets/from-hash", &json!({"hash": hash, "file_path": "b.png"})).await;
+        assert_eq!((again.status, again.json()["id"].clone()), (200, other.json()["id"].clone()));
+
+        for body in [json!({}), json!({"hash": 7}), json!({"hash": hash, "file_path": 7}), json!({"hash": hash, "file_path": "c.png", "expires_in": 5})] {
+            let refused = client.post_json("/api/v2/assets/from-hash", &body).await;
+            assert_eq!((refused.status, refused.code().as_str()), (404, "blob_not_found"), "{body}");
+            assert!(refused.json()["error"]["details"]["field"].is_string(), "{}", refused.json());
+        }
+        let not_json = client.send(client.request(reqwest::Method::POST, "/api/v2/assets/from-hash").body("{nope")).await.unwrap();
+        assert_eq!((not_json.status, not_json.code().as_str()), (404, "blob_not_found"));
+
+        let malformed = upload(&client, &bytes, "m.png", Some("blake3:nothex")).await;
+        assert_eq!((malformed.status, malformed.code().as_str()), (409, "hash_mismatch"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn graph_errors_name_no_empty_node_and_what_flowhost_knows_is_refused_at_submit() {
+        let (_server, client) = simulated(&[]).await;
+        let no_outputs = submit(&client, &json!({"5": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}})).await;
+        assert_eq!((no_outputs.status, no_outputs.code().as_str()), (422, "invalid_workflow"));
+        let details = no_outputs.json()["error"]["details"].clone();
+        assert_eq!(details["node_errors"], json!({}), "{details}");
+        assert_eq!(details["graph_errors"][0]["reason"], "prompt_no_outputs", "{details}");
+
+        let cases = [
+            (json!({"6": {"class_type": "NoSuchNode", "inputs": {}}}), "6", None),
+            (json!({"6": {"class_type": "SaveImage", "inputs": {"images": ["42", 0], "filename_prefix": "x"}}}), "6", Some("images")),
+            (
+                json!({
+                    "5": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+                    "7": {"class_type": "ImageScale", "inputs": {"image": ["5", 0], "upscale_method": "sideways", "width": 8, "height": 8, "crop": "disabled"}},
+                    "6": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "x"}}
+                }),
+                "7",
+                Some("upscale_method"),
+            ),
+        ];
+        for (graph, node, field) in cases {
+            let refused = submit(&client, &graph).await;
+            assert_eq!((refused.status, refused.code().as_str()), (422, "invalid_workflow"), "{graph}");
+            let body = refused.json();
+            let issue = &body["error"]["details"]["node_errors"][node][0];
+            assert!(issue.is_object(), "{body}");
+            if let Some(field) = field {
+                assert_eq!(issue["field"], field, "{body}");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn labels_are_kept_returned_bounded_and_filter_the_list() {
+        let (_server, client) = simulated(&[]).await;
+        let labeled = |batch: &str, width: u32| json!({"workflow": empty_image(width), "metadata": {"batch": batch, "character": "c-1"}});
+        let a = client.post_json("/api/v2/jobs", &labeled("nightly", 8)).await;
+        assert_eq!(a.status, 201, "{}", a.json());
+        assert_eq!(a.json()["metadata"]["batch"], "nightly");
+        let b = client.post_json("/api/v2/jobs", &labeled("nightly", 9)).await.json();
+        let other = client.post_json("/api/v2/jobs", &labeled("weekly", 10)).await.json();
+        let plain = submit_ok(&client, &empty_image(11)).await;
+        assert!(plain.get("metadata").is_none(), "a job without labels is exactly the contract's Job");
+
+        let got = client.get(&format!("/api/v2/jobs/{}", b["id"].as_str().unwrap())).await.json();
+        assert_eq!(got["metadata"], json!({"batch": "nightly", "character": "c-1"}));
+
+        let listed = client.get("/api/v2/jobs?metadata%5Bbatch%5D=nightly").await;
+        assert_eq!(listed.status, 200);
+        let ids: Vec<String> = listed.json()["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect();
+        assert_eq!(ids, vec![b["id"].as_str().unwrap().to_string(), a.json()["id"].as_str().unwrap().to_string()]);
+        let both = client.get("/api/v2/jobs?metadata[batch]=weekly&metadata[character]=c-1").await.json();
+        assert_eq!(both["jobs"].as_array().unwrap().len(), 1);
+        assert_eq!(both["jobs"][0]["id"], other["id"]);
+        let none = client.get("/api/v2/jobs?metadata[batch]=nightly&metadata[character]=c-2").await.json();
+        assert_eq!(none["jobs"], json!([]));
+
+        let many: serde_json::Map<String, Value> = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+        for (metadata, field) in [(Value::Object(many), "metadata"), (json!({"batch": 1}), "metadata.batch"), (json!({"batch": "x".repeat(300)}), "metadata.batch")] {
+            let refused = client.post_json("/api/v2/jobs", &json!({"workflow": empty_image(8), "metadata": metadata})).await;
+            assert_eq!((refused.status, refused.code().as_str()), (422, "invalid_request"));
+            assert_eq!(refused.json()["error"]["details"]["field"], field);
+        }
+        let bad_filter = client.get("/api/v2/jobs?metadata[a%20b]=x").await;
+        assert_eq!((bad_filter.status, bad_filter.code().as_str()), (422, "invalid_request"));
+    }
+}
+
 mod conformance {
     use super::*;
 

@@ -214,7 +214,7 @@ async fn listing_filters_by_status_and_pages_newest_first(dialect: Dialect) {
     let succeeded = store.list_jobs(&JobFilter { statuses: vec![JobStatus::Succeeded], limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(succeeded.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[4], ids[2], ids[0]]);
     let page = store
-        .list_jobs(&JobFilter { statuses: vec![JobStatus::Succeeded, JobStatus::Queued], limit: 2, created_before: Some(base + Duration::from_secs(3)) })
+        .list_jobs(&JobFilter { statuses: vec![JobStatus::Succeeded, JobStatus::Queued], limit: 2, created_before: Some(base + Duration::from_secs(3)), ..Default::default() })
         .await
         .unwrap();
     assert_eq!(page.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[2], ids[1]], "the cursor and the limit together");

@@ -39,6 +39,7 @@ on_both_stores!(
     a_job_running_when_flowhost_died_that_comfyui_lost_ends_host_restarted,
     a_job_whose_pixels_went_to_a_dead_flowhost_is_recovered_with_files_after_the_restart,
     an_async_typed_request_is_followed_to_a_jpeg,
+    typed_requests_carry_their_labels_into_the_filtered_job_list,
     a_sync_request_on_a_busy_queue_waits_then_succeeds,
     queue_full_is_a_503_with_retry_after,
     cancel_of_a_queued_and_of_a_running_job_reaches_comfyui,
@@ -302,6 +303,34 @@ async fn an_async_typed_request_is_followed_to_a_jpeg(dialect: Dialect) {
     let job = job_eventually(&server, id, "succeeded", |j| j.status == JobStatus::Succeeded).await;
     assert_eq!(output_jpeg(&server, &job).await, (512, 256));
     assert!(job.metrics.execution_ms.is_some() && job.metrics.queue_ms.is_some(), "{:?}", job.metrics);
+}
+
+/// Issue #23: `Flowhost-Label` on a typed request labels its job (v2 `metadata`), and the
+/// v2 job list finds it by `metadata[key]=value` on either store (migration 0006).
+async fn typed_requests_carry_their_labels_into_the_filtered_job_list(dialect: Dialect) {
+    let comfy = ExternalComfy::start().await.unwrap();
+    let state = State::new(dialect).await;
+    let server = serve(&comfy, &state, &[]).await;
+    let labeled = |seed: u64, labels: &'static str| {
+        server.client.post(server.url("/flux-dev")).header("prefer", "respond-async").header("flowhost-label", labels).json(&flux(seed)).send()
+    };
+    let a = labeled(1, "batch=nightly, character=c-1").await.unwrap();
+    assert_eq!(a.status(), 202, "{:?}", a.text().await);
+    let a: Value = a.json().await.unwrap();
+    assert_eq!(a["metadata"], json!({"batch": "nightly", "character": "c-1"}));
+    let b: Value = labeled(2, "batch=weekly").await.unwrap().json().await.unwrap();
+    post_async(&server.client, &server.base, "/flux-dev", &flux(3)).await;
+
+    let listed: Value = server.client.get(server.url("/api/v2/jobs?metadata[batch]=nightly")).send().await.unwrap().json().await.unwrap();
+    let ids: Vec<&str> = listed["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec![a["id"].as_str().unwrap()], "{listed}");
+    let weekly: Value = server.client.get(server.url("/api/v2/jobs?metadata[batch]=weekly")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(weekly["jobs"][0]["id"], b["id"]);
+    assert_eq!(weekly["jobs"][0]["metadata"]["batch"], "weekly");
+
+    let (status, body) = problem(labeled(4, "no value here").await.unwrap()).await.unwrap();
+    assert_eq!(status, 400);
+    assert!(body["type"].as_str().is_some_and(|t| t.ends_with("invalid_label")), "{body}");
 }
 
 async fn a_sync_request_on_a_busy_queue_waits_then_succeeds(dialect: Dialect) {

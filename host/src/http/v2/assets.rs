@@ -11,7 +11,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Extension, Multipart, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::Value;
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::Origin;
@@ -27,6 +27,8 @@ use crate::jobs::{AssetRole, IdempotencyClaim, JobService};
 pub const MAX_UPLOAD_BYTES: usize = 100 << 20;
 /// Bounds of the spec's `expires_in` override.
 const EXPIRES_IN: std::ops::RangeInclusive<i64> = 60..=604_800;
+/// Largest `from-hash` body (a hash, a name, a few tags).
+const FROM_HASH_BODY_BYTES: usize = 64 << 10;
 
 fn asset_id(raw: &str) -> Result<Uuid, V2Error> {
     Uuid::parse_str(raw).map_err(|_| V2Error::not_found("asset"))
@@ -146,24 +148,38 @@ pub async fn upload(
     }
 }
 
-/// `POST /api/v2/assets/from-hash`: a new record over stored bytes (201), or 404
-/// `blob_not_found`.
-pub async fn from_hash(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, V2Error> {
-    let body = super::body_bytes(body, 64 << 10).await?;
-    let request: Value = serde_json::from_slice(&body).map_err(|e| V2Error::invalid_request("body", format!("not valid JSON ({e})")))?;
+/// `POST /api/v2/assets/from-hash`: the identical reference that already exists (200: the
+/// same hash under the same `file_path`, readable by the caller), else a new record over
+/// stored bytes (201), else 404 `blob_not_found`. The spec documents no 4xx but 404 here,
+/// so a body that names no usable blob (not JSON, no `hash`, a bad `file_path` or
+/// `expires_in`) is that 404 too, its `details` naming the field.
+pub async fn from_hash(State(state): State<AppState>, caller: Option<Extension<Caller>>, headers: HeaderMap, body: Body) -> Result<Response, V2Error> {
+    let refuse = |field: &str, why: String| {
+        V2Error::new(ErrorCode::BlobNotFound, format!("No blob can be minted from this request: `{field}` {why}.")).with_details(json!({"field": field, "reason": why}))
+    };
+    let body = super::body_bytes(body, FROM_HASH_BODY_BYTES).await.map_err(|_| refuse("body", format!("is over {FROM_HASH_BODY_BYTES} bytes")))?;
+    let request: Value = serde_json::from_slice(&body).map_err(|_| refuse("body", "is not a JSON object".into()))?;
     let Some(hash) = request.get("hash").and_then(Value::as_str) else {
-        return Err(V2Error::new(ErrorCode::BlobNotFound, "The body needs `hash` (blake3:<hex>) naming stored content."));
+        return Err(refuse("hash", "is required: the content hash, blake3:<64 lowercase hex>".into()));
     };
     let file_path = match request.get("file_path") {
         None | Some(Value::Null) => None,
-        Some(Value::String(path)) => Some(label("file_path", path.clone())?),
-        Some(_) => return Err(V2Error::invalid_request("file_path", "must be a string")),
+        Some(Value::String(path)) => Some(label("file_path", path.clone()).map_err(|_| refuse("file_path", "must be 1 to 255 printable characters".into()))?),
+        Some(_) => return Err(refuse("file_path", "must be a string".into())),
     };
     if let Some(value) = request.get("expires_in").filter(|v| !v.is_null()) {
-        expires_in(&value.to_string())?;
+        let seconds = value.as_i64().filter(|s| EXPIRES_IN.contains(s));
+        if seconds.is_none() {
+            return Err(refuse("expires_in", "must be an integer number of seconds from 60 to 604800".into()));
+        }
+    }
+    let caller = caller.as_deref().map(|c| c.name.as_str());
+    let origin = Origin::of(&headers);
+    if let Some(existing) = state.jobs.identical_reference(hash, file_path.as_deref(), caller).await.map_err(|e| asset_error(&e, AssetContext::ByHash))? {
+        return Ok((StatusCode::OK, Json(asset_json(&existing, &origin, Some(false)))).into_response());
     }
     let created = state.jobs.asset_from_hash(hash, file_path, None).await.map_err(|e| asset_error(&e, AssetContext::ByHash))?;
-    Ok((StatusCode::CREATED, Json(asset_json(&created.asset, &Origin::of(&headers), Some(created.created_new)))).into_response())
+    Ok((StatusCode::CREATED, Json(asset_json(&created.asset, &origin, Some(created.created_new)))).into_response())
 }
 
 /// `HEAD /api/v2/assets/by-hash/{hash}`: 200 when the bytes are stored, else 404.

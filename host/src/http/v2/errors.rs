@@ -49,7 +49,13 @@ pub fn asset_error(error: &AssetError, context: AssetContext) -> V2Error {
             "No stored content has this hash (hashes are written blake3:<64 lowercase hex>); upload the bytes instead.",
         ),
         (AssetError::BlobNotFound(_), _) => V2Error::not_found("asset content"),
-        (AssetError::InvalidHash, _) => V2Error::invalid_request("expected_hash", "must be blake3:<64 lowercase hex>"),
+        // The spec lists 409 `hash_mismatch` as the upload's answer to an `expected_hash`
+        // that does not match; one that cannot match (malformed) is answered the same way.
+        (AssetError::InvalidHash, _) => V2Error::new(
+            ErrorCode::HashMismatch,
+            "`expected_hash` is not a blake3 hash (blake3:<64 lowercase hex>), so the bytes cannot match it; nothing was stored.",
+        )
+        .with_details(json!({"field": "expected_hash", "reason": "malformed"})),
         (AssetError::HashMismatch { expected, actual }, _) => V2Error::new(
             ErrorCode::HashMismatch,
             format!("The uploaded bytes hash to {actual}, not the expected {expected}; nothing was stored."),
@@ -88,5 +94,8 @@ mod tests {
         assert_eq!(asset_error(&missing, AssetContext::Record).code, ErrorCode::NotFound);
         let mismatch = AssetError::HashMismatch { expected: "blake3:aa".into(), actual: "blake3:bb".into() };
         assert_eq!(asset_error(&mismatch, AssetContext::Upload).status, 409);
+        let malformed = asset_error(&AssetError::InvalidHash, AssetContext::Upload);
+        assert_eq!(malformed.status, 409);
+        assert_eq!(malformed.code, ErrorCode::HashMismatch);
     }
 }

@@ -87,6 +87,52 @@ async fn resolve_assets(service: &JobService, refs: &[AssetRef]) -> Result<Vec<U
     Ok(uploads)
 }
 
+/// Plain strings in the inputs ComfyUI loads from its input folder
+/// ([`flowhost_comfy::Catalogue::file_inputs`]: `LoadImage.image`, `LoadAudio.audio`,
+/// `LoadVideo.file`, …): the newest upload the caller may read whose `file_path` is that
+/// string becomes the input (as a `core/ASSET` reference would); a string ComfyUI lists in
+/// its input folder stays as written; anything else is 422 `invalid_workflow` naming the
+/// node and input (`reason: file_not_found`), at submit rather than as a failed job.
+async fn resolve_file_names(
+    service: &JobService,
+    backend: &flowhost_comfy::ComfyBackend,
+    workflow: &serde_json::Map<String, Value>,
+    caller: Option<&str>,
+    first_index: usize,
+) -> Result<Vec<UploadSpec>, V2Error> {
+    let mut uploads = Vec::new();
+    let mut absent = Vec::new();
+    for file in backend.catalogue().file_inputs(workflow) {
+        match service.upload_named(&file.value, caller).await {
+            Ok(Some(asset)) => uploads.push(UploadSpec {
+                node_id: file.node_id,
+                input_name: file.input,
+                filename: upload_filename(first_index + uploads.len(), asset.name.as_deref(), &asset.id),
+                hash: asset.hash,
+            }),
+            Ok(None) if file.listed == Some(false) => absent.push(file),
+            Ok(None) => {}
+            Err(e) => return Err(asset_error(&e, AssetContext::Record)),
+        }
+    }
+    let issues: Vec<flowhost_comfy::NodeIssue> = backend
+        .still_absent(workflow, &absent)
+        .await
+        .into_iter()
+        .map(|file| flowhost_comfy::NodeIssue {
+            message: format!(
+                "`{}` is neither the file_path of an uploaded asset nor a file in ComfyUI's input folder; upload it first (POST /api/v2/assets with that file_path) or reference an asset",
+                file.value
+            ),
+            node_id: file.node_id,
+            class_type: file.class_type,
+            kind: "file_not_found".into(),
+            input_name: Some(file.input),
+        })
+        .collect();
+    if issues.is_empty() { Ok(uploads) } else { Err(submission::invalid_workflow(&issues)) }
+}
+
 fn parse_json(bytes: &[u8]) -> Result<Value, V2Error> {
     serde_json::from_slice(bytes).map_err(|e| V2Error::invalid_submission("", "not_json", format!("The body is not valid JSON ({e}).")))
 }
@@ -97,11 +143,14 @@ pub async fn submit(State(state): State<AppState>, caller: Option<Extension<Call
     let body = super::body_bytes(body, state.limits.max_body_bytes).await?;
     let submission = submission::parse(parse_json(&body)?)?;
     let service = state.jobs.clone();
-    let uploads = resolve_assets(&service, &submission.asset_refs).await?;
+    let mut uploads = resolve_assets(&service, &submission.asset_refs).await?;
     if let Some(backend) = service.backend() {
         if let Err(issues) = backend.preflight(&submission.preflight_graph()).await {
             return Err(submission::invalid_workflow(&issues));
         }
+        let caller_name = caller.as_deref().map(|c| c.name.as_str());
+        let named = resolve_file_names(&service, backend, &submission.workflow, caller_name, uploads.len()).await?;
+        uploads.extend(named);
     }
 
     let id = Uuid::new_v4();
@@ -120,8 +169,9 @@ pub async fn submit(State(state): State<AppState>, caller: Option<Extension<Call
         }
     }
 
-    let Submission { workflow, api_key_comfy_org, .. } = submission;
+    let Submission { workflow, api_key_comfy_org, labels, .. } = submission;
     let mut spec = JobSpec::new(workflow);
+    spec.labels = labels;
     spec.caller_nodes = spec.workflow.keys().cloned().collect();
     spec.encoding = OutputEncoding::Original;
     spec.uploads = uploads;
@@ -181,12 +231,12 @@ struct ListQuery {
     statuses: Vec<JobStatus>,
     limit: usize,
     before_ms: Option<u64>,
-    /// `metadata[k]=v` filters: flowhost keeps no labels, so any filter matches nothing.
-    label_filter: bool,
+    /// `metadata[key]=value` filters (flowhost's label extension): every one must match.
+    labels: Vec<(String, String)>,
 }
 
 fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, V2Error> {
-    let mut query = ListQuery { statuses: Vec::new(), limit: DEFAULT_PAGE, before_ms: None, label_filter: false };
+    let mut query = ListQuery { statuses: Vec::new(), limit: DEFAULT_PAGE, before_ms: None, labels: Vec::new() };
     for (name, value) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
         match name.as_ref() {
             "status" => {
@@ -200,8 +250,16 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, V2Error> {
             "cursor" => {
                 query.before_ms = Some(value.strip_prefix("t").and_then(|ms| ms.parse().ok()).ok_or_else(|| V2Error::invalid_request("cursor", "not a cursor this server issued"))?);
             }
-            other if other.starts_with("metadata[") && other.ends_with(']') => query.label_filter = true,
-            other => return Err(V2Error::invalid_request(other, "unknown query parameter (accepted: status, limit, cursor)")),
+            other if other.starts_with("metadata[") && other.ends_with(']') => {
+                let key = &other["metadata[".len()..other.len() - 1];
+                crate::jobs::labels::check_key(key).map_err(|reason| V2Error::invalid_request(other, reason))?;
+                crate::jobs::labels::check_value(&value).map_err(|reason| V2Error::invalid_request(other, reason))?;
+                if query.labels.len() == crate::jobs::labels::MAX_LABELS {
+                    return Err(V2Error::invalid_request(other, format!("at most {} metadata filters", crate::jobs::labels::MAX_LABELS)));
+                }
+                query.labels.push((key.to_string(), value.into_owned()));
+            }
+            other => return Err(V2Error::invalid_request(other, "unknown query parameter (accepted: status, limit, cursor, metadata[key])")),
         }
     }
     Ok(query)
@@ -215,13 +273,11 @@ fn millis(t: SystemTime) -> u64 {
 /// SDK's `list_jobs` reads).
 pub async fn list(State(state): State<AppState>, RawQuery(raw): RawQuery, origin: Origin) -> Result<Response, V2Error> {
     let query = parse_list_query(raw.as_deref())?;
-    if query.label_filter {
-        return Ok(Json(json!({"jobs": []})).into_response());
-    }
     let filter = JobFilter {
         statuses: query.statuses,
         limit: query.limit + 1,
         created_before: query.before_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+        labels: query.labels,
     };
     let mut jobs = state.jobs.list(&filter).await.map_err(|f| job_failure(&f))?;
     let more = jobs.len() > query.limit;
@@ -251,7 +307,8 @@ mod tests {
         let query = parse_list_query(Some("status=queued,running&limit=10&cursor=t1234")).unwrap();
         assert_eq!(query.statuses, vec![JobStatus::Queued, JobStatus::Running]);
         assert_eq!((query.limit, query.before_ms), (10, Some(1234)));
-        assert!(parse_list_query(Some("metadata%5Bclient%5D=acme")).unwrap().label_filter);
+        assert_eq!(parse_list_query(Some("metadata%5Bclient%5D=acme")).unwrap().labels, vec![("client".to_string(), "acme".to_string())]);
+        assert!(parse_list_query(Some("metadata%5Ba%20b%5D=x")).is_err());
         for bad in ["limit=0", "limit=101", "status=done", "cursor=xyz", "color=red"] {
             assert!(parse_list_query(Some(bad)).is_err(), "{bad}");
         }

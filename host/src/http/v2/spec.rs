@@ -140,7 +140,10 @@ pub fn extensions() -> Map<String, Value> {
             "parameters": [
                 {"name": "status", "in": "query", "required": false, "schema": {"$ref": "#/components/schemas/JobStatus"}, "description": "Only jobs in this status."},
                 {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 50}},
-                {"name": "cursor", "in": "query", "required": false, "schema": {"type": "string"}, "description": "`next_cursor` of the previous page."}
+                {"name": "cursor", "in": "query", "required": false, "schema": {"type": "string"}, "description": "`next_cursor` of the previous page."},
+                {"name": "metadata", "in": "query", "required": false, "style": "deepObject", "explode": true,
+                 "schema": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 256}, "maxProperties": 16},
+                 "description": "flowhost's label extension: `metadata[key]=value` keeps only jobs submitted with that label (`metadata` on POST /api/v2/jobs, `Flowhost-Label` on typed routes); several filters must all match."}
             ],
             "responses": {
                 "200": {"description": "One page.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobList"}}}},

@@ -24,6 +24,8 @@ pub struct Submission {
     /// The partner-node key, forwarded to ComfyUI per prompt and never persisted.
     pub api_key_comfy_org: Option<String>,
     pub asset_refs: Vec<AssetRef>,
+    /// The caller's labels (`metadata`, a flowhost extension: [`crate::jobs::labels`]).
+    pub labels: crate::jobs::labels::Labels,
 }
 
 /// One `{"__type": "core/ASSET", "info": {"id": ...}}` found in a node's inputs.
@@ -65,14 +67,18 @@ pub fn parse(body: Value) -> Result<Submission, V2Error> {
         Some(Value::Object(extra)) => extra_data(extra)?,
         Some(_) => return Err(request_field("extra_data", "not_an_object", "`extra_data` must be an object.")),
     };
+    let labels = match body.remove("metadata") {
+        None | Some(Value::Null) => Default::default(),
+        Some(metadata) => crate::jobs::labels::from_json("metadata", &metadata).map_err(|e| request_field(&e.field, "invalid_label", &format!("`{}`: {}.", e.field, e.reason)))?,
+    };
     if let Some(field) = body.keys().next() {
-        return Err(request_field(field, "unknown_field", &format!("`{field}` is not a field of a job submission (accepted: workflow, extra_data).")));
+        return Err(request_field(field, "unknown_field", &format!("`{field}` is not a field of a job submission (accepted: workflow, extra_data, metadata).")));
     }
     if looks_like_ui_export(&workflow) {
         return Err(ui_format());
     }
     let asset_refs = asset_refs(&workflow)?;
-    Ok(Submission { workflow, api_key_comfy_org, asset_refs })
+    Ok(Submission { workflow, api_key_comfy_org, asset_refs, labels })
 }
 
 fn request_field(field: &str, reason: &str, message: &str) -> V2Error {
@@ -144,11 +150,18 @@ fn asset_refs(workflow: &Map<String, Value>) -> Result<Vec<AssetRef>, V2Error> {
     Ok(refs)
 }
 
-/// `invalid_workflow` from preflight issues: one sentence naming the first node, and every
-/// issue under `details.node_errors[node_id]` (graph-wide issues under the empty id).
+/// `invalid_workflow` from preflight issues: one sentence naming the first node, every
+/// node's issues under `details.node_errors[node_id]`, and graph-wide issues (no outputs,
+/// a cycle, too many nodes: ComfyUI names no node for them) under `details.graph_errors`
+/// rather than under an empty node id.
 pub fn invalid_workflow(issues: &[flowhost_comfy::NodeIssue]) -> V2Error {
     let mut node_errors = Map::new();
+    let mut graph_errors = Vec::new();
     for issue in issues {
+        if issue.node_id.is_empty() {
+            graph_errors.push(json!({"reason": issue.kind, "message": issue.message}));
+            continue;
+        }
         let entry = node_errors.entry(issue.node_id.clone()).or_insert_with(|| Value::Array(Vec::new()));
         if let Value::Array(list) = entry {
             list.push(json!({
@@ -168,7 +181,11 @@ pub fn invalid_workflow(issues: &[flowhost_comfy::NodeIssue]) -> V2Error {
         Some(first) => first.message.clone(),
         None => "The workflow is invalid.".into(),
     };
-    V2Error::new(ErrorCode::InvalidWorkflow, message).with_details(json!({"node_errors": node_errors}))
+    let mut details = json!({"node_errors": node_errors});
+    if !graph_errors.is_empty() {
+        details["graph_errors"] = Value::Array(graph_errors);
+    }
+    V2Error::new(ErrorCode::InvalidWorkflow, message).with_details(details)
 }
 
 #[cfg(test)]
@@ -210,8 +227,16 @@ mod tests {
 
     #[test]
     fn unknown_top_level_fields_are_named() {
-        let (_, details) = code_of(json!({"workflow": {}, "metadata": {"a": "b"}}));
-        assert_eq!(details["field"], "metadata");
+        let (_, details) = code_of(json!({"workflow": {}, "labels": {"a": "b"}}));
+        assert_eq!(details["field"], "labels");
+    }
+
+    #[test]
+    fn metadata_becomes_bounded_labels() {
+        let submission = parse(json!({"workflow": {}, "metadata": {"batch": "nightly"}})).unwrap();
+        assert_eq!(submission.labels["batch"], "nightly");
+        let (code, details) = code_of(json!({"workflow": {}, "metadata": {"batch": 7}}));
+        assert_eq!((code.as_str(), details["field"].as_str()), ("invalid_request", Some("metadata.batch")));
     }
 
     #[test]
@@ -260,5 +285,19 @@ mod tests {
         let details = error.details.unwrap();
         assert_eq!(details["node_errors"]["12"][0]["field"], "model");
         assert_eq!(details["node_errors"]["12"][0]["reason"], "required_input_missing");
+    }
+
+    #[test]
+    fn graph_wide_issues_name_no_empty_node() {
+        let issues = vec![flowhost_comfy::NodeIssue {
+            node_id: String::new(),
+            class_type: String::new(),
+            kind: "prompt_no_outputs".into(),
+            input_name: None,
+            message: "Prompt has no outputs".into(),
+        }];
+        let details = invalid_workflow(&issues).details.unwrap();
+        assert_eq!(details["node_errors"], json!({}));
+        assert_eq!(details["graph_errors"][0]["reason"], "prompt_no_outputs");
     }
 }
