@@ -190,13 +190,15 @@ pub async fn cancel(State(state): State<AppState>, Path(raw): Path<String>, orig
 struct ListQuery {
     statuses: Vec<JobStatus>,
     limit: usize,
+    /// Cursor: the last listed job's creation (ms) and id; the next page starts after it.
     before_ms: Option<u64>,
+    before_id: Option<Uuid>,
     /// `metadata[k]=v` filters: flowhost keeps no labels, so any filter matches nothing.
     label_filter: bool,
 }
 
 fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, V2Error> {
-    let mut query = ListQuery { statuses: Vec::new(), limit: DEFAULT_PAGE, before_ms: None, label_filter: false };
+    let mut query = ListQuery { statuses: Vec::new(), limit: DEFAULT_PAGE, before_ms: None, before_id: None, label_filter: false };
     for (name, value) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
         match name.as_ref() {
             "status" => {
@@ -208,7 +210,16 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, V2Error> {
                 query.limit = value.parse().ok().filter(|n| (1..=MAX_PAGE).contains(n)).ok_or_else(|| V2Error::invalid_request("limit", format!("must be an integer from 1 to {MAX_PAGE}")))?;
             }
             "cursor" => {
-                query.before_ms = Some(value.strip_prefix("t").and_then(|ms| ms.parse().ok()).ok_or_else(|| V2Error::invalid_request("cursor", "not a cursor this server issued"))?);
+                // `t<ms>_<id>`: many jobs share a millisecond, and a cursor of the time alone
+                // skipped those after the page's last one. (`t<ms>`, an older cursor, still reads.)
+                let bad = || V2Error::invalid_request("cursor", "not a cursor this server issued");
+                let rest = value.strip_prefix('t').ok_or_else(bad)?;
+                let (ms, id) = match rest.split_once('_') {
+                    Some((ms, id)) => (ms, Some(Uuid::parse_str(id).map_err(|_| bad())?)),
+                    None => (rest, None),
+                };
+                query.before_ms = Some(ms.parse().map_err(|_| bad())?);
+                query.before_id = id;
             }
             other if other.starts_with("metadata[") && other.ends_with(']') => query.label_filter = true,
             other => return Err(V2Error::invalid_request(other, "unknown query parameter (accepted: status, limit, cursor)")),
@@ -232,13 +243,14 @@ pub async fn list(State(state): State<AppState>, RawQuery(raw): RawQuery, origin
         statuses: query.statuses,
         limit: query.limit + 1,
         created_before: query.before_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+        before_id: query.before_id,
     };
     let mut jobs = state.jobs.list(&filter).await.map_err(|f| job_failure(&f))?;
     let more = jobs.len() > query.limit;
     jobs.truncate(query.limit);
     let mut body = json!({"jobs": jobs.iter().map(|job| job_json(job, &origin)).collect::<Vec<_>>()});
     if let (true, Some(last)) = (more, jobs.last()) {
-        body["next_cursor"] = Value::String(format!("t{}", millis(last.created_at)));
+        body["next_cursor"] = Value::String(format!("t{}_{}", millis(last.created_at), last.id));
     }
     Ok(Json(body).into_response())
 }
