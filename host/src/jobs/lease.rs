@@ -11,7 +11,7 @@
 //! outage. The rules: docs/operations.md, "Exactly once".
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use uuid::Uuid;
@@ -41,11 +41,33 @@ pub fn fence_after(lease: Duration) -> Duration {
 }
 
 impl JobService {
-    /// Start keeping this instance's leases (the shared queue only).
+    /// Start keeping this instance's leases (the shared queue only): the renewing task,
+    /// and beside it the fence, a task on this process's clock alone that no database
+    /// call can hold up.
     pub fn start_lease_keeper(self: &Arc<Self>, queue: Arc<PgQueue>) {
+        let renewed = Arc::new(Mutex::new(Instant::now()));
         let this = self.clone();
-        let task = tokio::spawn(async move { this.keep_leases(queue).await });
-        lock(&self.tasks).push(task);
+        let (lease, last) = (queue.lease(), renewed.clone());
+        let fence = tokio::spawn(async move { this.fence_on_deadline(lease, last).await });
+        let this = self.clone();
+        let task = tokio::spawn(async move { this.keep_leases(queue, renewed).await });
+        lock(&self.tasks).extend([fence, task]);
+    }
+
+    /// The local deadline: [`fence_after`] past the last renewal that succeeded, stop every
+    /// prompt this instance runs. Checked every ¼ of [`renew_interval`].
+    async fn fence_on_deadline(self: Arc<Self>, lease: Duration, renewed: Arc<Mutex<Instant>>) {
+        let mut tick = tokio::time::interval(renew_interval(lease) / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let since = lock(&renewed).elapsed();
+            if since >= fence_after(lease) {
+                for id in self.live_here() {
+                    self.fence(id, "its lease could not be renewed in time");
+                }
+            }
+        }
     }
 
     /// Jobs this instance runs now (in the shared setup a job is live on an instance only
@@ -54,13 +76,14 @@ impl JobService {
         lock(&self.live).keys().copied().collect()
     }
 
-    async fn keep_leases(self: Arc<Self>, queue: Arc<PgQueue>) {
+    async fn keep_leases(self: Arc<Self>, queue: Arc<PgQueue>, renewed: Arc<Mutex<Instant>>) {
         let lease = queue.lease();
         let every = renew_interval(lease);
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // When the last renewal that succeeded was sent (the leases it wrote run from then).
-        let mut renewed_at = Instant::now();
+        // When the last renewal that succeeded was sent (the leases it wrote run from then);
+        // shared with the fence.
+        let mut renewed_at = *lock(&renewed);
         // When the database last failed a renewal: no lease is taken over until it has
         // answered for a whole lease since, so every instance that lost it too has had
         // the time to renew what it still runs (else the first back would take over the
@@ -68,22 +91,16 @@ impl JobService {
         let mut failed_at: Option<Instant> = None;
         loop {
             tick.tick().await;
-            // Before any database call: the local deadline.
-            if renewed_at.elapsed() >= fence_after(lease) {
-                for id in self.live_here() {
-                    self.fence(id, "its lease could not be renewed in time");
-                }
-            }
             // What runs here now was claimed (committed) before the renewal starts, so the
             // renewal sees its lease.
             let running = self.live_here();
             let sent = Instant::now();
-            let renewed = match tokio::time::timeout(every, queue.renew(&running)).await {
-                Ok(renewed) => renewed,
+            let outcome = match tokio::time::timeout(every, queue.renew(&running)).await {
+                Ok(outcome) => outcome,
                 Err(_) => Err(super::store::StoreError::Database("the renewal did not answer in time".into())),
             };
-            let (held, cancel) = match renewed {
-                Ok(renewed) => renewed,
+            let (held, cancel) = match outcome {
+                Ok(outcome) => outcome,
                 Err(e) => {
                     if failed_at.is_none_or(|at| at < renewed_at) {
                         tracing::warn!(error = %e, "renewing leases failed");
@@ -96,11 +113,13 @@ impl JobService {
                 tracing::info!("renewing leases again");
             }
             renewed_at = sent;
+            *lock(&renewed) = sent;
             let held: HashSet<Uuid> = held.into_iter().collect();
             for id in running.into_iter().filter(|id| !held.contains(id)) {
                 // Not renewed: ended meanwhile, or no longer this instance's. Read who holds
                 // it (a job stopped on the inference alone ended `canceled` in the 3 x 50 test).
-                if lock(&self.live).contains_key(&id) && !queue.holds(id).await.unwrap_or(true) {
+                let holds = tokio::time::timeout(every, queue.holds(id)).await;
+                if lock(&self.live).contains_key(&id) && matches!(holds, Ok(Ok(false))) {
                     self.fence(id, "another instance holds its lease");
                 }
             }

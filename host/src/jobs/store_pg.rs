@@ -95,6 +95,8 @@ fn parse_url(url: &str) -> StoreResult<PgConnectOptions> {
 /// (connection refused, certificate unknown, password authentication failed, …).
 fn cause(e: &sqlx::Error) -> String {
     match e {
+        // rustls reports a refused certificate or handshake through the stream, as invalid data.
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => format!("TLS failed ({io})"),
         sqlx::Error::Io(io) => format!("the server cannot be reached ({io})"),
         sqlx::Error::Tls(tls) => format!("TLS failed ({tls})"),
         sqlx::Error::PoolTimedOut => "timed out waiting for a connection".into(),
