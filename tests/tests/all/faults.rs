@@ -186,6 +186,9 @@ async fn a_database_outage_longer_than_a_lease_runs_nothing_twice_and_cancels_no
             wrong.push(format!("{id}: {} {}, ran to the end {ran} times (A {:?}, B {:?})", j["status"], j["error"], a.prompts_for(id), b.prompts_for(id)));
         }
     }
+    let given: usize = both.iter().map(|i| i.comfy.double.record().prompts.len()).sum();
+    let interrupted: usize = both.iter().map(|i| i.comfy.double.record().interrupts.len()).sum();
+    eprintln!("outage: {} jobs, {given} prompts given to ComfyUI, {interrupted} interrupts, {} jobs not ended exactly once", ids.len(), wrong.len());
     assert!(wrong.is_empty(), "jobs that did not end exactly once:\n{}\n--- A:\n{}\n--- B:\n{}", wrong.join("\n"), a.log(), b.log());
     // An end once recorded stays: read again after both instances had time to act on
     // anything stale.
@@ -220,21 +223,21 @@ async fn an_instance_frozen_past_its_lease_stops_its_prompt_and_records_nothing(
     assert!(interrupted.is_some(), "the thawed instance interrupted its prompt:\n{}", a.log());
     a.comfy.double.faults().hang(false);
     assert_eq!(a.prompts_for(&id), (1, 0), "A's prompt never ran to its end");
+    // A gives the job up once: before, the thawed instance kept it as its own and logged
+    // it lost once a renewal (every ½ s here) forever. Quiet for a lease is the evidence.
+    tokio::time::sleep(LEASE).await;
+    let said = a.log().matches("no longer hold").count();
+    assert!((1..=2).contains(&said), "A logged the lost job {said} times:\n{}", a.log());
     // Whatever A still does, the end stays B's.
-    let after = eventually(Duration::from_secs(10), || async {
-        let log = a.log();
-        log.contains("stopped a job this instance may no longer hold").then_some(log)
-    })
-    .await;
-    assert!(after.is_some(), "A gave the job up:\n{}", a.log());
     let j = job(&client, &a, &id).await.unwrap();
     assert_eq!(j["status"], "succeeded", "{j}");
     assert_eq!(j["outputs"].as_array().map(Vec::len), Some(1), "one run's output: {j}");
     assert_eq!(completions(&[&a, &b], &id), 1);
 }
 
-/// Cancels at random moments against short jobs, `instances` instances: every other job
-/// gets 8 concurrent cancels spread over the instances. No cancel answers a server error,
+/// Cancels at every moment of short jobs' lives, `instances` instances: three jobs in four
+/// get 8 cancels each, spread over the instances and over 160 ms (some land as the job
+/// ends: before, a late `canceling` was written over `canceled` and stayed). No cancel answers a server error,
 /// no job stays `canceling`, no job without a cancel ends `canceled`, none runs twice, and
 /// a second storm on the ended jobs changes nothing.
 async fn cancel_storm(instances: usize) {
@@ -248,7 +251,7 @@ async fn cancel_storm(instances: usize) {
     }
     let client = reqwest::Client::new();
     let mut ids = Vec::new();
-    for n in 0..30u32 {
+    for n in 0..40u32 {
         ids.push(submit(&client, &list[n as usize % instances], 400 + n).await);
     }
     let storm = |targets: Vec<String>| {
@@ -258,6 +261,7 @@ async fn cancel_storm(instances: usize) {
                 let client = client.clone();
                 let on = &list[k % list.len()];
                 async move {
+                    tokio::time::sleep(Duration::from_millis(20 * k as u64)).await;
                     let r = client.post(on.url(&format!("/api/v2/jobs/{id}/cancel"))).send().await.unwrap();
                     (id, r.status(), r.text().await.unwrap_or_default())
                 }
@@ -265,7 +269,7 @@ async fn cancel_storm(instances: usize) {
             futures::future::join_all(cancels).await
         }
     };
-    let canceled: Vec<String> = ids.iter().step_by(2).cloned().collect();
+    let canceled: Vec<String> = ids.iter().enumerate().filter(|(n, _)| n % 4 != 3).map(|(_, id)| id.clone()).collect();
     let answers = storm(canceled.clone()).await;
     let errors: Vec<_> = answers.iter().filter(|(_, status, _)| status.is_server_error()).collect();
     assert!(errors.is_empty(), "cancels answered with server errors: {errors:?}");
@@ -286,6 +290,13 @@ async fn cancel_storm(instances: usize) {
             assert_eq!(ran, 1, "job {id} ran to its end {ran} times");
         }
         ends.push(status);
+    }
+    // Nothing went wrong that an operator must look at (before: `ERROR … another instance
+    // holds this job's lease` after a claim within milliseconds of the submit).
+    for on in &list {
+        let log = on.log();
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+        assert!(errors.is_empty(), "{} logged errors:\n{}", on.base, errors.join("\n"));
     }
     // A terminal state is final: a second storm on every job changes no end.
     let answers = storm(ids.clone()).await;

@@ -274,7 +274,10 @@ mod tests {
         assert_eq!(query.statuses, vec![JobStatus::Queued, JobStatus::Running]);
         assert_eq!((query.limit, query.before_ms), (10, Some(1234)));
         assert!(parse_list_query(Some("metadata%5Bclient%5D=acme")).unwrap().label_filter);
-        for bad in ["limit=0", "limit=101", "status=done", "cursor=xyz", "color=red"] {
+        let id = Uuid::new_v4();
+        let query = parse_list_query(Some(&format!("cursor=t1234_{id}"))).unwrap();
+        assert_eq!((query.before_ms, query.before_id), (Some(1234), Some(id)), "time and id: no job of that millisecond is skipped");
+        for bad in ["limit=0", "limit=101", "status=done", "cursor=xyz", "cursor=t12_nope", "color=red"] {
             assert!(parse_list_query(Some(bad)).is_err(), "{bad}");
         }
     }
