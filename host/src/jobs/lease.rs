@@ -32,10 +32,10 @@ pub fn renew_interval(lease: Duration) -> Duration {
 }
 
 /// The local deadline: this long after the last renewal that succeeded was *sent* (the
-/// lease runs from then), this instance stops its prompts, checked every
-/// [`renew_interval`] — so by ¾ of a lease at the latest, before any other instance may
-/// take a lease over (it expires at 1 lease, and a takeover waits for it). Measured on
-/// this process's clock alone: it fires while a database call hangs.
+/// lease runs from then), this instance stops its prompts, checked four times a
+/// [`renew_interval`] — so by 9/16 of a lease at the latest, well before any other
+/// instance may take a lease over (it expires at 1 lease, and a takeover waits for it).
+/// Measured on this process's clock alone: it fires while a database call hangs.
 pub fn fence_after(lease: Duration) -> Duration {
     lease / 2
 }
