@@ -40,6 +40,9 @@ pub(crate) async fn worker(s: Arc<Shared>) {
         };
         s.broadcast_status();
         let entry = run_prompt(&s, &item).await;
+        if s.keep_record && entry["status"]["completed"] == json!(true) {
+            s.record().completed.push(item.prompt_id.clone());
+        }
         {
             let mut q = lock(&s.queue);
             q.history.insert(item.prompt_id.clone(), entry);

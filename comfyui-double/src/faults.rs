@@ -183,4 +183,7 @@ pub struct Record {
     pub uploads: Vec<UploadRecord>,
     /// Every prompt accepted into the queue: (prompt_id, graph as submitted).
     pub prompts: Vec<(String, Value)>,
+    /// Every prompt that ran to `execution_success` (not interrupted, not failed): what
+    /// "ran twice" counts in the fault tests.
+    pub completed: Vec<String>,
 }

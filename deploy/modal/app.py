@@ -99,6 +99,11 @@ JOB_TIMEOUT_S = 120
 STARTUP_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 600  # per HTTP request, above JOB_TIMEOUT_S plus queueing and upload time
 SCALEDOWN_WINDOW_S = 300
+# The most containers Modal runs at once (`FLOWHOST_MAX_CONTAINERS`, unset: no cap). With the
+# shared PostgreSQL store each container opens up to FLOWHOST_DATABASE_MAX_CONNECTIONS (default
+# 16) + 1 connections: cap the containers so the product stays under the server's limit
+# (docs/operations.md, "Connection budget").
+MAX_CONTAINERS = int(os.environ.get("FLOWHOST_MAX_CONTAINERS", "0") or "0") or None
 PLUGIN_RELOAD_INTERVAL_S = 5.0
 DOWNLOAD_TIMEOUT_S = 4 * 60 * 60  # ~60 GB over one container
 
@@ -263,6 +268,7 @@ def start_flowhost() -> subprocess.Popen:
     volumes={MODELS_DIR: models_volume, PLUGINS_DIR: plugins_volume, HF_CACHE_DIR: hf_cache_volume},
     secrets=_secrets(API_KEYS_SECRET, POSTHOG_SECRET, HF_SECRET, SHARED_STATE_SECRET),
     scaledown_window=SCALEDOWN_WINDOW_S,
+    max_containers=MAX_CONTAINERS,
     timeout=REQUEST_TIMEOUT_S,
     startup_timeout=STARTUP_TIMEOUT_S,
     enable_memory_snapshot=MEMORY_SNAPSHOT,

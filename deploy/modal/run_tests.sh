@@ -17,5 +17,11 @@ fi
 if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('modal') != '$modal_version' or m.version('pytest') != '$pytest_version')" 2>/dev/null; then
   "$venv/bin/pip" install --quiet "modal==$modal_version" "pytest==$pytest_version"
 fi
+# The tests run from this folder: a FLOWHOST_BIN relative to where the script was started
+# (`FLOWHOST_BIN=target/debug/flowhost deploy/modal/run_tests.sh`) must still name the binary.
+if [ -n "${FLOWHOST_BIN:-}" ]; then
+  FLOWHOST_BIN="$(realpath "$FLOWHOST_BIN")"
+  export FLOWHOST_BIN
+fi
 cd "$here"
 exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" test_app.py

@@ -41,6 +41,7 @@ SETTINGS_ENV = [
     "FLOWHOST_HF_SECRET",
     "FLOWHOST_COMFYUI_COMMIT",
     "FLOWHOST_SHARED_STATE_SECRET",
+    "FLOWHOST_MAX_CONTAINERS",
 ]
 
 
@@ -162,6 +163,12 @@ class TestServe:
         known = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
         flags = [arg for arg in app_module.serve_command("fp8") if arg.startswith("--")]
         assert [flag for flag in flags if flag not in known] == []
+
+    def test_containers_are_uncapped_unless_a_cap_is_set(self, monkeypatch, app_module):
+        # The connection budget (docs/operations.md): N containers x (16 + 1) PostgreSQL connections.
+        assert loader_settings(service(app_module))["autoscaler_settings"].max_containers == 0
+        module = load_app(monkeypatch, FLOWHOST_MAX_CONTAINERS="4")
+        assert loader_settings(service(module))["autoscaler_settings"].max_containers == 4
 
     def test_models_volume_name_follows_the_environment(self, monkeypatch):
         module = load_app(monkeypatch, FLOWHOST_MODELS_VOLUME="staging-models")

@@ -45,6 +45,10 @@ pub struct BackingArgs {
     /// after this, then failed `worker_lost`.
     #[arg(long, env = "FLOWHOST_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub lease_seconds: u64,
+    /// With --database-url: the most PostgreSQL connections this instance opens (its
+    /// share of the server's `max_connections`: N instances open up to N × this).
+    #[arg(long, env = "FLOWHOST_DATABASE_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..=1000))]
+    pub database_max_connections: u32,
     /// Where queued jobs wait: `shared` (rows of the PostgreSQL store that every instance
     /// claims from; the default with --database-url) or `local` (this process's memory;
     /// the default otherwise, and the only choice without --database-url).
@@ -86,7 +90,7 @@ pub struct Backing {
 pub async fn open(args: &BackingArgs, state_dir: &Path) -> Result<Backing> {
     let (store, outbox, pg): (Arc<dyn JobStore>, Arc<dyn OutboxStore>, Option<(sqlx::PgPool, String)>) = match args.database_url.as_deref().filter(|u| !u.is_empty()) {
         Some(url) => {
-            let store = PostgresStore::open(url).await.map_err(|e| anyhow::anyhow!("opening the PostgreSQL job store: {e}"))?;
+            let store = PostgresStore::open_with(url, args.database_max_connections).await.map_err(|e| anyhow::anyhow!("opening the PostgreSQL job store: {e}"))?;
             let pool = store.pool();
             tracing::info!("job store: PostgreSQL (shared)");
             let owner = store.instance_id().to_string();

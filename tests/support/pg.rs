@@ -19,7 +19,12 @@ pub struct PgCluster {
     data: PathBuf,
     bin: PathBuf,
     child: Option<Child>,
+    root: bool,
+    /// Server settings beyond the defaults (TLS).
+    extra: Vec<String>,
     pub port: u16,
+    /// With [`PgCluster::start_tls`]: the CA that signed the server's certificate.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Where `initdb` and `postgres` are.
@@ -62,6 +67,18 @@ fn as_server_user(root: bool, program: &Path) -> Command {
 impl PgCluster {
     /// initdb + start; returns once the server accepts connections.
     pub async fn start() -> Result<PgCluster> {
+        Self::start_with(false).await
+    }
+
+    /// As [`PgCluster::start`], with TLS on (`ssl=on`): a CA and a server certificate for
+    /// 127.0.0.1 and localhost are made now with the `openssl` command (Debian's
+    /// `postgresql` package depends on it; `.ci/run` installs it besides). Clients may
+    /// still connect without TLS (the test cluster's pg_hba is `trust` for every host).
+    pub async fn start_tls() -> Result<PgCluster> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> Result<PgCluster> {
         let bin = postgres_bin_dir()?;
         let root = running_as_root();
         let dir = tempfile::tempdir()?;
@@ -85,42 +102,69 @@ impl PgCluster {
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
+        let (extra, ca_file) = if tls {
+            let (cert, key, ca) = make_certificates(dir.path(), &home, root)?;
+            let extra = vec!["-c".into(), "ssl=on".into(), "-c".into(), format!("ssl_cert_file={}", cert.display()), "-c".into(), format!("ssl_key_file={}", key.display())];
+            (extra, Some(ca))
+        } else {
+            (Vec::new(), None)
+        };
         let port = crate::free_port();
-        let log = std::fs::File::create(dir.path().join("postgres.log"))?;
-        let child = as_server_user(root, &bin.join("postgres"))
+        let mut cluster = PgCluster { dir, data, bin, child: None, root, extra, port, ca_file };
+        cluster.run_server().await?;
+        Ok(cluster)
+    }
+
+    /// Start the postmaster on the cluster's port and wait until it accepts connections.
+    async fn run_server(&mut self) -> Result<()> {
+        let home = self.dir.path().join("pg");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("postgres.log"))?;
+        let child = as_server_user(self.root, &self.bin.join("postgres"))
             .arg("-D")
-            .arg(&data)
+            .arg(&self.data)
             .arg("-k")
             .arg(&home)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
             // A test cluster: durability is not what is under test, speed is welcome.
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=300"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting postgres")?;
-        let mut cluster = PgCluster { dir, data, bin, child: Some(child), port };
+        self.child = Some(child);
         let started = Instant::now();
         loop {
-            if let Some(child) = cluster.child.as_mut() {
+            if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    bail!("postgres exited at start ({status}): {}", cluster.log());
+                    bail!("postgres exited at start ({status}): {}", self.log());
                 }
             }
-            let ok = Command::new(cluster.bin.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-q"])
+            let ok = Command::new(self.bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-q"])
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
             if ok {
-                return Ok(cluster);
+                return Ok(());
             }
             if started.elapsed() > Duration::from_secs(30) {
-                bail!("postgres did not accept connections within 30 s: {}", cluster.log());
+                bail!("postgres did not accept connections within 30 s: {}", self.log());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Stop the server (fast shutdown: every session ends at once, new connections are
+    /// refused) and wait until it is gone. [`PgCluster::restart`] brings it back.
+    pub fn stop(&mut self) {
+        self.shut_down("-INT");
+    }
+
+    /// Start it again after [`PgCluster::stop`], on the same port and data.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.run_server().await
     }
 
     fn log(&self) -> String {
@@ -148,12 +192,12 @@ impl PgCluster {
     }
 }
 
-impl Drop for PgCluster {
-    fn drop(&mut self) {
-        // SIGQUIT: PostgreSQL's immediate shutdown (all backends end at once). Through
-        // the postmaster's own pid: under runuser our child is runuser, not postgres.
+impl PgCluster {
+    /// Signal the postmaster (through its own pid: under runuser our child is runuser),
+    /// wait until it exited, and reap our child.
+    fn shut_down(&mut self, signal: &str) {
         if let Some(pid) = self.postmaster_pid() {
-            let _ = Command::new("kill").args(["-QUIT", &pid]).status();
+            let _ = Command::new("kill").args([signal, &pid]).status();
             let proc_dir = PathBuf::from(format!("/proc/{pid}"));
             let started = Instant::now();
             while proc_dir.exists() && started.elapsed() < Duration::from_secs(5) {
@@ -171,5 +215,50 @@ impl Drop for PgCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A CA, and a server certificate and key it signed (for 127.0.0.1 and localhost), made
+/// with the `openssl` command; the key readable by the server's user only.
+fn make_certificates(scratch: &Path, home: &Path, root: bool) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl").args(args).current_dir(scratch).output().context("running `openssl` (apt-get install openssl)")?;
+        if !out.status.success() {
+            bail!("openssl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca_args = vec!["req", "-x509"];
+    ca_args.extend(ec);
+    ca_args.extend(["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=flowhost test CA"]);
+    ca_args.extend(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    run(&ca_args)?;
+    let mut csr_args = vec!["req"];
+    csr_args.extend(ec);
+    csr_args.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+    run(&csr_args)?;
+    std::fs::write(scratch.join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")?;
+    run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "server.ext"])?;
+    let (cert, key) = (home.join("server.crt"), home.join("server.key"));
+    std::fs::copy(scratch.join("server.crt"), &cert)?;
+    std::fs::copy(scratch.join("server.key"), &key)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    }
+    if root {
+        let status = Command::new("chown").args(["nobody:"]).arg(&cert).arg(&key).status().context("chown")?;
+        if !status.success() {
+            bail!("chown of the server key to nobody failed");
+        }
+    }
+    Ok((cert, key, scratch.join("ca.crt")))
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        // SIGQUIT: PostgreSQL's immediate shutdown (all backends end at once).
+        self.shut_down("-QUIT");
     }
 }

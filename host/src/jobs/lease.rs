@@ -4,12 +4,14 @@
 //! `worker_lost`.
 //!
 //! Owns: the lease-keeping task. Must never: run a job (the dispatch loops do), settle a
-//! job another live instance holds (only expired leases are taken over), or keep running
-//! a prompt after its lease could not be renewed for most of a lease (another instance
-//! may have it by then: that would run it twice at once).
+//! job another live instance holds (only expired leases are taken over), keep running a
+//! prompt past the local deadline ([`fence_after`]) when its lease could not be renewed
+//! (another instance may have it by then: that would run it twice at once), wait on the
+//! database for that deadline, or take a lease over within a lease of its own database
+//! outage. The rules: docs/operations.md, "Exactly once".
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use uuid::Uuid;
@@ -21,83 +23,117 @@ use super::shared_queue::{ExpiredLease, PgQueue};
 use super::queue::WorkQueue;
 
 /// How often leases are renewed and expired ones looked for: several times a lease, at
-/// most every 2 s, at least every 200 ms (cancel requests ride on the renewal, so this
-/// also bounds how long a cancel from another instance takes to arrive).
+/// most every second, at least every 200 ms (cancel requests ride on the renewal, so this
+/// also bounds how long a cancel from another instance takes to arrive). A renewal that
+/// has not answered within this long counts as failed (the pool's acquire timeout is
+/// longer than a short lease: renewal must not wait on it).
 pub fn renew_interval(lease: Duration) -> Duration {
     (lease / 4).clamp(Duration::from_millis(200), Duration::from_secs(1))
 }
 
+/// The local deadline: this long after the last renewal that succeeded was *sent* (the
+/// lease runs from then), this instance stops its prompts, checked four times a
+/// [`renew_interval`] — so by 9/16 of a lease at the latest, well before any other
+/// instance may take a lease over (it expires at 1 lease, and a takeover waits for it).
+/// Measured on this process's clock alone: it fires while a database call hangs.
+pub fn fence_after(lease: Duration) -> Duration {
+    lease / 2
+}
+
 impl JobService {
-    /// Start keeping this instance's leases (the shared queue only).
+    /// Start keeping this instance's leases (the shared queue only): the renewing task,
+    /// and beside it the fence, a task on this process's clock alone that no database
+    /// call can hold up.
     pub fn start_lease_keeper(self: &Arc<Self>, queue: Arc<PgQueue>) {
+        let renewed = Arc::new(Mutex::new(Instant::now()));
         let this = self.clone();
-        let task = tokio::spawn(async move { this.keep_leases(queue).await });
-        lock(&self.tasks).push(task);
+        let (lease, last) = (queue.lease(), renewed.clone());
+        let fence = tokio::spawn(async move { this.fence_on_deadline(lease, last).await });
+        let this = self.clone();
+        let task = tokio::spawn(async move { this.keep_leases(queue, renewed).await });
+        lock(&self.tasks).extend([fence, task]);
     }
 
-    /// Jobs whose prompt runs here now (live here and past `queued`): in the shared
-    /// setup a job is live on an instance only while that instance runs it.
-    fn running_here(&self) -> Vec<Uuid> {
-        lock(&self.live).iter().filter(|(_, l)| matches!(l.snapshot.borrow().status, JobStatus::Running | JobStatus::Canceling)).map(|(id, _)| *id).collect()
-    }
-
-    /// Interrupt a job here without recording anything (its lease is gone: the new
-    /// holder records what happens to it).
-    fn stop_here(&self, id: Uuid, why: &str) {
-        if let Some(live) = lock(&self.live).get(&id) {
-            tracing::warn!(job_id = %id, why, "stopping a job this instance no longer holds");
-            live.cancel.send_replace(true);
+    /// The local deadline: [`fence_after`] past the last renewal that succeeded, stop every
+    /// prompt this instance runs. Checked every ¼ of [`renew_interval`].
+    async fn fence_on_deadline(self: Arc<Self>, lease: Duration, renewed: Arc<Mutex<Instant>>) {
+        let mut tick = tokio::time::interval(renew_interval(lease) / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let since = lock(&renewed).elapsed();
+            if since >= fence_after(lease) {
+                for id in self.live_here() {
+                    self.fence(id, "its lease could not be renewed in time");
+                }
+            }
         }
     }
 
-    async fn keep_leases(self: Arc<Self>, queue: Arc<PgQueue>) {
+    /// Jobs this instance runs now (in the shared setup a job is live on an instance only
+    /// from its claim to its end).
+    fn live_here(&self) -> Vec<Uuid> {
+        lock(&self.live).keys().copied().collect()
+    }
+
+    async fn keep_leases(self: Arc<Self>, queue: Arc<PgQueue>, renewed: Arc<Mutex<Instant>>) {
         let lease = queue.lease();
-        let mut tick = tokio::time::interval(renew_interval(lease));
+        let every = renew_interval(lease);
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_renewed = Instant::now();
+        // When the last renewal that succeeded was sent (the leases it wrote run from then);
+        // shared with the fence.
+        let mut renewed_at = *lock(&renewed);
+        // When the database last failed a renewal: no lease is taken over until it has
+        // answered for a whole lease since, so every instance that lost it too has had
+        // the time to renew what it still runs (else the first back would take over the
+        // others' jobs, their results in hand, the moment the database returns).
+        let mut failed_at: Option<Instant> = None;
         loop {
             tick.tick().await;
-            // Before renewing: a job claimed while the renewal runs is not in what it
-            // returns, and must not be taken for one whose lease was taken over (it was
-            // stopped and ended `canceled` that way). Whatever runs here now was claimed
-            // (committed) before the renewal starts, so the renewal sees its lease.
-            let running_before = self.running_here();
-            match queue.renew().await {
-                Ok((held, cancel)) => {
-                    last_renewed = Instant::now();
-                    let held: HashSet<Uuid> = held.into_iter().collect();
-                    for id in running_before {
-                        // Not renewed is not proof of a takeover (the job may have ended, or
-                        // its lease may have changed hands here, between the two reads; a
-                        // job stopped on that inference ended `canceled` in the 3 x 50 test):
-                        // stop it only if another instance holds it now.
-                        if !held.contains(&id) {
-                            match queue.held_elsewhere(id).await {
-                                Ok(true) => self.stop_here(id, "its lease was taken over"),
-                                Ok(false) => tracing::debug!(job_id = %id, "not renewed, but no other instance holds it"),
-                                Err(e) => tracing::warn!(job_id = %id, error = %e, "reading who holds a job failed"),
-                            }
-                        }
-                    }
-                    for id in cancel {
-                        if lock(&self.live).contains_key(&id) {
-                            if let Err(e) = self.cancel(id).await {
-                                tracing::warn!(job_id = %id, error = %e, "acting on a cancel request failed");
-                            }
-                        }
-                    }
-                }
+            // What runs here now was claimed (committed) before the renewal starts, so the
+            // renewal sees its lease.
+            let running = self.live_here();
+            let sent = Instant::now();
+            let outcome = match tokio::time::timeout(every, queue.renew(&running)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(super::store::StoreError::Database("the renewal did not answer in time".into())),
+            };
+            let (held, cancel) = match outcome {
+                Ok(outcome) => outcome,
                 Err(e) => {
-                    tracing::warn!(error = %e, "renewing leases failed");
-                    // Fence ourselves before anyone can take the jobs over.
-                    if last_renewed.elapsed() > lease * 3 / 4 {
-                        for id in self.running_here() {
-                            self.stop_here(id, "its lease could not be renewed");
-                        }
+                    if failed_at.is_none_or(|at| at < renewed_at) {
+                        tracing::warn!(error = %e, "renewing leases failed");
                     }
+                    failed_at = Some(Instant::now());
+                    continue;
+                }
+            };
+            if failed_at.is_some_and(|at| at >= renewed_at) {
+                tracing::info!("renewing leases again");
+            }
+            renewed_at = sent;
+            *lock(&renewed) = sent;
+            let held: HashSet<Uuid> = held.into_iter().collect();
+            for id in running.into_iter().filter(|id| !held.contains(id)) {
+                // Not renewed: ended meanwhile, or no longer this instance's. Read who holds
+                // it (a job stopped on the inference alone ended `canceled` in the 3 x 50 test).
+                let holds = tokio::time::timeout(every, queue.holds(id)).await;
+                if lock(&self.live).contains_key(&id) && matches!(holds, Ok(Ok(false))) {
+                    self.fence(id, "another instance holds its lease");
                 }
             }
-            match queue.take_expired().await {
+            for id in cancel {
+                if lock(&self.live).contains_key(&id)
+                    && let Err(e) = self.cancel(id).await
+                {
+                    tracing::warn!(job_id = %id, error = %e, "acting on a cancel request failed");
+                }
+            }
+            if failed_at.is_some_and(|at| at.elapsed() < lease) {
+                continue;
+            }
+            match queue.take_expired(&self.live_here()).await {
                 Ok(expired) => {
                     for lost in expired {
                         self.settle_lost(&queue, lost).await;
@@ -125,9 +161,10 @@ impl JobService {
         }
         let mut job = job;
         let now = SystemTime::now();
-        let outcome = if job.status == JobStatus::Canceling {
+        let outcome = if job.status == JobStatus::Canceling || lost.cancel_requested {
             JobStatus::Canceled
-        } else if lost.claims <= 1 {
+        } else if job.status == JobStatus::Queued || lost.claims <= 1 {
+            // Never started (claimed, then its holder was lost), or started once: again.
             JobStatus::Queued
         } else {
             JobStatus::Failed

@@ -205,10 +205,10 @@ impl JobService {
     /// period before `now`), and retry ComfyUI-side cleanup of the removed jobs.
     pub async fn sweep_at(&self, now: SystemTime) -> Result<(SweepReport, usize), JobFailure> {
         for job in self.store.jobs_with_status(&[JobStatus::Queued]).await.map_err(JobFailure::internal)? {
-            if job.expires_at <= now && self.cancel(job.id).await.is_ok() {
-                if let Ok(Some(mut job)) = self.store.get_job(job.id).await {
-                    job.status = JobStatus::Expired;
-                    let _ = self.store.update_job(&job).await;
+            // Out of the queue, then `expired` (one terminal write: a terminal state is final).
+            if job.expires_at <= now && self.take_from_queue(job.id).await {
+                if let Ok(Some(job)) = self.store.get_job(job.id).await {
+                    let _ = self.finish_unrun(job, JobStatus::Expired, None).await;
                 }
             }
         }

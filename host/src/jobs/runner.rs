@@ -20,6 +20,7 @@ use super::failure::{JobFailure, from_comfy, validation_failure};
 use super::model::{Asset, AssetRole, Job, JobEvent, JobStatus, OutputEncoding};
 use super::progress::ProgressTracker;
 use super::service::JobService;
+use super::store::StoreError;
 use crate::events::JobTimings;
 use crate::media;
 use crate::plugins::bindings::wit;
@@ -64,10 +65,14 @@ impl JobService {
         job.metrics.queue_ms = Some(now.duration_since(job.created_at).unwrap_or_default().as_millis() as u64);
         let prompt_id = Uuid::new_v4().to_string();
         job.prompt_id = Some(prompt_id.clone());
-        if self.commit(&job).await.is_err() {
+        if self.commit_typed(&job).await.is_err() {
+            // Not started: refused (not this instance's any more) or the store is down.
+            // Either way nothing runs here; with the shared queue its lease lapses and
+            // whoever takes it over settles it.
+            self.forget(job.id);
             return;
         }
-        let Some(mut cancel) = self.cancel_requested(job.id) else { return };
+        let Some((mut cancel, mut fence)) = self.signals(job.id) else { return };
 
         // One deadline: execution is bounded by the job timeout; a sync request's
         // deadline (admission + timeout) bounds it further.
@@ -78,23 +83,79 @@ impl JobService {
         }
         let started = Instant::now();
         let created_at = job.created_at;
-        let outcome = {
-            let run = self.run_in_comfy(&mut job, &prompt_id, deadline, backend.clone());
+        let timed_out = || JobFailure::Timeout { prompt_id: Some(prompt_id.clone()), waited_ms: created_at.elapsed().unwrap_or_default().as_millis() as u64 };
+        let (outcome, fenced) = {
+            let run = tokio::time::timeout_at(deadline.into(), self.run_in_comfy(&mut job, &prompt_id, deadline, backend.clone()));
             tokio::pin!(run);
-            tokio::select! {
-                r = tokio::time::timeout_at(deadline.into(), &mut run) => match r {
-                    Ok(r) => r,
-                    Err(_) => Err(JobFailure::Timeout { prompt_id: Some(prompt_id.clone()), waited_ms: created_at.elapsed().unwrap_or_default().as_millis() as u64 }),
-                },
-                _ = cancel.wait_for(|c| *c) => Err(JobFailure::Canceled),
+            let stop = tokio::select! {
+                r = &mut run => Some(r.unwrap_or_else(|_| Err(timed_out()))),
+                _ = cancel.wait_for(|c| *c) => Some(Err(JobFailure::Canceled)),
+                _ = fence.wait_for(|f| *f) => None,
+            };
+            match stop {
+                Some(outcome) => (outcome, false),
+                None => {
+                    // Fenced: this instance may no longer hold the job. Stop the prompt now
+                    // (before the lease can be taken over); a prompt that finished before
+                    // the interrupt took effect is still a result, recorded only if the
+                    // store's fence lets it (nobody took the job over meanwhile).
+                    if let Some(backend) = &backend {
+                        backend.client().cancel(&prompt_id).await;
+                    }
+                    ((&mut run).await.unwrap_or_else(|_| Err(timed_out())), true)
+                }
             }
         };
+        if fenced && outcome.is_err() {
+            tracing::warn!(job_id = %job.id, "stopped a job this instance may no longer hold; the instance that takes it over settles it");
+            self.forget(job.id);
+            if let Some(backend) = &backend {
+                clean_comfy_side(backend, job.id, job.prompt_id.as_deref(), !job.spec.uploads.is_empty()).await;
+            }
+            return;
+        }
         if let (Err(JobFailure::Timeout { .. } | JobFailure::Canceled), Some(backend)) = (&outcome, &backend) {
             // The run future is gone; make sure ComfyUI stops THAT prompt now.
             backend.client().cancel(&prompt_id).await;
         }
         let elapsed = started.elapsed();
         self.end(job, outcome, elapsed, backend.as_deref()).await;
+    }
+
+    /// The end of a job, recorded: with the shared queue a database outage is waited out
+    /// (retried) rather than turned into a failure, until the store records it or refuses
+    /// it (another instance took the job over, or it ended already). `false`: not recorded.
+    async fn record_end(&self, job: &Job) -> bool {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self.commit_typed(job).await {
+                Ok(()) => return true,
+                Err(StoreError::LeaseLost | StoreError::Ended) => return false,
+                Err(_) if self.shared.get().is_some() => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// An output's record, written only while this instance may still report the job
+    /// (the same fence as its state), and retried across a database outage like the end.
+    async fn record_output(&self, asset: &Asset) -> Result<(), JobFailure> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self.store.insert_output(asset).await {
+                Ok(()) => return Ok(()),
+                Err(e @ (StoreError::LeaseLost | StoreError::Ended)) => return Err(JobFailure::internal(e)),
+                Err(e) if self.shared.get().is_none() => return Err(JobFailure::internal(e)),
+                Err(e) => {
+                    tracing::warn!(job_id = ?asset.job_id, error = %e, "recording an output failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
     }
 
     /// Record the outcome, emit events and metrics, clean ComfyUI's side.
@@ -124,7 +185,12 @@ impl JobService {
             }
         }
         tracing::info!(job_id = %job.id, status = job.status.as_str(), elapsed_ms = elapsed.as_millis() as u64, "job ended");
-        let _ = self.commit(&job).await;
+        if !self.record_end(&job).await {
+            if let Some(backend) = backend {
+                clean_comfy_side(backend, job.id, job.prompt_id.as_deref(), !job.spec.uploads.is_empty()).await;
+            }
+            return;
+        }
         self.metrics.observe_job(job.source.route_label(), &timings);
         self.metrics.job_finished(job.source.route_label(), job.status.as_str());
         if let Some(events) = &job.spec.events {
@@ -167,6 +233,10 @@ impl JobService {
         let _ = self.store.update_job(job).await;
         tracing::debug!(job_id = %job.id, prepare_us = phase_started.elapsed().as_micros() as u64, "uploads, preflight and the workflow record done");
         let graph = with_job_output_names(graph, job.id);
+        // Fenced while preparing: never hand ComfyUI a prompt this instance may not hold.
+        if self.is_fenced(job.id) {
+            return Err(JobFailure::Canceled);
+        }
 
         let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut request = RunRequest::new(graph, deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
@@ -272,7 +342,7 @@ impl JobService {
                 created_at: SystemTime::now(),
                 expires_at: Some(job.expires_at),
             };
-            self.store.insert_asset(&asset).await.map_err(JobFailure::internal)?;
+            self.record_output(&asset).await?;
             job.outputs.push(asset.clone());
             self.send_event(job.id, JobEvent::Output(asset));
         }

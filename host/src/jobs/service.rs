@@ -25,7 +25,7 @@ use super::failure::JobFailure;
 use super::model::{Asset, AssetRole, Job, JobEvent, JobSource, JobSpec, JobStatus, UploadSpec};
 use super::pool::{ComfyWorker, Dispatch, WorkerPool};
 use super::queue::{LocalQueue, WorkQueue};
-use super::store::{IdempotencyClaim, JobFilter, JobStore};
+use super::store::{IdempotencyClaim, JobFilter, JobStore, StoreError};
 use crate::events::Analytics;
 use crate::metrics::Metrics;
 use crate::models::ModelVolume;
@@ -88,6 +88,10 @@ pub(super) struct Live {
     pub snapshot: watch::Sender<Job>,
     pub events: broadcast::Sender<JobEvent>,
     pub cancel: watch::Sender<bool>,
+    /// Set by the lease keeper when this instance may no longer hold the job (its lease
+    /// could not be renewed by the local deadline, or another instance holds it): the
+    /// runner interrupts the prompt and records nothing unless it had already finished.
+    pub fence: watch::Sender<bool>,
     /// The newest preview (the v2 stream pushes it on connect; never stored).
     pub latest_preview: Option<JobEvent>,
 }
@@ -310,7 +314,7 @@ impl JobService {
             slots.admitting += 1;
         }
         let result = match self.admit(submission).await {
-            Ok(mut job) => match self.queue.push(candidate(&job)).await {
+            Ok(mut job) => match self.enqueue_new(&job).await {
                 Ok(position) => {
                     job.queue_position = Some(position as u32);
                     Ok(job)
@@ -323,6 +327,17 @@ impl JobService {
         lock(&self.slots).admitting -= 1;
         self.refresh_depth_metric().await;
         result
+    }
+
+    /// Make a just-stored job claimable. With the shared queue the stored row is claimable
+    /// already (another instance, or this one, may hold it by now): announce it, never
+    /// touch a lease — a push here once cleared the lease of a job this instance had
+    /// just claimed, and a second claimer took it while the first started it.
+    async fn enqueue_new(&self, job: &Job) -> Result<usize, StoreError> {
+        match self.shared.get() {
+            Some(shared) => shared.announce(&candidate(job)).await,
+            None => self.queue.push(candidate(job)).await,
+        }
     }
 
     async fn refresh_depth_metric(&self) {
@@ -377,7 +392,8 @@ impl JobService {
         let (snapshot, _) = watch::channel(job.clone());
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (cancel, _) = watch::channel(false);
-        lock(&self.live).insert(job.id, Live { snapshot, events, cancel, latest_preview: None });
+        let (fence, _) = watch::channel(false);
+        lock(&self.live).insert(job.id, Live { snapshot, events, cancel, fence, latest_preview: None });
     }
 
     /// Put a stored queued job back in the queue (restart recovery).
@@ -499,18 +515,39 @@ impl JobService {
 
     /// Store the job, then tell subscribers. Terminal: the live entry goes.
     pub(super) async fn commit(&self, job: &Job) -> Result<(), JobFailure> {
+        self.commit_typed(job).await.map_err(JobFailure::internal)
+    }
+
+    /// [`JobService::commit`] with the store's refusal as it is. A refused write (the job
+    /// ended already, or another instance holds it) is not this instance's to report any
+    /// more: its live entry goes (nothing here will end it), and it is not an error to log.
+    pub(super) async fn commit_typed(&self, job: &Job) -> Result<(), StoreError> {
         let hook = self.transition_messages.get();
         let messages = hook.map(|h| h.messages_for(job)).unwrap_or_default();
         let stored = if messages.is_empty() { self.store.update_job(job).await } else { self.store.update_job_with_messages(job, &messages).await };
-        if let Err(e) = stored {
-            tracing::error!(job_id = %job.id, error = %e, "storing a job transition failed");
-            return Err(JobFailure::internal(e));
+        match stored {
+            Ok(()) => {}
+            Err(e @ (StoreError::LeaseLost | StoreError::Ended)) => {
+                tracing::info!(job_id = %job.id, status = job.status.as_str(), why = %e, "a job transition was not recorded");
+                self.forget(job.id);
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::error!(job_id = %job.id, error = %e, "storing a job transition failed");
+                return Err(e);
+            }
         }
         if let (Some(hook), false) = (hook, messages.is_empty()) {
             hook.committed();
         }
         self.publish(job);
         Ok(())
+    }
+
+    /// Stop treating a job as this instance's (no live entry: not renewed, not canceled
+    /// here, followed through the store like any other instance's job).
+    pub(super) fn forget(&self, id: Uuid) {
+        lock(&self.live).remove(&id);
     }
 
     pub(super) fn publish(&self, job: &Job) {
@@ -544,12 +581,31 @@ impl JobService {
         lock(&self.live).get(&id).map(|l| l.cancel.subscribe())
     }
 
+    /// The runner's two stop signals: the cancel a caller asked for, and the fence the
+    /// lease keeper raises when this instance may no longer hold the job.
+    pub(super) fn signals(&self, id: Uuid) -> Option<(watch::Receiver<bool>, watch::Receiver<bool>)> {
+        lock(&self.live).get(&id).map(|l| (l.cancel.subscribe(), l.fence.subscribe()))
+    }
+
+    pub(super) fn is_fenced(&self, id: Uuid) -> bool {
+        lock(&self.live).get(&id).is_some_and(|l| *l.fence.borrow())
+    }
+
+    /// Raise the fence of a job this instance runs (see [`JobService::signals`]).
+    pub(super) fn fence(&self, id: Uuid, why: &str) {
+        if let Some(live) = lock(&self.live).get(&id)
+            && !live.fence.send_replace(true)
+        {
+            tracing::warn!(job_id = %id, why, "stopping a job this instance may no longer hold");
+        }
+    }
+
     pub(super) fn observe_duration(&self, d: Duration) {
         lock(&self.estimate).observe(d);
     }
 
     /// Finish a job that never ran (canceled or timed out in the queue).
-    async fn finish_unrun(&self, mut job: Job, status: JobStatus, error: Option<JobFailure>) -> Result<Job, JobFailure> {
+    pub(super) async fn finish_unrun(&self, mut job: Job, status: JobStatus, error: Option<JobFailure>) -> Result<Job, JobFailure> {
         job.status = status;
         job.completed_at = Some(SystemTime::now());
         job.error = error;
@@ -564,7 +620,7 @@ impl JobService {
         Ok(job)
     }
 
-    async fn take_from_queue(&self, id: Uuid) -> bool {
+    pub(super) async fn take_from_queue(&self, id: Uuid) -> bool {
         let taken = match self.queue.remove(id).await {
             Ok(taken) => taken,
             Err(e) => {
@@ -587,33 +643,43 @@ impl JobService {
 
     /// Cancel: idempotent. Queued → canceled at once; running → canceling, then
     /// interrupted in ComfyUI → canceled; terminal → as is. `None`: no such job.
+    /// A job another instance runs gets the cancel flag its holder's lease renewal reads
+    /// (docs/operations.md). The `canceling` write is guarded in SQL: it never lands on a
+    /// job that ended meanwhile (a cancel racing the end of a job leaves the end).
     pub async fn cancel(&self, id: Uuid) -> Result<Option<Job>, JobFailure> {
         if self.take_from_queue(id).await {
             let Some(job) = self.store.get_job(id).await.map_err(JobFailure::internal)? else { return Ok(None) };
             return self.finish_unrun(job, JobStatus::Canceled, None).await.map(Some);
         }
         let Some(mut job) = self.get(id).await? else { return Ok(None) };
-        if let Some(shared) = self.shared.get()
-            && !job.status.is_terminal()
-            && !lock(&self.live).contains_key(&id)
-        {
-            // Another instance holds it: leave the request where its lease renewal reads it.
-            shared.request_cancel(id).await.map_err(JobFailure::internal)?;
-            if job.status == JobStatus::Running {
-                job.status = JobStatus::Canceling;
-            }
+        if job.status.is_terminal() {
             return Ok(Some(job));
+        }
+        if self.shared.get().is_some() && !lock(&self.live).contains_key(&id) {
+            return self.request_cancel_elsewhere(job).await.map(Some);
         }
         match job.status {
             JobStatus::Running => {
                 job.status = JobStatus::Canceling;
-                self.commit(&job).await?;
+                match self.commit_typed(&job).await {
+                    Ok(()) => {}
+                    // Ended meanwhile: the end stands.
+                    Err(StoreError::Ended) => return self.get(id).await,
+                    // Taken over by another instance: leave it the flag.
+                    Err(StoreError::LeaseLost) => {
+                        job.status = JobStatus::Running;
+                        return self.request_cancel_elsewhere(job).await.map(Some);
+                    }
+                    Err(e) => return Err(JobFailure::internal(e)),
+                }
                 if let Some(l) = lock(&self.live).get(&id) {
                     l.cancel.send_replace(true);
                 }
                 Ok(Some(job))
             }
-            JobStatus::Canceling => {
+            // Canceling: asked already. Queued but out of the queue: claimed here and
+            // about to start; the runner reads the signal as it starts.
+            JobStatus::Canceling | JobStatus::Queued => {
                 if let Some(l) = lock(&self.live).get(&id) {
                     l.cancel.send_replace(true);
                 }
@@ -621,6 +687,17 @@ impl JobService {
             }
             _ => Ok(Some(job)),
         }
+    }
+
+    /// Another instance holds the job: leave the request where its lease renewal reads it.
+    async fn request_cancel_elsewhere(&self, mut job: Job) -> Result<Job, JobFailure> {
+        let Some(shared) = self.shared.get() else { return Ok(job) };
+        if shared.request_cancel(job.id).await.map_err(JobFailure::internal)? && job.status == JobStatus::Running {
+            job.status = JobStatus::Canceling;
+            return Ok(job);
+        }
+        // Nobody holds it (it ended, or went back to the queue meanwhile): as it is now.
+        Ok(self.get(job.id).await?.unwrap_or(job))
     }
 
     // ----- idempotency -----
@@ -741,6 +818,13 @@ impl JobService {
             }
         };
         // Claimed from the shared queue: live here from now on (it was followed before).
+        // Already live here: this instance still runs it (a run it was fenced from has
+        // not unwound yet); never a second run beside it. Its lease lapses and the job is
+        // settled again once the first run is gone.
+        if self.shared.get().is_some() && lock(&self.live).contains_key(&id) {
+            tracing::warn!(job_id = %id, "claimed a job this instance still runs; leaving it");
+            return;
+        }
         if !lock(&self.live).contains_key(&id) {
             self.make_live(&job);
         }

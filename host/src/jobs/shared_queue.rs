@@ -41,6 +41,8 @@ pub struct ExpiredLease {
     pub id: Uuid,
     /// How often the job was claimed (1: re-queue it; more: `worker_lost`).
     pub claims: i64,
+    /// Someone asked to cancel it (the flag its holder never read): it ends `canceled`.
+    pub cancel_requested: bool,
 }
 
 /// The shared queue over the job store's PostgreSQL database.
@@ -101,7 +103,8 @@ impl PgQueue {
             return Ok(None);
         };
         let chosen = candidates.swap_remove(index);
-        sqlx::query("UPDATE jobs SET lease_owner = $1, lease_until = $2, claims = claims + 1, cancel_requested = 0 WHERE id = $3")
+        // The cancel flag stays: a cancel asked before a takeover reaches the new holder.
+        sqlx::query("UPDATE jobs SET lease_owner = $1, lease_until = $2, claims = claims + 1 WHERE id = $3")
             .bind(&self.owner)
             .bind(self.until())
             .bind(chosen.id.to_string())
@@ -111,15 +114,24 @@ impl PgQueue {
         Ok(Some(chosen))
     }
 
-    /// Renew every lease this instance holds on an unfinished job; returns the jobs it
-    /// still holds and, of those, the ones someone asked to cancel.
-    pub async fn renew(&self) -> StoreResult<(Vec<Uuid>, Vec<Uuid>)> {
+    /// Renew the leases of `running` (the jobs this instance runs now) that it still
+    /// holds; returns those and, of them, the ones someone asked to cancel. Only what runs
+    /// here: a job this instance stopped (fenced) or forgot keeps its lease no longer and
+    /// is taken over when it lapses.
+    pub async fn renew(&self, running: &[Uuid]) -> StoreResult<(Vec<Uuid>, Vec<Uuid>)> {
+        if running.is_empty() {
+            // Still a round trip: the renewal is also how the keeper knows the database answers.
+            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let ids: Vec<String> = running.iter().map(Uuid::to_string).collect();
         let rows = sqlx::query(
-            "UPDATE jobs SET lease_until = $1 WHERE lease_owner = $2 AND status IN ('queued', 'running', 'canceling') \
+            "UPDATE jobs SET lease_until = $1 WHERE lease_owner = $2 AND status IN ('queued', 'running', 'canceling') AND id = ANY($3) \
              RETURNING id, cancel_requested",
         )
         .bind(self.until())
         .bind(&self.owner)
+        .bind(ids)
         .fetch_all(&self.pool)
         .await?;
         let (mut held, mut cancel) = (Vec::new(), Vec::new());
@@ -134,6 +146,22 @@ impl PgQueue {
         Ok((held, cancel))
     }
 
+    /// Make a just-stored queued job claimable at once: its model key (for affinity) and a
+    /// notification. Touches no lease (the row is claimable since it was stored; a claimer,
+    /// this instance's own included, may hold it already). Returns its queue position.
+    pub async fn announce(&self, job: &Candidate) -> StoreResult<usize> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE jobs SET model_key = $1 WHERE id = $2 AND status = 'queued' AND lease_owner IS NULL")
+            .bind(job.model_key.clone())
+            .bind(job.id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(job.id.to_string()).execute(&mut *tx).await?;
+        tx.commit().await?;
+        self.wake.notify_waiters();
+        Ok(self.position(job.id).await?.unwrap_or(0))
+    }
+
     /// Ask the holder of `id` to cancel it (read with its next renewal). `false`: the
     /// job is not held by anyone (queued, or finished).
     pub async fn request_cancel(&self, id: Uuid) -> StoreResult<bool> {
@@ -145,14 +173,18 @@ impl PgQueue {
     }
 
     /// Jobs whose holder stopped renewing: this instance takes each over (a fresh lease
-    /// of its own, so its fenced writes pass) for the service to re-queue or fail.
-    pub async fn take_expired(&self) -> StoreResult<Vec<ExpiredLease>> {
+    /// of its own, so its fenced writes pass) for the service to re-queue or fail. Never
+    /// one of `running` (this instance's own runs, still unwinding): a job is re-claimed
+    /// only once nothing of it runs here.
+    pub async fn take_expired(&self, running: &[Uuid]) -> StoreResult<Vec<ExpiredLease>> {
+        let ids: Vec<String> = running.iter().map(Uuid::to_string).collect();
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
-            "SELECT id, claims FROM jobs WHERE lease_owner IS NOT NULL AND lease_until < $1 \
-             AND status IN ('queued', 'running', 'canceling') FOR UPDATE SKIP LOCKED",
+            "SELECT id, claims, cancel_requested FROM jobs WHERE lease_owner IS NOT NULL AND lease_until < $1 \
+             AND status IN ('queued', 'running', 'canceling') AND NOT (id = ANY($2)) FOR UPDATE SKIP LOCKED",
         )
         .bind(to_ms(SystemTime::now()))
+        .bind(ids)
         .fetch_all(&mut *tx)
         .await?;
         let mut expired = Vec::with_capacity(rows.len());
@@ -160,20 +192,21 @@ impl PgQueue {
             let id: String = row.try_get("id")?;
             let Ok(uuid) = Uuid::parse_str(&id) else { continue };
             sqlx::query("UPDATE jobs SET lease_owner = $1, lease_until = $2 WHERE id = $3").bind(&self.owner).bind(self.until()).bind(&id).execute(&mut *tx).await?;
-            expired.push(ExpiredLease { id: uuid, claims: row.try_get("claims")? });
+            expired.push(ExpiredLease { id: uuid, claims: row.try_get("claims")?, cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0 });
         }
         tx.commit().await?;
         Ok(expired)
     }
 
-    /// Whether another instance holds `id`'s lease now (read fresh, not inferred from a
-    /// renewal's result set): only then has the job been taken over.
-    pub async fn held_elsewhere(&self, id: Uuid) -> StoreResult<bool> {
+    /// Whether this instance holds `id`'s lease now (read fresh, not inferred from a
+    /// renewal's result set). `false`: another instance took it over, or it went back to
+    /// the queue.
+    pub async fn holds(&self, id: Uuid) -> StoreResult<bool> {
         let owner: Option<Option<String>> = sqlx::query_scalar("SELECT lease_owner FROM jobs WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?;
-        Ok(matches!(owner, Some(Some(other)) if other != self.owner))
+        Ok(matches!(owner, Some(Some(o)) if o == self.owner))
     }
 
     /// Let go of a job this instance holds (it finished, or was put back).

@@ -20,37 +20,48 @@ use uuid::Uuid;
 
 use super::model::{Asset, AssetRole, Job, JobStatus, from_ms};
 
-/// A store failure (the database is unreadable, full, or corrupt).
+/// A store failure. The two refusals of a fenced write are variants of their own (the
+/// caller acts on them: an instance that lost a job stops reporting it; a write after
+/// the end is dropped), never compared as text.
 #[derive(Debug, thiserror::Error)]
-#[error("job store: {0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// The database failed, is unreachable, full or corrupt (the message says which).
+    #[error("job store: {0}")]
+    Database(String),
+    /// The write was refused: this instance does not hold the job's lease (another
+    /// instance took it over, or it was put back in the queue).
+    #[error("job store: another instance holds this job's lease")]
+    LeaseLost,
+    /// The write was refused: the job already ended (a terminal state is final).
+    #[error("job store: the job has already ended")]
+    Ended,
+}
 
-/// What [`StoreError::lease_lost`] says (compared by [`StoreError::is_lease_lost`]).
-const LEASE_LOST: &str = "another instance holds this job's lease";
+/// [`StoreError::Database`] from a message (the constructor most call sites want).
+#[allow(non_snake_case)]
+pub fn StoreError(message: String) -> StoreError {
+    StoreError::Database(message)
+}
 
 impl StoreError {
-    /// The write was refused: another instance holds the job now (shared queue).
-    pub fn lease_lost() -> StoreError {
-        StoreError(LEASE_LOST.to_string())
-    }
     pub fn is_lease_lost(&self) -> bool {
-        self.0 == LEASE_LOST
+        matches!(self, StoreError::LeaseLost)
     }
 }
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        StoreError(e.to_string())
+        StoreError::Database(e.to_string())
     }
 }
 impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(e: sqlx::migrate::MigrateError) -> Self {
-        StoreError(e.to_string())
+        StoreError::Database(e.to_string())
     }
 }
 impl From<serde_json::Error> for StoreError {
     fn from(e: serde_json::Error) -> Self {
-        StoreError(format!("unreadable record: {e}"))
+        StoreError::Database(format!("unreadable record: {e}"))
     }
 }
 
@@ -62,10 +73,13 @@ pub struct JobFilter {
     pub statuses: Vec<JobStatus>,
     /// At most this many (capped at 1000).
     pub limit: usize,
-    /// Only jobs created strictly before this (cursor pagination).
+    /// Only jobs listed after this in newest-first order (cursor pagination): created
+    /// strictly before it, or, with `before_id`, in the same millisecond with a smaller id.
     pub created_before: Option<SystemTime>,
     /// Only jobs carrying every one of these `(key, value)` labels.
     pub labels: Vec<(String, String)>,
+    /// The id half of the cursor (jobs share milliseconds: a time alone skips some).
+    pub before_id: Option<Uuid>,
 }
 
 /// The answer to claiming an idempotency key.
@@ -107,6 +121,9 @@ pub trait JobStore: Send + Sync {
     async fn jobs_with_status(&self, statuses: &[JobStatus]) -> StoreResult<Vec<Job>>;
 
     async fn insert_asset(&self, asset: &Asset) -> StoreResult<()>;
+    /// An output of a running job, written only under the same fence as its state
+    /// ([`JobStore::update_job`]): `LeaseLost`/`Ended` when this instance may not.
+    async fn insert_output(&self, asset: &Asset) -> StoreResult<()>;
     async fn get_asset(&self, id: Uuid) -> StoreResult<Option<Asset>>;
     /// The newest asset record over this blob hash, if any.
     async fn asset_by_hash(&self, hash: &str) -> StoreResult<Option<Asset>>;
@@ -318,26 +335,43 @@ macro_rules! sql_job_store {
                 Ok(())
             }
 
-            /// Rewrite the job unless another instance holds its lease (the shared queue,
-            /// issue #12): an instance that lost a job (its lease ran out and the job was
-            /// re-queued) must not overwrite what the new holder records.
+            /// Rewrite the job unless it already ended or this instance does not hold it.
+            /// A terminal state is final: a late cancel (or a stale instance) can never
+            /// write over `succeeded`/`canceled`. The lease fence (shared queue, issue
+            /// #12): the write passes when this instance holds the lease, or when nobody
+            /// ever claimed the job (`claims = 0`: the embedded store and the local queue,
+            /// which never lease). A job claimed before and now unleased was put back in
+            /// the queue or released after its end: its old holder's writes are refused.
             async fn fenced_update(tx: &mut sqlx::Transaction<'static, $db>, job: &Job, owner: &str) -> StoreResult<()> {
-                let done = sqlx::query("UPDATE jobs SET status = $1, expires_at = $2, doc = $3 WHERE id = $4 AND (lease_owner IS NULL OR lease_owner = $5)")
-                    .bind(job.status.as_str().to_string())
-                    .bind(to_ms(job.expires_at))
-                    .bind(job_doc(job)?)
-                    .bind(job.id.to_string())
-                    .bind(owner.to_string())
-                    .execute(&mut **tx)
-                    .await?;
+                let done = sqlx::query(
+                    "UPDATE jobs SET status = $1, expires_at = $2, doc = $3 WHERE id = $4 \
+                     AND status NOT IN ('succeeded', 'failed', 'canceled', 'expired') \
+                     AND (lease_owner = $5 OR (lease_owner IS NULL AND claims = 0))",
+                )
+                .bind(job.status.as_str().to_string())
+                .bind(to_ms(job.expires_at))
+                .bind(job_doc(job)?)
+                .bind(job.id.to_string())
+                .bind(owner.to_string())
+                .execute(&mut **tx)
+                .await?;
                 if done.rows_affected() == 0 {
-                    let holder: Option<Option<String>> =
-                        sqlx::query_scalar("SELECT lease_owner FROM jobs WHERE id = $1").bind(job.id.to_string()).fetch_optional(&mut **tx).await?;
-                    if let Some(Some(_)) = holder {
-                        return Err(StoreError::lease_lost());
-                    }
+                    refused(tx, job.id).await?;
                 }
                 Ok(())
+            }
+
+            /// Why a fenced write touched no row: `Ended` or `LeaseLost` (a job that is
+            /// gone, swept, is nothing to write: `Ok`).
+            async fn refused(tx: &mut sqlx::Transaction<'static, $db>, id: Uuid) -> StoreResult<()> {
+                let row = sqlx::query("SELECT status FROM jobs WHERE id = $1").bind(id.to_string()).fetch_optional(&mut **tx).await?;
+                match row {
+                    None => Ok(()),
+                    Some(row) => {
+                        let status: String = row.try_get("status")?;
+                        Err(if JobStatus::parse(&status).is_some_and(JobStatus::is_terminal) { StoreError::Ended } else { StoreError::LeaseLost })
+                    }
+                }
             }
 
             impl $store {
@@ -416,9 +450,16 @@ macro_rules! sql_job_store {
                         sql.push_str(&format!(" AND status IN ({})", placeholders(next, filter.statuses.len())));
                         next += filter.statuses.len();
                     }
-                    if filter.created_before.is_some() {
-                        sql.push_str(&format!(" AND created_at < ${next}"));
-                        next += 1;
+                    match (filter.created_before, filter.before_id) {
+                        (Some(_), Some(_)) => {
+                            sql.push_str(&format!(" AND (created_at < ${next} OR (created_at = ${next} AND id < ${}))", next + 1));
+                            next += 2;
+                        }
+                        (Some(_), None) => {
+                            sql.push_str(&format!(" AND created_at < ${next}"));
+                            next += 1;
+                        }
+                        _ => {}
                     }
                     for _ in &filter.labels {
                         sql.push_str(&format!(" AND id IN (SELECT job_id FROM job_labels WHERE key = ${next} AND value = ${})", next + 1));
@@ -431,6 +472,9 @@ macro_rules! sql_job_store {
                     }
                     if let Some(before) = filter.created_before {
                         query = query.bind(to_ms(before));
+                        if let Some(id) = filter.before_id {
+                            query = query.bind(id.to_string());
+                        }
                     }
                     for (key, value) in &filter.labels {
                         query = query.bind(key.clone()).bind(value.clone());
@@ -455,6 +499,27 @@ macro_rules! sql_job_store {
 
                 async fn insert_asset(&self, asset: &Asset) -> StoreResult<()> {
                     insert_asset_on(&self.pool, asset).await
+                }
+
+                async fn insert_output(&self, asset: &Asset) -> StoreResult<()> {
+                    let Some(job_id) = asset.job_id else { return insert_asset_on(&self.pool, asset).await };
+                    let mut tx = self.pool.begin().await?;
+                    // A no-op write under the job's fence locks the row and checks it in one.
+                    let done = sqlx::query(
+                        "UPDATE jobs SET status = status WHERE id = $1 AND status NOT IN ('succeeded', 'failed', 'canceled', 'expired') \
+                         AND (lease_owner = $2 OR (lease_owner IS NULL AND claims = 0))",
+                    )
+                    .bind(job_id.to_string())
+                    .bind(self.owner.clone())
+                    .execute(&mut *tx)
+                    .await?;
+                    if done.rows_affected() == 0 {
+                        refused(&mut tx, job_id).await?;
+                        return Err(StoreError::LeaseLost);
+                    }
+                    insert_asset_on(&mut *tx, asset).await?;
+                    tx.commit().await?;
+                    Ok(())
                 }
 
                 async fn get_asset(&self, id: Uuid) -> StoreResult<Option<Asset>> {

@@ -2,14 +2,14 @@
 //! the same tables, migrations (by version) and behaviour as [`super::store::SqliteStore`],
 //! through the same statements ([`super::store::sql_job_store!`]).
 //!
-//! Owns: connecting (`postgres://…`), bringing the schema up to date (sqlx's migration
+//! Owns: connecting (`postgres://…`, TLS through rustls on ring by `sslmode=`/`sslrootcert=`), bringing the schema up to date (sqlx's migration
 //! lock makes concurrent starts safe), and the pool the shared work queue and the webhook
 //! outbox use. Must never: log the URL (it carries the password), or hold bytes.
 
 use std::time::Duration;
 
-use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::{Connection, PgPool};
 
 use super::store::{StoreError, StoreResult, migrator, sql_job_store};
 
@@ -31,18 +31,36 @@ pub struct PostgresStore {
     owner: String,
 }
 
+/// How long the first connection may take before the URL is reported unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl PostgresStore {
-    /// Connect to `url` (`postgres://user:pass@host:port/db`) and migrate.
-    /// The error names no host, user or password: only what went wrong.
+    /// Connect to `url` (`postgres://user:pass@host:port/db`, TLS by `sslmode=` and
+    /// `sslrootcert=`) with up to 16 connections, and migrate.
     pub async fn open(url: &str) -> StoreResult<PostgresStore> {
-        let options: PgConnectOptions = url.parse().map_err(|_| StoreError("the database URL is not a valid postgres:// URL".into()))?;
+        Self::open_with(url, 16).await
+    }
+
+    /// [`PostgresStore::open`] with at most `max_connections` connections. One connection
+    /// is made first, on its own: a refused, unreachable or TLS-failing server is
+    /// reported at once with the host and the cause (through the pool it would be
+    /// retried until the acquire timeout and reported as "timed out"). The error names
+    /// host and port, never the user's password.
+    pub async fn open_with(url: &str, max_connections: u32) -> StoreResult<PostgresStore> {
+        let options = parse_url(url)?;
+        let target = format!("{}:{}", options.get_host(), options.get_port());
+        let first = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
+            .await
+            .map_err(|_| StoreError::Database(format!("connecting to PostgreSQL at {target}: no answer within {} s", CONNECT_TIMEOUT.as_secs())))?
+            .map_err(|e| StoreError::Database(format!("connecting to PostgreSQL at {target}: {}", cause(&e))))?;
+        let _ = first.close().await;
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(max_connections.max(2))
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await
-            .map_err(|e| StoreError(format!("connecting to PostgreSQL: {}", redact(&e))))?;
+            .map_err(|e| StoreError::Database(format!("connecting to PostgreSQL at {target}: {}", cause(&e))))?;
         migrator(MIGRATIONS).run(&pool).await?;
         Ok(PostgresStore { pool, owner: format!("fh-{}", uuid::Uuid::new_v4().simple()) })
     }
@@ -58,15 +76,35 @@ impl PostgresStore {
     }
 }
 
-/// A connection error without the parts of the URL it may quote.
-fn redact(e: &sqlx::Error) -> &'static str {
+/// The URL's options; an error that quotes no part of it (it carries the password).
+fn parse_url(url: &str) -> StoreResult<PgConnectOptions> {
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    if !matches!(scheme, Some("postgres" | "postgresql")) {
+        return Err(StoreError::Database("the database URL must start with postgres:// or postgresql://".into()));
+    }
+    url.parse().map_err(|e: sqlx::Error| {
+        let why = match &e {
+            // sqlx names the parameter or value that is wrong (sslmode=…); not the URL.
+            sqlx::Error::Configuration(inner) if !inner.to_string().contains('@') => inner.to_string(),
+            _ => "it cannot be read as a postgres:// URL".to_string(),
+        };
+        StoreError::Database(format!("the database URL is not usable: {why}"))
+    })
+}
+
+/// What went wrong connecting, in the operator's words, with the underlying error
+/// (connection refused, certificate unknown, password authentication failed, …).
+fn cause(e: &sqlx::Error) -> String {
     match e {
-        sqlx::Error::Io(_) => "the server cannot be reached",
-        sqlx::Error::Tls(_) => "TLS failed",
-        sqlx::Error::PoolTimedOut => "timed out",
-        sqlx::Error::Database(_) => "the server refused the connection (credentials or database name)",
-        sqlx::Error::Configuration(_) => "the database URL is not usable",
-        _ => "the connection failed",
+        // rustls reports a refused certificate or handshake through the stream, as invalid data.
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => format!("TLS failed ({io})"),
+        sqlx::Error::Io(io) => format!("the server cannot be reached ({io})"),
+        sqlx::Error::Tls(tls) => format!("TLS failed ({tls})"),
+        sqlx::Error::PoolTimedOut => "timed out waiting for a connection".into(),
+        sqlx::Error::Database(db) => format!("the server refused the connection ({})", db.message()),
+        sqlx::Error::Configuration(c) => format!("the connection settings are not usable ({c})"),
+        sqlx::Error::Protocol(p) => format!("the server did not answer as PostgreSQL does ({p})"),
+        other => format!("the connection failed ({other})"),
     }
 }
 

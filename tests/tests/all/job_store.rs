@@ -78,6 +78,8 @@ on_both_dialects!(
     a_state_change_and_its_webhook_messages_commit_together,
     two_dispatchers_claiming_at_once_never_get_the_same_message,
     uploads_are_listed_newest_first_and_found_by_hash,
+    paging_with_a_small_limit_lists_every_job_of_one_millisecond,
+    a_terminal_state_is_final_whatever_is_written_later,
 );
 
 fn job() -> Job {
@@ -301,4 +303,61 @@ async fn uploads_are_listed_newest_first_and_found_by_hash(dialect: Dialect) {
     assert!(extended.expires_at.unwrap() > SystemTime::now() + Duration::from_secs(3000));
     assert!(store.delete_asset(first.id).await.unwrap());
     assert!(!store.delete_asset(first.id).await.unwrap(), "already gone");
+}
+
+/// Issue #22: the cursor was a millisecond, and jobs created in the same millisecond as a
+/// page's last item were never listed. Paged by (created_at, id), 40 jobs of one
+/// millisecond come out 7 at a time, every one exactly once, newest first.
+async fn paging_with_a_small_limit_lists_every_job_of_one_millisecond(dialect: Dialect) {
+    let db = Db::new(dialect).await;
+    let (store, _) = db.open().await;
+    let same_ms = SystemTime::now() - Duration::from_secs(10);
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..40 {
+        let mut j = job();
+        j.created_at = same_ms;
+        store.insert_job(&j, &[]).await.unwrap();
+        ids.insert(j.id);
+    }
+    let mut listed = Vec::new();
+    let mut cursor: Option<(SystemTime, Uuid)> = None;
+    loop {
+        let page = store
+            .list_jobs(&JobFilter { limit: 7, created_before: cursor.map(|c| c.0), before_id: cursor.map(|c| c.1), ..Default::default() })
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        cursor = Some((last.created_at, last.id));
+        listed.extend(page.iter().map(|j| j.id));
+        assert!(listed.len() <= 40, "a page repeated jobs: {}", listed.len());
+    }
+    assert_eq!(listed.len(), 40, "every job listed once");
+    assert_eq!(listed.iter().copied().collect::<std::collections::HashSet<_>>(), ids);
+}
+
+/// Issue #22: a cancel racing the end of a job wrote `canceling` over `canceled`. A
+/// terminal state is final in the store itself: a later write is refused (`Ended`) and
+/// the record keeps its end.
+async fn a_terminal_state_is_final_whatever_is_written_later(dialect: Dialect) {
+    let db = Db::new(dialect).await;
+    let (store, _) = db.open().await;
+    let mut j = job();
+    store.insert_job(&j, &[]).await.unwrap();
+    j.status = JobStatus::Running;
+    store.update_job(&j).await.unwrap();
+    j.status = JobStatus::Succeeded;
+    store.update_job(&j).await.unwrap();
+    for late in [JobStatus::Canceling, JobStatus::Canceled, JobStatus::Running, JobStatus::Failed] {
+        let mut stale = j.clone();
+        stale.status = late;
+        match store.update_job(&stale).await {
+            Err(flowhost::jobs::store::StoreError::Ended) => {}
+            other => panic!("writing {late:?} over succeeded: {other:?}"),
+        }
+        let output = asset(Some(j.id), AssetRole::Output, "blake3:late");
+        assert!(matches!(store.insert_output(&output).await, Err(flowhost::jobs::store::StoreError::Ended)), "no output after the end");
+    }
+    let stored = store.get_job(j.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, JobStatus::Succeeded);
+    assert!(stored.outputs.is_empty());
 }

@@ -92,14 +92,14 @@ async fn a_lease_that_is_not_renewed_is_taken_over_and_a_renewed_one_is_not() {
     assert_eq!(alive.claim("w", None).await.unwrap().id, kept);
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let (held, _) = alive.renew().await.unwrap();
+        let (held, _) = alive.renew(&[kept]).await.unwrap();
         assert_eq!(held, vec![kept]);
     }
-    let expired = reaper.take_expired().await.unwrap();
+    let expired = reaper.take_expired(&[]).await.unwrap();
     assert_eq!(expired.iter().map(|e| (e.id, e.claims)).collect::<Vec<_>>(), vec![(lost, 1)], "only the unrenewed lease, claimed once");
-    let (held, _) = dead.renew().await.unwrap();
+    let (held, _) = dead.renew(&[lost]).await.unwrap();
     assert!(held.is_empty(), "the dead holder holds nothing any more");
-    assert!(reaper.take_expired().await.unwrap().is_empty(), "taken over once, by one instance");
+    assert!(reaper.take_expired(&[]).await.unwrap().is_empty(), "taken over once, by one instance");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +109,7 @@ async fn a_cancel_request_reaches_the_holder_with_its_next_renewal() {
     let id = queued(&store, &holder, 5, None).await;
     assert!(!other.request_cancel(id).await.unwrap(), "a job nobody holds is canceled through the queue, not by request");
     assert_eq!(holder.claim("w", None).await.unwrap().id, id);
-    assert_eq!(holder.renew().await.unwrap(), (vec![id], vec![]));
+    assert_eq!(holder.renew(&[id]).await.unwrap(), (vec![id], vec![]));
     assert!(other.request_cancel(id).await.unwrap());
-    assert_eq!(holder.renew().await.unwrap(), (vec![id], vec![id]));
+    assert_eq!(holder.renew(&[id]).await.unwrap(), (vec![id], vec![id]));
 }

@@ -230,13 +230,15 @@ pub async fn cancel(State(state): State<AppState>, Path(raw): Path<String>, orig
 struct ListQuery {
     statuses: Vec<JobStatus>,
     limit: usize,
+    /// Cursor: the last listed job's creation (ms) and id; the next page starts after it.
     before_ms: Option<u64>,
+    before_id: Option<Uuid>,
     /// `metadata[key]=value` filters (flowhost's label extension): every one must match.
     labels: Vec<(String, String)>,
 }
 
 fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, V2Error> {
-    let mut query = ListQuery { statuses: Vec::new(), limit: DEFAULT_PAGE, before_ms: None, labels: Vec::new() };
+    let mut query = ListQuery { statuses: Vec::new(), limit: DEFAULT_PAGE, before_ms: None, before_id: None, labels: Vec::new() };
     for (name, value) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
         match name.as_ref() {
             "status" => {
@@ -248,7 +250,16 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, V2Error> {
                 query.limit = value.parse().ok().filter(|n| (1..=MAX_PAGE).contains(n)).ok_or_else(|| V2Error::invalid_request("limit", format!("must be an integer from 1 to {MAX_PAGE}")))?;
             }
             "cursor" => {
-                query.before_ms = Some(value.strip_prefix("t").and_then(|ms| ms.parse().ok()).ok_or_else(|| V2Error::invalid_request("cursor", "not a cursor this server issued"))?);
+                // `t<ms>_<id>`: many jobs share a millisecond, and a cursor of the time alone
+                // skipped those after the page's last one. (`t<ms>`, an older cursor, still reads.)
+                let bad = || V2Error::invalid_request("cursor", "not a cursor this server issued");
+                let rest = value.strip_prefix('t').ok_or_else(bad)?;
+                let (ms, id) = match rest.split_once('_') {
+                    Some((ms, id)) => (ms, Some(Uuid::parse_str(id).map_err(|_| bad())?)),
+                    None => (rest, None),
+                };
+                query.before_ms = Some(ms.parse().map_err(|_| bad())?);
+                query.before_id = id;
             }
             other if other.starts_with("metadata[") && other.ends_with(']') => {
                 let key = &other["metadata[".len()..other.len() - 1];
@@ -278,13 +289,14 @@ pub async fn list(State(state): State<AppState>, RawQuery(raw): RawQuery, origin
         limit: query.limit + 1,
         created_before: query.before_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
         labels: query.labels,
+        before_id: query.before_id,
     };
     let mut jobs = state.jobs.list(&filter).await.map_err(|f| job_failure(&f))?;
     let more = jobs.len() > query.limit;
     jobs.truncate(query.limit);
     let mut body = json!({"jobs": jobs.iter().map(|job| job_json(job, &origin)).collect::<Vec<_>>()});
     if let (true, Some(last)) = (more, jobs.last()) {
-        body["next_cursor"] = Value::String(format!("t{}", millis(last.created_at)));
+        body["next_cursor"] = Value::String(format!("t{}_{}", millis(last.created_at), last.id));
     }
     Ok(Json(body).into_response())
 }
@@ -309,7 +321,10 @@ mod tests {
         assert_eq!((query.limit, query.before_ms), (10, Some(1234)));
         assert_eq!(parse_list_query(Some("metadata%5Bclient%5D=acme")).unwrap().labels, vec![("client".to_string(), "acme".to_string())]);
         assert!(parse_list_query(Some("metadata%5Ba%20b%5D=x")).is_err());
-        for bad in ["limit=0", "limit=101", "status=done", "cursor=xyz", "color=red"] {
+        let id = Uuid::new_v4();
+        let query = parse_list_query(Some(&format!("cursor=t1234_{id}"))).unwrap();
+        assert_eq!((query.before_ms, query.before_id), (Some(1234), Some(id)), "time and id: no job of that millisecond is skipped");
+        for bad in ["limit=0", "limit=101", "status=done", "cursor=xyz", "cursor=t12_nope", "color=red"] {
             assert!(parse_list_query(Some(bad)).is_err(), "{bad}");
         }
     }
