@@ -119,6 +119,11 @@ impl CallShare {
     pub fn held(&self) -> usize {
         self.held
     }
+
+    /// A new, empty share of the same budget (for charges kept apart from this one's).
+    pub fn sibling(&self) -> CallShare {
+        self.budget.share()
+    }
 }
 
 impl Drop for CallShare {

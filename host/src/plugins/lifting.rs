@@ -1,101 +1,310 @@
-//! What a plugin call returns, measured in guest memory before the host copies any of it.
+//! What a plugin call returns, checked against its caps and the host budget before the host
+//! copies any of it.
 //!
 //! wasmtime's generated bindings lift a whole `result<job, build-error>` into host `String`s and
-//! `Vec`s before the host sees a byte of it: 32 calls each returning 50 MiB put 1.6 GB on the host
-//! heap, and a list whose entries all point at the same guest string multiplies it further. The
-//! types here mirror the contract's with [`WasmStr`] / [`WasmList`] in place of every string and
-//! list, so lifting them reads only pointers and lengths. Then:
+//! `Vec`s at once: 32 calls each returning 50 MiB put 1.6 GB on the host heap. Nor can the host
+//! lift lazily ([`wasmtime::component::WasmStr`]) and read afterwards: the guest's post-return
+//! frees the returned memory as soon as the call returns. So the types here mirror the contract's
+//! with every string and list wrapped in [`Guarded`] (or [`Capped`] for error texts), whose
+//! `Lift` reads the length from the pointer pair *first* and copies only what is allowed:
 //!
-//! - a job is measured (list lengths first, then string lengths, stopping at the per-call cap),
-//!   its size charged to the call's share of the [`super::budget::HostBudget`], and only then
-//!   copied;
-//! - error texts (field errors, user errors) are copied cut to [`MAX_ERROR_TEXT_BYTES`], at most
-//!   [`MAX_FIELD_ERRORS`] of them: the rest is never copied at all.
+//! - a [`Guarded`] value is copied only if it fits the call's cap (and its own `MAX`, e.g. the
+//!   workflow's) and its bytes can be charged to the call's share of the
+//!   [`super::budget::HostBudget`]; otherwise nothing is copied and the call fails with the
+//!   reason ([`LiftError`]);
+//! - a [`Capped`] text (field errors, user errors) is copied cut to its first `N` bytes.
 //!
-//! The record types are shared by every contract version where the WIT is the same (type checks
-//! are structural: field names and types, not type names); [`JobV0_1`] and [`JobV0_2`] differ.
+//! The allowance lives in a thread-local for the length of one call ([`guarded`]): lifting has no
+//! access to the store, and a call lifts on the thread that made it.
 //!
-//! Owns: the lazy mirror types and the measure-charge-copy order. Must never: copy a string or a
-//! list before its length has been checked, or know HTTP.
+//! Owns: the mirror types and the check-then-copy order. Must never: copy a string or list before
+//! its length passed the checks, or know HTTP.
 
-use wasmtime::Store;
-use wasmtime::component::{ComponentType, Lift, WasmList, WasmStr};
+use std::cell::RefCell;
 
-use super::budget::Refusal;
+use wasmtime::ValRaw;
+use wasmtime::component::__internal::{CanonicalAbiInfo, InstanceType, InterfaceType, LiftContext};
+use wasmtime::component::{ComponentType, Lift};
+
+use super::budget::{CallShare, Refusal};
 use super::calls::{BuildError, FieldError, UserError};
 use super::manifest::{Lora, ModelRef, ModelSet, ModelSetSource, OutputFormat, PluginUpload, RawJob, SamplerProgress, UploadSource, caps};
-use super::sandbox::SandboxState;
 
 /// Longest error text copied from a plugin, bytes (answers cut further, to 500 characters).
 pub const MAX_ERROR_TEXT_BYTES: usize = 1024;
-/// Most field errors copied from one refusal.
-pub const MAX_FIELD_ERRORS: usize = 256;
-/// Most entries of any list in a job (uploads have their own, smaller cap).
-pub const MAX_JOB_LIST_ENTRIES: usize = caps::MAX_LIST_ENTRIES;
 /// Largest workflow (JSON text) a job may carry, bytes: ComfyUI graphs are kilobytes; the
 /// workflow is parsed, stored and sent on, so its size is multiplied downstream.
 pub const MAX_WORKFLOW_BYTES: usize = 8 << 20;
 /// Largest analytics properties (JSON text), bytes.
 pub const MAX_ANALYTICS_BYTES: usize = 64 << 10;
+/// Most entries of a job's string lists, model lists and progress hints.
+const MAX_ENTRIES: usize = caps::MAX_LIST_ENTRIES;
+
+/// Why a returned value was not copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LiftError {
+    /// The plugin returned more than one call may (its own fault: 500).
+    TooLarge { cap: usize },
+    /// A text or list of the job is over its own cap (500).
+    FieldTooLarge { what: &'static str },
+    /// The calls in flight hold the whole host budget (503).
+    Busy(Refusal),
+}
+
+impl std::fmt::Display for LiftError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LiftError::TooLarge { cap } => write!(f, "returned more than {} MiB, the most one call may return", cap >> 20),
+            LiftError::FieldTooLarge { what } => write!(f, "returned a job whose {what} is over its limit ({})", limit_of(what)),
+            LiftError::Busy(Refusal::Exhausted { limit, .. }) => {
+                write!(f, "the plugin calls in flight hold the host's whole plugin memory budget ({} MiB)", limit >> 20)
+            }
+        }
+    }
+}
+
+/// The limit a field has, in words.
+fn limit_of(what: &str) -> String {
+    match what {
+        "workflow" => format!("at most {} bytes", MAX_WORKFLOW_BYTES),
+        "analytics" => format!("at most {} bytes", MAX_ANALYTICS_BYTES),
+        "uploads" => format!("at most {} are allowed per job", caps::MAX_UPLOADS_PER_JOB),
+        "outputs" | "caller_nodes" | "models.loras" | "models.others" | "progress" => format!("at most {MAX_ENTRIES} entries"),
+        _ => "the call's cap".into(),
+    }
+}
+
+/// What one call may still copy.
+struct Allowance {
+    share: CallShare,
+    cap_left: usize,
+    cap: usize,
+    /// Why the first refused value was refused (`None` for a per-field `MAX`).
+    refused: Option<Option<LiftError>>,
+}
+
+thread_local! {
+    static ALLOWANCE: RefCell<Option<Allowance>> = const { RefCell::new(None) };
+}
+
+/// Run `call` (which lifts the answer) with `cap` bytes allowed, charged to `share`. Returns the
+/// call's result, the share (holding what was copied) and why a value was refused, if one was.
+pub fn guarded<R>(share: CallShare, cap: usize, call: impl FnOnce() -> R) -> (R, CallShare, Option<Option<LiftError>>) {
+    ALLOWANCE.with(|a| *a.borrow_mut() = Some(Allowance { share, cap_left: cap, cap, refused: None }));
+    let result = call();
+    let allowance = ALLOWANCE.with(|a| a.borrow_mut().take()).expect("set above on this thread");
+    (result, allowance.share, allowance.refused)
+}
+
+/// May `bytes` more be copied (for a value whose own limit is `max`)? Charges them if so.
+fn admit(bytes: usize, max: usize) -> bool {
+    ALLOWANCE.with(|a| {
+        let mut a = a.borrow_mut();
+        // Outside `guarded` (never in the service): no bound but the value's own.
+        let Some(a) = a.as_mut() else { return bytes <= max };
+        if a.refused.is_some() {
+            return false;
+        }
+        if bytes > max {
+            a.refused = Some(None);
+            return false;
+        }
+        if bytes > a.cap_left {
+            a.refused = Some(Some(LiftError::TooLarge { cap: a.cap }));
+            return false;
+        }
+        if let Err(refusal) = a.share.take(bytes) {
+            a.refused = Some(Some(LiftError::Busy(refusal)));
+            return false;
+        }
+        a.cap_left -= bytes;
+        true
+    })
+}
+
+/// What one element of a list costs the host, bytes (its own strings are charged separately).
+pub trait Unit {
+    const BYTES: usize;
+}
+impl Unit for u8 {
+    const BYTES: usize = 1;
+}
+impl Unit for String {
+    const BYTES: usize = std::mem::size_of::<String>();
+}
+
+/// Host bytes of a value of this type whose pointer pair says `len`.
+pub trait Measured {
+    fn bytes(len: usize) -> usize;
+}
+impl Measured for String {
+    fn bytes(len: usize) -> usize {
+        len
+    }
+}
+impl<T: Unit> Measured for Vec<T> {
+    fn bytes(len: usize) -> usize {
+        len.saturating_mul(T::BYTES)
+    }
+}
+
+/// A string or list copied only after its length passed the checks; `Refused` when it did not
+/// (nothing of it was copied). `MAX`: the value's own limit, bytes.
+pub enum Guarded<T, const MAX: usize = { usize::MAX }> {
+    Lifted(T),
+    Refused,
+}
+
+unsafe impl<T: ComponentType<Lower = [ValRaw; 2]>, const MAX: usize> ComponentType for Guarded<T, MAX> {
+    type Lower = [ValRaw; 2];
+    const ABI: CanonicalAbiInfo = CanonicalAbiInfo::POINTER_PAIR;
+
+    fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
+        T::typecheck(ty, types)
+    }
+}
+
+unsafe impl<T: Lift<Lower = [ValRaw; 2]> + Measured, const MAX: usize> Lift for Guarded<T, MAX> {
+    fn linear_lift_from_flat(cx: &mut LiftContext<'_>, ty: InterfaceType, src: &Self::Lower) -> wasmtime::Result<Self> {
+        let len = src[1].get_u32() as usize;
+        if !admit(T::bytes(len), MAX) {
+            return Ok(Guarded::Refused);
+        }
+        Ok(Guarded::Lifted(T::linear_lift_from_flat(cx, ty, src)?))
+    }
+
+    fn linear_lift_from_memory(cx: &mut LiftContext<'_>, ty: InterfaceType, bytes: &[u8]) -> wasmtime::Result<Self> {
+        let len = bytes.get(4..8).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes).unwrap_or(u32::MAX) as usize;
+        if !admit(T::bytes(len), MAX) {
+            return Ok(Guarded::Refused);
+        }
+        Ok(Guarded::Lifted(T::linear_lift_from_memory(cx, ty, bytes)?))
+    }
+}
+
+/// A text copied cut to its first `N` bytes (on a character boundary, `…` appended when cut); the
+/// rest is never copied. Assumes UTF-8 guests (the SDK's) for cut texts.
+pub struct Capped<const N: usize>(pub String);
+
+unsafe impl<const N: usize> ComponentType for Capped<N> {
+    type Lower = [ValRaw; 2];
+    const ABI: CanonicalAbiInfo = CanonicalAbiInfo::POINTER_PAIR;
+
+    fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
+        String::typecheck(ty, types)
+    }
+}
+
+impl<const N: usize> Capped<N> {
+    fn cut(cx: &mut LiftContext<'_>, ptr: usize, len: usize) -> wasmtime::Result<Self> {
+        let memory = cx.memory();
+        let Some(bytes) = ptr.checked_add(len).filter(|end| *end <= memory.len()).map(|_| &memory[ptr..ptr + N.min(len)]) else {
+            wasmtime::bail!("string pointer/length out of bounds of memory");
+        };
+        let valid = match std::str::from_utf8(bytes) {
+            Ok(text) => text,
+            // Cut inside a character (or not UTF-8): keep the valid prefix.
+            Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
+        };
+        Ok(Capped(format!("{valid}…")))
+    }
+}
+
+unsafe impl<const N: usize> Lift for Capped<N> {
+    fn linear_lift_from_flat(cx: &mut LiftContext<'_>, ty: InterfaceType, src: &Self::Lower) -> wasmtime::Result<Self> {
+        let (ptr, len) = (src[0].get_u32() as usize, src[1].get_u32() as usize);
+        if len <= N {
+            return Ok(Capped(String::linear_lift_from_flat(cx, ty, src)?));
+        }
+        Self::cut(cx, ptr, len)
+    }
+
+    fn linear_lift_from_memory(cx: &mut LiftContext<'_>, ty: InterfaceType, bytes: &[u8]) -> wasmtime::Result<Self> {
+        let word = |at: usize| bytes.get(at..at + 4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes).unwrap_or(u32::MAX) as usize;
+        let (ptr, len) = (word(0), word(4));
+        if len <= N {
+            return Ok(Capped(String::linear_lift_from_memory(cx, ty, bytes)?));
+        }
+        Self::cut(cx, ptr, len)
+    }
+}
+
+type Text = Guarded<String>;
+type ErrorText = Capped<MAX_ERROR_TEXT_BYTES>;
 
 #[derive(ComponentType, Lift)]
 #[component(record)]
-pub struct LazyModelRef {
-    folder: WasmStr,
-    name: WasmStr,
+pub struct GModelRef {
+    folder: Text,
+    name: Text,
+}
+impl Unit for GModelRef {
+    const BYTES: usize = std::mem::size_of::<ModelRef>();
 }
 
 #[derive(ComponentType, Lift)]
 #[component(variant)]
-pub enum LazyImageSource {
+pub enum GImageSource {
     #[component(name = "bytes")]
-    Bytes(WasmList<u8>),
+    Bytes(Guarded<Vec<u8>>),
     #[component(name = "input-path")]
-    InputPath(WasmStr),
+    InputPath(Text),
 }
 
 #[derive(ComponentType, Lift)]
 #[component(record)]
-pub struct LazyUpload {
-    field: WasmStr,
-    filename: WasmStr,
-    source: LazyImageSource,
+pub struct GUpload {
+    field: Text,
+    filename: Text,
+    source: GImageSource,
     #[component(name = "node-id")]
-    node_id: WasmStr,
+    node_id: Text,
     #[component(name = "input-name")]
-    input_name: WasmStr,
+    input_name: Text,
+}
+impl Unit for GUpload {
+    const BYTES: usize = std::mem::size_of::<PluginUpload>();
 }
 
 #[derive(ComponentType, Lift)]
 #[component(record)]
-pub struct LazyLora {
-    model: LazyModelRef,
+pub struct GLora {
+    model: GModelRef,
     #[component(name = "strength-model")]
     strength_model: f64,
     #[component(name = "strength-clip")]
     strength_clip: f64,
 }
+impl Unit for GLora {
+    const BYTES: usize = std::mem::size_of::<Lora>();
+}
+
+/// A list of at most [`MAX_ENTRIES`] entries.
+type Entries<T> = Guarded<Vec<T>, { MAX_ENTRIES * 64 }>;
 
 #[derive(ComponentType, Lift)]
 #[component(record)]
-pub struct LazyModelSet {
-    base: Option<LazyModelRef>,
-    loras: WasmList<LazyLora>,
-    others: WasmList<LazyModelRef>,
+pub struct GModelSet {
+    base: Option<GModelRef>,
+    loras: Entries<GLora>,
+    others: Entries<GModelRef>,
 }
 
 #[derive(ComponentType, Lift)]
 #[component(record)]
-pub struct LazySamplerProgress {
+pub struct GSamplerProgress {
     #[component(name = "node-id")]
-    node_id: WasmStr,
+    node_id: Text,
     steps: u32,
+}
+impl Unit for GSamplerProgress {
+    const BYTES: usize = std::mem::size_of::<SamplerProgress>();
 }
 
 #[derive(ComponentType, Lift, Clone, Copy)]
 #[component(enum)]
 #[repr(u8)]
-pub enum LazyOutputFormat {
+pub enum GOutputFormat {
     #[component(name = "jpeg")]
     Jpeg,
     #[component(name = "png")]
@@ -108,335 +317,193 @@ pub enum LazyOutputFormat {
 #[derive(ComponentType, Lift)]
 #[component(record)]
 pub struct JobV0_1 {
-    workflow: WasmStr,
-    uploads: WasmList<LazyUpload>,
-    outputs: WasmList<WasmStr>,
+    workflow: Guarded<String, MAX_WORKFLOW_BYTES>,
+    uploads: Guarded<Vec<GUpload>, { caps::MAX_UPLOADS_PER_JOB * std::mem::size_of::<PluginUpload>() }>,
+    outputs: Entries<String>,
     #[component(name = "output-format")]
-    output_format: LazyOutputFormat,
+    output_format: GOutputFormat,
     seed: Option<u64>,
-    analytics: WasmStr,
+    analytics: Guarded<String, MAX_ANALYTICS_BYTES>,
     #[component(name = "caller-nodes")]
-    caller_nodes: WasmList<WasmStr>,
+    caller_nodes: Entries<String>,
 }
 
 /// `job` of contract 0.2: 0.1's fields plus the model set and progress hints.
 #[derive(ComponentType, Lift)]
 #[component(record)]
 pub struct JobV0_2 {
-    workflow: WasmStr,
-    uploads: WasmList<LazyUpload>,
-    outputs: WasmList<WasmStr>,
+    workflow: Guarded<String, MAX_WORKFLOW_BYTES>,
+    uploads: Guarded<Vec<GUpload>, { caps::MAX_UPLOADS_PER_JOB * std::mem::size_of::<PluginUpload>() }>,
+    outputs: Entries<String>,
     #[component(name = "output-format")]
-    output_format: LazyOutputFormat,
+    output_format: GOutputFormat,
     seed: Option<u64>,
-    analytics: WasmStr,
+    analytics: Guarded<String, MAX_ANALYTICS_BYTES>,
     #[component(name = "caller-nodes")]
-    caller_nodes: WasmList<WasmStr>,
-    models: LazyModelSet,
-    progress: WasmList<LazySamplerProgress>,
+    caller_nodes: Entries<String>,
+    models: GModelSet,
+    progress: Entries<GSamplerProgress>,
 }
 
 #[derive(ComponentType, Lift)]
 #[component(record)]
-pub struct LazyFieldError {
-    field: WasmStr,
-    message: WasmStr,
+pub struct GFieldError {
+    field: ErrorText,
+    message: ErrorText,
+}
+impl Unit for GFieldError {
+    /// The record and both texts at their cap: a refusal's list is bounded by what it may hold.
+    const BYTES: usize = std::mem::size_of::<FieldError>() + 2 * MAX_ERROR_TEXT_BYTES;
 }
 
 #[derive(ComponentType, Lift)]
 #[component(variant)]
-pub enum LazyBuildError {
+pub enum GBuildError {
     #[component(name = "invalid-request")]
-    InvalidRequest(WasmList<LazyFieldError>),
+    InvalidRequest(Guarded<Vec<GFieldError>>),
     #[component(name = "not-found")]
-    NotFound(LazyFieldError),
+    NotFound(GFieldError),
     #[component(name = "unavailable")]
-    Unavailable(WasmStr),
+    Unavailable(ErrorText),
     #[component(name = "internal")]
-    Internal(WasmStr),
+    Internal(ErrorText),
 }
 
 #[derive(ComponentType, Lift)]
 #[component(record)]
-pub struct LazyUserError {
+pub struct GUserError {
     status: u16,
-    title: WasmStr,
-    detail: WasmStr,
-    field: Option<WasmStr>,
+    title: ErrorText,
+    detail: ErrorText,
+    field: Option<ErrorText>,
 }
 
-/// Why a returned value was not copied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LiftError {
-    /// The plugin returned more than one call may (its own fault: 500).
-    TooLarge { cap: usize },
-    /// A list of the job has more entries than any job needs (500).
-    TooMany { what: &'static str, len: usize, max: usize },
-    /// A text of the job is larger than its cap (500).
-    FieldTooLarge { what: &'static str, max: usize },
-    /// A string is not valid UTF-8, or a value is malformed (500).
-    Malformed(String),
-    /// The calls in flight hold the whole host budget (503).
-    Busy(Refusal),
-}
-
-impl std::fmt::Display for LiftError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LiftError::TooLarge { cap } => write!(f, "returned a job of more than {} MiB, the most one call may return", cap >> 20),
-            LiftError::FieldTooLarge { what, max } => write!(f, "returned a job whose {what} is larger than {max} bytes, the most accepted"),
-            LiftError::TooMany { what, len, max } => write!(f, "returned a job whose {what} has {len} entries; at most {max} are allowed per job"),
-            LiftError::Malformed(detail) => write!(f, "returned a malformed value: {detail}"),
-            LiftError::Busy(Refusal::Exhausted { limit, .. }) => {
-                write!(f, "the plugin calls in flight hold the host's whole plugin memory budget ({} MiB)", limit >> 20)
-            }
-        }
+/// The lifted value, or which field was refused.
+fn take<T, const MAX: usize>(value: Guarded<T, MAX>, what: &'static str) -> Result<T, &'static str> {
+    match value {
+        Guarded::Lifted(v) => Ok(v),
+        Guarded::Refused => Err(what),
     }
 }
 
-/// Reads lazy values out of one call's store.
-pub struct Reader<'s> {
-    store: &'s mut Store<SandboxState>,
-    /// Bytes of strings and lists seen while measuring; the walk stops past `cap`.
-    measured: usize,
-    cap: usize,
+fn model_ref(m: GModelRef) -> Result<ModelRef, &'static str> {
+    Ok(ModelRef { folder: take(m.folder, "model folder")?, name: take(m.name, "model name")? })
 }
 
-impl<'s> Reader<'s> {
-    /// `cap`: the most bytes one call may return.
-    pub fn new(store: &'s mut Store<SandboxState>, cap: usize) -> Self {
-        Self { store, measured: 0, cap }
+fn strings(list: Entries<String>, what: &'static str) -> Result<Vec<String>, &'static str> {
+    let list = take(list, what)?;
+    if list.len() > MAX_ENTRIES {
+        return Err(what);
     }
+    Ok(list)
+}
 
-    fn add(&mut self, bytes: usize) -> Result<(), LiftError> {
-        self.measured = self.measured.saturating_add(bytes);
-        if self.measured > self.cap { Err(LiftError::TooLarge { cap: self.cap }) } else { Ok(()) }
-    }
-
-    /// Measure a string (validating it, which copies nothing for UTF-8 guests).
-    fn measure_str(&mut self, s: &WasmStr) -> Result<(), LiftError> {
-        let len = s.to_str(&*self.store).map_err(|e| LiftError::Malformed(format!("{e}")))?.len();
-        self.add(len)
-    }
-
-    /// Measure a string that has its own cap (checked before anything else is measured).
-    fn measure_capped(&mut self, what: &'static str, s: &WasmStr, max: usize) -> Result<(), LiftError> {
-        let len = s.to_str(&*self.store).map_err(|e| LiftError::Malformed(format!("{e}")))?.len();
-        if len > max {
-            return Err(LiftError::FieldTooLarge { what, max });
-        }
-        self.add(len)
-    }
-
-    fn measure_strs(&mut self, what: &'static str, list: &WasmList<WasmStr>) -> Result<(), LiftError> {
-        check_len(what, list.len(), MAX_JOB_LIST_ENTRIES)?;
-        self.add(list.len() * 8)?;
-        for i in 0..list.len() {
-            let s = self.item(list, i)?;
-            self.measure_str(&s)?;
-        }
-        Ok(())
-    }
-
-    fn measure_model_ref(&mut self, m: &LazyModelRef) -> Result<(), LiftError> {
-        self.measure_str(&m.folder)?;
-        self.measure_str(&m.name)
-    }
-
-    fn item<T: Lift>(&mut self, list: &WasmList<T>, i: usize) -> Result<T, LiftError> {
-        match list.get(&mut *self.store, i) {
-            Some(Ok(item)) => Ok(item),
-            Some(Err(e)) => Err(LiftError::Malformed(format!("{e}"))),
-            None => Err(LiftError::Malformed("list shorter than its length".into())),
-        }
-    }
-
-    fn string(&mut self, s: &WasmStr) -> Result<String, LiftError> {
-        Ok(s.to_str(&*self.store).map_err(|e| LiftError::Malformed(format!("{e}")))?.into_owned())
-    }
-
-    fn strings(&mut self, list: &WasmList<WasmStr>) -> Result<Vec<String>, LiftError> {
-        (0..list.len()).map(|i| self.item(list, i).and_then(|s| self.string(&s))).collect()
-    }
-
-    fn model_ref(&mut self, m: &LazyModelRef) -> Result<ModelRef, LiftError> {
-        Ok(ModelRef { folder: self.string(&m.folder)?, name: self.string(&m.name)? })
-    }
-
-    /// A copy of at most [`MAX_ERROR_TEXT_BYTES`] of `s`.
-    fn error_text(&mut self, s: &WasmStr) -> Result<String, LiftError> {
-        let text = s.to_str(&*self.store).map_err(|e| LiftError::Malformed(format!("{e}")))?;
-        let mut cut = text.len().min(MAX_ERROR_TEXT_BYTES);
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let mut out = text[..cut].to_string();
-        if cut < text.len() {
-            out.push('…');
-        }
-        Ok(out)
-    }
-
-    fn field_error(&mut self, e: &LazyFieldError) -> Result<FieldError, LiftError> {
-        Ok(FieldError { field: self.error_text(&e.field)?, message: self.error_text(&e.message)? })
-    }
-
-    /// A refusal, its texts cut: nothing beyond the kept prefix is copied.
-    pub fn build_error(&mut self, e: &LazyBuildError) -> Result<BuildError, LiftError> {
-        Ok(match e {
-            LazyBuildError::InvalidRequest(list) => {
-                let mut errors = Vec::with_capacity(list.len().min(MAX_FIELD_ERRORS));
-                for i in 0..list.len().min(MAX_FIELD_ERRORS) {
-                    let item = self.item(list, i)?;
-                    errors.push(self.field_error(&item)?);
-                }
-                BuildError::InvalidRequest(errors)
-            }
-            LazyBuildError::NotFound(e) => BuildError::NotFound(self.field_error(e)?),
-            LazyBuildError::Unavailable(s) => BuildError::Unavailable(self.error_text(s)?),
-            LazyBuildError::Internal(s) => BuildError::Internal(self.error_text(s)?),
+fn uploads(list: Guarded<Vec<GUpload>, { caps::MAX_UPLOADS_PER_JOB * std::mem::size_of::<PluginUpload>() }>) -> Result<Vec<PluginUpload>, &'static str> {
+    take(list, "uploads")?
+        .into_iter()
+        .map(|u| {
+            Ok(PluginUpload {
+                field: take(u.field, "upload field")?,
+                filename: take(u.filename, "upload filename")?,
+                source: match u.source {
+                    GImageSource::Bytes(b) => UploadSource::Bytes(take(b, "upload bytes")?),
+                    GImageSource::InputPath(p) => UploadSource::InputPath(take(p, "upload input path")?),
+                },
+                node_id: take(u.node_id, "upload node id")?,
+                input_name: take(u.input_name, "upload input name")?,
+            })
         })
-    }
+        .collect()
+}
 
-    /// A user error, its texts cut.
-    pub fn user_error(&mut self, e: &LazyUserError) -> Result<UserError, LiftError> {
-        let field = match &e.field {
-            Some(f) => Some(self.error_text(f)?),
-            None => None,
-        };
-        Ok(UserError { status: e.status, title: self.error_text(&e.title)?, detail: self.error_text(&e.detail)?, field })
+fn output_format(f: GOutputFormat) -> OutputFormat {
+    match f {
+        GOutputFormat::Jpeg => OutputFormat::Jpeg,
+        GOutputFormat::Png => OutputFormat::Png,
+        GOutputFormat::Original => OutputFormat::Original,
     }
+}
 
-    fn measure_uploads(&mut self, uploads: &WasmList<LazyUpload>) -> Result<(), LiftError> {
-        check_len("uploads", uploads.len(), caps::MAX_UPLOADS_PER_JOB)?;
-        for i in 0..uploads.len() {
-            let u = self.item(uploads, i)?;
-            for s in [&u.field, &u.filename, &u.node_id, &u.input_name] {
-                self.measure_str(s)?;
-            }
-            match &u.source {
-                LazyImageSource::Bytes(bytes) => self.add(bytes.len())?,
-                LazyImageSource::InputPath(p) => self.measure_str(p)?,
-            }
-        }
-        Ok(())
-    }
-
-    fn uploads(&mut self, uploads: &WasmList<LazyUpload>) -> Result<Vec<PluginUpload>, LiftError> {
-        let mut out = Vec::with_capacity(uploads.len());
-        for i in 0..uploads.len() {
-            let u = self.item(uploads, i)?;
-            let source = match &u.source {
-                LazyImageSource::Bytes(bytes) => UploadSource::Bytes(bytes.as_le_slice(&*self.store).to_vec()),
-                LazyImageSource::InputPath(p) => UploadSource::InputPath(self.string(p)?),
-            };
-            out.push(PluginUpload {
-                field: self.string(&u.field)?,
-                filename: self.string(&u.filename)?,
-                source,
-                node_id: self.string(&u.node_id)?,
-                input_name: self.string(&u.input_name)?,
-            });
-        }
-        Ok(out)
-    }
-
-    /// Measure `measured`'s bytes, charge them to the call's share of the host budget, then copy.
-    fn charge(&mut self) -> Result<(), LiftError> {
-        let bytes = self.measured;
-        self.store.data_mut().limits.share.take(bytes).map_err(LiftError::Busy)
-    }
-
-    /// A 0.1 job: measured, charged, copied.
-    pub fn job_v0_1(&mut self, job: &JobV0_1) -> Result<RawJob, LiftError> {
-        self.measure_capped("workflow", &job.workflow, MAX_WORKFLOW_BYTES)?;
-        self.measure_capped("analytics", &job.analytics, MAX_ANALYTICS_BYTES)?;
-        self.measure_strs("outputs", &job.outputs)?;
-        self.measure_strs("caller_nodes", &job.caller_nodes)?;
-        self.measure_uploads(&job.uploads)?;
-        self.charge()?;
+impl JobV0_1 {
+    /// The job, or the field that was refused while lifting.
+    pub fn into_raw(self) -> Result<RawJob, &'static str> {
         Ok(RawJob {
-            workflow: self.string(&job.workflow)?,
-            uploads: self.uploads(&job.uploads)?,
-            outputs: self.strings(&job.outputs)?,
-            output_format: output_format(job.output_format),
-            seed: job.seed,
-            analytics: self.string(&job.analytics)?,
-            caller_nodes: self.strings(&job.caller_nodes)?,
+            workflow: take(self.workflow, "workflow")?,
+            uploads: uploads(self.uploads)?,
+            outputs: strings(self.outputs, "outputs")?,
+            output_format: output_format(self.output_format),
+            seed: self.seed,
+            analytics: take(self.analytics, "analytics")?,
+            caller_nodes: strings(self.caller_nodes, "caller_nodes")?,
             // 0.1.0 says nothing about models or progress: the host infers the set.
             models: None,
             progress: Vec::new(),
         })
     }
+}
 
-    /// A 0.2 job: measured, charged, copied.
-    pub fn job_v0_2(&mut self, job: &JobV0_2) -> Result<RawJob, LiftError> {
-        self.measure_capped("workflow", &job.workflow, MAX_WORKFLOW_BYTES)?;
-        self.measure_capped("analytics", &job.analytics, MAX_ANALYTICS_BYTES)?;
-        self.measure_strs("outputs", &job.outputs)?;
-        self.measure_strs("caller_nodes", &job.caller_nodes)?;
-        self.measure_uploads(&job.uploads)?;
-        if let Some(base) = &job.models.base {
-            self.measure_model_ref(base)?;
-        }
-        check_len("models.loras", job.models.loras.len(), MAX_JOB_LIST_ENTRIES)?;
-        for i in 0..job.models.loras.len() {
-            let lora = self.item(&job.models.loras, i)?;
-            self.measure_model_ref(&lora.model)?;
-        }
-        check_len("models.others", job.models.others.len(), MAX_JOB_LIST_ENTRIES)?;
-        for i in 0..job.models.others.len() {
-            let other = self.item(&job.models.others, i)?;
-            self.measure_model_ref(&other)?;
-        }
-        check_len("progress", job.progress.len(), MAX_JOB_LIST_ENTRIES)?;
-        for i in 0..job.progress.len() {
-            let p = self.item(&job.progress, i)?;
-            self.measure_str(&p.node_id)?;
-        }
-        self.charge()?;
-
-        let base = match &job.models.base {
-            Some(m) => Some(self.model_ref(m)?),
-            None => None,
-        };
-        let mut loras = Vec::with_capacity(job.models.loras.len());
-        for i in 0..job.models.loras.len() {
-            let l = self.item(&job.models.loras, i)?;
-            loras.push(Lora { model: self.model_ref(&l.model)?, strength_model: l.strength_model, strength_clip: l.strength_clip });
-        }
-        let mut others = Vec::with_capacity(job.models.others.len());
-        for i in 0..job.models.others.len() {
-            let m = self.item(&job.models.others, i)?;
-            others.push(self.model_ref(&m)?);
-        }
-        let mut progress = Vec::with_capacity(job.progress.len());
-        for i in 0..job.progress.len() {
-            let p = self.item(&job.progress, i)?;
-            progress.push(SamplerProgress { node_id: self.string(&p.node_id)?, steps: p.steps });
-        }
+impl JobV0_2 {
+    /// The job, or the field that was refused while lifting.
+    pub fn into_raw(self) -> Result<RawJob, &'static str> {
+        let base = self.models.base.map(model_ref).transpose()?;
+        let loras = take(self.models.loras, "models.loras")?
+            .into_iter()
+            .map(|l| Ok(Lora { model: model_ref(l.model)?, strength_model: l.strength_model, strength_clip: l.strength_clip }))
+            .collect::<Result<Vec<_>, &'static str>>()?;
+        let others = take(self.models.others, "models.others")?.into_iter().map(model_ref).collect::<Result<Vec<_>, _>>()?;
+        let progress = take(self.progress, "progress")?
+            .into_iter()
+            .map(|p| Ok(SamplerProgress { node_id: take(p.node_id, "progress node id")?, steps: p.steps }))
+            .collect::<Result<Vec<_>, &'static str>>()?;
         Ok(RawJob {
-            workflow: self.string(&job.workflow)?,
-            uploads: self.uploads(&job.uploads)?,
-            outputs: self.strings(&job.outputs)?,
-            output_format: output_format(job.output_format),
-            seed: job.seed,
-            analytics: self.string(&job.analytics)?,
-            caller_nodes: self.strings(&job.caller_nodes)?,
+            workflow: take(self.workflow, "workflow")?,
+            uploads: uploads(self.uploads)?,
+            outputs: strings(self.outputs, "outputs")?,
+            output_format: output_format(self.output_format),
+            seed: self.seed,
+            analytics: take(self.analytics, "analytics")?,
+            caller_nodes: strings(self.caller_nodes, "caller_nodes")?,
             models: Some(ModelSet { base, loras, others, source: ModelSetSource::Declared }),
             progress,
         })
     }
 }
 
-fn check_len(what: &'static str, len: usize, max: usize) -> Result<(), LiftError> {
-    if len > max { Err(LiftError::TooMany { what, len, max }) } else { Ok(()) }
+fn field_error(e: GFieldError) -> FieldError {
+    FieldError { field: e.field.0, message: e.message.0 }
 }
 
-fn output_format(f: LazyOutputFormat) -> OutputFormat {
-    match f {
-        LazyOutputFormat::Jpeg => OutputFormat::Jpeg,
-        LazyOutputFormat::Png => OutputFormat::Png,
-        LazyOutputFormat::Original => OutputFormat::Original,
+impl GBuildError {
+    /// The refusal, its texts already cut; `None` when its error list was refused.
+    pub fn into_build_error(self) -> Option<BuildError> {
+        Some(match self {
+            GBuildError::InvalidRequest(list) => BuildError::InvalidRequest(take(list, "errors").ok()?.into_iter().map(field_error).collect()),
+            GBuildError::NotFound(e) => BuildError::NotFound(field_error(e)),
+            GBuildError::Unavailable(s) => BuildError::Unavailable(s.0),
+            GBuildError::Internal(s) => BuildError::Internal(s.0),
+        })
+    }
+}
+
+impl GUserError {
+    pub fn into_user_error(self) -> UserError {
+        UserError { status: self.status, title: self.title.0, detail: self.detail.0, field: self.field.map(|f| f.0) }
+    }
+}
+
+/// A build answer, lifted under [`guarded`], into the host's model: the job or refusal, or why a
+/// value was not copied (`refused` is what [`guarded`] reported).
+pub fn build_answer<J>(
+    answer: Result<J, GBuildError>,
+    refused: Option<Option<LiftError>>,
+    into_raw: impl FnOnce(J) -> Result<RawJob, &'static str>,
+) -> Result<Result<RawJob, BuildError>, LiftError> {
+    let field_error = |what: &'static str| match &refused {
+        Some(Some(reason)) => reason.clone(),
+        _ => LiftError::FieldTooLarge { what },
+    };
+    match answer {
+        Ok(job) => into_raw(job).map(Ok).map_err(field_error),
+        Err(refusal) => refusal.into_build_error().map(Err).ok_or_else(|| field_error("errors")),
     }
 }

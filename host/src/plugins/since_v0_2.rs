@@ -8,7 +8,7 @@ use wasmtime::Store;
 use wasmtime::component::{ComponentExportIndex, InstancePre, Linker};
 
 use super::calls::{BuildError, ExecutionFailure, UserError};
-use super::lifting::{LazyBuildError, LazyUserError, LiftError, Reader, JobV0_2};
+use super::lifting::{GBuildError, GUserError, JobV0_2, LiftError, build_answer, guarded};
 use super::manifest::{ModelRef, ModelRequirement, RawJob, RawManifest};
 use super::sandbox::SandboxState;
 
@@ -67,18 +67,17 @@ impl Handler {
         })
     }
 
-    /// `build`, its answer measured in guest memory before any of it is copied
-    /// (see [`super::lifting`]); `cap`: the most bytes one call may return.
+    /// `build`, its answer checked against `cap` and the host budget before any of it is
+    /// copied (see [`super::lifting`]).
     pub fn build(&self, store: &mut Store<SandboxState>, body: &str, random_seed: u64, request_id: &str, cap: usize) -> wasmtime::Result<Result<Result<RawJob, BuildError>, LiftError>> {
         let request = wit::Request { body: body.to_string(), random_seed, request_id: request_id.to_string() };
         let instance = self.pre.instance_pre().instantiate(&mut *store)?;
-        let func = instance.get_typed_func::<(&wit::Request,), (Result<JobV0_2, LazyBuildError>,)>(&mut *store, &self.build)?;
-        let (built,) = func.call(&mut *store, (&request,))?;
-        let mut reader = Reader::new(store, cap);
-        Ok(match built {
-            Ok(job) => reader.job_v0_2(&job).map(Ok),
-            Err(refusal) => reader.build_error(&refusal).map(Err),
-        })
+        let func = instance.get_typed_func::<(&wit::Request,), (Result<JobV0_2, GBuildError>,)>(&mut *store, &self.build)?;
+        let share = store.data().limits.share.sibling();
+        // `_copied` holds the charge for what was copied until the job is handed over.
+        let (called, _copied, refused) = guarded(share, cap, || func.call(&mut *store, (&request,)));
+        let (answer,) = called?;
+        Ok(build_answer(answer, refused, JobV0_2::into_raw))
     }
 
     /// `explain-failure`, its texts cut while copied.
@@ -90,13 +89,9 @@ impl Handler {
             exception_message: failure.exception_message.clone(),
         };
         let instance = self.pre.instance_pre().instantiate(&mut *store)?;
-        let func = instance.get_typed_func::<(&wit::ExecutionFailure,), (Option<LazyUserError>,)>(&mut *store, &self.explain_failure)?;
+        let func = instance.get_typed_func::<(&wit::ExecutionFailure,), (Option<GUserError>,)>(&mut *store, &self.explain_failure)?;
         let (explained,) = func.call(&mut *store, (&failure,))?;
-        match explained {
-            // Texts are cut while copied; a malformed one means no explanation.
-            Some(e) => Ok(Reader::new(store, 0).user_error(&e).ok()),
-            None => Ok(None),
-        }
+        Ok(explained.map(GUserError::into_user_error))
     }
 }
 

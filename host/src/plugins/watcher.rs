@@ -362,7 +362,7 @@ impl PluginWatcher {
 
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
         let watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            if event.is_ok_and(|e| changes_files(&e.kind)) {
                 let _ = tx.send(());
             }
         }) {
@@ -401,6 +401,13 @@ impl PluginWatcher {
         });
         Ok(Self { task, _watcher: watcher })
     }
+}
+
+/// Whether an event can mean a file changed. Opening or reading a file cannot (and
+/// a scan opens the files it loads: reacting to that would rescan for nothing).
+fn changes_files(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    !matches!(kind, EventKind::Access(AccessKind::Open(_) | AccessKind::Read | AccessKind::Close(AccessMode::Read)))
 }
 
 async fn run_scan(scanner: &Arc<Scanner>) {

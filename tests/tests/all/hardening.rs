@@ -374,12 +374,15 @@ async fn rejections(server: &TestServer, reason: &str) -> u64 {
 
 /// Wait until `file` has the `status` in `/plugins`; its entry.
 async fn status_becomes(server: &TestServer, file: &str, status: &str) -> Value {
-    eventually(FAILSAFE, || async {
+    let reached = eventually(FAILSAFE, || async {
         let s = server.plugin_status(file).await.ok()??;
         (s["status"] == status).then_some(s)
     })
-    .await
-    .unwrap_or_else(|| panic!("{file} never became {status}: {:?}", server.plugin_status(file).await))
+    .await;
+    match reached {
+        Some(s) => s,
+        None => panic!("{file} never became {status}: {:?}", server.plugin_status(file).await),
+    }
 }
 
 mod route_ownership_across_restarts {
