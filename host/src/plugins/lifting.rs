@@ -37,8 +37,11 @@ pub const MAX_ERROR_TEXT_BYTES: usize = 1024;
 pub const MAX_WORKFLOW_BYTES: usize = 8 << 20;
 /// Largest analytics properties (JSON text), bytes.
 pub const MAX_ANALYTICS_BYTES: usize = 64 << 10;
-/// Most entries of a job's string lists, model lists and progress hints.
+/// Most entries of a job's model lists and progress hints.
 const MAX_ENTRIES: usize = caps::MAX_LIST_ENTRIES;
+/// Most node ids in a job's `outputs` and `caller_nodes`: one per node of the largest graph the
+/// host accepts (5,000 nodes, see docs/operations.md), with room to spare.
+const MAX_NODE_IDS: usize = 10_000;
 
 /// Why a returned value was not copied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +72,8 @@ fn limit_of(what: &str) -> String {
         "workflow" => format!("at most {} bytes", MAX_WORKFLOW_BYTES),
         "analytics" => format!("at most {} bytes", MAX_ANALYTICS_BYTES),
         "uploads" => format!("at most {} are allowed per job", caps::MAX_UPLOADS_PER_JOB),
-        "outputs" | "caller_nodes" | "models.loras" | "models.others" | "progress" => format!("at most {MAX_ENTRIES} entries"),
+        "outputs" | "caller_nodes" => format!("at most {MAX_NODE_IDS} entries"),
+        "models.loras" | "models.others" | "progress" => format!("at most {MAX_ENTRIES} entries"),
         _ => "the call's cap".into(),
     }
 }
@@ -279,8 +283,10 @@ impl Unit for GLora {
     const BYTES: usize = std::mem::size_of::<Lora>();
 }
 
-/// A list of at most [`MAX_ENTRIES`] entries.
+/// A list of at most [`MAX_ENTRIES`] entries (of at most 64 bytes each).
 type Entries<T> = Guarded<Vec<T>, { MAX_ENTRIES * 64 }>;
+/// A list of at most [`MAX_NODE_IDS`] node ids.
+type NodeIds = Guarded<Vec<String>, { MAX_NODE_IDS * std::mem::size_of::<String>() }>;
 
 #[derive(ComponentType, Lift)]
 #[component(record)]
@@ -319,13 +325,13 @@ pub enum GOutputFormat {
 pub struct JobV0_1 {
     workflow: Guarded<String, MAX_WORKFLOW_BYTES>,
     uploads: Guarded<Vec<GUpload>, { caps::MAX_UPLOADS_PER_JOB * std::mem::size_of::<PluginUpload>() }>,
-    outputs: Entries<String>,
+    outputs: NodeIds,
     #[component(name = "output-format")]
     output_format: GOutputFormat,
     seed: Option<u64>,
     analytics: Guarded<String, MAX_ANALYTICS_BYTES>,
     #[component(name = "caller-nodes")]
-    caller_nodes: Entries<String>,
+    caller_nodes: NodeIds,
 }
 
 /// `job` of contract 0.2: 0.1's fields plus the model set and progress hints.
@@ -334,13 +340,13 @@ pub struct JobV0_1 {
 pub struct JobV0_2 {
     workflow: Guarded<String, MAX_WORKFLOW_BYTES>,
     uploads: Guarded<Vec<GUpload>, { caps::MAX_UPLOADS_PER_JOB * std::mem::size_of::<PluginUpload>() }>,
-    outputs: Entries<String>,
+    outputs: NodeIds,
     #[component(name = "output-format")]
     output_format: GOutputFormat,
     seed: Option<u64>,
     analytics: Guarded<String, MAX_ANALYTICS_BYTES>,
     #[component(name = "caller-nodes")]
-    caller_nodes: Entries<String>,
+    caller_nodes: NodeIds,
     models: GModelSet,
     progress: Entries<GSamplerProgress>,
 }
@@ -390,12 +396,8 @@ fn model_ref(m: GModelRef) -> Result<ModelRef, &'static str> {
     Ok(ModelRef { folder: take(m.folder, "model folder")?, name: take(m.name, "model name")? })
 }
 
-fn strings(list: Entries<String>, what: &'static str) -> Result<Vec<String>, &'static str> {
-    let list = take(list, what)?;
-    if list.len() > MAX_ENTRIES {
-        return Err(what);
-    }
-    Ok(list)
+fn strings(list: NodeIds, what: &'static str) -> Result<Vec<String>, &'static str> {
+    take(list, what)
 }
 
 fn uploads(list: Guarded<Vec<GUpload>, { caps::MAX_UPLOADS_PER_JOB * std::mem::size_of::<PluginUpload>() }>) -> Result<Vec<PluginUpload>, &'static str> {
@@ -425,16 +427,21 @@ fn output_format(f: GOutputFormat) -> OutputFormat {
 }
 
 impl JobV0_1 {
-    /// The job, or the field that was refused while lifting.
+    /// The job, or the field that was refused while lifting (taken in lift order, as for 0.2).
     pub fn into_raw(self) -> Result<RawJob, &'static str> {
+        let workflow = take(self.workflow, "workflow")?;
+        let uploads = uploads(self.uploads)?;
+        let outputs = strings(self.outputs, "outputs")?;
+        let analytics = take(self.analytics, "analytics")?;
+        let caller_nodes = strings(self.caller_nodes, "caller_nodes")?;
         Ok(RawJob {
-            workflow: take(self.workflow, "workflow")?,
-            uploads: uploads(self.uploads)?,
-            outputs: strings(self.outputs, "outputs")?,
+            workflow,
+            uploads,
+            outputs,
             output_format: output_format(self.output_format),
             seed: self.seed,
-            analytics: take(self.analytics, "analytics")?,
-            caller_nodes: strings(self.caller_nodes, "caller_nodes")?,
+            analytics,
+            caller_nodes,
             // 0.1.0 says nothing about models or progress: the host infers the set.
             models: None,
             progress: Vec::new(),
@@ -443,8 +450,15 @@ impl JobV0_1 {
 }
 
 impl JobV0_2 {
-    /// The job, or the field that was refused while lifting.
+    /// The job, or the field that was refused while lifting. Fields are taken in the order they
+    /// were lifted: once one value is refused every later one is too, so the first refused is
+    /// the culprit.
     pub fn into_raw(self) -> Result<RawJob, &'static str> {
+        let workflow = take(self.workflow, "workflow")?;
+        let uploads = uploads(self.uploads)?;
+        let outputs = strings(self.outputs, "outputs")?;
+        let analytics = take(self.analytics, "analytics")?;
+        let caller_nodes = strings(self.caller_nodes, "caller_nodes")?;
         let base = self.models.base.map(model_ref).transpose()?;
         let loras = take(self.models.loras, "models.loras")?
             .into_iter()
@@ -456,13 +470,13 @@ impl JobV0_2 {
             .map(|p| Ok(SamplerProgress { node_id: take(p.node_id, "progress node id")?, steps: p.steps }))
             .collect::<Result<Vec<_>, &'static str>>()?;
         Ok(RawJob {
-            workflow: take(self.workflow, "workflow")?,
-            uploads: uploads(self.uploads)?,
-            outputs: strings(self.outputs, "outputs")?,
+            workflow,
+            uploads,
+            outputs,
             output_format: output_format(self.output_format),
             seed: self.seed,
-            analytics: take(self.analytics, "analytics")?,
-            caller_nodes: strings(self.caller_nodes, "caller_nodes")?,
+            analytics,
+            caller_nodes,
             models: Some(ModelSet { base, loras, others, source: ModelSetSource::Declared }),
             progress,
         })
