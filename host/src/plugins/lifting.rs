@@ -285,8 +285,13 @@ impl Unit for GLora {
 
 /// A list of at most [`MAX_ENTRIES`] entries (of at most 64 bytes each).
 type Entries<T> = Guarded<Vec<T>, { MAX_ENTRIES * 64 }>;
+/// One node id: each is checked too (entries of a list may all point at one huge string).
+type NodeId = Guarded<String, { caps::MAX_NAME_BYTES }>;
+impl<const M: usize> Unit for Guarded<String, M> {
+    const BYTES: usize = std::mem::size_of::<String>();
+}
 /// A list of at most [`MAX_NODE_IDS`] node ids.
-type NodeIds = Guarded<Vec<String>, { MAX_NODE_IDS * std::mem::size_of::<String>() }>;
+type NodeIds = Guarded<Vec<NodeId>, { MAX_NODE_IDS * std::mem::size_of::<String>() }>;
 
 #[derive(ComponentType, Lift)]
 #[component(record)]
@@ -397,7 +402,7 @@ fn model_ref(m: GModelRef) -> Result<ModelRef, &'static str> {
 }
 
 fn strings(list: NodeIds, what: &'static str) -> Result<Vec<String>, &'static str> {
-    take(list, what)
+    take(list, what)?.into_iter().map(|id| take(id, what)).collect()
 }
 
 fn uploads(list: Guarded<Vec<GUpload>, { caps::MAX_UPLOADS_PER_JOB * std::mem::size_of::<PluginUpload>() }>) -> Result<Vec<PluginUpload>, &'static str> {
