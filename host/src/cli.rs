@@ -201,6 +201,10 @@ pub struct ServeArgs {
     /// Most concurrent plugin calls in all (kept below the instance pool's 256 slots).
     #[arg(long, default_value_t = crate::plugins::call_slots::DEFAULT_TOTAL)]
     pub plugin_concurrency_total: usize,
+    /// Host memory all plugin calls in flight may hold together, MiB: their instances' memory
+    /// plus what the host copies out of them. A call that would pass it gets 503 plugin_busy.
+    #[arg(long, env = "FLOWHOST_PLUGIN_MEMORY_BUDGET_MB", default_value_t = crate::plugins::budget::DEFAULT_BYTES >> 20)]
+    pub plugin_memory_budget_mb: usize,
     /// Largest request body, bytes.
     #[arg(long, default_value_t = 16 << 20)]
     pub max_body_bytes: usize,

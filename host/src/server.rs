@@ -104,6 +104,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     let limits = PluginLimits {
         memory_bytes: args.plugin_memory_mb << 20,
         call_timeout: Duration::from_millis(args.plugin_timeout_ms),
+        host_budget_bytes: args.plugin_memory_budget_mb << 20,
         ..PluginLimits::default()
     };
     let engine = PluginEngine::new(limits, AllocatorChoice::Auto)?;
@@ -141,7 +142,16 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         _ => None,
     };
     let watcher = PluginWatcher::start(
-        LoadContext { dir: args.plugins.clone(), engine: engine.clone(), cache, models: lister, registry: registry.clone(), on_load: Some(on_load), on_loaded },
+        LoadContext {
+            dir: args.plugins.clone(),
+            engine: engine.clone(),
+            cache,
+            models: lister,
+            registry: registry.clone(),
+            route_owners: Some(crate::plugins::route_owners::RouteOwners::in_dir(&args.state_dir)),
+            on_load: Some(on_load),
+            on_loaded,
+        },
         Duration::from_secs(args.rescan_interval.max(1)),
     )
     .await?;

@@ -138,6 +138,7 @@ fn main() -> Result<()> {
         cache: Some(CompiledCache::new(cache_dir.path())?),
         models: lister.clone(),
         registry: registry.clone(),
+        route_owners: None,
         on_load: None, on_loaded: None,
     };
     std::fs::write(dir.path().join("flux-dev.wasm"), &bytes)?;
@@ -183,6 +184,7 @@ fn main() -> Result<()> {
             cache: Some(CompiledCache::new(startup_cache.path())?),
             models: lister.clone(),
             registry: registry.clone(),
+            route_owners: None,
             on_load: None, on_loaded: None,
         });
         scanner.scan()?;

@@ -484,6 +484,17 @@ pub fn call_error_problem(err: CallError, label: &str) -> Problem {
             format!("plugin {label}: {}", cap(&reason)),
         )
         .with("plugin", plugin_name),
+        CallError::Busy { plugin, budget_bytes } => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "plugin_busy",
+            "The endpoint is busy",
+            format!(
+                "plugin {plugin}: the plugin calls in flight hold the service's whole plugin memory budget ({} MiB); retry shortly",
+                budget_bytes >> 20
+            ),
+        )
+        .with("plugin", plugin)
+        .retry_after(RETRY_AFTER_BUSY),
         CallError::Failed { plugin, version, kind, detail } => Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "plugin_failed",

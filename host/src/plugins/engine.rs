@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+use super::budget::HostBudget;
 use super::sandbox::SandboxState;
 use super::{since_v0_1, since_v0_2};
 
@@ -44,6 +45,9 @@ pub struct PluginLimits {
     pub call_timeout: Duration,
     /// Bytes of stdout/stderr kept per call (the rest is dropped).
     pub output_capture_bytes: usize,
+    /// Guest memory plus bytes copied out of guests, over all calls in flight
+    /// (see [`super::budget`]).
+    pub host_budget_bytes: usize,
 }
 
 impl Default for PluginLimits {
@@ -52,6 +56,7 @@ impl Default for PluginLimits {
             memory_bytes: 64 << 20,
             call_timeout: Duration::from_secs(1),
             output_capture_bytes: 16 << 10,
+            host_budget_bytes: super::budget::DEFAULT_BYTES,
         }
     }
 }
@@ -92,6 +97,7 @@ struct EngineInner {
     linker: Linker<SandboxState>,
     limits: PluginLimits,
     allocator: AllocatorKind,
+    budget: Arc<HostBudget>,
 }
 
 impl PluginEngine {
@@ -111,7 +117,8 @@ impl PluginEngine {
             }
         };
         let linker = build_linker(&engine)?;
-        let inner = Arc::new(EngineInner { engine, linker, limits, allocator });
+        let budget = HostBudget::new(limits.host_budget_bytes);
+        let inner = Arc::new(EngineInner { engine, linker, limits, allocator, budget });
         spawn_epoch_ticker(Arc::downgrade(&inner))?;
         tracing::info!(allocator = ?allocator, "plugin engine ready");
         Ok(Self { inner })
@@ -128,6 +135,10 @@ impl PluginEngine {
     }
     pub fn allocator(&self) -> AllocatorKind {
         self.inner.allocator
+    }
+    /// The budget every call of every plugin on this engine draws from.
+    pub fn budget(&self) -> &Arc<HostBudget> {
+        &self.inner.budget
     }
 
     /// A short hex digest identifying what compiled code this engine accepts;

@@ -11,6 +11,7 @@ use wasmtime::component::{Component, InstancePre};
 use super::bindings::{CONTRACT_PACKAGE, SUPPORTED_RANGE};
 use super::calls::{BuildError, ExecutionFailure, UserError};
 use super::engine::PluginEngine;
+use super::lifting::LiftError;
 use super::manifest::{RawJob, RawManifest};
 use super::sandbox::SandboxState;
 use super::{since_v0_1, since_v0_2};
@@ -129,10 +130,11 @@ impl Handler {
         }
     }
 
-    pub fn build(&self, store: &mut Store<SandboxState>, body: &str, seed: u64, request_id: &str) -> wasmtime::Result<Result<RawJob, BuildError>> {
+    /// `cap`: the most bytes the answer may carry (see [`super::lifting`]).
+    pub fn build(&self, store: &mut Store<SandboxState>, body: &str, seed: u64, request_id: &str, cap: usize) -> wasmtime::Result<Result<Result<RawJob, BuildError>, LiftError>> {
         match self {
-            Handler::V0_1(h) => h.build(store, body, seed, request_id),
-            Handler::V0_2(h) => h.build(store, body, seed, request_id),
+            Handler::V0_1(h) => h.build(store, body, seed, request_id, cap),
+            Handler::V0_2(h) => h.build(store, body, seed, request_id, cap),
         }
     }
 

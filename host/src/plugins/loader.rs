@@ -22,6 +22,7 @@ use super::calls::{BuildError, ExecutionFailure, UserError};
 use super::compiled_cache::{CacheOutcome, CompiledCache};
 use super::engine::{PluginEngine, WasmtimeContext};
 use super::handler::{Handler, HandlerType};
+use super::lifting::LiftError;
 use super::manifest::{PluginJob, PluginManifest};
 use super::sandbox::{ModelLister, SandboxState};
 
@@ -136,6 +137,9 @@ pub enum CallError {
     /// The plugin misbehaved: trapped, panicked, ran out of time or memory, or
     /// returned something unusable. Always a 500 `plugin_failed`.
     Failed { plugin: String, version: String, kind: FailureKind, detail: String },
+    /// The calls in flight (of all plugins) hold the whole host budget, so this
+    /// call was stopped: a 503 `plugin_busy`, worth retrying.
+    Busy { plugin: String, budget_bytes: usize },
 }
 
 /// How a plugin call failed. Decided from state flags and trap codes, never
@@ -159,6 +163,9 @@ impl std::fmt::Display for CallError {
         match self {
             CallError::Refused(e) => write!(f, "plugin refused the request: {e:?}"),
             CallError::Failed { plugin, version, detail, .. } => write!(f, "plugin {plugin} {version} failed: {detail}"),
+            CallError::Busy { plugin, budget_bytes } => {
+                write!(f, "plugin {plugin}: the plugin calls in flight hold the host's whole plugin memory budget ({} MiB)", budget_bytes >> 20)
+            }
         }
     }
 }
@@ -249,15 +256,26 @@ impl LoadedPlugin {
     }
 
     /// Run `build` for one request in a fresh sandbox. Blocking.
+    ///
+    /// The answer is at most the plugin's memory limit in bytes, and is charged to
+    /// the engine's [`super::budget::HostBudget`] before it is copied; the call's
+    /// charges (its memory and the copy) are given back when it returns.
     pub fn build(&self, body: &str, random_seed: u64, request_id: &str) -> Result<PluginJob, CallError> {
         let mut store = new_store(&self.engine, self.label.clone(), request_id.to_string(), self.models.clone());
-        let result = self.handler.build(&mut store, body, random_seed, request_id);
+        let cap = self.engine.limits().memory_bytes;
+        let result = self.handler.build(&mut store, body, random_seed, request_id, cap);
         store.data().flush_output();
         match result {
-            Ok(Ok(job)) => PluginJob::from_raw(job).map_err(|e| self.failed(FailureKind::InvalidJob, format!("{e:#}"))),
-            Ok(Err(refusal)) => Err(CallError::Refused(refusal)),
+            Ok(Ok(Ok(job))) => PluginJob::from_raw(job).map_err(|e| self.failed(FailureKind::InvalidJob, format!("{e:#}"))),
+            Ok(Ok(Err(refusal))) => Err(CallError::Refused(refusal)),
+            Ok(Err(LiftError::Busy(_))) => Err(self.busy()),
+            Ok(Err(invalid)) => Err(self.failed(FailureKind::InvalidJob, invalid.to_string())),
             Err(err) => Err(self.classify_trap(&err, store.data())),
         }
+    }
+
+    fn busy(&self) -> CallError {
+        CallError::Busy { plugin: self.manifest.name.clone(), budget_bytes: self.engine.budget().limit() }
     }
 
     /// Ask the plugin to explain an execution failure of its graph. Blocking.
@@ -280,6 +298,10 @@ impl LoadedPlugin {
     }
 
     fn classify_trap(&self, err: &wasmtime::Error, state: &SandboxState) -> CallError {
+        // Stopped because the other calls filled the host budget: not this plugin's failure.
+        if state.limits.share.refused.is_some() && err.downcast_ref::<wasmtime::Trap>() != Some(&wasmtime::Trap::Interrupt) {
+            return self.busy();
+        }
         let (kind, detail) = classify(err, state, self.engine.limits());
         self.failed(kind, detail)
     }
@@ -287,7 +309,8 @@ impl LoadedPlugin {
 
 fn new_store(engine: &PluginEngine, plugin: Arc<str>, request_id: String, models: Arc<dyn ModelLister>) -> Store<SandboxState> {
     let limits = engine.limits();
-    let mut store = Store::new(engine.engine(), SandboxState::new(plugin, request_id, limits, models));
+    let share = engine.budget().share();
+    let mut store = Store::new(engine.engine(), SandboxState::new(plugin, request_id, limits, models, share));
     store.limiter(|state| &mut state.limits);
     store.set_epoch_deadline(limits.deadline_ticks());
     store.epoch_deadline_trap();

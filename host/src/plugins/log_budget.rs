@@ -133,7 +133,8 @@ mod tests {
 
     fn sandbox() -> crate::plugins::sandbox::SandboxState {
         let limits = crate::plugins::PluginLimits::default();
-        crate::plugins::sandbox::SandboxState::new("hostile@0.1.0".into(), "r1".into(), &limits, std::sync::Arc::new(crate::plugins::NoModels))
+        let share = crate::plugins::budget::HostBudget::new(limits.host_budget_bytes).share();
+        crate::plugins::sandbox::SandboxState::new("hostile@0.1.0".into(), "r1".into(), &limits, std::sync::Arc::new(crate::plugins::NoModels), share)
     }
 
     #[test]
@@ -141,15 +142,15 @@ mod tests {
         use crate::plugins::calls::LogLevel;
         for json in [false, true] {
             let text = captured(json, || {
-                let mut state = sandbox();
+                let state = sandbox();
                 for _ in 0..5_000 {
-                    state.log(LogLevel::Info, "f".repeat(4000));
+                    state.log(LogLevel::Info, &"f".repeat(4000));
                 }
             });
             assert!(text.len() < 2 * BYTES_PER_CALL, "{} bytes logged", text.len());
             assert_eq!(text.matches("log truncated").count(), 1, "json={json}");
             // A new call has a new budget.
-            let text = captured(json, || sandbox().log(LogLevel::Info, "next call".into()));
+            let text = captured(json, || sandbox().log(LogLevel::Info, "next call"));
             assert!(text.contains("next call"));
         }
     }
@@ -158,7 +159,7 @@ mod tests {
     fn a_plugin_forging_log_lines_stays_on_one_line() {
         use crate::plugins::calls::LogLevel;
         for json in [false, true] {
-            let text = captured(json, || sandbox().log(LogLevel::Info, "innocent\nERROR forged line: admin logged in\r\u{1b}[2J".into()));
+            let text = captured(json, || sandbox().log(LogLevel::Info, "innocent\nERROR forged line: admin logged in\r\u{1b}[2J"));
             assert_eq!(text.trim_end().lines().count(), 1, "{text}");
             assert!(!text.contains('\u{1b}'), "{text:?}");
         }

@@ -5,6 +5,8 @@
 //!   reserve it), epoch ticker, the linker with WASI stripped of every capability.
 //! - [`sandbox`]: the per-call store state and the host imports a plugin may use
 //!   (implemented once for every contract version).
+//! - [`budget`]: the bound on what all calls in flight together make the host hold.
+//! - [`lifting`]: a call's answer measured in guest memory before it is copied.
 //! - [`handler`]: which contract version a component speaks (from its exports),
 //!   dispatching to [`since_v0_1`] / [`since_v0_2`], each generated from its
 //!   frozen `wit/deps/flowhost-plugin@*` and adapting into [`manifest`]'s model.
@@ -17,15 +19,19 @@
 //! their `build`, nothing else.
 
 pub mod bindings;
+pub mod budget;
 pub mod call_slots;
 pub mod calls;
+pub mod capped_output;
 pub mod compiled_cache;
 pub mod engine;
 pub mod handler;
+pub mod lifting;
 pub mod loader;
 pub mod log_budget;
 pub mod manifest;
 pub mod registry;
+pub mod route_owners;
 pub mod sandbox;
 pub mod since_v0_1;
 pub mod since_v0_2;

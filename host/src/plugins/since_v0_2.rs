@@ -1,14 +1,15 @@
 //! Contract `flowhost:plugin@0.2.0` (`wit/deps/flowhost-plugin@0.2.0`, current):
-//! its generated bindings, its host imports (delegating to the one
-//! implementation in [`super::sandbox`]) and the adapter from its types into
-//! the host's internal model. Never edited once shipped except to keep
+//! its generated bindings (for the types and `describe`), its host imports (linked
+//! by [`super::sandbox`]), and its `build` / `explain-failure` answers read through
+//! [`super::lifting`]'s unlifted mirror types into the host's internal model. Never edited once shipped except to keep
 //! adapting; a new contract version gets a new module.
 
 use wasmtime::Store;
-use wasmtime::component::{HasSelf, InstancePre, Linker};
+use wasmtime::component::{ComponentExportIndex, InstancePre, Linker};
 
-use super::calls::{BuildError, ExecutionFailure, FieldError, LogLevel, UserError};
-use super::manifest::{Lora, ModelRef, ModelSet, ModelSetSource, SamplerProgress, ModelRequirement, OutputFormat, PluginUpload, RawJob, RawManifest, UploadSource};
+use super::calls::{BuildError, ExecutionFailure, UserError};
+use super::lifting::{GBuildError, GUserError, JobV0_2, LiftError, build_answer, guarded};
+use super::manifest::{ModelRef, ModelRequirement, RawJob, RawManifest};
 use super::sandbox::SandboxState;
 
 mod generated {
@@ -18,51 +19,40 @@ mod generated {
     });
 }
 
-use generated::flowhost::plugin::host as imports;
 use generated::flowhost::plugin::types as wit;
 
 /// The export this version's plugins provide.
 pub const VERSION: &str = "0.2.0";
 
-/// Link this version's host interface (`flowhost:plugin/host@0.2.0`).
+/// Link this version's host interface (`flowhost:plugin/host@{VERSION}`), its
+/// string arguments taken unlifted (see [`super::sandbox::add_host_interface`]).
 pub fn add_to_linker(linker: &mut Linker<SandboxState>) -> wasmtime::Result<()> {
-    generated::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
+    super::sandbox::add_host_interface(linker, VERSION, true)
 }
-
-impl imports::Host for SandboxState {
-    fn log(&mut self, level: imports::LogLevel, message: String) {
-        let level = match level {
-            imports::LogLevel::Trace => LogLevel::Trace,
-            imports::LogLevel::Debug => LogLevel::Debug,
-            imports::LogLevel::Info => LogLevel::Info,
-            imports::LogLevel::Warn => LogLevel::Warn,
-            imports::LogLevel::Error => LogLevel::Error,
-        };
-        SandboxState::log(self, level, message)
-    }
-
-    fn list_models(&mut self, folder: String) -> Vec<imports::ModelFile> {
-        SandboxState::list_models(self, folder).into_iter().map(|(name, size)| imports::ModelFile { name, size }).collect()
-    }
-
-    fn report_panic(&mut self, message: String) {
-        SandboxState::report_panic(self, message)
-    }
-}
-
-impl wit::Host for SandboxState {}
 
 /// A pre-instantiated 0.2.0 plugin.
-pub struct Handler(generated::PluginPre<SandboxState>);
+pub struct Handler {
+    pre: generated::PluginPre<SandboxState>,
+    build: ComponentExportIndex,
+    explain_failure: ComponentExportIndex,
+}
 
 impl Handler {
     /// Type-check the component's export against this version's `endpoint`.
     pub fn new(pre: InstancePre<SandboxState>) -> wasmtime::Result<Self> {
-        Ok(Self(generated::PluginPre::new(pre)?))
+        let component = pre.component();
+        let endpoint = component
+            .get_export_index(None, &format!("flowhost:plugin/endpoint@{VERSION}"))
+            .ok_or_else(|| wasmtime::format_err!("no flowhost:plugin/endpoint@{VERSION} export"))?;
+        let func = |name: &str| {
+            component.get_export_index(Some(&endpoint), name).ok_or_else(|| wasmtime::format_err!("the endpoint export has no `{name}` function"))
+        };
+        let (build, explain_failure) = (func("build")?, func("explain-failure")?);
+        Ok(Self { pre: generated::PluginPre::new(pre)?, build, explain_failure })
     }
 
     pub fn describe(&self, store: &mut Store<SandboxState>) -> wasmtime::Result<RawManifest> {
-        let m = self.0.instantiate(&mut *store)?.flowhost_plugin_endpoint().call_describe(&mut *store)?;
+        let m = self.pre.instantiate(&mut *store)?.flowhost_plugin_endpoint().call_describe(&mut *store)?;
         Ok(RawManifest {
             name: m.name,
             version: m.version,
@@ -77,12 +67,20 @@ impl Handler {
         })
     }
 
-    pub fn build(&self, store: &mut Store<SandboxState>, body: &str, random_seed: u64, request_id: &str) -> wasmtime::Result<Result<RawJob, BuildError>> {
+    /// `build`, its answer checked against `cap` and the host budget before any of it is
+    /// copied (see [`super::lifting`]).
+    pub fn build(&self, store: &mut Store<SandboxState>, body: &str, random_seed: u64, request_id: &str, cap: usize) -> wasmtime::Result<Result<Result<RawJob, BuildError>, LiftError>> {
         let request = wit::Request { body: body.to_string(), random_seed, request_id: request_id.to_string() };
-        let built = self.0.instantiate(&mut *store)?.flowhost_plugin_endpoint().call_build(&mut *store, &request)?;
-        Ok(built.map(job).map_err(build_error))
+        let instance = self.pre.instance_pre().instantiate(&mut *store)?;
+        let func = instance.get_typed_func::<(&wit::Request,), (Result<JobV0_2, GBuildError>,)>(&mut *store, &self.build)?;
+        let share = store.data().limits.share.sibling();
+        // `_copied` holds the charge for what was copied until the job is handed over.
+        let (called, _copied, refused) = guarded(share, cap, || func.call(&mut *store, (&request,)));
+        let (answer,) = called?;
+        Ok(build_answer(answer, refused, JobV0_2::into_raw))
     }
 
+    /// `explain-failure`, its texts cut while copied.
     pub fn explain_failure(&self, store: &mut Store<SandboxState>, failure: &ExecutionFailure) -> wasmtime::Result<Option<UserError>> {
         let failure = wit::ExecutionFailure {
             node_id: failure.node_id.clone(),
@@ -90,8 +88,10 @@ impl Handler {
             exception_type: failure.exception_type.clone(),
             exception_message: failure.exception_message.clone(),
         };
-        let explained = self.0.instantiate(&mut *store)?.flowhost_plugin_endpoint().call_explain_failure(&mut *store, &failure)?;
-        Ok(explained.map(|e| UserError { status: e.status, title: e.title, detail: e.detail, field: e.field }))
+        let instance = self.pre.instance_pre().instantiate(&mut *store)?;
+        let func = instance.get_typed_func::<(&wit::ExecutionFailure,), (Option<GUserError>,)>(&mut *store, &self.explain_failure)?;
+        let (explained,) = func.call(&mut *store, (&failure,))?;
+        Ok(explained.map(GUserError::into_user_error))
     }
 }
 
@@ -101,58 +101,4 @@ fn model_ref(m: wit::ModelRef) -> ModelRef {
 
 fn requirement(r: wit::ModelRequirement) -> ModelRequirement {
     ModelRequirement { purpose: r.purpose, any_of: r.any_of.into_iter().map(model_ref).collect() }
-}
-
-fn job(job: wit::Job) -> RawJob {
-    RawJob {
-        workflow: job.workflow,
-        uploads: job
-            .uploads
-            .into_iter()
-            .map(|u| PluginUpload {
-                field: u.field,
-                filename: u.filename,
-                source: match u.source {
-                    wit::ImageSource::Bytes(b) => UploadSource::Bytes(b),
-                    wit::ImageSource::InputPath(p) => UploadSource::InputPath(p),
-                },
-                node_id: u.node_id,
-                input_name: u.input_name,
-            })
-            .collect(),
-        outputs: job.outputs,
-        output_format: match job.output_format {
-            wit::OutputFormat::Jpeg => OutputFormat::Jpeg,
-            wit::OutputFormat::Png => OutputFormat::Png,
-            wit::OutputFormat::Original => OutputFormat::Original,
-        },
-        seed: job.seed,
-        analytics: job.analytics,
-        caller_nodes: job.caller_nodes,
-        models: Some(ModelSet {
-            base: job.models.base.map(model_ref),
-            loras: job
-                .models
-                .loras
-                .into_iter()
-                .map(|l| Lora { model: model_ref(l.model), strength_model: l.strength_model, strength_clip: l.strength_clip })
-                .collect(),
-            others: job.models.others.into_iter().map(model_ref).collect(),
-            source: ModelSetSource::Declared,
-        }),
-        progress: job.progress.into_iter().map(|p| SamplerProgress { node_id: p.node_id, steps: p.steps }).collect(),
-    }
-}
-
-fn field_error(e: wit::FieldError) -> FieldError {
-    FieldError { field: e.field, message: e.message }
-}
-
-fn build_error(e: wit::BuildError) -> BuildError {
-    match e {
-        wit::BuildError::InvalidRequest(errors) => BuildError::InvalidRequest(errors.into_iter().map(field_error).collect()),
-        wit::BuildError::NotFound(e) => BuildError::NotFound(field_error(e)),
-        wit::BuildError::Unavailable(reason) => BuildError::Unavailable(reason),
-        wit::BuildError::Internal(reason) => BuildError::Internal(reason),
-    }
 }

@@ -8,8 +8,10 @@
 //!
 //! Failure never takes an endpoint down: a file whose new content fails to load is
 //! marked rejected (with the reason) while its previous version keeps serving; a
-//! file that claims a route another file already serves is rejected; a removed
-//! file's route disappears.
+//! file that claims a route another file already serves is rejected (reported once
+//! per content, not on every scan); a removed file's route disappears. Who owns a
+//! route is recorded with the state ([`super::route_owners`]), so a restart serves
+//! exactly what served before.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -24,6 +26,7 @@ use super::compiled_cache::CompiledCache;
 use super::engine::PluginEngine;
 use super::loader::{LoadErrorKind, LoadedPlugin};
 use super::registry::{PluginRegistry, PluginSet, PluginStatus};
+use super::route_owners::{Owners, RouteOwners};
 use crate::timestamp::rfc3339_utc as rfc3339;
 use super::sandbox::ModelLister;
 
@@ -38,6 +41,8 @@ pub struct LoadContext {
     pub cache: Option<CompiledCache>,
     pub models: Arc<dyn ModelLister>,
     pub registry: Arc<PluginRegistry>,
+    /// Where route ownership is kept across restarts (`None`: in memory only).
+    pub route_owners: Option<RouteOwners>,
     /// Called after each scan with (loaded, rejected) counts of *new* outcomes.
     pub on_load: Option<Arc<dyn Fn(&LoadEvent) + Send + Sync>>,
     /// Called with each newly loaded plugin *before* it is published (so what
@@ -62,6 +67,9 @@ struct FileState {
     good: Option<Arc<LoadedPlugin>>,
     /// Why the current content is unusable, if it is.
     error: Option<(LoadErrorKind, String)>,
+    /// The route conflict last reported for this file (its content's sha256 and the
+    /// reason): the same conflict of the same content is not reported again.
+    reported_conflict: Option<(Option<String>, String)>,
 }
 
 /// Keeps the registry in step with the folder until dropped.
@@ -80,11 +88,14 @@ impl Drop for PluginWatcher {
 pub struct Scanner {
     ctx: LoadContext,
     files: Mutex<HashMap<String, FileState>>,
+    /// The route owners as last recorded (read from disk at start).
+    owners: Mutex<Owners>,
 }
 
 impl Scanner {
     pub fn new(ctx: LoadContext) -> Arc<Self> {
-        Arc::new(Self { ctx, files: Mutex::new(HashMap::new()) })
+        let owners = ctx.route_owners.as_ref().map(RouteOwners::load).unwrap_or_default();
+        Arc::new(Self { ctx, files: Mutex::new(HashMap::new()), owners: Mutex::new(owners) })
     }
 
     /// Scan the folder once and publish the result. Blocking.
@@ -109,6 +120,7 @@ impl Scanner {
                 sha256: None,
                 good: None,
                 error: None,
+                reported_conflict: None,
             });
             if state.fingerprint == *fingerprint {
                 continue;
@@ -153,8 +165,16 @@ impl Scanner {
             }
         }
 
-        let set = assign_routes(&files, &self.ctx.registry.snapshot(), &mut events);
+        let mut owners = self.owners.lock().map_err(|_| anyhow::anyhow!("plugin scanner state poisoned"))?;
+        let (set, now_owned) = assign_routes(&mut files, &self.ctx.registry.snapshot(), &owners, &mut events);
         self.ctx.registry.publish(set);
+        if *owners != now_owned {
+            if let Some(record) = &self.ctx.route_owners {
+                record.save(&now_owned);
+            }
+            *owners = now_owned;
+        }
+        drop(owners);
         drop(files);
         if let Some(hook) = &self.ctx.on_load {
             for event in &events {
@@ -181,24 +201,36 @@ fn route_move_refused(old: Option<&LoadedPlugin>, new: &LoadedPlugin, previous: 
     })
 }
 
-/// Decide which file serves each route. A route stays with the file that served
-/// it before (so a newcomer cannot hijack a live route); otherwise files are
-/// considered in name order.
-fn assign_routes(files: &HashMap<String, FileState>, previous: &PluginSet, events: &mut Vec<LoadEvent>) -> PluginSet {
-    let mut names: Vec<&String> = files.keys().collect();
-    names.sort_by_key(|name| {
-        let owned_before = files[*name]
-            .good
-            .as_ref()
-            .is_some_and(|p| previous.get(&p.manifest.route).is_some_and(|owner| owner.file == p.file));
-        (!owned_before, (*name).clone())
-    });
+/// Decide which file serves each route. A route stays with the file that served it
+/// before in this process (so a newcomer cannot hijack a live route), else goes to
+/// the file recorded as its owner (so a restart serves what served before) — and
+/// while that recorded file is in the folder, no other file takes the route, even
+/// if the owner's content does not load. Otherwise files are considered in name
+/// order. Returns the table and the owners to record.
+fn assign_routes(
+    files: &mut HashMap<String, FileState>,
+    previous: &PluginSet,
+    recorded: &Owners,
+    events: &mut Vec<LoadEvent>,
+) -> (PluginSet, Owners) {
+    let rank = |name: &String, state: &FileState| -> u8 {
+        let Some(p) = state.good.as_ref() else { return 2 };
+        if previous.get(&p.manifest.route).is_some_and(|owner| owner.file == p.file) {
+            0
+        } else if recorded.get(&p.manifest.route) == Some(name) {
+            1
+        } else {
+            2
+        }
+    };
+    let mut names: Vec<String> = files.keys().cloned().collect();
+    names.sort_by_key(|name| (rank(name, &files[name]), name.clone()));
 
     let mut routes: HashMap<String, Arc<LoadedPlugin>> = HashMap::new();
     // Plugin names are unique (the contract says so; OpenAPI operationIds are names).
     let mut names_served: HashMap<String, Arc<LoadedPlugin>> = HashMap::new();
     let mut statuses = BTreeMap::new();
-    for name in names {
+    for name in &names {
         let state = &files[name];
         let mut status = PluginStatus {
             file: name.clone(),
@@ -214,6 +246,7 @@ fn assign_routes(files: &HashMap<String, FileState>, previous: &PluginSet, event
             warm_up: None,
             still_serving: None,
         };
+        let mut conflict_now = None;
         if let Some(plugin) = &state.good {
             let route = plugin.manifest.route.clone();
             status.name = Some(plugin.manifest.name.clone());
@@ -221,22 +254,30 @@ fn assign_routes(files: &HashMap<String, FileState>, previous: &PluginSet, event
             status.contract = Some(plugin.manifest.contract.clone());
             status.warm_up = plugin.manifest.warm_up.clone();
             let file_of = |owner: &LoadedPlugin| owner.file.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
-            let conflict = match (routes.get(&route), names_served.get(&plugin.manifest.name)) {
-                (Some(owner), _) => Some((
+            let take_over = |owner_file: &str| {
+                format!("to hand the route to this file, replace {owner_file} with this plugin (same file name) or remove {owner_file} from the plugin folder")
+            };
+            // The recorded owner, still in the folder, keeps the route even while its content is rejected.
+            let reserved_for = recorded.get(&route).filter(|owner| *owner != name && still_claims(files, owner, &route));
+            let conflict = match (routes.get(&route), reserved_for, names_served.get(&plugin.manifest.name)) {
+                (Some(owner), _, _) => Some((
                     LoadErrorKind::RouteConflict,
-                    format!("route {route} is already served by {} ({})", file_of(owner), owner.label),
+                    format!("route {route} is already served by {} ({}); {}", file_of(owner), owner.label, take_over(&file_of(owner))),
                 )),
-                (None, Some(owner)) => Some((
+                (None, Some(owner_file), _) => Some((
+                    LoadErrorKind::RouteConflict,
+                    format!("route {route} belongs to {owner_file}, which is still in the plugin folder; {}", take_over(owner_file)),
+                )),
+                (None, None, Some(owner)) => Some((
                     LoadErrorKind::DuplicateName,
                     format!("plugin name {} is already served by {} ({}); plugin names are unique", plugin.manifest.name, file_of(owner), owner.label),
                 )),
-                (None, None) => None,
+                (None, None, None) => None,
             };
             if let Some((kind, reason)) = conflict {
                 if status.reason.is_none() {
-                    events.push(LoadEvent::Rejected { file: name.clone(), kind, reason: reason.clone() });
-                    tracing::warn!(file = %name, reason = %reason, "plugin rejected");
                     status.rejection = Some(kind);
+                    conflict_now = Some((kind, reason.clone()));
                 }
                 status.reason = Some(status.reason.map_or(reason.clone(), |r| format!("{r}; {reason}")));
                 status.version = Some(plugin.manifest.version.clone());
@@ -253,9 +294,41 @@ fn assign_routes(files: &HashMap<String, FileState>, previous: &PluginSet, event
                 names_served.insert(plugin.manifest.name.clone(), plugin.clone());
             }
         }
+        // A conflict is reported (log + rejection event) once per content of the file, not on
+        // every scan: the rejection counter counts rejections, not rescans.
+        if let Some(state) = files.get_mut(name) {
+            match conflict_now {
+                Some((kind, reason)) => {
+                    let key = (state.sha256.clone(), reason.clone());
+                    if state.reported_conflict.as_ref() != Some(&key) {
+                        tracing::warn!(file = %name, reason = %reason, "plugin rejected");
+                        events.push(LoadEvent::Rejected { file: name.clone(), kind, reason });
+                        state.reported_conflict = Some(key);
+                    }
+                }
+                None => state.reported_conflict = None,
+            }
+        }
         statuses.insert(name.clone(), status);
     }
-    PluginSet::new(routes, statuses)
+    // Served routes are owned by their files; a recorded owner no longer serving keeps its
+    // route while its file is in the folder.
+    let mut owners: Owners = routes
+        .iter()
+        .filter_map(|(route, p)| p.file.file_name().and_then(|n| n.to_str()).map(|f| (route.clone(), f.to_string())))
+        .collect();
+    for (route, file) in recorded {
+        if !owners.contains_key(route) && still_claims(files, file, route) {
+            owners.insert(route.clone(), file.clone());
+        }
+    }
+    (PluginSet::new(routes, statuses), owners)
+}
+
+/// Whether `file` is in the folder and does not claim another route than `route` (its content
+/// may be rejected: a broken owner keeps its route reserved until it is fixed or removed).
+fn still_claims(files: &HashMap<String, FileState>, file: &str, route: &str) -> bool {
+    files.get(file).is_some_and(|state| state.good.as_ref().is_none_or(|p| p.manifest.route == route))
 }
 
 /// `*.wasm` files directly in `dir` (hidden files skipped), with their
@@ -289,7 +362,7 @@ impl PluginWatcher {
 
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
         let watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            if event.is_ok_and(|e| changes_files(&e.kind)) {
                 let _ = tx.send(());
             }
         }) {
@@ -328,6 +401,13 @@ impl PluginWatcher {
         });
         Ok(Self { task, _watcher: watcher })
     }
+}
+
+/// Whether an event can mean a file changed. Opening or reading a file cannot (and
+/// a scan opens the files it loads: reacting to that would rescan for nothing).
+fn changes_files(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    !matches!(kind, EventKind::Access(AccessKind::Open(_) | AccessKind::Read | AccessKind::Close(AccessMode::Read)))
 }
 
 async fn run_scan(scanner: &Arc<Scanner>) {

@@ -224,6 +224,89 @@ mod plugin_bounds {
         }
     }
 
+    /// Asserts `r` is a 503 `plugin_busy` naming the hostile plugin, with Retry-After.
+    async fn assert_busy(r: reqwest::Response) {
+        assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+        let (status, p) = problem(r).await.unwrap();
+        assert_eq!(status, 503, "{p}");
+        assert_eq!(p["type"], "https://flowhost.dev/problems/plugin_busy", "{p}");
+        assert_eq!(p["plugin"], "hostile", "{p}");
+        assert!(p["detail"].as_str().unwrap().contains("memory budget"), "{p}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plugin_memory_budget_obeyed() {
+        let server = server(&[("hostile.wasm", "fixture-hostile")], &["--plugin-memory-budget-mb", "48"]).await;
+        for mode in ["big-log", "big-upload"] {
+            let r = server.post_json("/hostile?dry_run=true", &json!({"mode": mode, "n": 8 << 20})).await.unwrap();
+            assert_eq!(r.status(), 200, "{mode}: {}", r.text().await.unwrap());
+        }
+    }
+
+    /// One call alone needing more than the whole budget is stopped before its memory grows
+    /// (a log message) or before its answer is copied (an upload): a 503, not an OOM.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plugin_memory_budget_violated() {
+        let server = server(&[("hostile.wasm", "fixture-hostile")], &["--plugin-memory-budget-mb", "48"]).await;
+        for mode in ["big-log", "big-upload"] {
+            assert_busy(server.post_json("/hostile?dry_run=true", &json!({"mode": mode, "n": 50 << 20})).await.unwrap()).await;
+        }
+        // The refused calls gave back what they held: a call within the budget still runs.
+        let r = server.post_json("/hostile?dry_run=true", &json!({"mode": "big-upload", "n": 8 << 20})).await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+
+    /// 32 calls at once, each making the host copy 50 MiB: each is served or refused with a
+    /// 503, and once they are done the whole budget is free again (a call needing most of it
+    /// runs) and the service answers as before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn thirty_two_calls_copying_50_mib_each_are_refused_or_bounded_and_the_service_stays_healthy() {
+        let server = server(
+            &[("hostile.wasm", "fixture-hostile"), ("echo.wasm", "fixture-echo")],
+            &["--plugin-concurrency", "64", "--plugin-memory-budget-mb", "256", "--plugin-timeout-ms", "20000"],
+        )
+        .await;
+        let calls: Vec<_> = (0..32)
+            .map(|i| {
+                let (client, url) = (server.client.clone(), server.url("/hostile?dry_run=true"));
+                let mode = if i % 2 == 0 { "big-upload" } else { "big-log" };
+                tokio::spawn(async move { client.post(url).json(&json!({"mode": mode, "n": 50 << 20})).send().await.unwrap() })
+            })
+            .collect();
+        for call in calls {
+            let r = call.await.unwrap();
+            match r.status().as_u16() {
+                200 => {}
+                503 => assert_busy(r).await,
+                other => panic!("a call ended {other}: {}", r.text().await.unwrap()),
+            }
+        }
+        // Nothing is still held: a call needing about 110 MiB of the 256 fits.
+        let r = server.post_json("/hostile?dry_run=true", &json!({"mode": "big-upload", "n": 50 << 20})).await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        assert_eq!(server.post_json("/echo?dry_run=true", &json!({"prompt": "x"})).await.unwrap().status(), 200);
+        assert_eq!(server.client.get(server.url("/health")).send().await.unwrap().status(), 200);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plugin_returning_a_50_mib_workflow_is_refused_before_it_is_copied() {
+        let server = server(&[("hostile.wasm", "fixture-hostile")], &[]).await;
+        let (status, p) = problem(server.post_json("/hostile?dry_run=true", &json!({"mode": "big-workflow", "n": 50 << 20})).await.unwrap()).await.unwrap();
+        assert_eq!(status, 500, "{p}");
+        assert_eq!(p["plugin"], "hostile", "{p}");
+        assert_eq!(p["failure"], "invalid_job", "{p}");
+        assert!(p["detail"].as_str().unwrap().contains("workflow"), "{p}");
+    }
+
+    /// A plugin printing a 100 MiB dump to stderr is not failed by a broken pipe: the excess is
+    /// dropped (and counted in the log), the request succeeds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plugin_writing_100_mib_to_stderr_still_succeeds() {
+        let server = server(&[("hostile.wasm", "fixture-hostile")], &["--plugin-timeout-ms", "30000"]).await;
+        let r = server.post_json("/hostile?dry_run=true", &json!({"mode": "stderr-flood", "n": 100 << 20})).await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn upload_count_limit_obeyed() {
         let server = server(&[("hostile.wasm", "fixture-hostile")], &[]).await;
@@ -267,6 +350,92 @@ mod route_ownership {
         .await;
         assert!(restored.is_some(), "restoring the right file was refused: {:?}", server.plugin_status("a-echo.wasm").await);
         assert_eq!(server.plugin_status("b-impostor.wasm").await.unwrap().unwrap()["status"], "rejected");
+    }
+}
+
+/// The route-ownership tests' plugins: `flux_dev.wasm` serving `/flux-dev`, and an impostor
+/// (another plugin, a file name that sorts first) claiming the same route.
+fn owner_and_impostor() -> (PathBuf, PathBuf) {
+    static OWNER: OnceLock<PathBuf> = OnceLock::new();
+    static IMPOSTOR: OnceLock<PathBuf> = OnceLock::new();
+    let env = |name: &'static str| [("FIXTURE_ROUTE", "/flux-dev"), ("FIXTURE_NAME", name)];
+    (
+        OWNER.get_or_init(|| build_component("fixture-echo", &env("flux-dev")).expect("owner builds")).clone(),
+        IMPOSTOR.get_or_init(|| build_component("fixture-echo", &env("impostor")).expect("impostor builds")).clone(),
+    )
+}
+
+/// `flowhost_plugin_rejections_total{reason="<reason>"}`, 0 when absent.
+async fn rejections(server: &TestServer, reason: &str) -> u64 {
+    let text = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let prefix = format!("flowhost_plugin_rejections_total{{reason=\"{reason}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).map(|n| n.trim().parse().unwrap()).unwrap_or(0)
+}
+
+/// Wait until `file` has the `status` in `/plugins`; its entry.
+async fn status_becomes(server: &TestServer, file: &str, status: &str) -> Value {
+    let reached = eventually(FAILSAFE, || async {
+        let s = server.plugin_status(file).await.ok()??;
+        (s["status"] == status).then_some(s)
+    })
+    .await;
+    match reached {
+        Some(s) => s,
+        None => panic!("{file} never became {status}: {:?}", server.plugin_status(file).await),
+    }
+}
+
+mod route_ownership_across_restarts {
+    use super::*;
+
+    /// The owner serves, an impostor sorting first arrives and is rejected; after a restart on
+    /// the same folder and state, the owner still serves and the impostor is still rejected.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_impostor_sorting_first_is_still_rejected_after_a_restart() {
+        let (owner, impostor) = owner_and_impostor();
+        let state = tempfile::tempdir().unwrap();
+        let state_arg = state.path().to_string_lossy().to_string();
+        let args = ["--simulate", "--state-dir", state_arg.as_str()];
+        let first = TestServer::start(&[("flux_dev.wasm", owner.as_path())], &args).await.unwrap();
+        status_becomes(&first, "flux_dev.wasm", "loaded").await;
+        publish_atomically(first.plugins.path(), "aaa-impostor.wasm", &std::fs::read(&impostor).unwrap()).unwrap();
+        let rejected = status_becomes(&first, "aaa-impostor.wasm", "rejected").await;
+        let reason = rejected["reason"].as_str().unwrap();
+        assert!(reason.contains("flux_dev.wasm") && reason.contains("remove flux_dev.wasm"), "{rejected}");
+        assert_eq!(rejected["rejection"], "route_conflict", "{rejected}");
+
+        let TestServer { server, plugins, cache, .. } = first;
+        server.shutdown().await.unwrap();
+        let second = TestServer::start_in(plugins, cache, &args).await.unwrap();
+        let owner_status = second.plugin_status("flux_dev.wasm").await.unwrap().unwrap();
+        assert_eq!(owner_status["status"], "loaded", "{owner_status}");
+        let impostor_status = second.plugin_status("aaa-impostor.wasm").await.unwrap().unwrap();
+        assert_eq!(impostor_status["status"], "rejected", "the impostor took the route on restart: {impostor_status}");
+        let served = second.post_json("/flux-dev?dry_run=true", &json!({"prompt": "x"})).await.unwrap();
+        assert_eq!(served.status(), 200);
+        assert_eq!(served.json::<Value>().await.unwrap()["plugin"]["name"], "flux-dev");
+    }
+
+    /// A file rejected for a route conflict is reported once for its content, however many
+    /// scans see it again (each junk file below shows one more scan ran).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_conflicting_file_is_reported_once_not_on_every_scan() {
+        let (owner, impostor) = owner_and_impostor();
+        let server = TestServer::start(&[("flux_dev.wasm", owner.as_path())], &["--simulate", "--rescan-interval", "1"]).await.unwrap();
+        status_becomes(&server, "flux_dev.wasm", "loaded").await;
+        publish_atomically(server.plugins.path(), "aaa-impostor.wasm", &std::fs::read(&impostor).unwrap()).unwrap();
+        status_becomes(&server, "aaa-impostor.wasm", "rejected").await;
+        for junk in ["junk-1.wasm", "junk-2.wasm", "junk-3.wasm"] {
+            publish_atomically(server.plugins.path(), junk, b"not a component").unwrap();
+            status_becomes(&server, junk, "rejected").await;
+        }
+        assert_eq!(rejections(&server, "route_conflict").await, 1);
+        // New content is a new report.
+        let mut changed = std::fs::read(&impostor).unwrap();
+        changed.extend_from_slice(&[0x00, 0x06, 0x05, b'x', b'y', b'z', b'!', b'!']);
+        publish_atomically(server.plugins.path(), "aaa-impostor.wasm", &changed).unwrap();
+        let counted = eventually(FAILSAFE, || async { (rejections(&server, "route_conflict").await == 2).then_some(()) }).await;
+        assert!(counted.is_some(), "new content of the conflicting file was not reported");
     }
 }
 

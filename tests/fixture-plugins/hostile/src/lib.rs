@@ -1,7 +1,8 @@
 //! A test plugin that attacks the host on request: `POST /hostile {"mode": "...", "n": N}`.
 //! Each mode is one way a hostile (or badly broken) plugin can try to hurt the service — flood
 //! the log, forge log lines, answer with enormous texts, ask for endless uploads, hold its call
-//! slot — and the host must bound each one. Built with `HOSTILE_HUGE_MANIFEST=1` its manifest
+//! slot, make the host copy tens of MiB per call, print a dump to stderr — and the host must
+//! bound each one. Built with `HOSTILE_HUGE_MANIFEST=1` its manifest
 //! itself is oversized (a 2 MB summary), which the loader must reject.
 
 use flowhost_sdk::host::LogLevel;
@@ -36,7 +37,7 @@ impl Plugin for Hostile {
                 "type": "object",
                 "required": ["mode"],
                 "properties": {
-                    "mode": {"enum": ["ok", "slow", "log-flood", "log-forge", "huge-error", "uploads", "markup-error"], "description": format!("What to attack. {MARKUP}")},
+                    "mode": {"enum": ["ok", "slow", "log-flood", "log-forge", "huge-error", "uploads", "markup-error", "big-log", "big-upload", "big-workflow", "stderr-flood"], "description": format!("What to attack. {MARKUP}")},
                     "n": {"type": "integer", "minimum": 0, "description": MARKUP}
                 }
             })
@@ -53,6 +54,7 @@ impl Plugin for Hostile {
         let body: serde_json::Value = serde_json::from_str(&request.body).map_err(|e| BuildError::Internal(e.to_string()))?;
         let n = body["n"].as_u64().unwrap_or(1) as usize;
         let mut uploads = Vec::new();
+        let mut padding = 0;
         match body["mode"].as_str().unwrap_or("ok") {
             // Hold the call (and its instance slot) until the host's deadline traps it.
             "slow" => {
@@ -89,6 +91,34 @@ impl Plugin for Hostile {
                     });
                 }
             }
+            // One log message of n bytes (the host must not copy it whole).
+            "big-log" => host.log(LogLevel::Info, &"l".repeat(n)),
+            // One upload of n bytes: a legitimate size the host must copy, so it is charged.
+            "big-upload" => {
+                let mut bytes = PNG_1X1.to_vec();
+                bytes.resize(n.max(PNG_1X1.len()), 0);
+                uploads.push(Upload {
+                    field: "mode".into(),
+                    filename: "big.png".into(),
+                    source: ImageSource::Bytes(bytes),
+                    node_id: "3".into(),
+                    input_name: "image".into(),
+                });
+            }
+            // A workflow padded to n bytes (a node's input holds the padding).
+            "big-workflow" => padding = n,
+            // n bytes to stderr in 1 MiB writes, like a plugin printing a debug dump; a broken
+            // pipe would panic here (`eprint!` panics when the write fails).
+            "stderr-flood" => {
+                let chunk = "e".repeat(1 << 20);
+                let mut left = n;
+                while left > 0 {
+                    let part = left.min(chunk.len());
+                    eprint!("{}", &chunk[..part]);
+                    left -= part;
+                }
+                eprintln!();
+            }
             _ => {}
         }
         let workflow = serde_json::json!({
@@ -96,8 +126,20 @@ impl Plugin for Hostile {
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "hostile"}},
             "3": {"class_type": "LoadImage", "inputs": {"image": "placeholder.png"}},
         });
+        let workflow = if padding == 0 {
+            workflow.to_string()
+        } else {
+            // Spliced in rather than built as JSON, so the guest holds the padding once.
+            let text = workflow.to_string();
+            let mut padded = String::with_capacity(padding + text.len() + 64);
+            padded.push_str("{\"pad\": {\"class_type\": \"Note\", \"inputs\": {\"text\": \"");
+            padded.extend(std::iter::repeat_n('w', padding));
+            padded.push_str("\"}}, ");
+            padded.push_str(&text[1..]);
+            padded
+        };
         Ok(Job {
-            workflow: workflow.to_string(),
+            workflow,
             uploads,
             outputs: vec!["2".into()],
             output_format: OutputFormat::Jpeg,
