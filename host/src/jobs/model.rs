@@ -163,6 +163,10 @@ pub struct JobSpec {
     /// The same set in words (base model + LoRAs), for `/health`'s workers and logs.
     #[serde(default)]
     pub model_label: Option<String>,
+    /// The API key (its name) that submitted the job, its tenant; `None` when no keys were
+    /// configured. See docs/operations.md, "Tenants".
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 impl JobSpec {
@@ -183,6 +187,7 @@ impl JobSpec {
             webhook: None,
             model_key: None,
             model_label: None,
+            tenant: None,
         }
     }
 }
@@ -285,6 +290,11 @@ pub struct Asset {
     pub created_at: SystemTime,
     #[serde(default, with = "opt_ms")]
     pub expires_at: Option<SystemTime>,
+    /// The API key (its name) that owns it: the uploader, or the owner of the job it
+    /// belongs to. `None`: made while no keys were configured (only an admin key sees it
+    /// once keys are on). See docs/operations.md, "Tenants".
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 /// One job.

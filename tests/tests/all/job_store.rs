@@ -98,6 +98,7 @@ fn asset(job: Option<Uuid>, role: AssetRole, hash: &str) -> Asset {
         role,
         created_at: SystemTime::now(),
         expires_at: Some(SystemTime::now() + Duration::from_secs(60)),
+        tenant: None,
     }
 }
 
@@ -214,7 +215,7 @@ async fn listing_filters_by_status_and_pages_newest_first(dialect: Dialect) {
     let succeeded = store.list_jobs(&JobFilter { statuses: vec![JobStatus::Succeeded], limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(succeeded.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[4], ids[2], ids[0]]);
     let page = store
-        .list_jobs(&JobFilter { statuses: vec![JobStatus::Succeeded, JobStatus::Queued], limit: 2, created_before: Some(base + Duration::from_secs(3)) })
+        .list_jobs(&JobFilter { statuses: vec![JobStatus::Succeeded, JobStatus::Queued], limit: 2, created_before: Some(base + Duration::from_secs(3)), ..Default::default() })
         .await
         .unwrap();
     assert_eq!(page.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[2], ids[1]], "the cursor and the limit together");
@@ -294,7 +295,7 @@ async fn uploads_are_listed_newest_first_and_found_by_hash(dialect: Dialect) {
     let listed = store.list_assets(10, 0).await.unwrap();
     assert_eq!(listed.iter().map(|a| a.id).collect::<Vec<_>>(), vec![second.id, first.id], "uploads only, newest first");
     assert_eq!(store.list_assets(10, 1).await.unwrap().len(), 1, "offset");
-    assert_eq!(store.asset_by_hash("blake3:u1").await.unwrap().map(|a| a.id), Some(second.id));
+    assert_eq!(store.asset_by_hash("blake3:u1", None).await.unwrap().map(|a| a.id), Some(second.id));
     let until = SystemTime::now() + Duration::from_secs(3600);
     store.extend_asset(first.id, until).await.unwrap();
     let extended = store.get_asset(first.id).await.unwrap().unwrap();
