@@ -36,8 +36,15 @@ async fn api_keys_are_bearer_tokens_and_refusals_use_the_envelope() {
     let base = format!("http://127.0.0.1:{port}");
 
     let anonymous = V2Client::new(&base);
-    let healthy = eventually(Duration::from_secs(60), || async { (anonymous.get("/api/v2/health").await.status == 200).then_some(()) }).await;
+    // A plain client while the child starts (V2Client panics on a refused connection).
+    let probe = reqwest::Client::new();
+    let healthy = eventually(Duration::from_secs(60), || async {
+        let status = probe.get(format!("{base}/api/v2/health")).send().await.ok()?.status();
+        (status == 200).then_some(())
+    })
+    .await;
     assert!(healthy.is_some(), "health is open without a key");
+    assert_eq!(anonymous.get("/api/v2/health").await.status, 200);
     let refused = anonymous.get("/api/v2/jobs").await;
     assert_eq!((refused.status, refused.code().as_str()), (401, "unauthorized"));
     assert!(refused.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")));

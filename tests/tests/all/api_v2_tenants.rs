@@ -68,7 +68,13 @@ async fn every_job_and_asset_route_refuses_another_keys_objects_and_an_admin_see
     let alice = V2Client::new(&base).with_key("k-alice-tenant");
     let bob = V2Client::new(&base).with_key("k-bob-tenant");
     let ops = V2Client::new(&base).with_key("k-ops-tenant");
-    let healthy = eventually(Duration::from_secs(60), || async { (V2Client::new(&base).get("/api/v2/health").await.status == 200).then_some(()) }).await;
+    // A plain client while the child starts (V2Client panics on a refused connection).
+    let probe = reqwest::Client::new();
+    let healthy = eventually(Duration::from_secs(60), || async {
+        let status = probe.get(format!("{base}/api/v2/health")).send().await.ok()?.status();
+        (status == 200).then_some(())
+    })
+    .await;
     assert!(healthy.is_some(), "the service came up");
 
     // Alice's upload, and a job of hers that uses it and makes an output.
