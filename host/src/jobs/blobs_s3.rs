@@ -309,6 +309,8 @@ impl S3BlobStore {
         match tokio::time::timeout(Duration::from_secs(20), self.s3.list_with_delimiter(prefix.as_ref())).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(object_store::Error::NotFound { .. })) => Err("the bucket does not exist (create it first)".into()),
+            // A listing's 404 comes back as a generic error carrying S3's code.
+            Ok(Err(e)) if e.to_string().contains("NoSuchBucket") => Err("the bucket does not exist (create it first)".into()),
             Ok(Err(e)) => Err(scrub(&e).to_string()),
             Err(_) => Err("the bucket did not answer within 20 s".into()),
         }
