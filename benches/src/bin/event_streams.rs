@@ -8,7 +8,7 @@
 //! and with the streams (`pg_stat_database`: every statement outside a transaction is one),
 //! so queries/s per remote stream = (with − without) / streams.
 //!
-//! `FLOWHOST_BIN=… STREAMS=500 cargo run --release -p flowhost-benches --bin event_streams`
+//! `FLOWHOST_BIN=… STREAMS=60 cargo run --release -p flowhost-benches --bin event_streams`
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -85,7 +85,9 @@ async fn rate(pool: &sqlx::PgPool) -> Result<f64> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let bin = std::env::var("FLOWHOST_BIN").map(std::path::PathBuf::from).unwrap_or_else(|_| flowhost_tests::flowhost_binary());
-    let runner = flowhost_tests::flowhost_binary();
+    // Instance A runs the job; the same build as B unless named (`FLOWHOST_RUNNER`): two
+    // builds must agree on the database's migrations.
+    let runner = std::env::var("FLOWHOST_RUNNER").map(std::path::PathBuf::from).unwrap_or_else(|_| bin.clone());
     let streams: usize = std::env::var("STREAMS").ok().and_then(|s| s.parse().ok()).unwrap_or(500);
     let extra: Vec<String> = std::env::var("FLOWHOST_EXTRA_ARGS").unwrap_or_default().split_whitespace().map(str::to_string).collect();
     let pg = PgCluster::start().await?;
