@@ -110,7 +110,9 @@ pub async fn open(args: &BackingArgs, state_dir: &Path) -> Result<Backing> {
                 presign_for: args.blob_presign.then(|| Duration::from_secs(args.blob_presign_seconds.clamp(1, 7 * 24 * 3600))),
             };
             tracing::info!(bucket = %location.bucket, "blob store: S3-compatible bucket");
-            Arc::new(S3BlobStore::from_env(&location, &options).map_err(|e| anyhow::anyhow!("--blob-store: {e}"))?)
+            let s3 = S3BlobStore::from_env(&location, &options).map_err(|e| anyhow::anyhow!("--blob-store: {e}"))?;
+            s3.verify_bucket().await.map_err(|e| anyhow::anyhow!("--blob-store: bucket {:?}: {e}", location.bucket))?;
+            Arc::new(s3)
         }
         None => Arc::new(FsBlobStore::new(state_dir.join("blobs")).with_context(|| format!("opening the blob store in {}", state_dir.display()))?),
     };

@@ -215,6 +215,17 @@ pub struct ServeArgs {
     /// Seconds a client has to send the whole request body (408 after).
     #[arg(long, default_value_t = 30)]
     pub body_read_timeout: u64,
+    /// Most concurrent asset transfers (`/api/v2/assets` uploads and streamed downloads),
+    /// each holding a bounded buffer (503 + Retry-After beyond).
+    #[arg(long, default_value_t = crate::http::v2::transfers::DEFAULT_MAX_TRANSFERS)]
+    pub max_transfers: usize,
+    /// Most concurrent `/api/v2/jobs/{id}/events` streams in all (429 `too_many_streams`
+    /// beyond; a plain GET of the job stays available).
+    #[arg(long, default_value_t = crate::http::v2::events::DEFAULT_MAX_STREAMS)]
+    pub max_event_streams: usize,
+    /// Most concurrent event streams of one job.
+    #[arg(long, default_value_t = crate::http::v2::events::DEFAULT_MAX_STREAMS_PER_JOB)]
+    pub max_event_streams_per_job: usize,
     /// Seconds between plugin-folder rescans (network volumes send no events).
     #[arg(long, default_value_t = 2)]
     pub rescan_interval: u64,

@@ -141,6 +141,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         }
         _ => None,
     };
+    check_plugin_folder(&args.plugins)?;
     let watcher = PluginWatcher::start(
         LoadContext {
             dir: args.plugins.clone(),
@@ -248,6 +249,8 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         simulated: simulate,
         webhooks: Some(webhooks),
         warm_up: warm_up_status,
+        transfers: crate::http::v2::transfers::Transfers::new(args.max_transfers),
+        streams: crate::http::v2::events::StreamSlots::new(args.max_event_streams, args.max_event_streams_per_job),
     };
     let app = crate::http::router(state.clone());
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
@@ -269,6 +272,22 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     analytics.emit(Event::app_deployed(env!("CARGO_PKG_VERSION"), &plugins));
     tracing::info!(%addr, plugins = %args.plugins.display(), endpoints = plugins.len(), "flowhost listening");
     Ok(Server { addr, state, shutdown: Some(tx), task, _watcher: watcher, simulated, warm_up, _state_lock: state_lock })
+}
+
+/// The default `--plugins` folder, created on a first run.
+const DEFAULT_PLUGIN_FOLDER: &str = ".flowhost/plugins";
+
+/// A `--plugins` folder named on the command line must exist: a mistyped path would
+/// otherwise be created empty and the service would be ready serving 0 endpoints (issue
+/// #22). Only the default folder is created for a first run.
+pub(crate) fn check_plugin_folder(folder: &std::path::Path) -> Result<()> {
+    if folder.is_dir() || folder == std::path::Path::new(DEFAULT_PLUGIN_FOLDER) {
+        return Ok(());
+    }
+    if folder.exists() {
+        anyhow::bail!("--plugins {}: not a folder", folder.display());
+    }
+    anyhow::bail!("--plugins {}: no such folder (check the path; create it first to start with no plugins)", folder.display())
 }
 
 /// One ComfyUI worker to start: where it is, its folders as seen from here, its GPU.

@@ -22,33 +22,57 @@ pub fn test_python() -> String {
     std::env::var("FLOWHOST_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
+fn spawn_moto(port: u16) -> Result<std::process::Child> {
+    Command::new(test_python())
+        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting moto (pip install -r tests/python-requirements.txt, or set FLOWHOST_TEST_PYTHON)")
+}
+
 impl S3Server {
     /// Start moto on a free port and create `bucket`.
     pub async fn start(bucket: &str) -> Result<S3Server> {
         let port = crate::free_port();
-        let child = Command::new(test_python())
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting moto (pip install -r tests/python-requirements.txt, or set FLOWHOST_TEST_PYTHON)")?;
+        let child = spawn_moto(port)?;
         let mut server = S3Server { child: crate::KillOnDrop(child), port, bucket: bucket.to_string() };
+        server.wait_and_create_bucket().await?;
+        Ok(server)
+    }
+
+    /// Stop the server (an outage): every request to it is refused until [`S3Server::restart`].
+    pub fn stop(&mut self) {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+    }
+
+    /// Start it again on the same port with the bucket (moto keeps objects in memory: the
+    /// bucket comes back empty).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.child = crate::KillOnDrop(spawn_moto(self.port)?);
+        self.wait_and_create_bucket().await
+    }
+
+    async fn wait_and_create_bucket(&mut self) -> Result<()> {
+        let bucket = self.bucket.clone();
         let client = reqwest::Client::new();
         let started = Instant::now();
         loop {
-            if let Ok(Some(status)) = server.child.0.try_wait() {
+            if let Ok(Some(status)) = self.child.0.try_wait() {
                 let mut err = String::new();
-                if let Some(mut stderr) = server.child.0.stderr.take() {
+                if let Some(mut stderr) = self.child.0.stderr.take() {
                     use std::io::Read;
                     let _ = stderr.read_to_string(&mut err);
                 }
                 bail!("moto exited ({status}); is moto[server] installed in {}? {err}", test_python());
             }
             // moto accepts any credentials; creating the bucket is a plain PUT.
-            if let Ok(response) = client.put(format!("{}/{bucket}", server.endpoint())).send().await {
+            if let Ok(response) = client.put(format!("{}/{bucket}", self.endpoint())).send().await {
                 if response.status().is_success() {
-                    return Ok(server);
+                    return Ok(());
                 }
             }
             if started.elapsed() > Duration::from_secs(60) {

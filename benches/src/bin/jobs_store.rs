@@ -58,6 +58,7 @@ async fn main() -> Result<()> {
             role: AssetRole::Output,
             created_at: SystemTime::now(),
             expires_at: Some(job.expires_at),
+            tenant: None,
         };
         store.insert_asset(&asset).await?;
         job.status = JobStatus::Succeeded;

@@ -251,6 +251,8 @@ async fn submit_new(
         Ok(mut s) => {
             s.spec.webhook = webhook;
             s.spec.labels = labels;
+            // The typed route's job is its key's too (read back through /api/v2/jobs).
+            s.spec.tenant = super::v2::tenant(caller);
             s
         }
         Err(failure) => return Err(fail(job_errors::problem(&failure, Some(&plugin.manifest.name)), failure.failure_kind(), Some(plugin_build))),
@@ -437,7 +439,10 @@ pub async fn call_build(slots: &CallSlots, plugin: Arc<LoadedPlugin>, body: Stri
     match outcome {
         Ok(Ok(job)) => Ok(job),
         Ok(Err(err)) => Err(call_error_problem(err, &label)),
-        Err(join) => Err(Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed", "The plugin failed", format!("plugin {label} crashed the call: {join}"))),
+        Err(join) => {
+            tracing::warn!(plugin = %label, error = %join, "plugin call crashed its thread");
+            Err(Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed", "The plugin failed", format!("plugin {label} crashed the call: {join}")))
+        }
     }
 }
 
@@ -495,7 +500,10 @@ pub fn call_error_problem(err: CallError, label: &str) -> Problem {
         )
         .with("plugin", plugin)
         .retry_after(RETRY_AFTER_BUSY),
-        CallError::Failed { plugin, version, kind, detail } => Problem::new(
+        CallError::Failed { plugin, version, kind, detail } => {
+            // A trap, a panic, a deadline or the memory limit: the operator's to see, by name.
+            tracing::warn!(plugin = %plugin, version = %version, failure = ?kind, detail = %cap(&detail), "plugin call failed");
+            Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "plugin_failed",
             "The plugin failed",
@@ -503,7 +511,8 @@ pub fn call_error_problem(err: CallError, label: &str) -> Problem {
         )
         .with("plugin", plugin)
         .with("version", version)
-        .with("failure", serde_json::to_value(kind).unwrap_or(Value::Null)),
+        .with("failure", serde_json::to_value(kind).unwrap_or(Value::Null))
+        }
     }
 }
 
@@ -570,7 +579,7 @@ async fn read_body(body: Body, headers: &HeaderMap, limits: &super::HttpLimits) 
 }
 
 /// Whether a body-read error is the size limit (and not a broken body).
-fn is_length_limit(e: &axum::Error) -> bool {
+pub(crate) fn is_length_limit(e: &axum::Error) -> bool {
     use std::error::Error as _;
     let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
     while let Some(err) = source {

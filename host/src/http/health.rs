@@ -17,8 +17,11 @@ pub async fn health(State(state): State<AppState>) -> Response {
     // Without its websocket a run waits on history polls: answering is not enough.
     let websocket = state.jobs.backend().map(|b| b.client().ws_state().borrow().connected);
     let warm_up = state.warm_up.report();
+    // A bucket that cannot be reached fails every job's outputs: not ready, and said so.
+    let blob_store = state.jobs.blobs().check().await;
     let (ready, status) = match (report.ready, websocket, warm_up.state) {
         (false, _, _) => (false, report.status),
+        (true, _, _) if blob_store.is_err() => (false, "blob_store_unreachable"),
         (true, Some(false), _) => (false, "websocket_down"),
         (true, _, "failed") => (false, "warm_up_failed"),
         (true, _, _) if !warm_up.ready => (false, "warming_up"),
@@ -38,8 +41,18 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "workers": report.workers,
         "plugins_loaded": state.registry.snapshot().plugins().len(),
         "jobs": crate::backing::describe(state.jobs.store().as_ref(), state.jobs.blobs().as_ref()),
+        "blob_store": blob_store_json(state.jobs.blobs().kind(), &blob_store),
     });
     (status_code, Json(body)).into_response()
+}
+
+/// The blob store's readiness as `/health` and `/api/v2/health` say it: its kind and
+/// whether it answers (the reason names no host, port or key).
+pub(crate) fn blob_store_json(kind: &str, checked: &Result<(), crate::jobs::blobs::BlobError>) -> serde_json::Value {
+    match checked {
+        Ok(()) => json!({"kind": kind, "reachable": true}),
+        Err(e) => json!({"kind": kind, "reachable": false, "reason": e.to_string()}),
+    }
 }
 
 /// Liveness: 200 `ok` whenever the HTTP server can answer at all. Deliberately

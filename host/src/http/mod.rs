@@ -70,6 +70,10 @@ pub struct AppState {
     pub webhooks: Option<crate::webhooks::Webhooks>,
     /// Warm-up rounds (`warm_up.rs`): `/health` is not ready until the current one is done.
     pub warm_up: Arc<crate::warm_up::WarmUps>,
+    /// Slots of concurrent asset transfers (`/api/v2/assets` uploads and downloads).
+    pub transfers: v2::transfers::Transfers,
+    /// Caps on concurrent `/api/v2/jobs/{id}/events` streams.
+    pub streams: v2::events::StreamSlots,
 }
 
 /// The header marking responses produced by the simulated ComfyUI.

@@ -9,16 +9,17 @@
 
 use std::time::SystemTime;
 
-use bytes::Bytes;
 use uuid::Uuid;
 
-use super::blobs::{BlobError, hash_of, is_valid_hash};
+use super::blobs::{BlobError, ByteStream, StreamedPut, is_valid_hash};
 use super::model::{Asset, AssetRole};
 use super::service::JobService;
+use super::tenant::Viewer;
 
 /// Why an asset operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AssetError {
+    /// No such asset, or another tenant's (the two read the same).
     #[error("no such asset")]
     NotFound,
     /// No blob with this hash is stored (v2 `blob_not_found`).
@@ -33,6 +34,12 @@ pub enum AssetError {
     /// The byte range starts past the end (416).
     #[error("range not satisfiable (size {size})")]
     RangeNotSatisfiable { size: u64 },
+    /// The stream of an upload failed (the caller's side: its error is already known).
+    #[error("the upload's bytes stopped arriving")]
+    SourceFailed,
+    /// The blob store (the bucket) cannot be reached now: a retry may succeed (503).
+    #[error("blob store unreachable: {0}")]
+    BlobStoreDown(String),
     #[error("asset store: {0}")]
     Unavailable(String),
 }
@@ -44,12 +51,20 @@ fn unavailable(e: impl std::fmt::Display) -> AssetError {
 /// How many same-named uploads a name lookup considers (newest first) before giving up.
 const NAMED_CANDIDATES: usize = 100;
 
-/// Whether `caller` (an API key's name; `None` without keys) may read `asset`: the one
-/// place the rule lives, so file-name references, `from-hash` and the asset routes agree.
-/// Today every caller may read every asset (keys authenticate, they do not partition).
-pub fn may_read(asset: &Asset, caller: Option<&str>) -> bool {
-    let _ = (asset, caller);
-    true
+/// Whether `viewer` may read `asset`: the tenant rule ([`Viewer::sees`]), in the one place
+/// file-name references, `from-hash` and the asset routes all ask.
+pub fn may_read(asset: &Asset, viewer: &Viewer) -> bool {
+    viewer.sees(asset.tenant.as_deref())
+}
+
+fn blob_error(e: BlobError) -> AssetError {
+    match e {
+        BlobError::NotFound(hash) => AssetError::BlobNotFound(hash),
+        BlobError::HashMismatch { expected, actual } => AssetError::HashMismatch { expected, actual },
+        BlobError::SourceFailed => AssetError::SourceFailed,
+        BlobError::BadHash(_) => AssetError::InvalidHash,
+        BlobError::Io(detail) => AssetError::BlobStoreDown(detail),
+    }
 }
 
 /// A new asset, and whether its bytes were new to the store (v2 `created_new`).
@@ -59,67 +74,74 @@ pub struct CreatedAsset {
     pub created_new: bool,
 }
 
+/// An asset's bytes on their way out: the record, the (clamped, inclusive) range sent
+/// when one was asked, and the stream.
+pub struct AssetContent {
+    pub asset: Asset,
+    pub range: Option<(u64, u64)>,
+    pub bytes: ByteStream,
+}
+
 impl JobService {
-    /// Store uploaded bytes as a new asset. `expected_hash`, when given, must match.
-    pub async fn put_asset(&self, bytes: Bytes, name: Option<String>, content_type: &str, expected_hash: Option<&str>) -> Result<CreatedAsset, AssetError> {
-        if let Some(expected) = expected_hash {
-            if !is_valid_hash(expected) {
-                return Err(AssetError::InvalidHash);
-            }
-            let actual = hash_of(&bytes);
-            if actual != expected {
-                return Err(AssetError::HashMismatch { expected: expected.to_string(), actual });
-            }
+    /// Store an upload's bytes as they arrive (hashed on the way, never held whole).
+    /// `expected_hash`, when given, must match or nothing is kept. The record is made by
+    /// [`JobService::record_upload`] once the rest of the form is read.
+    pub async fn store_upload(&self, chunks: futures::stream::BoxStream<'_, Result<bytes::Bytes, BlobError>>, expected_hash: Option<&str>) -> Result<StreamedPut, AssetError> {
+        if expected_hash.is_some_and(|e| !is_valid_hash(e)) {
+            return Err(AssetError::InvalidHash);
         }
-        let size = bytes.len() as u64;
-        let (hash, created_new) = self.blobs.put(bytes).await.map_err(unavailable)?;
-        let asset = self.new_upload_record(hash, size, content_type, name);
-        self.store.insert_asset(&asset).await.map_err(unavailable)?;
-        Ok(CreatedAsset { asset, created_new })
+        self.blobs.put_stream(chunks, expected_hash).await.map_err(blob_error)
     }
 
-    /// A new asset over bytes the server already has (v2 `from-hash`).
-    pub async fn asset_from_hash(&self, hash: &str, name: Option<String>, content_type: Option<&str>) -> Result<CreatedAsset, AssetError> {
+    /// The record of stored upload bytes, owned by `tenant`.
+    pub async fn record_upload(&self, put: &StreamedPut, name: Option<String>, content_type: &str, tenant: Option<String>) -> Result<CreatedAsset, AssetError> {
+        let asset = self.new_upload_record(put.hash.clone(), put.size, content_type, name, tenant);
+        self.store.insert_asset(&asset).await.map_err(unavailable)?;
+        Ok(CreatedAsset { asset, created_new: put.created_new })
+    }
+
+    /// A new asset over bytes the server already has (v2 `from-hash`). A tenant may only
+    /// name bytes it holds an asset of (else `BlobNotFound`, as if they were not stored).
+    pub async fn asset_from_hash(&self, hash: &str, name: Option<String>, content_type: Option<&str>, viewer: &Viewer, tenant: Option<String>) -> Result<CreatedAsset, AssetError> {
         if !is_valid_hash(hash) {
             return Err(AssetError::InvalidHash);
         }
-        if !self.blobs.exists(hash).await.map_err(unavailable)? {
+        let existing = self.store.asset_by_hash(hash, viewer.only()).await.map_err(unavailable)?;
+        if viewer.only().is_some() && existing.is_none() {
             return Err(AssetError::BlobNotFound(hash.to_string()));
         }
-        let existing = self.store.asset_by_hash(hash).await.map_err(unavailable)?;
-        let size = match &existing {
-            Some(a) => a.size_bytes,
-            None => self.blobs.get(hash).await.map_err(unavailable)?.len() as u64,
+        let Some(size) = self.blobs.size(hash).await.map_err(blob_error)? else {
+            return Err(AssetError::BlobNotFound(hash.to_string()));
         };
         let content_type = content_type.map(str::to_string).or_else(|| existing.as_ref().map(|a| a.content_type.clone())).unwrap_or_else(|| "application/octet-stream".into());
-        let asset = self.new_upload_record(hash.to_string(), size, &content_type, name.or_else(|| existing.and_then(|a| a.name)));
+        let asset = self.new_upload_record(hash.to_string(), size, &content_type, name.or_else(|| existing.and_then(|a| a.name)), tenant);
         self.store.insert_asset(&asset).await.map_err(unavailable)?;
         Ok(CreatedAsset { asset, created_new: false })
     }
 
     /// The asset a file name refers to: the newest live upload whose `file_path` is `name`
-    /// among those `caller` may read ([`may_read`]). What a plain string in an input-folder
+    /// among those `viewer` may read ([`may_read`]). What a plain string in an input-folder
     /// input of a v2 graph resolves to (newest wins: uploading `portrait.png` again
     /// replaces what `"portrait.png"` means, as placing a file under that name would).
-    pub async fn upload_named(&self, name: &str, caller: Option<&str>) -> Result<Option<Asset>, AssetError> {
+    pub async fn upload_named(&self, name: &str, viewer: &Viewer) -> Result<Option<Asset>, AssetError> {
         let now = SystemTime::now();
         let candidates = self.store.uploads_named(name, NAMED_CANDIDATES).await.map_err(unavailable)?;
-        Ok(candidates.into_iter().find(|a| a.expires_at.is_none_or(|at| at > now) && may_read(a, caller)))
+        Ok(candidates.into_iter().find(|a| a.expires_at.is_none_or(|at| at > now) && may_read(a, viewer)))
     }
 
     /// An upload record over `hash` that `from-hash` with the same `hash` and `file_path`
     /// would duplicate (v2's "an identical reference already existed; returned as-is"):
-    /// the newest live one named `name` (any name when `name` is `None`) that `caller` may read.
-    pub async fn identical_reference(&self, hash: &str, name: Option<&str>, caller: Option<&str>) -> Result<Option<Asset>, AssetError> {
+    /// the newest live one named `name` (any name when `name` is `None`) that `viewer` may read.
+    pub async fn identical_reference(&self, hash: &str, name: Option<&str>, viewer: &Viewer) -> Result<Option<Asset>, AssetError> {
         if !is_valid_hash(hash) {
             return Err(AssetError::InvalidHash);
         }
         let now = SystemTime::now();
         let candidates = match name {
             Some(name) => self.store.uploads_named(name, NAMED_CANDIDATES).await.map_err(unavailable)?,
-            None => self.store.asset_by_hash(hash).await.map_err(unavailable)?.filter(|a| a.role == AssetRole::Upload).into_iter().collect(),
+            None => self.store.asset_by_hash(hash, viewer.only()).await.map_err(unavailable)?.filter(|a| a.role == AssetRole::Upload).into_iter().collect(),
         };
-        let found = candidates.into_iter().find(|a| a.hash == hash && a.expires_at.is_none_or(|at| at > now) && may_read(a, caller));
+        let found = candidates.into_iter().find(|a| a.hash == hash && a.expires_at.is_none_or(|at| at > now) && may_read(a, viewer));
         match found {
             // The blob must still be there (a record outliving its bytes is no reference).
             Some(asset) if self.blobs.exists(hash).await.map_err(unavailable)? => Ok(Some(asset)),
@@ -127,46 +149,40 @@ impl JobService {
         }
     }
 
-    /// Whether bytes with this hash are stored (v2 `HEAD /assets/by-hash/{hash}`).
-    pub async fn asset_exists_by_hash(&self, hash: &str) -> Result<bool, AssetError> {
+    /// Whether bytes with this hash are stored under an asset the viewer sees (v2 `HEAD
+    /// /assets/by-hash/{hash}`).
+    pub async fn asset_exists_by_hash(&self, hash: &str, viewer: &Viewer) -> Result<bool, AssetError> {
         if !is_valid_hash(hash) {
             return Err(AssetError::InvalidHash);
         }
-        let recorded = self.store.asset_by_hash(hash).await.map_err(unavailable)?.is_some();
-        Ok(recorded && self.blobs.exists(hash).await.map_err(unavailable)?)
+        let recorded = self.store.asset_by_hash(hash, viewer.only()).await.map_err(unavailable)?.is_some();
+        Ok(recorded && self.blobs.exists(hash).await.map_err(blob_error)?)
     }
 
-    /// An asset's record.
-    pub async fn get_asset(&self, id: Uuid) -> Result<Asset, AssetError> {
-        self.store.get_asset(id).await.map_err(unavailable)?.ok_or(AssetError::NotFound)
+    /// An asset's record, when the viewer sees it.
+    pub async fn get_asset(&self, id: Uuid, viewer: &Viewer) -> Result<Asset, AssetError> {
+        let asset = self.store.get_asset(id).await.map_err(unavailable)?.ok_or(AssetError::NotFound)?;
+        if viewer.sees(asset.tenant.as_deref()) { Ok(asset) } else { Err(AssetError::NotFound) }
     }
 
-    /// An asset's bytes: all, or `range = (start, end_inclusive)` clamped to the size.
-    pub async fn read_asset(&self, id: Uuid, range: Option<(u64, Option<u64>)>) -> Result<(Asset, Bytes), AssetError> {
-        let asset = self.get_asset(id).await?;
-        let bytes = match range {
-            None => self.blobs.get(&asset.hash).await,
-            Some((start, _)) if start >= asset.size_bytes => return Err(AssetError::RangeNotSatisfiable { size: asset.size_bytes }),
-            Some((start, end)) => {
-                let end = end.unwrap_or(u64::MAX).min(asset.size_bytes.saturating_sub(1));
-                self.blobs.get_range(&asset.hash, start, end + 1 - start).await
-            }
+    /// An asset's bytes as a stream: all, or `range = (start, end_inclusive)` clamped to
+    /// the size.
+    pub async fn open_asset(&self, asset: Asset, range: Option<(u64, Option<u64>)>) -> Result<AssetContent, AssetError> {
+        let size = asset.size_bytes;
+        let (start, end) = match range {
+            None => (0, size.saturating_sub(1)),
+            Some((start, _)) if start >= size => return Err(AssetError::RangeNotSatisfiable { size }),
+            Some((start, end)) => (start, end.unwrap_or(u64::MAX).min(size.saturating_sub(1))),
         };
-        match bytes {
-            Ok(b) => Ok((asset, b)),
-            Err(BlobError::NotFound(h)) => Err(AssetError::BlobNotFound(h)),
-            Err(e) => Err(unavailable(e)),
-        }
+        let len = if size == 0 { 0 } else { end + 1 - start };
+        let bytes = self.blobs.get_stream(&asset.hash, start, len).await.map_err(blob_error)?;
+        Ok(AssetContent { range: range.map(|_| (start, end)), asset, bytes })
     }
 
     /// A presigned URL the asset's bytes can be fetched from directly, when the blob
     /// store hands those out (S3 with `--blob-presign`); `None`: stream them through.
     pub async fn asset_download_url(&self, asset: &Asset) -> Result<Option<String>, AssetError> {
-        match self.blobs.presigned_get(&asset.hash).await {
-            Ok(url) => Ok(url),
-            Err(BlobError::NotFound(h)) => Err(AssetError::BlobNotFound(h)),
-            Err(e) => Err(unavailable(e)),
-        }
+        self.blobs.presigned_get(&asset.hash).await.map_err(blob_error)
     }
 
     /// Remove an asset record (the blob goes at the next sweep if unreferenced).
@@ -179,7 +195,7 @@ impl JobService {
         self.store.list_assets(limit, offset).await.map_err(unavailable)
     }
 
-    fn new_upload_record(&self, hash: String, size: u64, content_type: &str, name: Option<String>) -> Asset {
+    fn new_upload_record(&self, hash: String, size: u64, content_type: &str, name: Option<String>, tenant: Option<String>) -> Asset {
         let now = SystemTime::now();
         Asset {
             id: Uuid::new_v4(),
@@ -192,6 +208,7 @@ impl JobService {
             role: AssetRole::Upload,
             created_at: now,
             expires_at: Some(now + self.config.retention),
+            tenant,
         }
     }
 }

@@ -13,13 +13,18 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
 use object_store::signer::Signer;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
-use super::blobs::{BlobError, BlobStore, hash_of, is_valid_hash};
+use super::blobs::{BlobError, BlobStore, ByteStream, PassingHash, StreamedPut, hash_of, is_valid_hash};
+
+/// The part size of streamed uploads (S3's smallest part but the last): what one upload
+/// holds in memory besides the part in flight.
+const UPLOAD_PART: usize = 5 << 20;
 
 /// Where the bucket is and how to reach it. Credentials come from the usual AWS
 /// environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
@@ -65,7 +70,14 @@ pub struct S3BlobStore {
     s3: Arc<AmazonS3>,
     prefix: String,
     presign_for: Option<Duration>,
+    /// The last readiness probe (when, reachable), so health polls do not each cost a request.
+    checked: Arc<std::sync::Mutex<Option<(std::time::Instant, bool)>>>,
 }
+
+/// How long a readiness probe's answer is reused.
+const CHECK_FOR: Duration = Duration::from_secs(2);
+/// How long a readiness probe waits for the bucket.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl S3BlobStore {
     /// A client for `location` from the AWS environment plus `options`.
@@ -98,8 +110,11 @@ impl S3BlobStore {
             None if var("AWS_VIRTUAL_HOSTED_STYLE_REQUEST").is_none() => builder = builder.with_virtual_hosted_style_request(false),
             None => {}
         }
+        // Fail within seconds while the bucket is down (the default retries for 3 minutes):
+        // a download answers 503 + Retry-After and an output store is retried by the runner.
+        builder = builder.with_retry(object_store::RetryConfig { backoff: Default::default(), max_retries: 3, retry_timeout: Duration::from_secs(10) });
         let s3 = builder.build().map_err(|e| BlobError::Io(format!("configuring the S3 client: {}", scrub(&e))))?;
-        Ok(S3BlobStore { s3: Arc::new(s3), prefix: location.prefix.clone(), presign_for: options.presign_for })
+        Ok(S3BlobStore { s3: Arc::new(s3), prefix: location.prefix.clone(), presign_for: options.presign_for, checked: Arc::default() })
     }
 
     fn path_of(&self, hash: &str) -> Result<ObjectPath, BlobError> {
@@ -109,6 +124,14 @@ impl S3BlobStore {
         let hex = &hash["blake3:".len()..];
         let key = if self.prefix.is_empty() { format!("{}/{hex}", &hex[..2]) } else { format!("{}/{}/{hex}", self.prefix, &hex[..2]) };
         Ok(ObjectPath::from(key))
+    }
+
+    /// Where a streamed upload lands before its hash is known (`<prefix>/tmp/<uuid>`; the
+    /// sweeper never lists it as a blob, and a bucket lifecycle rule on `tmp/` may expire
+    /// the leftovers of an instance killed mid-upload).
+    fn upload_path(&self) -> ObjectPath {
+        let name = uuid::Uuid::new_v4().simple().to_string();
+        if self.prefix.is_empty() { ObjectPath::from(format!("tmp/{name}")) } else { ObjectPath::from(format!("{}/tmp/{name}", self.prefix)) }
     }
 
     fn hash_of_path(&self, path: &ObjectPath) -> Option<String> {
@@ -151,6 +174,58 @@ impl BlobStore for S3BlobStore {
         }
         self.s3.put(&path, PutPayload::from_bytes(bytes)).await.map_err(|e| s3_error(&hash, e))?;
         Ok((hash, true))
+    }
+
+    async fn put_stream(&self, mut chunks: BoxStream<'_, Result<Bytes, BlobError>>, expected: Option<&str>) -> Result<StreamedPut, BlobError> {
+        // The key is the hash, known only at the end: the bytes go to a temporary key by
+        // multipart upload (one part buffered, one in flight), then are copied in place.
+        let tmp = self.upload_path();
+        let upload = self.s3.put_multipart(&tmp).await.map_err(|e| s3_error("(upload)", e))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, UPLOAD_PART);
+        let mut hash = PassingHash::default();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    return Err(e);
+                }
+            };
+            hash.update(&chunk);
+            if let Err(e) = writer.wait_for_capacity(1).await {
+                let _ = writer.abort().await;
+                return Err(s3_error("(upload)", e));
+            }
+            writer.put(chunk);
+        }
+        writer.finish().await.map_err(|e| s3_error("(upload)", e))?;
+        let settled = self.settle_upload(&tmp, hash.finish(expected)).await;
+        if let Err(e) = self.s3.delete(&tmp).await {
+            tracing::warn!(error = scrub(&e), "could not remove a temporary upload object");
+        }
+        settled
+    }
+
+    async fn size(&self, hash: &str) -> Result<Option<u64>, BlobError> {
+        let path = self.path_of(hash)?;
+        match self.s3.head(&path).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(s3_error(hash, e)),
+        }
+    }
+
+    async fn get_stream(&self, hash: &str, offset: u64, len: u64) -> Result<ByteStream, BlobError> {
+        let path = self.path_of(hash)?;
+        let size = self.size(hash).await?.ok_or_else(|| BlobError::NotFound(hash.to_string()))?;
+        let start = offset.min(size);
+        let end = start.saturating_add(len).min(size);
+        if start == end {
+            return Ok(futures::stream::empty().boxed());
+        }
+        let got = self.s3.get_opts(&path, GetOptions::new().with_range(Some(start..end))).await.map_err(|e| s3_error(hash, e))?;
+        let hash = hash.to_string();
+        Ok(got.into_stream().map_err(move |e| s3_error(&hash, e)).boxed())
     }
 
     async fn exists(&self, hash: &str) -> Result<bool, BlobError> {
@@ -204,8 +279,53 @@ impl BlobStore for S3BlobStore {
         Ok(Some(url.to_string()))
     }
 
+    async fn check(&self) -> Result<(), BlobError> {
+        if let Some((at, reachable)) = *self.checked.lock().unwrap_or_else(|p| p.into_inner()) {
+            if at.elapsed() < CHECK_FOR {
+                return if reachable { Ok(()) } else { Err(BlobError::Io("S3: the bucket could not be reached".into())) };
+            }
+        }
+        let probe = if self.prefix.is_empty() { ObjectPath::from("flowhost-readiness-probe") } else { ObjectPath::from(format!("{}/flowhost-readiness-probe", self.prefix)) };
+        let answer = match tokio::time::timeout(CHECK_TIMEOUT, self.s3.head(&probe)).await {
+            Ok(Ok(_)) | Ok(Err(object_store::Error::NotFound { .. })) => Ok(()),
+            Ok(Err(e)) => Err(BlobError::Io(format!("S3: {}", scrub(&e)))),
+            Err(_) => Err(BlobError::Io("S3: the bucket did not answer in time".into())),
+        };
+        *self.checked.lock().unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), answer.is_ok()));
+        answer
+    }
+
     fn kind(&self) -> &'static str {
         "s3"
+    }
+}
+
+impl S3BlobStore {
+    /// At start: the bucket exists and these credentials may list it (a listing of the
+    /// prefix; a HEAD cannot tell a missing bucket from a missing object). The error says
+    /// which, without endpoint or keys.
+    pub async fn verify_bucket(&self) -> Result<(), String> {
+        let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
+        match tokio::time::timeout(Duration::from_secs(20), self.s3.list_with_delimiter(prefix.as_ref())).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(object_store::Error::NotFound { .. })) => Err("the bucket does not exist (create it first)".into()),
+            // A listing's 404 comes back as a generic error carrying S3's code.
+            Ok(Err(e)) if e.to_string().contains("NoSuchBucket") => Err("the bucket does not exist (create it first)".into()),
+            Ok(Err(e)) => Err(scrub(&e).to_string()),
+            Err(_) => Err("the bucket did not answer within 20 s".into()),
+        }
+    }
+
+    /// A finished temporary upload copied to its content address (unless those bytes are
+    /// already there, or they hash to something else than the caller said).
+    async fn settle_upload(&self, tmp: &ObjectPath, hashed: Result<(String, u64), BlobError>) -> Result<StreamedPut, BlobError> {
+        let (hash, size) = hashed?;
+        if self.exists(&hash).await? {
+            return Ok(StreamedPut { hash, size, created_new: false });
+        }
+        let path = self.path_of(&hash)?;
+        self.s3.copy(tmp, &path).await.map_err(|e| s3_error(&hash, e))?;
+        Ok(StreamedPut { hash, size, created_new: true })
     }
 }
 

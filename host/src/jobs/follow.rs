@@ -2,11 +2,15 @@
 //! in the shared setup a job runs on whichever instance claimed it, and a request on
 //! another instance — a sync waiter, an SSE stream — reads its progress and its end from
 //! the shared store, polled at [`POLL`] (the runner stores progress at most every
-//! `PROGRESS_INTERVAL`; this reads at more than twice that rate).
+//! `PROGRESS_INTERVAL`; this reads at more than twice that rate). Every SSE stream of one
+//! job on this instance shares one poller (issue #22: 500 streams made 500 pollers), so
+//! the store's load grows with the jobs followed, not with their listeners.
 //!
 //! Owns: the polling followers. Must never: write the job (the holder does), or keep
 //! polling for a stream nobody reads.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
@@ -14,7 +18,7 @@ use uuid::Uuid;
 
 use super::failure::JobFailure;
 use super::model::{Job, JobEvent};
-use super::service::JobService;
+use super::service::{JobService, lock};
 
 /// How often a follower reads the job (4 Hz).
 pub const POLL: Duration = Duration::from_millis(250);
@@ -36,17 +40,29 @@ impl JobService {
     /// A receiver of `job`'s events read from the store: `Status` on every change of
     /// status, `Progress` when the stored progress moves, `Output` for each new output;
     /// closed after the terminal status (or when the job vanishes, or nobody listens).
+    /// A listener that joins a job already followed shares its poller.
     pub(super) fn follow_events(&self, job: &Job) -> broadcast::Receiver<JobEvent> {
+        let mut followers = lock(&self.followers);
+        if let Some(tx) = followers.get(&job.id) {
+            return tx.subscribe();
+        }
         let (tx, rx) = broadcast::channel(64);
+        followers.insert(job.id, tx.clone());
+        drop(followers);
+        let service = self.followers.clone();
         let store = self.store.clone();
         let mut last = job.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(POLL).await;
-                if tx.receiver_count() == 0 {
+                // Nobody listens: leave, unless one joined (under the lock) since.
+                if tx.receiver_count() == 0 && retire(&service, last.id, |_| tx.receiver_count() == 0) {
                     return;
                 }
-                let Ok(Some(now)) = store.get_job(last.id).await else { return };
+                let Ok(Some(now)) = store.get_job(last.id).await else {
+                    retire(&service, last.id, |_| true);
+                    return;
+                };
                 for output in now.outputs.iter().skip(last.outputs.len()) {
                     let _ = tx.send(JobEvent::Output(output.clone()));
                 }
@@ -61,10 +77,31 @@ impl JobService {
                 let done = now.status.is_terminal();
                 last = now;
                 if done {
+                    // A listener joining after this reads a closed channel and re-reads the
+                    // (terminal) job from the store.
+                    retire(&service, last.id, |_| true);
                     return;
                 }
             }
         });
         rx
     }
+
+    /// How many jobs this instance follows through the store now (one poller each).
+    pub fn followed_jobs(&self) -> usize {
+        lock(&self.followers).len()
+    }
+}
+
+/// The jobs followed through the store, each with the sender its listeners subscribe to.
+pub(super) type Followers = HashMap<Uuid, broadcast::Sender<JobEvent>>;
+
+/// Remove job `id`'s follower when `gone` says so (checked under the lock); whether it did.
+fn retire(followers: &Mutex<Followers>, id: Uuid, gone: impl FnOnce(&Followers) -> bool) -> bool {
+    let mut followers = lock(followers);
+    if !gone(&followers) {
+        return false;
+    }
+    followers.remove(&id);
+    true
 }

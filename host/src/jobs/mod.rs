@@ -18,9 +18,9 @@
 //! | `cancel(id) -> Result<Option<Job>, _>` | idempotent: queued → canceled, running → canceling → canceled, terminal as is |
 //! | `claim_idempotency_key(scope, key, fingerprint, job_id)` / `release_idempotency_key` | `Claimed` or `Existing { fingerprint, job_id }`; keys live 24 h |
 //! | `JobService::fingerprint(&[&[u8]])` | hash of what makes two requests the same |
-//! | `put_asset(bytes, name, content_type, expected_hash)` | → `CreatedAsset { asset, created_new }`, `AssetError::HashMismatch` |
-//! | `asset_from_hash(hash, name, content_type)` / `asset_exists_by_hash(hash)` | dedup fast path (`BlobNotFound`, `InvalidHash`) |
-//! | `get_asset(id)` / `read_asset(id, Some((start, end_inclusive)))` / `delete_asset(id)` / `list_assets(limit, offset)` | records and (ranged) bytes; `RangeNotSatisfiable { size }` |
+//! | `store_upload(stream, expected_hash)` then `record_upload(put, name, content_type, tenant)` | → `CreatedAsset { asset, created_new }`, `AssetError::HashMismatch` |
+//! | `asset_from_hash(hash, name, content_type, viewer, tenant)` / `asset_exists_by_hash(hash, viewer)` | dedup fast path (`BlobNotFound`, `InvalidHash`) |
+//! | `get_asset(id, viewer)` / `open_asset(asset, Some((start, Some(end_inclusive))))` (a stream) / `delete_asset(id)` / `list_assets(limit, offset)` | records and (ranged) bytes; `RangeNotSatisfiable { size }` |
 //! | `check_ready(&plugin)`, `health(..)`, `retry_after().await`, `queue_depth().await` | readiness, health, queue state |
 //! | `pool()` / `backend()` | the ComfyUI workers / the one that speaks for them (first serving) |
 //!
@@ -55,6 +55,7 @@ pub mod service;
 pub mod shared_queue;
 pub mod store;
 pub mod store_pg;
+pub mod tenant;
 
 pub use assets::{AssetError, CreatedAsset};
 pub use failure::JobFailure;
@@ -66,6 +67,7 @@ pub use readiness::{HealthReport, plugin_needs};
 pub use service::{CancelOnDrop, JobConfig, JobService, NewUpload, Submission, TransitionMessages};
 pub use store::{IdempotencyClaim, JobFilter, JobStore, SqliteStore};
 pub use store_pg::PostgresStore;
+pub use tenant::Viewer;
 
 /// The old name of the service (one release).
 pub type JobRunner = JobService;

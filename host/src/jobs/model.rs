@@ -167,6 +167,10 @@ pub struct JobSpec {
     /// matched by the job list's `metadata[key]=value` filter ([`super::labels`]).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: super::labels::Labels,
+    /// The API key (its name) that submitted the job, its tenant; `None` when no keys were
+    /// configured. See docs/operations.md, "Tenants".
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 impl JobSpec {
@@ -188,6 +192,7 @@ impl JobSpec {
             model_key: None,
             model_label: None,
             labels: Default::default(),
+            tenant: None,
         }
     }
 }
@@ -290,6 +295,11 @@ pub struct Asset {
     pub created_at: SystemTime,
     #[serde(default, with = "opt_ms")]
     pub expires_at: Option<SystemTime>,
+    /// The API key (its name) that owns it: the uploader, or the owner of the job it
+    /// belongs to. `None`: made while no keys were configured (only an admin key sees it
+    /// once keys are on). See docs/operations.md, "Tenants".
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 /// One job.

@@ -138,6 +138,9 @@ pub struct JobService {
     /// Per-prompt `extra_data` that must never be stored (v2's `api_key_comfy_org`): held in
     /// memory for the job's run only, so a restart loses it (the job then runs without it).
     transient_extra: Mutex<HashMap<Uuid, serde_json::Map<String, serde_json::Value>>>,
+    /// One store poller per job followed from another instance, shared by its listeners
+    /// (`follow.rs`).
+    pub(super) followers: Arc<Mutex<super::follow::Followers>>,
     /// Dispatch workers and the sweeper, stopped by [`JobService::shutdown`].
     pub(super) tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub metrics: Metrics,
@@ -204,6 +207,7 @@ impl JobService {
             live: Mutex::new(HashMap::new()),
             estimate: Mutex::new(DurationEstimate { ewma_ms: None }),
             transient_extra: Mutex::new(HashMap::new()),
+            followers: Arc::default(),
             tasks: Mutex::new(Vec::new()),
             metrics,
             analytics,
@@ -367,6 +371,7 @@ impl JobService {
                 role: AssetRole::Input,
                 created_at: job.created_at,
                 expires_at: Some(job.expires_at),
+                tenant: spec.tenant.clone(),
             });
             spec.uploads.push(UploadSpec { node_id: upload.node_id, input_name: upload.input_name, filename: upload.filename, hash });
         }

@@ -80,6 +80,8 @@ pub struct JobFilter {
     pub labels: Vec<(String, String)>,
     /// The id half of the cursor (jobs share milliseconds: a time alone skips some).
     pub before_id: Option<Uuid>,
+    /// Only this tenant's jobs (a user key); `None`: everyone's (an admin key, or no keys).
+    pub tenant: Option<String>,
 }
 
 /// The answer to claiming an idempotency key.
@@ -126,7 +128,7 @@ pub trait JobStore: Send + Sync {
     async fn insert_output(&self, asset: &Asset) -> StoreResult<()>;
     async fn get_asset(&self, id: Uuid) -> StoreResult<Option<Asset>>;
     /// The newest asset record over this blob hash, if any.
-    async fn asset_by_hash(&self, hash: &str) -> StoreResult<Option<Asset>>;
+    async fn asset_by_hash(&self, hash: &str, tenant: Option<&str>) -> StoreResult<Option<Asset>>;
     /// Removes the record; the blob goes when nothing references it (sweep).
     async fn delete_asset(&self, id: Uuid) -> StoreResult<bool>;
     /// Uploaded assets (role `upload`) whose `file_path` is `name`, newest first, at most
@@ -162,6 +164,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "jobs assets idempotency", include_str!("migrations/sqlite/0001_jobs.sql")),
     (2, "webhook outbox", include_str!("migrations/sqlite/0002_webhook_outbox.sql")),
     (3, "shared queue", include_str!("migrations/sqlite/0003_shared_queue.sql")),
+    (5, "tenants", include_str!("migrations/sqlite/0005_tenants.sql")),
     (6, "job labels", include_str!("migrations/sqlite/0006_job_labels.sql")),
 ];
 
@@ -246,6 +249,7 @@ pub(crate) struct AssetColumns {
     pub role: String,
     pub created_at: i64,
     pub expires_at: Option<i64>,
+    pub tenant: Option<String>,
 }
 
 impl AssetColumns {
@@ -261,11 +265,12 @@ impl AssetColumns {
             role: AssetRole::parse(&self.role),
             created_at: from_ms(self.created_at),
             expires_at: self.expires_at.map(from_ms),
+            tenant: self.tenant,
         })
     }
 }
 
-pub(crate) const ASSET_COLUMNS: &str = "id, hash, size_bytes, content_type, name, job_id, node_id, role, created_at, expires_at";
+pub(crate) const ASSET_COLUMNS: &str = "id, hash, size_bytes, content_type, name, job_id, node_id, role, created_at, expires_at, tenant";
 
 /// `$from, $from+1, …` (`count` numbered placeholders; both dialects read `$N`).
 pub(crate) fn placeholders(from: usize, count: usize) -> String {
@@ -314,12 +319,13 @@ macro_rules! sql_job_store {
                     role: row.try_get("role")?,
                     created_at: row.try_get("created_at")?,
                     expires_at: row.try_get("expires_at")?,
+                    tenant: row.try_get("tenant")?,
                 }
                 .into_asset()
             }
 
             async fn insert_asset_on<'e, E: sqlx::Executor<'e, Database = $db>>(executor: E, asset: &Asset) -> StoreResult<()> {
-                sqlx::query(&format!("INSERT INTO assets ({ASSET_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"))
+                sqlx::query(&format!("INSERT INTO assets ({ASSET_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"))
                     .bind(asset.id.to_string())
                     .bind(asset.hash.clone())
                     .bind(asset.size_bytes as i64)
@@ -330,6 +336,7 @@ macro_rules! sql_job_store {
                     .bind(asset.role.as_str().to_string())
                     .bind(to_ms(asset.created_at))
                     .bind(asset.expires_at.map(to_ms))
+                    .bind(asset.tenant.clone())
                     .execute(executor)
                     .await?;
                 Ok(())
@@ -397,12 +404,13 @@ macro_rules! sql_job_store {
             impl JobStore for $store {
                 async fn insert_job(&self, job: &Job, inputs: &[Asset]) -> StoreResult<()> {
                     let mut tx = self.pool.begin().await?;
-                    sqlx::query("INSERT INTO jobs (id, status, created_at, expires_at, doc) VALUES ($1, $2, $3, $4, $5)")
+                    sqlx::query("INSERT INTO jobs (id, status, created_at, expires_at, doc, tenant) VALUES ($1, $2, $3, $4, $5, $6)")
                         .bind(job.id.to_string())
                         .bind(job.status.as_str().to_string())
                         .bind(to_ms(job.created_at))
                         .bind(to_ms(job.expires_at))
                         .bind(job_doc(job)?)
+                        .bind(job.spec.tenant.clone())
                         .execute(&mut *tx)
                         .await?;
                     for asset in inputs {
@@ -465,6 +473,10 @@ macro_rules! sql_job_store {
                         sql.push_str(&format!(" AND id IN (SELECT job_id FROM job_labels WHERE key = ${next} AND value = ${})", next + 1));
                         next += 2;
                     }
+                    if filter.tenant.is_some() {
+                        sql.push_str(&format!(" AND tenant = ${next}"));
+                        next += 1;
+                    }
                     sql.push_str(&format!(" ORDER BY created_at DESC, id DESC LIMIT ${next}"));
                     let mut query = sqlx::query(&sql);
                     for status in &filter.statuses {
@@ -478,6 +490,9 @@ macro_rules! sql_job_store {
                     }
                     for (key, value) in &filter.labels {
                         query = query.bind(key.clone()).bind(value.clone());
+                    }
+                    if let Some(tenant) = &filter.tenant {
+                        query = query.bind(tenant.clone());
                     }
                     let limit = if filter.limit == 0 { 100 } else { filter.limit.min(1000) };
                     let rows = query.bind(limit as i64).fetch_all(&self.pool).await?;
@@ -527,11 +542,14 @@ macro_rules! sql_job_store {
                     row.as_ref().map(asset_from_row).transpose()
                 }
 
-                async fn asset_by_hash(&self, hash: &str) -> StoreResult<Option<Asset>> {
-                    let row = sqlx::query(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE hash = $1 ORDER BY seq DESC LIMIT 1"))
-                        .bind(hash.to_string())
-                        .fetch_optional(&self.pool)
-                        .await?;
+                async fn asset_by_hash(&self, hash: &str, tenant: Option<&str>) -> StoreResult<Option<Asset>> {
+                    let only_tenant = if tenant.is_some() { " AND tenant = $2" } else { "" };
+                    let sql = format!("SELECT {ASSET_COLUMNS} FROM assets WHERE hash = $1{only_tenant} ORDER BY seq DESC LIMIT 1");
+                    let mut query = sqlx::query(&sql).bind(hash.to_string());
+                    if let Some(tenant) = tenant {
+                        query = query.bind(tenant.to_string());
+                    }
+                    let row = query.fetch_optional(&self.pool).await?;
                     row.as_ref().map(asset_from_row).transpose()
                 }
 

@@ -19,6 +19,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "jobs assets idempotency", include_str!("migrations/postgres/0001_jobs.sql")),
     (2, "webhook outbox", include_str!("migrations/postgres/0002_webhook_outbox.sql")),
     (3, "shared queue", include_str!("migrations/postgres/0003_shared_queue.sql")),
+    (5, "tenants", include_str!("migrations/postgres/0005_tenants.sql")),
     (6, "job labels", include_str!("migrations/postgres/0006_job_labels.sql")),
 ];
 

@@ -17,7 +17,11 @@ async fn api_keys_are_bearer_tokens_and_refusals_use_the_envelope() {
     let _child = KillOnDrop(
         Command::new(flowhost_tests::flowhost_binary())
             .args(["serve", "--simulate", "--warm-up", "off", "--listen", &format!("127.0.0.1:{port}"), "--plugins"])
-            .arg(dir.path().join("plugins"))
+            .arg({
+                let plugins = dir.path().join("plugins");
+                std::fs::create_dir_all(&plugins).unwrap();
+                plugins
+            })
             .arg("--cache-dir")
             .arg(dir.path().join("cache"))
             .arg("--state-dir")
@@ -40,6 +44,7 @@ async fn api_keys_are_bearer_tokens_and_refusals_use_the_envelope() {
     })
     .await;
     assert!(healthy.is_some(), "health is open without a key");
+    assert_eq!(anonymous.get("/api/v2/health").await.status, 200);
     let refused = anonymous.get("/api/v2/jobs").await;
     assert_eq!((refused.status, refused.code().as_str()), (401, "unauthorized"));
     assert!(refused.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")));

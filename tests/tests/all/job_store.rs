@@ -100,6 +100,7 @@ fn asset(job: Option<Uuid>, role: AssetRole, hash: &str) -> Asset {
         role,
         created_at: SystemTime::now(),
         expires_at: Some(SystemTime::now() + Duration::from_secs(60)),
+        tenant: None,
     }
 }
 
@@ -296,7 +297,7 @@ async fn uploads_are_listed_newest_first_and_found_by_hash(dialect: Dialect) {
     let listed = store.list_assets(10, 0).await.unwrap();
     assert_eq!(listed.iter().map(|a| a.id).collect::<Vec<_>>(), vec![second.id, first.id], "uploads only, newest first");
     assert_eq!(store.list_assets(10, 1).await.unwrap().len(), 1, "offset");
-    assert_eq!(store.asset_by_hash("blake3:u1").await.unwrap().map(|a| a.id), Some(second.id));
+    assert_eq!(store.asset_by_hash("blake3:u1", None).await.unwrap().map(|a| a.id), Some(second.id));
     let until = SystemTime::now() + Duration::from_secs(3600);
     store.extend_asset(first.id, until).await.unwrap();
     let extended = store.get_asset(first.id).await.unwrap().unwrap();

@@ -6,6 +6,8 @@
 
 mod api_v2;
 mod api_v2_auth;
+mod api_v2_limits;
+mod api_v2_tenants;
 mod author_path;
 mod blob_store_s3;
 mod comfy_e2e;
@@ -20,6 +22,7 @@ mod plugin_graphs;
 mod pool;
 mod raster;
 mod runtime;
+mod s3_outage;
 mod shared;
 mod shared_queue;
 mod warm_up;

@@ -6,11 +6,17 @@
 //! label), and never delete what a job still depends on (outputs and job inputs: 409
 //! `asset_in_use`).
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use axum::Json;
 use axum::body::{Body, Bytes};
+use axum::extract::multipart::Field;
 use axum::extract::{Extension, Multipart, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -21,10 +27,13 @@ use super::jobs::idempotency_key;
 use crate::auth::Caller;
 use crate::http::AppState;
 use crate::http::job_view::asset_json;
-use crate::jobs::{AssetRole, IdempotencyClaim, JobService};
+use crate::jobs::blobs::{BlobError, StreamedPut};
+use crate::jobs::{AssetError, AssetRole, IdempotencyClaim, JobService};
 
 /// Largest upload (the spec's "~100 MB single-request expectation").
 pub const MAX_UPLOAD_BYTES: usize = 100 << 20;
+/// Longest text field of the upload form.
+const MAX_TEXT_FIELD: usize = 4096;
 /// Bounds of the spec's `expires_in` override.
 const EXPIRES_IN: std::ops::RangeInclusive<i64> = 60..=604_800;
 /// Largest `from-hash` body (a hash, a name, a few tags).
@@ -52,30 +61,87 @@ fn expires_in(value: &str) -> Result<i64, V2Error> {
     value.trim().parse().ok().filter(|s| EXPIRES_IN.contains(s)).ok_or_else(|| V2Error::invalid_request("expires_in", "must be an integer number of seconds from 60 to 604800"))
 }
 
-/// The upload form, read.
+/// The upload form, read: the file's bytes already stored (streamed), the rest checked.
 struct UploadForm {
-    file: Bytes,
+    put: StreamedPut,
     content_type: String,
     file_path: String,
-    expected_hash: Option<String>,
 }
 
-async fn read_form(mut multipart: Multipart) -> Result<UploadForm, V2Error> {
-    let (mut file, mut content_type, mut file_path, mut expected_hash) = (None, None, None, None);
+/// Where a failing upload stream leaves the caller's error for the handler to answer with
+/// (the blob store only learns that its source failed).
+type SourceError = Arc<Mutex<Option<V2Error>>>;
+
+/// The `file` field as a stream of chunks for the blob store; each chunk must arrive
+/// within `idle` (a stalled upload is dropped with 408).
+fn field_stream<'a>(field: Field<'a>, idle: Duration, failure: SourceError) -> BoxStream<'a, Result<Bytes, BlobError>> {
+    futures::stream::unfold(Some(field), move |field| {
+        let failure = failure.clone();
+        async move {
+            let mut field = field?;
+            let fail = |error: V2Error| {
+                if let Ok(mut slot) = failure.lock() {
+                    *slot = Some(error);
+                }
+                Some((Err(BlobError::SourceFailed), None))
+            };
+            match tokio::time::timeout(idle, field.chunk()).await {
+                Err(_) => fail(super::body_timeout(idle)),
+                Ok(Err(err)) => fail(form_error(err)),
+                Ok(Ok(None)) => None,
+                Ok(Ok(Some(chunk))) => Some((Ok(chunk), Some(field))),
+            }
+        }
+    })
+    .boxed()
+}
+
+async fn read_form(mut multipart: Multipart, service: &JobService, idle: Duration) -> Result<UploadForm, V2Error> {
+    let (mut put, mut content_type, mut file_path, mut expected_hash) = (None, None, None, None::<String>);
     loop {
-        let field = match multipart.next_field().await {
-            Ok(Some(field)) => field,
-            Ok(None) => break,
-            Err(err) => return Err(form_error(err)),
+        let field = match tokio::time::timeout(idle, multipart.next_field()).await {
+            Err(_) => return Err(super::body_timeout(idle)),
+            Ok(Ok(Some(field))) => field,
+            Ok(Ok(None)) => break,
+            Ok(Err(err)) => return Err(form_error(err)),
         };
         let name = field.name().unwrap_or_default().to_string();
         match name.as_str() {
-            "file" => file = Some(field.bytes().await.map_err(form_error)?),
+            "file" if put.is_some() => return Err(V2Error::invalid_request("file", "send one file per upload")),
+            "file" => {
+                let failure = SourceError::default();
+                let stored = service.store_upload(field_stream(field, idle, failure.clone()), expected_hash.as_deref()).await;
+                match stored {
+                    Ok(stored) => put = Some(stored),
+                    Err(AssetError::SourceFailed) => {
+                        let error = failure.lock().ok().and_then(|mut slot| slot.take());
+                        return Err(error.unwrap_or_else(|| V2Error::invalid_request("file", "the upload broke off; send it again")));
+                    }
+                    Err(other) => return Err(asset_error(&other, AssetContext::Upload)),
+                }
+            }
             "content_type" | "file_path" | "expected_hash" | "tags" | "expires_in" => {
-                let text = field.text().await.map_err(form_error)?;
+                let text = match tokio::time::timeout(idle, field.text()).await {
+                    Err(_) => return Err(super::body_timeout(idle)),
+                    Ok(text) => text.map_err(form_error)?,
+                };
+                if text.len() > MAX_TEXT_FIELD {
+                    return Err(V2Error::invalid_request(&name, format!("is longer than {MAX_TEXT_FIELD} bytes")));
+                }
                 match name.as_str() {
                     "content_type" => content_type = Some(media_type(text)?),
                     "file_path" => file_path = Some(label("file_path", text)?),
+                    "expected_hash" if put.is_some() => {
+                        // After the file: checked against the hash the bytes were stored under
+                        // (they stay unreferenced, for the sweeper, on a mismatch).
+                        let stored = put.as_ref().map(|p: &StreamedPut| p.hash.clone()).unwrap_or_default();
+                        if !crate::jobs::blobs::is_valid_hash(&text) {
+                            return Err(asset_error(&AssetError::InvalidHash, AssetContext::Upload));
+                        }
+                        if text != stored {
+                            return Err(asset_error(&AssetError::HashMismatch { expected: text, actual: stored }, AssetContext::Upload));
+                        }
+                    }
                     "expected_hash" => expected_hash = Some(text),
                     // Accepted and not kept: flowhost has no tag index, and retention is the
                     // operator's (the spec lets such implementations ignore `expires_in`).
@@ -90,10 +156,9 @@ async fn read_form(mut multipart: Multipart) -> Result<UploadForm, V2Error> {
     }
     let missing = |field: &str| V2Error::invalid_request(field, "is required");
     Ok(UploadForm {
-        file: file.ok_or_else(|| missing("file"))?,
+        put: put.ok_or_else(|| missing("file"))?,
         content_type: content_type.ok_or_else(|| missing("content_type"))?,
         file_path: file_path.ok_or_else(|| missing("file_path"))?,
-        expected_hash,
     })
 }
 
@@ -111,26 +176,30 @@ fn key_scope(caller: Option<&Caller>) -> String {
     }
 }
 
-/// `POST /api/v2/assets`: 201 new bytes, 200 deduplicated onto bytes already stored.
+/// `POST /api/v2/assets`: 201 new bytes, 200 deduplicated onto bytes already stored. The
+/// file streams to the blob store as it arrives (hashed on the way, never held whole),
+/// in one of the transfer slots.
 pub async fn upload(
     State(state): State<AppState>,
     caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, V2Error> {
+    super::check_declared_length(&headers, MAX_UPLOAD_BYTES)?;
     let multipart = multipart.map_err(|_| V2Error::invalid_request("Content-Type", "uploads are multipart/form-data with a boundary"))?;
     let key = idempotency_key(&headers)?;
-    let form = read_form(multipart).await?;
+    let _slot = state.transfers.start()?;
     let service = state.jobs.clone();
+    let form = read_form(multipart, &service, state.limits.body_read_timeout).await?;
     let scope = key_scope(caller.as_deref());
     if let Some(key) = &key {
-        let fingerprint = JobService::fingerprint(&[form.file.as_ref(), form.file_path.as_bytes()]);
+        let fingerprint = JobService::fingerprint(&[form.put.hash.as_bytes(), form.file_path.as_bytes()]);
         let claim = service.claim_idempotency_key(&scope, key, &fingerprint, Uuid::new_v4()).await.map_err(|f| super::errors::job_failure(&f))?;
         if let IdempotencyClaim::Existing { .. } = claim {
             return Err(V2Error::new(ErrorCode::IdempotencyKeyReuse, "This Idempotency-Key was already used for an upload; keys are single-use."));
         }
     }
-    let created = service.put_asset(form.file, Some(form.file_path), &form.content_type, form.expected_hash.as_deref()).await;
+    let created = service.record_upload(&form.put, Some(form.file_path), &form.content_type, super::tenant(caller.as_deref())).await;
     match created {
         Ok(created) => {
             let status = if created.created_new { StatusCode::CREATED } else { StatusCode::OK };
@@ -157,7 +226,7 @@ pub async fn from_hash(State(state): State<AppState>, caller: Option<Extension<C
     let refuse = |field: &str, why: String| {
         V2Error::new(ErrorCode::BlobNotFound, format!("No blob can be minted from this request: `{field}` {why}.")).with_details(json!({"field": field, "reason": why}))
     };
-    let body = super::body_bytes(body, FROM_HASH_BODY_BYTES).await.map_err(|_| refuse("body", format!("is over {FROM_HASH_BODY_BYTES} bytes")))?;
+    let body = super::body_bytes(body, &headers, FROM_HASH_BODY_BYTES, state.limits.body_read_timeout).await.map_err(|_| refuse("body", format!("is over {FROM_HASH_BODY_BYTES} bytes or was not sent in time")))?;
     let request: Value = serde_json::from_slice(&body).map_err(|_| refuse("body", "is not a JSON object".into()))?;
     let Some(hash) = request.get("hash").and_then(Value::as_str) else {
         return Err(refuse("hash", "is required: the content hash, blake3:<64 lowercase hex>".into()));
@@ -173,18 +242,20 @@ pub async fn from_hash(State(state): State<AppState>, caller: Option<Extension<C
             return Err(refuse("expires_in", "must be an integer number of seconds from 60 to 604800".into()));
         }
     }
-    let caller = caller.as_deref().map(|c| c.name.as_str());
+    let caller = caller.as_deref();
+    let viewer = super::viewer(caller);
     let origin = Origin::of(&headers);
-    if let Some(existing) = state.jobs.identical_reference(hash, file_path.as_deref(), caller).await.map_err(|e| asset_error(&e, AssetContext::ByHash))? {
+    if let Some(existing) = state.jobs.identical_reference(hash, file_path.as_deref(), &viewer).await.map_err(|e| asset_error(&e, AssetContext::ByHash))? {
         return Ok((StatusCode::OK, Json(asset_json(&existing, &origin, Some(false)))).into_response());
     }
-    let created = state.jobs.asset_from_hash(hash, file_path, None).await.map_err(|e| asset_error(&e, AssetContext::ByHash))?;
+    let created = state.jobs.asset_from_hash(hash, file_path, None, &viewer, super::tenant(caller)).await.map_err(|e| asset_error(&e, AssetContext::ByHash))?;
     Ok((StatusCode::CREATED, Json(asset_json(&created.asset, &origin, Some(created.created_new)))).into_response())
 }
 
-/// `HEAD /api/v2/assets/by-hash/{hash}`: 200 when the bytes are stored, else 404.
-pub async fn head_by_hash(State(state): State<AppState>, Path(hash): Path<String>) -> Response {
-    match state.jobs.asset_exists_by_hash(&hash).await {
+/// `HEAD /api/v2/assets/by-hash/{hash}`: 200 when the bytes are stored under an asset the
+/// caller sees, else 404.
+pub async fn head_by_hash(State(state): State<AppState>, caller: Option<Extension<Caller>>, Path(hash): Path<String>) -> Response {
+    match state.jobs.asset_exists_by_hash(&hash, &super::viewer(caller.as_deref())).await {
         Ok(true) => StatusCode::OK.into_response(),
         Ok(false) | Err(crate::jobs::AssetError::InvalidHash) => StatusCode::NOT_FOUND.into_response(),
         Err(other) => asset_error(&other, AssetContext::ByHash).into_response(),
@@ -192,15 +263,15 @@ pub async fn head_by_hash(State(state): State<AppState>, Path(hash): Path<String
 }
 
 /// `GET /api/v2/assets/{id}`.
-pub async fn get(State(state): State<AppState>, Path(raw): Path<String>, origin: Origin) -> Result<Response, V2Error> {
-    let asset = state.jobs.get_asset(asset_id(&raw)?).await.map_err(|e| asset_error(&e, AssetContext::Record))?;
+pub async fn get(State(state): State<AppState>, caller: Option<Extension<Caller>>, Path(raw): Path<String>, origin: Origin) -> Result<Response, V2Error> {
+    let asset = state.jobs.get_asset(asset_id(&raw)?, &super::viewer(caller.as_deref())).await.map_err(|e| asset_error(&e, AssetContext::Record))?;
     Ok(Json(asset_json(&asset, &origin, None)).into_response())
 }
 
 /// `DELETE /api/v2/assets/{id}`: uploads only; a job's outputs and inputs are held (409).
-pub async fn delete(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Response, V2Error> {
+pub async fn delete(State(state): State<AppState>, caller: Option<Extension<Caller>>, Path(raw): Path<String>) -> Result<Response, V2Error> {
     let id = asset_id(&raw)?;
-    let asset = state.jobs.get_asset(id).await.map_err(|e| asset_error(&e, AssetContext::Record))?;
+    let asset = state.jobs.get_asset(id, &super::viewer(caller.as_deref())).await.map_err(|e| asset_error(&e, AssetContext::Record))?;
     if asset.role != AssetRole::Upload {
         return Err(V2Error::new(ErrorCode::AssetInUse, "This asset cannot be deleted while the platform still depends on it."));
     }
@@ -250,12 +321,15 @@ pub fn parse_range(header: Option<&str>, size: u64) -> RangeRequest {
     }
 }
 
-/// `GET /api/v2/assets/{id}/content`: the bytes (200), a range (206), or 416; or a
-/// 302 to a presigned URL of the bucket when the blob store presigns (the client's
-/// Range header then goes to the bucket, which honours it too).
-pub async fn content(State(state): State<AppState>, Path(raw): Path<String>, headers: HeaderMap) -> Result<Response, V2Error> {
+/// `GET /api/v2/assets/{id}/content`: the bytes (200), a range (206), or 416, streamed
+/// from the blob store a chunk at a time in one of the transfer slots (held until the body
+/// is sent); or a 302 to a presigned URL of the bucket when the blob store presigns (the
+/// client's Range header then goes to the bucket, which honours it too). Always as an
+/// attachment with `nosniff`: an uploaded `text/html` is never rendered by a browser on
+/// this origin.
+pub async fn content(State(state): State<AppState>, caller: Option<Extension<Caller>>, Path(raw): Path<String>, headers: HeaderMap) -> Result<Response, V2Error> {
     let id = asset_id(&raw)?;
-    let asset = state.jobs.get_asset(id).await.map_err(|e| asset_error(&e, AssetContext::Record))?;
+    let asset = state.jobs.get_asset(id, &super::viewer(caller.as_deref())).await.map_err(|e| asset_error(&e, AssetContext::Record))?;
     if let Some(url) = state.jobs.asset_download_url(&asset).await.map_err(|e| asset_error(&e, AssetContext::Record))? {
         if let Ok(location) = HeaderValue::from_str(&url) {
             let mut response = Response::new(Body::empty());
@@ -277,19 +351,32 @@ pub async fn content(State(state): State<AppState>, Path(raw): Path<String>, hea
             return Ok(response);
         }
     };
-    let (asset, bytes) = state.jobs.read_asset(id, wanted).await.map_err(|e| asset_error(&e, AssetContext::Record))?;
-    let mut response = Response::new(Body::from(bytes.clone()));
+    let slot = state.transfers.start()?;
+    let content = state.jobs.open_asset(asset, wanted).await.map_err(|e| asset_error(&e, AssetContext::Record))?;
+    let length = match content.range {
+        Some((start, end)) => end + 1 - start,
+        None => content.asset.size_bytes,
+    };
+    // The slot goes with the body: released when the last chunk is sent or the client leaves.
+    let body = content.bytes.map(move |chunk| {
+        let _held = &slot;
+        chunk
+    });
+    let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() = status;
+    let asset = &content.asset;
     let headers = response.headers_mut();
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(&asset.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::CONTENT_DISPOSITION, content_disposition(asset.name.as_deref()));
     if let Some(hex) = asset.hash.strip_prefix("blake3:") {
         if let Ok(etag) = HeaderValue::from_str(&format!("\"{hex}\"")) {
             headers.insert(header::ETAG, etag);
         }
     }
-    if let Some((start, _)) = wanted {
-        let end = start + (bytes.len() as u64).saturating_sub(1);
+    if let Some((start, end)) = content.range {
         if let Ok(value) = HeaderValue::from_str(&format!("bytes {start}-{end}/{}", asset.size_bytes)) {
             headers.insert(header::CONTENT_RANGE, value);
         }
@@ -297,9 +384,27 @@ pub async fn content(State(state): State<AppState>, Path(raw): Path<String>, hea
     Ok(response)
 }
 
+/// `attachment`, with the asset's name reduced to safe characters when it has one.
+fn content_disposition(name: Option<&str>) -> HeaderValue {
+    let base = name.and_then(|n| n.rsplit(['/', '\\']).next()).unwrap_or_default();
+    let cleaned: String = base.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')).take(100).collect();
+    let cleaned = cleaned.trim_start_matches('.');
+    if cleaned.is_empty() {
+        return HeaderValue::from_static("attachment");
+    }
+    HeaderValue::from_str(&format!("attachment; filename=\"{cleaned}\"")).unwrap_or(HeaderValue::from_static("attachment"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn downloads_are_attachments_with_safe_names() {
+        assert_eq!(content_disposition(Some("../../x/evil page.html")), "attachment; filename=\"evilpage.html\"");
+        assert_eq!(content_disposition(Some("...")), "attachment");
+        assert_eq!(content_disposition(None), "attachment");
+    }
 
     #[test]
     fn ranges_follow_rfc_9110() {

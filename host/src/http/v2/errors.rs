@@ -40,6 +40,9 @@ pub enum AssetContext {
     Upload,
 }
 
+/// What a caller is told to wait while the blob store is unreachable.
+const BLOB_STORE_RETRY_AFTER_S: u64 = 5;
+
 /// An asset-service failure as a v2 answer.
 pub fn asset_error(error: &AssetError, context: AssetContext) -> V2Error {
     match (error, context) {
@@ -63,6 +66,13 @@ pub fn asset_error(error: &AssetError, context: AssetContext) -> V2Error {
         .with_details(json!({"expected_hash": expected, "actual_hash": actual})),
         (AssetError::RangeNotSatisfiable { size }, _) => {
             V2Error::invalid_request("Range", format!("not satisfiable for content of {size} bytes")).with_status(axum::http::StatusCode::RANGE_NOT_SATISFIABLE)
+        }
+        (AssetError::SourceFailed, _) => V2Error::invalid_request("file", "the upload broke off; send it again").with_status(axum::http::StatusCode::BAD_REQUEST),
+        (AssetError::BlobStoreDown(detail), _) => {
+            tracing::warn!(detail, "v2 asset request refused: the blob store is unreachable");
+            V2Error::new(ErrorCode::UpstreamError, "The asset store cannot be reached right now; retry after the Retry-After seconds.")
+                .with_status(axum::http::StatusCode::SERVICE_UNAVAILABLE)
+                .retry_after(BLOB_STORE_RETRY_AFTER_S)
         }
         (AssetError::Unavailable(_), _) => V2Error::internal(error),
     }

@@ -58,7 +58,7 @@ fn upload_filename(index: usize, name: Option<&str>, asset_id: &Uuid) -> String 
 
 /// Every reference resolved to the blob it names, or `missing_asset` naming the first that
 /// does not resolve.
-async fn resolve_assets(service: &JobService, refs: &[AssetRef]) -> Result<Vec<UploadSpec>, V2Error> {
+async fn resolve_assets(service: &JobService, viewer: &crate::jobs::Viewer, refs: &[AssetRef]) -> Result<Vec<UploadSpec>, V2Error> {
     let mut uploads = Vec::with_capacity(refs.len());
     for (index, reference) in refs.iter().enumerate() {
         let missing = || {
@@ -69,7 +69,7 @@ async fn resolve_assets(service: &JobService, refs: &[AssetRef]) -> Result<Vec<U
             .with_details(json!({"node_id": reference.node_id, "input": reference.input, "asset_id": reference.asset_id}))
         };
         let Ok(id) = Uuid::parse_str(&reference.asset_id) else { return Err(missing()) };
-        let asset = match service.get_asset(id).await {
+        let asset = match service.get_asset(id, viewer).await {
             Ok(asset) => asset,
             Err(crate::jobs::AssetError::NotFound) => return Err(missing()),
             Err(other) => return Err(asset_error(&other, AssetContext::Record)),
@@ -97,13 +97,13 @@ async fn resolve_file_names(
     service: &JobService,
     backend: &flowhost_comfy::ComfyBackend,
     workflow: &serde_json::Map<String, Value>,
-    caller: Option<&str>,
+    viewer: &crate::jobs::Viewer,
     first_index: usize,
 ) -> Result<Vec<UploadSpec>, V2Error> {
     let mut uploads = Vec::new();
     let mut absent = Vec::new();
     for file in backend.catalogue().file_inputs(workflow) {
-        match service.upload_named(&file.value, caller).await {
+        match service.upload_named(&file.value, viewer).await {
             Ok(Some(asset)) => uploads.push(UploadSpec {
                 node_id: file.node_id,
                 input_name: file.input,
@@ -140,16 +140,16 @@ fn parse_json(bytes: &[u8]) -> Result<Value, V2Error> {
 /// `POST /api/v2/jobs`.
 pub async fn submit(State(state): State<AppState>, caller: Option<Extension<Caller>>, headers: HeaderMap, body: axum::body::Body) -> Result<Response, V2Error> {
     let key = idempotency_key(&headers)?;
-    let body = super::body_bytes(body, state.limits.max_body_bytes).await?;
+    let body = super::body_bytes(body, &headers, state.limits.max_body_bytes, state.limits.body_read_timeout).await?;
     let submission = submission::parse(parse_json(&body)?)?;
     let service = state.jobs.clone();
-    let mut uploads = resolve_assets(&service, &submission.asset_refs).await?;
+    let mut uploads = resolve_assets(&service, &super::viewer(caller.as_deref()), &submission.asset_refs).await?;
     if let Some(backend) = service.backend() {
         if let Err(issues) = backend.preflight(&submission.preflight_graph()).await {
             return Err(submission::invalid_workflow(&issues));
         }
-        let caller_name = caller.as_deref().map(|c| c.name.as_str());
-        let named = resolve_file_names(&service, backend, &submission.workflow, caller_name, uploads.len()).await?;
+        let viewer = super::viewer(caller.as_deref());
+        let named = resolve_file_names(&service, backend, &submission.workflow, &viewer, uploads.len()).await?;
         uploads.extend(named);
     }
 
@@ -175,6 +175,7 @@ pub async fn submit(State(state): State<AppState>, caller: Option<Extension<Call
     spec.caller_nodes = spec.workflow.keys().cloned().collect();
     spec.encoding = OutputEncoding::Original;
     spec.uploads = uploads;
+    spec.tenant = super::tenant(caller.as_deref());
     spec.request_id = headers.get(crate::http::REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     if let Some(partner_key) = api_key_comfy_org {
         // Forwarded to ComfyUI for this prompt, never stored (the spec's rule for extra_data).
@@ -202,25 +203,31 @@ pub async fn submit(State(state): State<AppState>, caller: Option<Extension<Call
     }
 }
 
-/// `GET /api/v2/jobs/{id}`.
-pub async fn get(State(state): State<AppState>, Path(raw): Path<String>, origin: Origin) -> Result<Response, V2Error> {
-    let id = job_id(&raw)?;
+/// The job when the caller sees it (its tenant's, or any for an admin key); another
+/// tenant's job reads exactly like one that does not exist.
+pub(super) async fn visible_job(state: &AppState, caller: Option<&Caller>, raw: &str) -> Result<crate::jobs::Job, V2Error> {
+    let id = job_id(raw)?;
     let job = state.jobs.get(id).await.map_err(|f| job_failure(&f))?.ok_or_else(|| V2Error::not_found("job"))?;
+    if super::viewer(caller).sees(job.spec.tenant.as_deref()) { Ok(job) } else { Err(V2Error::not_found("job")) }
+}
+
+/// `GET /api/v2/jobs/{id}`.
+pub async fn get(State(state): State<AppState>, caller: Option<Extension<Caller>>, Path(raw): Path<String>, origin: Origin) -> Result<Response, V2Error> {
+    let job = visible_job(&state, caller.as_deref(), &raw).await?;
     Ok(Json(job_json(&job, &origin)).into_response())
 }
 
 /// `GET /api/v2/jobs/{id}/workflow`: `format: api`, the executed graph (the submitted one
 /// until the job ran). Never carries `extra_data`.
-pub async fn workflow(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Response, V2Error> {
-    let id = job_id(&raw)?;
-    let job = state.jobs.get(id).await.map_err(|f| job_failure(&f))?.ok_or_else(|| V2Error::not_found("job"))?;
+pub async fn workflow(State(state): State<AppState>, caller: Option<Extension<Caller>>, Path(raw): Path<String>) -> Result<Response, V2Error> {
+    let job = visible_job(&state, caller.as_deref(), &raw).await?;
     let workflow = if job.workflow.is_object() { job.workflow.clone() } else { Value::Object(job.spec.workflow.clone()) };
     Ok(Json(json!({"format": "api", "workflow": workflow})).into_response())
 }
 
 /// `POST /api/v2/jobs/{id}/cancel`: idempotent; the job as it is now.
-pub async fn cancel(State(state): State<AppState>, Path(raw): Path<String>, origin: Origin) -> Result<Response, V2Error> {
-    let id = job_id(&raw)?;
+pub async fn cancel(State(state): State<AppState>, caller: Option<Extension<Caller>>, Path(raw): Path<String>, origin: Origin) -> Result<Response, V2Error> {
+    let id = visible_job(&state, caller.as_deref(), &raw).await?.id;
     let job = state.jobs.cancel(id).await.map_err(|f| job_failure(&f))?.ok_or_else(|| V2Error::not_found("job"))?;
     Ok(Json(job_json(&job, &origin)).into_response())
 }
@@ -282,7 +289,7 @@ fn millis(t: SystemTime) -> u64 {
 
 /// `GET /api/v2/jobs`: newest first, `{"jobs": [...], "next_cursor": ...}` (the shape the
 /// SDK's `list_jobs` reads).
-pub async fn list(State(state): State<AppState>, RawQuery(raw): RawQuery, origin: Origin) -> Result<Response, V2Error> {
+pub async fn list(State(state): State<AppState>, caller: Option<Extension<Caller>>, RawQuery(raw): RawQuery, origin: Origin) -> Result<Response, V2Error> {
     let query = parse_list_query(raw.as_deref())?;
     let filter = JobFilter {
         statuses: query.statuses,
@@ -290,6 +297,7 @@ pub async fn list(State(state): State<AppState>, RawQuery(raw): RawQuery, origin
         created_before: query.before_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
         labels: query.labels,
         before_id: query.before_id,
+        tenant: super::viewer(caller.as_deref()).only().map(str::to_string),
     };
     let mut jobs = state.jobs.list(&filter).await.map_err(|f| job_failure(&f))?;
     let more = jobs.len() > query.limit;

@@ -13,6 +13,7 @@ pub mod events;
 pub mod jobs;
 pub mod spec;
 pub mod submission;
+pub mod transfers;
 
 use axum::Router;
 use axum::extract::{FromRequestParts, OriginalUri, Request, State};
@@ -81,11 +82,50 @@ pub fn router(keys: AccessKeys) -> Router<AppState> {
         .method_not_allowed_fallback(fallback)
 }
 
-/// A request body up to `limit` bytes, or the envelope's 413.
-pub(crate) async fn body_bytes(body: axum::body::Body, limit: usize) -> Result<axum::body::Bytes, V2Error> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        V2Error::invalid_request("body", format!("bodies are limited to {limit} bytes")).with_status(StatusCode::PAYLOAD_TOO_LARGE)
-    })
+/// Who the caller is as far as ownership goes (`docs/operations.md`, "Tenants"): a user
+/// key sees what its name owns; an admin key, or a service without keys, sees everything.
+pub(crate) fn viewer(caller: Option<&auth::Caller>) -> crate::jobs::Viewer {
+    match caller {
+        Some(caller) if caller.role != Role::Admin => crate::jobs::Viewer::Tenant(caller.name.clone()),
+        _ => crate::jobs::Viewer::Everyone,
+    }
+}
+
+/// The tenant new jobs and assets are owned by: the key's name, `None` without keys.
+pub(crate) fn tenant(caller: Option<&auth::Caller>) -> Option<String> {
+    caller.map(|caller| caller.name.clone())
+}
+
+/// The envelope's 413 for a body over `limit` bytes.
+pub(crate) fn too_large(limit: usize) -> V2Error {
+    V2Error::invalid_request("body", format!("bodies are limited to {limit} bytes")).with_status(StatusCode::PAYLOAD_TOO_LARGE)
+}
+
+/// 413 at once when the declared `Content-Length` is over `limit` (nothing is read).
+pub(crate) fn check_declared_length(headers: &axum::http::HeaderMap, limit: usize) -> Result<(), V2Error> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) { Err(too_large(limit)) } else { Ok(()) }
+}
+
+/// The envelope's 408: a body (or an upload's next chunk) did not arrive in time.
+pub(crate) fn body_timeout(within: std::time::Duration) -> V2Error {
+    V2Error::invalid_request("body", format!("the body did not arrive within {} s; send it again", within.as_secs_f64())).with_status(StatusCode::REQUEST_TIMEOUT)
+}
+
+/// A JSON request body with the typed routes' limits: a declared length over `limit` is
+/// refused before reading (413), the whole body must arrive within `within` (408; a
+/// stalled body is dropped), it is at most `limit` bytes (413), and its shape (depth,
+/// members, values: [`crate::http::body_shape`]) is bounded before it is parsed (422).
+pub(crate) async fn body_bytes(body: axum::body::Body, headers: &axum::http::HeaderMap, limit: usize, within: std::time::Duration) -> Result<axum::body::Bytes, V2Error> {
+    check_declared_length(headers, limit)?;
+    let bytes = match tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await {
+        Err(_) => return Err(body_timeout(within)),
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) if crate::http::generate::is_length_limit(&e) => return Err(too_large(limit)),
+        Ok(Err(_)) => return Err(V2Error::invalid_request("body", "the request body broke off or was malformed; send it again").with_status(StatusCode::BAD_REQUEST)),
+    };
+    crate::http::body_shape::check(&bytes).map_err(|violation| V2Error::invalid_request("body", violation.detail()))?;
+    Ok(bytes)
 }
 
 /// Bearer-key check answering in the v2 envelope (the same keys as the typed routes).
@@ -133,8 +173,13 @@ async fn health(State(state): State<AppState>) -> Response {
         Some(_) => ("unavailable", "down"),
         None => ("unavailable", "not_configured"),
     };
+    let blobs = state.jobs.blobs();
+    let blob_store = blobs.check().await;
+    // ComfyUI serving but the bucket unreachable: jobs cannot keep their outputs.
+    let status = if status == "ok" && blob_store.is_err() { "degraded" } else { status };
     let code = if status == "ok" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(json!({"status": status, "version": env!("CARGO_PKG_VERSION"), "comfyui": comfyui}))).into_response()
+    let blob_store = crate::http::health::blob_store_json(blobs.kind(), &blob_store);
+    (code, Json(json!({"status": status, "version": env!("CARGO_PKG_VERSION"), "comfyui": comfyui, "blob_store": blob_store}))).into_response()
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Origin {

@@ -15,6 +15,14 @@ use super::envelope::{ErrorCode, V2Error};
 const RESERVED: [&str; 2] = ["webhook_url", "inputs"];
 /// The only key `extra_data` may hold.
 const EXTRA_DATA_KEYS: [&str; 1] = ["api_key_comfy_org"];
+/// Longest `extra_data.api_key_comfy_org` (partner keys are well under 100 characters; the
+/// value is held in memory per job until it runs).
+pub const MAX_PARTNER_KEY_BYTES: usize = 1024;
+/// Most node issues an `invalid_workflow` answer lists; the rest are counted
+/// (`details.omitted_issues`), so 5,000 unknown classes do not make a megabyte of error.
+pub const MAX_LISTED_ISSUES: usize = 50;
+/// Longest text of one listed issue (a node's own message may be long).
+const MAX_ISSUE_TEXT: usize = 300;
 
 /// A submission, read and checked for shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +85,7 @@ pub fn parse(body: Value) -> Result<Submission, V2Error> {
     if looks_like_ui_export(&workflow) {
         return Err(ui_format());
     }
+    check_filename_prefixes(&workflow)?;
     let asset_refs = asset_refs(&workflow)?;
     Ok(Submission { workflow, api_key_comfy_org, asset_refs, labels })
 }
@@ -95,9 +104,46 @@ fn extra_data(extra: Map<String, Value>) -> Result<Option<String>, V2Error> {
     }
     match extra.get("api_key_comfy_org") {
         None | Some(Value::Null) => Ok(None),
+        Some(Value::String(key)) if key.len() > MAX_PARTNER_KEY_BYTES => Err(request_field(
+            "extra_data.api_key_comfy_org",
+            "too_long",
+            &format!("`extra_data.api_key_comfy_org` is longer than {MAX_PARTNER_KEY_BYTES} bytes."),
+        )),
         Some(Value::String(key)) => Ok(Some(key.clone())),
         Some(_) => Err(request_field("extra_data.api_key_comfy_org", "not_a_string", "`extra_data.api_key_comfy_org` must be a string.")),
     }
+}
+
+/// Every `filename_prefix` input is a name under ComfyUI's output folder: no NUL, no
+/// absolute path, no `..` segment (ComfyUI would refuse it only after the job ran, with
+/// the server's absolute output path in its message).
+fn check_filename_prefixes(graph: &Map<String, Value>) -> Result<(), V2Error> {
+    for (node_id, node) in graph {
+        let Some(Value::String(prefix)) = node.get("inputs").and_then(|inputs| inputs.get("filename_prefix")) else { continue };
+        let absolute = prefix.starts_with(['/', '\\']) || prefix.as_bytes().get(1) == Some(&b':');
+        let traverses = prefix.split(['/', '\\']).any(|segment| segment == "..");
+        if prefix.contains('\0') || absolute || traverses {
+            let class_type = node.get("class_type").and_then(Value::as_str).unwrap_or_default();
+            return Err(V2Error::new(
+                ErrorCode::InvalidWorkflow,
+                format!("Node {node_id} ({class_type}) input `filename_prefix`: must be a relative name without `..` segments or NUL characters."),
+            )
+            .with_details(json!({"node_errors": {node_id.clone(): [{"class_type": class_type, "field": "filename_prefix", "reason": "invalid_filename_prefix", "message": "must be a relative name without `..` segments or NUL characters"}]}})));
+        }
+    }
+    Ok(())
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn clipped(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &text[..cut])
 }
 
 /// The ComfyUI editor's export (`nodes` array + `links`), as opposed to the API format's flat
@@ -157,18 +203,18 @@ fn asset_refs(workflow: &Map<String, Value>) -> Result<Vec<AssetRef>, V2Error> {
 pub fn invalid_workflow(issues: &[flowhost_comfy::NodeIssue]) -> V2Error {
     let mut node_errors = Map::new();
     let mut graph_errors = Vec::new();
-    for issue in issues {
+    for issue in issues.iter().take(MAX_LISTED_ISSUES) {
         if issue.node_id.is_empty() {
-            graph_errors.push(json!({"reason": issue.kind, "message": issue.message}));
+            graph_errors.push(json!({"reason": issue.kind, "message": clipped(&issue.message, MAX_ISSUE_TEXT)}));
             continue;
         }
-        let entry = node_errors.entry(issue.node_id.clone()).or_insert_with(|| Value::Array(Vec::new()));
+        let entry = node_errors.entry(clipped(&issue.node_id, MAX_ISSUE_TEXT)).or_insert_with(|| Value::Array(Vec::new()));
         if let Value::Array(list) = entry {
             list.push(json!({
-                "class_type": (!issue.class_type.is_empty()).then(|| issue.class_type.clone()),
-                "field": issue.input_name,
+                "class_type": (!issue.class_type.is_empty()).then(|| clipped(&issue.class_type, MAX_ISSUE_TEXT)),
+                "field": issue.input_name.as_deref().map(|f| clipped(f, MAX_ISSUE_TEXT)),
                 "reason": issue.kind,
-                "message": issue.message,
+                "message": clipped(&issue.message, MAX_ISSUE_TEXT),
             }));
         }
     }
@@ -176,14 +222,17 @@ pub fn invalid_workflow(issues: &[flowhost_comfy::NodeIssue]) -> V2Error {
         Some(first) if !first.node_id.is_empty() => {
             let class = if first.class_type.is_empty() { String::new() } else { format!(" ({})", first.class_type) };
             let more = if issues.len() > 1 { format!(" (and {} more)", issues.len() - 1) } else { String::new() };
-            format!("Node {}{class}: {}{more}", first.node_id, first.message)
+            format!("Node {}{class}: {}{more}", clipped(&first.node_id, MAX_ISSUE_TEXT), clipped(&first.message, MAX_ISSUE_TEXT))
         }
-        Some(first) => first.message.clone(),
+        Some(first) => clipped(&first.message, MAX_ISSUE_TEXT),
         None => "The workflow is invalid.".into(),
     };
     let mut details = json!({"node_errors": node_errors});
     if !graph_errors.is_empty() {
         details["graph_errors"] = Value::Array(graph_errors);
+    }
+    if issues.len() > MAX_LISTED_ISSUES {
+        details["omitted_issues"] = json!(issues.len() - MAX_LISTED_ISSUES);
     }
     V2Error::new(ErrorCode::InvalidWorkflow, message).with_details(details)
 }
