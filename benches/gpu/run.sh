@@ -102,16 +102,23 @@ if [ -n "${SPEED:-}" ]; then
   # Issue 26 (speed.py): SPEED=candidates — the one-step op-class profile, then default and the
   # speed candidates through two ComfyUIs, interleaved; SPEED=flowhost — flowhost with
   # --comfyui-profile speed against default: cold start with the compile cache cold and warm,
-  # first ÷ warm, interleaved per-image time, LoRA interleave. SPEED_ARGS adds speed.py options.
-  left=$(( DEADLINE_S - ($(date +%s) - START) ))
-  stamp "speed.py $SPEED: ${left}s left"
-  # shellcheck disable=SC2086
-  timeout --signal=TERM "$(( left - 5 ))" $PY "$HERE/speed.py" "$SPEED" \
-    --comfyui "$WORK/ComfyUI" --python "$PY" --front-end-root "$WORK/frontend" --log-dir "$OUT" \
-    --out-json "$OUT/speed.json" --deadline-s "$(( left - 20 ))" --flowhost "$WORK/flowhost" \
-    --models "$MODELS" --plugins "$WORK/plugins" --work "$WORK" --lora-id "${LORA:-flux-random-lora}" \
-    --inductor-cache "$WORK/compile-cache/inductor" --triton-cache "$WORK/compile-cache/triton" ${SPEED_ARGS:-}
-  stamp "speed.py exit $?"
+  # first ÷ warm, interleaved per-image time, LoRA interleave. A comma list runs each in turn;
+  # SPEED_FIRST_S caps the first one's seconds. SPEED_ARGS adds speed.py options.
+  n=0
+  for phase in ${SPEED//,/ }; do
+    n=$((n + 1))
+    left=$(( DEADLINE_S - ($(date +%s) - START) ))
+    cap=$(( left - 20 ))
+    if [ "$n" = 1 ] && [ -n "${SPEED_FIRST_S:-}" ] && [ "$SPEED_FIRST_S" -lt "$cap" ]; then cap=$SPEED_FIRST_S; fi
+    stamp "speed.py $phase: ${left}s left, deadline ${cap}s"
+    # shellcheck disable=SC2086
+    timeout --signal=TERM "$(( cap + 15 ))" $PY "$HERE/speed.py" "$phase" \
+      --comfyui "$WORK/ComfyUI" --python "$PY" --front-end-root "$WORK/frontend" --log-dir "$OUT" \
+      --out-json "$OUT/speed.json" --deadline-s "$cap" --flowhost "$WORK/flowhost" \
+      --models "$MODELS" --plugins "$WORK/plugins" --work "$WORK" --lora-id "${LORA:-flux-random-lora}" \
+      --inductor-cache "$WORK/compile-cache/inductor" --triton-cache "$WORK/compile-cache/triton" ${SPEED_ARGS:-}
+    stamp "speed.py $phase exit $?"
+  done
 fi
 if [ -n "${POOL_GPUS:-}" ]; then
   # The worker pool (issues 13, 16): one supervised ComfyUI per --gpus entry, an interleave over

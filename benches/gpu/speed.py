@@ -256,7 +256,7 @@ def profile_main(a) -> int:
             prof["top_kernels"][name] = [(k[:140], round(ms, 2), c) for k, ms, c in sorted(kern, key=lambda r: -r[1])[:14]]
             prof["top_ops"][name] = [(k[:80], round(ms, 2), c) for k, ms, c in sorted(ops, key=lambda r: -r[1])[:14]]
 
-        for res in ((1024, 512) if not a.only_compiled else ()):
+        for res in ((1024,) if not a.only_compiled else ()):
             inp = inputs(res)
             for name, (setup, fn) in variants.items():
                 try:
@@ -614,6 +614,19 @@ class Flowhost:
                 seen["first_answer_s"] = round(time.monotonic() - t, 2)
             if code == 200 and isinstance(body, dict) and body.get("status") == "ready":
                 return {"ready_s": round(time.monotonic() - t, 2), **seen, "warm_up": body.get("warm_up")}
+            if code == 503 and body is None:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                        body = json.loads(r.read())
+                except urllib.error.HTTPError as e:
+                    try:
+                        body = json.loads(e.read())
+                    except ValueError:
+                        body = None
+                except Exception:  # noqa: BLE001
+                    body = None
+            if isinstance(body, dict) and (body.get("warm_up") or {}).get("state") == "failed":
+                return {"error": "warm-up failed", **seen, "warm_up": body.get("warm_up")}
             time.sleep(0.2)
         return {"error": "not ready in time", **seen}
 
@@ -663,8 +676,17 @@ def flowhost_main(a) -> int:
     os.makedirs(a.work, exist_ok=True)
     warm_file = os.path.join(a.work, f"warm-up-{a.size}.json")
     with open(warm_file, "w") as f:
-        json.dump({"prompt": "warm-up", "width": a.size, "height": a.size, "steps": 2, "seed": 0}, f)
-    speed_args = ["--comfyui-profile", "speed", "--warm-up-request", f"/flux-dev={warm_file}"] + a.speed_arg
+        # the served size and step count: every branch EasyCache takes inside the compiled
+        # model is compiled before ready, not in the first user request
+        json.dump({"prompt": "warm-up", "width": a.size, "height": a.size, "steps": a.steps, "seed": 0}, f)
+    speed_args = ["--comfyui-profile", "speed", "--warm-up-request", f"/flux-dev={warm_file}"]
+    if a.lora_id:
+        # /flux-lora warms at the same size too: a second size would recompile (dynamic shapes)
+        lora_file = os.path.join(a.work, f"warm-up-lora-{a.size}.json")
+        with open(lora_file, "w") as f:
+            json.dump({"prompt": "warm-up", "width": a.size, "height": a.size, "steps": a.steps, "seed": 0, "lora_id": a.lora_id, "lora_strength": 0.8}, f)
+        speed_args += ["--warm-up-request", f"/flux-lora={lora_file}"]
+    speed_args += a.speed_arg
     S = Flowhost(a, "speed", a.port, speed_args, os.path.join(a.work, "state-speed"))
     D = Flowhost(a, "default", a.port + 1, [], os.path.join(a.work, "state-default"))
     seq = [0]

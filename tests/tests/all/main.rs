@@ -20,5 +20,6 @@ mod raster;
 mod runtime;
 mod shared;
 mod shared_queue;
+mod speed_profile;
 mod warm_up;
 mod webhooks;
