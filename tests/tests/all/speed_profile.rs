@@ -43,7 +43,7 @@ async fn serve(extra: &[&str]) -> Served {
         state.path().to_string_lossy().to_string(),
         models.models.path().to_string_lossy().to_string(),
     );
-    let mut args = vec!["--comfyui-dir", &dir, "--comfyui-python", "python3", "--models", &models_dir, "--state-dir", &state_dir, "--comfyui-startup-timeout", "60"];
+    let mut args = vec!["--comfyui-dir", &dir, "--comfyui-python", "python3", "--models", &models_dir, "--state-dir", &state_dir, "--comfyui-startup-timeout", "60", "--warm-up", "auto"];
     args.extend_from_slice(extra);
     let server = TestServer::start(&[("flux-dev.wasm", &component("flux-dev"))], &args).await.unwrap();
     let ready = eventually(Duration::from_secs(60), || async {
