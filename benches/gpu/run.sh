@@ -21,7 +21,9 @@
 #   JPEG_BENCH=1|0 (run the PNG→JPEG bench on ComfyUI's own PNG, default 1),
 #   BENCH_ARGS (extra bench.py arguments, e.g. "--mode url --extra 512x4,1024x4"),
 #   BENCH=1|0 (the single-worker phases above, default 1), POOL_GPUS (e.g. "0,1" or "0,0": the
-#   worker-pool phase, pool.py; default empty = skipped), POOL_ARGS (extra pool.py arguments).
+#   worker-pool phase, pool.py; default empty = skipped), POOL_ARGS (extra pool.py arguments),
+#   SPEED=candidates|flowhost (issue 26's speed.py phases; default empty = skipped; set BENCH=0
+#   JPEG_BENCH=0 to run it alone), SPEED_ARGS (extra speed.py arguments).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 ROOT=$(pwd)
@@ -95,6 +97,28 @@ timeout --signal=TERM "$(( left - 10 - jpeg_reserve ))" $PY "$HERE/bench.py" \
   --out "$OUT" --lora-id "$LORA" --budget-s "$budget" --warm "$WARM" --profiles "$PROFILES" \
   --keep-png "$OUT/direct.png" ${BENCH_ARGS:-}
 stamp "bench exit $?"
+fi
+if [ -n "${SPEED:-}" ]; then
+  # Issue 26 (speed.py): SPEED=candidates — the one-step op-class profile, then default and the
+  # speed candidates through two ComfyUIs, interleaved; SPEED=flowhost — flowhost with
+  # --comfyui-profile speed against default: cold start with the compile cache cold and warm,
+  # first ÷ warm, interleaved per-image time, LoRA interleave. A comma list runs each in turn;
+  # SPEED_FIRST_S caps the first one's seconds. SPEED_ARGS adds speed.py options.
+  n=0
+  for phase in ${SPEED//,/ }; do
+    n=$((n + 1))
+    left=$(( DEADLINE_S - ($(date +%s) - START) ))
+    cap=$(( left - 20 ))
+    if [ "$n" = 1 ] && [ -n "${SPEED_FIRST_S:-}" ] && [ "$SPEED_FIRST_S" -lt "$cap" ]; then cap=$SPEED_FIRST_S; fi
+    stamp "speed.py $phase: ${left}s left, deadline ${cap}s"
+    # shellcheck disable=SC2086
+    timeout --signal=TERM "$(( cap + 15 ))" $PY "$HERE/speed.py" "$phase" \
+      --comfyui "$WORK/ComfyUI" --python "$PY" --front-end-root "$WORK/frontend" --log-dir "$OUT" \
+      --out-json "$OUT/speed.json" --deadline-s "$cap" --flowhost "$WORK/flowhost" \
+      --models "$MODELS" --plugins "$WORK/plugins" --work "$WORK" --lora-id "${LORA:-flux-random-lora}" \
+      --inductor-cache "$WORK/compile-cache/inductor" --triton-cache "$WORK/compile-cache/triton" ${SPEED_ARGS:-}
+    stamp "speed.py $phase exit $?"
+  done
 fi
 if [ -n "${POOL_GPUS:-}" ]; then
   # The worker pool (issues 13, 16): one supervised ComfyUI per --gpus entry, an interleave over

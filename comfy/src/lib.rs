@@ -26,6 +26,7 @@ pub mod profile;
 pub mod protocol;
 pub mod raster;
 pub mod run;
+pub mod speed;
 pub mod supervisor;
 pub mod tracker;
 
@@ -35,5 +36,6 @@ pub use client::{ClientConfig, ComfyClient, WsState};
 pub use error::{ComfyError, NodeIssue};
 pub use run::{OutputMedia, Preview, PreviewFn, Progress, ProgressFn, RunRequest, RunResult, RunTimings};
 pub use profile::{LaunchProfile, PreviewMethod};
+pub use speed::SpeedGraph;
 pub use supervisor::{ProcessState, Supervisor, SupervisorConfig};
 pub use tracker::{PromptEvent, PromptTracker};

@@ -6,7 +6,10 @@
 //! GPU or decides for the operator (profiles are opt-in, `default` adds nothing).
 
 use std::fmt;
+use std::path::Path;
 use std::str::FromStr;
+
+use crate::speed::SpeedGraph;
 
 /// A named set of ComfyUI options (`flowhost serve --comfyui-profile NAME`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,15 +30,26 @@ pub enum LaunchProfile {
     /// `fp8` plus `--highvram` and `--fast autotune` (cuDNN picks the fastest
     /// convolution kernels for the VAE after a first, slower call).
     Fast,
+    /// The measured speed profile (issue 26, BENCHMARKS.md "Speed profile"): ComfyUI's
+    /// fp8 matrix products and `--highvram`, plus a graph transform the host applies to every
+    /// job ([`SpeedGraph`]: `EasyCache` step cache and `TorchCompileModel`), with the
+    /// Inductor/Triton caches kept under the state dir. **Changes the images** (fp8 weights,
+    /// skipped steps); the first job at a new image size compiles.
+    Speed,
 }
+
+/// `EasyCache`'s `reuse_threshold` under the speed profile (`--speed-step-cache` changes it;
+/// ComfyUI's own default is 0.2).
+pub const DEFAULT_STEP_CACHE: f64 = 0.2;
 
 impl LaunchProfile {
     /// Every profile, in the order the docs list them.
-    pub const ALL: [LaunchProfile; 4] = [
+    pub const ALL: [LaunchProfile; 5] = [
         LaunchProfile::Default,
         LaunchProfile::HighVram,
         LaunchProfile::Fp8,
         LaunchProfile::Fast,
+        LaunchProfile::Speed,
     ];
 
     /// The name used on the command line and in `/health`.
@@ -45,6 +59,7 @@ impl LaunchProfile {
             LaunchProfile::HighVram => "highvram",
             LaunchProfile::Fp8 => "fp8",
             LaunchProfile::Fast => "fast",
+            LaunchProfile::Speed => "speed",
         }
     }
 
@@ -62,12 +77,28 @@ impl LaunchProfile {
                 "fp8_matrix_mult",
                 "autotune",
             ],
+            LaunchProfile::Speed => &["--fp8_e4m3fn-unet", "--fast", "fp8_matrix_mult", "--highvram"],
         }
+    }
+
+    /// The graph transform the host applies to every job under this profile (`None`: the
+    /// graph goes to ComfyUI as the plugin built it). `step_cache` is EasyCache's threshold
+    /// (`None` or 0: no step cache).
+    pub fn graph_transform(self, step_cache: Option<f64>) -> Option<SpeedGraph> {
+        match self {
+            LaunchProfile::Speed => Some(SpeedGraph { compile: true, step_cache: step_cache.filter(|t| *t > 0.0) }),
+            _ => None,
+        }
+    }
+
+    /// Whether ComfyUI compiles under this profile, so its compile caches belong on disk.
+    pub fn compiles(self) -> bool {
+        matches!(self, LaunchProfile::Speed)
     }
 
     /// Whether the profile changes the pixels a seed gives (fp8 weights do).
     pub fn changes_outputs(self) -> bool {
-        matches!(self, LaunchProfile::Fp8 | LaunchProfile::Fast)
+        matches!(self, LaunchProfile::Fp8 | LaunchProfile::Fast | LaunchProfile::Speed)
     }
 }
 
@@ -103,6 +134,22 @@ impl FromStr for LaunchProfile {
             .find(|p| p.name() == s)
             .ok_or_else(|| UnknownProfile(s.chars().take(64).collect()))
     }
+}
+
+/// Inductor's and Triton's cache folders for a ComfyUI that compiles, under `dir` (the state
+/// dir's `compile-cache`, on the volume that outlives the container), so a restarted service
+/// reuses compiled kernels instead of compiling again. A variable already set in flowhost's own
+/// environment (`is_set`) is the operator's choice and is left alone; a profile that does not
+/// compile gets nothing (ComfyUI's behaviour stays its own).
+pub fn compile_cache_env(profile: LaunchProfile, dir: &Path, is_set: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+    if !profile.compiles() {
+        return Vec::new();
+    }
+    [("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")]
+        .into_iter()
+        .filter(|(var, _)| !is_set(var))
+        .map(|(var, sub)| (var.to_string(), dir.join(sub).display().to_string()))
+        .collect()
 }
 
 /// ComfyUI's `--preview-method` values (latent previews sent while sampling).
@@ -169,7 +216,7 @@ mod tests {
         }
         let err = "turbo".parse::<LaunchProfile>().unwrap_err().to_string();
         assert!(
-            err.contains("\"turbo\"") && err.contains("default, highvram, fp8, fast"),
+            err.contains("\"turbo\"") && err.contains("default, highvram, fp8, fast, speed"),
             "{err}"
         );
         assert!("sage".parse::<PreviewMethod>().is_err());
@@ -181,10 +228,36 @@ mod tests {
         assert!(launch_args(LaunchProfile::Default, None).is_empty());
         assert!(!LaunchProfile::HighVram.changes_outputs());
         assert!(LaunchProfile::Fp8.changes_outputs() && LaunchProfile::Fast.changes_outputs());
+        assert!(LaunchProfile::Speed.changes_outputs());
         assert_eq!(
             launch_args(LaunchProfile::HighVram, Some(PreviewMethod::Latent2Rgb)),
             ["--highvram", "--preview-method", "latent2rgb"]
         );
+    }
+
+    #[test]
+    fn only_the_speed_profile_transforms_graphs_and_keeps_a_compile_cache() {
+        for p in LaunchProfile::ALL {
+            assert_eq!(p.graph_transform(Some(0.2)).is_some(), p == LaunchProfile::Speed, "{p}");
+            let env = compile_cache_env(p, Path::new("/state/compile-cache"), |_| false);
+            assert_eq!(env.is_empty(), p != LaunchProfile::Speed, "{p}");
+        }
+        let t = LaunchProfile::Speed.graph_transform(Some(0.25)).unwrap();
+        assert!(t.compile);
+        assert_eq!(t.step_cache, Some(0.25));
+        assert_eq!(LaunchProfile::Speed.graph_transform(Some(0.0)).unwrap().step_cache, None, "0 turns the step cache off");
+        assert_eq!(LaunchProfile::Speed.graph_transform(None).unwrap().step_cache, None);
+        assert_eq!(
+            compile_cache_env(LaunchProfile::Speed, Path::new("/state/compile-cache"), |_| false),
+            [
+                ("TORCHINDUCTOR_CACHE_DIR".to_string(), "/state/compile-cache/inductor".to_string()),
+                ("TRITON_CACHE_DIR".to_string(), "/state/compile-cache/triton".to_string()),
+            ]
+        );
+        // The operator's own setting wins.
+        let env = compile_cache_env(LaunchProfile::Speed, Path::new("/s"), |v| v == "TRITON_CACHE_DIR");
+        assert_eq!(env.len(), 1);
+        assert_eq!(env[0].0, "TORCHINDUCTOR_CACHE_DIR");
     }
 
     /// Every option a profile passes is one ComfyUI 0.3.64's `cli_args.py` defines

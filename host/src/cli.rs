@@ -131,6 +131,15 @@ pub struct ServeArgs {
     /// See docs/operations.md.
     #[arg(long, requires = "comfyui_dir", conflicts_with_all = ["comfyui_url", "simulate"])]
     pub comfyui_profile: Option<flowhost_comfy::LaunchProfile>,
+    /// With `--comfyui-profile speed`: EasyCache's reuse threshold (0 to 3; 0 turns the step
+    /// cache off; default 0.2). Higher skips more sampling steps and changes the image more.
+    #[arg(long, requires = "comfyui_profile", value_parser = parse_step_cache)]
+    pub speed_step_cache: Option<f64>,
+    /// With `--comfyui-profile speed`: the routes whose jobs get the speed graph transform
+    /// (comma-separated, e.g. /flux-dev); unset: every route and /api/v2 prompt. The launch
+    /// options (fp8 weights) still apply to the whole ComfyUI.
+    #[arg(long, requires = "comfyui_profile", value_delimiter = ',')]
+    pub speed_routes: Vec<String>,
     /// ComfyUI's --preview-method for latent previews while sampling
     /// (none, auto, latent2rgb, taesd); unset leaves ComfyUI's default (none).
     #[arg(long, requires = "comfyui_dir", conflicts_with_all = ["comfyui_url", "simulate"])]
@@ -247,6 +256,13 @@ pub struct ServeArgs {
 }
 
 /// A non-negative, finite number of seconds (at most a year).
+fn parse_step_cache(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=flowhost_comfy::speed::STEP_CACHE_MAX).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a step-cache threshold between 0 and {}", flowhost_comfy::speed::STEP_CACHE_MAX)),
+    }
+}
+
 fn parse_seconds(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && (0.0..=31_536_000.0).contains(&v) => Ok(v),
@@ -314,7 +330,22 @@ mod tests {
     #[test]
     fn an_unknown_profile_is_refused_naming_the_known_ones() {
         let err = serve(&["--comfyui-dir", "/opt/ComfyUI", "--comfyui-profile", "turbo"]).unwrap_err().to_string();
-        assert!(err.contains("turbo") && err.contains("default, highvram, fp8, fast"), "{err}");
+        assert!(err.contains("turbo") && err.contains("default, highvram, fp8, fast, speed"), "{err}");
+    }
+
+    #[test]
+    fn the_speed_profile_takes_a_step_cache_threshold_and_routes() {
+        let args = serve(&["--comfyui-dir", "/opt/ComfyUI", "--comfyui-profile", "speed", "--speed-step-cache", "0.3", "--speed-routes", "/flux-dev,/flux-lora"]).unwrap();
+        assert_eq!(args.comfyui_profile, Some(flowhost_comfy::LaunchProfile::Speed));
+        assert_eq!(args.speed_step_cache, Some(0.3));
+        assert_eq!(args.speed_routes, ["/flux-dev", "/flux-lora"]);
+        for bad in ["-0.1", "3.5", "NaN", "lots"] {
+            let arg = format!("--speed-step-cache={bad}");
+            let err = serve(&["--comfyui-dir", "/opt/ComfyUI", "--comfyui-profile", "speed", &arg]).unwrap_err().to_string();
+            assert!(err.contains("between 0 and 3"), "{bad}: {err}");
+        }
+        let err = serve(&["--comfyui-dir", "/opt/ComfyUI", "--speed-step-cache", "0.2"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument, "{err}");
     }
 
     #[test]

@@ -203,6 +203,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
             inputs: args.inputs.clone(),
             retention,
             dispatch,
+            speed: speed_routing(&args)?,
         },
         volume,
         metrics,
@@ -346,6 +347,12 @@ async fn start_workers(args: &ServeArgs, models_root: Option<&std::path::Path>, 
         let mut sup = SupervisorConfig::new(dir.clone(), free_loopback_port()?);
         sup.python = args.comfyui_python.clone().into();
         sup.profile = args.comfyui_profile.unwrap_or_default();
+        // Compiled kernels on the state dir's volume: a restarted container reuses them.
+        let compile_cache = args.state_dir.join("compile-cache");
+        sup.env.extend(flowhost_comfy::profile::compile_cache_env(sup.profile, &compile_cache, |var| std::env::var_os(var).is_some()));
+        if sup.profile.compiles() {
+            std::fs::create_dir_all(&compile_cache).with_context(|| format!("creating {}", compile_cache.display()))?;
+        }
         sup.preview = args.comfyui_preview_method;
         sup.extra_args = args.comfyui_args.clone();
         sup.startup_timeout = Duration::from_secs(args.comfyui_startup_timeout);
@@ -390,6 +397,18 @@ fn spawn_restart_counter(backend: &Arc<ComfyBackend>, metrics: Metrics) {
             }
         }
     });
+}
+
+/// The speed profile's graph transform and the routes it applies to; the `--speed-*` options
+/// without `--comfyui-profile speed` are refused rather than ignored.
+fn speed_routing(args: &ServeArgs) -> anyhow::Result<Option<crate::jobs::SpeedRouting>> {
+    let profile = args.comfyui_profile.unwrap_or_default();
+    if profile != flowhost_comfy::LaunchProfile::Speed && (args.speed_step_cache.is_some() || !args.speed_routes.is_empty()) {
+        anyhow::bail!("--speed-step-cache and --speed-routes need --comfyui-profile speed (got {profile})");
+    }
+    let step_cache = Some(args.speed_step_cache.unwrap_or(flowhost_comfy::profile::DEFAULT_STEP_CACHE));
+    let routes = args.speed_routes.iter().map(|r| if r.starts_with('/') { r.clone() } else { format!("/{r}") }).collect();
+    Ok(profile.graph_transform(step_cache).map(|graph| crate::jobs::SpeedRouting { graph, routes }))
 }
 
 fn free_loopback_port() -> Result<u16> {

@@ -28,6 +28,19 @@ use crate::plugins::{LoadedPlugin, PluginRegistry};
 /// Largest `--warm-up-request` file, bytes (a request body, not a payload).
 pub const MAX_WARM_UP_FILE_BYTES: u64 = 1 << 20;
 
+/// Extra time a warm-up job gets when the speed profile compiles the model: a cold Inductor
+/// compile of Flux takes minutes, and warm-up is where that belongs (before ready), so it must
+/// not fail the round on the user-facing `--job-timeout`.
+pub const COMPILE_WARM_UP_GRACE: Duration = Duration::from_secs(900);
+
+/// The warm-up's extra time under `config` (none unless the speed transform compiles).
+pub fn compile_grace(config: &crate::jobs::JobConfig) -> Duration {
+    match &config.speed {
+        Some(speed) if speed.graph.compile => COMPILE_WARM_UP_GRACE,
+        _ => Duration::ZERO,
+    }
+}
+
 /// `--warm-up`: whether warm-up runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -410,7 +423,7 @@ async fn warm_route(jobs: &Arc<JobService>, backend: &Arc<ComfyBackend>, plugin:
     spec.request_id = "warm-up".into();
     spec.extra_data["warm_up"] = json!(true);
     // No `events` (no analytics) and no `webhook`: a warm-up is not a user's generation.
-    spec.deadline = Some(SystemTime::now() + jobs.config().job_timeout);
+    spec.deadline = Some(SystemTime::now() + jobs.config().job_timeout + compile_grace(jobs.config()));
     let submission = Submission {
         id: None,
         source: JobSource::WarmUp { route: plugin.manifest.route.clone(), plugin: plugin.manifest.name.clone(), version: plugin.manifest.version.clone() },
@@ -434,6 +447,17 @@ async fn warm_route(jobs: &Arc<JobService>, backend: &Arc<ComfyBackend>, plugin:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_compiling_speed_profile_gives_the_warm_up_time_to_compile() {
+        use crate::jobs::{JobConfig, SpeedRouting};
+        use flowhost_comfy::SpeedGraph;
+        let plain = JobConfig::default();
+        assert_eq!(compile_grace(&plain), Duration::ZERO);
+        let speed = |compile| JobConfig { speed: Some(SpeedRouting { graph: SpeedGraph { compile, step_cache: Some(0.2) }, routes: vec![] }), ..JobConfig::default() };
+        assert_eq!(compile_grace(&speed(true)), COMPILE_WARM_UP_GRACE);
+        assert_eq!(compile_grace(&speed(false)), Duration::ZERO, "a step cache alone compiles nothing");
+    }
 
     #[test]
     fn an_override_names_a_route_and_a_file() {

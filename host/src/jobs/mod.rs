@@ -64,7 +64,7 @@ pub use pool::{ComfyWorker, WorkerPool};
 pub use queue::{LocalQueue, WorkQueue};
 pub use model::{Asset, AssetRole, Job, JobEvent, JobMetrics, JobSource, JobSpec, JobStatus, OutputEncoding, Progress, UploadSpec};
 pub use readiness::{HealthReport, plugin_needs};
-pub use service::{CancelOnDrop, JobConfig, JobService, NewUpload, Submission, TransitionMessages};
+pub use service::{CancelOnDrop, JobConfig, JobService, NewUpload, SpeedRouting, Submission, TransitionMessages};
 pub use store::{IdempotencyClaim, JobFilter, JobStore, SqliteStore};
 pub use store_pg::PostgresStore;
 pub use tenant::Viewer;

@@ -81,6 +81,14 @@ impl JobSource {
         }
     }
 
+    /// The route whose plugin built the graph (a warm-up's too); `None` for Comfy API v2 prompts.
+    pub fn route(&self) -> Option<&str> {
+        match self {
+            JobSource::Route { route, .. } | JobSource::WarmUp { route, .. } => Some(route),
+            JobSource::Api => None,
+        }
+    }
+
     /// A warm-up run, not a user's job.
     pub fn is_warm_up(&self) -> bool {
         matches!(self, JobSource::WarmUp { .. })

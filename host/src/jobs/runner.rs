@@ -225,7 +225,13 @@ impl JobService {
                 inputs.insert(upload.input_name.clone(), Value::String(reference));
             }
         }
-        let graph = Value::Object(workflow.clone());
+        let mut graph = Value::Object(workflow.clone());
+        if let Some(speed) = self.config.speed.as_ref().and_then(|s| s.for_route(job.source.route()))
+            && let Some(fast) = speed.apply(&graph)
+        {
+            // The executed graph (recorded as the job's workflow below) is the transformed one.
+            graph = fast;
+        }
         if let Err(issues) = backend.preflight(&graph).await {
             return Err(validation_failure(issues, &job.spec.caller_nodes, "preflight"));
         }

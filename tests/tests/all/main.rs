@@ -25,5 +25,6 @@ mod runtime;
 mod s3_outage;
 mod shared;
 mod shared_queue;
+mod speed_profile;
 mod warm_up;
 mod webhooks;
