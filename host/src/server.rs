@@ -399,12 +399,16 @@ fn spawn_restart_counter(backend: &Arc<ComfyBackend>, metrics: Metrics) {
     });
 }
 
-/// The speed profile's graph transform and the routes it applies to; the `--speed-*` options
-/// without `--comfyui-profile speed` are refused rather than ignored.
+/// The speed profiles' graph transform and the routes it applies to; a `--speed-*` option
+/// that the chosen profile would not use is refused rather than ignored.
 fn speed_routing(args: &ServeArgs) -> anyhow::Result<Option<crate::jobs::SpeedRouting>> {
+    use flowhost_comfy::LaunchProfile;
     let profile = args.comfyui_profile.unwrap_or_default();
-    if profile != flowhost_comfy::LaunchProfile::Speed && (args.speed_step_cache.is_some() || !args.speed_routes.is_empty()) {
-        anyhow::bail!("--speed-step-cache and --speed-routes need --comfyui-profile speed (got {profile})");
+    if profile != LaunchProfile::Speed && args.speed_step_cache.is_some() {
+        anyhow::bail!("--speed-step-cache needs --comfyui-profile speed (got {profile}; speed-compiled runs no step cache)");
+    }
+    if !matches!(profile, LaunchProfile::Speed | LaunchProfile::SpeedCompiled) && !args.speed_routes.is_empty() {
+        anyhow::bail!("--speed-routes needs --comfyui-profile speed or speed-compiled (got {profile})");
     }
     let step_cache = Some(args.speed_step_cache.unwrap_or(flowhost_comfy::profile::DEFAULT_STEP_CACHE));
     let routes = args.speed_routes.iter().map(|r| if r.starts_with('/') { r.clone() } else { format!("/{r}") }).collect();

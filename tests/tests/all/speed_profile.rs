@@ -1,8 +1,9 @@
-//! The opt-in speed profile (issue 26): `--comfyui-profile speed` launches ComfyUI with the
-//! profile's options and its Inductor/Triton caches under the state dir, and the jobs of the
-//! routes it covers (their warm-up too) reach ComfyUI with `EasyCache` and `TorchCompileModel`
-//! between the model and the sampler; without it the plugin's graph goes untouched and
-//! nothing is added to ComfyUI's environment. Real `flowhost serve` supervising the ComfyUI
+//! The opt-in speed profiles (issue 26): under `--comfyui-profile speed` the jobs of the routes
+//! it covers (their warm-up too) reach ComfyUI with an `EasyCache` step cache between the model
+//! and the sampler, ComfyUI's launch untouched; `speed-compiled` launches ComfyUI with fp8 and
+//! its Inductor/Triton caches under the state dir and puts `TorchCompileModel` there instead;
+//! without either the plugin's graph goes untouched and nothing is added to ComfyUI's
+//! environment. Real `flowhost serve` supervising the ComfyUI
 //! double (which validates against ComfyUI 0.3.64's captured node catalogue), real plugins.
 
 use std::path::Path;
@@ -100,8 +101,29 @@ fn sampler_model_class(graph: &Value) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn speed_profile_compiles_and_caches_every_flux_job_with_its_caches_in_the_state_dir() {
+async fn speed_profile_step_caches_every_flux_job_and_leaves_the_launch_alone() {
     let s = serve(&["--comfyui-profile", "speed", "--speed-step-cache", "0.3"]).await;
+    let noted = launch(s.comfyui.path());
+    let argv: Vec<&str> = noted["argv"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(!argv.iter().any(|a| a.contains("fp8") || *a == "--highvram"), "ComfyUI's own bf16 launch: {argv:?}");
+    assert!(!s.state.path().join("compile-cache").exists(), "nothing compiles");
+
+    let graph = flux_dev_graph(&s).await;
+    assert_eq!(sampler_model_class(&graph), "EasyCache", "{graph}");
+    assert_eq!(nodes_of_class(&graph, "TorchCompileModel"), 0);
+    assert_eq!(nodes_of_class(&graph, "EasyCache"), 1);
+    let cache_node = graph.as_object().unwrap().values().find(|n| n["class_type"] == "EasyCache").unwrap();
+    assert_eq!(cache_node["inputs"]["reuse_threshold"], json!(0.3));
+    assert_eq!(graph[cache_node["inputs"]["model"][0].as_str().unwrap()]["class_type"], "UNETLoader");
+
+    // Without --speed-routes the v2 API's prompts get it too.
+    assert_eq!(sampler_model_class(&v2_graph(&s).await), "EasyCache");
+    s.server.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speed_compiled_launches_fp8_compiles_every_flux_job_and_keeps_its_caches_in_the_state_dir() {
+    let s = serve(&["--comfyui-profile", "speed-compiled"]).await;
     let noted = launch(s.comfyui.path());
     let argv: Vec<&str> = noted["argv"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
     for flag in ["--fp8_e4m3fn-unet", "fp8_matrix_mult", "--highvram"] {
@@ -115,22 +137,17 @@ async fn speed_profile_compiles_and_caches_every_flux_job_with_its_caches_in_the
     let graph = flux_dev_graph(&s).await;
     assert_eq!(sampler_model_class(&graph), "TorchCompileModel", "{graph}");
     assert_eq!(nodes_of_class(&graph, "TorchCompileModel"), 1);
-    assert_eq!(nodes_of_class(&graph, "EasyCache"), 1);
-    let cache_node = graph.as_object().unwrap().values().find(|n| n["class_type"] == "EasyCache").unwrap();
-    assert_eq!(cache_node["inputs"]["reuse_threshold"], json!(0.3));
-    assert_eq!(graph[cache_node["inputs"]["model"][0].as_str().unwrap()]["class_type"], "UNETLoader");
-
-    // Without --speed-routes the v2 API's prompts get it too.
-    assert_eq!(sampler_model_class(&v2_graph(&s).await), "TorchCompileModel");
+    assert_eq!(nodes_of_class(&graph, "EasyCache"), 0, "never a step cache inside a compiled model");
     s.server.server.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speed_routes_limit_the_transform_and_the_default_profile_changes_nothing() {
-    let s = serve(&["--comfyui-profile", "speed", "--speed-routes", "/flux-dev", "--speed-step-cache", "0"]).await;
+    let s = serve(&["--comfyui-profile", "speed", "--speed-routes", "/flux-dev"]).await;
     let graph = flux_dev_graph(&s).await;
-    assert_eq!(sampler_model_class(&graph), "TorchCompileModel");
-    assert_eq!(nodes_of_class(&graph, "EasyCache"), 0, "threshold 0 turns the step cache off");
+    assert_eq!(sampler_model_class(&graph), "EasyCache");
+    let cache_node = graph.as_object().unwrap().values().find(|n| n["class_type"] == "EasyCache").unwrap();
+    assert_eq!(cache_node["inputs"]["reuse_threshold"], json!(0.2), "ComfyUI's own default threshold");
     assert_eq!(sampler_model_class(&v2_graph(&s).await), "UNETLoader", "a route not named goes untouched");
     s.server.server.shutdown().await.unwrap();
 
