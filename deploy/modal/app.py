@@ -55,7 +55,7 @@ MEMORY_SNAPSHOT = GPU_SNAPSHOT or os.environ.get("FLOWHOST_MEMORY_SNAPSHOT", "0"
 # A ComfyUI launch profile (`flowhost serve --comfyui-profile`, docs/operations.md): default,
 # highvram, fp8 (changes images), fast. Opt-in.
 COMFYUI_PROFILE = os.environ.get("FLOWHOST_COMFYUI_PROFILE", "default")
-COMFYUI_PROFILES = ("default", "highvram", "fp8", "fast")
+COMFYUI_PROFILES = ("default", "highvram", "fp8", "fast", "speed", "speed-compiled")
 if COMFYUI_PROFILE not in COMFYUI_PROFILES:
     raise ValueError(f"FLOWHOST_COMFYUI_PROFILE={COMFYUI_PROFILE!r}: expected one of {', '.join(COMFYUI_PROFILES)}")
 
@@ -111,10 +111,22 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPTS = Path(__file__).resolve().parent / "build"
 
 
-def serve_command(profile: str = "") -> list[str]:
-    """The exact `flowhost serve` command line the web server runs."""
+# Tunables the app sets only where the operator's secrets say nothing: flowhost reads each
+# FLOWHOST_* variable itself, and a flag on the command line would silently win over it. The
+# paths (listen address, ComfyUI, volumes, state dir) stay fixed: they are where this image and
+# its volumes put things.
+TUNABLES = [
+    ("--max-in-flight", "FLOWHOST_MAX_IN_FLIGHT", str(MAX_IN_FLIGHT)),
+    ("--job-timeout", "FLOWHOST_JOB_TIMEOUT", str(JOB_TIMEOUT_S)),
+    ("--log-format", "FLOWHOST_LOG_FORMAT", "json"),
+]
+
+
+def serve_command(profile: str = "", env: dict[str, str] | None = None) -> list[str]:
+    """The exact `flowhost serve` command line the web server runs (`env`: the container's)."""
+    env = os.environ if env is None else env
     profile = profile or COMFYUI_PROFILE
-    return [
+    command = [
         FLOWHOST_BIN,
         "serve",
         "--listen", f"0.0.0.0:{PORT}",
@@ -122,12 +134,17 @@ def serve_command(profile: str = "") -> list[str]:
         "--models", MODELS_DIR,
         "--plugins", PLUGINS_DIR,
         "--state-dir", STATE_DIR,
-        "--max-in-flight", str(MAX_IN_FLIGHT),
-        "--job-timeout", str(JOB_TIMEOUT_S),
-        "--log-format", "json",
-    ] + (["--comfyui-profile", profile] if profile != "default" else []) + (
-        ["--warm-up", "off"] if WARM_UP == "off" else []
-    )  # fmt: skip
+    ]  # fmt: skip
+    for flag, variable, value in TUNABLES:
+        if not env.get(variable):
+            command += [flag, value]
+    # The launch profile and warm-up are the deploy's own settings (read where `modal deploy`
+    # runs, not from a secret), so they stay flags.
+    if profile != "default":
+        command += ["--comfyui-profile", profile]
+    if WARM_UP == "off":
+        command += ["--warm-up", "off"]
+    return command
 
 
 def pull_command(only: list[str]) -> list[str]:

@@ -155,6 +155,14 @@ class TestServe:
             "--log-format", "json",
         ]  # fmt: skip
 
+    def test_tunables_in_the_operators_secret_win_over_the_apps_defaults(self, app_module):
+        # FLOWHOST_* variables from a secret reach flowhost's environment; a flag would win over
+        # them without a word, so the app passes its default only where the secret says nothing.
+        command = app_module.serve_command(env={"FLOWHOST_JOB_TIMEOUT": "300", "FLOWHOST_LOG_FORMAT": "text"})
+        assert "--job-timeout" not in command and "--log-format" not in command
+        assert command[command.index("--max-in-flight") + 1] == "5"
+        assert command[command.index("--state-dir") + 1] == "/root/flowhost-state", "paths stay the image's"
+
     def test_every_flag_is_known_to_flowhost_serve(self, app_module):
         binary = os.environ.get("FLOWHOST_BIN")
         if not binary:

@@ -666,6 +666,15 @@ macro_rules! sql_job_store {
                     assets += done.rows_affected() as usize;
                     let keys = sqlx::query("DELETE FROM idempotency_keys WHERE expires_at <= $1").bind(now).execute(&mut *tx).await?.rows_affected() as usize;
                     tx.commit().await?;
+                    if $dialect == "sqlite" {
+                        // SQLite's automatic checkpoints copy the WAL back but never shrink it:
+                        // after a burst it stays as large as the burst was. The sweep is the
+                        // quiet moment to truncate it (the pages the deleted rows freed are
+                        // reused by new rows, so the database file stays at its peak size).
+                        // A busy checkpoint (a reader mid-transaction) is simply retried at the
+                        // next sweep.
+                        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&self.pool).await?;
+                    }
                     Ok(SweepReport { jobs, assets, keys })
                 }
 

@@ -82,6 +82,22 @@ on_both_dialects!(
     a_terminal_state_is_final_whatever_is_written_later,
 );
 
+/// The retention sweep truncates SQLite's write-ahead log: without it, the WAL stays as large as
+/// the biggest burst of writes since the service started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_truncates_the_sqlite_write_ahead_log() {
+    let db = Db::new(Dialect::Sqlite).await;
+    let (store, _outbox) = db.open().await;
+    for _ in 0..200 {
+        store.insert_job(&job()).await.unwrap();
+    }
+    let wal = db.sqlite_path.with_extension("db-wal");
+    let before = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert!(before > 0, "200 inserts went through the WAL");
+    store.sweep_expired(SystemTime::now()).await.unwrap();
+    assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0), 0, "the WAL was {before} bytes before the sweep");
+}
+
 fn job() -> Job {
     let mut workflow = serde_json::Map::new();
     workflow.insert("1".into(), serde_json::json!({"class_type": "EmptyImage", "inputs": {}}));
