@@ -54,12 +54,9 @@ pub fn parse(body: Value) -> Result<Submission, V2Error> {
         return Err(V2Error::invalid_submission("", "not_an_object", "The body must be a JSON object with a `workflow` member."));
     };
     for field in RESERVED {
-        if body.contains_key(field) {
-            return Err(V2Error::new(
-                ErrorCode::InvalidRequest,
-                format!("`{field}` is reserved by the Comfy API v2 and not accepted yet; remove it."),
-            )
-            .with_details(json!({"field": field, "reason": "reserved"})));
+        if body.get(field).is_some_and(|v| !v.is_null()) {
+            // The contract's 422 for a submission is `invalid_workflow` (as comfy-api-proxy answers).
+            return Err(V2Error::invalid_submission(field, "reserved", format!("`{field}` is reserved by the Comfy API v2 and not accepted yet; remove it.")));
         }
     }
     if body.get("workflow").is_none() && looks_like_ui_export(&body) {
@@ -259,10 +256,12 @@ mod tests {
     fn reserved_fields_are_refused() {
         for field in ["webhook_url", "inputs"] {
             let (code, details) = code_of(json!({"workflow": {}, field: "x"}));
-            assert_eq!(code, "invalid_request");
+            assert_eq!(code, "invalid_workflow", "the contract's code for a refused submission");
             assert_eq!(details["field"], field);
             assert_eq!(details["reason"], "reserved");
         }
+        // An explicit null is no value: accepted, as comfy-api-proxy does.
+        assert!(parse(json!({"workflow": {}, "webhook_url": null})).is_ok());
     }
 
     #[test]
