@@ -438,7 +438,8 @@ mod tests {
 
     #[test]
     fn same_seed_same_pixels_other_seed_other_pixels() {
-        let a = ImageSpec { width: 16, height: 8, batch: 1, fill: Fill::Seeded(42) };
+        // Tall enough that the seeded pattern shows above the "SIMULATED" band (≥ 9 rows).
+        let a = ImageSpec { width: 16, height: 32, batch: 1, fill: Fill::Seeded(42) };
         assert_eq!(pixels(&a, 0), pixels(&a, 0));
         assert_ne!(pixels(&a, 0), pixels(&ImageSpec { fill: Fill::Seeded(43), ..a }, 0));
     }
