@@ -89,7 +89,7 @@ async fn the_sweep_truncates_the_sqlite_write_ahead_log() {
     let db = Db::new(Dialect::Sqlite).await;
     let (store, _outbox) = db.open().await;
     for _ in 0..200 {
-        store.insert_job(&job()).await.unwrap();
+        store.insert_job(&job(), &[]).await.unwrap();
     }
     let wal = db.sqlite_path.with_extension("db-wal");
     let before = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);

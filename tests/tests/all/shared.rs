@@ -170,7 +170,10 @@ async fn events(client: &reqwest::Client, on: &Instance, id: &str) -> Vec<(Strin
 
 async fn download(client: &reqwest::Client, on: &Instance, asset_id: &str) -> Vec<u8> {
     let response = client.get(on.url(&format!("/api/v2/assets/{asset_id}/content"))).send().await.unwrap();
-    assert_eq!(response.status(), 200, "asset {asset_id} from {}", on.base);
+    let status = response.status();
+    if status != 200 {
+        panic!("asset {asset_id} from {}: {status} {}", on.base, response.text().await.unwrap_or_default());
+    }
     response.bytes().await.unwrap().to_vec()
 }
 
