@@ -132,7 +132,7 @@ impl RunPhase {
     /// The phase in words, as it ends "the job ran out of time while …".
     pub fn doing(self) -> &'static str {
         match self {
-            RunPhase::Queue => "waiting in the queue for a free slot (nothing ran)",
+            RunPhase::Queue => "waiting in the queue for a free slot",
             RunPhase::Upload => "uploading its inputs to ComfyUI",
             RunPhase::ComfyUi => "running in ComfyUI",
             RunPhase::OutputFetch => "fetching its outputs from ComfyUI",
@@ -171,9 +171,10 @@ impl std::fmt::Display for TimeLimit {
 
 /// A timeout in words: the phase that ran out and the real limit when known, else the wait.
 pub fn timeout_message(prompt_id: Option<&str>, waited_ms: u64, phase: Option<RunPhase>, limit: Option<TimeLimit>) -> String {
+    let nothing_ran = if phase == Some(RunPhase::Queue) { "; nothing ran" } else { "" };
     match (phase, limit) {
-        (Some(phase), Some(limit)) => format!("the job ran out of time while {} ({limit})", phase.doing()),
-        (Some(phase), None) => format!("the job ran out of time while {} (after {} s)", phase.doing(), waited_ms / 1000),
+        (Some(phase), Some(limit)) => format!("the job ran out of time while {} ({limit}){nothing_ran}", phase.doing()),
+        (Some(phase), None) => format!("the job ran out of time while {} (after {} s){nothing_ran}", phase.doing(), waited_ms / 1000),
         (None, _) => match prompt_id {
             Some(p) => format!("prompt {p} did not finish within {} s", waited_ms / 1000),
             None => format!("the job did not finish within {waited_ms} ms"),
@@ -365,6 +366,8 @@ mod tests {
         let old: JobFailure = serde_json::from_value(serde_json::json!({"kind": "timeout", "prompt_id": "p", "waited_ms": 4000})).unwrap();
         assert_eq!(old, JobFailure::Timeout { prompt_id: Some("p".into()), waited_ms: 4000, phase: None, limit: None });
         assert_eq!(old.message(), "prompt p did not finish within 4 s");
+        let queued = JobFailure::Timeout { prompt_id: None, waited_ms: 2000, phase: Some(RunPhase::Queue), limit: Some(TimeLimit { ms: 2000, source: LimitSource::JobTimeout }) };
+        assert_eq!(queued.message(), "the job ran out of time while waiting in the queue for a free slot (limit 2 s, --job-timeout); nothing ran");
         let sync = TimeLimit { ms: 2500, source: LimitSource::RequestDeadline };
         assert_eq!(sync.to_string(), "limit 2.5 s, the request's deadline");
     }
