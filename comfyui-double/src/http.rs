@@ -322,7 +322,7 @@ async fn upload_image(State(s): S, mut multipart: Multipart) -> Response {
 
 /// Write an upload's file into ComfyUI's folders and answer as ComfyUI does.
 fn store_upload(s: &Shared, filename: String, bytes: Bytes, fields: HashMap<String, String>) -> Response {
-    let Some((root, kind)) = dir_for_type(&s, fields.get("type").map(String::as_str)) else { return empty(StatusCode::BAD_REQUEST) };
+    let Some((root, kind)) = dir_for_type(s, fields.get("type").map(String::as_str)) else { return empty(StatusCode::BAD_REQUEST) };
     let subfolder = fields.get("subfolder").cloned().unwrap_or_default();
     let Some(folder) = contained(&root, &subfolder) else { return empty(StatusCode::BAD_REQUEST) };
     let Some(mut path) = contained(&folder, &filename).filter(|p| p.starts_with(&folder) && p != &folder) else {

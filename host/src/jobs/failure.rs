@@ -165,7 +165,7 @@ impl std::fmt::Display for TimeLimit {
             LimitSource::JobTimeout => "--job-timeout",
             LimitSource::RequestDeadline => "the request's deadline",
         };
-        if self.ms % 1000 == 0 { write!(f, "limit {} s, {by}", self.ms / 1000) } else { write!(f, "limit {secs:.1} s, {by}") }
+        if self.ms.is_multiple_of(1000) { write!(f, "limit {} s, {by}", self.ms / 1000) } else { write!(f, "limit {secs:.1} s, {by}") }
     }
 }
 

@@ -3,10 +3,12 @@
 //! id), preflight against the live node catalogue, submission under a prompt id
 //! recorded *before* submitting (so a restart can reconcile), progress, one
 //! deadline to the last output byte, outputs encoded and stored as assets, then
-//! the job's files on ComfyUI's side deleted — whatever the outcome.
+//! the job's files on ComfyUI's side deleted — whatever the outcome. A job cut by its
+//! deadline records the phase it was in (upload, ComfyUI, output fetch) and the limit.
 //!
-//! Must never: decide HTTP statuses, or leave a prompt running in ComfyUI after
-//! the job ended (timeout and cancel interrupt it).
+//! Must never: decide HTTP statuses, leave a prompt running in ComfyUI after the job
+//! ended (timeout and cancel interrupt it), or leave an upload the deadline cut to land
+//! in ComfyUI's input folder after the job's cleanup (it is removed again when it ends).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
