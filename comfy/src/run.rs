@@ -72,7 +72,13 @@ pub struct RunRequest {
     /// Take `SaveImage` outputs as raw pixels ([`crate::raster`]) when ComfyUI has the node:
     /// the caller will encode them anyway (JPEG), so ComfyUI's PNG is pure cost.
     pub raster_outputs: bool,
+    /// Called once the prompt succeeded, as collecting its outputs (`/history`, `/view`)
+    /// begins: a caller whose deadline passes later knows the output fetch was the slow part.
+    pub on_fetch: Option<FetchFn>,
 }
+
+/// See [`RunRequest::on_fetch`].
+pub type FetchFn = Arc<dyn Fn() + Send + Sync>;
 
 impl RunRequest {
     pub fn new(graph: Value, deadline: Duration) -> Self {
@@ -85,6 +91,7 @@ impl RunRequest {
             on_preview: None,
             prompt_id: None,
             raster_outputs: false,
+            on_fetch: None,
         }
     }
 }
@@ -470,6 +477,9 @@ pub(crate) async fn run_prompt(
         }
     }
 
+    if let Some(on_fetch) = &req.on_fetch {
+        on_fetch();
+    }
     // History names every file output even when `executed` frames were missed.
     // The deadline covers collecting the outputs too: a slow `/history` or `/view` ends the run at
     // the deadline (504), not after it.

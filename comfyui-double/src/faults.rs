@@ -37,6 +37,10 @@ pub struct FaultSettings {
     /// Close every client websocket instead of sending a `FlowhostImageOutput` raster (the
     /// frames are lost as on a real drop); the prompt still completes and lands in history.
     pub drop_ws_on_raster: bool,
+    /// Delay between receiving an upload's body and writing its file. The write happens
+    /// even when the client hung up meanwhile, as in a server that finishes a request it
+    /// has read: the file lands late.
+    pub upload_delay: Duration,
 }
 
 /// Fires once: after it, every connection of the double errors and nothing answers any more.
@@ -129,6 +133,11 @@ impl Faults {
     /// Delay before `GET /view` answers.
     pub fn set_view_delay(&self, d: Duration) {
         self.lock().view_delay = d;
+    }
+
+    /// Delay before an upload's file is written (see [`FaultSettings::upload_delay`]).
+    pub fn set_upload_delay(&self, d: Duration) {
+        self.lock().upload_delay = d;
     }
 
     /// While on, every `FlowhostImageOutput` frame is lost with the socket (see

@@ -306,7 +306,23 @@ async fn upload_image(State(s): S, mut multipart: Multipart) -> Response {
     if filename.is_empty() {
         return empty(StatusCode::BAD_REQUEST);
     }
-    let Some((root, kind)) = dir_for_type(&s, fields.get("type").map(String::as_str)) else { return empty(StatusCode::BAD_REQUEST) };
+    let delay = s.faults.settings().upload_delay;
+    if delay.is_zero() {
+        return store_upload(&s, filename, bytes, fields);
+    }
+    // A slow upload: the body is read; the file is written after the delay in a task of its
+    // own, so it lands even when the client has gone (the case a job's cleanup must survive).
+    let shared = s.clone();
+    let write = tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        store_upload(&shared, filename, bytes, fields)
+    });
+    write.await.unwrap_or_else(|_| server_trouble())
+}
+
+/// Write an upload's file into ComfyUI's folders and answer as ComfyUI does.
+fn store_upload(s: &Shared, filename: String, bytes: Bytes, fields: HashMap<String, String>) -> Response {
+    let Some((root, kind)) = dir_for_type(s, fields.get("type").map(String::as_str)) else { return empty(StatusCode::BAD_REQUEST) };
     let subfolder = fields.get("subfolder").cloned().unwrap_or_default();
     let Some(folder) = contained(&root, &subfolder) else { return empty(StatusCode::BAD_REQUEST) };
     let Some(mut path) = contained(&folder, &filename).filter(|p| p.starts_with(&folder) && p != &folder) else {

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use super::problem::Problem;
 use crate::jobs::JobFailure;
+use crate::jobs::failure::RunPhase;
 
 /// The request field an issue concerns: `workflow` for the whole graph, `workflow/<node>` for a
 /// node, `workflow/<node>/inputs/<input>` for one of its inputs.
@@ -127,13 +128,21 @@ pub fn problem(failure: &JobFailure, plugin: Option<&str>) -> Problem {
         .with("prompt_id", prompt_id.clone())
         .with("node", json!({"id": node_id, "class_type": class_type}))
         .retry_after(5),
-        JobFailure::Timeout { prompt_id, waited_ms } => {
+        JobFailure::Timeout { prompt_id, waited_ms, phase, limit } => {
             let secs = waited_ms / 1000;
-            let detail = match prompt_id {
-                Some(p) => format!("prompt {p} did not finish within {secs} s; it was cancelled in ComfyUI"),
-                None => format!("the job waited {secs} s in the queue without a free slot; nothing ran"),
+            let detail = match (phase, prompt_id) {
+                (Some(RunPhase::ComfyUi), Some(p)) => format!("{failure}; prompt {p} was cancelled in ComfyUI"),
+                (Some(_), _) => failure.to_string(),
+                (None, Some(p)) => format!("prompt {p} did not finish within {secs} s; it was cancelled in ComfyUI"),
+                (None, None) => format!("the job waited {secs} s in the queue without a free slot; nothing ran"),
             };
-            let p = Problem::new(StatusCode::GATEWAY_TIMEOUT, "timeout", "The generation took too long", detail);
+            let mut p = Problem::new(StatusCode::GATEWAY_TIMEOUT, "timeout", "The generation took too long", detail);
+            if let Some(phase) = phase {
+                p = p.with("phase", json!(phase));
+            }
+            if let Some(limit) = limit {
+                p = p.with("limit_ms", limit.ms);
+            }
             match prompt_id {
                 Some(id) => p.with("prompt_id", id.clone()),
                 None => p,

@@ -69,9 +69,19 @@ pub enum JobFailure {
     /// Interrupted in ComfyUI by someone else.
     #[error("prompt {prompt_id} was interrupted in ComfyUI")]
     Interrupted { prompt_id: String, node_id: Option<String>, class_type: Option<String> },
-    /// The deadline passed (queue wait, uploads, execution or output fetching).
-    #[error("the job did not finish within {waited_ms} ms")]
-    Timeout { prompt_id: Option<String>, waited_ms: u64 },
+    /// The deadline passed (queue wait, uploads, execution or output fetching): which
+    /// phase ran out and the limit that applied, so a 504 names the slow part.
+    #[error("{}", timeout_message(prompt_id.as_deref(), *waited_ms, *phase, *limit))]
+    Timeout {
+        prompt_id: Option<String>,
+        waited_ms: u64,
+        /// The phase the job was in when its time ran out (absent in jobs stored before it was recorded).
+        #[serde(default)]
+        phase: Option<RunPhase>,
+        /// The limit that ran out.
+        #[serde(default)]
+        limit: Option<TimeLimit>,
+    },
     /// ComfyUI answered something flowhost does not understand.
     #[error("ComfyUI answered unexpectedly: {detail}")]
     Protocol { detail: String },
@@ -102,6 +112,74 @@ pub enum JobFailure {
     /// A flowhost-internal failure (store, blob store, task).
     #[error("internal error: {detail}")]
     Internal { detail: String },
+}
+
+/// Where a job stood when its deadline passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunPhase {
+    /// Waiting in flowhost's queue for a free slot; nothing ran.
+    Queue,
+    /// Uploading the job's inputs to ComfyUI.
+    Upload,
+    /// Validated, submitted, queued or executing in ComfyUI.
+    ComfyUi,
+    /// Fetching, encoding and storing the outputs.
+    OutputFetch,
+}
+
+impl RunPhase {
+    /// The phase in words, as it ends "the job ran out of time while …".
+    pub fn doing(self) -> &'static str {
+        match self {
+            RunPhase::Queue => "waiting in the queue for a free slot",
+            RunPhase::Upload => "uploading its inputs to ComfyUI",
+            RunPhase::ComfyUi => "running in ComfyUI",
+            RunPhase::OutputFetch => "fetching its outputs from ComfyUI",
+        }
+    }
+}
+
+/// The limit a job ran under: the operator's `--job-timeout`, or a synchronous request's
+/// own (shorter) deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeLimit {
+    pub ms: u64,
+    pub source: LimitSource,
+}
+
+/// Which limit applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitSource {
+    /// `--job-timeout`.
+    JobTimeout,
+    /// The synchronous request's deadline (admission plus `--job-timeout`).
+    RequestDeadline,
+}
+
+impl std::fmt::Display for TimeLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.ms as f64 / 1000.0;
+        let by = match self.source {
+            LimitSource::JobTimeout => "--job-timeout",
+            LimitSource::RequestDeadline => "the request's deadline",
+        };
+        if self.ms.is_multiple_of(1000) { write!(f, "limit {} s, {by}", self.ms / 1000) } else { write!(f, "limit {secs:.1} s, {by}") }
+    }
+}
+
+/// A timeout in words: the phase that ran out and the real limit when known, else the wait.
+pub fn timeout_message(prompt_id: Option<&str>, waited_ms: u64, phase: Option<RunPhase>, limit: Option<TimeLimit>) -> String {
+    let nothing_ran = if phase == Some(RunPhase::Queue) { "; nothing ran" } else { "" };
+    match (phase, limit) {
+        (Some(phase), Some(limit)) => format!("the job ran out of time while {} ({limit}){nothing_ran}", phase.doing()),
+        (Some(phase), None) => format!("the job ran out of time while {} (after {} s){nothing_ran}", phase.doing(), waited_ms / 1000),
+        (None, _) => match prompt_id {
+            Some(p) => format!("prompt {p} did not finish within {} s", waited_ms / 1000),
+            None => format!("the job did not finish within {waited_ms} ms"),
+        },
+    }
 }
 
 fn summary(issues: &[NodeIssue]) -> String {
@@ -229,7 +307,7 @@ pub fn from_comfy(err: ComfyError, caller_nodes: &[String]) -> JobFailure {
             JobFailure::Execution { prompt_id, node_id, class_type: node_type, exception_type, exception_message, traceback }
         }
         ComfyError::Interrupted { prompt_id, node_id, node_type } => JobFailure::Interrupted { prompt_id, node_id, class_type: node_type },
-        ComfyError::Timeout { prompt_id, waited } => JobFailure::Timeout { prompt_id: Some(prompt_id), waited_ms: waited.as_millis() as u64 },
+        ComfyError::Timeout { prompt_id, waited } => JobFailure::Timeout { prompt_id: Some(prompt_id), waited_ms: waited.as_millis() as u64, phase: None, limit: None },
         ComfyError::Protocol { detail } => JobFailure::Protocol { detail },
         ComfyError::OutputMissing { node_id } => JobFailure::OutputMissing { node_id, caller_fault: !caller_nodes.is_empty() },
         // The backend re-runs such a prompt with files; reaching here means it could not.
@@ -271,5 +349,26 @@ mod tests {
         assert_eq!(back.code(), "node_execution_error");
         assert_eq!(back.node_id(), Some("9"));
         assert_eq!(back.traceback().as_deref(), Some("a\nb\n"));
+    }
+
+    #[test]
+    fn a_timeout_names_its_phase_and_limit_and_old_documents_still_read() {
+        let f = JobFailure::Timeout {
+            prompt_id: None,
+            waited_ms: 5100,
+            phase: Some(RunPhase::Upload),
+            limit: Some(TimeLimit { ms: 5000, source: LimitSource::JobTimeout }),
+        };
+        assert_eq!(f.message(), "the job ran out of time while uploading its inputs to ComfyUI (limit 5 s, --job-timeout)");
+        let back: JobFailure = serde_json::from_value(serde_json::to_value(&f).unwrap()).unwrap();
+        assert_eq!(back, f);
+        // A job stored before phases were recorded reads back with none.
+        let old: JobFailure = serde_json::from_value(serde_json::json!({"kind": "timeout", "prompt_id": "p", "waited_ms": 4000})).unwrap();
+        assert_eq!(old, JobFailure::Timeout { prompt_id: Some("p".into()), waited_ms: 4000, phase: None, limit: None });
+        assert_eq!(old.message(), "prompt p did not finish within 4 s");
+        let queued = JobFailure::Timeout { prompt_id: None, waited_ms: 2000, phase: Some(RunPhase::Queue), limit: Some(TimeLimit { ms: 2000, source: LimitSource::JobTimeout }) };
+        assert_eq!(queued.message(), "the job ran out of time while waiting in the queue for a free slot (limit 2 s, --job-timeout); nothing ran");
+        let sync = TimeLimit { ms: 2500, source: LimitSource::RequestDeadline };
+        assert_eq!(sync.to_string(), "limit 2.5 s, the request's deadline");
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use flowhost_comfy::protocol::{PromptOutcome, file_refs_in_ui_output};
 
-use super::failure::{JobFailure, RETRY_AFTER_DOWN};
+use super::failure::{JobFailure, RETRY_AFTER_DOWN, RunPhase};
 use super::model::{Job, JobStatus};
 use super::runner::{FetchedOutput, clean_comfy_side};
 use super::service::JobService;
@@ -149,7 +149,7 @@ impl JobService {
                 if canceled {
                     return Err(JobFailure::Canceled);
                 }
-                return Err(JobFailure::Timeout { prompt_id: Some(prompt_id), waited_ms: job.created_at.elapsed().unwrap_or_default().as_millis() as u64 });
+                return Err(JobFailure::Timeout { prompt_id: Some(prompt_id), waited_ms: job.created_at.elapsed().unwrap_or_default().as_millis() as u64, phase: Some(RunPhase::ComfyUi), limit: None });
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -160,7 +160,7 @@ impl JobService {
     async fn rerun_with_files(&self, backend: &flowhost_comfy::ComfyBackend, job: &Job, prompt_id: &str, limit: SystemTime) -> Result<Vec<FetchedOutput>, JobFailure> {
         let left = limit.duration_since(SystemTime::now()).unwrap_or_default();
         if left.is_zero() {
-            return Err(JobFailure::Timeout { prompt_id: Some(prompt_id.to_string()), waited_ms: job.created_at.elapsed().unwrap_or_default().as_millis() as u64 });
+            return Err(JobFailure::Timeout { prompt_id: Some(prompt_id.to_string()), waited_ms: job.created_at.elapsed().unwrap_or_default().as_millis() as u64, phase: Some(RunPhase::ComfyUi), limit: None });
         }
         tracing::info!(job_id = %job.id, prompt_id, "outputs were sent as pixels to the stopped flowhost; running the graph again with files");
         let mut request = flowhost_comfy::RunRequest::new(super::runner::with_job_output_names(job.workflow.clone(), job.id), left);

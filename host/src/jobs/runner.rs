@@ -3,12 +3,15 @@
 //! id), preflight against the live node catalogue, submission under a prompt id
 //! recorded *before* submitting (so a restart can reconcile), progress, one
 //! deadline to the last output byte, outputs encoded and stored as assets, then
-//! the job's files on ComfyUI's side deleted — whatever the outcome.
+//! the job's files on ComfyUI's side deleted — whatever the outcome. A job cut by its
+//! deadline records the phase it was in (upload, ComfyUI, output fetch) and the limit.
 //!
-//! Must never: decide HTTP statuses, or leave a prompt running in ComfyUI after
-//! the job ended (timeout and cancel interrupt it).
+//! Must never: decide HTTP statuses, leave a prompt running in ComfyUI after the job
+//! ended (timeout and cancel interrupt it), or leave an upload the deadline cut to land
+//! in ComfyUI's input folder after the job's cleanup (it is removed again when it ends).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -16,7 +19,7 @@ use flowhost_comfy::{ComfyBackend, ComfyError, RunRequest};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use super::failure::{JobFailure, from_comfy, validation_failure};
+use super::failure::{JobFailure, LimitSource, RunPhase, TimeLimit, from_comfy, validation_failure};
 use super::model::{Asset, AssetRole, Job, JobEvent, JobStatus, OutputEncoding};
 use super::progress::ProgressTracker;
 use super::service::JobService;
@@ -31,6 +34,81 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 const PREVIEW_INTERVAL: Duration = Duration::from_millis(500);
 /// A preview larger than this is dropped (previews are small: latent2rgb/TAESD JPEGs).
 const MAX_PREVIEW_BYTES: usize = 4 << 20;
+/// How long an upload may go on past the job's deadline. The deadline does not abort an
+/// upload request ComfyUI may already have read (it would write the file after the job's
+/// cleanup); the request finishes in the background, bounded by this, and the job's upload
+/// folder is removed again once it has.
+const UPLOAD_GRACE: Duration = Duration::from_secs(30);
+
+/// The phase a running job is in, shared by the run (which moves it on) and the code that
+/// turns the job's deadline into a [`JobFailure::Timeout`] naming the slow part.
+#[derive(Clone)]
+struct PhaseCell(Arc<AtomicU8>);
+
+impl PhaseCell {
+    fn new(phase: RunPhase) -> Self {
+        let cell = PhaseCell(Arc::new(AtomicU8::new(0)));
+        cell.set(phase);
+        cell
+    }
+
+    fn set(&self, phase: RunPhase) {
+        let n = match phase {
+            RunPhase::Queue => 0,
+            RunPhase::Upload => 1,
+            RunPhase::ComfyUi => 2,
+            RunPhase::OutputFetch => 3,
+        };
+        self.0.store(n, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> RunPhase {
+        match self.0.load(Ordering::Relaxed) {
+            0 => RunPhase::Queue,
+            1 => RunPhase::Upload,
+            2 => RunPhase::ComfyUi,
+            _ => RunPhase::OutputFetch,
+        }
+    }
+}
+
+/// The limit a job runs under and the instant it ends: `--job-timeout` from the start of
+/// the run, or a synchronous request's deadline when that comes first. A sync request's
+/// deadline is `--job-timeout` counted from admission (the queue wait included): reported as
+/// `--job-timeout` when it is exactly that, else as the request's own deadline.
+pub(super) fn job_limit(job_timeout: Duration, created_at: SystemTime, request_deadline: Option<SystemTime>) -> (Instant, TimeLimit) {
+    let now = Instant::now();
+    let mut deadline = now + job_timeout;
+    let mut limit = TimeLimit { ms: job_timeout.as_millis() as u64, source: LimitSource::JobTimeout };
+    if let Some(at) = request_deadline {
+        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+        if now + left < deadline {
+            deadline = now + left;
+            let total = at.duration_since(created_at).unwrap_or_default();
+            if total.abs_diff(job_timeout) > Duration::from_millis(100) {
+                limit = TimeLimit { ms: total.as_millis() as u64, source: LimitSource::RequestDeadline };
+            }
+        }
+    }
+    (deadline, limit)
+}
+
+/// After the run: if an upload request is still in flight (the deadline or a cancel cut the
+/// job while uploading), wait for it in the background (bounded) and remove the job's
+/// upload folder again, so a file ComfyUI writes late does not outlive the job's cleanup.
+fn clean_late_uploads(mut alive: tokio::sync::mpsc::Receiver<()>, backend: Arc<ComfyBackend>, job_id: Uuid) {
+    if matches!(alive.try_recv(), Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)) {
+        return;
+    }
+    tokio::spawn(async move {
+        // `None` once every upload task has ended (their senders dropped).
+        let _ = tokio::time::timeout(UPLOAD_GRACE + Duration::from_secs(1), alive.recv()).await;
+        match backend.remove_uploads(&upload_subfolder(job_id)).await {
+            Ok(removed) => tracing::info!(%job_id, removed, "an upload cut by the job's end finished; the job's upload folder is removed again"),
+            Err(err) => tracing::warn!(%job_id, error = %format!("{err:#}"), "could not remove a late upload in ComfyUI"),
+        }
+    });
+}
 
 /// One output as fetched from ComfyUI.
 pub(super) struct FetchedOutput {
@@ -76,19 +154,27 @@ impl JobService {
 
         // One deadline: execution is bounded by the job timeout; a sync request's
         // deadline (admission + timeout) bounds it further.
-        let mut deadline = Instant::now() + self.config.job_timeout;
-        if let Some(at) = job.spec.deadline {
-            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-            deadline = deadline.min(Instant::now() + left);
-        }
+        let (deadline, limit) = job_limit(self.config.job_timeout, job.created_at, job.spec.deadline);
         let started = Instant::now();
         let created_at = job.created_at;
-        let timed_out = || JobFailure::Timeout { prompt_id: Some(prompt_id.clone()), waited_ms: created_at.elapsed().unwrap_or_default().as_millis() as u64 };
+        let phase = PhaseCell::new(RunPhase::ComfyUi);
+        // A timeout names the phase that ran out and the limit; a prompt id only once one was submitted.
+        let timed_out = |waited_ms: Option<u64>| {
+            let at = phase.get();
+            JobFailure::Timeout {
+                prompt_id: (at != RunPhase::Upload).then(|| prompt_id.clone()),
+                waited_ms: waited_ms.unwrap_or_else(|| created_at.elapsed().unwrap_or_default().as_millis() as u64),
+                phase: Some(at),
+                limit: Some(limit),
+            }
+        };
+        // Every upload task holds a sender: while one lives, an upload is still in flight.
+        let (uploads_alive, uploads_done) = tokio::sync::mpsc::channel::<()>(1);
         let (outcome, fenced) = {
-            let run = tokio::time::timeout_at(deadline.into(), self.run_in_comfy(&mut job, &prompt_id, deadline, backend.clone()));
+            let run = tokio::time::timeout_at(deadline.into(), self.run_in_comfy(&mut job, &prompt_id, deadline, backend.clone(), phase.clone(), uploads_alive));
             tokio::pin!(run);
             let stop = tokio::select! {
-                r = &mut run => Some(r.unwrap_or_else(|_| Err(timed_out()))),
+                r = &mut run => Some(r.unwrap_or_else(|_| Err(timed_out(None)))),
                 _ = cancel.wait_for(|c| *c) => Some(Err(JobFailure::Canceled)),
                 _ = fence.wait_for(|f| *f) => None,
             };
@@ -102,10 +188,20 @@ impl JobService {
                     if let Some(backend) = &backend {
                         backend.client().cancel(&prompt_id).await;
                     }
-                    ((&mut run).await.unwrap_or_else(|_| Err(timed_out())), true)
+                    ((&mut run).await.unwrap_or_else(|_| Err(timed_out(None))), true)
                 }
             }
         };
+        // ComfyUI's own deadline (inside the run) may fire first: name the phase all the same.
+        let outcome = match outcome {
+            Err(JobFailure::Timeout { phase: None, waited_ms, .. }) => Err(timed_out(Some(waited_ms))),
+            other => other,
+        };
+        if let Some(backend) = &backend
+            && !job.spec.uploads.is_empty()
+        {
+            clean_late_uploads(uploads_done, backend.clone(), job.id);
+        }
         if fenced && outcome.is_err() {
             tracing::warn!(job_id = %job.id, "stopped a job this instance may no longer hold; the instance that takes it over settles it");
             self.forget(job.id);
@@ -206,7 +302,15 @@ impl JobService {
     }
 
     /// Uploads, preflight, run, outputs. The job's workflow becomes the executed graph.
-    async fn run_in_comfy(&self, job: &mut Job, prompt_id: &str, deadline: Instant, backend: Option<Arc<ComfyBackend>>) -> Result<RunPhases, JobFailure> {
+    async fn run_in_comfy(
+        &self,
+        job: &mut Job,
+        prompt_id: &str,
+        deadline: Instant,
+        backend: Option<Arc<ComfyBackend>>,
+        phase: PhaseCell,
+        uploads_alive: tokio::sync::mpsc::Sender<()>,
+    ) -> Result<RunPhases, JobFailure> {
         let backend = backend.ok_or_else(|| JobFailure::ComfyUnavailable { detail: "no ComfyUI backend is configured; only ?dry_run=true works".into(), retry_after_s: 30 })?;
         if let Some(events) = &job.spec.events
             && let Some(event) = events.resolved(&job.spec.analytics)
@@ -216,9 +320,26 @@ impl JobService {
         let phase_started = Instant::now();
         let mut workflow = job.spec.workflow.clone();
         let subfolder = upload_subfolder(job.id);
+        if !job.spec.uploads.is_empty() {
+            phase.set(RunPhase::Upload);
+        }
         for upload in &job.spec.uploads {
             let bytes = self.blobs.get(&upload.hash).await.map_err(|e| JobFailure::internal(format!("input {}: {e}", upload.filename)))?;
-            let reference = backend.upload_image(bytes, &safe_filename(&upload.filename), &subfolder).await.map_err(|e| from_comfy(e, &job.spec.caller_nodes))?;
+            // In a task of its own: if the deadline drops this run mid-upload, the request
+            // still ends (bounded) and `clean_late_uploads` removes what it wrote.
+            let task = tokio::spawn({
+                let (backend, name, subfolder, alive) = (backend.clone(), safe_filename(&upload.filename), subfolder.clone(), uploads_alive.clone());
+                let bound = deadline.saturating_duration_since(Instant::now()) + UPLOAD_GRACE;
+                async move {
+                    let _alive = alive;
+                    match tokio::time::timeout(bound, backend.upload_image(bytes, &name, &subfolder)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(ComfyError::Unavailable { detail: "an upload to ComfyUI did not finish".into() }),
+                    }
+                }
+            });
+            let uploaded = task.await.map_err(JobFailure::internal)?;
+            let reference = uploaded.map_err(|e| from_comfy(e, &job.spec.caller_nodes))?;
             if let Some(Value::Object(node)) = workflow.get_mut(&upload.node_id)
                 && let Some(Value::Object(inputs)) = node.get_mut("inputs")
             {
@@ -232,6 +353,8 @@ impl JobService {
             // The executed graph (recorded as the job's workflow below) is the transformed one.
             graph = fast;
         }
+        drop(uploads_alive);
+        phase.set(RunPhase::ComfyUi);
         if let Err(issues) = backend.preflight(&graph).await {
             return Err(validation_failure(issues, &job.spec.caller_nodes, "preflight"));
         }
@@ -264,6 +387,10 @@ impl JobService {
         }));
         // Only the newest preview matters: a watch slot, read at most every PREVIEW_INTERVAL.
         let (preview_tx, mut preview_rx) = tokio::sync::watch::channel::<Option<flowhost_comfy::Preview>>(None);
+        request.on_fetch = Some(Arc::new({
+            let phase = phase.clone();
+            move || phase.set(RunPhase::OutputFetch)
+        }));
         request.on_preview = Some(Arc::new(move |p: flowhost_comfy::Preview| {
             if p.bytes.len() <= MAX_PREVIEW_BYTES {
                 preview_tx.send_replace(Some(p));
@@ -315,6 +442,7 @@ impl JobService {
         // preflight, submission and ComfyUI's own queue (Server-Timing's `prepare`).
         let comfy_queue = phase_started.elapsed().saturating_sub(result.timings.executing + result.timings.fetching);
         let fetch_started = Instant::now();
+        phase.set(RunPhase::OutputFetch);
         if result.media.is_empty() {
             return Err(JobFailure::OutputMissing { node_id: job.spec.outputs.first().cloned().unwrap_or_else(|| "*".into()), caller_fault: !job.spec.caller_nodes.is_empty() });
         }

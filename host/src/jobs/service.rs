@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::affinity::{Candidate, DispatchRule};
 use super::blobs::{BlobStore, hash_of};
-use super::failure::JobFailure;
+use super::failure::{JobFailure, RunPhase};
 use super::model::{Asset, AssetRole, Job, JobEvent, JobSource, JobSpec, JobStatus, UploadSpec};
 use super::pool::{ComfyWorker, Dispatch, WorkerPool};
 use super::queue::{LocalQueue, WorkQueue};
@@ -531,7 +531,7 @@ impl JobService {
         }
         match self.get(id).await? {
             Some(job) if job.status.is_terminal() => Ok(job),
-            Some(_) => Err(JobFailure::Timeout { prompt_id: None, waited_ms: 0 }),
+            Some(_) => Err(JobFailure::Timeout { prompt_id: None, waited_ms: 0, phase: None, limit: None }),
             None => Err(JobFailure::internal(format!("job {id} vanished"))),
         }
     }
@@ -661,7 +661,8 @@ impl JobService {
         if self.take_from_queue(id).await {
             if let Ok(Some(job)) = self.store.get_job(id).await {
                 let waited = job.created_at.elapsed().unwrap_or_default().as_millis() as u64;
-                let _ = self.finish_unrun(job, JobStatus::Failed, Some(JobFailure::Timeout { prompt_id: None, waited_ms: waited })).await;
+                let (_, limit) = super::runner::job_limit(self.config.job_timeout, job.created_at, job.spec.deadline);
+                let _ = self.finish_unrun(job, JobStatus::Failed, Some(JobFailure::Timeout { prompt_id: None, waited_ms: waited, phase: Some(RunPhase::Queue), limit: Some(limit) })).await;
             }
         }
     }
@@ -857,7 +858,8 @@ impl JobService {
             && SystemTime::now() >= deadline
         {
             let waited = job.created_at.elapsed().unwrap_or_default().as_millis() as u64;
-            let _ = self.finish_unrun(job, JobStatus::Failed, Some(JobFailure::Timeout { prompt_id: None, waited_ms: waited })).await;
+            let (_, limit) = super::runner::job_limit(self.config.job_timeout, job.created_at, job.spec.deadline);
+                let _ = self.finish_unrun(job, JobStatus::Failed, Some(JobFailure::Timeout { prompt_id: None, waited_ms: waited, phase: Some(RunPhase::Queue), limit: Some(limit) })).await;
             return;
         }
         if let Some(worker) = worker

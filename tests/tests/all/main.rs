@@ -12,6 +12,7 @@ mod author_path;
 mod blob_store_s3;
 mod comfy_e2e;
 mod database_url;
+mod deadline_phases;
 mod endpoints;
 mod faults;
 mod hardening;
