@@ -34,12 +34,53 @@ fn spawn_moto(port: u16) -> Result<std::process::Child> {
 
 impl S3Server {
     /// Start moto on a free port and create `bucket`.
+    ///
+    /// Tests run in one process, so another test's moto may have been given the same free
+    /// port a moment earlier: then ours cannot bind and exits, and the port answers with the
+    /// other's buckets. A server is ours only if it was empty when we came and our child is
+    /// still alive after creating the bucket; otherwise try another port.
     pub async fn start(bucket: &str) -> Result<S3Server> {
-        let port = crate::free_port();
-        let child = spawn_moto(port)?;
-        let mut server = S3Server { child: crate::KillOnDrop(child), port, bucket: bucket.to_string() };
-        server.wait_and_create_bucket().await?;
-        Ok(server)
+        let mut last = None;
+        for _ in 0..5 {
+            let port = crate::free_port();
+            let child = spawn_moto(port)?;
+            let mut server = S3Server { child: crate::KillOnDrop(child), port, bucket: bucket.to_string() };
+            match server.claim_fresh().await {
+                Ok(()) => return Ok(server),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("moto did not start")))
+    }
+
+    /// Wait for the port, refuse a server that already holds buckets (not ours), create the
+    /// bucket, and check our child is the one still running.
+    async fn claim_fresh(&mut self) -> Result<()> {
+        let client = reqwest::Client::new();
+        let started = Instant::now();
+        let listing = loop {
+            if let Ok(Some(status)) = self.child.0.try_wait() {
+                bail!("moto exited ({status}) before answering on port {}", self.port);
+            }
+            if let Ok(response) = client.get(format!("{}/", self.endpoint())).send().await {
+                if response.status().is_success() {
+                    break response.text().await.unwrap_or_default();
+                }
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("moto did not answer within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if listing.contains("<Name>") {
+            bail!("port {} answers with another test's buckets", self.port);
+        }
+        self.wait_and_create_bucket().await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Ok(Some(status)) = self.child.0.try_wait() {
+            bail!("moto exited ({status}): port {} belongs to another server", self.port);
+        }
+        Ok(())
     }
 
     /// Stop the server (an outage): every request to it is refused until [`S3Server::restart`].

@@ -112,10 +112,11 @@ impl S3BlobStore {
         }
         // Fail within seconds while the bucket is down (the default retries for 3 minutes):
         // a download answers 503 + Retry-After and an output store is retried by the runner.
-        // Retries (100 ms doubling) ride out a busy or briefly unreachable bucket for up to 10 s;
-        // only then does the request fail. Three retries gave up after ~0.7 s, and a loaded S3
-        // server (moto under a full test run) answered a download 503 mid-run.
-        builder = builder.with_retry(object_store::RetryConfig { backoff: Default::default(), max_retries: 10, retry_timeout: Duration::from_secs(10) });
+        // A refused connection fails after four quick retries (100 ms doubling: ~1.5 s); a
+        // request that hangs to the client's 30 s timeout is still retried within 90 s. (A
+        // 10 s retry window left no retry after one hung HEAD: a loaded S3 server, moto under
+        // a full test run, answered a download 503.)
+        builder = builder.with_retry(object_store::RetryConfig { backoff: Default::default(), max_retries: 4, retry_timeout: Duration::from_secs(90) });
         let s3 = builder.build().map_err(|e| BlobError::Io(format!("configuring the S3 client: {}", scrub(&e))))?;
         Ok(S3BlobStore { s3: Arc::new(s3), prefix: location.prefix.clone(), presign_for: options.presign_for, checked: Arc::default() })
     }

@@ -54,7 +54,11 @@ pub fn parse(body: Value) -> Result<Submission, V2Error> {
         return Err(V2Error::invalid_submission("", "not_an_object", "The body must be a JSON object with a `workflow` member."));
     };
     for field in RESERVED {
-        if body.get(field).is_some_and(|v| !v.is_null()) {
+        // An explicit null is no value (comfy-api-proxy accepts it too).
+        if body.get(field).is_some_and(Value::is_null) {
+            body.remove(field);
+        }
+        if body.contains_key(field) {
             // The contract's 422 for a submission is `invalid_workflow` (as comfy-api-proxy answers).
             return Err(V2Error::invalid_submission(field, "reserved", format!("`{field}` is reserved by the Comfy API v2 and not accepted yet; remove it.")));
         }
