@@ -337,7 +337,7 @@ impl JobService {
             }
             slots.admitting += 1;
         }
-        let result = match self.admit(submission).await {
+        let result = match self.admit(submission, None).await {
             Ok(mut job) => match self.enqueue_new(&job).await {
                 Ok(position) => {
                     job.queue_position = Some(position as u32);
@@ -370,7 +370,9 @@ impl JobService {
         }
     }
 
-    async fn admit(&self, submission: Submission) -> Result<Job, JobFailure> {
+    /// Store a new job (its uploads to blobs first). `pinned_until`: already leased by
+    /// this instance until then (see [`JobStore::insert_pinned_job`]).
+    async fn admit(&self, submission: Submission, pinned_until: Option<SystemTime>) -> Result<Job, JobFailure> {
         let Submission { id, source, mut spec, uploads, build_ms } = submission;
         let mut job = Job::new(source, JobSpec::new(Default::default()), self.config.retention);
         if let Some(id) = id {
@@ -404,7 +406,11 @@ impl JobService {
         job.workflow = serde_json::Value::Object(spec.workflow.clone());
         job.metrics.build_ms = build_ms;
         job.spec = spec;
-        self.store.insert_job(&job, &inputs).await.map_err(JobFailure::internal)?;
+        match pinned_until {
+            Some(until) => self.store.insert_pinned_job(&job, &inputs, until).await,
+            None => self.store.insert_job(&job, &inputs).await,
+        }
+        .map_err(JobFailure::internal)?;
         // Shared queue: whichever instance claims the job makes it live there; here it
         // is followed through the store.
         if self.shared.get().is_none() {
@@ -806,17 +812,15 @@ impl JobService {
     /// Run a job on one given ComfyUI now, outside the queue, and return it terminal.
     /// For warm-up: its point is that *this* worker's GPU holds the weights, and through
     /// the queue any worker (or, with a shared queue, any instance) could take the job.
-    /// The job is stored and followed like any other; it takes no queue place or lease.
+    /// The job is stored and followed like any other; it takes no queue place (with a
+    /// shared queue it is stored leased to this instance).
     pub async fn run_on(&self, submission: Submission, backend: &Arc<ComfyBackend>) -> Result<Job, JobFailure> {
-        let job = self.admit(submission).await?;
+        // With a shared queue every instance may claim a stored queued job: this one is
+        // stored already leased by this instance (its lease keeper renews it), so no other
+        // instance can take it and warm the wrong GPU.
+        let pinned_until = self.shared.get().map(|queue| SystemTime::now() + queue.lease());
+        let job = self.admit(submission, pinned_until).await?;
         let id = job.id;
-        // With a shared queue every instance may claim a stored queued job: take this one
-        // for this instance first (its lease keeper renews it). Lost to a faster instance
-        // (a window of one round trip): that instance runs it; follow it there.
-        if self.shared.get().is_some() && !self.queue.remove(id).await.map_err(JobFailure::internal)? {
-            tracing::warn!(job_id = %id, "another instance claimed a pinned job first; following it");
-            return self.wait(id, None).await;
-        }
         if !lock(&self.live).contains_key(&id) {
             self.make_live(&job);
         }

@@ -109,6 +109,11 @@ pub struct SweepReport {
 pub trait JobStore: Send + Sync {
     /// Insert a new job with the input assets it uses, atomically.
     async fn insert_job(&self, job: &Job, inputs: &[Asset]) -> StoreResult<()>;
+    /// [`JobStore::insert_job`], the job already leased by this instance until
+    /// `lease_until`: a job pinned to one of this instance's workers (warm-up). Inserted
+    /// unleased, another instance sharing the queue could claim it in the round trip
+    /// before this one took it, and warm the wrong GPU.
+    async fn insert_pinned_job(&self, job: &Job, inputs: &[Asset], lease_until: SystemTime) -> StoreResult<()>;
     /// Rewrite a job's record (status, times, progress, error, metrics, prompt id, workflow).
     /// Outputs are assets: add them with [`JobStore::insert_asset`].
     async fn update_job(&self, job: &Job) -> StoreResult<()>;
@@ -382,6 +387,40 @@ macro_rules! sql_job_store {
             }
 
             impl $store {
+                /// Insert a job (and its inputs and labels) in one transaction; leased to
+                /// this instance until `lease_until` (ms) when given, as a claim would.
+                async fn insert_job_leased(&self, job: &Job, inputs: &[Asset], lease_until: Option<i64>) -> StoreResult<()> {
+                    let mut tx = self.pool.begin().await?;
+                    sqlx::query(
+                        "INSERT INTO jobs (id, status, created_at, expires_at, doc, tenant, lease_owner, lease_until, claims) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    )
+                    .bind(job.id.to_string())
+                    .bind(job.status.as_str().to_string())
+                    .bind(to_ms(job.created_at))
+                    .bind(to_ms(job.expires_at))
+                    .bind(job_doc(job)?)
+                    .bind(job.spec.tenant.clone())
+                    .bind(lease_until.map(|_| self.owner.clone()))
+                    .bind(lease_until)
+                    .bind(if lease_until.is_some() { 1_i64 } else { 0_i64 })
+                    .execute(&mut *tx)
+                    .await?;
+                    for asset in inputs {
+                        insert_asset_on(&mut *tx, asset).await?;
+                    }
+                    for (key, value) in &job.spec.labels {
+                        sqlx::query("INSERT INTO job_labels (job_id, key, value) VALUES ($1, $2, $3)")
+                            .bind(job.id.to_string())
+                            .bind(key.clone())
+                            .bind(value.clone())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    tx.commit().await?;
+                    Ok(())
+                }
+
                 async fn with_outputs(&self, mut job: Job) -> StoreResult<Job> {
                     let rows = sqlx::query(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE job_id = $1 AND role = 'output' ORDER BY seq"))
                         .bind(job.id.to_string())
@@ -403,29 +442,11 @@ macro_rules! sql_job_store {
             #[async_trait::async_trait]
             impl JobStore for $store {
                 async fn insert_job(&self, job: &Job, inputs: &[Asset]) -> StoreResult<()> {
-                    let mut tx = self.pool.begin().await?;
-                    sqlx::query("INSERT INTO jobs (id, status, created_at, expires_at, doc, tenant) VALUES ($1, $2, $3, $4, $5, $6)")
-                        .bind(job.id.to_string())
-                        .bind(job.status.as_str().to_string())
-                        .bind(to_ms(job.created_at))
-                        .bind(to_ms(job.expires_at))
-                        .bind(job_doc(job)?)
-                        .bind(job.spec.tenant.clone())
-                        .execute(&mut *tx)
-                        .await?;
-                    for asset in inputs {
-                        insert_asset_on(&mut *tx, asset).await?;
-                    }
-                    for (key, value) in &job.spec.labels {
-                        sqlx::query("INSERT INTO job_labels (job_id, key, value) VALUES ($1, $2, $3)")
-                            .bind(job.id.to_string())
-                            .bind(key.clone())
-                            .bind(value.clone())
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    tx.commit().await?;
-                    Ok(())
+                    self.insert_job_leased(job, inputs, None).await
+                }
+
+                async fn insert_pinned_job(&self, job: &Job, inputs: &[Asset], lease_until: SystemTime) -> StoreResult<()> {
+                    self.insert_job_leased(job, inputs, Some(to_ms(lease_until))).await
                 }
 
                 async fn update_job(&self, job: &Job) -> StoreResult<()> {
