@@ -20,6 +20,7 @@ pub mod catalogue;
 pub mod client;
 pub mod error;
 pub mod graph_shape;
+pub mod health;
 pub mod media;
 pub mod preflight;
 pub mod profile;

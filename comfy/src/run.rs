@@ -13,9 +13,9 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::backend::BackendHealth;
 use crate::client::ComfyClient;
 use crate::error::ComfyError;
+use crate::health::BackendHealth;
 use crate::media::{RASTER_MEDIA_TYPE, Raster, extension_for, sniff_media_type};
 use crate::protocol::{FileRef, HistoryEntry, PromptOutcome, WsMessage, file_refs_in_ui_output};
 use crate::tracker::PromptEvent;

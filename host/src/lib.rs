@@ -1,41 +1,35 @@
 //! flowhost: serve ComfyUI workflows as HTTP endpoints, one sandboxed WebAssembly
 //! component per endpoint.
 //!
-//! Rooms, top to bottom:
-//! - the assembly and the commands: `server` (wires the rooms for `flowhost serve`), `cli`,
-//!   `backing` (which job store and blob store), `simulate` (the embedded ComfyUI double),
-//!   `warm_up`, `check_plugin`, `new_plugin`, `models_command`;
+//! Rooms, top to bottom (a room imports only rooms below it; `tests/tests/all/structure.rs`
+//! checks that no import runs upward and no two rooms import each other):
+//! - `app`: the assembly and the commands (`server` wires the rooms for `flowhost serve`,
+//!   `cli`, `backing` — which job store and blob store —, `simulate` — the embedded ComfyUI
+//!   double —, `check_plugin`, `new_plugin`, `models_command`);
 //! - `http`: the router, headers, the mapping of domain errors to problem+json and the v2
 //!   envelope (`access`: API-key refusals; `idempotency`: the one `Idempotency-Key` rule;
 //!   `page`: the browser page);
+//! - `warm_up`: one cheap job per route before the service calls itself ready;
 //! - `generation`: a typed request becomes a job, protocol-free (schema check, the one
 //!   `PluginJob → JobSpec`), used by the typed route, warm-up and `check-plugin`;
-//! - `jobs`: durable jobs (store, leases and fencing, queue, pool, runner, recovery, tenants,
-//!   assets, labels) and `webhooks` (the outbox's deliveries);
+//! - `webhooks`: vetting destinations, signing and sending the outbox's messages;
+//! - `jobs`: durable jobs and every table they live in (store, leases and fencing, queue,
+//!   pool, runner, recovery, tenants, assets, labels, the webhook outbox and subscriptions,
+//!   and `view`, the v2 Job document every response, event and webhook carries);
 //! - `plugins` (the wasm sandbox, its memory budget, route ownership) and `flowhost_comfy`;
-//! - beside them: `media`, `models`, `events`, `auth` (keys and their comparison), `metrics`,
-//!   `timestamp`, `state_lock`.
-//!
-//! Not yet as drawn (issue 21, open): `jobs` ⇄ `webhooks` still import each other, the v2 job
-//! document is built in `http::job_view` and handed to the outbox by function pointer, and
-//! `JobService` is one type implemented across several files of `jobs/`.
+//! - beside them, below: `media`, `models`, `events`, `auth` (keys and their comparison),
+//!   `metrics`, `timestamp`, `state_lock`.
 
+pub mod app;
 pub mod auth;
-pub mod backing;
-pub mod check_plugin;
-pub mod cli;
 pub mod events;
 pub mod generation;
 pub mod http;
 pub mod jobs;
+pub mod media;
 pub mod metrics;
 pub mod models;
-pub mod models_command;
-pub mod new_plugin;
 pub mod plugins;
-pub mod server;
-pub mod media;
-pub mod simulate;
 pub mod state_lock;
 pub mod timestamp;
 pub mod warm_up;

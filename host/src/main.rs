@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use flowhost::cli::{Cli, Command, LogFormat, ModelsCommand};
+use flowhost::app::cli::{Cli, Command, LogFormat, ModelsCommand};
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(flowhost::server::run(args)) {
+            match runtime.block_on(flowhost::app::server::run(args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!(error = %format!("{err:#}"), "flowhost stopped");
@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         }
         Command::Models(ModelsCommand::Status(args)) => {
             init_tracing(LogFormat::Text);
-            match flowhost::models_command::status(&args) {
+            match flowhost::app::models_command::status(&args) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(err) => {
@@ -65,7 +65,9 @@ fn main() -> ExitCode {
         }
         Command::New(args) => {
             init_tracing(LogFormat::Text);
-            let created = std::env::current_dir().map_err(anyhow::Error::from).and_then(|cwd| flowhost::new_plugin::create(&args, &cwd));
+            let created = std::env::current_dir()
+                .map_err(anyhow::Error::from)
+                .and_then(|cwd| flowhost::app::new_plugin::create(&args, &cwd));
             match created {
                 Ok(created) => {
                     let dir = created.dir.display();
@@ -91,12 +93,13 @@ fn main() -> ExitCode {
         Command::CheckPlugin(args) => {
             init_tracing(LogFormat::Text);
             let models = args.models.clone().map(|root| {
-                let lister: std::sync::Arc<dyn flowhost::plugins::ModelLister> = std::sync::Arc::new(flowhost::server::VolumeLister(
-                    std::sync::Arc::new(flowhost::models::ModelVolume::new(root)),
-                ));
+                let lister: std::sync::Arc<dyn flowhost::plugins::ModelLister> =
+                    std::sync::Arc::new(flowhost::app::server::VolumeLister(std::sync::Arc::new(
+                        flowhost::models::ModelVolume::new(root),
+                    )));
                 lister
             });
-            match flowhost::check_plugin::run(&args, models) {
+            match flowhost::app::check_plugin::run(&args, models) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(err) => {

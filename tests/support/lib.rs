@@ -95,7 +95,7 @@ where
 
 /// A running in-process service and a client for it.
 pub struct TestServer {
-    pub server: flowhost::server::Server,
+    pub server: flowhost::app::server::Server,
     pub base: String,
     pub client: reqwest::Client,
     pub plugins: tempfile::TempDir,
@@ -136,9 +136,11 @@ impl TestServer {
             argv.extend_from_slice(&["--state-dir", dir]);
         }
         argv.extend_from_slice(extra_args);
-        let cli = <flowhost::cli::Cli as clap::Parser>::try_parse_from(argv)?;
-        let flowhost::cli::Command::Serve(args) = cli.command else { bail!("not a serve command") };
-        let server = flowhost::server::start(args).await?;
+        let cli = <flowhost::app::cli::Cli as clap::Parser>::try_parse_from(argv)?;
+        let flowhost::app::cli::Command::Serve(args) = cli.command else {
+            bail!("not a serve command")
+        };
+        let server = flowhost::app::server::start(args).await?;
         let base = format!("http://{}", server.addr);
         Ok(Self { server, base, client: reqwest::Client::new(), plugins, cache, state })
     }

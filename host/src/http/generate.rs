@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::problem::{FieldProblem, MAX_ERROR_TEXT, Problem, truncate_chars};
-use super::{AppState, REQUEST_ID, body_shape, job_errors, job_view};
+use super::{AppState, REQUEST_ID, body_shape, job_errors};
 use crate::generation::request_schema;
 use crate::auth::Caller;
 use crate::events::{FailureKind, GenerationEvents, JobTimings, distinct_id};
@@ -333,8 +333,13 @@ async fn follow_existing(state: &AppState, plugin: &Arc<LoadedPlugin>, headers: 
 /// 202 with the v2 Job, its links absolute as the v2 surface gives them (the Job schema's
 /// `url`s are URIs, and the SDKs refuse relative ones).
 fn accepted(job: &Job, headers: &HeaderMap) -> Response {
-    let location = job_view::job_url(&job.id);
-    let mut response = (StatusCode::ACCEPTED, Json(job_view::job_json_at(job, &super::v2::Origin::of(headers)))).into_response();
+    let links = super::v2::Origin::of(headers);
+    let location = links.job_url(&job.id);
+    let mut response = (
+        StatusCode::ACCEPTED,
+        Json(crate::jobs::view::job_json(job, &links)),
+    )
+        .into_response();
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&location) {
         headers.insert(header::LOCATION, v);
@@ -557,38 +562,24 @@ fn too_large(limit: usize) -> Problem {
     )
 }
 
-/// Read the body within the size limit and the read deadline. A declared `Content-Length` over the
-/// limit is refused before a byte is read; a body that stops arriving is cut off at the deadline
-/// (408); a body that breaks off (bad chunking, reset) is the caller's 400, not a 413.
-async fn read_body(body: Body, headers: &HeaderMap, limits: &super::HttpLimits) -> Result<axum::body::Bytes, Problem> {
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
-        return Err(too_large(limits.max_body_bytes));
-    }
-    match tokio::time::timeout(limits.body_read_timeout, axum::body::to_bytes(body, limits.max_body_bytes)).await {
-        Err(_) => Err(Problem::new(
+/// Read the body within the size limit and the read deadline ([`super::body::read`]), its
+/// refusals as problem+json.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limits: &super::HttpLimits,
+) -> Result<axum::body::Bytes, Problem> {
+    use super::body::BodyError;
+    super::body::read(body, headers, limits.max_body_bytes, limits.body_read_timeout).await.map_err(|e| match e {
+        BodyError::TooLarge { limit } => too_large(limit),
+        BodyError::Timeout { within } => Problem::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
             "The body did not arrive in time",
-            format!("the whole body must arrive within {} s", limits.body_read_timeout.as_secs_f64()),
-        )),
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) if is_length_limit(&e) => Err(too_large(limits.max_body_bytes)),
-        Ok(Err(_)) => Err(Problem::new(StatusCode::BAD_REQUEST, "body_unreadable", "The body could not be read", "the request body broke off or was malformed (chunked encoding, connection reset); send it again")),
-    }
-}
-
-/// Whether a body-read error is the size limit (and not a broken body).
-pub(crate) fn is_length_limit(e: &axum::Error) -> bool {
-    use std::error::Error as _;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+            format!("the whole body must arrive within {} s", within.as_secs_f64()),
+        ),
+        BodyError::Broken => Problem::new(StatusCode::BAD_REQUEST, "body_unreadable", "The body could not be read", "the request body broke off or was malformed (chunked encoding, connection reset); send it again"),
+    })
 }
 
 /// Accept `application/json` and structured-syntax `application/<subtype>+json`, with well-formed

@@ -40,7 +40,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "endpoints": report.endpoints,
         "workers": report.workers,
         "plugins_loaded": state.registry.snapshot().plugins().len(),
-        "jobs": crate::backing::describe(state.jobs.store().as_ref(), state.jobs.blobs().as_ref()),
+        "jobs": describe_jobs(state.jobs.store().as_ref(), state.jobs.blobs().as_ref()),
         "blob_store": blob_store_json(state.jobs.blobs().kind(), &blob_store),
     });
     (status_code, Json(body)).into_response()
@@ -59,4 +59,19 @@ pub(crate) fn blob_store_json(kind: &str, checked: &Result<(), crate::jobs::blob
 /// asks nothing of ComfyUI, the plugins or the job queue: those are readiness.
 pub async fn livez() -> Response {
     (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], "ok\n").into_response()
+}
+
+/// `/health`'s `jobs` object: where jobs and outputs live and whether they outlive
+/// this instance (`durability`: `instance` — they end with this machine's disk, as on
+/// a single Modal container — or `shared`).
+fn describe_jobs(
+    store: &dyn crate::jobs::store::JobStore,
+    blobs: &dyn crate::jobs::blobs::BlobStore,
+) -> serde_json::Value {
+    let shared = store.dialect() == "postgres" && blobs.kind() == "s3";
+    serde_json::json!({
+        "durability": if shared { "shared" } else { "instance" },
+        "store": store.dialect(),
+        "blobs": blobs.kind(),
+    })
 }

@@ -6,18 +6,20 @@
 //! answers `application/problem+json` ([`problem`]).
 
 pub mod access;
+pub mod body;
 pub mod body_shape;
 pub mod edge;
 pub mod generate;
 pub mod health;
 pub mod idempotency;
-pub mod listener;
 pub mod job_errors;
-pub mod job_view;
+pub mod listener;
 pub mod openapi;
 pub mod page;
 pub mod plugin_list;
 pub mod problem;
+#[cfg(test)]
+mod router_tests;
 pub mod v2;
 pub mod webhook_headers;
 pub mod webhooks_admin;

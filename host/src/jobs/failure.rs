@@ -315,6 +315,39 @@ pub fn from_comfy(err: ComfyError, caller_nodes: &[String]) -> JobFailure {
     }
 }
 
+/// The limit a job runs under and the instant it ends: `--job-timeout` from the start of
+/// the run, or a synchronous request's deadline when that comes first. A sync request's
+/// deadline is `--job-timeout` counted from admission (the queue wait included): reported as
+/// `--job-timeout` when it is exactly that, else as the request's own deadline.
+pub(super) fn job_limit(
+    job_timeout: std::time::Duration,
+    created_at: std::time::SystemTime,
+    request_deadline: Option<std::time::SystemTime>,
+) -> (std::time::Instant, TimeLimit) {
+    let now = std::time::Instant::now();
+    let mut deadline = now + job_timeout;
+    let mut limit = TimeLimit {
+        ms: job_timeout.as_millis() as u64,
+        source: LimitSource::JobTimeout,
+    };
+    if let Some(at) = request_deadline {
+        let left = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        if now + left < deadline {
+            deadline = now + left;
+            let total = at.duration_since(created_at).unwrap_or_default();
+            if total.abs_diff(job_timeout) > std::time::Duration::from_millis(100) {
+                limit = TimeLimit {
+                    ms: total.as_millis() as u64,
+                    source: LimitSource::RequestDeadline,
+                };
+            }
+        }
+    }
+    (deadline, limit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

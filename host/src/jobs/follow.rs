@@ -10,23 +10,42 @@
 //! polling for a stream nobody reads.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use super::failure::JobFailure;
+use super::lock;
 use super::model::{Job, JobEvent};
-use super::service::{JobService, lock};
+use super::store::JobStore;
 
 /// How often a follower reads the job (4 Hz).
 pub const POLL: Duration = Duration::from_millis(250);
 
-impl JobService {
+/// The job service's part that follows jobs through the store.
+pub struct Follow {
+    store: Arc<dyn JobStore>,
+    /// One store poller per job followed, shared by its listeners.
+    followers: Arc<Mutex<Followers>>,
+}
+
+impl Follow {
+    pub fn new(store: Arc<dyn JobStore>) -> Follow {
+        Follow {
+            store,
+            followers: Arc::default(),
+        }
+    }
+
     /// Poll the store until the job is terminal or `deadline` passes; the job as last
     /// read (`None`: it vanished).
-    pub(super) async fn follow_until_terminal(&self, id: Uuid, deadline: Option<Instant>) -> Result<Option<Job>, JobFailure> {
+    pub async fn until_terminal(
+        &self,
+        id: Uuid,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Job>, JobFailure> {
         loop {
             let job = self.store.get_job(id).await.map_err(JobFailure::internal)?;
             match job {
@@ -41,7 +60,7 @@ impl JobService {
     /// status, `Progress` when the stored progress moves, `Output` for each new output;
     /// closed after the terminal status (or when the job vanishes, or nobody listens).
     /// A listener that joins a job already followed shares its poller.
-    pub(super) fn follow_events(&self, job: &Job) -> broadcast::Receiver<JobEvent> {
+    pub fn events(&self, job: &Job) -> broadcast::Receiver<JobEvent> {
         let mut followers = lock(&self.followers);
         if let Some(tx) = followers.get(&job.id) {
             return tx.subscribe();
@@ -86,15 +105,10 @@ impl JobService {
         });
         rx
     }
-
-    /// How many jobs this instance follows through the store now (one poller each).
-    pub fn followed_jobs(&self) -> usize {
-        lock(&self.followers).len()
-    }
 }
 
 /// The jobs followed through the store, each with the sender its listeners subscribe to.
-pub(super) type Followers = HashMap<Uuid, broadcast::Sender<JobEvent>>;
+type Followers = HashMap<Uuid, broadcast::Sender<JobEvent>>;
 
 /// Remove job `id`'s follower when `gone` says so (checked under the lock); whether it did.
 fn retire(followers: &Mutex<Followers>, id: Uuid, gone: impl FnOnce(&Followers) -> bool) -> bool {

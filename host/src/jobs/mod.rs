@@ -45,6 +45,7 @@ pub mod inputs;
 pub mod labels;
 pub mod lease;
 pub mod model;
+pub mod outbox;
 pub mod pool;
 pub mod progress;
 pub mod queue;
@@ -55,7 +56,9 @@ pub mod service;
 pub mod shared_queue;
 pub mod store;
 pub mod store_pg;
+pub mod subscription;
 pub mod tenant;
+pub mod view;
 
 pub use assets::{AssetError, CreatedAsset};
 pub use failure::JobFailure;
@@ -64,10 +67,20 @@ pub use pool::{ComfyWorker, WorkerPool};
 pub use queue::{LocalQueue, WorkQueue};
 pub use model::{Asset, AssetRole, Job, JobEvent, JobMetrics, JobSource, JobSpec, JobStatus, OutputEncoding, Progress, UploadSpec};
 pub use readiness::{HealthReport, plugin_needs};
-pub use service::{CancelOnDrop, JobConfig, JobService, NewUpload, SpeedRouting, Submission, TransitionMessages};
+pub use service::{
+    CancelOnDrop, JobConfig, JobService, JobServiceParts, NewUpload, Queue, SpeedRouting,
+    Submission, TransitionMessages,
+};
 pub use store::{IdempotencyClaim, JobFilter, JobStore, SqliteStore};
 pub use store_pg::PostgresStore;
 pub use tenant::Viewer;
 
 /// The old name of the service (one release).
 pub type JobRunner = JobService;
+
+/// A mutex's guard, poisoned or not: the data behind this room's mutexes (live channels,
+/// slots, queues) stays consistent across a panicking holder, and a poisoned lock must not
+/// take the whole job service down.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

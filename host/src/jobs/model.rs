@@ -162,7 +162,7 @@ pub struct JobSpec {
     /// The caller's webhook (`Flowhost-Webhook-Url` on an async typed request), kept with
     /// the job so its messages are made when the job changes state, even after a restart.
     #[serde(default)]
-    pub webhook: Option<crate::webhooks::Subscription>,
+    pub webhook: Option<super::subscription::Subscription>,
     /// The stable key of the models the job loads ([`super::affinity::model_key`]): declared
     /// by the plugin or read off the graph's loader nodes at admission. Kept with the job
     /// so dispatch by model affinity survives a restart. `None`: the job loads no model.

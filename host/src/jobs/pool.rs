@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use flowhost_comfy::{BackendHealth, ComfyBackend};
 use serde_json::{Value, json};
 
-use super::service::lock;
+use super::lock;
 
 /// One ComfyUI process and what flowhost knows it has loaded.
 pub struct ComfyWorker {

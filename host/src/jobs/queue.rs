@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::affinity::{Candidate, DispatchRule, pick};
-use super::service::lock;
+use super::lock;
 use super::store::StoreResult;
 
 /// The queue of jobs waiting for a worker. Every call is cancel-safe: a `claim` future

@@ -19,7 +19,7 @@ use flowhost_comfy::{ComfyBackend, ComfyError, RunRequest};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use super::failure::{JobFailure, LimitSource, RunPhase, TimeLimit, from_comfy, validation_failure};
+use super::failure::{JobFailure, RunPhase, from_comfy, job_limit, validation_failure};
 use super::model::{Asset, AssetRole, Job, JobEvent, JobStatus, OutputEncoding};
 use super::progress::ProgressTracker;
 use super::service::JobService;
@@ -70,27 +70,6 @@ impl PhaseCell {
             _ => RunPhase::OutputFetch,
         }
     }
-}
-
-/// The limit a job runs under and the instant it ends: `--job-timeout` from the start of
-/// the run, or a synchronous request's deadline when that comes first. A sync request's
-/// deadline is `--job-timeout` counted from admission (the queue wait included): reported as
-/// `--job-timeout` when it is exactly that, else as the request's own deadline.
-pub(super) fn job_limit(job_timeout: Duration, created_at: SystemTime, request_deadline: Option<SystemTime>) -> (Instant, TimeLimit) {
-    let now = Instant::now();
-    let mut deadline = now + job_timeout;
-    let mut limit = TimeLimit { ms: job_timeout.as_millis() as u64, source: LimitSource::JobTimeout };
-    if let Some(at) = request_deadline {
-        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-        if now + left < deadline {
-            deadline = now + left;
-            let total = at.duration_since(created_at).unwrap_or_default();
-            if total.abs_diff(job_timeout) > Duration::from_millis(100) {
-                limit = TimeLimit { ms: total.as_millis() as u64, source: LimitSource::RequestDeadline };
-            }
-        }
-    }
-    (deadline, limit)
 }
 
 /// After the run: if an upload request is still in flight (the deadline or a cancel cut the
@@ -227,7 +206,7 @@ impl JobService {
             match self.commit_typed(job).await {
                 Ok(()) => return true,
                 Err(StoreError::LeaseLost | StoreError::Ended) => return false,
-                Err(_) if self.shared.get().is_some() => {
+                Err(_) if self.shared.as_ref().is_some() => {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(1));
                 }
@@ -243,8 +222,10 @@ impl JobService {
         loop {
             match self.store.insert_output(asset).await {
                 Ok(()) => return Ok(()),
-                Err(e @ (StoreError::LeaseLost | StoreError::Ended)) => return Err(JobFailure::internal(e)),
-                Err(e) if self.shared.get().is_none() => return Err(JobFailure::internal(e)),
+                Err(e @ (StoreError::LeaseLost | StoreError::Ended)) => {
+                    return Err(JobFailure::internal(e));
+                }
+                Err(e) if self.shared.as_ref().is_none() => return Err(JobFailure::internal(e)),
                 Err(e) => {
                     tracing::warn!(job_id = ?asset.job_id, error = %e, "recording an output failed; retrying");
                     tokio::time::sleep(wait).await;
@@ -506,9 +487,20 @@ impl JobService {
 
     /// Let the plugin that built the graph explain an execution error in its words.
     #[allow(clippy::too_many_arguments)]
-    async fn explain(&self, job: &Job, prompt_id: String, node_id: String, node_type: String, exception_type: String, exception_message: String, traceback: Vec<String>) -> JobFailure {
-        let plugin = match (&job.source, self.plugins.get()) {
-            (super::model::JobSource::Route { route, version, .. }, Some(registry)) => registry.lookup(route).filter(|p| &p.manifest.version == version),
+    async fn explain(
+        &self,
+        job: &Job,
+        prompt_id: String,
+        node_id: String,
+        node_type: String,
+        exception_type: String,
+        exception_message: String,
+        traceback: Vec<String>,
+    ) -> JobFailure {
+        let plugin = match (&job.source, self.plugins.as_ref()) {
+            (super::model::JobSource::Route { route, version, .. }, Some(registry)) => registry
+                .lookup(route)
+                .filter(|p| &p.manifest.version == version),
             _ => None,
         };
         if let Some(plugin) = plugin {

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -147,37 +147,61 @@ pub struct JobService {
     pub(super) pool: WorkerPool,
     pub(super) config: JobConfig,
     pub(super) models: Option<Arc<ModelVolume>>,
-    pub(super) plugins: OnceLock<Arc<PluginRegistry>>,
+    /// The plugin registry, for `explain-failure` on jobs whose plugin is still loaded.
+    pub(super) plugins: Option<Arc<PluginRegistry>>,
     queue: Arc<dyn WorkQueue>,
     /// The shared queue's leases and cancel requests (issue #12), when instances share
     /// one: then a job is live here only while this instance runs it.
-    pub(super) shared: OnceLock<Arc<super::shared_queue::PgQueue>>,
+    pub(super) shared: Option<Arc<super::shared_queue::PgQueue>>,
     slots: Mutex<Slots>,
     pub(super) live: Mutex<HashMap<Uuid, Live>>,
     estimate: Mutex<DurationEstimate>,
     /// Per-prompt `extra_data` that must never be stored (v2's `api_key_comfy_org`): held in
     /// memory for the job's run only, so a restart loses it (the job then runs without it).
     transient_extra: Mutex<HashMap<Uuid, serde_json::Map<String, serde_json::Value>>>,
-    /// One store poller per job followed from another instance, shared by its listeners
-    /// (`follow.rs`).
-    pub(super) followers: Arc<Mutex<super::follow::Followers>>,
+    /// Jobs followed through the store while another instance runs them.
+    follow: super::follow::Follow,
     /// Dispatch workers and the sweeper, stopped by [`JobService::shutdown`].
     pub(super) tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub metrics: Metrics,
     pub analytics: Analytics,
     /// Webhooks (issue #14).
-    pub(super) transition_messages: OnceLock<Arc<dyn TransitionMessages>>,
+    pub(super) transition_messages: Option<Arc<dyn TransitionMessages>>,
 }
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// Where queued jobs wait.
+pub enum Queue {
+    /// This process's memory, dispatched by the config's rule.
+    Local,
+    /// The PostgreSQL queue every instance claims from (issue #12): a job is live here only
+    /// while this instance runs it, and leases and cancels go through the database.
+    Shared(Arc<super::shared_queue::PgQueue>),
 }
+
+/// Everything a [`JobService`] is made of, each part complete before the service exists
+/// (no part is set later: what the service holds at its first job it holds to its last).
+pub struct JobServiceParts {
+    pub store: Arc<dyn JobStore>,
+    pub blobs: Arc<dyn BlobStore>,
+    pub pool: WorkerPool,
+    pub queue: Queue,
+    pub config: JobConfig,
+    pub models: Option<Arc<ModelVolume>>,
+    /// For `explain-failure` on a failed job whose plugin is loaded.
+    pub registry: Option<Arc<PluginRegistry>>,
+    /// Who makes a state change's webhook messages (none: no webhooks).
+    pub messages: Option<Arc<dyn TransitionMessages>>,
+    pub metrics: Metrics,
+    pub analytics: Analytics,
+}
+
+pub(super) use super::lock;
 
 /// Makes the outbox messages (webhooks) a job's state change sends; they are stored in the
-/// same transaction as the change. Set once at startup ([`JobService::set_transition_messages`]).
+/// same transaction as the change. Given at construction ([`JobServiceParts::messages`]).
 pub trait TransitionMessages: Send + Sync {
     /// The messages for `job`'s new state (empty for most states).
-    fn messages_for(&self, job: &Job) -> Vec<crate::webhooks::outbox::NewDelivery>;
+    fn messages_for(&self, job: &Job) -> Vec<crate::jobs::outbox::NewDelivery>;
     /// Messages were committed: deliver them.
     fn committed(&self);
 }
@@ -186,7 +210,8 @@ pub trait TransitionMessages: Send + Sync {
 const EVENT_BUFFER: usize = 64;
 
 impl JobService {
-    /// A service with one ComfyUI (or none) and the in-memory queue.
+    /// A service with one ComfyUI (or none), the in-memory queue, no registry and no
+    /// webhooks (tests and tools).
     pub fn new(
         store: Arc<dyn JobStore>,
         blobs: Arc<dyn BlobStore>,
@@ -197,58 +222,58 @@ impl JobService {
         analytics: Analytics,
     ) -> Arc<JobService> {
         let pool = WorkerPool::new(backend.into_iter().map(|b| (b, None)).collect());
-        let queue = Arc::new(LocalQueue::new(config.dispatch));
-        Self::with_pool(store, blobs, pool, queue, config, models, metrics, analytics)
+        Self::from_parts(JobServiceParts {
+            store,
+            blobs,
+            pool,
+            queue: Queue::Local,
+            config,
+            models,
+            registry: None,
+            messages: None,
+            metrics,
+            analytics,
+        })
     }
 
-    /// A service over a pool of ComfyUI workers and a queue (the in-memory
-    /// [`LocalQueue`], or one shared by several flowhost instances).
-    #[allow(clippy::too_many_arguments)]
-    pub fn with_pool(
-        store: Arc<dyn JobStore>,
-        blobs: Arc<dyn BlobStore>,
-        pool: WorkerPool,
-        queue: Arc<dyn WorkQueue>,
-        config: JobConfig,
-        models: Option<Arc<ModelVolume>>,
-        metrics: Metrics,
-        analytics: Analytics,
-    ) -> Arc<JobService> {
+    /// A service from its parts.
+    pub fn from_parts(parts: JobServiceParts) -> Arc<JobService> {
+        let JobServiceParts {
+            store,
+            blobs,
+            pool,
+            queue,
+            config,
+            models,
+            registry,
+            messages,
+            metrics,
+            analytics,
+        } = parts;
+        let (queue, shared): (Arc<dyn WorkQueue>, _) = match queue {
+            Queue::Local => (Arc::new(LocalQueue::new(config.dispatch)), None),
+            Queue::Shared(queue) => (queue.clone(), Some(queue)),
+        };
+        let follow = super::follow::Follow::new(store.clone());
         Arc::new(JobService {
             store,
             blobs,
             pool,
             config,
             models,
-            plugins: OnceLock::new(),
+            plugins: registry,
             queue,
-            shared: OnceLock::new(),
+            shared,
             slots: Mutex::new(Slots::default()),
             live: Mutex::new(HashMap::new()),
             estimate: Mutex::new(DurationEstimate { ewma_ms: None }),
             transient_extra: Mutex::new(HashMap::new()),
-            followers: Arc::default(),
+            follow,
             tasks: Mutex::new(Vec::new()),
             metrics,
             analytics,
-            transition_messages: OnceLock::new(),
+            transition_messages: messages,
         })
-    }
-
-    /// Run as one of many instances over the shared queue `queue` (the one passed to
-    /// [`JobService::with_pool`]): follow jobs through the store, cancel through it.
-    pub fn set_shared_queue(&self, queue: Arc<super::shared_queue::PgQueue>) {
-        let _ = self.shared.set(queue);
-    }
-
-    /// Who makes the webhook messages of state changes.
-    pub fn set_transition_messages(&self, messages: Arc<dyn TransitionMessages>) {
-        let _ = self.transition_messages.set(messages);
-    }
-
-    /// The plugin registry, for `explain-failure` on jobs whose plugin is still loaded.
-    pub fn set_registry(&self, registry: Arc<PluginRegistry>) {
-        let _ = self.plugins.set(registry);
     }
 
     /// The ComfyUI that speaks for the pool (validation, catalogue, overall health):
@@ -358,7 +383,7 @@ impl JobService {
     /// touch a lease — a push here once cleared the lease of a job this instance had
     /// just claimed, and a second claimer took it while the first started it.
     async fn enqueue_new(&self, job: &Job) -> Result<usize, StoreError> {
-        match self.shared.get() {
+        match self.shared.as_ref() {
             Some(shared) => shared.announce(&candidate(job)).await,
             None => self.queue.push(candidate(job)).await,
         }
@@ -413,7 +438,7 @@ impl JobService {
         .map_err(JobFailure::internal)?;
         // Shared queue: whichever instance claims the job makes it live there; here it
         // is followed through the store.
-        if self.shared.get().is_none() {
+        if self.shared.as_ref().is_none() {
             self.make_live(&job);
         }
         Ok(job)
@@ -490,7 +515,7 @@ impl JobService {
         let Some(job) = self.get(id).await? else { return Ok(None) };
         if !job.status.is_terminal() {
             // Running on another instance (shared queue): follow it through the store.
-            let rx = self.follow_events(&job);
+            let rx = self.follow.events(&job);
             return Ok(Some((job, rx)));
         }
         let (tx, rx) = broadcast::channel(1);
@@ -529,10 +554,12 @@ impl JobService {
             }
         } else {
             // Not live here (another instance runs it, shared queue): follow the store.
-            let followed = self.follow_until_terminal(id, deadline).await?;
+            let followed = self.follow.until_terminal(id, deadline).await?;
             if followed.is_some_and(|j| !j.status.is_terminal()) {
                 self.time_out_if_queued(id).await;
-                self.follow_until_terminal(id, Some(Instant::now() + Duration::from_secs(10))).await?;
+                self.follow
+                    .until_terminal(id, Some(Instant::now() + Duration::from_secs(10)))
+                    .await?;
             }
         }
         match self.get(id).await? {
@@ -553,7 +580,7 @@ impl JobService {
     /// ended already, or another instance holds it) is not this instance's to report any
     /// more: its live entry goes (nothing here will end it), and it is not an error to log.
     pub(super) async fn commit_typed(&self, job: &Job) -> Result<(), StoreError> {
-        let hook = self.transition_messages.get();
+        let hook = self.transition_messages.as_ref();
         let messages = hook.map(|h| h.messages_for(job)).unwrap_or_default();
         let stored = if messages.is_empty() { self.store.update_job(job).await } else { self.store.update_job_with_messages(job, &messages).await };
         match stored {
@@ -667,8 +694,23 @@ impl JobService {
         if self.take_from_queue(id).await {
             if let Ok(Some(job)) = self.store.get_job(id).await {
                 let waited = job.created_at.elapsed().unwrap_or_default().as_millis() as u64;
-                let (_, limit) = super::runner::job_limit(self.config.job_timeout, job.created_at, job.spec.deadline);
-                let _ = self.finish_unrun(job, JobStatus::Failed, Some(JobFailure::Timeout { prompt_id: None, waited_ms: waited, phase: Some(RunPhase::Queue), limit: Some(limit) })).await;
+                let (_, limit) = super::failure::job_limit(
+                    self.config.job_timeout,
+                    job.created_at,
+                    job.spec.deadline,
+                );
+                let _ = self
+                    .finish_unrun(
+                        job,
+                        JobStatus::Failed,
+                        Some(JobFailure::Timeout {
+                            prompt_id: None,
+                            waited_ms: waited,
+                            phase: Some(RunPhase::Queue),
+                            limit: Some(limit),
+                        }),
+                    )
+                    .await;
             }
         }
     }
@@ -687,7 +729,7 @@ impl JobService {
         if job.status.is_terminal() {
             return Ok(Some(job));
         }
-        if self.shared.get().is_some() && !lock(&self.live).contains_key(&id) {
+        if self.shared.as_ref().is_some() && !lock(&self.live).contains_key(&id) {
             return self.request_cancel_elsewhere(job).await.map(Some);
         }
         match job.status {
@@ -723,8 +765,15 @@ impl JobService {
 
     /// Another instance holds the job: leave the request where its lease renewal reads it.
     async fn request_cancel_elsewhere(&self, mut job: Job) -> Result<Job, JobFailure> {
-        let Some(shared) = self.shared.get() else { return Ok(job) };
-        if shared.request_cancel(job.id).await.map_err(JobFailure::internal)? && job.status == JobStatus::Running {
+        let Some(shared) = self.shared.as_ref() else {
+            return Ok(job);
+        };
+        if shared
+            .request_cancel(job.id)
+            .await
+            .map_err(JobFailure::internal)?
+            && job.status == JobStatus::Running
+        {
             job.status = JobStatus::Canceling;
             return Ok(job);
         }
@@ -818,7 +867,10 @@ impl JobService {
         // With a shared queue every instance may claim a stored queued job: this one is
         // stored already leased by this instance (its lease keeper renews it), so no other
         // instance can take it and warm the wrong GPU.
-        let pinned_until = self.shared.get().map(|queue| SystemTime::now() + queue.lease());
+        let pinned_until = self
+            .shared
+            .as_ref()
+            .map(|queue| SystemTime::now() + queue.lease());
         let job = self.admit(submission, pinned_until).await?;
         let id = job.id;
         if !lock(&self.live).contains_key(&id) {
@@ -851,7 +903,7 @@ impl JobService {
         // Already live here: this instance still runs it (a run it was fenced from has
         // not unwound yet); never a second run beside it. Its lease lapses and the job is
         // settled again once the first run is gone.
-        if self.shared.get().is_some() && lock(&self.live).contains_key(&id) {
+        if self.shared.as_ref().is_some() && lock(&self.live).contains_key(&id) {
             tracing::warn!(job_id = %id, "claimed a job this instance still runs; leaving it");
             return;
         }
@@ -862,8 +914,23 @@ impl JobService {
             && SystemTime::now() >= deadline
         {
             let waited = job.created_at.elapsed().unwrap_or_default().as_millis() as u64;
-            let (_, limit) = super::runner::job_limit(self.config.job_timeout, job.created_at, job.spec.deadline);
-                let _ = self.finish_unrun(job, JobStatus::Failed, Some(JobFailure::Timeout { prompt_id: None, waited_ms: waited, phase: Some(RunPhase::Queue), limit: Some(limit) })).await;
+            let (_, limit) = super::failure::job_limit(
+                self.config.job_timeout,
+                job.created_at,
+                job.spec.deadline,
+            );
+            let _ = self
+                .finish_unrun(
+                    job,
+                    JobStatus::Failed,
+                    Some(JobFailure::Timeout {
+                        prompt_id: None,
+                        waited_ms: waited,
+                        phase: Some(RunPhase::Queue),
+                        limit: Some(limit),
+                    }),
+                )
+                .await;
             return;
         }
         if let Some(worker) = worker

@@ -119,7 +119,11 @@ pub trait JobStore: Send + Sync {
     async fn update_job(&self, job: &Job) -> StoreResult<()>;
     /// [`JobStore::update_job`] and enqueue webhook messages in one transaction: the
     /// state change and its messages commit together or not at all (issue #14).
-    async fn update_job_with_messages(&self, job: &Job, messages: &[crate::webhooks::outbox::NewDelivery]) -> StoreResult<()>;
+    async fn update_job_with_messages(
+        &self,
+        job: &Job,
+        messages: &[crate::jobs::outbox::NewDelivery],
+    ) -> StoreResult<()>;
     /// A job with its output assets.
     async fn get_job(&self, id: Uuid) -> StoreResult<Option<Job>>;
     /// Jobs newest first.
@@ -456,7 +460,7 @@ macro_rules! sql_job_store {
                     Ok(())
                 }
 
-                async fn update_job_with_messages(&self, job: &Job, messages: &[$crate::webhooks::outbox::NewDelivery]) -> StoreResult<()> {
+                async fn update_job_with_messages(&self, job: &Job, messages: &[$crate::jobs::outbox::NewDelivery]) -> StoreResult<()> {
                     let mut tx = self.pool.begin().await?;
                     fenced_update(&mut tx, job, &self.owner).await?;
                     $outbox_insert(&mut tx, messages).await.map_err(|e| StoreError(e.to_string()))?;
@@ -713,6 +717,11 @@ macro_rules! sql_job_store {
 }
 pub(crate) use sql_job_store;
 
-sql_job_store!(SqliteStore, sqlx::Sqlite, "sqlite", crate::webhooks::outbox::insert_deliveries);
+sql_job_store!(
+    SqliteStore,
+    sqlx::Sqlite,
+    "sqlite",
+    crate::jobs::outbox::insert_deliveries
+);
 
 // The store's tests run against both dialects: tests/tests/all/job_store.rs.

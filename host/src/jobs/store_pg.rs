@@ -109,4 +109,9 @@ fn cause(e: &sqlx::Error) -> String {
     }
 }
 
-sql_job_store!(PostgresStore, sqlx::Postgres, "postgres", crate::webhooks::outbox::insert_deliveries_pg);
+sql_job_store!(
+    PostgresStore,
+    sqlx::Postgres,
+    "postgres",
+    crate::jobs::outbox::insert_deliveries_pg
+);

@@ -27,6 +27,7 @@ pub mod compiled_cache;
 pub mod engine;
 pub mod handler;
 pub mod lifting;
+pub mod limits;
 pub mod loader;
 pub mod log_budget;
 pub mod manifest;

@@ -22,7 +22,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use super::budget::CallShare;
 pub use super::calls::LogLevel;
 use super::capped_output::CappedOutput;
-use super::engine::PluginLimits;
+use super::limits::PluginLimits;
 use super::log_budget::{Admit, LogBudget};
 
 /// Where plugins' `list-models` answers come from (the model volume in the

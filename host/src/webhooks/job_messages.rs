@@ -6,22 +6,21 @@
 
 use std::time::SystemTime;
 
-use serde_json::Value;
-
 use super::outbox::NewDelivery;
 use super::{JobEventType, Webhooks};
+use crate::jobs::view::{Links, job_json};
 use crate::jobs::{Job, TransitionMessages};
 
-/// [`TransitionMessages`] over [`Webhooks`]; `view` renders the v2 Job object (it lives in
-/// `http/`, which this room must not import, so the assembly hands it in).
+/// [`TransitionMessages`] over [`Webhooks`]; the message's `data` is the v2 Job document
+/// with links under `links` (host-relative: a webhook has no caller's origin).
 pub struct JobMessages {
     webhooks: Webhooks,
-    view: fn(&Job) -> Value,
+    links: Links,
 }
 
 impl JobMessages {
-    pub fn new(webhooks: Webhooks, view: fn(&Job) -> Value) -> Self {
-        Self { webhooks, view }
+    pub fn new(webhooks: Webhooks, links: Links) -> Self {
+        Self { webhooks, links }
     }
 }
 
@@ -37,7 +36,13 @@ impl TransitionMessages for JobMessages {
             _ => job.completed_at,
         }
         .unwrap_or_else(SystemTime::now);
-        self.webhooks.messages_for(&job.id.to_string(), event, &(self.view)(job), job.spec.webhook.as_ref(), at)
+        self.webhooks.messages_for(
+            &job.id.to_string(),
+            event,
+            &job_json(job, &self.links),
+            job.spec.webhook.as_ref(),
+            at,
+        )
     }
 
     fn committed(&self) {

@@ -16,16 +16,18 @@ pub mod delivery;
 pub mod destination;
 pub mod dispatcher;
 pub mod job_messages;
-pub mod outbox;
 pub mod schedule;
 pub mod signing;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+/// The outbox table and the events and subscriptions it records belong to the jobs (a
+/// state change and its messages commit in one transaction); this room sends them.
+pub use crate::jobs::outbox;
+pub use crate::jobs::subscription::{JobEventType, Subscription};
 use destination::{DestinationError, DestinationPolicy};
 use dispatcher::{DispatcherConfig, DispatcherHandle};
 use outbox::{DeadLetter, NewDelivery, OutboxError, OutboxStore};
@@ -63,56 +65,6 @@ pub struct WebhookArgs {
     /// For tests only.
     #[arg(long, hide = true, default_value_t = 5000.0)]
     pub webhook_retry_base_ms: f64,
-}
-
-/// A job event a subscription may ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum JobEventType {
-    #[serde(rename = "job.started")]
-    Started,
-    #[serde(rename = "job.succeeded")]
-    Succeeded,
-    #[serde(rename = "job.failed")]
-    Failed,
-    #[serde(rename = "job.canceled")]
-    Canceled,
-}
-
-impl JobEventType {
-    pub const TERMINAL: [JobEventType; 3] = [JobEventType::Succeeded, JobEventType::Failed, JobEventType::Canceled];
-    const ALL: [JobEventType; 4] = [JobEventType::Started, JobEventType::Succeeded, JobEventType::Failed, JobEventType::Canceled];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobEventType::Started => "job.started",
-            JobEventType::Succeeded => "job.succeeded",
-            JobEventType::Failed => "job.failed",
-            JobEventType::Canceled => "job.canceled",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|event| event.as_str() == text)
-    }
-
-    /// The event a job's new v2 status means, if any (`expired` and the intermediate
-    /// states send nothing).
-    pub fn for_status(status: &str) -> Option<Self> {
-        match status {
-            "running" => Some(JobEventType::Started),
-            "succeeded" => Some(JobEventType::Succeeded),
-            "failed" => Some(JobEventType::Failed),
-            "canceled" => Some(JobEventType::Canceled),
-            _ => None,
-        }
-    }
-}
-
-/// A caller's subscription for one job, stored with the job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Subscription {
-    pub url: String,
-    pub events: Vec<JobEventType>,
 }
 
 /// Why a request's webhook headers were refused (a 400 naming the header).
@@ -425,11 +377,22 @@ mod tests {
 
     #[test]
     fn serve_takes_the_webhook_flags_and_env_lists() {
-        let cli = <crate::cli::Cli as clap::Parser>::try_parse_from([
-            "flowhost", "serve", "--webhook-secret", SECRET, "--webhook-secret", SECRET, "--webhook-allow-host", "127.0.0.1,hooks.internal", "--webhook-retry-base-ms", "0.5",
+        let cli = <crate::app::cli::Cli as clap::Parser>::try_parse_from([
+            "flowhost",
+            "serve",
+            "--webhook-secret",
+            SECRET,
+            "--webhook-secret",
+            SECRET,
+            "--webhook-allow-host",
+            "127.0.0.1,hooks.internal",
+            "--webhook-retry-base-ms",
+            "0.5",
         ])
         .unwrap();
-        let crate::cli::Command::Serve(serve) = cli.command else { panic!("not serve") };
+        let crate::app::cli::Command::Serve(serve) = cli.command else {
+            panic!("not serve")
+        };
         assert_eq!(serve.webhooks.webhook_secrets.len(), 2);
         assert_eq!(serve.webhooks.webhook_allow_hosts, vec!["127.0.0.1", "hooks.internal"]);
         let settings = WebhookSettings::from_args(&serve.webhooks).unwrap();

@@ -27,5 +27,6 @@ mod s3_outage;
 mod shared;
 mod shared_queue;
 mod speed_profile;
+mod structure;
 mod warm_up;
 mod webhooks;

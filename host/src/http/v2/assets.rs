@@ -26,8 +26,8 @@ use super::errors::{AssetContext, asset_error};
 use super::jobs::idempotency_key;
 use crate::auth::Caller;
 use crate::http::AppState;
-use crate::http::job_view::asset_json;
 use crate::jobs::blobs::{BlobError, StreamedPut};
+use crate::jobs::view::asset_json;
 use crate::jobs::{AssetError, AssetRole, IdempotencyClaim, JobService};
 
 /// Largest upload (the spec's "~100 MB single-request expectation").

@@ -28,7 +28,7 @@ use super::Origin;
 use super::envelope::{ErrorCode, V2Error};
 use super::errors::job_failure;
 use crate::http::AppState;
-use crate::http::job_view::{job_error_json, output_json, progress_json, status_event_json};
+use crate::jobs::view::{job_error_json, output_json, progress_json, status_event_json};
 use crate::jobs::{Job, JobEvent, JobService};
 
 /// At most one `progress` (and one `preview`) per this interval: the spec's "~2/s".

@@ -20,8 +20,11 @@ use super::submission::{self, AssetRef, Submission};
 use super::Origin;
 use crate::auth::Caller;
 use crate::http::AppState;
-use crate::http::job_view::job_json_at as job_json;
-use crate::jobs::{IdempotencyClaim, JobFailure, JobFilter, JobService, JobSource, JobSpec, JobStatus, OutputEncoding, UploadSpec};
+use crate::jobs::view::job_json;
+use crate::jobs::{
+    IdempotencyClaim, JobFailure, JobFilter, JobService, JobSource, JobSpec, JobStatus,
+    OutputEncoding, UploadSpec,
+};
 
 /// Longest Idempotency-Key accepted (the SDK's own bound).
 /// Default and largest page of `GET /api/v2/jobs`.

@@ -4,7 +4,7 @@
 //! Owns the v2 request/response shapes and the mapping from domain errors to the envelope
 //! ([`envelope`], [`errors`]). Must never decide anything about jobs itself (queueing,
 //! idempotency, retention live in `jobs/`), never answer problem+json, and never build a
-//! response body by hand outside `http::job_view`.
+//! response body by hand outside `jobs::view`.
 
 pub mod assets;
 pub mod envelope;
@@ -33,11 +33,11 @@ use envelope::{ErrorCode, V2Error};
 /// The `/api/v2` prefix every link carries.
 pub const V2: &str = "/api/v2";
 
-/// Where links point: the scheme and authority the caller used (`http://127.0.0.1:8000`).
-/// Asset and output `url`s are absolute (the spec says `format: uri`, and the SDK parses them
-/// as absolute URLs); the job's `urls` are host-relative (`uri-reference`).
-#[derive(Debug, Clone)]
-pub struct Origin(pub String);
+/// Where links point: the scheme and authority the caller used (`http://127.0.0.1:8000`) and
+/// the `/api/v2` prefix. Asset and output `url`s are absolute (the spec says `format: uri`,
+/// and the SDK parses them as absolute URLs); the job's `urls` are host-relative
+/// (`uri-reference`). The document itself is the jobs' ([`crate::jobs::view`]).
+pub use crate::jobs::view::Links as Origin;
 
 impl Origin {
     /// The caller's origin, for absolute links: `X-Forwarded-Proto` (http/https only) or
@@ -52,11 +52,10 @@ impl Origin {
             .and_then(|v| v.to_str().ok())
             .filter(|h| !h.is_empty() && h.len() <= 255 && h.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')))
             .unwrap_or("localhost");
-        Origin(format!("{scheme}://{host}"))
-    }
-
-    pub fn content_url(&self, asset_id: &uuid::Uuid) -> String {
-        format!("{}{V2}/assets/{asset_id}/content", self.0)
+        Origin {
+            origin: format!("{scheme}://{host}"),
+            prefix: V2.to_string(),
+        }
     }
 }
 
@@ -102,9 +101,11 @@ pub(crate) fn too_large(limit: usize) -> V2Error {
 }
 
 /// 413 at once when the declared `Content-Length` is over `limit` (nothing is read).
-pub(crate) fn check_declared_length(headers: &axum::http::HeaderMap, limit: usize) -> Result<(), V2Error> {
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) { Err(too_large(limit)) } else { Ok(()) }
+pub(crate) fn check_declared_length(
+    headers: &axum::http::HeaderMap,
+    limit: usize,
+) -> Result<(), V2Error> {
+    crate::http::body::check_declared_length(headers, limit).map_err(body_error)
 }
 
 /// The envelope's 408: a body (or an upload's next chunk) did not arrive in time.
@@ -112,19 +113,34 @@ pub(crate) fn body_timeout(within: std::time::Duration) -> V2Error {
     V2Error::invalid_request("body", format!("the body did not arrive within {} s; send it again", within.as_secs_f64())).with_status(StatusCode::REQUEST_TIMEOUT)
 }
 
-/// A JSON request body with the typed routes' limits: a declared length over `limit` is
-/// refused before reading (413), the whole body must arrive within `within` (408; a
-/// stalled body is dropped), it is at most `limit` bytes (413), and its shape (depth,
-/// members, values: [`crate::http::body_shape`]) is bounded before it is parsed (422).
-pub(crate) async fn body_bytes(body: axum::body::Body, headers: &axum::http::HeaderMap, limit: usize, within: std::time::Duration) -> Result<axum::body::Bytes, V2Error> {
-    check_declared_length(headers, limit)?;
-    let bytes = match tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await {
-        Err(_) => return Err(body_timeout(within)),
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(e)) if crate::http::generate::is_length_limit(&e) => return Err(too_large(limit)),
-        Ok(Err(_)) => return Err(V2Error::invalid_request("body", "the request body broke off or was malformed; send it again").with_status(StatusCode::BAD_REQUEST)),
-    };
-    crate::http::body_shape::check(&bytes).map_err(|violation| V2Error::invalid_request("body", violation.detail()))?;
+/// A body that was not read, in the envelope.
+fn body_error(e: crate::http::body::BodyError) -> V2Error {
+    use crate::http::body::BodyError;
+    match e {
+        BodyError::TooLarge { limit } => too_large(limit),
+        BodyError::Timeout { within } => body_timeout(within),
+        BodyError::Broken => V2Error::invalid_request(
+            "body",
+            "the request body broke off or was malformed; send it again",
+        )
+        .with_status(StatusCode::BAD_REQUEST),
+    }
+}
+
+/// A JSON request body with the typed routes' limits ([`crate::http::body::read`]: 413 over
+/// `limit`, declared or counted; 408 past `within`; 400 broken), and its shape (depth,
+/// members, values: [`crate::http::body_shape`]) bounded before it is parsed (422).
+pub(crate) async fn body_bytes(
+    body: axum::body::Body,
+    headers: &axum::http::HeaderMap,
+    limit: usize,
+    within: std::time::Duration,
+) -> Result<axum::body::Bytes, V2Error> {
+    let bytes = crate::http::body::read(body, headers, limit, within)
+        .await
+        .map_err(body_error)?;
+    crate::http::body_shape::check(&bytes)
+        .map_err(|violation| V2Error::invalid_request("body", violation.detail()))?;
     Ok(bytes)
 }
 

@@ -10,8 +10,8 @@ use tokio::sync::oneshot;
 
 use flowhost_comfy::{BackendConfig, BackendHealth, BackendMode, ComfyBackend, SupervisorConfig};
 
+use crate::app::cli::ServeArgs;
 use crate::auth::AccessKeys;
-use crate::cli::ServeArgs;
 use crate::events::{Analytics, Event};
 use crate::http::{AppState, HttpLimits};
 use crate::jobs::{JobConfig, JobService};
@@ -30,7 +30,7 @@ pub struct Server {
     task: tokio::task::JoinHandle<Result<()>>,
     _watcher: PluginWatcher,
     /// The embedded ComfyUI doubles in `--simulate` mode (kept alive here).
-    simulated: Vec<crate::simulate::SimulatedComfy>,
+    simulated: Vec<crate::app::simulate::SimulatedComfy>,
     /// Warms each worker whenever it (re)starts serving (`warm_up.rs`).
     warm_up: Vec<tokio::task::JoinHandle<()>>,
     /// The `--state-dir` lock, released when the server is dropped.
@@ -134,7 +134,10 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         (Some(_), Some(root)) => {
             let root = root.clone();
             Some(Arc::new(move |plugin: &crate::plugins::LoadedPlugin| {
-                if let Err(err) = crate::simulate::provision_placeholder_models(&root, std::slice::from_ref(&plugin.manifest)) {
+                if let Err(err) = crate::app::simulate::provision_placeholder_models(
+                    &root,
+                    std::slice::from_ref(&plugin.manifest),
+                ) {
                     tracing::warn!(plugin = %plugin.label, error = %format!("{err:#}"), "could not provision placeholder models");
                 }
             }))
@@ -172,55 +175,60 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     }
 
     // Durable state first: every accepted job is recovered before we listen.
-    let backing = crate::backing::open(&args.backing, &args.state_dir).await?;
+    let backing = crate::app::backing::open(&args.backing, &args.state_dir).await?;
     let retention = Duration::from_secs_f64((args.retention_hours.max(0.0) * 3600.0).min(1e9));
     let dispatch = crate::jobs::DispatchRule { policy: args.dispatch, wait_bound: Duration::from_secs_f64(args.affinity_wait_bound.clamp(0.0, 1e9)) };
     // Where queued jobs wait: this process's memory, or the shared PostgreSQL queue every
     // instance claims from (issue #12).
     let shared_queue = match (args.backing.work_queue()?, &backing.pg) {
-        (crate::backing::WorkQueueKind::Shared, Some((pool, owner))) => {
+        (crate::app::backing::WorkQueueKind::Shared, Some((pool, owner))) => {
             let lease = Duration::from_secs(args.backing.lease_seconds);
             tracing::info!(lease_s = args.backing.lease_seconds, "work queue: shared (PostgreSQL)");
             Some(Arc::new(crate::jobs::shared_queue::PgQueue::new(pool.clone(), owner.clone(), dispatch, lease)))
         }
         _ => None,
     };
-    let queue: Arc<dyn crate::jobs::WorkQueue> = match &shared_queue {
-        Some(queue) => queue.clone(),
-        None => Arc::new(crate::jobs::LocalQueue::new(dispatch)),
-    };
-    let jobs = JobService::with_pool(
-        backing.store.clone(),
-        backing.blobs.clone(),
-        crate::jobs::WorkerPool::new(backends),
-        queue,
-        JobConfig {
+    // Webhooks before the job service and its recovery: jobs reconciled at startup send
+    // their events too.
+    let webhook_settings = crate::webhooks::WebhookSettings::from_args(&args.webhooks)?;
+    let webhooks = crate::webhooks::Webhooks::start(
+        webhook_settings,
+        backing.outbox.clone(),
+        metrics.clone(),
+    )?;
+    let messages = crate::webhooks::job_messages::JobMessages::new(
+        webhooks.clone(),
+        crate::jobs::view::Links::relative(crate::http::v2::V2),
+    );
+    let jobs = JobService::from_parts(crate::jobs::JobServiceParts {
+        store: backing.store.clone(),
+        blobs: backing.blobs.clone(),
+        pool: crate::jobs::WorkerPool::new(backends),
+        queue: match &shared_queue {
+            Some(queue) => crate::jobs::Queue::Shared(queue.clone()),
+            None => crate::jobs::Queue::Local,
+        },
+        config: JobConfig {
             max_in_flight: args.max_in_flight,
             queue_depth: args.queue_depth,
             job_timeout: Duration::from_secs(args.job_timeout.max(1)),
             jpeg_quality: args.jpeg_quality,
-            raster_outputs: args.output_transport == crate::cli::OutputTransport::Auto,
+            raster_outputs: args.output_transport == crate::app::cli::OutputTransport::Auto,
             inputs: args.inputs.clone(),
             retention,
             dispatch,
             speed: speed_routing(&args)?,
         },
-        volume,
+        models: volume,
+        registry: Some(registry.clone()),
+        messages: Some(Arc::new(messages)),
         metrics,
-        analytics.clone(),
-    );
-    jobs.set_registry(registry.clone());
-    // Webhooks before recovery: jobs reconciled at startup send their events too.
-    let webhook_settings = crate::webhooks::WebhookSettings::from_args(&args.webhooks)?;
-    let webhooks = crate::webhooks::Webhooks::start(webhook_settings, backing.outbox.clone(), jobs.metrics.clone())?;
-    jobs.set_transition_messages(Arc::new(crate::webhooks::job_messages::JobMessages::new(webhooks.clone(), crate::http::job_view::job_json)));
+        analytics: analytics.clone(),
+    });
     match &shared_queue {
         // Shared: queued jobs wait in the database already, and a job that was running
         // on an instance that stopped is settled when its lease runs out.
-        Some(queue) => {
-            jobs.set_shared_queue(queue.clone());
-            jobs.start_lease_keeper(queue.clone());
-        }
+        Some(queue) => jobs.start_lease_keeper(queue.clone()),
         None => {
             jobs.recover().await.map_err(|e| anyhow::anyhow!("recovering jobs: {e}"))?;
         }
@@ -297,14 +305,18 @@ type WorkerSpec = (BackendMode, Option<std::path::PathBuf>, Option<std::path::Pa
 /// The ComfyUI workers the arguments ask for: `--workers` embedded doubles
 /// (`--simulate`), every `--comfyui-url`, or one supervised ComfyUI from `--comfyui-dir`
 /// per `--gpus` entry (one seeing every GPU without it).
-async fn start_workers(args: &ServeArgs, models_root: Option<&std::path::Path>, scratch: Option<tempfile::TempDir>) -> Result<(Vec<WorkerSpec>, Vec<crate::simulate::SimulatedComfy>)> {
+async fn start_workers(
+    args: &ServeArgs,
+    models_root: Option<&std::path::Path>,
+    scratch: Option<tempfile::TempDir>,
+) -> Result<(Vec<WorkerSpec>, Vec<crate::app::simulate::SimulatedComfy>)> {
     if args.simulate {
         let root = models_root.context("simulate mode has a models folder")?;
         let mut scratch = scratch;
         let (mut specs, mut sims) = (Vec::new(), Vec::new());
         for _ in 0..args.workers.max(1) {
             // The first double keeps the scratch volume alive; all share it.
-            let sim = crate::simulate::SimulatedComfy::start(root, scratch.take()).await?;
+            let sim = crate::app::simulate::SimulatedComfy::start(root, scratch.take()).await?;
             tracing::warn!(url = %sim.url(), models = %root.display(), "SIMULATED ComfyUI (test double): outputs are synthetic images, not generations");
             specs.push((BackendMode::Url(sim.url()), Some(sim.input_dir()), Some(sim.output_dir()), None));
             sims.push(sim);
@@ -332,11 +344,11 @@ async fn start_workers(args: &ServeArgs, models_root: Option<&std::path::Path>, 
     };
     // flowhost's output node, rewritten on every start (an upgraded flowhost ships its node).
     let flowhost_nodes = match args.output_transport {
-        crate::cli::OutputTransport::Auto => {
+        crate::app::cli::OutputTransport::Auto => {
             let folder = args.cache_dir.join("comfyui-nodes");
             Some(flowhost_comfy::raster::install(&folder).with_context(|| format!("installing flowhost's ComfyUI node in {}", folder.display()))?)
         }
-        crate::cli::OutputTransport::Files => None,
+        crate::app::cli::OutputTransport::Files => None,
     };
     let gpus: Vec<Option<&String>> = if args.gpus.is_empty() { vec![None] } else { args.gpus.iter().map(Some).collect() };
     let mut specs = Vec::new();

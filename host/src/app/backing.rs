@@ -119,14 +119,3 @@ pub async fn open(args: &BackingArgs, state_dir: &Path) -> Result<Backing> {
     Ok(Backing { store, blobs, outbox, pg })
 }
 
-/// `/health`'s `jobs` object: where jobs and outputs live and whether they outlive
-/// this instance (`durability`: `instance` — they end with this machine's disk, as on
-/// a single Modal container — or `shared`).
-pub fn describe(store: &dyn JobStore, blobs: &dyn BlobStore) -> serde_json::Value {
-    let shared = store.dialect() == "postgres" && blobs.kind() == "s3";
-    serde_json::json!({
-        "durability": if shared { "shared" } else { "instance" },
-        "store": store.dialect(),
-        "blobs": blobs.kind(),
-    })
-}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use crate::cli::ModelsStatusArgs;
+use crate::app::cli::ModelsStatusArgs;
 use crate::jobs::plugin_needs;
 use crate::models::{ModelVolume, check, render_text};
 use crate::plugins::engine::AllocatorChoice;

@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::cli::NewArgs;
+use crate::app::cli::NewArgs;
 
-const CARGO_TOML: &str = include_str!("../templates/plugin/Cargo.toml.tmpl");
-const LIB_RS: &str = include_str!("../templates/plugin/lib.rs.tmpl");
-const GITIGNORE: &str = include_str!("../templates/plugin/gitignore.tmpl");
+const CARGO_TOML: &str = include_str!("../../templates/plugin/Cargo.toml.tmpl");
+const LIB_RS: &str = include_str!("../../templates/plugin/lib.rs.tmpl");
+const GITIGNORE: &str = include_str!("../../templates/plugin/gitignore.tmpl");
 
 /// What was written, for the command's output.
 #[derive(Debug, serde::Serialize)]

@@ -5,7 +5,7 @@
 //! Owns the `webhook_deliveries` table's queries: enqueue (inside the caller's
 //! transaction, so the row commits with the job's state change or not at all), claiming
 //! due rows under a lease, recording an attempt's outcome, counts and the dead-letter
-//! listing. Must never sign or send anything (that is [`super::delivery`]) and never
+//! listing. Must never sign or send anything (that is [`crate::webhooks::delivery`]) and never
 //! store a secret (messages are signed at send time with the current keys, so a
 //! rotation also covers messages already waiting).
 //!
@@ -24,7 +24,7 @@ use std::time::Duration;
 use sqlx::{PgConnection, PgPool, SqliteConnection, SqlitePool};
 
 /// The outbox table: migration 2 of the job store (`jobs/migrations/`).
-pub const MIGRATION_SQL: &str = include_str!("../jobs/migrations/sqlite/0002_webhook_outbox.sql");
+pub const MIGRATION_SQL: &str = include_str!("migrations/sqlite/0002_webhook_outbox.sql");
 
 /// A message to enqueue.
 #[derive(Debug, Clone, PartialEq, Eq)]

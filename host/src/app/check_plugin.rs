@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use crate::cli::CheckPluginArgs;
+use crate::app::cli::CheckPluginArgs;
 use crate::http::generate::call_error_problem;
 use crate::generation::request_schema;
 use crate::plugins::engine::AllocatorChoice;

@@ -253,7 +253,7 @@ pub struct ServeArgs {
     pub webhooks: crate::webhooks::WebhookArgs,
     /// Shared state for many instances (PostgreSQL job store, S3 blob store).
     #[command(flatten)]
-    pub backing: crate::backing::BackingArgs,
+    pub backing: crate::app::backing::BackingArgs,
 }
 
 /// A non-negative, finite number of seconds (at most a year).

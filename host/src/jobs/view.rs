@@ -2,19 +2,47 @@
 //! `JobError` exactly as the vendored spec's schemas say (every required member present,
 //! `null` where the spec says nullable, RFC 3339 UTC times, embedded links).
 //!
-//! Owns the field mapping only. Must never read a store or the clock (links' expiry is the
-//! record's own retention), and never show what the spec does not carry (the executed
-//! workflow, the plugin's internals, the ComfyUI prompt id).
+//! Owns the field mapping only; it lives with the jobs because the API's responses, its
+//! event stream and the webhook messages all carry this one document. Where the API is
+//! mounted and who asks come in as plain data ([`Links`]). Must never read a store or the
+//! clock (links' expiry is the record's own retention), and never show what the spec does
+//! not carry (the executed workflow, the plugin's internals, the ComfyUI prompt id).
 
 use std::time::SystemTime;
 
 use serde_json::{Map, Value, json};
 
-use crate::jobs::{Asset, Job, JobFailure, JobStatus, Progress};
-use crate::http::v2::Origin;
+use super::{Asset, Job, JobFailure, JobStatus, Progress};
 use crate::timestamp::rfc3339_utc;
 
-use crate::http::v2::V2;
+/// Where a document's links point: `origin` (`scheme://host`, or empty for host-relative
+/// links) and `prefix`, the path the v2 API is mounted at. Content links are absolute when
+/// an origin is known; job links are always host-relative (as the contract's examples).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Links {
+    pub origin: String,
+    pub prefix: String,
+}
+
+impl Links {
+    /// Host-relative links under `prefix` (a webhook message has no caller to ask).
+    pub fn relative(prefix: &str) -> Links {
+        Links {
+            origin: String::new(),
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// An asset's content link.
+    pub fn content_url(&self, asset_id: &uuid::Uuid) -> String {
+        format!("{}{}/assets/{asset_id}/content", self.origin, self.prefix)
+    }
+
+    /// A job's host-relative link.
+    pub fn job_url(&self, id: &uuid::Uuid) -> String {
+        format!("{}/jobs/{id}", self.prefix)
+    }
+}
 
 fn time(t: SystemTime) -> Value {
     Value::String(rfc3339_utc(t))
@@ -49,7 +77,7 @@ fn url_expiry(asset: &Asset, fallback: SystemTime) -> SystemTime {
 }
 
 /// One `Output` (an output asset of a job).
-pub fn output_json(asset: &Asset, job: &Job, origin: &Origin) -> Value {
+pub fn output_json(asset: &Asset, job: &Job, origin: &Links) -> Value {
     json!({
         "node_id": asset.node_id.clone().unwrap_or_default(),
         "name": asset.name.clone().unwrap_or_else(|| format!("{}", asset.id)),
@@ -65,7 +93,7 @@ pub fn output_json(asset: &Asset, job: &Job, origin: &Origin) -> Value {
 }
 
 /// One `Asset`. `created_new` only on create responses (`Some`).
-pub fn asset_json(asset: &Asset, origin: &Origin, created_new: Option<bool>) -> Value {
+pub fn asset_json(asset: &Asset, origin: &Links, created_new: Option<bool>) -> Value {
     let mut body = json!({
         "id": asset.id.to_string(),
         "hash": asset.hash,
@@ -100,8 +128,8 @@ pub fn progress_json(progress: &Progress) -> Value {
 }
 
 /// The job's follow-up links (host-relative).
-pub fn job_urls(job: &Job) -> Value {
-    let base = job_url(&job.id);
+pub fn job_urls(job: &Job, links: &Links) -> Value {
+    let base = links.job_url(&job.id);
     json!({"self": base, "events": format!("{base}/events"), "cancel": format!("{base}/cancel")})
 }
 
@@ -132,20 +160,14 @@ pub fn job_error_json(failure: &JobFailure) -> Value {
     })
 }
 
-/// Host-relative link to a job.
-pub fn job_url(id: &uuid::Uuid) -> String {
-    format!("{V2}/jobs/{id}")
-}
-
-/// The v2 `Job` for a caller whose origin is not at hand (the typed routes' `202`): the
-/// same object, with host-relative content links.
-pub fn job_json(job: &Job) -> Value {
-    job_json_at(job, &Origin(String::new()))
-}
-
-/// The full v2 `Job`, content links absolute against the caller's origin.
-pub fn job_json_at(job: &Job, origin: &Origin) -> Value {
-    let metrics: Map<String, Value> = job.metrics.to_map().into_iter().map(|(k, v)| (k.to_string(), v.map(Value::from).unwrap_or(Value::Null))).collect();
+/// The full v2 `Job`, content links absolute against the caller's origin when known.
+pub fn job_json(job: &Job, origin: &Links) -> Value {
+    let metrics: Map<String, Value> = job
+        .metrics
+        .to_map()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.map(Value::from).unwrap_or(Value::Null)))
+        .collect();
     let error = job.error.as_ref().map(job_error_json);
     let mut body = json!({
         "id": job.id.to_string(),
@@ -159,7 +181,7 @@ pub fn job_json_at(job: &Job, origin: &Origin) -> Value {
         "outputs": job.outputs.iter().map(|asset| output_json(asset, job, origin)).collect::<Vec<_>>(),
         "error": error,
         "metrics": metrics,
-        "urls": job_urls(job),
+        "urls": job_urls(job, origin),
     });
     // flowhost's label extension: present only on jobs that carry labels, so a job
     // without them is exactly the contract's Job.
