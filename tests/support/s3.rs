@@ -15,6 +15,10 @@ pub struct S3Server {
     child: crate::KillOnDrop,
     pub port: u16,
     pub bucket: String,
+    /// moto's log (one line per request). A file, never a pipe: a pipe nobody reads fills
+    /// after ~64 KB of request lines and moto then blocks mid-request — a test making a few
+    /// hundred requests saw a HEAD hang until the client gave up (503 on a download).
+    log: tempfile::NamedTempFile,
 }
 
 /// The test venv's interpreter (scripts/test.sh sets it), else `python3`.
@@ -22,12 +26,13 @@ pub fn test_python() -> String {
     std::env::var("FLOWHOST_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-fn spawn_moto(port: u16) -> Result<std::process::Child> {
+fn spawn_moto(port: u16, log: &tempfile::NamedTempFile) -> Result<std::process::Child> {
+    let log = std::fs::OpenOptions::new().append(true).open(log.path()).context("moto's log file")?;
     Command::new(test_python())
         .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::from(log))
         .spawn()
         .context("starting moto (pip install -r tests/python-requirements.txt, or set FLOWHOST_TEST_PYTHON)")
 }
@@ -43,8 +48,9 @@ impl S3Server {
         let mut last = None;
         for _ in 0..5 {
             let port = crate::free_port();
-            let child = spawn_moto(port)?;
-            let mut server = S3Server { child: crate::KillOnDrop(child), port, bucket: bucket.to_string() };
+            let log = tempfile::NamedTempFile::new().context("moto's log file")?;
+            let child = spawn_moto(port, &log)?;
+            let mut server = S3Server { child: crate::KillOnDrop(child), port, bucket: bucket.to_string(), log };
             match server.claim_fresh().await {
                 Ok(()) => return Ok(server),
                 Err(e) => last = Some(e),
@@ -93,7 +99,7 @@ impl S3Server {
     /// bucket comes back empty).
     pub async fn restart(&mut self) -> Result<()> {
         self.stop();
-        self.child = crate::KillOnDrop(spawn_moto(self.port)?);
+        self.child = crate::KillOnDrop(spawn_moto(self.port, &self.log)?);
         self.wait_and_create_bucket().await
     }
 
@@ -103,11 +109,8 @@ impl S3Server {
         let started = Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.0.try_wait() {
-                let mut err = String::new();
-                if let Some(mut stderr) = self.child.0.stderr.take() {
-                    use std::io::Read;
-                    let _ = stderr.read_to_string(&mut err);
-                }
+                let log = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+                let err: String = log.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
                 bail!("moto exited ({status}); is moto[server] installed in {}? {err}", test_python());
             }
             // moto accepts any credentials; creating the bucket is a plain PUT.

@@ -112,14 +112,9 @@ impl S3BlobStore {
         }
         // Fail within seconds while the bucket is down (the default retries for 3 minutes):
         // a download answers 503 + Retry-After and an output store is retried by the runner.
-        // But ride out a busy bucket's seconds of refusals and 5xx (S3's SlowDown asks for
-        // backoff): five retries at 1 s growing to at most 4 s (jittered: ≥ 5 s, ~10 s typical),
-        // so a refused connection fails in about 10 s; a request that hangs to the client's
-        // 30 s timeout is still retried within 90 s. (Four retries from 100 ms gave up after
-        // ~1.5 s: a loaded S3 server, moto under a full test run on two cores, answered a
-        // download 503.)
-        let backoff = object_store::BackoffConfig { init_backoff: Duration::from_secs(1), max_backoff: Duration::from_secs(4), base: 2.0 };
-        builder = builder.with_retry(object_store::RetryConfig { backoff, max_retries: 5, retry_timeout: Duration::from_secs(90) });
+        // A refused connection fails after four quick retries (100 ms doubling: ~1.5 s); a
+        // request that hangs to the client's 30 s timeout is still retried within 90 s.
+        builder = builder.with_retry(object_store::RetryConfig { backoff: Default::default(), max_retries: 4, retry_timeout: Duration::from_secs(90) });
         let s3 = builder.build().map_err(|e| BlobError::Io(format!("configuring the S3 client: {}", scrub(&e))))?;
         Ok(S3BlobStore { s3: Arc::new(s3), prefix: location.prefix.clone(), presign_for: options.presign_for, checked: Arc::default() })
     }
