@@ -326,6 +326,12 @@ def flux_graph(size: int, steps: int, seed: int, prompt: str, transform: dict | 
         g["flowhost_speed_easycache_1"] = {"class_type": "EasyCache", "inputs": {
             "model": model, "reuse_threshold": t["easycache"], "start_percent": 0.15, "end_percent": 0.95, "verbose": False}}
         model = ["flowhost_speed_easycache_1", 0]
+    if t.get("lazycache") is not None:
+        # LazyCache (core, same file as EasyCache) decides in a PREDICT_NOISE wrapper, i.e.
+        # outside BaseModel.apply_model, where TorchCompileModel's compiled module runs.
+        g["flowhost_speed_lazycache_1"] = {"class_type": "LazyCache", "inputs": {
+            "model": model, "reuse_threshold": t["lazycache"], "start_percent": 0.15, "end_percent": 0.95, "verbose": False}}
+        model = ["flowhost_speed_lazycache_1", 0]
     if t.get("compile"):
         g["flowhost_speed_compile_1"] = {"class_type": "TorchCompileModel", "inputs": {"model": model, "backend": "inductor"}}
         model = ["flowhost_speed_compile_1", 0]
@@ -342,8 +348,45 @@ def http_json(port: int, method: str, path: str, body=None, timeout=30.0):
     return json.loads(raw) if raw[:1] in (b"{", b"[") else raw
 
 
-def run_prompt(port: int, graph: dict, timeout: float) -> dict:
+LOG_KEYS = ("Requested to load", "loaded completely", "loaded partially", "nload", "Prompt executed", "skipped",
+            "Recompiling", "recompil", "Exception during fp8", "Memory", "offload", "Traceback", "Error")
+
+
+class LogTail:
+    """New lines of a server's log since the last read (what ComfyUI said during one prompt)."""
+
+    def __init__(self, path: str):
+        self.path, self.pos = path, 0
+
+    def skip(self) -> None:
+        try:
+            self.pos = os.path.getsize(self.path)
+        except OSError:
+            pass
+
+    def read(self) -> dict:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                raw = f.read()
+                self.pos = f.tell()
+        except OSError:
+            return {}
+        lines = raw.decode("utf-8", "replace").splitlines()
+        out = {"loads": sum("Requested to load" in ln for ln in lines),
+               "recompiles": sum("Recompiling function" in ln for ln in lines),
+               "fp8_fallbacks": sum("Exception during fp8" in ln for ln in lines)}
+        keep = [ln.strip()[:240] for ln in lines if any(k in ln for k in LOG_KEYS)]
+        if keep:
+            out["lines"] = keep[-12:]
+        return out
+
+
+def run_prompt(port: int, graph: dict, timeout: float, tail: "LogTail | None" = None) -> dict:
+    if tail is not None:
+        tail.skip()
     t = time.perf_counter()
+    t_post = time.time()
     try:
         resp = http_json(port, "POST", "/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
     except urllib.error.HTTPError as e:
@@ -360,12 +403,19 @@ def run_prompt(port: int, graph: dict, timeout: float) -> dict:
                 break
         time.sleep(0.02)
     wall = time.perf_counter() - t
+    t_seen = time.time()
     if hist is None:
         return {"error": "timeout", "wall_s": wall}
     out = {"wall_s": round(wall, 3), "status": hist["status"].get("status_str")}
     stamps = {m[0]: m[1].get("timestamp") for m in hist["status"].get("messages", []) if isinstance(m, list) and len(m) == 2}
     if stamps.get("execution_start") and stamps.get("execution_success"):
         out["exec_s"] = round((stamps["execution_success"] - stamps["execution_start"]) / 1000, 3)
+        # Where wall − exec goes (one clock: the servers run on this machine): POST → the
+        # worker starts the prompt, and its end → the history shows it (20 ms polling).
+        out["queue_s"] = round(stamps["execution_start"] / 1000 - t_post, 3)
+        out["tail_s"] = round(t_seen - stamps["execution_success"] / 1000, 3)
+    if tail is not None:
+        out["log"] = tail.read()
     if out["status"] != "success":
         out["error"] = json.dumps(hist["status"].get("messages", []))[-1500:]
         return out
@@ -390,7 +440,8 @@ def psnr(a, b) -> float:
     import numpy as np
 
     mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    # 100 dB stands for identical pixels (JSON has no infinity)
+    return 100.0 if mse == 0 else min(100.0, 10 * math.log10(255.0**2 / mse))
 
 
 def ssim(a, b) -> float:
@@ -436,32 +487,77 @@ def wait_up(port: int, proc, timeout: float) -> float | None:
     return None
 
 
-def candidates_main(a) -> int:
-    sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",") if s]
-    servers = {"A": (a.port, a.flags_a.split()), "B": (a.port + 1, a.flags_b.split())}
-    # name -> (server, transform)
-    cands = {}
-    for spec in a.candidates.split(","):
-        name, _, rest = spec.partition("=")
-        server, _, tr = rest.partition(":")
-        t = {}
-        for part in filter(None, tr.split("+")):
-            if part == "compile":
-                t["compile"] = True
-            elif part.startswith("ec"):
-                t["easycache"] = float(part[2:] or a.easycache)
-        cands[name] = (server, t)
-    base = a.baseline
-    C = {"servers": {k: v[1] for k, v in servers.items()}, "candidates": {k: {"server": s, "transform": t} for k, (s, t) in cands.items()},
-                           "baseline": base, "note": "random weights: images are noise; EasyCache's skip decisions follow the model's output change rate, which random weights don't reproduce",
-                           "warm_up": {}, "rows": [], "summary": {}}
-    R["candidates"] = C
-    env = {"TORCHINDUCTOR_CACHE_DIR": a.inductor_cache, "TRITON_CACHE_DIR": a.triton_cache}
-    procs = {}
-    for k, (port, flags) in servers.items():
-        if any(s == k for s, _ in cands.values()):
-            procs[k] = start_comfy(a, port, flags, os.path.join(a.log_dir, f"comfy_{k}.log"), env)
+def parse_candidates(spec_text: str, default_threshold: float) -> list[dict]:
+    """`name=SERVER:part+part,...`; `;` separates stages (servers a stage does not name are
+    stopped before it, so three ComfyUIs never share the card at once)."""
+    stages = []
+    for stage in filter(None, (x.strip() for x in spec_text.split(";"))):
+        cands = {}
+        for spec in filter(None, (x.strip() for x in stage.split(","))):
+            name, _, rest = spec.partition("=")
+            server, _, tr = rest.partition(":")
+            t = {}
+            for part in filter(None, tr.split("+")):
+                if part == "compile":
+                    t["compile"] = True
+                elif part.startswith("ec"):
+                    t["easycache"] = float(part[2:] or default_threshold)
+                elif part.startswith("lc"):
+                    t["lazycache"] = float(part[2:] or default_threshold)
+                else:
+                    raise SystemExit(f"candidate {name}: unknown transform part {part!r} (compile, ecT, lcT)")
+            cands[name] = (server, t)
+        stages.append(cands)
+    return stages
+
+
+def stop_comfy(p: subprocess.Popen) -> None:
     try:
+        os.killpg(p.pid, 15)
+    except OSError:
+        return
+    try:
+        p.wait(20)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, 9)
+        except OSError:
+            pass
+
+
+def candidates_main(a) -> int:
+    import threading
+
+    sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",") if s]
+    all_servers = {"A": (a.port, a.flags_a.split()), "B": (a.port + 1, a.flags_b.split()), "C": (a.port + 2, a.flags_c.split())}
+    stages = parse_candidates(a.candidates, a.easycache)
+    base = a.baseline
+    used = sorted({srv for st in stages for srv, _ in st.values()})
+    servers = {k: all_servers[k] for k in used}
+    tails = {k: LogTail(os.path.join(a.log_dir, f"comfy_{k}.log")) for k in servers}
+    C = {"servers": {k: v[1] for k, v in servers.items()},
+         "stages": [{k: {"server": s, "transform": t} for k, (s, t) in st.items()} for st in stages],
+         "baseline": base, "note": "random weights: images are noise; EasyCache's skip decisions follow the model's output change rate, which random weights don't reproduce",
+         "warm_up": {}, "rows": [], "summary": {}}
+    R["candidates"] = C
+    # TORCH_LOGS=recompiles: every recompile is a line in the server's log (counted per prompt)
+    env = {"TORCHINDUCTOR_CACHE_DIR": a.inductor_cache, "TRITON_CACHE_DIR": a.triton_cache, "TORCH_LOGS": "recompiles"}
+    procs: dict[str, subprocess.Popen] = {}
+
+    def ensure(stage_servers: set) -> bool:
+        for k in [k for k in procs if k not in stage_servers]:
+            log(f"stopping server {k} (not in this stage)")
+            stop_comfy(procs.pop(k))
+            time.sleep(2)
+        new = []
+        for k in sorted(stage_servers):
+            if k not in procs:
+                procs[k] = start_comfy(a, servers[k][0], servers[k][1], os.path.join(a.log_dir, f"comfy_{k}.log"), env)
+                new.append(k)
+        return new
+
+    try:
+        first = ensure({srv for srv, _ in stages[0].values()})
         if a.profile_s > 0:
             # the in-process step profile runs while the servers import (they load no model
             # before their first prompt), in its own process so its GPU memory is freed after
@@ -474,85 +570,83 @@ def candidates_main(a) -> int:
                 rc = "timeout"
             log(f"profile phase: rc {rc} after {time.monotonic() - t:.0f} s")
             C["profile_rc"] = rc
-        for k, p in procs.items():
-            up = wait_up(servers[k][0], p, 240)
-            C.setdefault("server_start_s", {})[k] = up
-            log(f"server {k} up after {up}")
-            if up is None:
-                C["error"] = f"server {k} did not start"
-                save()
-                return 1
-        # per size: warm-up (load, compile: its cost shows here), then interleaved rounds
-        for size, steps in sizes:
-            # The two servers warm up at the same time (compiles are CPU-bound): warm-up times
-            # are each candidate's load + compile under that overlap, not clean compile costs.
-            def warm(server_key):
-                for name, (server, t) in cands.items():
-                    if server != server_key:
-                        continue
-                    if left(a.deadline_s) < 60:
-                        C.setdefault("skipped", []).append(f"warm-up {name} {size}: out of time")
-                        continue
-                    r = run_prompt(servers[server][0], flux_graph(size, steps, 1, "warm-up", t), max(30, left(a.deadline_s) - 20))
-                    r.pop("_png", None)
-                    C["warm_up"][f"{name}@{size}x{steps}"] = r
-                    log(f"warm-up {name} {size}x{steps}: {r}")
-            import threading
-            ths = [threading.Thread(target=warm, args=(k,)) for k in procs]
-            for th in ths:
-                th.start()
-            for th in ths:
-                th.join()
-            save()
-            names = [n for n in cands if C["warm_up"].get(f"{n}@{size}x{steps}", {}).get("status") == "success"]
-            for rnd in range(a.rounds):
-                per_round = 1.3 * sum(C["summary"].get(f"{n}@{size}x{steps}", {}).get("median_wall_s", 5) for n in names)
-                if not names or left(a.deadline_s) < per_round + 10:
-                    C.setdefault("skipped", []).append(f"{size}x{steps} round {rnd}: out of time")
-                    break
-                seed = 424242 + rnd
-                prompt = f"round {rnd}: a lighthouse on a cliff at dawn"
-                order = names[rnd % len(names):] + names[: rnd % len(names)]
-                imgs = {}
-                for name in order:
-                    server, t = cands[name]
-                    r = run_prompt(servers[server][0], flux_graph(size, steps, seed, prompt, t), 300)
-                    png = r.pop("_png", None)
-                    if png is not None:
-                        imgs[name] = png
-                        if rnd == 0 and size == sizes[0][0] and name in (base, a.keep_png_of):
-                            with open(os.path.join(a.log_dir, f"{name}.png"), "wb") as f:
-                                f.write(png)
-                    r.update(candidate=name, size=size, steps=steps, round=rnd, seed=seed)
-                    C["rows"].append(r)
-                    log(f"{name} {size}x{steps} r{rnd}: wall {r.get('wall_s')} exec {r.get('exec_s')} {r.get('error', '')[:300]}")
-                if base in imgs:
-                    ref = to_gray_array(imgs[base])
-                    for name, png in imgs.items():
-                        if name == base:
+        for si, cands in enumerate(stages):
+            new = first if si == 0 else ensure({srv for srv, _ in cands.values()})
+            for k in new:
+                up = wait_up(servers[k][0], procs[k], 240)
+                C.setdefault("server_start_s", {})[f"{k}@stage{si}"] = up
+                log(f"stage {si}: server {k} up after {up}")
+                if up is None:
+                    C["error"] = f"server {k} did not start (stage {si})"
+                    save()
+                    return 1
+            # per size: warm-up (load, compile: its cost shows here), then interleaved rounds
+            for size, steps in sizes:
+                # The servers warm up at the same time (compiles are CPU-bound): warm-up times
+                # are each candidate's load + compile under that overlap, not clean compile costs.
+                def warm(server_key):
+                    for name, (server, t) in cands.items():
+                        if server != server_key or f"{name}@{size}x{steps}" in C["warm_up"]:
                             continue
-                        img = to_gray_array(png)
-                        if img.shape == ref.shape:
-                            for row in C["rows"][-len(order):]:
-                                if row["candidate"] == name:
-                                    row["psnr_db"] = round(psnr(ref, img), 2)
-                                    row["ssim"] = round(ssim(ref, img), 4)
-                summarize(C, base)
+                        if left(a.deadline_s) < 60:
+                            C.setdefault("skipped", []).append(f"warm-up {name} {size}: out of time")
+                            continue
+                        r = run_prompt(servers[server][0], flux_graph(size, steps, 1, "warm-up", t), max(30, left(a.deadline_s) - 20), tails[server])
+                        r.pop("_png", None)
+                        C["warm_up"][f"{name}@{size}x{steps}"] = r
+                        log(f"warm-up {name} {size}x{steps}: wall {r.get('wall_s')} exec {r.get('exec_s')} {r.get('log', {}).get('recompiles')} recompiles {r.get('error', '')[:300]}")
+                ths = [threading.Thread(target=warm, args=(k,)) for k in procs]
+                for th in ths:
+                    th.start()
+                for th in ths:
+                    th.join()
                 save()
+                names = [n for n in cands if C["warm_up"].get(f"{n}@{size}x{steps}", {}).get("status") == "success"]
+                rounds = a.rounds if si == len(stages) - 1 or a.stage_rounds <= 0 else a.stage_rounds
+                for rnd in range(rounds):
+                    per_round = 1.3 * sum(C["summary"].get(f"s{si}:{n}@{size}x{steps}", {}).get("median_wall_s", 5) for n in names)
+                    # an earlier stage leaves the later ones their share of the time
+                    reserve = 0 if si == len(stages) - 1 else a.stage_reserve_s * (len(stages) - 1 - si)
+                    if not names or left(a.deadline_s) < per_round + 10 + reserve:
+                        C.setdefault("skipped", []).append(f"stage {si} {size}x{steps} round {rnd}: out of time")
+                        break
+                    seed = 424242 + rnd
+                    prompt = f"round {rnd}: a lighthouse on a cliff at dawn"
+                    order = names[rnd % len(names):] + names[: rnd % len(names)]
+                    imgs = {}
+                    for name in order:
+                        server, t = cands[name]
+                        r = run_prompt(servers[server][0], flux_graph(size, steps, seed, prompt, t), 300, tails[server])
+                        png = r.pop("_png", None)
+                        if png is not None:
+                            imgs[name] = png
+                            if rnd == 0 and size == sizes[0][0] and name in (base, a.keep_png_of) and si == 0:
+                                with open(os.path.join(a.log_dir, f"{name}.png"), "wb") as f:
+                                    f.write(png)
+                        r.update(candidate=name, stage=si, size=size, steps=steps, round=rnd, seed=seed)
+                        C["rows"].append(r)
+                        lg = r.get("log", {})
+                        log(f"s{si} {name} {size}x{steps} r{rnd}: wall {r.get('wall_s')} exec {r.get('exec_s')} queue {r.get('queue_s')} "
+                            f"tail {r.get('tail_s')} loads {lg.get('loads')} recompiles {lg.get('recompiles')} {r.get('error', '')[:300]}")
+                    if base in imgs:
+                        ref = to_gray_array(imgs[base])
+                        for name, png in imgs.items():
+                            if name == base:
+                                continue
+                            img = to_gray_array(png)
+                            if img.shape == ref.shape:
+                                for row in C["rows"][-len(order):]:
+                                    if row["candidate"] == name:
+                                        row["psnr_db"] = round(psnr(ref, img), 2)
+                                        row["ssim"] = round(ssim(ref, img), 4)
+                    summarize(C, base)
+                    save()
         summarize(C, base)
         save()
         print_table(C)
     finally:
         for p in procs.values():
-            try:
-                os.killpg(p.pid, 15)
-            except OSError:
-                pass
-        for p in procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, 9)
+            stop_comfy(p)
     if a.compile_profile and left(a.deadline_s) > 170:
         t = time.monotonic()
         cmd = [sys.executable, os.path.abspath(__file__), "profile", "--comfyui", a.comfyui, "--out-json", a.out_json,
@@ -564,10 +658,10 @@ def candidates_main(a) -> int:
         log(f"compiled profile: rc {rc} after {time.monotonic() - t:.0f} s")
     elif a.compile_profile:
         C.setdefault("skipped", []).append("compiled step profile: out of time")
-    for k in procs:
+    for k in servers:
         try:
             with open(os.path.join(a.log_dir, f"comfy_{k}.log")) as f:
-                C.setdefault("easycache_log", {})[k] = [ln.strip() for ln in f if "EasyCache - skipped" in ln][-40:]
+                C.setdefault("easycache_log", {})[k] = [ln.strip() for ln in f if "Cache - skipped" in ln][-60:]
         except OSError:
             pass
     save()
@@ -590,7 +684,7 @@ class Flowhost:
         cmd = [a.flowhost, "serve", "--comfyui-dir", a.comfyui, "--comfyui-python", a.python,
                "--comfyui-arg=--front-end-root", f"--comfyui-arg={a.front_end_root}", "--models", a.models,
                "--plugins", a.plugins, "--listen", f"127.0.0.1:{self.port}", "--cache-dir", cache,
-               "--state-dir", self.state_dir, "--comfyui-startup-timeout", "300", "--job-timeout", "600"] + self.args
+               "--state-dir", self.state_dir, "--comfyui-startup-timeout", "300", "--job-timeout", "600"] + a.fh_arg + self.args
         log(f"{self.name}: flowhost", " ".join(cmd[1:]))
         t = time.monotonic()
         logf = open(os.path.join(a.log_dir, f"flowhost_{self.name}.log"), "a")
@@ -612,8 +706,10 @@ class Flowhost:
                 code, body = None, None
             if code is not None and "first_answer_s" not in seen:
                 seen["first_answer_s"] = round(time.monotonic() - t, 2)
-            if code == 200 and isinstance(body, dict) and body.get("status") == "ready":
-                return {"ready_s": round(time.monotonic() - t, 2), **seen, "warm_up": body.get("warm_up")}
+            # 200 = serving: "ready", or "degraded" with a reason (e.g. a node pack of ComfyUI's
+            # own that failed to import for a missing package), as bench.py counts it
+            if code == 200 and isinstance(body, dict) and (body.get("ready") or body.get("status") in ("ready", "degraded")):
+                return {"ready_s": round(time.monotonic() - t, 2), **seen, "status": body.get("status"), "warm_up": body.get("warm_up")}
             if code == 503 and body is None:
                 try:
                     with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
@@ -671,105 +767,134 @@ def jpeg_metrics(ref: bytes, img: bytes) -> dict:
 
 
 def flowhost_main(a) -> int:
-    R["flowhost"] = F = {"rows": [], "note": "random weights; JPEG q90 outputs compared (fidelity here includes JPEG noise on both sides)"}
+    """flowhost itself under each --comfyui-profile in --fh-profiles against `default`
+    (two flowhosts on the card at a time: `default` stays up, each profile gets its turn):
+    cold start → ready, first request ÷ warm, interleaved 1024²/20 and 512²/4, the first 512²
+    request after ready (a compiled model recompiles on a new shape), for a compiling profile
+    a restart on the same state dir (compile cache warm), and a LoRA interleave per profile."""
+    R["flowhost"] = F = {"rows": [], "lora": [], "profiles": {},
+                         "note": "random weights; JPEG q90 outputs compared (fidelity here includes JPEG noise on both sides)"}
     save()
     os.makedirs(a.work, exist_ok=True)
     warm_file = os.path.join(a.work, f"warm-up-{a.size}.json")
     with open(warm_file, "w") as f:
-        # the served size and step count: every branch EasyCache takes inside the compiled
-        # model is compiled before ready, not in the first user request
+        # the served size and step count: a compiled model is compiled before ready, not in
+        # the first user request
         json.dump({"prompt": "warm-up", "width": a.size, "height": a.size, "steps": a.steps, "seed": 0}, f)
-    speed_args = ["--comfyui-profile", "speed", "--warm-up-request", f"/flux-dev={warm_file}"]
+    warm_args = ["--warm-up-request", f"/flux-dev={warm_file}"]
     if a.lora_id:
-        # /flux-lora warms at the same size too: a second size would recompile (dynamic shapes)
         lora_file = os.path.join(a.work, f"warm-up-lora-{a.size}.json")
         with open(lora_file, "w") as f:
             json.dump({"prompt": "warm-up", "width": a.size, "height": a.size, "steps": a.steps, "seed": 0, "lora_id": a.lora_id, "lora_strength": 0.8}, f)
-        speed_args += ["--warm-up-request", f"/flux-lora={lora_file}"]
-    speed_args += a.speed_arg
-    S = Flowhost(a, "speed", a.port, speed_args, os.path.join(a.work, "state-speed"))
-    D = Flowhost(a, "default", a.port + 1, [], os.path.join(a.work, "state-default"))
+        warm_args += ["--warm-up-request", f"/flux-lora={lora_file}"]
     seq = [0]
 
     def body(size, steps, seed, tag):
         seq[0] += 1
         return {"prompt": f"{tag}: a lighthouse on a cliff at dawn", "width": size, "height": size, "steps": steps, "seed": seed}
 
-    def first_and_warm(fh: Flowhost, key: str, n: int):
-        first = fh.call("/flux-dev", body(a.size, a.steps, 77, f"first {key}"))
-        log(f"{key} first: {first}")
-        warm = []
-        for i in range(n):
-            warm.append(fh.call("/flux-dev", body(a.size, a.steps, 78 + i, f"warm {key}")))
+    def first_and_warm(fh: Flowhost, n: int) -> dict:
+        first = fh.call("/flux-dev", body(a.size, a.steps, 77, f"first {fh.name}"))
+        log(f"{fh.name} first: {first}")
+        warm = [fh.call("/flux-dev", body(a.size, a.steps, 78 + i, f"warm {fh.name}")) for i in range(n)]
         ok = [r["wall_s"] for r in warm if r.get("status") == 200]
-        F[key] = {"first": first, "warm": warm}
+        out = {"first": first, "warm": warm}
         if first.get("status") == 200 and ok:
-            F[key]["first_over_warm"] = round(first["wall_s"] / statistics.median(ok), 3)
-        log(f"{key}: first ÷ warm {F[key].get('first_over_warm')} (warm {ok})")
+            out["first_over_warm"] = round(first["wall_s"] / statistics.median(ok), 3)
+        log(f"{fh.name}: first ÷ warm {out.get('first_over_warm')} (warm {ok})")
         save()
+        return out
 
+    def lora_interleave(fh: Flowhost, pair: str) -> None:
+        prev = "dev"  # the rounds before ran /flux-dev: a first `lora` is a switch
+        for i, kind in enumerate(a.lora_pattern.split(",")):
+            if left(a.deadline_s) < 40:
+                F.setdefault("skipped", []).append(f"lora {fh.name} from {i}")
+                return
+            b = body(a.size, a.steps, 500 + i, f"lora {kind}")
+            route = "/flux-dev"
+            if kind == "lora":
+                route = "/flux-lora"
+                b.update({"lora_id": a.lora_id, "lora_strength": 0.8})
+            r = fh.call(route, b)
+            r.update(profile=fh.name, pair=pair, lora_step=i, kind=kind, switch=prev is not None and prev != kind)
+            prev = kind
+            F["lora"].append(r)
+            log(f"lora {fh.name} {i} {kind}: {r}")
+            save()
+
+    D = Flowhost(a, "default", a.port, [], os.path.join(a.work, "state-default"))
+    # LABEL=PROFILE[+ARG...]: e.g. compiled_lc30=speed-compiled+--speed-step-cache=0.3
+    profiles = []
+    for spec in filter(None, (x.strip() for x in a.fh_profiles.split(","))):
+        label, _, rest = spec.partition("=")
+        prof, *extra = (rest or label).split("+")
+        profiles.append((label, prof, extra))
     try:
-        # 1. speed profile, compile cache cold (fresh state dir)
-        F["start_speed_cache_cold"] = S.start()
-        log("speed, cache cold:", F["start_speed_cache_cold"])
-        save()
-        if "error" in F["start_speed_cache_cold"]:
-            return 1
-        first_and_warm(S, "speed_cache_cold", 3)
-        # 2. default alongside (same card), then interleaved per-image times
         F["start_default"] = D.start()
         log("default:", F["start_default"])
         save()
         if "error" in F["start_default"]:
             return 1
-        first_and_warm(D, "default", 1)
-        for size, steps in [(a.size, a.steps), (512, 4)]:
-            for rnd in range(a.rounds):
-                if left(a.deadline_s) < (40 if size == a.size else 150 if rnd == 0 else 10):
-                    F.setdefault("skipped", []).append(f"{size}x{steps} round {rnd}")
-                    break
-                imgs = {}
-                order = [D, S] if rnd % 2 == 0 else [S, D]
-                for fh in order:
-                    r = fh.call("/flux-dev", body(size, steps, 9000 + rnd, f"round {rnd}"), keep=True)
-                    img = r.pop("_img", None)
-                    if img:
-                        imgs[fh.name] = img
-                    r.update(profile=fh.name, size=size, steps=steps, round=rnd)
-                    F["rows"].append(r)
-                    log(f"{fh.name} {size}x{steps} r{rnd}: {r}")
-                if len(imgs) == 2:
-                    F["rows"][-1 if order[-1] is S else -2].update(jpeg_metrics(imgs["default"], imgs["speed"]))
+        F["default"] = first_and_warm(D, 2)
+        for pi, (label, profile, extra) in enumerate(profiles):
+            prof = label
+            if left(a.deadline_s) < 120:
+                F.setdefault("skipped", []).append(f"profile {prof}: out of time")
+                continue
+            compiles = profile == "speed-compiled"
+            args = ["--comfyui-profile", profile] + warm_args + extra + a.speed_arg
+            state = os.path.join(a.work, f"state-{prof}")
+            subprocess.run(["rm", "-rf", state])
+            P = Flowhost(a, prof, a.port + 1 + pi, args, state)
+            PF = F["profiles"][prof] = {"args": args}
+            try:
+                PF["start_cold"] = P.start()
+                log(f"{prof} (compile cache cold):", PF["start_cold"])
                 save()
-        # 3. speed restarted on the same state dir: compile cache warm
-        if left(a.deadline_s) > 150:
-            S.stop()
-            F["start_speed_cache_warm"] = S.start()
-            log("speed, cache warm:", F["start_speed_cache_warm"])
-            save()
-            if "error" not in F["start_speed_cache_warm"]:
-                first_and_warm(S, "speed_cache_warm", 2)
-        else:
-            F.setdefault("skipped", []).append("cache-warm restart")
-        # 4. LoRA interleave under each profile (a switch re-patches the weights)
-        if a.lora_id and left(a.deadline_s) > 60:
-            for fh in (D, S):
-                for i, kind in enumerate(a.lora_pattern.split(",")):
-                    if left(a.deadline_s) < 30:
-                        F.setdefault("skipped", []).append(f"lora {fh.name} from {i}")
-                        break
-                    b = body(a.size, a.steps, 500 + i, f"lora {kind}")
-                    route = "/flux-dev"
-                    if kind == "lora":
-                        route = "/flux-lora"
-                        b.update({"lora_id": a.lora_id, "lora_strength": 0.8})
-                    r = fh.call(route, b)
-                    r.update(profile=fh.name, lora_step=i, kind=kind)
-                    F.setdefault("lora", []).append(r)
-                    log(f"lora {fh.name} {i} {kind}: {r}")
+                if "error" in PF["start_cold"]:
+                    continue
+                PF["cold"] = first_and_warm(P, 2)
+                # interleaved per-image times against default, same seed per round
+                small = tuple(int(v) for v in a.small.split("x"))
+                for size, steps in [(a.size, a.steps), small]:
+                    for rnd in range(a.rounds):
+                        reserve = (150 if compiles else 60) + 60 * (len(profiles) - 1 - pi)
+                        if left(a.deadline_s) < reserve + (40 if size == a.size else 20):
+                            F.setdefault("skipped", []).append(f"{prof} {size}x{steps} round {rnd}")
+                            break
+                        imgs = {}
+                        order = [D, P] if rnd % 2 == 0 else [P, D]
+                        for fh in order:
+                            r = fh.call("/flux-dev", body(size, steps, 9000 + rnd, f"round {rnd}"), keep=True)
+                            img = r.pop("_img", None)
+                            if img:
+                                imgs[fh.name] = img
+                            r.update(profile=fh.name, pair=prof, size=size, steps=steps, round=rnd,
+                                     first_of_shape=(size != a.size and rnd == 0))
+                            F["rows"].append(r)
+                            log(f"{fh.name} {size}x{steps} r{rnd}: {r}")
+                        if len(imgs) == 2:
+                            F["rows"][-1 if order[-1] is P else -2].update(jpeg_metrics(imgs["default"], imgs[prof]))
+                        save()
+                # restart on the same state dir: the compile cache is warm
+                if compiles and left(a.deadline_s) > 150:
+                    P.stop()
+                    PF["start_warm"] = P.start()
+                    log(f"{prof} (compile cache warm):", PF["start_warm"])
                     save()
+                    if "error" not in PF["start_warm"]:
+                        PF["warm_cache"] = first_and_warm(P, 2)
+                elif compiles:
+                    F.setdefault("skipped", []).append(f"{prof}: cache-warm restart")
+                if a.lora_id and left(a.deadline_s) > 60 + 60 * (len(profiles) - 1 - pi):
+                    lora_interleave(D, prof)
+                    lora_interleave(P, prof)
+            finally:
+                P.stop()
+                fl_summary(F)
+                save()
     finally:
-        S.stop()
         D.stop()
         fl_summary(F)
         save()
@@ -777,10 +902,12 @@ def flowhost_main(a) -> int:
 
 
 def fl_summary(F: dict) -> None:
+    """Per pair (the profile `default` was interleaved with) and shape; the first request of
+    a new shape (512² after ready) is kept apart from the warm figures."""
     g = {}
     for r in F["rows"]:
-        if r.get("status") == 200:
-            g.setdefault(f"{r['profile']}@{r['size']}x{r['steps']}", []).append(r)
+        if r.get("status") == 200 and not r.get("first_of_shape"):
+            g.setdefault(f"{r['pair']}:{r['profile']}@{r['size']}x{r['steps']}", []).append(r)
     S = {}
     for k, rows in g.items():
         w = [r["wall_s"] for r in rows]
@@ -790,45 +917,65 @@ def fl_summary(F: dict) -> None:
             S[k]["psnr_db"] = round(statistics.median(ps), 2)
             S[k]["ssim"] = round(statistics.median([r["ssim"] for r in rows if "ssim" in r]), 4)
     for k, v in S.items():
-        shape = k.partition("@")[2]
-        b = S.get(f"default@{shape}")
+        pair, _, rest = k.partition(":")
+        shape = rest.partition("@")[2]
+        b = S.get(f"{pair}:default@{shape}")
         if b:
             v["vs_default"] = round(b["median_wall_s"] / v["median_wall_s"], 3)
+    firsts = {f"{r['pair']}:{r['profile']}@{r['size']}x{r['steps']}": r.get("wall_s") for r in F["rows"] if r.get("first_of_shape")}
+    if firsts:
+        F["first_of_new_shape_s"] = firsts
+    L = {}
+    for r in F["lora"]:
+        if r.get("status") == 200:
+            L.setdefault(f"{r['pair']}:{r['profile']}", {"switch": [], "same": []})["switch" if r.get("switch") else "same"].append(r["wall_s"])
+    for k, v in L.items():
+        if v["switch"] and v["same"]:
+            v["switch_cost_s"] = round(statistics.median(v["switch"]) - statistics.median(v["same"]), 3)
     F["summary"] = S
+    F["lora_summary"] = L
     for k, v in S.items():
         print(f"| {k} | {v['n']} | {v['median_wall_s']} | {v.get('vs_default')} | {v.get('psnr_db', '')} | {v.get('ssim', '')} |")
 
 
 def summarize(C: dict, base: str) -> None:
+    """Per stage, candidate and shape; × default against the same stage's `default`."""
     groups = {}
     for r in C["rows"]:
         if r.get("status") == "success":
-            groups.setdefault(f"{r['candidate']}@{r['size']}x{r['steps']}", []).append(r)
+            groups.setdefault(f"s{r.get('stage', 0)}:{r['candidate']}@{r['size']}x{r['steps']}", []).append(r)
     S = {}
+    med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
     for k, rows in groups.items():
         walls = [r["wall_s"] for r in rows]
-        S[k] = {"n": len(rows), "median_wall_s": round(statistics.median(walls), 3),
-                "median_exec_s": round(statistics.median([r.get("exec_s") or r["wall_s"] for r in rows]), 3)}
+        S[k] = {"n": len(rows), "median_wall_s": med(walls),
+                "median_exec_s": med([r.get("exec_s") or r["wall_s"] for r in rows]),
+                "median_queue_s": med([r["queue_s"] for r in rows if "queue_s" in r]),
+                "median_tail_s": med([r["tail_s"] for r in rows if "tail_s" in r]),
+                "loads": sum(r.get("log", {}).get("loads", 0) for r in rows),
+                "recompiles": sum(r.get("log", {}).get("recompiles", 0) for r in rows)}
         ps = [r["psnr_db"] for r in rows if "psnr_db" in r]
         ss = [r["ssim"] for r in rows if "ssim" in r]
         if ps:
             S[k]["psnr_db"] = round(statistics.median(ps), 2)
             S[k]["ssim"] = round(statistics.median(ss), 4)
     for k, v in S.items():
-        name, _, shape = k.partition("@")
-        b = S.get(f"{base}@{shape}")
+        stage, _, rest = k.partition(":")
+        name, _, shape = rest.partition("@")
+        b = S.get(f"{stage}:{base}@{shape}")
+        v["images_per_hour"] = round(3600 / v["median_wall_s"], 1)
         if b:
-            v["images_per_hour"] = round(3600 / v["median_wall_s"], 1)
             v["vs_default"] = round(b["median_wall_s"] / v["median_wall_s"], 3)
     C["summary"] = S
 
 
 def print_table(C: dict) -> None:
-    print("| candidate | shape | n | median s/image | ComfyUI exec s | images/h | × default | PSNR dB | SSIM |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| stage:candidate | shape | n | median s/image | ComfyUI exec s | queue s | tail s | loads | recompiles | images/h | × default | PSNR dB | SSIM |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for k, v in C["summary"].items():
         name, _, shape = k.partition("@")
-        print(f"| {name} | {shape} | {v['n']} | {v['median_wall_s']} | {v['median_exec_s']} | {v.get('images_per_hour', '')} | {v.get('vs_default', '')} | {v.get('psnr_db', '')} | {v.get('ssim', '')} |")
+        print(f"| {name} | {shape} | {v['n']} | {v['median_wall_s']} | {v['median_exec_s']} | {v.get('median_queue_s')} | {v.get('median_tail_s')} | "
+              f"{v.get('loads')} | {v.get('recompiles')} | {v.get('images_per_hour', '')} | {v.get('vs_default', '')} | {v.get('psnr_db', '')} | {v.get('ssim', '')} |")
 
 
 def main() -> int:
@@ -844,11 +991,20 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8291)
     ap.add_argument("--flags-a", default="")
     ap.add_argument("--flags-b", default="--fp8_e4m3fn-unet --fast fp8_matrix_mult --highvram")
-    ap.add_argument("--candidates", default="default=A:,default_ec=A:ec,default_compile=A:compile,default_compile_ec=A:compile+ec,fp8=B:,fp8_compile=B:compile,fp8_compile_ec=B:compile+ec")
+    ap.add_argument("--flags-c", default="--fp8_e4m3fn-unet --fast fp8_matrix_mult --highvram",
+                    help="server C: by default B's flags, for an fp8 server that only ever runs one patcher")
+    ap.add_argument("--candidates", default=(
+        # stage 0 (A + C): step-cache thresholds on ComfyUI's defaults; fp8 on a server that never switches
+        "default=A:,default_ec20=A:ec0.2,default_ec25=A:ec0.25,default_ec30=A:ec0.3,default_lc20=A:lc0.2,default_lc30=A:lc0.3,fp8_dedicated=C:;"
+        # stage 1 (A + B): fp8 switching between patchers as in the last run; compile + LazyCache
+        "default=A:,fp8=B:,fp8_compile=B:compile,fp8_compile_lc20=B:compile+lc0.2,fp8_compile_lc30=B:compile+lc0.3"),
+        help="name=SERVER:part+part (parts: compile, ecT EasyCache, lcT LazyCache); ',' between candidates, ';' between stages")
+    ap.add_argument("--stage-rounds", type=int, default=0, help="rounds of every stage but the last (0: --rounds)")
+    ap.add_argument("--stage-reserve-s", type=float, default=200, help="seconds an earlier stage leaves each later one")
     ap.add_argument("--baseline", default="default")
-    ap.add_argument("--keep-png-of", default="fp8_compile_ec")
+    ap.add_argument("--keep-png-of", default="default_ec30")
     ap.add_argument("--easycache", type=float, default=0.2)
-    ap.add_argument("--sizes", default="1024x20,512x4")
+    ap.add_argument("--sizes", default="1024x20")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile-s", type=float, default=0, help="candidates: run the profile phase first, in this many seconds")
     ap.add_argument("--compile", action="store_true", help="profile: also the torch.compile'd steps")
@@ -860,14 +1016,23 @@ def main() -> int:
     ap.add_argument("--models", default="")
     ap.add_argument("--plugins", default="")
     ap.add_argument("--work", default="/tmp/flowhost-gpu")
-    ap.add_argument("--speed-arg", action="append", default=[], help="flowhost: more options for the speed flowhost")
+    ap.add_argument("--speed-arg", action="append", default=[], help="flowhost: more options for every profiled flowhost")
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--small", default="512x4", help="flowhost: the second, cheap shape SIZExSTEPS")
+    ap.add_argument("--fh-arg", action="append", default=[], help="flowhost: an option for every flowhost (e.g. --comfyui-arg=--cpu)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--start-timeout", type=float, default=400)
     ap.add_argument("--lora-id", default="")
     ap.add_argument("--lora-pattern", default="lora,lora,dev,lora,dev")
+    ap.add_argument("--fh-profiles", default="speed=speed,compiled_lc30=speed-compiled+--speed-step-cache=0.3",
+                    help="flowhost: LABEL=PROFILE[+ARG...] compared with default, one at a time beside it")
     a = ap.parse_args()
     OUT_JSON = a.out_json
+    # `timeout --signal=TERM` (run.sh) must still stop the ComfyUIs and flowhosts this process
+    # started in their own sessions (finally blocks), or they hold the card for the next phase
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if a.phase == "profile":
         return profile_main(a)
     if a.phase == "flowhost":

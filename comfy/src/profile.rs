@@ -38,9 +38,10 @@ pub enum LaunchProfile {
     Speed,
     /// fp8 matrix products, `--highvram` and `TorchCompileModel` (inductor) before each
     /// sampler, with the Inductor/Triton caches kept under the state dir: 1.33× at 1024²/20,
-    /// a 90 s compile on the first job of a shape. No step cache: EasyCache inside a compiled
-    /// model recompiles on its skip branches (measured: 20–80 s per step), so the two are
-    /// separate profiles. **Changes the images** (fp8 weights).
+    /// a 90 s compile on the first job of a shape. No step cache unless the operator asks
+    /// (`--speed-step-cache T`): then `LazyCache`, which decides outside the compiled model
+    /// (EasyCache inside it recompiled on its skip branches, 20–80 s per step; not yet timed
+    /// on a GPU with LazyCache). **Changes the images** (fp8 weights).
     SpeedCompiled,
 }
 
@@ -91,12 +92,16 @@ impl LaunchProfile {
     }
 
     /// The graph transform the host applies to every job under this profile (`None`: the
-    /// graph goes to ComfyUI as the plugin built it). `step_cache` is EasyCache's threshold
-    /// (`None` or 0: no step cache).
+    /// graph goes to ComfyUI as the plugin built it). `step_cache` is the operator's
+    /// `--speed-step-cache` (0: no step cache); unset, `speed` uses [`DEFAULT_STEP_CACHE`] and
+    /// `speed-compiled` none.
     pub fn graph_transform(self, step_cache: Option<f64>) -> Option<SpeedGraph> {
         match self {
-            LaunchProfile::Speed => Some(SpeedGraph { compile: false, step_cache: step_cache.filter(|t| *t > 0.0) }),
-            LaunchProfile::SpeedCompiled => Some(SpeedGraph { compile: true, step_cache: None }),
+            LaunchProfile::Speed => Some(SpeedGraph {
+                compile: false,
+                step_cache: Some(step_cache.unwrap_or(DEFAULT_STEP_CACHE)).filter(|t| *t > 0.0),
+            }),
+            LaunchProfile::SpeedCompiled => Some(SpeedGraph { compile: true, step_cache: step_cache.filter(|t| *t > 0.0) }),
             _ => None,
         }
     }
@@ -259,11 +264,15 @@ mod tests {
         assert!(!t.compile);
         assert_eq!(t.step_cache, Some(0.25));
         assert_eq!(LaunchProfile::Speed.graph_transform(Some(0.0)).unwrap().step_cache, None, "0 turns the step cache off");
-        assert_eq!(LaunchProfile::Speed.graph_transform(None).unwrap().step_cache, None);
-        // `speed-compiled`: compiled, never step-cached (the two together recompile per step).
-        let t = LaunchProfile::SpeedCompiled.graph_transform(Some(0.25)).unwrap();
+        assert_eq!(LaunchProfile::Speed.graph_transform(None).unwrap().step_cache, Some(DEFAULT_STEP_CACHE));
+        // `speed-compiled`: compiled; a step cache only when the operator asks for one (and
+        // then LazyCache, outside the compiled model: speed.rs).
+        let t = LaunchProfile::SpeedCompiled.graph_transform(None).unwrap();
         assert!(t.compile);
         assert_eq!(t.step_cache, None);
+        let t = LaunchProfile::SpeedCompiled.graph_transform(Some(0.3)).unwrap();
+        assert_eq!((t.compile, t.step_cache), (true, Some(0.3)));
+        assert_eq!(LaunchProfile::SpeedCompiled.graph_transform(Some(0.0)).unwrap().step_cache, None);
         assert_eq!(
             compile_cache_env(LaunchProfile::SpeedCompiled, Path::new("/state/compile-cache"), |_| false),
             [

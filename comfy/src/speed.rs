@@ -1,14 +1,24 @@
-//! The speed profile's graph transform: before a job's graph is submitted, put ComfyUI's own
-//! `EasyCache` (step cache) and `TorchCompileModel` (torch.compile, inductor) between every
-//! sampler and the model it samples, so an operator who chose `--comfyui-profile speed` gets
-//! compiled, step-cached sampling without touching a plugin or a workflow. Both nodes are core
-//! nodes of ComfyUI 0.3.64 (`comfy_extras/nodes_easycache.py`, `nodes_torch_compile.py`); the
-//! node catalogue fixture of the ComfyUI double holds their captured `object_info`.
+//! The speed profiles' graph transform: before a job's graph is submitted, put a ComfyUI step
+//! cache and/or `TorchCompileModel` (torch.compile, inductor) between every sampler and the
+//! model it samples, so an operator who chose `--comfyui-profile speed` (or `speed-compiled`)
+//! gets step-cached (or compiled) sampling without touching a plugin or a workflow. All three
+//! nodes are core nodes of ComfyUI 0.3.64 (`comfy_extras/nodes_easycache.py`,
+//! `nodes_torch_compile.py`); the node catalogue fixture of the ComfyUI double holds their
+//! captured `object_info`.
 //!
-//! Owns: which sampler inputs take a model ([`SAMPLER_MODEL_INPUTS`]), the ids and inputs of
-//! the nodes it inserts. Must never: change a graph when the transform is off (the default
-//! profile is exactly ComfyUI's behaviour), add a second step cache or compile node where the
-//! workflow has its own, or touch anything but the sampler's `model` link.
+//! Which step cache: `EasyCache` decides in a `DIFFUSION_MODEL` wrapper, i.e. inside the module
+//! `TorchCompileModel` compiles, so dynamo traces its Python branches and recompiles as they
+//! change (20–80 s per step while warming on the H100; 17 recompiles before it settled in a
+//! CPU rehearsal: BENCHMARKS.md). `LazyCache` makes the same kind of decision in a
+//! `PREDICT_NOISE` wrapper, outside the compiled module (compiled once, as without a cache). So
+//! a compiled model (compiled by this transform or by the workflow itself) gets `LazyCache`, an
+//! uncompiled one `EasyCache` (the one measured on a GPU).
+//!
+//! Owns: which sampler inputs take a model ([`SAMPLER_MODEL_INPUTS`]), which step cache goes
+//! with compilation, the ids and inputs of the nodes it inserts. Must never: change a graph
+//! when the transform is off (the default profile is exactly ComfyUI's behaviour), add a second
+//! step cache or compile node where the workflow has its own, put `EasyCache` into a graph that
+//! compiles, or touch anything but the sampler's `model` link.
 
 use std::collections::BTreeMap;
 
@@ -18,10 +28,14 @@ use serde_json::{Map, Value, json};
 /// the first compile recompiles with dynamic sizes, later ones reuse it).
 pub const COMPILE_NODE: &str = "TorchCompileModel";
 /// ComfyUI's native step cache: reuses the model's last output change while the input's
-/// cumulative change stays under `reuse_threshold`.
+/// cumulative change stays under `reuse_threshold`. Decides inside the diffusion model's
+/// forward, so only for a model that is not compiled.
 pub const STEP_CACHE_NODE: &str = "EasyCache";
+/// The step cache for a compiled model: the same inputs as `EasyCache`, deciding around
+/// ComfyUI's noise prediction, outside the compiled module.
+pub const COMPILED_STEP_CACHE_NODE: &str = "LazyCache";
 /// Step caches a workflow may already carry (then none is added).
-const STEP_CACHE_NODES: &[&str] = &[STEP_CACHE_NODE, "LazyCache"];
+const STEP_CACHE_NODES: &[&str] = &[STEP_CACHE_NODE, COMPILED_STEP_CACHE_NODE];
 /// Nodes whose `model` input is the model the sampler runs.
 pub const SAMPLER_MODEL_INPUTS: &[(&str, &str)] = &[
     ("KSampler", "model"),
@@ -41,7 +55,8 @@ pub const STEP_CACHE_MAX: f64 = 3.0;
 pub struct SpeedGraph {
     /// Insert `TorchCompileModel` (backend inductor).
     pub compile: bool,
-    /// Insert `EasyCache` with this `reuse_threshold` (`None`: no step cache).
+    /// Insert a step cache with this `reuse_threshold` (`None`: no step cache): `EasyCache`,
+    /// or `LazyCache` where the graph compiles.
     pub step_cache: Option<f64>,
 }
 
@@ -60,10 +75,12 @@ impl SpeedGraph {
             nodes.values().any(|n| n.get("class_type").and_then(Value::as_str).is_some_and(|c| classes.contains(&c)))
         };
         let step_cache = self.step_cache.filter(|_| !has_class(STEP_CACHE_NODES));
-        let compile = self.compile && !has_class(&[COMPILE_NODE]);
+        let own_compile = has_class(&[COMPILE_NODE]);
+        let compile = self.compile && !own_compile;
         if !compile && step_cache.is_none() {
             return None;
         }
+        let cache_class = if self.compile || own_compile { COMPILED_STEP_CACHE_NODE } else { STEP_CACHE_NODE };
         // (sampler id, input) per model link, in node-id order so the ids are stable.
         let mut by_link: BTreeMap<String, (Value, Vec<String>)> = BTreeMap::new();
         for (id, node) in nodes {
@@ -88,7 +105,7 @@ impl SpeedGraph {
             if let Some(threshold) = step_cache {
                 let id = fresh_id(&out, &format!("flowhost_speed_{}_step_cache", n + 1));
                 out.insert(id.clone(), json!({
-                    "class_type": STEP_CACHE_NODE,
+                    "class_type": cache_class,
                     "inputs": {"model": model, "reuse_threshold": threshold, "start_percent": STEP_CACHE_START, "end_percent": STEP_CACHE_END, "verbose": false},
                     "_meta": {"title": "flowhost speed profile: step cache"},
                 }));
@@ -163,7 +180,7 @@ mod tests {
     const FULL: SpeedGraph = SpeedGraph { compile: true, step_cache: Some(0.2) };
 
     #[test]
-    fn flux_graph_gets_step_cache_then_compile_before_the_sampler_and_still_validates() {
+    fn flux_graph_gets_lazy_cache_then_compile_before_the_sampler_and_still_validates() {
         let cat = catalogue();
         let g = flux_graph();
         cat.preflight(&g).expect("the plain graph is valid");
@@ -174,9 +191,10 @@ mod tests {
         assert_eq!(compile["class_type"], COMPILE_NODE);
         assert_eq!(compile["inputs"], json!({"model": ["flowhost_speed_1_step_cache", 0], "backend": "inductor"}));
         let cache = &out["flowhost_speed_1_step_cache"];
-        assert_eq!(cache["class_type"], STEP_CACHE_NODE);
+        assert_eq!(cache["class_type"], COMPILED_STEP_CACHE_NODE, "EasyCache would sit inside the compiled model and recompile");
         assert_eq!(cache["inputs"]["model"], json!(["1", 0]));
         assert_eq!(cache["inputs"]["reuse_threshold"], json!(0.2));
+        assert_eq!(out.as_object().unwrap().values().filter(|n| n["class_type"] == STEP_CACHE_NODE).count(), 0);
         // Nothing else moved.
         assert_eq!(out.as_object().unwrap().len(), g.as_object().unwrap().len() + 2);
         for (id, node) in g.as_object().unwrap() {
@@ -195,6 +213,7 @@ mod tests {
         assert_eq!(only_compile["flowhost_speed_1_compile"]["inputs"]["model"], json!(["1", 0]));
         let only_cache = SpeedGraph { compile: false, step_cache: Some(0.3) }.apply(&g).unwrap();
         assert_eq!(only_cache["8"]["inputs"]["model"], json!(["flowhost_speed_1_step_cache", 0]));
+        assert_eq!(only_cache["flowhost_speed_1_step_cache"]["class_type"], STEP_CACHE_NODE, "no compile: EasyCache, as measured");
         assert!(!only_cache.as_object().unwrap().values().any(|n| n["class_type"] == COMPILE_NODE));
         catalogue().preflight(&only_cache).unwrap();
     }
@@ -230,8 +249,16 @@ mod tests {
         let compiles = out.as_object().unwrap().values().filter(|n| n["class_type"] == COMPILE_NODE).count();
         assert_eq!(compiles, 1, "the workflow's own compile node stays the only one");
         assert_eq!(out["8"]["inputs"]["model"], json!(["flowhost_speed_1_step_cache_2", 0]));
-        assert_eq!(out["flowhost_speed_1_step_cache_2"]["class_type"], STEP_CACHE_NODE);
+        assert_eq!(out["flowhost_speed_1_step_cache_2"]["class_type"], COMPILED_STEP_CACHE_NODE);
         catalogue().preflight(&out).unwrap();
+
+        // The step cache alone (`speed`) on a workflow that compiles itself: LazyCache too.
+        let only_cache = SpeedGraph { compile: false, step_cache: Some(0.2) }.apply(&own).unwrap();
+        let is_cache = |n: &&Value| STEP_CACHE_NODES.contains(&n["class_type"].as_str().unwrap_or(""));
+        let caches: Vec<&Value> = only_cache.as_object().unwrap().values().filter(is_cache).collect();
+        assert_eq!(caches.len(), 1);
+        assert_eq!(caches[0]["class_type"], COMPILED_STEP_CACHE_NODE, "never EasyCache inside a compiled model");
+        catalogue().preflight(&only_cache).unwrap();
 
         // Already cached and compiled: nothing to do.
         let mut both = own.clone();

@@ -133,7 +133,9 @@ pub struct ServeArgs {
     #[arg(long, requires = "comfyui_dir", conflicts_with_all = ["comfyui_url", "simulate"])]
     pub comfyui_profile: Option<flowhost_comfy::LaunchProfile>,
     /// With `--comfyui-profile speed`: EasyCache's reuse threshold (0 to 3; 0 turns the step
-    /// cache off; default 0.2). Higher skips more sampling steps and changes the image more.
+    /// cache off; default 0.2). With `speed-compiled`: adds a step cache at this threshold
+    /// (LazyCache, outside the compiled model; default none). Higher skips more sampling
+    /// steps and changes the image more.
     #[arg(long, requires = "comfyui_profile", value_parser = parse_step_cache)]
     pub speed_step_cache: Option<f64>,
     /// With `--comfyui-profile speed` or `speed-compiled`: the routes whose jobs get the speed

@@ -416,13 +416,14 @@ fn spawn_restart_counter(backend: &Arc<ComfyBackend>, metrics: Metrics) {
 fn speed_routing(args: &ServeArgs) -> anyhow::Result<Option<crate::jobs::SpeedRouting>> {
     use flowhost_comfy::LaunchProfile;
     let profile = args.comfyui_profile.unwrap_or_default();
-    if profile != LaunchProfile::Speed && args.speed_step_cache.is_some() {
-        anyhow::bail!("--speed-step-cache needs --comfyui-profile speed (got {profile}; speed-compiled runs no step cache)");
+    if !matches!(profile, LaunchProfile::Speed | LaunchProfile::SpeedCompiled) && args.speed_step_cache.is_some() {
+        anyhow::bail!("--speed-step-cache needs --comfyui-profile speed or speed-compiled (got {profile})");
     }
     if !matches!(profile, LaunchProfile::Speed | LaunchProfile::SpeedCompiled) && !args.speed_routes.is_empty() {
         anyhow::bail!("--speed-routes needs --comfyui-profile speed or speed-compiled (got {profile})");
     }
-    let step_cache = Some(args.speed_step_cache.unwrap_or(flowhost_comfy::profile::DEFAULT_STEP_CACHE));
+    // Unset: `speed` takes EasyCache's default threshold, `speed-compiled` runs no step cache.
+    let step_cache = args.speed_step_cache;
     let routes = args.speed_routes.iter().map(|r| if r.starts_with('/') { r.clone() } else { format!("/{r}") }).collect();
     Ok(profile.graph_transform(step_cache).map(|graph| crate::jobs::SpeedRouting { graph, routes }))
 }

@@ -1,7 +1,8 @@
 //! The opt-in speed profiles (issue 26): under `--comfyui-profile speed` the jobs of the routes
 //! it covers (their warm-up too) reach ComfyUI with an `EasyCache` step cache between the model
 //! and the sampler, ComfyUI's launch untouched; `speed-compiled` launches ComfyUI with fp8 and
-//! its Inductor/Triton caches under the state dir and puts `TorchCompileModel` there instead;
+//! its Inductor/Triton caches under the state dir and puts `TorchCompileModel` there instead
+//! (with `--speed-step-cache`, after a `LazyCache`, never an `EasyCache`);
 //! without either the plugin's graph goes untouched and nothing is added to ComfyUI's
 //! environment. Real `flowhost serve` supervising the ComfyUI
 //! double (which validates against ComfyUI 0.3.64's captured node catalogue), real plugins.
@@ -138,6 +139,21 @@ async fn speed_compiled_launches_fp8_compiles_every_flux_job_and_keeps_its_cache
     assert_eq!(sampler_model_class(&graph), "TorchCompileModel", "{graph}");
     assert_eq!(nodes_of_class(&graph, "TorchCompileModel"), 1);
     assert_eq!(nodes_of_class(&graph, "EasyCache"), 0, "never a step cache inside a compiled model");
+    s.server.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speed_compiled_with_a_step_cache_puts_lazy_cache_before_the_compile_never_easy_cache() {
+    let s = serve(&["--comfyui-profile", "speed-compiled", "--speed-step-cache", "0.3"]).await;
+    let graph = flux_dev_graph(&s).await;
+    assert_eq!(sampler_model_class(&graph), "TorchCompileModel", "{graph}");
+    let compile = graph.as_object().unwrap().values().find(|n| n["class_type"] == "TorchCompileModel").unwrap();
+    let cache_id = compile["inputs"]["model"][0].as_str().unwrap();
+    assert_eq!(graph[cache_id]["class_type"], "LazyCache", "the step cache decides outside the compiled model: {graph}");
+    assert_eq!(graph[cache_id]["inputs"]["reuse_threshold"], json!(0.3));
+    let source = graph[cache_id]["inputs"]["model"][0].as_str().unwrap();
+    assert_eq!(graph[source]["class_type"], "UNETLoader", "the loader's model is cached, then compiled");
+    assert_eq!(nodes_of_class(&graph, "EasyCache"), 0, "never EasyCache inside a compiled model");
     s.server.server.shutdown().await.unwrap();
 }
 
