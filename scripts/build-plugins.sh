@@ -14,7 +14,7 @@ keep=0
 if [ "${1:-}" = "--keep-changed" ]; then keep=1; shift; fi
 out="${1:-.flowhost/plugins}"
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
-plugins=(flux-dev flux-lora flux-instantid workflow)
+plugins=(flux-dev flux-lora flux-instantid flux-pulid workflow)
 args=()
 for p in "${plugins[@]}"; do args+=(-p "$p"); done
 cargo build --release --target wasm32-wasip2 "${args[@]}"

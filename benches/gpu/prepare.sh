@@ -44,8 +44,8 @@ jpeg_bench=${JPEG_BENCH_BIN:-$TARGET/release/jpeg_bench}
 if [ -x "$jpeg_bench" ]; then
   strip -o "$DEST/.gpu/jpeg_bench" "$jpeg_bench" && xz -T0 -9 -c "$DEST/.gpu/jpeg_bench" > "$C/jpeg_bench.xz" && rm -f "$DEST/.gpu/jpeg_bench"
 fi
-cp "$TARGET"/wasm32-wasip2/release/{flux_dev,flux_lora}.wasm "$C/plugins/"
-cp "$HERE"/{run.sh,bench.py,pool.py,speed.py,make_models.py,summarize.py} "$C/harness/"
+cp "$TARGET"/wasm32-wasip2/release/{flux_dev,flux_lora,flux_instantid,flux_pulid}.wasm "$C/plugins/"
+cp "$HERE"/{run.sh,bench.py,pool.py,speed.py,make_models.py,summarize.py,make_identity_models.py,identity.py,validate_identity_graphs.py} "$C/harness/"
 
 # ComfyUI source. The mirror lacks one blob (comfy/text_encoders/llama_tokenizer/tokenizer.json,
 # read only by Llama-based text encoders), so `git archive COMMIT` fails: archive a tree without it.

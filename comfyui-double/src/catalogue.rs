@@ -1,5 +1,9 @@
 //! The node catalogue: the real `object_info.json` of ComfyUI 0.3.64, with model-file combos and
 //! LoadImage's list replaced by what is actually on disk (as ComfyUI builds them at request time).
+//! The identity node packs are the pinned ones (`identity-nodes.object_info.json`, captured from a
+//! real ComfyUI 0.3.64 with `cubiq/ComfyUI_InstantID` and `lldacing/ComfyUI_PuLID_Flux_ll` at the
+//! commits in `deploy/identity.lock.json`): their classes replace the same-named ones of the first
+//! capture (which had `balazik/ComfyUI-PuLID-Flux`).
 //!
 //! Must never: accept a model-file value that is not in the double's own folders, or change any
 //! other part of the captured catalogue.
@@ -13,19 +17,28 @@ use serde_json::{Map, Value};
 use crate::models::ModelPaths;
 
 const OBJECT_INFO: &str = include_str!("../fixtures/object_info.json");
+/// The classes of the pinned identity node packs, as a real ComfyUI 0.3.64 served them.
+const IDENTITY_NODES: &str = include_str!("../fixtures/identity-nodes.object_info.json");
 /// `GET /object_info/FlowhostImageOutput` of a real ComfyUI 0.3.64 with flowhost's node loaded.
 const FLOWHOST_NODE: &str = include_str!("../fixtures/flowhost-image-output.object_info.json");
 
-/// The real `GET /object_info` answer of ComfyUI 0.3.64 (custom nodes included), verbatim.
+/// The real `GET /object_info` answer of ComfyUI 0.3.64 with the pinned custom nodes: the first
+/// capture with the identity packs' classes as captured from the pinned commits.
 pub fn object_info_fixture() -> &'static str {
-    OBJECT_INFO
+    static TEXT: OnceLock<String> = OnceLock::new();
+    TEXT.get_or_init(|| Value::Object(base().clone()).to_string())
 }
 
-/// The captured catalogue, parsed once.
+/// The captured catalogue with the pinned identity packs, parsed once.
 pub(crate) fn base() -> &'static Map<String, Value> {
     static BASE: OnceLock<Map<String, Value>> = OnceLock::new();
     BASE.get_or_init(|| match serde_json::from_str::<Value>(OBJECT_INFO) {
-        Ok(Value::Object(map)) => map,
+        Ok(Value::Object(mut map)) => {
+            if let Ok(Value::Object(identity)) = serde_json::from_str::<Value>(IDENTITY_NODES) {
+                map.extend(identity);
+            }
+            map
+        }
         // The fixture is compiled in and covered by tests; an empty catalogue makes every prompt invalid.
         _ => Map::new(),
     })
@@ -56,7 +69,7 @@ const CAPTURED_LISTINGS: &[(&str, &[&str])] = &[
     ("diffusion_models", &["flux1-dev.safetensors"]),
     ("controlnet", &["instantid/diffusion_pytorch_model.safetensors"]),
     ("instantid", &["ip-adapter.bin"]),
-    ("pulid", &["pulid_flux_v0.9.0.safetensors"]),
+    ("pulid", &["pulid_flux_v0.9.1.safetensors"]),
 ];
 
 /// Model-file combos whose folder was empty at capture time (so they cannot be recognised by content).

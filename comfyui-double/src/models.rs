@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-/// Folder names `GET /models` reports (as captured from ComfyUI 0.3.64, custom nodes included).
+/// Folder names `GET /models` reports (as captured from ComfyUI 0.3.64 with the pinned custom nodes:
+/// `fixtures/identity-nodes.models.json`; ComfyUI_PuLID_Flux_ll adds `insightface` and `facexlib`).
 pub const FOLDER_NAMES: &[&str] = &[
     "checkpoints", "configs", "loras", "vae", "text_encoders", "diffusion_models", "clip_vision", "style_models",
     "embeddings", "diffusers", "vae_approx", "controlnet", "gligen", "upscale_models", "custom_nodes", "hypernetworks",
-    "photomaker", "classifiers", "model_patches", "audio_encoders", "instantid", "pulid",
+    "photomaker", "classifiers", "model_patches", "audio_encoders", "instantid", "pulid", "insightface", "facexlib",
 ];
 
 const MODEL_EXTENSIONS: &[&str] = &["ckpt", "pt", "pt2", "bin", "pth", "safetensors", "pkl", "sft"];

@@ -404,7 +404,7 @@ mod validation {
         assert_eq!(rig.get("/prompt").await, (200, json!({"exec_info": {"queue_remaining": 0}})));
         assert_eq!(rig.get("/embeddings").await, (200, json!([])));
         let (_, models) = rig.get("/models").await;
-        assert_eq!(models, fixture_json("models.json")["/models"]["body"]);
+        assert_eq!(models, fixture_json("identity-nodes.models.json")["/models"]["body"]);
         let (_, stats) = rig.get("/system_stats").await;
         assert_same_shape(&stats, &fixture_json("system_stats.json"), "system_stats");
         let (_, all) = rig.get("/object_info").await;

@@ -12,6 +12,7 @@ endpoint logic (plugins do) nor talks to ComfyUI (flowhost does).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -66,18 +67,16 @@ WARM_UP = os.environ.get("FLOWHOST_WARM_UP", "auto")
 if WARM_UP not in ("auto", "off"):
     raise ValueError(f"FLOWHOST_WARM_UP={WARM_UP!r}: expected auto or off")
 
-# Custom nodes, each pinned to a full commit.
-CUSTOM_NODES = [
-    ("https://github.com/cubiq/ComfyUI_InstantID", "1ef34ef573581bd9727c1e0ac05aa956b356a510"),
-]
+# The identity routes' environment, pinned in one file (deploy/identity.lock.json): each custom
+# node pack at a full commit, the node classes it must register, the Python packages the packs'
+# requirements.txt name (pinned; the CPU onnxruntime left out, it would shadow the GPU build).
+IDENTITY_LOCK_PATH = Path(__file__).resolve().parents[1] / "identity.lock.json"
+IDENTITY_LOCK = json.loads(IDENTITY_LOCK_PATH.read_text())
+CUSTOM_NODES = [(pack["repo"], pack["commit"]) for pack in IDENTITY_LOCK["custom_nodes"]]
 # Node classes the import check requires each custom node package to register.
-REQUIRED_NODE_CLASSES = {
-    "ComfyUI_InstantID": ["InstantIDModelLoader", "InstantIDFaceAnalysis", "ApplyInstantID"],
-}
-# Python packages the custom nodes need (ComfyUI_InstantID's requirements, minus the CPU
-# onnxruntime that would shadow the GPU build).
-CUSTOM_NODE_PIP = ["insightface==0.7.3", "onnxruntime-gpu==1.23.2", "opencv-python-headless"]
-BUNDLED_PLUGIN_PACKAGES = ["flux-dev", "flux-lora", "flux-instantid", "workflow"]
+REQUIRED_NODE_CLASSES = {pack["name"]: pack["classes"] for pack in IDENTITY_LOCK["custom_nodes"]}
+CUSTOM_NODE_PIP = list(IDENTITY_LOCK["pip"]["gpu"])
+BUNDLED_PLUGIN_PACKAGES = ["flux-dev", "flux-lora", "flux-instantid", "flux-pulid", "workflow"]
 
 # --- paths inside the container ------------------------------------------------------------
 
@@ -180,6 +179,8 @@ image = (
         "assert \"CUDAExecutionProvider\" in onnxruntime.get_available_providers(), onnxruntime.get_available_providers()'"
     )
     .add_local_dir(REPO_ROOT, SRC_DIR, copy=True, ignore=_repo_ignored)
+    # Each pack is at the commit the lock pins (and the lock itself is well formed).
+    .run_commands(f"python {SRC_DIR}/deploy/check_identity_lock.py --comfyui {COMFYUI_DIR}")
     .run_commands(
         f"bash {BUILD_DIR}/build_flowhost.sh {SRC_DIR} {RUST_TOOLCHAIN} {BUNDLED_PLUGINS_DIR} "
         + " ".join(BUNDLED_PLUGIN_PACKAGES)

@@ -272,9 +272,15 @@ class TestImage:
         commands = "\n".join(image_commands(impl(app_module.image)))
         assert "install_comfyui.sh a125cd84b054a57729b5eecab930ca9408719832 2.9.1 /root/comfyui /root/models" in commands
         assert "https://github.com/cubiq/ComfyUI_InstantID@1ef34ef573581bd9727c1e0ac05aa956b356a510" in commands
-        assert "check_custom_nodes.py ComfyUI_InstantID=InstantIDModelLoader,InstantIDFaceAnalysis,ApplyInstantID" in commands
-        assert "insightface==0.7.3" in commands and "onnxruntime-gpu==" in commands
-        assert "build_flowhost.sh /opt/flowhost/src 1.95.0 /opt/flowhost/plugins flux-dev flux-lora flux-instantid workflow" in commands
+        assert "https://github.com/lldacing/ComfyUI_PuLID_Flux_ll@ba90657fe6ffa8072ac169a949bfa5e4153bf48a" in commands
+        assert "check_custom_nodes.py ComfyUI_InstantID=InstantIDModelLoader,InstantIDFaceAnalysis,ApplyInstantID," in commands
+        assert " ComfyUI_PuLID_Flux_ll=PulidFluxModelLoader,PulidFluxInsightFaceLoader,PulidFluxEvaClipLoader,ApplyPulidFlux," in commands
+        for pin in ("insightface==0.7.3", "onnxruntime-gpu==", "facexlib==0.3.0", "ftfy==", "timm=="):
+            assert pin in commands, pin
+        assert "onnxruntime==" not in commands, "the CPU onnxruntime would shadow onnxruntime-gpu"
+        assert "check_identity_lock.py --comfyui /root/comfyui" in commands
+        assert commands.index("install_custom_nodes.sh") < commands.index("check_identity_lock.py")
+        assert "build_flowhost.sh /opt/flowhost/src 1.95.0 /opt/flowhost/plugins flux-dev flux-lora flux-instantid flux-pulid workflow" in commands
         # The import check runs after the node packages are installed, the flowhost build last.
         assert commands.index("install_custom_nodes.sh") < commands.index("check_custom_nodes.py") < commands.index("build_flowhost.sh")
 
@@ -291,6 +297,87 @@ class TestImage:
         assert app_module._repo_ignored(Path("target/release/flowhost"))
         assert app_module._repo_ignored(Path(".git/HEAD"))
         assert not app_module._repo_ignored(Path("host/src/main.rs"))
+
+
+class TestIdentityLock:
+    """deploy/identity.lock.json is what the image installs, and check_identity_lock.py names drift."""
+
+    LOCK = HERE.parent / "identity.lock.json"
+    CHECK = HERE.parent / "check_identity_lock.py"
+    FIXTURES = HERE.parents[1] / "comfyui-double" / "fixtures"
+
+    def run(self, *args):
+        return subprocess.run([sys.executable, str(self.CHECK), *args], capture_output=True, text=True)
+
+    def captured_object_info(self):
+        import json
+
+        info = json.loads((self.FIXTURES / "object_info.json").read_text())
+        info.update(json.loads((self.FIXTURES / "identity-nodes.object_info.json").read_text()))
+        return info
+
+    def test_the_image_installs_every_pack_of_the_lock_at_its_commit(self, app_module):
+        import json
+
+        lock = json.loads(self.LOCK.read_text())
+        assert [name for name, _ in app_module.REQUIRED_NODE_CLASSES.items()] == ["ComfyUI_InstantID", "ComfyUI_PuLID_Flux_ll"]
+        assert app_module.CUSTOM_NODES == [(p["repo"], p["commit"]) for p in lock["custom_nodes"]]
+        assert all(len(commit) == 40 for _, commit in app_module.CUSTOM_NODES)
+
+    def test_the_lock_is_well_formed(self):
+        result = self.run()
+        assert result.returncode == 0, result.stderr
+
+    def test_the_captured_catalogue_of_the_pinned_packs_passes(self, tmp_path):
+        import json
+
+        path = tmp_path / "object_info.json"
+        path.write_text(json.dumps(self.captured_object_info()))
+        result = self.run("--object-info", str(path))
+        assert result.returncode == 0, result.stderr
+
+    def test_another_pulid_pack_and_a_missing_class_are_named(self, tmp_path):
+        import json
+
+        info = self.captured_object_info()
+        info["ApplyPulidFlux"]["python_module"] = "custom_nodes.ComfyUI-PuLID-Flux"
+        del info["PulidFluxFaceDetector"]
+        path = tmp_path / "object_info.json"
+        path.write_text(json.dumps(info))
+        result = self.run("--object-info", str(path))
+        assert result.returncode == 1
+        assert "ApplyPulidFlux: registered by custom_nodes.ComfyUI-PuLID-Flux" in result.stderr
+        assert "route /flux-pulid: node classes missing: PulidFluxFaceDetector" in result.stderr
+
+    def test_a_pack_at_another_commit_is_named(self, tmp_path):
+        for name in ("ComfyUI_InstantID", "ComfyUI_PuLID_Flux_ll"):
+            repo = tmp_path / "custom_nodes" / name
+            repo.mkdir(parents=True)
+            subprocess.run(["git", "init", "-q", str(repo)], check=True)
+            subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+        result = self.run("--comfyui", str(tmp_path))
+        assert result.returncode == 1
+        assert "custom node ComfyUI_InstantID: at " in result.stderr and "the lock pins 1ef34ef573581bd9727c1e0ac05aa956b356a510" in result.stderr
+        assert "custom node ComfyUI_PuLID_Flux_ll: at " in result.stderr
+
+    def test_models_missing_empty_or_of_another_size_are_named(self, tmp_path):
+        import json
+
+        lock = json.loads(self.LOCK.read_text())
+        for entry in lock["models"]:
+            path = tmp_path / "models" / entry["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x" * 10)
+        (tmp_path / "models" / "facexlib" / "parsing_bisenet.pth").write_bytes(b"")
+        (tmp_path / "models" / "pulid" / "pulid_flux_v0.9.1.safetensors").unlink()
+        lock["models"][0]["bytes"] = 11
+        lock_path = tmp_path / "lock.json"
+        lock_path.write_text(json.dumps(lock))
+        result = self.run("--lock", str(lock_path), "--models", str(tmp_path / "models"))
+        assert result.returncode == 1
+        assert "model facexlib/parsing_bisenet.pth (for /flux-pulid): missing or empty" in result.stderr
+        assert "model pulid/pulid_flux_v0.9.1.safetensors (for /flux-pulid): missing or empty" in result.stderr
+        assert f"model {lock['models'][0]['path']}: 10 bytes, the lock says 11" in result.stderr
 
 
 class TestCustomNodeImportCheck:

@@ -10,6 +10,7 @@
 //! - [`image`]: `data:image/...;base64` URLs (size cap, magic bytes, dimensions) and input-volume paths.
 //! - [`models`]: pick model files from what the host's volume holds.
 //! - [`flux`]: the Flux.1-dev text-to-image recipe the Flux endpoints share.
+//! - [`identity`]: the reference face (`reference_image`, `face_provider`) the identity endpoints share.
 //! - [`schema`], [`seed_or_random`]: manifest and seed helpers.
 //!
 //! The SDK never does I/O of its own: everything outside the plugin goes through [`Host`].
@@ -33,6 +34,7 @@ pub mod flux;
 pub mod graph;
 pub mod hints;
 pub mod host;
+pub mod identity;
 pub mod image;
 pub mod models;
 pub mod schema;

@@ -56,6 +56,8 @@ pub const MODEL_FOLDERS: &[ModelFolder] = &[
     folder("instantid", &["instantid"]),
     folder("pulid", &["pulid"]),
     folder("ipadapter", &["ipadapter"]),
+    // PuLID-Flux (ComfyUI_PuLID_Flux_ll) reads facexlib's detection and parsing weights here.
+    folder("facexlib", &["facexlib"]),
     ModelFolder {
         name: "insightface",
         dirs: &["insightface"],

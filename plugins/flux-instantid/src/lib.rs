@@ -15,6 +15,11 @@
 //! `refiner` (an SD1.5 checkpoint would fail like Flux does, so "any non-flux
 //! checkpoint" is not good enough).
 //!
+//! Several faces in the reference: InstantID's face analysis uses the largest. No face:
+//! `ApplyInstantIDAdvanced` raises "Reference Image: No face detected." and the job answers
+//! 422 naming `reference_image` (the reference handling is shared with `/flux-pulid`, see
+//! `flowhost_sdk::identity`).
+//!
 //! Owns the request contract of `/flux-instantid` and the translation of InstantID's
 //! "No face detected" failure into a 422. Never opens files: the reference image is
 //! decoded here from a data URL or handed to the host as an inputs-volume path.
@@ -22,7 +27,7 @@
 use flowhost_sdk::decode::{Checks, decode};
 use flowhost_sdk::flux::{self, FluxSampling};
 use flowhost_sdk::graph::Graph;
-use flowhost_sdk::image::{DEFAULT_MAX_IMAGE_BYTES, parse_image_input};
+use flowhost_sdk::identity;
 use flowhost_sdk::models::{describe_candidates, model_ref, pick_model, requirement};
 use flowhost_sdk::{
     BuildError, ExecutionFailure, Host, Job, Manifest, ModelRef, OutputFormat, Plugin, Request,
@@ -37,7 +42,7 @@ pub const NAME: &str = "flux-instantid";
 pub const ROUTE: &str = "/flux-instantid";
 pub const ANALYTICS_PREFIX: &str = "modal_instantid";
 /// The request field holding the reference face.
-pub const REFERENCE_FIELD: &str = "reference_image";
+pub use flowhost_sdk::identity::REFERENCE_FIELD;
 
 /// SDXL checkpoints for the identity stage, preferred first.
 pub const SDXL_CHECKPOINTS: &[(&str, &str)] = &[
@@ -50,11 +55,7 @@ pub const INSTANTID_CONTROLNETS: &[(&str, &str)] = &[(
     "instantid/diffusion_pytorch_model.safetensors",
 )];
 /// InsightFace's antelopev2 (InstantIDFaceAnalysis loads it from `models/insightface`).
-/// Declared for readiness only: the host's listing is the source of truth.
-pub const ANTELOPEV2_DETECTOR: &[(&str, &str)] =
-    &[("insightface", "models/antelopev2/scrfd_10g_bnkps.onnx")];
-pub const ANTELOPEV2_RECOGNITION: &[(&str, &str)] =
-    &[("insightface", "models/antelopev2/glintr100.onnx")];
+pub use flowhost_sdk::identity::{ANTELOPEV2_DETECTOR, ANTELOPEV2_RECOGNITION};
 
 /// Stage-2 sampling: how much of the Flux scene is re-drawn.
 pub const IDENTITY_DENOISE: f64 = 0.5;
@@ -71,36 +72,7 @@ const STAGE2_NODE_CLASSES: &[&str] = &[
     "SaveImage",
 ];
 
-/// Which device InsightFace runs on. `GPU` is an alias of `CUDA`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-pub enum FaceProvider {
-    #[default]
-    #[serde(rename = "CPU")]
-    Cpu,
-    #[serde(rename = "GPU")]
-    Gpu,
-    #[serde(rename = "CUDA")]
-    Cuda,
-}
-
-impl FaceProvider {
-    /// The value the request used.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FaceProvider::Cpu => "CPU",
-            FaceProvider::Gpu => "GPU",
-            FaceProvider::Cuda => "CUDA",
-        }
-    }
-
-    /// The value `InstantIDFaceAnalysis.provider` takes (`CPU` or `CUDA`).
-    pub fn node_value(self) -> &'static str {
-        match self {
-            FaceProvider::Cpu => "CPU",
-            FaceProvider::Gpu | FaceProvider::Cuda => "CUDA",
-        }
-    }
-}
+pub use flowhost_sdk::identity::FaceProvider;
 
 /// The `/flux-instantid` request body.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -164,11 +136,7 @@ fn schema_properties() -> serde_json::Map<String, serde_json::Value> {
         json!({"type": "number", "minimum": flux::CFG_MIN, "maximum": flux::CFG_MAX, "default": CFG_DEFAULT,
                "description": "Classifier-free guidance of the SDXL identity stage (the Flux scene stage uses cfg 1 and guidance 3.5)."}),
     );
-    p.insert(
-        REFERENCE_FIELD.into(),
-        json!({"type": "string", "minLength": 1,
-               "description": "The face to keep: a `data:image/(jpeg|png|webp);base64,...` URL (at most 10 MiB decoded) or a path relative to the inputs volume."}),
-    );
+    p.insert(REFERENCE_FIELD.into(), identity::reference_schema());
     p.insert(
         "instantid_strength".into(),
         json!({"type": "number", "minimum": 0.0, "maximum": 1.0, "default": 0.8, "description": "Identity strength (InstantID ip_weight)."}),
@@ -177,10 +145,7 @@ fn schema_properties() -> serde_json::Map<String, serde_json::Value> {
         "controlnet_strength".into(),
         json!({"type": "number", "minimum": 0.0, "maximum": 1.0, "default": 0.8, "description": "Face-pose ControlNet strength (cn_strength)."}),
     );
-    p.insert(
-        "face_provider".into(),
-        json!({"type": "string", "enum": ["CPU", "GPU", "CUDA"], "default": "CPU", "description": "Where face analysis runs; GPU means CUDA."}),
-    );
+    p.insert("face_provider".into(), identity::face_provider_schema());
     p
 }
 
@@ -257,17 +222,7 @@ impl Plugin for FluxInstantId {
             .range("cfg", body.cfg, flux::CFG_MIN, flux::CFG_MAX)
             .range("instantid_strength", body.instantid_strength, 0.0, 1.0)
             .range("controlnet_strength", body.controlnet_strength, 0.0, 1.0);
-        let reference = match parse_image_input(
-            REFERENCE_FIELD,
-            &body.reference_image,
-            DEFAULT_MAX_IMAGE_BYTES,
-        ) {
-            Ok(reference) => Some(reference),
-            Err(error) => {
-                checks.fail(&error.field, error.message);
-                None
-            }
-        };
+        let reference = identity::parse_reference(&mut checks, &body.reference_image);
         checks.finish()?;
         let reference = reference
             .ok_or_else(|| BuildError::Internal("reference image checked but absent".into()))?;
@@ -312,14 +267,14 @@ impl Plugin for FluxInstantId {
             json!({"control_net_name": controlnet.name}),
         );
         // The host uploads the reference and writes its name into `image`.
-        let reference_node = g.node("LoadImage", json!({"image": "reference.png"}));
+        let (reference_image, upload) = identity::add_reference(&mut g, reference);
         let apply = g.node(
             "ApplyInstantIDAdvanced",
             json!({
                 "instantid": instantid.out(0),
                 "insightface": face_analysis.out(0),
                 "control_net": controlnet.out(0),
-                "image": reference_node.out(0),
+                "image": reference_image,
                 "model": ckpt.out(0),
                 "positive": positive.out(0),
                 "negative": negative.out(0),
@@ -360,12 +315,6 @@ impl Plugin for FluxInstantId {
             json!({"images": decoded.out(0), "filename_prefix": NAME}),
         );
 
-        let upload = reference.into_upload(
-            REFERENCE_FIELD,
-            "reference",
-            reference_node.as_str(),
-            "image",
-        );
         let analytics = json!({
             "workflow_type": "flux-instantid",
             "prompt_length": body.prompt.chars().count(),
@@ -392,13 +341,7 @@ impl Plugin for FluxInstantId {
             .exception_message
             .to_lowercase()
             .contains("no face detected");
-        (from_instantid && no_face).then(|| UserError {
-            status: 422,
-            title: "No face detected".into(),
-            detail: "No face was found in reference_image. Send a clear, well-lit photo in which one face is fully visible."
-                .into(),
-            field: Some(REFERENCE_FIELD.into()),
-        })
+        (from_instantid && no_face).then(identity::no_face_error)
     }
 }
 
@@ -410,6 +353,7 @@ mod tests {
     use flowhost_sdk::ImageSource;
     use flowhost_sdk::host::FakeHost;
     use flowhost_sdk::testing::{self, invalid_fields, nodes_of, the_node, workflow as graph};
+    use flowhost_sdk::image::DEFAULT_MAX_IMAGE_BYTES;
     use flowhost_sdk::image::samples::{data_url, jpeg_header, png_header};
     use serde_json::Value;
 

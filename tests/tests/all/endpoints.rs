@@ -1,5 +1,5 @@
-//! The four bundled endpoints end to end through `flowhost serve` and the
-//! ComfyUI double: JPEGs of the requested size, the LoRA and InstantID paths,
+//! The bundled endpoints end to end through `flowhost serve` and the
+//! ComfyUI double: JPEGs of the requested size, the LoRA, InstantID and PuLID paths,
 //! `/workflow` media passthrough, and the user-facing errors with their fields.
 
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ fn bundled() -> Vec<(String, PathBuf)> {
     static BUILT: OnceLock<Vec<(String, PathBuf)>> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            ["flux-dev", "flux-lora", "flux-instantid", "workflow"]
+            ["flux-dev", "flux-lora", "flux-instantid", "flux-pulid", "workflow"]
                 .iter()
                 .map(|p| (format!("{p}.wasm"), build_component(p, &[]).expect("plugin builds")))
                 .collect()
@@ -211,6 +211,72 @@ mod external_comfy {
         let (status, body) = problem(response).await.unwrap();
         assert_eq!(status, 422, "{body}");
         assert_eq!(body["errors"][0]["field"], "reference_image", "{body}");
+    }
+
+    /// The files `/flux-pulid` declares beyond Flux and antelopev2, on the double's volume.
+    fn with_pulid_files(comfy: &ExternalComfy, except: &[&str]) {
+        for rel in [
+            "pulid/pulid_flux_v0.9.1.safetensors",
+            "text_encoders/EVA02_CLIP_L_336_psz14_s6B.pt",
+            "facexlib/detection_Resnet50_Final.pth",
+            "facexlib/parsing_bisenet.pth",
+        ] {
+            if !except.contains(&rel) {
+                let path = comfy.models.path().join(rel);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, b"placeholder weights").unwrap();
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flux_pulid_returns_a_jpeg_and_no_face_is_a_422_naming_reference_image() {
+        let comfy = ExternalComfy::start().await.unwrap();
+        with_pulid_files(&comfy, &[]);
+        let args = comfy.args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = start(&args).await;
+        let body = |seed: u64| json!({"prompt": "a portrait", "reference_image": face_png_data_url(), "width": 256, "height": 384, "steps": 1, "seed": seed});
+        assert_eq!(jpeg_size(server.post_json("/flux-pulid", &body(1)).await.unwrap()).await, (256, 384));
+        let (_, graph) = comfy.double.record().prompts.last().cloned().expect("the job's prompt");
+        let classes: Vec<&str> = graph.as_object().unwrap().values().filter_map(|n| n["class_type"].as_str()).collect();
+        assert!(classes.contains(&"ApplyPulidFlux") && classes.contains(&"PulidFluxFaceDetector"), "{classes:?}");
+        // What a real ComfyUI 0.3.64 answers when the detector found no face: its empty list
+        // reaches ApplyPulidFlux, and the executor's indexing fails there.
+        comfy.double.faults().fail_at("ApplyPulidFlux", "IndexError", "list index out of range");
+        let (status, problem_body) = problem(server.post_json("/flux-pulid", &body(2)).await.unwrap()).await.unwrap();
+        assert_eq!(status, 422, "{problem_body}");
+        assert_eq!(problem_body["errors"][0]["field"], "reference_image", "{problem_body}");
+        // The same exception elsewhere is not a face problem.
+        comfy.double.faults().clear();
+        comfy.double.faults().fail_at("KSampler", "IndexError", "list index out of range");
+        let (status, problem_body) = problem(server.post_json("/flux-pulid", &body(3)).await.unwrap()).await.unwrap();
+        assert_eq!(status, 500, "{problem_body}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flux_pulid_is_ready_only_with_facexlib_on_the_volume() {
+        let comfy = ExternalComfy::start().await.unwrap();
+        with_pulid_files(&comfy, &["facexlib/parsing_bisenet.pth"]);
+        let args = comfy.args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = start(&args).await;
+        let body = json!({"prompt": "p", "reference_image": face_png_data_url(), "width": 256, "height": 256, "steps": 1});
+        let (status, problem_body) = problem(server.post_json("/flux-pulid", &body).await.unwrap()).await.unwrap();
+        assert_eq!(status, 503, "{problem_body}");
+        assert!(problem_body["detail"].as_str().unwrap().contains("facexlib/parsing_bisenet.pth"), "{problem_body}");
+        let health = server.get_json("/health").await.unwrap();
+        let pulid = health["endpoints"].as_array().unwrap().iter().find(|e| e["route"] == "/flux-pulid").unwrap().clone();
+        assert_eq!(pulid["ready"], false, "{pulid}");
+        assert!(pulid["missing"].to_string().contains("facexlib/parsing_bisenet.pth"), "{pulid}");
+        std::fs::write(comfy.models.path().join("facexlib/parsing_bisenet.pth"), b"placeholder weights").unwrap();
+        let ready = eventually(Duration::from_secs(10), || async {
+            let h = server.get_json("/health").await.ok()?;
+            h["endpoints"].as_array()?.iter().any(|e| e["route"] == "/flux-pulid" && e["ready"] == true).then_some(())
+        })
+        .await;
+        assert!(ready.is_some(), "facexlib/ is a model folder flowhost lists");
+        assert_eq!(jpeg_size(server.post_json("/flux-pulid", &body).await.unwrap()).await, (256, 256));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! Every endpoint plugin, built natively for many requests (defaults, range edges,
 //! enum values), and every graph it builds checked by the host's preflight against
-//! the node catalogue a real ComfyUI 0.3.64 reported (`object_info.json`). The model
+//! the node catalogue a real ComfyUI 0.3.64 reported (`object_info.json`, with the
+//! pinned identity packs' classes from `identity-nodes.object_info.json`). The model
 //! volume is a `FakeHost` listing exactly the model files in that catalogue's combos,
 //! so "the plugin picks what is present" is checked too. Zero preflight issues allowed.
 //!
@@ -61,6 +62,7 @@ fn volume_of(info: &Value) -> FakeHost {
         ("checkpoints", "CheckpointLoaderSimple", "ckpt_name"),
         ("loras", "LoraLoaderModelOnly", "lora_name"),
         ("instantid", "InstantIDModelLoader", "instantid_file"),
+        ("pulid", "PulidFluxModelLoader", "pulid_file"),
         ("controlnet", "ControlNetLoader", "control_net_name"),
     ];
     let mut host = FakeHost::new();
@@ -320,6 +322,65 @@ mod flux_instantid_graphs {
     }
 }
 
+mod flux_pulid_graphs {
+    use super::*;
+
+    #[test]
+    fn every_flux_pulid_graph_passes_preflight() {
+        let info = object_info();
+        let (catalogue, host) = (catalogue_from(&info), volume_of(&info));
+        let mut variations = flux_variations();
+        variations.extend([
+            json!({"guidance": 0.0}),
+            json!({"guidance": 100.0}),
+            json!({"face_provider": "CPU"}),
+            json!({"face_provider": "GPU"}),
+            json!({"face_provider": "CUDA"}),
+            json!({"pulid_strength": -1.0}),
+            json!({"pulid_strength": 0.0}),
+            json!({"pulid_strength": 5.0}),
+            json!({"start_at": 0.0, "end_at": 0.0}),
+            json!({"start_at": 1.0, "end_at": 1.0}),
+            json!({"start_at": 0.25, "end_at": 0.75}),
+            json!({"reference_image": data_url("image/jpeg", &jpeg_header(640, 480))}),
+            json!({"reference_image": "faces/alice.png"}),
+        ]);
+        let base = json!({"prompt": "an astronaut on mars", "reference_image": data_url("image/png", &png_header(512, 512))});
+        let bodies = variants(base, &variations);
+        let problems: Vec<String> = bodies
+            .iter()
+            .flat_map(|b| check::<flux_pulid::FluxPulid>(&catalogue, &host, b, simulate_uploads))
+            .collect();
+        assert_clean(problems, bodies.len());
+    }
+
+    #[test]
+    fn the_pinned_pulid_pack_is_in_the_catalogue() {
+        // ApplyPulidFlux of ComfyUI_PuLID_Flux_ll takes `options`; balazik's did not.
+        let info = object_info();
+        assert_eq!(info["ApplyPulidFlux"]["python_module"], "custom_nodes.ComfyUI_PuLID_Flux_ll");
+        assert!(info["ApplyPulidFlux"]["input"]["optional"]["options"].is_array());
+        assert_eq!(info["PulidFluxFaceDetector"]["output_is_list"], json!([true, true, true]));
+    }
+
+    #[test]
+    fn the_uploaded_reference_is_the_only_load_image() {
+        let host = volume_of(&object_info());
+        let body = json!({"prompt": "p", "reference_image": "faces/alice.png"});
+        let job = flux_pulid::FluxPulid::build(&request(&body), &host).expect("builds");
+        let graph: Value = serde_json::from_str(&job.workflow).unwrap();
+        let loads: Vec<&String> = graph
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, n)| n["class_type"] == "LoadImage")
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!((loads.len(), job.uploads.len()), (1, 1));
+        assert_eq!(&job.uploads[0].node_id, loads[0]);
+    }
+}
+
 mod workflow_graphs {
     use super::*;
 
@@ -520,6 +581,24 @@ mod schema_and_plugin_agree {
     }
 
     #[test]
+    fn flux_pulid() {
+        let host = volume_of(&object_info());
+        let mut bad = flux_bad();
+        bad.extend([
+            json!({"guidance": -1.0}),
+            json!({"guidance": 100.5}),
+            json!({"face_provider": "ROCM"}),
+            json!({"pulid_strength": -1.05}),
+            json!({"pulid_strength": 5.05}),
+            json!({"start_at": -0.01}),
+            json!({"end_at": 1.01}),
+            json!({"instantid_strength": 0.8}),
+        ]);
+        let face = data_url("image/png", &png_header(64, 64));
+        agree::<flux_pulid::FluxPulid>(&host, json!({"prompt": "p", "reference_image": face}), &bad);
+    }
+
+    #[test]
     fn workflow() {
         let host = FakeHost::new();
         let graph = json!({"1": {"class_type": "SaveImage", "inputs": {}}});
@@ -534,5 +613,60 @@ mod schema_and_plugin_agree {
                 json!({"negative_prompt": "x"}),
             ],
         );
+    }
+}
+
+/// `deploy/identity.lock.json` (what the Modal image installs and `check_identity_lock.py`
+/// checks) names exactly the node classes each identity route's plugin declares, and the
+/// preferred file of every model requirement.
+mod identity_lock {
+    use super::*;
+
+    fn lock() -> Value {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/identity.lock.json"))
+            .expect("identity lock");
+        serde_json::from_str(&text).expect("lock is JSON")
+    }
+
+    fn same_route<P: Plugin>(lock: &Value) {
+        let manifest = P::manifest();
+        let route = &lock["routes"][&manifest.route];
+        let mut locked: Vec<String> = route["node_classes"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{} in the lock", manifest.route))
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect();
+        let mut declared = manifest.node_classes.clone();
+        locked.sort();
+        declared.sort();
+        assert_eq!(locked, declared, "{}", manifest.route);
+        let models: Vec<&str> = route["models"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
+        for requirement in &manifest.models {
+            let first = &requirement.any_of[0];
+            let path = format!("{}/{}", first.folder, first.name);
+            assert!(models.contains(&path.as_str()), "{}: {path} ({}) not in the lock", manifest.route, requirement.purpose);
+        }
+        // Every pack class a route uses is a class of a pinned pack.
+        let pinned: Vec<&str> = lock["custom_nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["classes"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()))
+            .collect();
+        let info = object_info();
+        for class in &manifest.node_classes {
+            let module = info[class]["python_module"].as_str().unwrap_or("");
+            if module.starts_with("custom_nodes.") {
+                assert!(pinned.contains(&class.as_str()), "{class} comes from {module}, which the lock does not pin");
+            }
+        }
+    }
+
+    #[test]
+    fn the_lock_matches_the_identity_plugins() {
+        let lock = lock();
+        same_route::<flux_instantid::FluxInstantId>(&lock);
+        same_route::<flux_pulid::FluxPulid>(&lock);
     }
 }
