@@ -13,7 +13,8 @@
 //! - `jobs`: durable jobs (store, leases and fencing, queue, pool, runner, recovery, tenants,
 //!   assets, labels) and `webhooks` (the outbox's deliveries);
 //! - `plugins` (the wasm sandbox, its memory budget, route ownership) and `flowhost_comfy`;
-//! - beside them: `media`, `models`, `events`, `auth` (keys and their comparison), `metrics`,
+//! - beside them: `net` (outbound HTTP under the destination guard: webhooks, model and
+//!   image fetches), `media`, `models`, `events`, `auth` (keys and their comparison), `metrics`,
 //!   `timestamp`, `state_lock`.
 //!
 //! Not yet as drawn (issue 21, open): `jobs` ⇄ `webhooks` still import each other, the v2 job
@@ -31,6 +32,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod models;
 pub mod models_command;
+pub mod net;
 pub mod new_plugin;
 pub mod plugins;
 pub mod server;

@@ -167,6 +167,8 @@ pub struct JobService {
     pub analytics: Analytics,
     /// Webhooks (issue #14).
     pub(super) transition_messages: OnceLock<Arc<dyn TransitionMessages>>,
+    /// Fetching files named by reference: the guarded fetcher and the model cache (issue #24).
+    pub(super) references: OnceLock<super::references::References>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -232,6 +234,7 @@ impl JobService {
             metrics,
             analytics,
             transition_messages: OnceLock::new(),
+            references: OnceLock::new(),
         })
     }
 
