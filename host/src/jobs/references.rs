@@ -201,7 +201,7 @@ impl JobService {
             };
             let folder = crate::models::cache::FOLDERS.iter().copied().find(|f| *f == file.folder).unwrap_or("loras");
             let expected = Expected { blake3: Some(file.blake3.clone()), sha256: None };
-            pins.push(cache.place(folder, &source, &expected, deadline).await.map_err(|e| cache_failure(&file.field, e))?);
+            pins.push(cache.place_again(folder, &source, &expected, deadline).await.map_err(|e| cache_failure(&file.field, e))?);
         }
         Ok(pins)
     }

@@ -345,8 +345,21 @@ impl ModelCache {
     /// The file for `source` in `folder`, fetched unless cached, checked against `expected`,
     /// pinned until the returned value is dropped. Waits at most until `deadline`.
     pub async fn place(&self, folder: &'static str, source: &ModelSource, expected: &Expected, deadline: Instant) -> Result<Pinned, CacheError> {
+        self.place_counted(folder, source, expected, deadline, true).await
+    }
+
+    /// [`place`](Self::place) for a file a job placed before (the runner pins it again for the
+    /// run): a hit is not counted again, a fetch (the file was evicted, or this instance never
+    /// had it) is.
+    pub async fn place_again(&self, folder: &'static str, source: &ModelSource, expected: &Expected, deadline: Instant) -> Result<Pinned, CacheError> {
+        self.place_counted(folder, source, expected, deadline, false).await
+    }
+
+    async fn place_counted(&self, folder: &'static str, source: &ModelSource, expected: &Expected, deadline: Instant, count_hit: bool) -> Result<Pinned, CacheError> {
         if let Some(pinned) = self.lookup(folder, source, expected) {
-            self.inner.stats.hits.fetch_add(1, Ordering::Relaxed);
+            if count_hit {
+                self.inner.stats.hits.fetch_add(1, Ordering::Relaxed);
+            }
             return Ok(pinned);
         }
         // A landed file is unpinned until its waiters pin it; in the instant between, an

@@ -498,7 +498,9 @@ mod tests {
         );
         assert!(m.node_classes.iter().any(|c| c == "LoraLoaderModelOnly"));
         let s: Value = serde_json::from_str(&m.request_schema).unwrap();
-        assert_eq!(s["required"], json!(["prompt", "lora_id"]));
+        // The LoRA is `lora_id` or `lora` (exactly one, checked by `build`).
+        assert_eq!(s["required"], json!(["prompt"]));
         assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["properties"]["lora"]["type"], "object");
     }
 }

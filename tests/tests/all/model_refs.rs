@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -35,6 +35,11 @@ fn component(package: &'static str) -> PathBuf {
 
 fn lora_bytes(n: u8) -> Vec<u8> {
     synthetic(LORA_BYTES, n)
+}
+
+/// The LoRA `/held` serves: 3 MB.
+fn held_bytes() -> Vec<u8> {
+    synthetic(3_000_000, 42)
 }
 
 fn blake3_hex(bytes: &[u8]) -> String {
@@ -96,11 +101,12 @@ async fn files() -> Files {
         .route(
             "/held",
             get(|State(files): State<Files>| async move {
-                let bytes = lora_bytes(42);
+                let bytes = held_bytes();
                 if files.release.load(Ordering::SeqCst) {
                     return Response::new(Body::from(bytes));
                 }
-                let half = bytes::Bytes::from(bytes[..bytes.len() / 2].to_vec());
+                // Two thirds: more than the fetcher's 1 MiB write buffer, so some is on disk.
+                let half = bytes::Bytes::from(bytes[..bytes.len() * 2 / 3].to_vec());
                 let started = files.held_started.clone();
                 let first = futures::stream::once(async move {
                     started.store(true, Ordering::SeqCst);
@@ -287,6 +293,7 @@ async fn without_an_allow_list_only_https_to_public_addresses_is_fetched() {
     let cache_arg = cache.path().to_string_lossy().to_string();
     let lora = component("flux-lora");
     let server = TestServer::start(&[("flux_lora.wasm", lora.as_path())], &["--model-cache", &cache_arg]).await.unwrap();
+    ready(&server).await;
     for (url, status, says) in [
         ("http://files.example.com/alice.safetensors", 400, "must use https"),
         ("https://169.254.169.254/latest/meta-data/", 400, "link-local (cloud metadata) address"),
@@ -527,7 +534,7 @@ async fn a_kill_9_mid_download_leaves_no_half_file_and_the_restarted_service_fet
     assert_eq!(std::fs::read_dir(model_cache.path().join("tmp")).unwrap().count(), 0, "the partial download is gone");
     let response = client.post(format!("{base}/flux-lora")).json(&body).send().await.unwrap();
     assert_eq!(response.status(), 200, "{:?}", response.text().await);
-    let whole = lora_bytes(42);
+    let whole = held_bytes();
     let name = format!("{}.safetensors", blake3_hex(&whole));
     assert_eq!(cached_files(model_cache.path()), vec![name.clone()]);
     assert_eq!(std::fs::read(model_cache.path().join("loras/flowhost-cache").join(name)).unwrap(), whole);
