@@ -37,7 +37,10 @@ pub struct FileReference {
 }
 
 fn is_digest(value: &str, algorithm: &str) -> bool {
-    let bare = value.strip_prefix(algorithm).and_then(|v| v.strip_prefix(':')).unwrap_or(value);
+    let bare = value
+        .strip_prefix(algorithm)
+        .and_then(|v| v.strip_prefix(':'))
+        .unwrap_or(value);
     bare.len() == 64 && bare.chars().all(|c| c.is_ascii_hexdigit())
 }
 
@@ -50,13 +53,26 @@ impl FileReference {
                 checks.fail(field, "give either `url` or `asset`, not both");
             }
             (None, None) => {
-                checks.fail(field, "give `url` (an https URL) or `asset` (an uploaded asset's id or blake3 hash)");
+                checks.fail(
+                    field,
+                    "give `url` (an https URL) or `asset` (an uploaded asset's id or blake3 hash)",
+                );
             }
-            (Some(url), None) if url.trim().is_empty() || url.chars().count() > MAX_REFERENCE_CHARS => {
-                checks.fail(&format!("{field}/url"), format!("must be a URL of 1 to {MAX_REFERENCE_CHARS} characters"));
+            (Some(url), None)
+                if url.trim().is_empty() || url.chars().count() > MAX_REFERENCE_CHARS =>
+            {
+                checks.fail(
+                    &format!("{field}/url"),
+                    format!("must be a URL of 1 to {MAX_REFERENCE_CHARS} characters"),
+                );
             }
-            (None, Some(asset)) if asset.trim().is_empty() || asset.chars().count() > MAX_REFERENCE_CHARS => {
-                checks.fail(&format!("{field}/asset"), "must be an asset's id (a UUID) or its content hash (blake3:<64 hex>)");
+            (None, Some(asset))
+                if asset.trim().is_empty() || asset.chars().count() > MAX_REFERENCE_CHARS =>
+            {
+                checks.fail(
+                    &format!("{field}/asset"),
+                    "must be an asset's id (a UUID) or its content hash (blake3:<64 hex>)",
+                );
             }
             _ => {}
         }
@@ -64,7 +80,10 @@ impl FileReference {
             if let Some(value) = value
                 && !is_digest(value, name)
             {
-                checks.fail(&format!("{field}/{name}"), format!("must be the file's {name} as 64 hexadecimal digits"));
+                checks.fail(
+                    &format!("{field}/{name}"),
+                    format!("must be the file's {name} as 64 hexadecimal digits"),
+                );
             }
         }
     }
@@ -75,15 +94,17 @@ impl FileReference {
             (Some(url), _) => FileSource::Url(url.clone()),
             (None, asset) => FileSource::Asset(asset.clone().unwrap_or_default()),
         };
-        FileRef { source, sha256: self.sha256.clone(), blake3: self.blake3.clone() }
+        FileRef {
+            source,
+            sha256: self.sha256.clone(),
+            blake3: self.blake3.clone(),
+        }
     }
 }
 
 /// The JSON Schema of a file reference field.
 pub fn schema(description: &str) -> serde_json::Value {
-    let digest = |algorithm: &str| {
-        json!({"type": "string", "pattern": format!("^({algorithm}:)?[0-9a-fA-F]{{64}}$"), "description": format!("The file's {algorithm} (64 hex digits); the request fails with 422 if the bytes differ.")})
-    };
+    let digest = |algorithm: &str| json!({"type": "string", "pattern": format!("^({algorithm}:)?[0-9a-fA-F]{{64}}$"), "description": format!("The file's {algorithm} (64 hex digits); the request fails with 422 if the bytes differ.")});
     json!({
         "type": "object",
         "description": description,
@@ -108,7 +129,13 @@ pub fn placeholder(field: &str) -> String {
 /// Ask the host to fetch the model `reference` (from request field `field`) into model
 /// folder `folder` and write its name into `workflow[node_id].inputs[input_name]`, where the
 /// plugin put [`placeholder`]`(field)`.
-pub fn model_fetch(field: &str, folder: &str, reference: &FileReference, node_id: &str, input_name: &str) -> ModelFetch {
+pub fn model_fetch(
+    field: &str,
+    folder: &str,
+    reference: &FileReference,
+    node_id: &str,
+    input_name: &str,
+) -> ModelFetch {
     ModelFetch {
         field: field.to_string(),
         folder: folder.to_string(),
@@ -128,7 +155,12 @@ mod tests {
     use super::*;
 
     fn reference(url: Option<&str>, asset: Option<&str>, sha256: Option<&str>) -> FileReference {
-        FileReference { url: url.map(str::to_owned), asset: asset.map(str::to_owned), sha256: sha256.map(str::to_owned), blake3: None }
+        FileReference {
+            url: url.map(str::to_owned),
+            asset: asset.map(str::to_owned),
+            sha256: sha256.map(str::to_owned),
+            blake3: None,
+        }
     }
 
     fn problems(r: &FileReference) -> Vec<String> {
@@ -136,28 +168,64 @@ mod tests {
         r.check("lora", &mut checks);
         match checks.finish() {
             Ok(()) => vec![],
-            Err(crate::BuildError::InvalidRequest(errors)) => errors.into_iter().map(|e| e.field).collect(),
+            Err(crate::BuildError::InvalidRequest(errors)) => {
+                errors.into_iter().map(|e| e.field).collect()
+            }
             Err(other) => panic!("{other:?}"),
         }
     }
 
     #[test]
     fn exactly_one_source_and_well_formed_digests() {
-        assert!(problems(&reference(Some("https://x/y.safetensors"), None, Some(&"a".repeat(64)))).is_empty());
-        assert!(problems(&reference(None, Some("blake3:abc"), Some(&format!("sha256:{}", "A".repeat(64))))).is_empty());
-        assert_eq!(problems(&reference(Some("https://x"), Some("y"), None)), ["lora"]);
+        assert!(
+            problems(&reference(
+                Some("https://x/y.safetensors"),
+                None,
+                Some(&"a".repeat(64))
+            ))
+            .is_empty()
+        );
+        assert!(
+            problems(&reference(
+                None,
+                Some("blake3:abc"),
+                Some(&format!("sha256:{}", "A".repeat(64)))
+            ))
+            .is_empty()
+        );
+        assert_eq!(
+            problems(&reference(Some("https://x"), Some("y"), None)),
+            ["lora"]
+        );
         assert_eq!(problems(&reference(None, None, None)), ["lora"]);
-        assert_eq!(problems(&reference(Some("https://x"), None, Some("abc"))), ["lora/sha256"]);
+        assert_eq!(
+            problems(&reference(Some("https://x"), None, Some("abc"))),
+            ["lora/sha256"]
+        );
     }
 
     #[test]
     fn the_contract_form_keeps_source_and_digests() {
-        let r = reference(None, Some("3f1c2a9e-0000-4000-8000-000000000000"), Some(&"b".repeat(64)));
+        let r = reference(
+            None,
+            Some("3f1c2a9e-0000-4000-8000-000000000000"),
+            Some(&"b".repeat(64)),
+        );
         let file = r.to_file_ref();
-        assert_eq!(file.source, FileSource::Asset("3f1c2a9e-0000-4000-8000-000000000000".into()));
+        assert_eq!(
+            file.source,
+            FileSource::Asset("3f1c2a9e-0000-4000-8000-000000000000".into())
+        );
         assert_eq!(file.sha256.as_deref(), Some("b".repeat(64).as_str()));
         let fetch = model_fetch("lora", "loras", &r, "5", "lora_name");
-        assert_eq!((fetch.node_id.as_str(), fetch.input_name.as_str(), fetch.folder.as_str()), ("5", "lora_name", "loras"));
+        assert_eq!(
+            (
+                fetch.node_id.as_str(),
+                fetch.input_name.as_str(),
+                fetch.folder.as_str()
+            ),
+            ("5", "lora_name", "loras")
+        );
         assert_eq!(placeholder("lora"), "lora@fetch");
     }
 }

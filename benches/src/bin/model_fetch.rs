@@ -50,7 +50,8 @@ async fn main() -> anyhow::Result<()> {
         // A valid safetensors file of `size` bytes: one U8 tensor, the header padded to 256 bytes.
         let full_header = {
             let data_len = size - 8 - 256;
-            let mut h = format!(r#"{{"__metadata__":{{"format":"pt"}},"lora_unet.weight":{{"dtype":"U8","shape":[{data_len}],"data_offsets":[0,{data_len}]}}}}"#);
+            let mut h =
+                format!(r#"{{"__metadata__":{{"format":"pt"}},"lora_unet.weight":{{"dtype":"U8","shape":[{data_len}],"data_offsets":[0,{data_len}]}}}}"#);
             while h.len() < 256 {
                 h.push(' ');
             }
@@ -89,7 +90,12 @@ async fn main() -> anyhow::Result<()> {
     row(&["---".into(), "---:".into(), "---:".into(), "---:".into(), "---:".into(), "---:".into()]);
     for run in 1..=runs {
         let dir = tempfile::tempdir()?;
-        let config = CacheConfig { root: dir.path().to_path_buf(), cap_bytes: 10 * size as u64, max_file_bytes: 2 * size as u64, fetch_timeout: Duration::from_secs(600) };
+        let config = CacheConfig {
+            root: dir.path().to_path_buf(),
+            cap_bytes: 10 * size as u64,
+            max_file_bytes: 2 * size as u64,
+            fetch_timeout: Duration::from_secs(600),
+        };
         let cache = ModelCache::open(config, fetcher.clone(), None, Arc::default())?;
         let baseline = rss();
         let peak = Arc::new(AtomicU64::new(baseline));
@@ -123,7 +129,8 @@ async fn main() -> anyhow::Result<()> {
 
     // Cache hits: what a job naming a cached LoRA by URL adds (URL check, lookup, pin, unpin).
     let dir = tempfile::tempdir()?;
-    let config = CacheConfig { root: dir.path().to_path_buf(), cap_bytes: 10 * size as u64, max_file_bytes: 2 * size as u64, fetch_timeout: Duration::from_secs(600) };
+    let config =
+        CacheConfig { root: dir.path().to_path_buf(), cap_bytes: 10 * size as u64, max_file_bytes: 2 * size as u64, fetch_timeout: Duration::from_secs(600) };
     let cache = ModelCache::open(config, fetcher.clone(), None, Arc::default())?;
     let deadline = || tokio::time::Instant::now() + Duration::from_secs(600);
     drop(cache.place("loras", &ModelSource::Url(url.clone()), &Expected::default(), deadline()).await?);

@@ -133,6 +133,7 @@ async fn handle(
         }
     };
     let (job, plugin_build, fetched, pins) = job;
+    let job = *job;
     // The job's fetched model files stay pinned in the cache until it ends (the runner pins
     // them again for the run; this covers its time in the queue).
     if !pins.is_empty() {
@@ -160,7 +161,7 @@ enum Submitted {
     DryRun(Response),
     /// The admitted job, how long the plugin's build and the fetches of files named by
     /// reference took, and the pins holding its model files in the cache.
-    Job { job: Job, plugin_build: Duration, fetched: Duration, pins: Vec<crate::models::cache::Pinned> },
+    Job { job: Box<Job>, plugin_build: Duration, fetched: Duration, pins: Vec<crate::models::cache::Pinned> },
 }
 
 /// `Server-Timing` of a generation, every phase of it named so that a slow request shows where
@@ -286,7 +287,7 @@ async fn submit_new(
     let (submission, pins) = submission;
     let fetched = fetch_started.elapsed();
     match state.jobs.submit(submission).await {
-        Ok(job) => Ok(Submitted::Job { job, plugin_build, fetched, pins }),
+        Ok(job) => Ok(Submitted::Job { job: Box::new(job), plugin_build, fetched, pins }),
         Err(failure) => Err(fail(job_errors::problem(&failure, Some(&plugin.manifest.name)), failure.failure_kind(), Some(plugin_build))),
     }
 }

@@ -43,22 +43,25 @@ fn is_hex64(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// A digest as the caller wrote it (64 hex digits, optionally `name:`-prefixed), lowercased.
+fn digest(name: &str, value: &str) -> Option<String> {
+    let bare = value.strip_prefix(&format!("{name}:")).unwrap_or(value).to_ascii_lowercase();
+    is_hex64(&bare).then_some(bare)
+}
+
 /// The digests a reference names, checked for form (`{field}/sha256`, `{field}/blake3`).
+#[allow(clippy::result_large_err)] // JobFailure is the service's one failure type
 fn expected(field: &str, file: &FileRef) -> Result<Expected, JobFailure> {
-    let digest = |name: &str, value: &Option<String>| -> Result<Option<String>, JobFailure> {
-        match value {
-            None => Ok(None),
-            Some(v) => {
-                let bare = v.strip_prefix(&format!("{name}:")).unwrap_or(v).to_ascii_lowercase();
-                if is_hex64(&bare) {
-                    Ok(Some(bare))
-                } else {
-                    Err(failure(&format!("{field}/{name}"), FetchReason::Malformed, format!("must be the file's {name} as 64 hexadecimal digits")))
-                }
-            }
+    let mut checked = Expected::default();
+    for (name, value, slot) in [("sha256", &file.sha256, &mut checked.sha256), ("blake3", &file.blake3, &mut checked.blake3)] {
+        if let Some(value) = value {
+            *slot =
+                Some(digest(name, value).ok_or_else(|| {
+                    failure(&format!("{field}/{name}"), FetchReason::Malformed, format!("must be the file's {name} as 64 hexadecimal digits"))
+                })?);
         }
-    };
-    Ok(Expected { sha256: digest("sha256", &file.sha256)?, blake3: digest("blake3", &file.blake3)? })
+    }
+    Ok(checked)
 }
 
 /// A refusal of the caller's own URL: malformed (its form) or refused (where it points).
@@ -140,7 +143,11 @@ impl JobService {
                 if let Some(want) = &expected.blake3
                     && hash.strip_prefix("blake3:") != Some(want.as_str())
                 {
-                    return Err(failure(field, FetchReason::Unusable, format!("the asset's blake3 is {}, not the {want} the request names", hash.trim_start_matches("blake3:"))));
+                    return Err(failure(
+                        field,
+                        FetchReason::Unusable,
+                        format!("the asset's blake3 is {}, not the {want} the request names", hash.trim_start_matches("blake3:")),
+                    ));
                 }
                 ModelSource::Blob(hash)
             }
@@ -156,14 +163,21 @@ impl JobService {
         }
         let Some((references, cache)) = self.references.get().and_then(|r| Some((r, r.cache.as_ref()?))) else {
             let field = &fetches[0].field;
-            return Err(failure(field, FetchReason::Malformed, "this server takes no model files by reference (it runs without --model-cache); name a file of its model volume"));
+            return Err(failure(
+                field,
+                FetchReason::Malformed,
+                "this server takes no model files by reference (it runs without --model-cache); name a file of its model volume",
+            ));
         };
         let mut sources = Vec::with_capacity(fetches.len());
         for fetch in fetches {
             sources.push(self.model_source(&fetch.field, &fetch.file, viewer, &references.fetcher).await?);
         }
         let folder = |name: &str| crate::models::cache::FOLDERS.iter().copied().find(|f| *f == name).unwrap_or("loras");
-        let placed = futures::future::join_all(fetches.iter().zip(&sources).map(|(fetch, (source, expected))| cache.place(folder(&fetch.folder), source, expected, deadline))).await;
+        let placed = futures::future::join_all(
+            fetches.iter().zip(&sources).map(|(fetch, (source, expected))| cache.place(folder(&fetch.folder), source, expected, deadline)),
+        )
+        .await;
         let mut out = Vec::with_capacity(fetches.len());
         for ((fetch, (source, _)), result) in fetches.iter().zip(sources).zip(placed) {
             let pinned = result.map_err(|e| cache_failure(&fetch.field, e))?;
@@ -214,7 +228,9 @@ impl JobService {
             FileSource::Asset(reference) => {
                 let hash = self.asset_hash(field, reference, viewer).await?;
                 match self.blobs.size(&hash).await {
-                    Ok(Some(size)) if size > max_bytes => return Err(failure(field, FetchReason::TooLarge, format!("the file is larger than the {max_bytes} bytes allowed"))),
+                    Ok(Some(size)) if size > max_bytes => {
+                        return Err(failure(field, FetchReason::TooLarge, format!("the file is larger than the {max_bytes} bytes allowed")));
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) => return Err(failure(field, FetchReason::NotFound, "the asset's content is no longer stored")),
                     Err(_) => return Err(failure(field, FetchReason::Unavailable, "the blob store could not be read")),

@@ -355,7 +355,14 @@ impl ModelCache {
         self.place_counted(folder, source, expected, deadline, false).await
     }
 
-    async fn place_counted(&self, folder: &'static str, source: &ModelSource, expected: &Expected, deadline: Instant, count_hit: bool) -> Result<Pinned, CacheError> {
+    async fn place_counted(
+        &self,
+        folder: &'static str,
+        source: &ModelSource,
+        expected: &Expected,
+        deadline: Instant,
+        count_hit: bool,
+    ) -> Result<Pinned, CacheError> {
         if let Some(pinned) = self.lookup(folder, source, expected) {
             if count_hit {
                 self.inner.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -410,15 +417,7 @@ impl ModelCache {
         entry.pins += 1;
         entry.last_used = tick;
         let blake3 = key.rsplit('/').next().unwrap_or_default().to_owned();
-        Some(Pinned {
-            name: cached_name(&blake3),
-            folder,
-            blake3,
-            size: entry.size,
-            hit,
-            cache: self.inner.clone(),
-            key: key.to_owned(),
-        })
+        Some(Pinned { name: cached_name(&blake3), folder, blake3, size: entry.size, hit, cache: self.inner.clone(), key: key.to_owned() })
     }
 
     /// The download for `source` with the digests `expected`: joined when one runs, started
@@ -714,6 +713,25 @@ mod tests {
         assert!(!listed(dir.path()).contains(&one_name));
         assert_eq!(cache.stats().evictions.load(Ordering::Relaxed), 2);
         drop((three, four));
+    }
+
+    #[tokio::test]
+    async fn an_uploaded_blob_is_read_from_the_blob_store_by_its_hash_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs_dir = tempfile::tempdir().unwrap();
+        let blobs: Arc<dyn BlobStore> = Arc::new(crate::jobs::blobs::FsBlobStore::new(blobs_dir.path()).unwrap());
+        let (lora, _) = blobs.put(bytes::Bytes::from(synthetic(30_000, 8))).await.unwrap();
+        let (jpeg, _) = blobs.put(bytes::Bytes::from_static(b"\xff\xd8\xff\xe0 not a model")).await.unwrap();
+        let fetcher = Fetcher::new(DestinationPolicy::default(), FetchLimits::default()).unwrap();
+        let config = CacheConfig { root: dir.path().to_path_buf(), cap_bytes: 10 << 20, max_file_bytes: 1 << 20, fetch_timeout: Duration::from_secs(30) };
+        let cache = ModelCache::open(config, fetcher, Some(blobs), Arc::default()).unwrap();
+        let placed = cache.place("loras", &ModelSource::Blob(lora.clone()), &Expected::default(), soon()).await.unwrap();
+        assert_eq!(format!("blake3:{}", placed.blake3), lora);
+        assert!(cache.place("loras", &ModelSource::Blob(lora), &Expected::default(), soon()).await.unwrap().hit);
+        let error = cache.place("loras", &ModelSource::Blob(jpeg), &Expected::default(), soon()).await.unwrap_err();
+        assert!(matches!(error, CacheError::NotSafetensors(_)), "{error:?}");
+        let missing = format!("blake3:{}", "0".repeat(64));
+        assert_eq!(cache.place("loras", &ModelSource::Blob(missing), &Expected::default(), soon()).await.unwrap_err(), CacheError::BlobMissing);
     }
 
     #[tokio::test]

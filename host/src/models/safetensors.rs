@@ -28,7 +28,7 @@ pub fn check_file(path: &Path, size: u64) -> Result<usize, NotSafetensors> {
     let mut prefix = [0u8; 8];
     file.read_exact(&mut prefix).map_err(|_| bad("it is shorter than the 8-byte header length"))?;
     let header_len = u64::from_le_bytes(prefix);
-    if header_len > MAX_HEADER_BYTES || header_len < 2 || 8 + header_len > size {
+    if !(2..=MAX_HEADER_BYTES).contains(&header_len) || 8 + header_len > size {
         return Err(bad("the header length does not fit the file"));
     }
     let mut header = vec![0u8; header_len as usize];

@@ -272,7 +272,9 @@ impl reqwest::dns::Resolve for VettingResolver {
         let trusted = self.policy.is_allow_listed(&host);
         Box::pin(async move {
             // Port 0: the connector puts the URL's port on the addresses it gets.
-            let resolved = tokio::net::lookup_host((host.as_str(), 0)).await.map_err(|_| Box::new(DestinationError::Unresolvable) as Box<dyn std::error::Error + Send + Sync>)?;
+            let resolved = tokio::net::lookup_host((host.as_str(), 0))
+                .await
+                .map_err(|_| Box::new(DestinationError::Unresolvable) as Box<dyn std::error::Error + Send + Sync>)?;
             let addresses: Vec<SocketAddr> = if trusted {
                 resolved.collect()
             } else {
@@ -315,10 +317,7 @@ mod tests {
 
     #[test]
     fn ssrf_to_cloud_metadata_address_is_refused() {
-        assert_eq!(
-            public().check_url("https://169.254.169.254/latest/meta-data/"),
-            Err(DestinationError::ForbiddenAddress("link-local (cloud metadata)"))
-        );
+        assert_eq!(public().check_url("https://169.254.169.254/latest/meta-data/"), Err(DestinationError::ForbiddenAddress("link-local (cloud metadata)")));
     }
 
     #[test]

@@ -387,7 +387,10 @@ mod tests {
         let server = server().await;
         let dir = tempfile::tempdir().unwrap();
         let f = fetcher(DEFAULT_IDLE_TIMEOUT);
-        assert_eq!(f.to_file(&url(&server, "/missing"), dir.path(), 1 << 20, soon(), false).await.unwrap_err(), FetchError::Upstream("the server answered 404".into()));
+        assert_eq!(
+            f.to_file(&url(&server, "/missing"), dir.path(), 1 << 20, soon(), false).await.unwrap_err(),
+            FetchError::Upstream("the server answered 404".into())
+        );
         let error = f.to_file(&url(&server, "/redirect-loop"), dir.path(), 1 << 20, soon(), false).await.unwrap_err();
         assert_eq!(error, FetchError::Upstream(format!("the server redirected more than {MAX_REDIRECTS} times")));
         assert_eq!(server.hits.load(Ordering::SeqCst), 2 + MAX_REDIRECTS);

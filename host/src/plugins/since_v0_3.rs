@@ -43,11 +43,10 @@ impl Handler {
     pub fn new(pre: InstancePre<SandboxState>) -> wasmtime::Result<Self> {
         let component = pre.component();
         let endpoint = component
-            .get_export_index(None, &format!("flowhost:plugin/endpoint@{VERSION}"))
+            .get_export_index(None, format!("flowhost:plugin/endpoint@{VERSION}"))
             .ok_or_else(|| wasmtime::format_err!("no flowhost:plugin/endpoint@{VERSION} export"))?;
-        let func = |name: &str| {
-            component.get_export_index(Some(&endpoint), name).ok_or_else(|| wasmtime::format_err!("the endpoint export has no `{name}` function"))
-        };
+        let func =
+            |name: &str| component.get_export_index(Some(&endpoint), name).ok_or_else(|| wasmtime::format_err!("the endpoint export has no `{name}` function"));
         let (build, explain_failure) = (func("build")?, func("explain-failure")?);
         Ok(Self { pre: generated::PluginPre::new(pre)?, build, explain_failure })
     }
@@ -70,7 +69,14 @@ impl Handler {
 
     /// `build`, its answer checked against `cap` and the host budget before any of it is
     /// copied (see [`super::lifting`]).
-    pub fn build(&self, store: &mut Store<SandboxState>, body: &str, random_seed: u64, request_id: &str, cap: usize) -> wasmtime::Result<Result<Result<RawJob, BuildError>, LiftError>> {
+    pub fn build(
+        &self,
+        store: &mut Store<SandboxState>,
+        body: &str,
+        random_seed: u64,
+        request_id: &str,
+        cap: usize,
+    ) -> wasmtime::Result<Result<Result<RawJob, BuildError>, LiftError>> {
         let request = wit::Request { body: body.to_string(), random_seed, request_id: request_id.to_string() };
         let instance = self.pre.instance_pre().instantiate(&mut *store)?;
         let func = instance.get_typed_func::<(&wit::Request,), (Result<JobV0_3, GBuildError>,)>(&mut *store, &self.build)?;

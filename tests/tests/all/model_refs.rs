@@ -85,7 +85,9 @@ async fn files() -> Files {
         .route("/redirect-private", get(|| async { (StatusCode::FOUND, [("location", "http://10.1.2.3/lora.safetensors")]).into_response() }))
         .route(
             "/endless",
-            get(|| async { Response::new(Body::from_stream(futures::stream::repeat_with(|| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; 64 << 10]))))) }),
+            get(|| async {
+                Response::new(Body::from_stream(futures::stream::repeat_with(|| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; 64 << 10])))))
+            }),
         )
         .route(
             "/slow",
@@ -276,7 +278,8 @@ async fn each_failed_fetch_answers_its_status_naming_the_field_and_fails_that_jo
         assert!(!detail.contains("10.1.2.3") && !detail.contains(cache.path().to_str().unwrap()), "no address or path beyond the caller's: {detail}");
     }
     // A malformed digest is the schema's 400 naming the digest's field.
-    let (got, body) = problem(server.post_json("/flux-lora", &lora_request(json!({"url": files.url("/lora/4"), "sha256": "abc"}))).await.unwrap()).await.unwrap();
+    let (got, body) =
+        problem(server.post_json("/flux-lora", &lora_request(json!({"url": files.url("/lora/4"), "sha256": "abc"}))).await.unwrap()).await.unwrap();
     assert_eq!(got, 400, "{body}");
     assert!(body["errors"].as_array().unwrap().iter().any(|e| e["field"] == "lora/sha256"), "{body}");
     // Nothing half-done is left, and the next job is fine.
@@ -373,8 +376,18 @@ async fn eviction_keeps_the_cache_under_its_cap_and_never_removes_a_file_a_queue
     let lora = component("flux-lora");
     // Room for two of the 200 kB LoRAs.
     let args = [
-        "--comfyui-url", &double.url(), "--models", &models_arg, "--model-cache", &cache_arg, "--model-cache-max-gb", "0.00045", "--fetch-allow-host", "127.0.0.1",
-        "--max-in-flight", "1",
+        "--comfyui-url",
+        &double.url(),
+        "--models",
+        &models_arg,
+        "--model-cache",
+        &cache_arg,
+        "--model-cache-max-gb",
+        "0.00045",
+        "--fetch-allow-host",
+        "127.0.0.1",
+        "--max-in-flight",
+        "1",
     ];
     let server = TestServer::start(&[("flux_lora.wasm", lora.as_path())], &args).await.unwrap();
     ready(&server).await;
@@ -450,7 +463,9 @@ async fn jobs_naming_one_lora_by_url_and_by_asset_go_to_the_worker_that_has_it_l
         d.record()
             .prompts
             .iter()
-            .filter_map(|(_, g)| g.as_object()?.values().find(|n| n["class_type"] == "LoraLoaderModelOnly").and_then(|n| n["inputs"]["lora_name"].as_str()).map(str::to_string))
+            .filter_map(|(_, g)| {
+                g.as_object()?.values().find(|n| n["class_type"] == "LoraLoaderModelOnly").and_then(|n| n["inputs"]["lora_name"].as_str()).map(str::to_string)
+            })
             .collect()
     };
     let has_character = if lora_of(&doubles[0]) == [character.clone()] { 0 } else { 1 };
@@ -503,7 +518,8 @@ async fn wait_live(client: &reqwest::Client, base: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_mid_download_leaves_no_half_file_and_the_restarted_service_fetches_it_whole() {
     let files = files().await;
-    let (plugins, state, cache_dir, model_cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (plugins, state, cache_dir, model_cache) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     std::fs::copy(component("flux-lora"), plugins.path().join("flux_lora.wasm")).unwrap();
     let dirs = [plugins.path(), state.path(), cache_dir.path(), model_cache.path()];
     let port = free_port();

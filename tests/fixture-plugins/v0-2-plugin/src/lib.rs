@@ -28,7 +28,10 @@ impl Guest for Legacy2 {
 
     fn build(request: Request) -> Result<Job, BuildError> {
         if request.body.contains("\"forbidden\"") {
-            return Err(BuildError::InvalidRequest(vec![FieldError { field: "prompt".into(), message: "forbidden by the 0.2 plugin".into() }]));
+            return Err(BuildError::InvalidRequest(vec![FieldError {
+                field: "prompt".into(),
+                message: "forbidden by the 0.2 plugin".into(),
+            }]));
         }
         let color = request.random_seed % 16_777_216;
         Ok(Job {
@@ -41,7 +44,11 @@ impl Guest for Legacy2 {
             seed: Some(request.random_seed),
             analytics: "{}".into(),
             caller_nodes: vec![],
-            models: ModelSet { base: None, loras: vec![], others: vec![] },
+            models: ModelSet {
+                base: None,
+                loras: vec![],
+                others: vec![],
+            },
             progress: vec![],
         })
     }
