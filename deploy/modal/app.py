@@ -12,6 +12,7 @@ endpoint logic (plugins do) nor talks to ComfyUI (flowhost does).
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
@@ -84,6 +85,12 @@ PORT = 8000
 COMFYUI_DIR = "/root/comfyui"
 STATE_DIR = "/root/flowhost-state"  # jobs database + output blobs (container-local: jobs live as long as the container)
 MODELS_DIR = "/root/models"
+# Model files requests name by reference (a LoRA by URL or uploaded asset), fetched once per
+# container onto its own disk: `flowhost serve --model-cache`.
+MODEL_CACHE_DIR = "/root/flowhost-model-cache"
+# The loopback port of the models-volume reloader flowhost calls on a miss (`--models-refresh-url`).
+RELOAD_PORT = 8001
+RELOAD_URL = f"http://127.0.0.1:{RELOAD_PORT}/reload"
 PLUGINS_DIR = "/root/plugins"
 HF_CACHE_DIR = "/cache"
 BUNDLED_PLUGINS_DIR = "/opt/flowhost/plugins"
@@ -104,6 +111,9 @@ SCALEDOWN_WINDOW_S = 300
 # (docs/operations.md, "Connection budget").
 MAX_CONTAINERS = int(os.environ.get("FLOWHOST_MAX_CONTAINERS", "0") or "0") or None
 PLUGIN_RELOAD_INTERVAL_S = 5.0
+# A LoRA committed to the models volume after this container started is seen after the next
+# reload: every MODELS_RELOAD_INTERVAL_S, and at once when a request names a missing file.
+MODELS_RELOAD_INTERVAL_S = 60.0
 DOWNLOAD_TIMEOUT_S = 4 * 60 * 60  # ~60 GB over one container
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -118,6 +128,7 @@ TUNABLES = [
     ("--max-in-flight", "FLOWHOST_MAX_IN_FLIGHT", str(MAX_IN_FLIGHT)),
     ("--job-timeout", "FLOWHOST_JOB_TIMEOUT", str(JOB_TIMEOUT_S)),
     ("--log-format", "FLOWHOST_LOG_FORMAT", "json"),
+    ("--model-cache-max-gb", "FLOWHOST_MODEL_CACHE_MAX_GB", "40"),
 ]
 
 
@@ -133,6 +144,8 @@ def serve_command(profile: str = "", env: dict[str, str] | None = None) -> list[
         "--models", MODELS_DIR,
         "--plugins", PLUGINS_DIR,
         "--state-dir", STATE_DIR,
+        "--model-cache", MODEL_CACHE_DIR,
+        "--models-refresh-url", RELOAD_URL,
     ]  # fmt: skip
     for flag, variable, value in TUNABLES:
         if not env.get(variable):
@@ -227,6 +240,83 @@ def _reload_plugins_forever(interval_s: float) -> None:
             print(f"plugins volume reload failed: {error!r}", flush=True)
 
 
+def _is_open_files_refusal(error: Exception) -> bool:
+    """Modal refuses `Volume.reload()` while files on the volume are open in this container
+    (ComfyUI reading a model): worth retrying once they are closed."""
+    return "open file" in str(error).lower()
+
+
+class VolumeReloader:
+    """Reloads a mounted Modal volume so that files committed by others since this container
+    started (a LoRA a trainer just committed) become visible, without a restart.
+
+    One reload at a time (concurrent callers wait for it and share its outcome when it started
+    after they asked). Modal refuses a reload while files on the volume are open: that refusal is
+    retried with backoff (ComfyUI opens a model file only while loading it); any other error, or a
+    refusal that outlasts the retries, is reported and left to the next call or period."""
+
+    def __init__(self, volume, attempts: int = 6, first_delay_s: float = 0.25, sleep=time.sleep):
+        self.volume = volume
+        self.attempts = attempts
+        self.first_delay_s = first_delay_s
+        self.sleep = sleep
+        self.lock = threading.Lock()
+        self.last_success = 0.0
+
+    def reload(self) -> bool:
+        asked = time.monotonic()
+        with self.lock:
+            if self.last_success >= asked:
+                return True  # a reload that started after we asked has just succeeded
+            delay = self.first_delay_s
+            for attempt in range(1, self.attempts + 1):
+                started = time.monotonic()
+                try:
+                    self.volume.reload()
+                    self.last_success = started
+                    return True
+                except Exception as error:  # noqa: BLE001 - Modal raises several kinds
+                    if _is_open_files_refusal(error) and attempt < self.attempts:
+                        self.sleep(delay)
+                        delay *= 2
+                        continue
+                    print(f"models volume reload failed (attempt {attempt}): {error!r}", flush=True)
+                    return False
+            return False
+
+
+def reload_forever(reloader: VolumeReloader, interval_s: float, stop: threading.Event | None = None) -> None:
+    """Reload every `interval_s`, so a committed file shows up even without a miss."""
+    stop = stop or threading.Event()
+    while not stop.wait(interval_s):
+        reloader.reload()
+
+
+def serve_reload_requests(reloader: VolumeReloader, port: int = RELOAD_PORT) -> http.server.ThreadingHTTPServer:
+    """`POST /reload` on loopback: what flowhost calls when a request names a model file the
+    volume does not show (`--models-refresh-url`). 200 once reloaded, 503 when Modal refused."""
+
+    class Reload(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            if self.path != "/reload":
+                self.send_response(404)
+                self.end_headers()
+                return
+            ok = reloader.reload()
+            body = b"reloaded\n" if ok else b"the volume could not be reloaded now\n"
+            self.send_response(200 if ok else 503)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Reload)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def wait_for_health(url: str, process: subprocess.Popen, deadline_s: float) -> dict:
     """Block until `url` (flowhost's /health: readiness) answers 200, failing fast if the
     process exits. Returns the /health document. A 503 (ComfyUI starting, websocket not yet
@@ -278,6 +368,11 @@ def start_flowhost() -> subprocess.Popen:
         plugins_volume.commit()
         print(f"plugins volume was empty; installed bundled plugins: {', '.join(copied)}", flush=True)
     threading.Thread(target=_reload_plugins_forever, args=(PLUGIN_RELOAD_INTERVAL_S,), daemon=True).start()
+    # LoRAs committed to the models volume after this container started: reloaded periodically
+    # and when flowhost meets a missing file (docs/deploy-modal.md, "Fresh LoRAs").
+    reloader = VolumeReloader(models_volume)
+    serve_reload_requests(reloader)
+    threading.Thread(target=reload_forever, args=(reloader, MODELS_RELOAD_INTERVAL_S), daemon=True).start()
     return subprocess.Popen(serve_command())
 
 

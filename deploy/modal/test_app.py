@@ -150,9 +150,12 @@ class TestServe:
             "--models", "/root/models",
             "--plugins", "/root/plugins",
             "--state-dir", "/root/flowhost-state",
+            "--model-cache", "/root/flowhost-model-cache",
+            "--models-refresh-url", "http://127.0.0.1:8001/reload",
             "--max-in-flight", "5",
             "--job-timeout", "120",
             "--log-format", "json",
+            "--model-cache-max-gb", "40",
         ]  # fmt: skip
 
     def test_tunables_in_the_operators_secret_win_over_the_apps_defaults(self, app_module):
@@ -543,3 +546,155 @@ class TestStartup:
             process.kill()
             server.shutdown()
         assert time.monotonic() - started < 10, "a failed warm-up is not waited out"
+
+
+class FakeVolume:
+    """A Modal volume as a running container sees it: `mount` shows what was committed as of
+    the last `reload()`; `commit(name, bytes)` is another container's (the trainer's) commit.
+    While `open_files` > 0, `reload()` is refused the way Modal refuses it."""
+
+    def __init__(self, mount: Path):
+        self.mount = mount
+        self.committed: dict[str, bytes] = {}
+        self.open_files = 0
+        self.reloads = 0
+        self.refusals = 0
+
+    def commit(self, name: str, data: bytes) -> None:
+        self.committed[name] = data
+
+    def reload(self) -> None:
+        if self.open_files > 0:
+            self.open_files -= 1
+            self.refusals += 1
+            raise RuntimeError("there are open files preventing the operation")
+        self.reloads += 1
+        for name, data in self.committed.items():
+            path = self.mount / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+
+def _post(url: str) -> int:
+    request = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+import json  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+
+
+class TestFreshModels:
+    def test_a_reload_refused_while_files_are_open_is_retried_until_it_succeeds(self, app_module, tmp_path):
+        volume = FakeVolume(tmp_path)
+        volume.commit("loras/alice.safetensors", b"weights")
+        volume.open_files = 2
+        reloader = app_module.VolumeReloader(volume, sleep=lambda _s: None)
+        assert reloader.reload() is True
+        assert (volume.refusals, volume.reloads) == (2, 1)
+        assert (tmp_path / "loras/alice.safetensors").read_bytes() == b"weights"
+
+    def test_a_refusal_that_outlasts_the_retries_or_another_error_is_reported_not_raised(self, app_module, tmp_path):
+        volume = FakeVolume(tmp_path)
+        volume.open_files = 100
+        assert app_module.VolumeReloader(volume, attempts=3, sleep=lambda _s: None).reload() is False
+        assert volume.refusals == 3
+
+        class Broken:
+            def reload(self):
+                raise ConnectionError("modal unreachable")
+
+        assert app_module.VolumeReloader(Broken(), sleep=lambda _s: None).reload() is False
+
+    def test_the_periodic_reload_picks_up_a_commit_without_a_request(self, app_module, tmp_path):
+        volume = FakeVolume(tmp_path)
+        reloader = app_module.VolumeReloader(volume, sleep=lambda _s: None)
+        stop = threading.Event()
+        threading.Thread(target=app_module.reload_forever, args=(reloader, 0.05, stop), daemon=True).start()
+        volume.commit("loras/bob.safetensors", b"weights")
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "loras/bob.safetensors").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stop.set()
+        assert (tmp_path / "loras/bob.safetensors").exists()
+
+    def test_a_lora_committed_after_start_is_served_after_a_reload_without_a_restart(self, app_module, tmp_path):
+        """The real flowhost (simulated ComfyUI) over a models folder that is a fake volume's
+        mount, its --models-refresh-url pointing at the app's reload server: a LoRA committed
+        after flowhost started is served on the first request, by the same process."""
+        binary = os.environ.get("FLOWHOST_BIN")
+        if not binary:
+            pytest.skip("FLOWHOST_BIN not set: point it at a built `flowhost` (scripts/test.sh does)")
+        bundled = Path(binary).resolve().parent.parent / "bundled-plugins" / "flux_lora.wasm"
+        assert bundled.exists(), f"{bundled} is missing: run scripts/build-plugins.sh target/bundled-plugins"
+        mount, plugins, state = tmp_path / "models", tmp_path / "plugins", tmp_path / "state"
+        for folder in (mount, plugins, state):
+            folder.mkdir()
+        shutil.copy2(bundled, plugins / "flux_lora.wasm")
+        for name in ("diffusion_models/flux1-dev.safetensors", "text_encoders/clip_l.safetensors", "text_encoders/t5xxl_fp16.safetensors", "vae/ae.safetensors"):
+            (mount / name).parent.mkdir(parents=True, exist_ok=True)
+            (mount / name).write_bytes(b"placeholder weights")
+        volume = FakeVolume(mount)
+        volume.open_files = 1  # the first reload meets an open file, as with ComfyUI loading
+        reloader = app_module.VolumeReloader(volume, sleep=lambda _s: time.sleep(0.05))
+        server = app_module.serve_reload_requests(reloader, port=0)
+        port = _free_port()
+        process = subprocess.Popen(
+            [binary, "serve", "--simulate", "--warm-up", "off", "--listen", f"127.0.0.1:{port}", "--plugins", str(plugins),
+             "--state-dir", str(state), "--cache-dir", str(tmp_path / "cache"), "--models", str(mount),
+             "--models-refresh-url", f"http://127.0.0.1:{server.server_port}/reload"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}/health", process)
+            body = {"prompt": "a portrait", "lora_id": "trained-after-start", "width": 256, "height": 256, "steps": 1}
+            # Not committed yet: the reload finds nothing, the answer is the 404 naming the file.
+            code, problem = _post_json(f"http://127.0.0.1:{port}/flux-lora", body)
+            assert code == 404 and "loras/trained-after-start.safetensors" in problem["detail"], problem
+            # The trainer commits; the same running process serves it on the next request.
+            volume.commit("loras/trained-after-start.safetensors", b"weights committed by the trainer")
+            pid = process.pid
+            code, _ = _post_json(f"http://127.0.0.1:{port}/flux-lora", body)
+            assert code == 200
+            assert process.poll() is None and process.pid == pid, "no restart"
+            assert volume.refusals == 1 and volume.reloads >= 2
+        finally:
+            process.kill()
+            server.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_ready(url: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "flowhost exited"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def _post_json(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            response.read()
+            return response.status, {}
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")

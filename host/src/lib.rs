@@ -17,7 +17,8 @@
 //!   pool, runner, recovery, tenants, assets, labels, the webhook outbox and subscriptions,
 //!   and `view`, the v2 Job document every response, event and webhook carries);
 //! - `plugins` (the wasm sandbox, its memory budget, route ownership) and `flowhost_comfy`;
-//! - beside them, below: `media`, `models`, `events`, `auth` (keys and their comparison),
+//! - beside them, below: `net` (outbound HTTP under the destination guard: webhooks, model
+//!   and image fetches), `media`, `models`, `events`, `auth` (keys and their comparison),
 //!   `metrics`, `timestamp`, `state_lock`.
 
 pub mod app;
@@ -29,6 +30,7 @@ pub mod jobs;
 pub mod media;
 pub mod metrics;
 pub mod models;
+pub mod net;
 pub mod plugins;
 pub mod state_lock;
 pub mod timestamp;

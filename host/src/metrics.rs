@@ -32,6 +32,13 @@
 //! | `flowhost_webhook_deliveries_total`             | counter   | `outcome`       |
 //! | `flowhost_webhook_pending`                      | gauge     |                 |
 //! | `flowhost_webhook_dead_letters`                 | gauge     |                 |
+//! | `flowhost_model_cache_hits_total`               | counter   |                 |
+//! | `flowhost_model_cache_misses_total`             | counter   |                 |
+//! | `flowhost_model_cache_fetched_bytes_total`      | counter   |                 |
+//! | `flowhost_model_cache_evictions_total`          | counter   |                 |
+//! | `flowhost_model_cache_used_bytes`               | gauge     |                 |
+//! | `flowhost_model_cache_cap_bytes`                | gauge     |                 |
+//! | `flowhost_fetch_refused_destinations_total`     | counter   |                 |
 
 use std::sync::Arc;
 
@@ -131,6 +138,7 @@ struct Inner {
     model_switches: Family<WorkerLabels, Counter>,
     affinity_hits: Family<WorkerLabels, Counter>,
     outputs: Family<TransportLabels, Counter>,
+    model_cache: Arc<crate::models::cache::CacheStats>,
 }
 
 /// The webhook outbox's metrics (issue #14). `outcome` is one of a fixed set:
@@ -186,7 +194,44 @@ impl Collector for AnalyticsDrops {
     }
 }
 
+/// Reads the model cache's counters at scrape time (`models::cache::CacheStats`).
+#[derive(Debug)]
+struct ModelCacheCollector(Arc<crate::models::cache::CacheStats>);
+
+impl Collector for ModelCacheCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = &self.0;
+        for (name, help, value) in [
+            ("model_cache_hits", "Model files named by reference that were already in the model cache", &stats.hits),
+            ("model_cache_misses", "Downloads into the model cache (one per file, however many jobs waited for it)", &stats.misses),
+            ("model_cache_fetched_bytes", "Bytes fetched into the model cache (complete, checked files)", &stats.bytes_fetched),
+            ("model_cache_evictions", "Files evicted from the model cache to keep it under its cap", &stats.evictions),
+            ("fetch_refused_destinations", "Fetches of models or images refused by the destination guard (the URL or a redirect)", &stats.refused),
+        ] {
+            let counter = ConstCounter::new(value.load(Relaxed));
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        for (name, help, value) in [
+            ("model_cache_used_bytes", "Bytes the model cache holds now", &stats.used_bytes),
+            ("model_cache_cap_bytes", "The model cache's size cap (--model-cache-max-gb; 0: no cache)", &stats.cap_bytes),
+        ] {
+            let gauge = ConstGauge::new(i64::try_from(value.load(Relaxed)).unwrap_or(i64::MAX));
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
 impl Metrics {
+    /// The model cache's and the fetcher's counters, read at every scrape.
+    pub fn model_cache_stats(&self) -> Arc<crate::models::cache::CacheStats> {
+        self.inner.model_cache.clone()
+    }
+
     /// Every family registered, reading analytics drops from `analytics`.
     pub fn new(analytics: Analytics) -> Self {
         let mut registry = Registry::with_prefix("flowhost");
@@ -256,6 +301,8 @@ impl Metrics {
             plugin_rejections.clone(),
         );
         registry.register_collector(Box::new(AnalyticsDrops(analytics)));
+        let model_cache = Arc::new(crate::models::cache::CacheStats::default());
+        registry.register_collector(Box::new(ModelCacheCollector(model_cache.clone())));
         let webhooks = WebhookMetrics::register(&mut registry);
         let model_switches = Family::<WorkerLabels, Counter>::default();
         registry.register(
@@ -296,6 +343,7 @@ impl Metrics {
                 model_switches,
                 affinity_hits,
                 outputs,
+                model_cache,
             }),
         }
     }

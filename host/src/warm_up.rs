@@ -416,6 +416,9 @@ async fn warm_route(jobs: &Arc<JobService>, backend: &Arc<ComfyBackend>, plugin:
         }
         Err(e) => return Err(crate::jobs::failure::public_reason(&e.to_string())),
     };
+    if !job.fetches.is_empty() {
+        return Err("the warm-up request names model files by reference, which warm-up does not fetch; give a request naming volume files (--warm-up-request)".into());
+    }
     let (mut spec, uploads) = crate::generation::spec_for(plugin, job);
     if !uploads.is_empty() {
         return Err("the warm-up request needs image uploads, which warm-up does not make; give a request without images (--warm-up-request)".into());

@@ -66,7 +66,7 @@ impl FaceProvider {
 /// JSON Schema of `reference_image`.
 pub fn reference_schema() -> Value {
     json!({"type": "string", "minLength": 1,
-           "description": "The face to keep: a `data:image/(jpeg|png|webp);base64,...` URL (at most 10 MiB decoded) or a path relative to the inputs volume. With several faces the largest is used."})
+           "description": "The face to keep: a `data:image/(jpeg|png|webp);base64,...` URL (at most 10 MiB decoded), an https URL the server fetches (public addresses only, at most 32 MiB), or a path relative to the inputs volume. With several faces the largest is used."})
 }
 
 /// JSON Schema of `face_provider`.

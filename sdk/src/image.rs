@@ -1,9 +1,11 @@
 //! Images in requests: `data:image/(jpeg|png|webp);base64,...` URLs decoded and
 //! verified here (size cap, magic bytes matching the declared type, dimensions read
-//! from the header), or paths into the host's inputs volume passed on untouched.
+//! from the header), `https://` URLs the host fetches (contract 0.3: through its
+//! destination guard and limits, checked to be an image), or paths into the host's inputs
+//! volume passed on untouched.
 //!
-//! No image crate: only headers are read. This module never opens files: a path is
-//! handed to the host as [`ImageSource::InputPath`], which resolves it safely.
+//! No image crate: only headers are read. This module never opens files or sockets: a path
+//! is handed to the host as [`ImageSource::InputPath`], a URL as [`ImageSource::File`].
 
 use base64::Engine as _;
 
@@ -65,6 +67,8 @@ pub struct DecodedImage {
 pub enum ImageInput {
     Decoded(DecodedImage),
     InputPath(String),
+    /// An `http(s)://` URL the host fetches (its guard decides what may be fetched).
+    Url(String),
 }
 
 impl ImageInput {
@@ -77,6 +81,10 @@ impl ImageInput {
                 format!("{stem}.{}", image.format.extension()),
                 ImageSource::Bytes(image.bytes),
             ),
+            ImageInput::Url(url) => {
+                let path = url.split(['?', '#']).next().unwrap_or_default();
+                (format!("{stem}.{}", extension_of(path)), crate::references::image_source(&crate::references::FileReference { url: Some(url), asset: None, sha256: None, blake3: None }))
+            }
             ImageInput::InputPath(path) => {
                 let ext = path
                     .rsplit('/')
@@ -102,9 +110,20 @@ impl ImageInput {
     }
 }
 
+/// The extension of the last segment of `path` when it is a short alphanumeric one, else `png`.
+fn extension_of(path: &str) -> String {
+    path.rsplit('/')
+        .next()
+        .and_then(|name| name.rsplit_once('.'))
+        .map(|(_, ext)| ext.to_ascii_lowercase())
+        .filter(|ext| !ext.is_empty() && ext.len() <= 5 && ext.chars().all(|c| c.is_ascii_alphanumeric()))
+        .unwrap_or_else(|| "png".to_string())
+}
+
 /// Interpret an image field: a `data:` URL is decoded and verified (at most
-/// `max_bytes` decoded); anything else must be a relative path inside the inputs
-/// volume (no `..`, no leading `/`, no `\`, no control characters, no URL scheme).
+/// `max_bytes` decoded); an `https://` (or `http://`) URL is left to the host to fetch;
+/// anything else must be a relative path inside the inputs volume (no `..`, no leading
+/// `/`, no `\`, no control characters, no other URL scheme).
 pub fn parse_image_input(
     field: &str,
     value: &str,
@@ -113,6 +132,13 @@ pub fn parse_image_input(
     // `get`, not `[..5]`: the fifth byte may fall inside a character (`日本語`).
     if value.get(..5).is_some_and(|scheme| scheme.eq_ignore_ascii_case("data:")) {
         return decode_data_url(field, value, max_bytes).map(ImageInput::Decoded);
+    }
+    let lower = value.get(..8).unwrap_or_default().to_ascii_lowercase();
+    if lower.starts_with("https://") || lower.starts_with("http://") {
+        if value.chars().count() > crate::references::MAX_REFERENCE_CHARS || value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(field_error(field, format!("must be a URL of at most {} characters without spaces", crate::references::MAX_REFERENCE_CHARS)));
+        }
+        return Ok(ImageInput::Url(value.to_string()));
     }
     check_input_path(field, value).map(|()| ImageInput::InputPath(value.to_string()))
 }
@@ -124,7 +150,7 @@ fn check_input_path(field: &str, path: &str) -> Result<(), FieldError> {
         )
     } else if path.contains("://") {
         Some(
-            "URLs are not fetched; send the image as a data:image/(jpeg|png|webp);base64,... URL or as a path in the inputs volume",
+            "only https URLs are fetched; send an https URL, a data:image/(jpeg|png|webp);base64,... URL or a path in the inputs volume",
         )
     } else if path.starts_with('/') || path.contains('\\') {
         Some("must be a path relative to the inputs volume, using `/` (e.g. `faces/alice.png`)")
@@ -515,13 +541,23 @@ mod tests {
             "faces/../../x.png",
             "a//b.png",
             "a\\b.png",
-            "https://example.com/a.png",
+            "ftp://example.com/a.png",
+            "https://example.com/a b.png",
             "a\u{0}.png",
             "./a.png",
         ] {
             let error = parse_image_input("reference_image", bad, 10).unwrap_err();
             assert_eq!(error.field, "reference_image", "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_https_url_is_an_upload_the_host_fetches() {
+        let input = parse_image_input("reference_image", "https://example.com/faces/alice.JPG?x=1", 10).unwrap();
+        assert_eq!(input, ImageInput::Url("https://example.com/faces/alice.JPG?x=1".into()));
+        let upload = input.into_upload("reference_image", "reference", "7", "image");
+        assert_eq!(upload.filename, "reference.jpg");
+        assert!(matches!(upload.source, ImageSource::File(ref f) if f.source == crate::FileSource::Url("https://example.com/faces/alice.JPG?x=1".into())));
     }
 
     #[test]

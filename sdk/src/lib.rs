@@ -1,7 +1,7 @@
 //! The flowhost plugin SDK.
 //!
 //! A plugin implements [`Plugin`] and calls [`register!`]; the SDK owns the
-//! bindings to the `flowhost:plugin@0.2.0` contract (`wit/deps/flowhost-plugin@0.2.0`) so authors never
+//! bindings to the `flowhost:plugin@0.3.0` contract (`wit/deps/flowhost-plugin@0.3.0`) so authors never
 //! touch generated code. Everything except [`register!`] works natively, so plugin
 //! logic is unit-tested with a plain `cargo test` (see [`host::FakeHost`]).
 //!
@@ -9,6 +9,8 @@
 //! - [`decode`]: the request body into your own serde type; field-named errors; [`decode::Checks`].
 //! - [`image`]: `data:image/...;base64` URLs (size cap, magic bytes, dimensions) and input-volume paths.
 //! - [`models`]: pick model files from what the host's volume holds.
+//! - [`references`]: files a request names by reference (a LoRA by URL or asset), which
+//!   the host fetches and places for the plugin.
 //! - [`flux`]: the Flux.1-dev text-to-image recipe the Flux endpoints share.
 //! - [`identity`]: the reference face (`reference_image`, `face_provider`) the identity endpoints share.
 //! - [`schema`], [`seed_or_random`]: manifest and seed helpers.
@@ -17,10 +19,10 @@
 
 pub mod bindings {
     //! Bindings generated from the current contract,
-    //! `wit/deps/flowhost-plugin@0.2.0`. Authors normally use the re-exports at
+    //! `wit/deps/flowhost-plugin@0.3.0`. Authors normally use the re-exports at
     //! the crate root instead.
     wit_bindgen::generate!({
-        path: "../wit/deps/flowhost-plugin@0.2.0",
+        path: "../wit/deps/flowhost-plugin@0.3.0",
         world: "plugin",
         pub_export_macro: true,
         export_macro_name: "export",
@@ -37,12 +39,14 @@ pub mod host;
 pub mod identity;
 pub mod image;
 pub mod models;
+pub mod references;
 pub mod schema;
 pub mod testing;
 
 pub use bindings::flowhost::plugin::types::{
-    BuildError, ExecutionFailure, FieldError, ImageSource, Job, Lora, Manifest, ModelRef,
-    ModelRequirement, ModelSet, OutputFormat, Request, SamplerProgress, Upload, UserError,
+    BuildError, ExecutionFailure, FieldError, FileRef, FileSource, ImageSource, Job, Lora,
+    Manifest, ModelFetch, ModelRef, ModelRequirement, ModelSet, OutputFormat, Request,
+    SamplerProgress, Upload, UserError,
 };
 
 /// An empty model set (a graph that loads no model files).
@@ -53,7 +57,7 @@ impl Default for ModelSet {
 }
 
 /// The contract version this SDK builds plugins for.
-pub const CONTRACT_VERSION: &str = "0.2.0";
+pub const CONTRACT_VERSION: &str = "0.3.0";
 
 /// A panic hook that reports the message to the host (`report-panic`) before
 /// the component traps, so the host classifies the failure as a panic by a

@@ -256,6 +256,9 @@ pub struct ServeArgs {
     /// Shared state for many instances (PostgreSQL job store, S3 blob store).
     #[command(flatten)]
     pub backing: crate::app::backing::BackingArgs,
+    /// Files requests name by reference (the model cache, fetch limits and allow-list).
+    #[command(flatten)]
+    pub fetch: crate::models::cache::ModelCacheArgs,
 }
 
 /// A non-negative, finite number of seconds (at most a year).

@@ -160,7 +160,15 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     )
     .await?;
 
-    let (workers, simulated) = start_workers(&args, models_root.as_deref(), scratch_models).await?;
+    // Files requests name by reference: the guarded fetcher, and the model cache's folders
+    // (made before ComfyUI starts, which reads them through extra_model_paths).
+    let fetcher = args.fetch.fetcher()?;
+    let cache_config = args.fetch.config()?;
+    if let Some(config) = &cache_config {
+        crate::models::cache::prepare(&config.root).with_context(|| format!("creating the model cache in {}", config.root.display()))?;
+    }
+    let cache_root = cache_config.as_ref().map(|c| c.root.clone());
+    let (workers, simulated) = start_workers(&args, models_root.as_deref(), cache_root.as_deref(), scratch_models).await?;
     let mut backends = Vec::with_capacity(workers.len());
     for (mode, input_dir, output_dir, gpu) in workers {
         let mut backend_config = BackendConfig::new(mode);
@@ -188,6 +196,20 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         }
         _ => None,
     };
+    // Files requests name by reference: the cache is opened before the job service that
+    // uses it (every part is complete when the service is built).
+    let cache_stats = metrics.model_cache_stats();
+    let model_cache = match cache_config {
+        Some(config) => {
+            let cache = crate::models::cache::ModelCache::open(config, fetcher.clone(), Some(backing.blobs.clone()), cache_stats.clone())?;
+            let (used, files, cap) = cache.usage();
+            tracing::info!(root = %cache.root().display(), used_bytes = used, files, cap_bytes = cap, "model cache");
+            Some(cache)
+        }
+        None => None,
+    };
+    let volume_refresh = args.fetch.models_refresh_url.as_deref().map(crate::models::refresh::VolumeRefresh::new).transpose()?.map(Arc::new);
+    let references = crate::jobs::references::References { fetcher, cache: model_cache, stats: cache_stats, volume_refresh };
     // Webhooks before the job service and its recovery: jobs reconciled at startup send
     // their events too.
     let webhook_settings = crate::webhooks::WebhookSettings::from_args(&args.webhooks)?;
@@ -223,6 +245,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
         registry: Some(registry.clone()),
         messages: Some(Arc::new(messages)),
         metrics,
+        references: Some(references),
         analytics: analytics.clone(),
     });
     match &shared_queue {
@@ -308,15 +331,27 @@ type WorkerSpec = (BackendMode, Option<std::path::PathBuf>, Option<std::path::Pa
 async fn start_workers(
     args: &ServeArgs,
     models_root: Option<&std::path::Path>,
+    cache_root: Option<&std::path::Path>,
     scratch: Option<tempfile::TempDir>,
 ) -> Result<(Vec<WorkerSpec>, Vec<crate::app::simulate::SimulatedComfy>)> {
     if args.simulate {
         let root = models_root.context("simulate mode has a models folder")?;
+        // The double reads the volume as its models folder and the model cache through
+        // extra_model_paths, as a ComfyUI flowhost starts does.
+        let extra_model_paths = match cache_root {
+            Some(cache) => {
+                let file = args.cache_dir.join("extra_model_paths.yaml");
+                std::fs::create_dir_all(&args.cache_dir)?;
+                crate::models::write_extra_model_paths(None, Some(cache), &file)?;
+                Some(file)
+            }
+            None => None,
+        };
         let mut scratch = scratch;
         let (mut specs, mut sims) = (Vec::new(), Vec::new());
         for _ in 0..args.workers.max(1) {
             // The first double keeps the scratch volume alive; all share it.
-            let sim = crate::app::simulate::SimulatedComfy::start(root, scratch.take()).await?;
+            let sim = crate::app::simulate::SimulatedComfy::start(root, extra_model_paths.as_deref(), scratch.take()).await?;
             tracing::warn!(url = %sim.url(), models = %root.display(), "SIMULATED ComfyUI (test double): outputs are synthetic images, not generations");
             specs.push((BackendMode::Url(sim.url()), Some(sim.input_dir()), Some(sim.output_dir()), None));
             sims.push(sim);
@@ -333,14 +368,13 @@ async fn start_workers(
         return Ok((specs, Vec::new()));
     }
     let dir = args.comfyui_dir.clone().context("--comfyui-dir")?;
-    let extra_model_paths = match models_root {
-        Some(root) => {
-            let file = args.cache_dir.join("extra_model_paths.yaml");
-            std::fs::create_dir_all(&args.cache_dir)?;
-            crate::models::write_extra_model_paths(root, &file)?;
-            Some(file)
-        }
-        None => None,
+    let extra_model_paths = if models_root.is_some() || cache_root.is_some() {
+        let file = args.cache_dir.join("extra_model_paths.yaml");
+        std::fs::create_dir_all(&args.cache_dir)?;
+        crate::models::write_extra_model_paths(models_root, cache_root, &file)?;
+        Some(file)
+    } else {
+        None
     };
     // flowhost's output node, rewritten on every start (an upgraded flowhost ships its node).
     let flowhost_nodes = match args.output_transport {

@@ -56,12 +56,13 @@ mod with_double {
 
     impl SimulatedComfy {
         /// Start the double on 127.0.0.1 with `models` as its models folder.
-        pub async fn start(models: &Path, scratch: Option<tempfile::TempDir>) -> Result<Self> {
+        pub async fn start(models: &Path, extra_model_paths: Option<&Path>, scratch: Option<tempfile::TempDir>) -> Result<Self> {
             // Latent previews on (`--preview-method auto`), as a ComfyUI started for flowhost can
             // have them: the page and the v2 event stream show preview frames while sampling.
             let argv = vec!["main.py".to_string(), "--preview-method".to_string(), "auto".to_string()];
             let double = ComfyDouble::start_with_argv(DoubleConfig {
                 models_dir: Some(models.to_path_buf()),
+                extra_model_paths: extra_model_paths.map(Path::to_path_buf),
                 // A simulated backend may serve for days: keep a short history and no test record.
                 max_history: SIMULATED_HISTORY,
                 keep_record: false,
@@ -108,7 +109,7 @@ pub enum SimulatedComfy {}
 
 #[cfg(not(feature = "simulate"))]
 impl SimulatedComfy {
-    pub async fn start(_models: &Path, _scratch: Option<tempfile::TempDir>) -> Result<Self> {
+    pub async fn start(_models: &Path, _extra_model_paths: Option<&Path>, _scratch: Option<tempfile::TempDir>) -> Result<Self> {
         anyhow::bail!("this flowhost was built without the `simulate` feature")
     }
     pub async fn shutdown(self) {

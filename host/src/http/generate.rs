@@ -119,7 +119,7 @@ async fn handle(
     let submitted = submit_new(&state, &plugin, &headers, caller.as_ref(), &bytes, &body, dry_run, respond_async, request_id, claim.as_ref().map(|c| c.2), started, webhook, labels).await;
     let job = match submitted {
         Ok(Submitted::DryRun(response)) => return Ok(response),
-        Ok(Submitted::Job(job, plugin_build)) => (job, plugin_build),
+        Ok(Submitted::Job { job, plugin_build, fetched, pins }) => (job, plugin_build, fetched, pins),
         Err(problem) => {
             // Refused without a job: the key is free again. An internal failure leaves it
             // claimed, as on `/api/v2`: the job may exist, and a retry must find it.
@@ -132,7 +132,17 @@ async fn handle(
             return Err(problem);
         }
     };
-    let (job, plugin_build) = job;
+    let (job, plugin_build, fetched, pins) = job;
+    let job = *job;
+    // The job's fetched model files stay pinned in the cache until it ends (the runner pins
+    // them again for the run; this covers its time in the queue).
+    if !pins.is_empty() {
+        let (jobs, id) = (state.jobs.clone(), job.id);
+        tokio::spawn(async move {
+            let _ = jobs.wait(id, None).await;
+            drop(pins);
+        });
+    }
     if respond_async {
         return Ok(accepted(&job, &headers));
     }
@@ -144,25 +154,29 @@ async fn handle(
         guard.disarm();
     }
     let done = done.map_err(|f| job_errors::problem(&f, Some(&plugin.manifest.name)))?;
-    respond_with(&state, &plugin, &done, started, Some(plugin_build)).await
+    respond_with(&state, &plugin, &done, started, Some((plugin_build, fetched))).await
 }
 
 enum Submitted {
     DryRun(Response),
-    Job(Job, std::time::Duration),
+    /// The admitted job, how long the plugin's build and the fetches of files named by
+    /// reference took, and the pins holding its model files in the cache.
+    Job { job: Box<Job>, plugin_build: Duration, fetched: Duration, pins: Vec<crate::models::cache::Pinned> },
 }
 
 /// `Server-Timing` of a generation, every phase of it named so that a slow request shows where
-/// the time went: `build` (the plugin), `queue` (flowhost's queue), `prepare` (uploads, waiting
+/// the time went: `build` (the plugin), `fetch` (files the request names by reference: models
+/// into the cache, images by URL or asset), `queue` (flowhost's queue), `prepare` (uploads, waiting
 /// for the ComfyUI websocket, preflight, submission and ComfyUI's own queue), `comfyui`
 /// (execution), `encode` (fetching, encoding and storing the outputs) and `total` (as the caller
 /// waited, from the first byte of the request). Outside the sum: `comfyui_clock`, the execution
 /// by ComfyUI's own stamps (its messages can reach us late: its event loop waits on the GIL).
-fn server_timing(m: &crate::jobs::JobMetrics, plugin_build: Option<std::time::Duration>, total: std::time::Duration) -> String {
+fn server_timing(m: &crate::jobs::JobMetrics, timed: Option<(Duration, Duration)>, total: std::time::Duration) -> String {
     let ms = |v: Option<u64>| v.unwrap_or(0) as f64;
-    let build = plugin_build.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(ms(m.build_ms));
+    let build = timed.map(|(d, _)| d.as_secs_f64() * 1000.0).unwrap_or(ms(m.build_ms));
+    let fetch = timed.map(|(_, d)| d.as_secs_f64() * 1000.0).unwrap_or(0.0);
     let mut header = format!(
-        "build;dur={build:.2}, queue;dur={:.1}, prepare;dur={:.1}, comfyui;dur={:.1}, encode;dur={:.1}, total;dur={:.1}",
+        "build;dur={build:.2}, fetch;dur={fetch:.2}, queue;dur={:.1}, prepare;dur={:.1}, comfyui;dur={:.1}, encode;dur={:.1}, total;dur={:.1}",
         ms(m.queue_ms),
         ms(m.comfyui_queue_ms),
         ms(m.execution_ms),
@@ -228,7 +242,19 @@ async fn submit_new(
     } else {
         String::from_utf8(bytes.to_vec()).unwrap_or_else(|_| body.to_string())
     };
-    let job = match call_build(&state.call_slots, plugin.clone(), text, rand::random::<u64>(), request_id.clone()).await {
+    let seed = rand::random::<u64>();
+    let built = match call_build(&state.call_slots, plugin.clone(), text.clone(), seed, request_id.clone()).await {
+        // A file the request names is not on the volume: the volume may be stale (a LoRA a
+        // trainer committed after this container's last reload). Refresh it once and look again.
+        Err(problem) if problem.status == StatusCode::NOT_FOUND && !dry_run => match state.jobs.references().and_then(|r| r.volume_refresh.clone()) {
+            Some(refresh) if refresh.refresh(tokio::time::Instant::from_std(build_started)).await => {
+                call_build(&state.call_slots, plugin.clone(), text, seed, request_id.clone()).await
+            }
+            _ => Err(problem),
+        },
+        other => other,
+    };
+    let job = match built {
         Ok(job) => job,
         Err(problem) => return Err(fail(problem, FailureKind::WorkflowError, Some(build_started.elapsed()))),
     };
@@ -247,41 +273,59 @@ async fn submit_new(
         }
         return Ok(Submitted::DryRun(response));
     }
-    let submission = match submission_for(state, plugin, job, request_id, events.clone(), respond_async, job_id, plugin_build).await {
-        Ok(mut s) => {
+    let fetch_started = Instant::now();
+    let submission = match submission_for(state, plugin, job, caller, request_id, events.clone(), respond_async, job_id, plugin_build).await {
+        Ok((mut s, pins)) => {
             s.spec.webhook = webhook;
             s.spec.labels = labels;
             // The typed route's job is its key's too (read back through /api/v2/jobs).
             s.spec.tenant = super::v2::tenant(caller);
-            s
+            (s, pins)
         }
         Err(failure) => return Err(fail(job_errors::problem(&failure, Some(&plugin.manifest.name)), failure.failure_kind(), Some(plugin_build))),
     };
+    let (submission, pins) = submission;
+    let fetched = fetch_started.elapsed();
     match state.jobs.submit(submission).await {
-        Ok(job) => Ok(Submitted::Job(job, plugin_build)),
+        Ok(job) => Ok(Submitted::Job { job: Box::new(job), plugin_build, fetched, pins }),
         Err(failure) => Err(fail(job_errors::problem(&failure, Some(&plugin.manifest.name)), failure.failure_kind(), Some(plugin_build))),
     }
 }
 
-/// The durable job for what the plugin built: input bytes read now (so a queued
-/// job survives a restart), the deadline of a sync request fixed at admission.
+/// The durable job for what the plugin built: model files it names by reference fetched
+/// into the cache (their names and content hashes put into the graph, so the job's model key
+/// carries them) and pinned, input bytes read or fetched now (so a queued job survives a
+/// restart), the deadline of a sync request fixed at admission.
 #[allow(clippy::too_many_arguments)]
 async fn submission_for(
     state: &AppState,
     plugin: &LoadedPlugin,
-    job: PluginJob,
+    mut job: PluginJob,
+    caller: Option<&Caller>,
     request_id: String,
     events: Option<GenerationEvents>,
     respond_async: bool,
     id: Option<Uuid>,
     plugin_build: Duration,
-) -> Result<Submission, crate::jobs::JobFailure> {
+) -> Result<(Submission, Vec<crate::models::cache::Pinned>), crate::jobs::JobFailure> {
+    let viewer = super::v2::viewer(caller);
+    // Fetching counts against the request's deadline (a sync request's whole budget).
+    let deadline = tokio::time::Instant::now() + state.jobs.config().job_timeout;
+    let placed = state.jobs.place_models(&job.fetches, &viewer, deadline).await?;
+    let (files, pins): (Vec<_>, Vec<_>) = placed.into_iter().unzip();
+    crate::generation::fill_fetched(&mut job, &files);
     let (mut spec, plugin_uploads) = crate::generation::spec_for(plugin, job);
+    spec.model_files = files;
     let mut uploads = Vec::with_capacity(plugin_uploads.len());
     for upload in &plugin_uploads {
-        let inputs_dir = state.jobs.config().inputs.clone();
-        let owned = upload.clone();
-        let bytes = tokio::task::spawn_blocking(move || inputs::upload_bytes(&owned, inputs_dir.as_deref())).await.map_err(crate::jobs::JobFailure::internal)??;
+        let bytes = if let crate::plugins::UploadSource::File(file) = &upload.source {
+            let bytes = state.jobs.fetch_image(&upload.field, file, &viewer, inputs::MAX_INPUT_IMAGE_BYTES, deadline).await?;
+            inputs::check_image(&upload.field, bytes)?
+        } else {
+            let inputs_dir = state.jobs.config().inputs.clone();
+            let owned = upload.clone();
+            tokio::task::spawn_blocking(move || inputs::upload_bytes(&owned, inputs_dir.as_deref())).await.map_err(crate::jobs::JobFailure::internal)??
+        };
         let media_type = crate::media::sniff_media_type(&bytes).to_string();
         uploads.push(NewUpload { node_id: upload.node_id.clone(), input_name: upload.input_name.clone(), filename: upload.filename.clone(), bytes: bytes.into(), media_type });
     }
@@ -290,13 +334,14 @@ async fn submission_for(
     if !respond_async {
         spec.deadline = Some(SystemTime::now() + state.jobs.config().job_timeout);
     }
-    Ok(Submission {
+    let submission = Submission {
         id,
         source: JobSource::Route { route: plugin.manifest.route.clone(), plugin: plugin.manifest.name.clone(), version: plugin.manifest.version.clone() },
         spec,
         uploads,
         build_ms: Some(plugin_build.as_millis() as u64),
-    })
+    };
+    Ok((submission, pins))
 }
 
 /// A sync wait ends at the job's deadline (plus a moment for the runner's own
@@ -352,7 +397,7 @@ fn accepted(job: &Job, headers: &HeaderMap) -> Response {
 }
 
 /// A terminal job as the typed route's answer: its first output's bytes, or the problem.
-async fn respond_with(state: &AppState, plugin: &LoadedPlugin, job: &Job, started: Instant, plugin_build: Option<Duration>) -> Result<Response, Problem> {
+async fn respond_with(state: &AppState, plugin: &LoadedPlugin, job: &Job, started: Instant, timed: Option<(Duration, Duration)>) -> Result<Response, Problem> {
     let job_id = HeaderValue::from_str(&job.id.to_string()).ok();
     let with_job_id = |mut problem_response: Response| {
         if let Some(v) = &job_id {
@@ -389,7 +434,7 @@ async fn respond_with(state: &AppState, plugin: &LoadedPlugin, job: &Job, starte
     if let Some(v) = job_id {
         headers.insert("x-job-id", v);
     }
-    let server_timing = server_timing(&job.metrics, plugin_build, started.elapsed());
+    let server_timing = server_timing(&job.metrics, timed, started.elapsed());
     if let Ok(v) = HeaderValue::from_str(&server_timing) {
         headers.insert("server-timing", v);
     }

@@ -42,6 +42,10 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "plugins_loaded": state.registry.snapshot().plugins().len(),
         "jobs": describe_jobs(state.jobs.store().as_ref(), state.jobs.blobs().as_ref()),
         "blob_store": blob_store_json(state.jobs.blobs().kind(), &blob_store),
+        "model_cache": state.jobs.model_cache().map(|cache| {
+            let (used, files, cap) = cache.usage();
+            json!({"used_bytes": used, "cap_bytes": cap, "files": files})
+        }),
     });
     (status_code, Json(body)).into_response()
 }

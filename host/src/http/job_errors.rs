@@ -67,6 +67,25 @@ pub fn problem(failure: &JobFailure, plugin: Option<&str>) -> Problem {
                 if *not_found { (StatusCode::NOT_FOUND, "not_found", "Not found") } else { (StatusCode::BAD_REQUEST, "invalid_request", "The request is invalid") };
             Problem::new(status, slug, title, format!("{field}: {message}")).with("errors", json!([{"field": field, "message": message}]))
         }
+        JobFailure::Fetch { field, message, reason } => {
+            use crate::jobs::failure::FetchReason;
+            let (status, slug, title) = match reason {
+                FetchReason::Malformed => (StatusCode::BAD_REQUEST, "invalid_request", "The request is invalid"),
+                FetchReason::Refused => (StatusCode::BAD_REQUEST, "destination_refused", "The URL's destination is refused"),
+                FetchReason::NotFound => (StatusCode::NOT_FOUND, "not_found", "Not found"),
+                FetchReason::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "file_too_large", "The file is too large"),
+                FetchReason::Unusable => (StatusCode::UNPROCESSABLE_ENTITY, "file_unusable", "The file cannot be used"),
+                FetchReason::Upstream => (StatusCode::BAD_GATEWAY, "fetch_failed", "The file could not be fetched"),
+                FetchReason::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout", "The file did not arrive in time"),
+                FetchReason::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "blob_store_unavailable", "Stored files cannot be read now"),
+                FetchReason::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
+            };
+            let mut p = with_plugin(Problem::new(status, slug, title, format!("{field}: {message}")).with("errors", json!([{"field": field, "message": message}])));
+            if *reason == FetchReason::Unavailable {
+                p = p.retry_after(5);
+            }
+            p
+        }
         JobFailure::InvalidWorkflow { issues, error_type, caller_fault } => {
             let nodes: Vec<Value> = issues.iter().map(issue_json).collect();
             let summary = issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");

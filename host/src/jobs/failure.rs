@@ -54,6 +54,10 @@ pub enum JobFailure {
     /// An input the job needs is unusable (bad image, missing file on the inputs volume).
     #[error("{field}: {message}")]
     Input { field: String, message: String, not_found: bool },
+    /// A file the request names by reference (a model or an image, by URL or asset) could
+    /// not be fetched or used: `reason` says whose fault and how (the edge picks the status).
+    #[error("{field}: {message}")]
+    Fetch { field: String, message: String, reason: FetchReason },
     /// The graph fails validation (flowhost's preflight or ComfyUI's).
     #[error("the workflow is invalid ({error_type}): {}", summary(issues))]
     InvalidWorkflow { issues: Vec<NodeIssue>, error_type: String, caller_fault: bool },
@@ -112,6 +116,29 @@ pub enum JobFailure {
     /// A flowhost-internal failure (store, blob store, task).
     #[error("internal error: {detail}")]
     Internal { detail: String },
+}
+
+/// Why a fetched file failed, by whose fault (each maps to one status at the edge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FetchReason {
+    /// The reference is malformed, not https, or this server takes no such reference (400).
+    Malformed,
+    /// The destination guard refused the URL or a redirect (400).
+    Refused,
+    /// No such asset or volume file (404).
+    NotFound,
+    /// Larger than the cap (413).
+    TooLarge,
+    /// The bytes do not match the digest named, or are no file of the kind needed (422).
+    Unusable,
+    /// The upstream server failed or answered an error (502).
+    Upstream,
+    /// The deadline passed while fetching (504).
+    Timeout,
+    /// Flowhost's own storage failed (500) or the blob store is unreachable (503).
+    Internal,
+    Unavailable,
 }
 
 /// Where a job stood when its deadline passed.
@@ -195,6 +222,13 @@ impl JobFailure {
             JobFailure::ComfyStarting { .. } => "comfyui_starting",
             JobFailure::NotReady { .. } => "endpoint_not_ready",
             JobFailure::Input { .. } => "invalid_input",
+            JobFailure::Fetch { reason, .. } => match reason {
+                FetchReason::Malformed | FetchReason::Refused | FetchReason::Unusable | FetchReason::TooLarge => "invalid_input",
+                FetchReason::NotFound => "not_found",
+                FetchReason::Upstream => "fetch_failed",
+                FetchReason::Timeout => "timeout",
+                FetchReason::Internal | FetchReason::Unavailable => "internal",
+            },
             JobFailure::InvalidWorkflow { .. } => "invalid_workflow",
             JobFailure::ModelMissing { .. } => "model_missing",
             JobFailure::Execution { .. } => "node_execution_error",

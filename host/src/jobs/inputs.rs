@@ -24,9 +24,16 @@ pub fn upload_bytes(upload: &PluginUpload, inputs: Option<&Path>) -> Result<Vec<
             }
             std::fs::read(&path).map_err(|_| missing(&upload.field, relative))?
         }
+        // Fetched by the host before (`JobService::fetch_image`), never read from here.
+        UploadSource::File(_) => return Err(JobFailure::internal(format!("{}: a fetched image reached the file reader", upload.field))),
     };
+    check_image(&upload.field, bytes)
+}
+
+/// `bytes` if they are an image, else a 400 naming `field`.
+pub fn check_image(field: &str, bytes: Vec<u8>) -> Result<Vec<u8>, JobFailure> {
     if !sniff_media_type(&bytes).starts_with("image/") {
-        return Err(invalid(&upload.field, "is not a PNG, JPEG, WEBP or GIF image".to_string()));
+        return Err(invalid(field, "is not a PNG, JPEG, WEBP or GIF image".to_string()));
     }
     Ok(bytes)
 }

@@ -23,6 +23,7 @@
 //! | `get_asset(id, viewer)` / `open_asset(asset, Some((start, Some(end_inclusive))))` (a stream) / `delete_asset(id)` / `list_assets(limit, offset)` | records and (ranged) bytes; `RangeNotSatisfiable { size }` |
 //! | `check_ready(&plugin)`, `health(..)`, `retry_after().await`, `queue_depth().await` | readiness, health, queue state |
 //! | `pool()` / `backend()` | the ComfyUI workers / the one that speaks for them (first serving) |
+//! | `place_models(&fetches, viewer, deadline)` / `fetch_image(field, &file, viewer, max, deadline)` | files a request names by reference ([`references`]): model files into the model cache, pinned (→ `spec.model_files`), images by URL or asset; `JobFailure::Fetch { field, reason }` |
 //!
 //! Where jobs wait: [`queue::WorkQueue`] (in memory: [`queue::LocalQueue`]); which one a
 //! free worker takes: [`affinity::pick`] (oldest of its loaded model set, unless a job
@@ -51,6 +52,7 @@ pub mod progress;
 pub mod queue;
 pub mod readiness;
 pub mod recovery;
+pub mod references;
 pub mod runner;
 pub mod service;
 pub mod shared_queue;
@@ -65,7 +67,7 @@ pub use failure::JobFailure;
 pub use affinity::{Candidate, DispatchPolicy, DispatchRule};
 pub use pool::{ComfyWorker, WorkerPool};
 pub use queue::{LocalQueue, WorkQueue};
-pub use model::{Asset, AssetRole, Job, JobEvent, JobMetrics, JobSource, JobSpec, JobStatus, OutputEncoding, Progress, UploadSpec};
+pub use model::{Asset, AssetRole, Job, JobEvent, JobMetrics, JobSource, JobSpec, JobStatus, ModelFileSpec, OutputEncoding, Progress, StoredSource, UploadSpec};
 pub use readiness::{HealthReport, plugin_needs};
 pub use service::{
     CancelOnDrop, JobConfig, JobService, JobServiceParts, NewUpload, Queue, SpeedRouting,

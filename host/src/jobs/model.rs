@@ -126,6 +126,31 @@ pub struct UploadSpec {
     pub hash: String,
 }
 
+/// A model file the job loads from the model cache, fetched by reference when the job was
+/// admitted: where its cached name goes, its content hash, and where to fetch it again (the
+/// runner places it before the run, so a job claimed by another instance, or one whose file
+/// was evicted across a restart, finds it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelFileSpec {
+    /// The request field that named it (errors name it).
+    pub field: String,
+    pub folder: String,
+    pub node_id: String,
+    pub input_name: String,
+    /// Lowercase hex of the file's blake3: its name in the cache.
+    pub blake3: String,
+    pub source: StoredSource,
+}
+
+/// Where a cached model file's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StoredSource {
+    Url { url: String },
+    /// A blob of the blob store (`blake3:<hex>`, an uploaded asset's).
+    Blob { hash: String },
+}
+
 /// Everything needed to run the job, persisted with it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
@@ -133,6 +158,10 @@ pub struct JobSpec {
     pub workflow: Map<String, Value>,
     #[serde(default)]
     pub uploads: Vec<UploadSpec>,
+    /// Model files from the model cache (names already in `workflow`), placed again
+    /// before the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model_files: Vec<ModelFileSpec>,
     /// Output node ids whose media are the job's outputs; empty = the last node that made media.
     #[serde(default)]
     pub outputs: Vec<String>,
@@ -187,6 +216,7 @@ impl JobSpec {
         JobSpec {
             workflow,
             uploads: Vec::new(),
+            model_files: Vec::new(),
             outputs: Vec::new(),
             encoding: OutputEncoding::Original,
             caller_nodes: Vec::new(),

@@ -300,6 +300,15 @@ impl JobService {
         }
         let phase_started = Instant::now();
         let mut workflow = job.spec.workflow.clone();
+        // Model files fetched by reference at admission, pinned for the run: a cache hit,
+        // or fetched again where this instance never had them (a shared queue) or they were
+        // evicted across a restart.
+        let _model_pins = if job.spec.model_files.is_empty() {
+            Vec::new()
+        } else {
+            phase.set(RunPhase::Upload);
+            self.replace_models(&job.spec.model_files, tokio::time::Instant::from_std(deadline)).await?
+        };
         let subfolder = upload_subfolder(job.id);
         if !job.spec.uploads.is_empty() {
             phase.set(RunPhase::Upload);

@@ -167,6 +167,8 @@ pub struct JobService {
     pub analytics: Analytics,
     /// Webhooks (issue #14).
     pub(super) transition_messages: Option<Arc<dyn TransitionMessages>>,
+    /// Fetching files named by reference: the guarded fetcher and the model cache (issue #24).
+    pub(super) references: Option<super::references::References>,
 }
 
 /// Where queued jobs wait.
@@ -191,6 +193,9 @@ pub struct JobServiceParts {
     pub registry: Option<Arc<PluginRegistry>>,
     /// Who makes a state change's webhook messages (none: no webhooks).
     pub messages: Option<Arc<dyn TransitionMessages>>,
+    /// The guarded fetcher and the model cache for files named by reference (none: a
+    /// reference is refused as unsupported here).
+    pub references: Option<super::references::References>,
     pub metrics: Metrics,
     pub analytics: Analytics,
 }
@@ -231,6 +236,7 @@ impl JobService {
             models,
             registry: None,
             messages: None,
+            references: None,
             metrics,
             analytics,
         })
@@ -247,6 +253,7 @@ impl JobService {
             models,
             registry,
             messages,
+            references,
             metrics,
             analytics,
         } = parts;
@@ -273,6 +280,7 @@ impl JobService {
             metrics,
             analytics,
             transition_messages: messages,
+            references,
         })
     }
 

@@ -52,10 +52,34 @@ pub fn render_extra_model_paths(volume_root: &Path) -> anyhow::Result<String> {
     Ok(yaml)
 }
 
-/// Write `extra_model_paths.yaml` for the volume at `volume_root` to `out_file`,
-/// replacing it atomically (temporary file in the same directory, then rename).
-pub fn write_extra_model_paths(volume_root: &Path, out_file: &Path) -> anyhow::Result<()> {
-    let yaml = render_extra_model_paths(volume_root)?;
+/// The section naming the model cache (`--model-cache`): each folder the cache places
+/// files in, so ComfyUI lists them as `flowhost-cache/<blake3>.safetensors`.
+pub const CACHE_SECTION: &str = "flowhost_model_cache";
+
+/// The YAML text of the model cache's section.
+pub fn render_model_cache_section(cache_root: &Path) -> anyhow::Result<String> {
+    let root = std::path::absolute(cache_root).with_context(|| format!("making the model cache path {} absolute", cache_root.display()))?;
+    let root = root.to_str().with_context(|| format!("the model cache path {} is not UTF-8; ComfyUI's YAML cannot name it", root.display()))?;
+    let mut yaml = String::new();
+    let _ = writeln!(yaml, "{CACHE_SECTION}:");
+    let _ = writeln!(yaml, "    base_path: {}", yaml_scalar(root));
+    for folder in super::cache::FOLDERS {
+        let _ = writeln!(yaml, "    {folder}: {folder}");
+    }
+    Ok(yaml)
+}
+
+/// Write `extra_model_paths.yaml` for the volume at `volume_root` and the model cache at
+/// `cache_root` (either may be absent) to `out_file`, replacing it atomically (temporary
+/// file in the same directory, then rename).
+pub fn write_extra_model_paths(volume_root: Option<&Path>, cache_root: Option<&Path>, out_file: &Path) -> anyhow::Result<()> {
+    let mut yaml = match volume_root {
+        Some(root) => render_extra_model_paths(root)?,
+        None => String::from("# Written by flowhost at startup.\n"),
+    };
+    if let Some(cache) = cache_root {
+        yaml.push_str(&render_model_cache_section(cache)?);
+    }
     let dir = match out_file.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
@@ -122,6 +146,16 @@ mod tests {
     }
 
     #[test]
+    fn the_model_cache_is_a_section_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("extra_model_paths.yaml");
+        write_extra_model_paths(Some(Path::new("/root/models")), Some(Path::new("/cache")), &out).unwrap();
+        let written = std::fs::read_to_string(&out).unwrap();
+        assert!(written.ends_with("flowhost_model_cache:\n    base_path: /cache\n    loras: loras\n"), "{written}");
+        assert!(written.starts_with("# Written by flowhost"), "{written}");
+    }
+
+    #[test]
     fn a_volume_path_with_spaces_or_quotes_is_quoted() {
         let yaml = render_extra_model_paths(Path::new("/mnt/my models/\"x\"")).unwrap();
         assert!(
@@ -135,7 +169,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("extra_model_paths.yaml");
         std::fs::write(&out, "stale").unwrap();
-        write_extra_model_paths(Path::new("/root/models"), &out).unwrap();
+        write_extra_model_paths(Some(Path::new("/root/models")), None, &out).unwrap();
         let written = std::fs::read_to_string(&out).unwrap();
         assert_eq!(
             written,
@@ -146,7 +180,8 @@ mod tests {
     #[test]
     fn an_unwritable_destination_names_the_file() {
         let error = write_extra_model_paths(
-            Path::new("/root/models"),
+            Some(Path::new("/root/models")),
+            None,
             Path::new("/nonexistent-dir/extra.yaml"),
         )
         .unwrap_err();

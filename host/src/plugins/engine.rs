@@ -15,7 +15,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::budget::HostBudget;
 use super::sandbox::SandboxState;
-use super::{since_v0_1, since_v0_2};
+use super::{since_v0_1, since_v0_2, since_v0_3};
 
 /// `anyhow::Context` for `wasmtime::Result` (wasmtime 48 has its own error type).
 pub(crate) trait WasmtimeContext<T> {
@@ -154,6 +154,7 @@ fn build_linker(engine: &Engine) -> Result<Linker<SandboxState>> {
     // minors are distinct semver tracks, so the linker keeps both).
     since_v0_1::add_to_linker(&mut linker).wt_context("linking the flowhost host interface 0.1")?;
     since_v0_2::add_to_linker(&mut linker).wt_context("linking the flowhost host interface 0.2")?;
+    since_v0_3::add_to_linker(&mut linker).wt_context("linking the flowhost host interface 0.3")?;
     Ok(linker)
 }
 

@@ -14,13 +14,14 @@ use super::engine::PluginEngine;
 use super::lifting::LiftError;
 use super::manifest::{RawJob, RawManifest};
 use super::sandbox::SandboxState;
-use super::{since_v0_1, since_v0_2};
+use super::{since_v0_1, since_v0_2, since_v0_3};
 
 /// The contract versions this host serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandlerType {
     V0_1,
     V0_2,
+    V0_3,
 }
 
 /// An interface name as the component model spells it: `ns:pkg/iface@version`.
@@ -84,6 +85,7 @@ impl HandlerType {
         let handler = match (major, minor) {
             (0, 1) => HandlerType::V0_1,
             (0, 2) => HandlerType::V0_2,
+            (0, 3) => HandlerType::V0_3,
             _ => {
                 return Err(format!(
                     "exports {export}; this host supports {CONTRACT_PACKAGE} {SUPPORTED_RANGE}: rebuild the plugin against \
@@ -113,6 +115,7 @@ impl HandlerType {
 pub enum Handler {
     V0_1(since_v0_1::Handler),
     V0_2(since_v0_2::Handler),
+    V0_3(since_v0_3::Handler),
 }
 
 impl Handler {
@@ -120,6 +123,7 @@ impl Handler {
         Ok(match kind {
             HandlerType::V0_1 => Handler::V0_1(since_v0_1::Handler::new(pre)?),
             HandlerType::V0_2 => Handler::V0_2(since_v0_2::Handler::new(pre)?),
+            HandlerType::V0_3 => Handler::V0_3(since_v0_3::Handler::new(pre)?),
         })
     }
 
@@ -127,6 +131,7 @@ impl Handler {
         match self {
             Handler::V0_1(h) => h.describe(store),
             Handler::V0_2(h) => h.describe(store),
+            Handler::V0_3(h) => h.describe(store),
         }
     }
 
@@ -135,6 +140,7 @@ impl Handler {
         match self {
             Handler::V0_1(h) => h.build(store, body, seed, request_id, cap),
             Handler::V0_2(h) => h.build(store, body, seed, request_id, cap),
+            Handler::V0_3(h) => h.build(store, body, seed, request_id, cap),
         }
     }
 
@@ -142,6 +148,7 @@ impl Handler {
         match self {
             Handler::V0_1(h) => h.explain_failure(store, failure),
             Handler::V0_2(h) => h.explain_failure(store, failure),
+            Handler::V0_3(h) => h.explain_failure(store, failure),
         }
     }
 }

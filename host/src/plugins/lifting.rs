@@ -28,7 +28,7 @@ use wasmtime::component::{ComponentType, Lift};
 
 use super::budget::{CallShare, Refusal};
 use super::calls::{BuildError, FieldError, UserError};
-use super::manifest::{Lora, ModelRef, ModelSet, ModelSetSource, OutputFormat, PluginUpload, RawJob, SamplerProgress, UploadSource, caps};
+use super::manifest::{FileRef, FileSource, Lora, ModelFetch, ModelRef, ModelSet, ModelSetSource, OutputFormat, PluginUpload, RawJob, SamplerProgress, UploadSource, caps};
 
 /// Longest error text copied from a plugin, bytes (answers cut further, to 500 characters).
 pub const MAX_ERROR_TEXT_BYTES: usize = 1024;
@@ -72,6 +72,7 @@ fn limit_of(what: &str) -> String {
         "workflow" => format!("at most {} bytes", MAX_WORKFLOW_BYTES),
         "analytics" => format!("at most {} bytes", MAX_ANALYTICS_BYTES),
         "uploads" => format!("at most {} are allowed per job", caps::MAX_UPLOADS_PER_JOB),
+        "fetches" => format!("at most {} are allowed per job", caps::MAX_FETCHES_PER_JOB),
         "outputs" | "caller_nodes" => format!("at most {MAX_NODE_IDS} entries"),
         "models.loras" | "models.others" | "progress" => format!("at most {MAX_ENTRIES} entries"),
         _ => "the call's cap".into(),
@@ -270,6 +271,66 @@ impl Unit for GUpload {
     const BYTES: usize = std::mem::size_of::<PluginUpload>();
 }
 
+/// 0.3's file reference.
+#[derive(ComponentType, Lift)]
+#[component(variant)]
+pub enum GFileSource {
+    #[component(name = "url")]
+    Url(Guarded<String, { crate::net::destination::MAX_URL_BYTES }>),
+    #[component(name = "asset")]
+    Asset(Guarded<String, { caps::MAX_NAME_BYTES }>),
+}
+
+#[derive(ComponentType, Lift)]
+#[component(record)]
+pub struct GFileRef {
+    source: GFileSource,
+    sha256: Option<Guarded<String, { caps::MAX_NAME_BYTES }>>,
+    blake3: Option<Guarded<String, { caps::MAX_NAME_BYTES }>>,
+}
+
+/// 0.3's image source: 0.2's plus `file`.
+#[derive(ComponentType, Lift)]
+#[component(variant)]
+pub enum GImageSourceV0_3 {
+    #[component(name = "bytes")]
+    Bytes(Guarded<Vec<u8>>),
+    #[component(name = "input-path")]
+    InputPath(Text),
+    #[component(name = "file")]
+    File(GFileRef),
+}
+
+#[derive(ComponentType, Lift)]
+#[component(record)]
+pub struct GUploadV0_3 {
+    field: Text,
+    filename: Text,
+    source: GImageSourceV0_3,
+    #[component(name = "node-id")]
+    node_id: Text,
+    #[component(name = "input-name")]
+    input_name: Text,
+}
+impl Unit for GUploadV0_3 {
+    const BYTES: usize = std::mem::size_of::<PluginUpload>();
+}
+
+#[derive(ComponentType, Lift)]
+#[component(record)]
+pub struct GModelFetch {
+    field: Text,
+    folder: Text,
+    file: GFileRef,
+    #[component(name = "node-id")]
+    node_id: Text,
+    #[component(name = "input-name")]
+    input_name: Text,
+}
+impl Unit for GModelFetch {
+    const BYTES: usize = std::mem::size_of::<ModelFetch>();
+}
+
 #[derive(ComponentType, Lift)]
 #[component(record)]
 pub struct GLora {
@@ -356,6 +417,24 @@ pub struct JobV0_2 {
     progress: Entries<GSamplerProgress>,
 }
 
+/// `job` of contract 0.3: 0.2's fields, uploads that may name a file, and model fetches.
+#[derive(ComponentType, Lift)]
+#[component(record)]
+pub struct JobV0_3 {
+    workflow: Guarded<String, MAX_WORKFLOW_BYTES>,
+    uploads: Guarded<Vec<GUploadV0_3>, { caps::MAX_UPLOADS_PER_JOB * std::mem::size_of::<PluginUpload>() }>,
+    outputs: NodeIds,
+    #[component(name = "output-format")]
+    output_format: GOutputFormat,
+    seed: Option<u64>,
+    analytics: Guarded<String, MAX_ANALYTICS_BYTES>,
+    #[component(name = "caller-nodes")]
+    caller_nodes: NodeIds,
+    models: GModelSet,
+    progress: Entries<GSamplerProgress>,
+    fetches: Guarded<Vec<GModelFetch>, { caps::MAX_FETCHES_PER_JOB * std::mem::size_of::<ModelFetch>() }>,
+}
+
 #[derive(ComponentType, Lift)]
 #[component(record)]
 pub struct GFieldError {
@@ -423,6 +502,33 @@ fn uploads(list: Guarded<Vec<GUpload>, { caps::MAX_UPLOADS_PER_JOB * std::mem::s
         .collect()
 }
 
+fn file_ref(f: GFileRef) -> Result<FileRef, &'static str> {
+    let source = match f.source {
+        GFileSource::Url(url) => FileSource::Url(take(url, "file URL")?),
+        GFileSource::Asset(asset) => FileSource::Asset(take(asset, "file asset")?),
+    };
+    Ok(FileRef { source, sha256: f.sha256.map(|d| take(d, "file sha256")).transpose()?, blake3: f.blake3.map(|d| take(d, "file blake3")).transpose()? })
+}
+
+fn uploads_v0_3(list: Guarded<Vec<GUploadV0_3>, { caps::MAX_UPLOADS_PER_JOB * std::mem::size_of::<PluginUpload>() }>) -> Result<Vec<PluginUpload>, &'static str> {
+    take(list, "uploads")?
+        .into_iter()
+        .map(|u| {
+            Ok(PluginUpload {
+                field: take(u.field, "upload field")?,
+                filename: take(u.filename, "upload filename")?,
+                source: match u.source {
+                    GImageSourceV0_3::Bytes(b) => UploadSource::Bytes(take(b, "upload bytes")?),
+                    GImageSourceV0_3::InputPath(p) => UploadSource::InputPath(take(p, "upload input path")?),
+                    GImageSourceV0_3::File(f) => UploadSource::File(file_ref(f)?),
+                },
+                node_id: take(u.node_id, "upload node id")?,
+                input_name: take(u.input_name, "upload input name")?,
+            })
+        })
+        .collect()
+}
+
 fn output_format(f: GOutputFormat) -> OutputFormat {
     match f {
         GOutputFormat::Jpeg => OutputFormat::Jpeg,
@@ -450,6 +556,7 @@ impl JobV0_1 {
             // 0.1.0 says nothing about models or progress: the host infers the set.
             models: None,
             progress: Vec::new(),
+            fetches: Vec::new(),
         })
     }
 }
@@ -484,6 +591,52 @@ impl JobV0_2 {
             caller_nodes,
             models: Some(ModelSet { base, loras, others, source: ModelSetSource::Declared }),
             progress,
+            fetches: Vec::new(),
+        })
+    }
+}
+
+impl JobV0_3 {
+    /// The job, or the field that was refused while lifting (taken in lift order, as for 0.2).
+    pub fn into_raw(self) -> Result<RawJob, &'static str> {
+        let workflow = take(self.workflow, "workflow")?;
+        let uploads = uploads_v0_3(self.uploads)?;
+        let outputs = strings(self.outputs, "outputs")?;
+        let analytics = take(self.analytics, "analytics")?;
+        let caller_nodes = strings(self.caller_nodes, "caller_nodes")?;
+        let base = self.models.base.map(model_ref).transpose()?;
+        let loras = take(self.models.loras, "models.loras")?
+            .into_iter()
+            .map(|l| Ok(Lora { model: model_ref(l.model)?, strength_model: l.strength_model, strength_clip: l.strength_clip }))
+            .collect::<Result<Vec<_>, &'static str>>()?;
+        let others = take(self.models.others, "models.others")?.into_iter().map(model_ref).collect::<Result<Vec<_>, _>>()?;
+        let progress = take(self.progress, "progress")?
+            .into_iter()
+            .map(|p| Ok(SamplerProgress { node_id: take(p.node_id, "progress node id")?, steps: p.steps }))
+            .collect::<Result<Vec<_>, &'static str>>()?;
+        let fetches = take(self.fetches, "fetches")?
+            .into_iter()
+            .map(|f| {
+                Ok(ModelFetch {
+                    field: take(f.field, "fetch field")?,
+                    folder: take(f.folder, "fetch folder")?,
+                    file: file_ref(f.file)?,
+                    node_id: take(f.node_id, "fetch node id")?,
+                    input_name: take(f.input_name, "fetch input name")?,
+                })
+            })
+            .collect::<Result<Vec<_>, &'static str>>()?;
+        Ok(RawJob {
+            workflow,
+            uploads,
+            outputs,
+            output_format: output_format(self.output_format),
+            seed: self.seed,
+            analytics,
+            caller_nodes,
+            models: Some(ModelSet { base, loras, others, source: ModelSetSource::Declared }),
+            progress,
+            fetches,
         })
     }
 }

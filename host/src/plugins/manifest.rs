@@ -25,6 +25,8 @@ pub mod caps {
     pub const MAX_UPLOADS_PER_JOB: usize = 16;
     /// Most bytes the uploads of one job may carry in all.
     pub const MAX_UPLOAD_BYTES_PER_JOB: usize = 64 << 20;
+    /// Most model files one job may have fetched (contract 0.3+).
+    pub const MAX_FETCHES_PER_JOB: usize = 8;
 }
 
 fn check_list<'a>(what: &str, items: impl ExactSizeIterator<Item = &'a str>) -> Result<()> {
@@ -67,7 +69,7 @@ fn check_uploads(uploads: &[PluginUpload]) -> Result<()> {
     if uploads.len() > caps::MAX_UPLOADS_PER_JOB {
         bail!("the job asks for {} uploads; at most {} are allowed per job", uploads.len(), caps::MAX_UPLOADS_PER_JOB);
     }
-    let bytes: usize = uploads.iter().map(|u| match &u.source { UploadSource::Bytes(b) => b.len(), UploadSource::InputPath(_) => 0 }).sum();
+    let bytes: usize = uploads.iter().map(|u| match &u.source { UploadSource::Bytes(b) => b.len(), UploadSource::InputPath(_) | UploadSource::File(_) => 0 }).sum();
     if bytes > caps::MAX_UPLOAD_BYTES_PER_JOB {
         bail!("the job's uploads carry {bytes} bytes; at most {} are allowed per job", caps::MAX_UPLOAD_BYTES_PER_JOB);
     }
@@ -197,6 +199,8 @@ pub struct RawJob {
     /// `None` for contract 0.1 (the host infers it from the workflow).
     pub models: Option<ModelSet>,
     pub progress: Vec<SamplerProgress>,
+    /// Contract 0.3+: model files the host fetches for the job.
+    pub fetches: Vec<ModelFetch>,
 }
 
 /// A plugin's manifest, validated: name, route and version are well-formed and
@@ -304,6 +308,58 @@ pub enum UploadSource {
     Bytes(Vec<u8>),
     /// Relative to the inputs volume; resolved by the host.
     InputPath(String),
+    /// A file the host fetches (a URL or an uploaded asset; contract 0.3+).
+    File(FileRef),
+}
+
+/// Where a file the host fetches for a job comes from (contract 0.3+), as the caller named it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileSource {
+    /// An https URL (http only for an allow-listed host).
+    Url(String),
+    /// An uploaded asset: its id (UUID) or content hash (`blake3:<hex>`).
+    Asset(String),
+}
+
+/// A fetched file's source and the digests its bytes must have (as given: checked by the host).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileRef {
+    pub source: FileSource,
+    pub sha256: Option<String>,
+    pub blake3: Option<String>,
+}
+
+/// A model file the request names by reference: fetched into the model cache and its
+/// cached name written into `workflow[node_id].inputs[input_name]` (contract 0.3+).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelFetch {
+    /// The request field the reference came from, named in errors.
+    pub field: String,
+    /// The model folder (`loras`).
+    pub folder: String,
+    pub file: FileRef,
+    pub node_id: String,
+    pub input_name: String,
+}
+
+/// The job's model fetches against [`caps`] and the workflow.
+fn check_fetches(fetches: &[ModelFetch], workflow: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    if fetches.len() > caps::MAX_FETCHES_PER_JOB {
+        bail!("the job asks for {} model fetches; at most {} are allowed per job", fetches.len(), caps::MAX_FETCHES_PER_JOB);
+    }
+    for f in fetches {
+        if !crate::models::cache::FOLDERS.contains(&f.folder.as_str()) {
+            bail!("a model fetch for field {:?} names folder {:?}; fetched models go to {}", f.field, f.folder, crate::models::cache::FOLDERS.join(", "));
+        }
+        let Some(node) = workflow.get(&f.node_id) else {
+            bail!("the model fetch for field {:?} targets node {:?}, which is not in the workflow", f.field, f.node_id);
+        };
+        if !node.get("inputs").and_then(|inputs| inputs.get(&f.input_name)).is_some_and(serde_json::Value::is_string) {
+            bail!("the model fetch for field {:?} targets input {:?} of node {:?}, which holds no placeholder text", f.field, f.input_name, f.node_id);
+        }
+    }
+    Ok(())
 }
 
 /// An image to upload before submission.
@@ -340,6 +396,8 @@ pub struct PluginJob {
     pub models: ModelSet,
     /// Sampler nodes and their steps (empty: no hint).
     pub progress: Vec<SamplerProgress>,
+    /// Model files fetched by reference before submission (contract 0.3+).
+    pub fetches: Vec<ModelFetch>,
 }
 
 impl PluginJob {
@@ -373,6 +431,7 @@ impl PluginJob {
                 bail!("progress hint names node {:?}, which is not in the workflow", p.node_id);
             }
         }
+        check_fetches(&job.fetches, &workflow)?;
         let models = match job.models {
             Some(models) => ModelSet { source: ModelSetSource::Declared, ..models },
             None => ModelSet::inferred_from_workflow(&workflow),
@@ -396,6 +455,7 @@ impl PluginJob {
             caller_nodes: job.caller_nodes,
             models,
             progress: job.progress,
+            fetches: job.fetches,
         })
     }
 
@@ -411,8 +471,10 @@ impl PluginJob {
                 "source": match &u.source {
                     UploadSource::Bytes(b) => serde_json::json!({"bytes": b.len()}),
                     UploadSource::InputPath(p) => serde_json::json!({"input_path": p}),
+                    UploadSource::File(f) => serde_json::json!({"file": f}),
                 },
             })).collect::<Vec<_>>(),
+            "fetches": self.fetches,
             "outputs": self.outputs,
             "output_format": self.output_format,
             "seed": self.seed,
@@ -469,6 +531,7 @@ mod tests {
             caller_nodes: vec![],
             models: None,
             progress: vec![],
+            fetches: vec![],
         }
     }
 
@@ -529,6 +592,33 @@ mod tests {
         assert_eq!(set.loras.len(), 1);
         assert_eq!((set.loras[0].model.name.as_str(), set.loras[0].strength_model, set.loras[0].strength_clip), ("a.safetensors", 0.8, 0.5));
         assert_eq!(set.others, vec![ModelRef { folder: "vae".into(), name: "ae.safetensors".into() }]);
+    }
+
+    #[test]
+    fn a_model_fetch_must_target_a_placeholder_in_the_graph_and_a_cache_folder() {
+        let fetch = |folder: &str, node: &str, input: &str| ModelFetch {
+            field: "lora".into(),
+            folder: folder.into(),
+            file: FileRef { source: FileSource::Url("https://example.com/a.safetensors".into()), sha256: None, blake3: None },
+            node_id: node.into(),
+            input_name: input.into(),
+        };
+        let with = |fetches: Vec<ModelFetch>| RawJob {
+            workflow: r#"{"1": {"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": "lora@fetch"}}}"#.into(),
+            fetches,
+            ..job(0, 0)
+        };
+        assert_eq!(PluginJob::from_raw(with(vec![fetch("loras", "1", "lora_name")])).unwrap().fetches.len(), 1);
+        for (bad, says) in [
+            (fetch("checkpoints", "1", "lora_name"), "names folder"),
+            (fetch("loras", "9", "lora_name"), "not in the workflow"),
+            (fetch("loras", "1", "strength_model"), "no placeholder"),
+        ] {
+            let err = format!("{:#}", PluginJob::from_raw(with(vec![bad])).unwrap_err());
+            assert!(err.contains(says), "{err}");
+        }
+        let err = format!("{:#}", PluginJob::from_raw(with(vec![fetch("loras", "1", "lora_name"); caps::MAX_FETCHES_PER_JOB + 1])).unwrap_err());
+        assert!(err.contains(&format!("at most {}", caps::MAX_FETCHES_PER_JOB)), "{err}");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! - [`budget`]: the bound on what all calls in flight together make the host hold.
 //! - [`lifting`]: a call's answer measured in guest memory before it is copied.
 //! - [`handler`]: which contract version a component speaks (from its exports),
-//!   dispatching to [`since_v0_1`] / [`since_v0_2`], each generated from its
+//!   dispatching to [`since_v0_1`] / [`since_v0_2`] / [`since_v0_3`], each generated from its
 //!   frozen `wit/deps/flowhost-plugin@*` and adapting into [`manifest`]'s model.
 //! - [`compiled_cache`]: compiled components on disk, so restarts skip Cranelift.
 //! - [`loader`]: file → checked, described, pre-instantiated [`LoadedPlugin`].
@@ -36,11 +36,12 @@ pub mod route_owners;
 pub mod sandbox;
 pub mod since_v0_1;
 pub mod since_v0_2;
+pub mod since_v0_3;
 pub mod watcher;
 
 pub use engine::{PluginEngine, PluginLimits};
 pub use loader::{CallError, LoadError, LoadErrorKind, LoadedPlugin};
-pub use manifest::{Lora, ModelSet, PluginJob, PluginManifest, PluginUpload, SamplerProgress, UploadSource};
+pub use manifest::{FileRef, FileSource, Lora, ModelFetch, ModelSet, PluginJob, PluginManifest, PluginUpload, SamplerProgress, UploadSource};
 pub use registry::{PluginRegistry, PluginStatus};
 pub use sandbox::{ModelLister, NoModels};
 pub use watcher::PluginWatcher;

@@ -1,4 +1,4 @@
-//! Contract `flowhost:plugin@0.2.0` (`wit/deps/flowhost-plugin@0.2.0`, current):
+//! Contract `flowhost:plugin@0.2.0` (`wit/deps/flowhost-plugin@0.2.0`, supported):
 //! its generated bindings (for the types and `describe`), its host imports (linked
 //! by [`super::sandbox`]), and its `build` / `explain-failure` answers read through
 //! [`super::lifting`]'s unlifted mirror types into the host's internal model. Never edited once shipped except to keep

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt as _;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, LOCATION, USER_AGENT};
 
-use super::destination::{DestinationError, DestinationPolicy, VettingResolver, refusal_in};
+use crate::net::destination::{DestinationError, DestinationPolicy, VettingResolver, refusal_in};
 use super::signing::SigningKeys;
 
 /// Longest one attempt may take (connect, send, answer headers).

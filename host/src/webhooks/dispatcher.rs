@@ -184,7 +184,7 @@ async fn attempt_one(store: &dyn OutboxStore, deliverer: &Deliverer, metrics: &M
 mod tests {
     use super::*;
     use crate::events::Analytics;
-    use crate::webhooks::destination::DestinationPolicy;
+    use crate::net::destination::DestinationPolicy;
     use crate::webhooks::outbox::tests::{message, scratch_outbox};
     use crate::webhooks::signing::{SigningKeys, WebhookSecret};
     use std::sync::Mutex;
@@ -300,7 +300,7 @@ mod tests {
         handle.stop();
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].attempts, 1);
-        assert_eq!(dead[0].last_error.as_deref(), Some("the host `10.0.0.1` is not on this server's webhook allow-list"));
+        assert_eq!(dead[0].last_error.as_deref(), Some("the URL points to a private address; only public addresses are allowed"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 //! Owns delivery of job events to external URLs: who is subscribed ([`Subscription`]:
 //! a caller's `Flowhost-Webhook-Url` on an async typed request, and the operator's
 //! `--webhook-url` for every job), what is sent (`{"type", "timestamp", "data": <v2 Job>}`),
-//! the SSRF policy ([`destination`]), signing ([`signing`]), the outbox ([`outbox`]), the
+//! the SSRF policy ([`crate::net::destination`], shared with model and image fetches), signing ([`signing`]), the outbox ([`outbox`]), the
 //! retry schedule ([`schedule`]) and the background sender ([`dispatcher`]).
 //!
 //! Must never delay a generation: the job path only builds messages and inserts rows in
@@ -13,7 +13,6 @@
 //! and never store or log a secret.
 
 pub mod delivery;
-pub mod destination;
 pub mod dispatcher;
 pub mod job_messages;
 pub mod schedule;
@@ -28,7 +27,7 @@ use serde_json::{Value, json};
 /// state change and its messages commit in one transaction); this room sends them.
 pub use crate::jobs::outbox;
 pub use crate::jobs::subscription::{JobEventType, Subscription};
-use destination::{DestinationError, DestinationPolicy};
+use crate::net::destination::{self, DestinationError, DestinationPolicy};
 use dispatcher::{DispatcherConfig, DispatcherHandle};
 use outbox::{DeadLetter, NewDelivery, OutboxError, OutboxStore};
 use signing::{SigningKeys, WebhookSecret};

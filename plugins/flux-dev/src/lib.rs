@@ -125,6 +125,7 @@ impl Plugin for FluxDev {
             caller_nodes: vec![],
             models: g.model_set(),
             progress: g.sampler_progress(),
+            fetches: vec![],
         })
     }
 }

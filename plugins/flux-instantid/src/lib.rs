@@ -332,6 +332,7 @@ impl Plugin for FluxInstantId {
             caller_nodes: vec![],
             models: g.model_set(),
             progress: g.sampler_progress(),
+            fetches: vec![],
         })
     }
 
@@ -477,6 +478,13 @@ mod tests {
     }
 
     #[test]
+    fn a_reference_image_url_is_fetched_by_the_host() {
+        let job = build(json!({"prompt": "p", "reference_image": "https://example.com/face.png"})).unwrap();
+        assert!(matches!(&job.uploads[0].source, ImageSource::File(f) if f.source == flowhost_sdk::FileSource::Url("https://example.com/face.png".into())));
+        assert_eq!(job.uploads[0].field, "reference_image");
+    }
+
+    #[test]
     fn bad_reference_images_name_the_field() {
         for bad in [
             "data:image/gif;base64,R0lGODlhAQABAAAAACw=".to_string(),
@@ -484,7 +492,7 @@ mod tests {
             data_url("image/jpeg", &png_header(8, 8)),
             "../../etc/passwd".to_string(),
             "/abs/face.png".to_string(),
-            "https://example.com/face.png".to_string(),
+            "ftp://example.com/face.png".to_string(),
         ] {
             assert_eq!(
                 invalid_fields(build(json!({"prompt": "p", "reference_image": bad}))),

@@ -1,14 +1,17 @@
 //! The `/flux-lora` endpoint: Flux.1-dev text-to-image with one character LoRA.
 //!
-//! Owns the `/flux-lora` request contract: the Flux fields plus `lora_id`,
-//! `lora_strength` and `trigger_word`. The LoRA file must be `loras/{lora_id}.safetensors`
-//! as listed by the host; `lora_id` is a plain file stem, never a path. Never reads
-//! files itself.
+//! Owns the `/flux-lora` request contract: the Flux fields plus the LoRA — `lora_id`, a file
+//! of the model volume (`loras/{lora_id}.safetensors` as listed by the host; a plain file
+//! stem, never a path), or `lora`, a reference the host fetches into its model cache (an
+//! https URL or an uploaded asset, with optional `sha256`/`blake3`) — and `lora_strength`,
+//! `trigger_word`. Never reads files or opens sockets itself: a referenced LoRA is a
+//! `ModelFetch` the host carries out.
 
 use flowhost_sdk::decode::{Checks, decode};
 use flowhost_sdk::flux::{self, FluxSampling};
 use flowhost_sdk::graph::Graph;
 use flowhost_sdk::models::find_model;
+use flowhost_sdk::references::{self, FileReference};
 use flowhost_sdk::{
     BuildError, FieldError, Host, Job, Manifest, OutputFormat, Plugin, Request, schema,
     seed_or_random,
@@ -29,7 +32,10 @@ pub const TRIGGER_WORD_MAX_CHARS: usize = 200;
 #[serde(deny_unknown_fields)]
 pub struct FluxLoraRequest {
     pub prompt: String,
-    pub lora_id: String,
+    #[serde(default)]
+    pub lora_id: Option<String>,
+    #[serde(default)]
+    pub lora: Option<FileReference>,
     #[serde(default = "default_lora_strength")]
     pub lora_strength: f64,
     #[serde(default)]
@@ -94,8 +100,12 @@ fn schema_properties() -> serde_json::Map<String, serde_json::Value> {
         json!({
             "type": "string", "minLength": 1, "maxLength": LORA_ID_MAX_CHARS,
             "pattern": "^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$",
-            "description": "The LoRA to apply: the stem of `loras/{lora_id}.safetensors` (e.g. `character-123`)."
+            "description": "The LoRA to apply from the model volume: the stem of `loras/{lora_id}.safetensors` (e.g. `character-123`). Give this or `lora`."
         }),
+    );
+    p.insert(
+        "lora".into(),
+        references::schema("The LoRA to apply, by reference: `{\"url\": \"https://…/character.safetensors\"}` or `{\"asset\": \"<id or blake3:…>\"}` (a .safetensors uploaded to /api/v2/assets), optionally with `sha256`/`blake3`. Fetched once per server and cached. Give this or `lora_id`."),
     );
     p.insert(
         "lora_strength".into(),
@@ -120,7 +130,7 @@ impl Plugin for FluxLora {
             version: env!("CARGO_PKG_VERSION").into(),
             route: ROUTE.into(),
             summary: "Flux.1-dev text-to-image with a character LoRA".into(),
-            request_schema: schema::strict_object(&["prompt", "lora_id"], schema_properties())
+            request_schema: schema::strict_object(&["prompt"], schema_properties())
                 .to_string(),
             response_media_types: vec!["image/jpeg".into()],
             analytics_prefix: ANALYTICS_PREFIX.into(),
@@ -159,8 +169,19 @@ impl Plugin for FluxLora {
                 ..sampling.clone()
             },
         );
-        if let Some(problem) = lora_id_problem(&body.lora_id) {
-            checks.fail("lora_id", problem);
+        match (&body.lora_id, &body.lora) {
+            (Some(_), Some(_)) => {
+                checks.fail("lora", "give either `lora_id` (a volume file) or `lora` (a reference), not both");
+            }
+            (None, None) => {
+                checks.fail("lora_id", "give `lora_id` (a LoRA file of the model volume) or `lora` (a URL or an uploaded asset)");
+            }
+            (Some(lora_id), None) => {
+                if let Some(problem) = lora_id_problem(lora_id) {
+                    checks.fail("lora_id", problem);
+                }
+            }
+            (None, Some(reference)) => reference.check("lora", &mut checks),
         }
         checks.range("lora_strength", body.lora_strength, 0.0, 1.0);
         if let Some(trigger) = &body.trigger_word {
@@ -172,16 +193,23 @@ impl Plugin for FluxLora {
         }
         checks.finish()?;
 
-        let lora_name = format!("{}.safetensors", body.lora_id);
-        let lora_file = find_model(host, LORA_FOLDER, &lora_name).ok_or_else(|| {
-            BuildError::NotFound(FieldError {
-                field: "lora_id".into(),
-                message: format!(
-                    "no LoRA `{}`: the file {LORA_FOLDER}/{lora_name} is not on the model volume",
-                    body.lora_id
-                ),
-            })
-        })?;
+        // A volume file is looked up now (404 naming it); a reference gets a placeholder
+        // the host replaces with the fetched file's cached name.
+        let (lora_name, lora_file_size) = match (&body.lora_id, &body.lora) {
+            (Some(lora_id), _) => {
+                let lora_name = format!("{lora_id}.safetensors");
+                let file = find_model(host, LORA_FOLDER, &lora_name).ok_or_else(|| {
+                    BuildError::NotFound(FieldError {
+                        field: "lora_id".into(),
+                        message: format!(
+                            "no LoRA `{lora_id}`: the file {LORA_FOLDER}/{lora_name} is not on the model volume"
+                        ),
+                    })
+                })?;
+                (lora_name, Some(file.size))
+            }
+            _ => (references::placeholder("lora"), None),
+        };
         let models = flux::pick_flux_models(host)?;
 
         let mut g = Graph::new();
@@ -206,9 +234,14 @@ impl Plugin for FluxLora {
             "cfg": body.cfg,
             "has_seed": body.seed.is_some(),
             "lora_id": body.lora_id,
+            "lora_by_reference": body.lora.is_some(),
             "lora_strength": body.lora_strength,
-            "lora_file_size": lora_file.size,
+            "lora_file_size": lora_file_size,
         });
+        let fetches = match &body.lora {
+            Some(reference) => vec![references::model_fetch("lora", LORA_FOLDER, reference, lora.as_str(), "lora_name")],
+            None => vec![],
+        };
         Ok(Job {
             workflow: g.to_json_string(),
             uploads: vec![],
@@ -219,6 +252,7 @@ impl Plugin for FluxLora {
             caller_nodes: vec![],
             models: g.model_set(),
             progress: g.sampler_progress(),
+            fetches,
         })
     }
 }
@@ -271,6 +305,32 @@ mod tests {
         let model_id = node(&g, "KSampler")["inputs"]["model"][0].as_str().unwrap();
         assert_eq!(g[model_id]["class_type"], "LoraLoaderModelOnly");
         assert_eq!(job.seed, Some(11));
+    }
+
+    #[test]
+    fn a_lora_by_reference_is_a_fetch_the_host_fills_in() {
+        let sha = "a".repeat(64);
+        let job = build(json!({"prompt": "portrait", "lora": {"url": "https://files.example.com/alice.safetensors", "sha256": sha}})).unwrap();
+        let g = graph(&job);
+        let (id, lora) = the_node(&g, "LoraLoaderModelOnly");
+        assert_eq!(lora["inputs"]["lora_name"], "lora@fetch");
+        assert_eq!(job.fetches.len(), 1);
+        let fetch = &job.fetches[0];
+        assert_eq!((fetch.field.as_str(), fetch.folder.as_str(), fetch.node_id.as_str(), fetch.input_name.as_str()), ("lora", "loras", id.as_str(), "lora_name"));
+        assert_eq!(fetch.file.source, flowhost_sdk::FileSource::Url("https://files.example.com/alice.safetensors".into()));
+        assert_eq!(fetch.file.sha256.as_deref(), Some(sha.as_str()));
+        // The model set names the placeholder, which the host replaces with the file's hash.
+        assert_eq!(job.models.loras[0].model.name, "lora@fetch");
+        let by_asset = build(json!({"prompt": "p", "lora": {"asset": "blake3:abc"}})).unwrap();
+        assert_eq!(by_asset.fetches[0].file.source, flowhost_sdk::FileSource::Asset("blake3:abc".into()));
+    }
+
+    #[test]
+    fn a_lora_is_named_exactly_once_and_its_reference_well_formed() {
+        assert_eq!(invalid_fields(build(json!({"prompt": "p", "lora_id": "character-123", "lora": {"url": "https://x/y"}}))), vec!["lora"]);
+        assert_eq!(invalid_fields(build(json!({"prompt": "p", "lora": {"url": "https://x/y", "sha256": "abc"}}))), vec!["lora/sha256"]);
+        assert_eq!(invalid_fields(build(json!({"prompt": "p", "lora": {}}))), vec!["lora"]);
+        assert!(build(json!({"prompt": "p", "lora_id": "character-123"})).unwrap().fetches.is_empty());
     }
 
     #[test]
@@ -438,7 +498,9 @@ mod tests {
         );
         assert!(m.node_classes.iter().any(|c| c == "LoraLoaderModelOnly"));
         let s: Value = serde_json::from_str(&m.request_schema).unwrap();
-        assert_eq!(s["required"], json!(["prompt", "lora_id"]));
+        // The LoRA is `lora_id` or `lora` (exactly one, checked by `build`).
+        assert_eq!(s["required"], json!(["prompt"]));
         assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["properties"]["lora"]["type"], "object");
     }
 }

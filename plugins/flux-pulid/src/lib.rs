@@ -288,6 +288,7 @@ impl Plugin for FluxPulid {
             caller_nodes: vec![],
             models: g.model_set(),
             progress: g.sampler_progress(),
+            fetches: vec![],
         })
     }
 

@@ -455,6 +455,7 @@ impl Plugin for Workflow {
             caller_nodes,
             models,
             progress,
+            fetches: vec![],
         })
     }
 }

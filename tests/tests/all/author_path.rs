@@ -78,7 +78,7 @@ async fn quickstart(build: &str, name: &str) {
     let status = list["plugins"].as_array().unwrap().iter().find(|p| p["file"] == file.as_str()).cloned().unwrap_or(Value::Null);
     assert_eq!(status["status"], "loaded", "{list}");
     assert_eq!(status["version"], "0.1.1", "the changed build is what serves: {list}");
-    assert_eq!(status["contract"], "0.2.0", "flowhost new writes a contract 0.2.0 plugin: {list}");
+    assert_eq!(status["contract"], "0.3.0", "flowhost new writes a contract 0.3.0 plugin: {list}");
     assert!(Path::new(&dir).join("Cargo.toml").is_file());
 }
 

@@ -311,7 +311,7 @@ async fn server_timing_accounts_for_a_slow_output_fetch() {
     let header = response.headers()["server-timing"].to_str().unwrap().to_string();
     let (phases, total) = timing_phases(&header);
     let names: Vec<&str> = phases.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["build", "queue", "prepare", "comfyui", "encode"], "{header}");
+    assert_eq!(names, ["build", "fetch", "queue", "prepare", "comfyui", "encode"], "{header}");
     // The 600 ms spent fetching the output is in a phase, not lost between them.
     let encode = phases.iter().find(|(n, _)| n == "encode").unwrap().1;
     assert!(encode >= 600.0, "{header}");

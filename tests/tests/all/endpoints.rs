@@ -134,10 +134,10 @@ mod simulate {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn contract_0_2_fields_are_visible_in_plugins_and_dry_runs() {
+    async fn contract_0_2_and_0_3_fields_are_visible_in_plugins_and_dry_runs() {
         let server = start(&["--simulate"]).await;
         let flux = server.plugin_status("flux-dev.wasm").await.unwrap().unwrap();
-        assert_eq!(flux["contract"], "0.2.0", "{flux}");
+        assert_eq!(flux["contract"], "0.3.0", "{flux}");
         assert_eq!(flux["warm_up"], json!({"prompt": "warm-up", "width": 256, "height": 256, "steps": 1, "seed": 0}), "{flux}");
         let job: Value = server.post_json("/flux-lora?dry_run=true", &json!({"prompt": "p", "lora_id": "character-123", "lora_strength": 0.6, "steps": 7})).await.unwrap().json().await.unwrap();
         assert_eq!(job["models"]["source"], "declared", "{job}");
@@ -147,6 +147,7 @@ mod simulate {
         let sampler = job["progress"][0]["node_id"].as_str().expect("a sampler hint");
         assert_eq!(job["workflow"][sampler]["class_type"], "KSampler");
         assert_eq!(job["progress"][0]["steps"], 7);
+        assert_eq!(job["fetches"], json!([]), "a volume LoRA is no fetch: {job}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,7 @@ mod hardening;
 mod job_store;
 mod jobs;
 mod liveness;
+mod model_refs;
 mod plugin_graphs;
 mod pool;
 mod raster;

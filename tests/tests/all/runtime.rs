@@ -16,8 +16,10 @@ fn fixture(package: &str) -> PathBuf {
     static WRONG_WORLD: OnceLock<PathBuf> = OnceLock::new();
     static WRONG_VERSION: OnceLock<PathBuf> = OnceLock::new();
     static V0_1: OnceLock<PathBuf> = OnceLock::new();
+    static V0_2: OnceLock<PathBuf> = OnceLock::new();
     let cell = match package {
         "fixture-v0-1-plugin" => &V0_1,
+        "fixture-v0-2-plugin" => &V0_2,
         "fixture-echo" => &ECHO,
         "fixture-misbehave" => &MISBEHAVE,
         "fixture-wrong-world" => &WRONG_WORLD,
@@ -162,7 +164,7 @@ mod contract {
         assert_eq!(status["status"], "rejected");
         let reason = status["reason"].as_str().unwrap();
         assert!(reason.contains("not a flowhost plugin"), "{reason}");
-        assert!(reason.contains("flowhost:plugin/endpoint@<version>") && reason.contains("0.1.0–0.2.x"), "{reason}");
+        assert!(reason.contains("flowhost:plugin/endpoint@<version>") && reason.contains("0.1.0–0.3.x"), "{reason}");
         assert!(reason.contains("exports [add]"), "{reason}");
         assert_eq!(status["rejection"], "contract");
     }
@@ -174,7 +176,7 @@ mod contract {
         assert_eq!(status["status"], "rejected");
         let reason = status["reason"].as_str().unwrap();
         assert!(
-            reason.starts_with("exports flowhost:plugin/endpoint@0.3.0; this host supports flowhost:plugin 0.1.0–0.2.x"),
+            reason.starts_with("exports flowhost:plugin/endpoint@0.4.0; this host supports flowhost:plugin 0.1.0–0.3.x"),
             "names its version and the supported range: {reason}"
         );
         assert_eq!(status["rejection"], "contract");
@@ -183,12 +185,19 @@ mod contract {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_v0_1_and_a_v0_2_plugin_are_served_side_by_side() {
-        let server = TestServer::start(&[("legacy.wasm", &fixture("fixture-v0-1-plugin")), ("echo.wasm", &fixture("fixture-echo"))], &[]).await.unwrap();
+    async fn a_v0_1_a_v0_2_and_a_v0_3_plugin_are_served_side_by_side() {
+        let server = TestServer::start(
+            &[("legacy.wasm", &fixture("fixture-v0-1-plugin")), ("legacy2.wasm", &fixture("fixture-v0-2-plugin")), ("echo.wasm", &fixture("fixture-echo"))],
+            &[],
+        )
+        .await
+        .unwrap();
         let legacy = server.plugin_status("legacy.wasm").await.unwrap().expect("listed");
+        let legacy2 = server.plugin_status("legacy2.wasm").await.unwrap().expect("listed");
         let echo = server.plugin_status("echo.wasm").await.unwrap().expect("listed");
         assert_eq!((legacy["status"].as_str(), legacy["contract"].as_str()), (Some("loaded"), Some("0.1.0")), "{legacy}");
-        assert_eq!((echo["status"].as_str(), echo["contract"].as_str()), (Some("loaded"), Some("0.2.0")), "{echo}");
+        assert_eq!((legacy2["status"].as_str(), legacy2["contract"].as_str()), (Some("loaded"), Some("0.2.0")), "{legacy2}");
+        assert_eq!((echo["status"].as_str(), echo["contract"].as_str()), (Some("loaded"), Some("0.3.0")), "{echo}");
         // Both generate a real image through the (simulated) ComfyUI, once it is up.
         let ready = eventually(Duration::from_secs(20), || async {
             let health = server.get_json("/health").await.ok()?;
@@ -196,7 +205,7 @@ mod contract {
         })
         .await;
         assert!(ready.is_some(), "the simulated ComfyUI never became ready");
-        for route in ["/legacy", "/echo"] {
+        for route in ["/legacy", "/legacy2", "/echo"] {
             let response = server.post_json(route, &json!({"prompt": "side by side"})).await.unwrap();
             assert_eq!(response.status(), 200, "{route}");
             assert_eq!(response.headers()["content-type"], "image/jpeg", "{route}");
@@ -204,16 +213,21 @@ mod contract {
             let bytes = response.bytes().await.unwrap();
             assert_eq!(&bytes[..3], &[0xFF, 0xD8, 0xFF], "{route} serves a JPEG");
         }
-        // A 0.1 plugin's refusal is adapted into the same 400 as a 0.2 one's.
-        let (status, body) = problem(server.post_json("/legacy", &json!({"prompt": "forbidden"})).await.unwrap()).await.unwrap();
-        assert_eq!(status, 400);
-        assert_eq!(body["errors"][0]["field"], "prompt", "{body}");
-        assert_eq!(body["errors"][0]["message"], "forbidden by the 0.1 plugin", "{body}");
+        // A 0.1 or 0.2 plugin's refusal is adapted into the same 400 as a 0.3 one's.
+        for (route, version) in [("/legacy", "0.1"), ("/legacy2", "0.2")] {
+            let (status, body) = problem(server.post_json(route, &json!({"prompt": "forbidden"})).await.unwrap()).await.unwrap();
+            assert_eq!(status, 400);
+            assert_eq!(body["errors"][0]["field"], "prompt", "{body}");
+            assert_eq!(body["errors"][0]["message"], format!("forbidden by the {version} plugin"), "{body}");
+        }
         // The dry run of a 0.1 job carries the (inferred) model set; 0.2 declares it.
         let legacy_job: Value = server.post_json("/legacy?dry_run=true", &json!({"prompt": "x"})).await.unwrap().json().await.unwrap();
         assert_eq!(legacy_job["models"]["source"], "inferred", "{legacy_job}");
         let echo_job: Value = server.post_json("/echo?dry_run=true", &json!({"prompt": "x"})).await.unwrap().json().await.unwrap();
         assert_eq!(echo_job["models"]["source"], "declared", "{echo_job}");
+        let legacy2_job: Value = server.post_json("/legacy2?dry_run=true", &json!({"prompt": "x"})).await.unwrap().json().await.unwrap();
+        assert_eq!(legacy2_job["models"]["source"], "declared", "{legacy2_job}");
+        assert_eq!(legacy2_job["fetches"], json!([]), "a 0.2 job fetches nothing: {legacy2_job}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,6 +71,7 @@ impl Plugin for Echo {
             caller_nodes: vec![],
             models: Default::default(),
             progress: vec![],
+            fetches: vec![],
         })
     }
 }

@@ -148,6 +148,7 @@ impl Plugin for Hostile {
             caller_nodes: vec![],
             models: Default::default(),
             progress: vec![],
+            fetches: vec![],
         })
     }
 }

@@ -72,6 +72,7 @@ impl Plugin for Misbehave {
                     caller_nodes: vec![],
                     models: Default::default(),
                     progress: vec![],
+                    fetches: vec![],
                 };
                 #[cfg(target_arch = "wasm32")]
                 {
@@ -118,6 +119,7 @@ impl Plugin for Misbehave {
             caller_nodes: vec![],
             models: Default::default(),
             progress: vec![],
+            fetches: vec![],
         })
     }
 }

@@ -1,5 +1,5 @@
 //! A flowhost plugin built against a future, incompatible contract version
-//! (`flowhost:plugin@0.3.0`): must be rejected at load with both versions named.
+//! (`flowhost:plugin@0.4.0`): must be rejected at load with both versions named.
 wit_bindgen::generate!({ path: "wit", world: "plugin" });
 use exports::flowhost::plugin::endpoint::Guest;
 use flowhost::plugin::types::*;

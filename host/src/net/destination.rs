@@ -1,15 +1,18 @@
-//! Where a webhook may be sent: the SSRF policy, checked when a URL is submitted, again
-//! after DNS resolution on every connection, and again on every redirect.
+//! Where flowhost may open an outbound connection: the SSRF policy, shared by webhook
+//! deliveries and by fetches of models and images named by URL. Checked when a URL is
+//! submitted, again after DNS resolution on every connection, and again on every redirect.
 //!
-//! Owns the URL rules and the address classification. Must never let a connection reach
-//! an address it did not vet (the delivery client resolves names only through
-//! [`VettingResolver`], which hands the connector nothing but vetted addresses, and has no
-//! proxy that would resolve names on its own), and never tell a caller which internal
-//! address a name resolved to.
+//! Owns: the URL rules and the address classification, the vetting DNS resolver.
+//! Must never: let a connection reach an address it did not vet (clients resolve names
+//! only through [`VettingResolver`], which hands the connector nothing but vetted
+//! addresses, so the connection is pinned to what was vetted; and they have no proxy that
+//! would resolve names on its own), or tell a caller which internal address a name
+//! resolved to.
 //!
-//! The rule: if the operator lists hosts (`--webhook-allow-host`), destinations are limited
-//! to those hosts (http or https, any address: the operator vouches for them, which is how
-//! a loopback receiver is allowed). Otherwise only `https` to public addresses: loopback,
+//! The rule: if the operator lists hosts (`--webhook-allow-host` for webhooks,
+//! `--fetch-allow-host` for fetches), destinations are limited to those hosts (http or
+//! https, any address: the operator vouches for them, which is how a loopback receiver or
+//! file server is allowed). Otherwise only `https` to public addresses: loopback,
 //! private (RFC 1918), shared/CGNAT (100.64/10), link-local (169.254/16 with the cloud
 //! metadata address, fe80::/10), unique-local (fc00::/7), unspecified, multicast, broadcast,
 //! documentation, benchmarking and reserved ranges, and IPv6 forms that embed such an IPv4
@@ -32,23 +35,23 @@ const SUBMISSION_DNS_TIMEOUT: Duration = Duration::from_secs(2);
 /// rule, never a resolved address.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum DestinationError {
-    #[error("the webhook URL is longer than {MAX_URL_BYTES} bytes")]
+    #[error("the URL is longer than {MAX_URL_BYTES} bytes")]
     TooLong,
-    #[error("the webhook URL is not an absolute URL")]
+    #[error("the URL is not an absolute URL")]
     NotAUrl,
-    #[error("the webhook URL must use https")]
+    #[error("the URL must use https")]
     NotHttps,
-    #[error("the webhook URL must not carry a user name or password")]
+    #[error("the URL must not carry a user name or password")]
     Credentials,
-    #[error("the webhook URL has no host")]
+    #[error("the URL has no host")]
     NoHost,
-    #[error("the host `{0}` is not on this server's webhook allow-list")]
+    #[error("the host `{0}` is not on this server's allow-list")]
     NotAllowListed(String),
-    #[error("the webhook URL points to a {0} address; webhooks go to public addresses only")]
+    #[error("the URL points to a {0} address; only public addresses are allowed")]
     ForbiddenAddress(&'static str),
-    #[error("the webhook host resolves to a {0} address; webhooks go to public addresses only")]
+    #[error("the host resolves to a {0} address; only public addresses are allowed")]
     ResolvesToForbidden(&'static str),
-    #[error("the webhook host could not be resolved")]
+    #[error("the host could not be resolved")]
     Unresolvable,
 }
 
@@ -106,11 +109,17 @@ impl DestinationPolicy {
         let host = url.host().ok_or(DestinationError::NoHost)?;
         let host_text = url.host_str().ok_or(DestinationError::NoHost)?;
         if self.has_allow_list() {
-            return if self.is_allow_listed(host_text) {
-                Ok(())
-            } else {
-                Err(DestinationError::NotAllowListed(host_text.to_owned()))
+            if self.is_allow_listed(host_text) {
+                return Ok(());
+            }
+            // An internal IP literal off the list is refused for what it is (a redirect to
+            // a private address says so), any other host for not being listed.
+            let literal = match host {
+                Host::Ipv4(ip) => forbidden_reason(IpAddr::V4(ip)),
+                Host::Ipv6(ip) => forbidden_reason(IpAddr::V6(ip)),
+                Host::Domain(_) => None,
             };
+            return Err(literal.map_or_else(|| DestinationError::NotAllowListed(host_text.to_owned()), DestinationError::ForbiddenAddress));
         }
         if url.scheme() != "https" {
             return Err(DestinationError::NotHttps);
@@ -164,7 +173,7 @@ fn check_resolved(addresses: impl Iterator<Item = SocketAddr>) -> Result<Vec<Soc
     Ok(addresses)
 }
 
-/// Why `ip` must not be a webhook destination, or `None` for a public address.
+/// Why `ip` must not be a destination, or `None` for a public address.
 pub fn forbidden_reason(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => forbidden_v4(v4),
@@ -242,7 +251,7 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
     None
 }
 
-/// The delivery client's DNS resolver: names not on the allow-list resolve only to vetted
+/// The DNS resolver of every outbound client (webhook delivery, fetches): names not on the allow-list resolve only to vetted
 /// addresses, and a name with any forbidden address fails to resolve, so the connector
 /// never dials one. IP literals never reach a resolver; [`DestinationPolicy::check_url`]
 /// vets them before every request.
@@ -263,7 +272,9 @@ impl reqwest::dns::Resolve for VettingResolver {
         let trusted = self.policy.is_allow_listed(&host);
         Box::pin(async move {
             // Port 0: the connector puts the URL's port on the addresses it gets.
-            let resolved = tokio::net::lookup_host((host.as_str(), 0)).await.map_err(|_| Box::new(DestinationError::Unresolvable) as Box<dyn std::error::Error + Send + Sync>)?;
+            let resolved = tokio::net::lookup_host((host.as_str(), 0))
+                .await
+                .map_err(|_| Box::new(DestinationError::Unresolvable) as Box<dyn std::error::Error + Send + Sync>)?;
             let addresses: Vec<SocketAddr> = if trusted {
                 resolved.collect()
             } else {
@@ -306,10 +317,7 @@ mod tests {
 
     #[test]
     fn ssrf_to_cloud_metadata_address_is_refused() {
-        assert_eq!(
-            public().check_url("https://169.254.169.254/latest/meta-data/"),
-            Err(DestinationError::ForbiddenAddress("link-local (cloud metadata)"))
-        );
+        assert_eq!(public().check_url("https://169.254.169.254/latest/meta-data/"), Err(DestinationError::ForbiddenAddress("link-local (cloud metadata)")));
     }
 
     #[test]
@@ -386,6 +394,9 @@ mod tests {
         assert_eq!(policy.check_url("https://hooks.example.com/"), Err(DestinationError::NotAllowListed("hooks.example.com".into())));
         assert_eq!(policy.check_url("http://localhost:9000/"), Err(DestinationError::NotAllowListed("localhost".into())));
         assert_eq!(policy.check_url("http://user@127.0.0.1:9000/"), Err(DestinationError::Credentials));
+        // An internal address off the list is refused for what it is.
+        assert_eq!(policy.check_url("http://10.0.0.1/hook"), Err(DestinationError::ForbiddenAddress("private")));
+        assert_eq!(policy.check_url("http://127.0.0.2/hook"), Err(DestinationError::ForbiddenAddress("loopback")));
     }
 
     #[tokio::test]
