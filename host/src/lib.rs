@@ -17,9 +17,9 @@
 //!   pool, runner, recovery, tenants, assets, labels, the webhook outbox and subscriptions,
 //!   and `view`, the v2 Job document every response, event and webhook carries);
 //! - `plugins` (the wasm sandbox, its memory budget, route ownership) and `flowhost_comfy`;
-//! - beside them, below: `net` (outbound HTTP under the destination guard: webhooks, model
-//!   and image fetches), `media`, `models`, `events`, `auth` (keys and their comparison),
-//!   `metrics`, `timestamp`, `state_lock`.
+//! - below them, in this order: `metrics`, `models` (the volume and the model cache), `net`
+//!   (outbound HTTP under the destination guard: webhooks, model and image fetches), `media`,
+//!   `events`, `auth` (keys and their comparison), `timestamp`, `state_lock`.
 
 pub mod app;
 pub mod auth;

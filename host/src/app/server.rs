@@ -201,7 +201,7 @@ pub async fn start(args: ServeArgs) -> Result<Server> {
     let cache_stats = metrics.model_cache_stats();
     let model_cache = match cache_config {
         Some(config) => {
-            let cache = crate::models::cache::ModelCache::open(config, fetcher.clone(), Some(backing.blobs.clone()), cache_stats.clone())?;
+            let cache = crate::models::cache::ModelCache::open(config, fetcher.clone(), Some(Arc::new(crate::jobs::blobs::BlobAssets(backing.blobs.clone()))), cache_stats.clone())?;
             let (used, files, cap) = cache.usage();
             tracing::info!(root = %cache.root().display(), used_bytes = used, files, cap_bytes = cap, "model cache");
             Some(cache)

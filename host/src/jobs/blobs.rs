@@ -307,6 +307,22 @@ impl BlobStore for FsBlobStore {
     }
 }
 
+/// A blob store as the model cache reads uploaded model assets through it
+/// ([`crate::models::cache::AssetBytes`]).
+pub struct BlobAssets<B: ?Sized>(pub std::sync::Arc<B>);
+
+#[async_trait]
+impl<B: BlobStore + ?Sized> crate::models::cache::AssetBytes for BlobAssets<B> {
+    async fn size(&self, hash: &str) -> Result<Option<u64>, ()> {
+        self.0.size(hash).await.map_err(|_| ())
+    }
+
+    async fn stream(&self, hash: &str, len: u64) -> Result<BoxStream<'static, Result<Bytes, ()>>, ()> {
+        let stream = self.0.get_stream(hash, 0, len).await.map_err(|_| ())?;
+        Ok(stream.map(|chunk| chunk.map_err(|_| ())).boxed())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

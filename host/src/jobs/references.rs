@@ -105,7 +105,7 @@ impl JobService {
     /// The asset a reference names (its id or its content hash), as `viewer` may read it:
     /// its blob hash, or a 404 naming `field`.
     async fn asset_hash(&self, field: &str, reference: &str, viewer: &Viewer) -> Result<String, JobFailure> {
-        let not_found = || failure(field, FetchReason::NotFound, format!("no asset `{}`", crate::generation::truncate_chars(reference, 80)));
+        let not_found = || failure(field, FetchReason::NotFound, format!("no asset `{}`", reference.chars().take(80).collect::<String>()));
         let asset = if let Ok(id) = Uuid::parse_str(reference) {
             match self.get_asset(id, viewer).await {
                 Ok(asset) => asset,

@@ -35,8 +35,18 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::time::Instant;
 use url::Url;
 
-use crate::jobs::blobs::BlobStore;
 use crate::net::fetch::{FetchError, Fetcher, Hashing};
+
+/// Where uploaded model assets are read from: the job store's blob store, seen narrowly so
+/// the cache needs nothing of the jobs room (which implements this for its `BlobStore`).
+/// `Err(())`: the store cannot be reached now.
+#[async_trait::async_trait]
+pub trait AssetBytes: Send + Sync {
+    /// The asset's size, or `None` when there is no such blob.
+    async fn size(&self, hash: &str) -> Result<Option<u64>, ()>;
+    /// The asset's first `len` bytes.
+    async fn stream(&self, hash: &str, len: u64) -> Result<futures::stream::BoxStream<'static, Result<bytes::Bytes, ()>>, ()>;
+}
 
 /// The subfolder of a model folder the cache's files sit in (so their names cannot collide
 /// with the volume's, and a workflow's `lora_name` says where the file came from).
@@ -253,7 +263,7 @@ struct State {
 struct Inner {
     config: CacheConfig,
     fetcher: Fetcher,
-    blobs: Option<Arc<dyn BlobStore>>,
+    blobs: Option<Arc<dyn AssetBytes>>,
     stats: Arc<CacheStats>,
     state: Mutex<State>,
 }
@@ -286,7 +296,7 @@ fn is_hex64(text: &str) -> bool {
 impl ModelCache {
     /// Open (or create) the cache at `config.root`: leftover partial downloads are removed
     /// and the files present indexed, least recently modified first.
-    pub fn open(config: CacheConfig, fetcher: Fetcher, blobs: Option<Arc<dyn BlobStore>>, stats: Arc<CacheStats>) -> anyhow::Result<Self> {
+    pub fn open(config: CacheConfig, fetcher: Fetcher, blobs: Option<Arc<dyn AssetBytes>>, stats: Arc<CacheStats>) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let temp = config.root.join(TEMP_DIR);
         if temp.exists() {
@@ -522,7 +532,7 @@ impl Inner {
             if size > max {
                 return Err(CacheError::Fetch(FetchError::TooLarge { cap: max }));
             }
-            let mut stream = blobs.get_stream(hash, 0, size).await.map_err(|_| CacheError::BlobStoreDown)?;
+            let mut stream = blobs.stream(hash, size).await.map_err(|_| CacheError::BlobStoreDown)?;
             let local = |e: std::io::Error| CacheError::Fetch(FetchError::Local(e.to_string()));
             let (file, path) = tempfile::Builder::new().prefix("fetch-").suffix(".part").tempfile_in(dir).map_err(local)?.into_parts();
             let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));
@@ -719,9 +729,11 @@ mod tests {
     async fn an_uploaded_blob_is_read_from_the_blob_store_by_its_hash_and_checked() {
         let dir = tempfile::tempdir().unwrap();
         let blobs_dir = tempfile::tempdir().unwrap();
-        let blobs: Arc<dyn BlobStore> = Arc::new(crate::jobs::blobs::FsBlobStore::new(blobs_dir.path()).unwrap());
-        let (lora, _) = blobs.put(bytes::Bytes::from(synthetic(30_000, 8))).await.unwrap();
-        let (jpeg, _) = blobs.put(bytes::Bytes::from_static(b"\xff\xd8\xff\xe0 not a model")).await.unwrap();
+        use crate::jobs::blobs::BlobStore as _;
+        let store = Arc::new(crate::jobs::blobs::FsBlobStore::new(blobs_dir.path()).unwrap());
+        let blobs: Arc<dyn AssetBytes> = Arc::new(crate::jobs::blobs::BlobAssets(store.clone()));
+        let (lora, _) = store.put(bytes::Bytes::from(synthetic(30_000, 8))).await.unwrap();
+        let (jpeg, _) = store.put(bytes::Bytes::from_static(b"\xff\xd8\xff\xe0 not a model")).await.unwrap();
         let fetcher = Fetcher::new(DestinationPolicy::default(), FetchLimits::default()).unwrap();
         let config = CacheConfig { root: dir.path().to_path_buf(), cap_bytes: 10 << 20, max_file_bytes: 1 << 20, fetch_timeout: Duration::from_secs(30) };
         let cache = ModelCache::open(config, fetcher, Some(blobs), Arc::default()).unwrap();

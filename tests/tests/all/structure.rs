@@ -10,19 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// `host/src`'s rooms, top to bottom: an import may only point further down this list.
 const HOST_ROOMS: &[&str] = &[
-    "app",
-    "http",
-    "warm_up",
-    "generation",
-    "webhooks",
-    "jobs",
-    "plugins",
-    "models",
-    "media",
-    "metrics",
-    "events",
-    "auth",
-    "timestamp",
+    "app", "http", "warm_up", "generation", "webhooks", "jobs", "plugins", "metrics", "models", "net", "media", "events", "auth", "timestamp",
     "state_lock",
 ];
 
