@@ -9,7 +9,6 @@
 //! name in an error an address or a path the caller did not send, or read an asset another
 //! tenant owns (it reads as absent).
 
-use std::sync::Arc;
 
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -23,17 +22,8 @@ use crate::net::destination::DestinationError;
 use crate::net::fetch::{FetchError, Fetcher};
 use crate::plugins::{FileRef, FileSource, ModelFetch};
 
-/// The service's fetching side: the guarded fetcher (images by URL) and the model cache
-/// (models by reference; `None`: the server runs without `--model-cache`).
-#[derive(Debug, Clone)]
-pub struct References {
-    pub fetcher: Fetcher,
-    pub cache: Option<ModelCache>,
-    /// Counts refused destinations of image fetches (the cache counts its own).
-    pub stats: Arc<crate::models::cache::CacheStats>,
-    /// Refreshes the model volume on a miss (`--models-refresh-url`).
-    pub volume_refresh: Option<Arc<crate::models::refresh::VolumeRefresh>>,
-}
+pub use super::service::References;
+
 
 fn failure(field: &str, reason: FetchReason, message: impl Into<String>) -> JobFailure {
     JobFailure::Fetch { field: field.to_owned(), message: message.into(), reason }

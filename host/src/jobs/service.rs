@@ -168,7 +168,19 @@ pub struct JobService {
     /// Webhooks (issue #14).
     pub(super) transition_messages: Option<Arc<dyn TransitionMessages>>,
     /// Fetching files named by reference: the guarded fetcher and the model cache (issue #24).
-    pub(super) references: Option<super::references::References>,
+    pub(super) references: Option<References>,
+}
+
+/// The service's fetching side: the guarded fetcher (images by URL) and the model cache
+/// (models by reference; `None`: the server runs without `--model-cache`).
+#[derive(Debug, Clone)]
+pub struct References {
+    pub fetcher: crate::net::fetch::Fetcher,
+    pub cache: Option<crate::models::cache::ModelCache>,
+    /// Counts refused destinations of image fetches (the cache counts its own).
+    pub stats: Arc<crate::models::cache::CacheStats>,
+    /// Refreshes the model volume on a miss (`--models-refresh-url`).
+    pub volume_refresh: Option<Arc<crate::models::refresh::VolumeRefresh>>,
 }
 
 /// Where queued jobs wait.
@@ -195,7 +207,7 @@ pub struct JobServiceParts {
     pub messages: Option<Arc<dyn TransitionMessages>>,
     /// The guarded fetcher and the model cache for files named by reference (none: a
     /// reference is refused as unsupported here).
-    pub references: Option<super::references::References>,
+    pub references: Option<References>,
     pub metrics: Metrics,
     pub analytics: Analytics,
 }
