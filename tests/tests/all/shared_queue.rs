@@ -113,3 +113,18 @@ async fn a_cancel_request_reaches_the_holder_with_its_next_renewal() {
     assert!(other.request_cancel(id).await.unwrap());
     assert_eq!(holder.renew(&[id]).await.unwrap(), (vec![id], vec![id]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_job_is_stored_leased_to_its_own_instance_and_no_other_instance_claims_it() {
+    // Warm-up pins a job to one instance's worker: stored unleased, another instance could
+    // claim it between the insert and the pin, and warm the wrong GPU.
+    let (_cluster, store) = database().await;
+    let other = queue(&store, "other", Duration::from_secs(30));
+    let own = queue(&store, store.instance_id(), Duration::from_secs(30));
+    let mut workflow = serde_json::Map::new();
+    workflow.insert("1".into(), serde_json::json!({"class_type": "EmptyImage", "inputs": {}}));
+    let job = Job::new(JobSource::Api, JobSpec::new(workflow), Duration::from_secs(3600));
+    store.insert_pinned_job(&job, &[], SystemTime::now() + Duration::from_secs(30)).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(800), other.claim("w", None)).await.is_err(), "another instance claimed a pinned job");
+    assert_eq!(own.renew(&[job.id]).await.unwrap(), (vec![job.id], vec![]), "the pinning instance holds its lease");
+}
