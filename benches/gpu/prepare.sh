@@ -70,6 +70,31 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   -d "$cache/whl" torchsde==0.2.6 trampoline==0.1.2 av==19.0.2
 cp "$cache"/whl/*.whl "$C/whl/"
 
+# The identity routes (issue #25, run.sh IDENTITY=1): the two node packs at the lock's commits
+# (source only: their example pictures stay behind) and the Python packages the GPU image lacks,
+# as cp312 wheels. insightface 0.7.3 is published as source only, so its wheel is built here with
+# a Python 3.12 (IDENTITY_PY, default: pyenv's 3.12); the rest are pure Python or abi3.
+if [ "${IDENTITY:-1}" = 1 ]; then
+  mkdir -p "$C/identity/whl"
+  lock=$REPO/deploy/identity.lock.json
+  for name in ComfyUI_InstantID ComfyUI_PuLID_Flux_ll; do
+    commit=$(python3 -c "import json,sys; print(next(n['commit'] for n in json.load(open(sys.argv[1]))['custom_nodes'] if n['name']==sys.argv[2]))" "$lock" "$name")
+    owner=$(python3 -c "import json,sys; print(next(n['repo'] for n in json.load(open(sys.argv[1]))['custom_nodes'] if n['name']==sys.argv[2]).split('/')[-2])" "$lock" "$name")
+    GIT_DIR=${MIRRORS:-/work/.mirror}/$owner+$name/repo git archive --prefix="$name/" "$commit" -- . ':!examples' ':!*.png' ':!*.jpg' \
+      | xz -T0 -9 > "$C/identity/$name.tar.xz"
+  done
+  if [ ! -s "$cache/idwhl/.done" ]; then
+    idpy=${IDENTITY_PY:-$(ls -d /root/.pyenv/versions/3.12.*/bin/python 2>/dev/null | tail -1)}
+    rm -rf "$cache/idwhl" "$cache/idvenv" && mkdir -p "$cache/idwhl"
+    "$idpy" -m venv "$cache/idvenv" && "$cache/idvenv/bin/pip" -q install cython numpy setuptools wheel
+    "$cache/idvenv/bin/pip" -q wheel --no-deps --no-build-isolation -w "$cache/idwhl" insightface==0.7.3 filterpy==1.4.5
+    "$cache/idvenv/bin/pip" -q download --no-deps -d "$cache/idwhl" facexlib==0.3.0 ftfy==6.3.1 wcwidth==0.9.5 easydict==1.14 \
+      prettytable==3.19.0 albumentations==1.3.1 qudida==0.0.4
+    touch "$cache/idwhl/.done"
+  fi
+  cp "$cache"/idwhl/*.whl "$C/identity/whl/"
+fi
+
 {
   echo "flowhost commit: $(git -C "$REPO" rev-parse HEAD)$(git -C "$REPO" diff --quiet HEAD -- . ':!benches/gpu' || echo ' (+ uncommitted changes)')"
   echo "ComfyUI commit: $COMFY_COMMIT"

@@ -23,7 +23,8 @@
 #   BENCH=1|0 (the single-worker phases above, default 1), POOL_GPUS (e.g. "0,1" or "0,0": the
 #   worker-pool phase, pool.py; default empty = skipped), POOL_ARGS (extra pool.py arguments),
 #   SPEED=candidates|flowhost (issue 26's speed.py phases; default empty = skipped; set BENCH=0
-#   JPEG_BENCH=0 to run it alone), SPEED_ARGS (extra speed.py arguments).
+#   JPEG_BENCH=0 to run it alone), SPEED_ARGS (extra speed.py arguments), IDENTITY=1 (issue 25's
+#   identity routes, identity.py; IDENTITY_SIZE/STEPS/WARM, default 1024/20/2; IDENTITY_ARGS).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 ROOT=$(pwd)
@@ -51,6 +52,7 @@ print(sys.version.split()[0], *[f"{p}=={m.version(p)}" for p in ("torch","transf
 cat "$CARRY/PROVENANCE" 2>/dev/null
 
 stamp "unpack"
+rm -rf "$WORK/ComfyUI"   # a fresh tree each call: no node packs left from an earlier call on a warm machine
 # Python's lzma, not the xz binary: the GPU machine may lack xz-utils.
 $PY - "$CARRY" "$WORK" <<'EOF_PY' || { stamp "unpacking failed"; exit 1; }
 import lzma, os, shutil, sys, tarfile
@@ -79,9 +81,16 @@ nvidia-smi --query-gpu=timestamp,memory.used,memory.total,utilization.gpu,power.
 SMI_PID=$!
 
 t=$(date +%s)
-$PY "$HERE/make_models.py" --comfyui "$WORK/ComfyUI" --out "$MODELS" --profile "$PROFILE" --lora flux-random-lora \
-  || { stamp "model generation failed"; kill "$SMI_PID"; exit 1; }
-stamp "models written in $(( $(date +%s) - t )) s"; du -sh "$MODELS"/*; free -g
+# A machine kept warm between calls still has the models of the last call (same seed, same files).
+if [ -f "$MODELS/.made-$PROFILE" ]; then
+  stamp "models of profile $PROFILE already in $MODELS (an earlier call on this machine)"
+else
+  $PY "$HERE/make_models.py" --comfyui "$WORK/ComfyUI" --out "$MODELS" --profile "$PROFILE" --lora flux-random-lora \
+    || { stamp "model generation failed"; kill "$SMI_PID"; exit 1; }
+  touch "$MODELS/.made-$PROFILE"
+  stamp "models written in $(( $(date +%s) - t )) s"
+fi
+du -sh "$MODELS"/*; free -g
 
 rm -rf "$WORK/ComfyUI/models" && ln -s "$MODELS" "$WORK/ComfyUI/models"
 
@@ -111,14 +120,62 @@ if [ -n "${SPEED:-}" ]; then
     cap=$(( left - 20 ))
     if [ "$n" = 1 ] && [ -n "${SPEED_FIRST_S:-}" ] && [ "$SPEED_FIRST_S" -lt "$cap" ]; then cap=$SPEED_FIRST_S; fi
     stamp "speed.py $phase: ${left}s left, deadline ${cap}s"
+    pick=()
+    if [ "$phase" = flowhost ] && [ "${SPEED_PICK:-0}" = 1 ] && [ -s "$OUT/speed.json" ]; then
+      # SPEED_PICK=1: the `speed` profile's EasyCache threshold from the candidates just measured
+      # (stage 0, ComfyUI's defaults + EasyCache T at the served shape): the lowest T that reaches
+      # 1.8x images per hour against default, else the fastest T.
+      t=$($PY - "$OUT/speed.json" <<'EOF_PY'
+import json, re, sys
+S = json.load(open(sys.argv[1])).get("candidates", {}).get("summary", {})
+rows = [(float(m.group(1)) / 100, v) for k, v in S.items() if (m := re.match(r"s0:default_ec(\d+)@1024x20$", k)) and v.get("vs_default")]
+ok = sorted(t for t, v in rows if v["vs_default"] >= 1.8)
+print(ok[0] if ok else (max(rows, key=lambda r: r[1]["vs_default"])[0] if rows else ""))
+EOF_PY
+)
+      [ -n "$t" ] && pick=(--fh-profiles "speed=speed+--speed-step-cache=$t") && stamp "speed profile picked: EasyCache $t"
+    fi
     # shellcheck disable=SC2086
-    timeout --signal=TERM "$(( cap + 15 ))" $PY "$HERE/speed.py" "$phase" \
+    timeout --signal=TERM "$(( cap + 15 ))" $PY "$HERE/speed.py" "$phase" "${pick[@]}" \
       --comfyui "$WORK/ComfyUI" --python "$PY" --front-end-root "$WORK/frontend" --log-dir "$OUT" \
       --out-json "$OUT/speed.json" --deadline-s "$cap" --flowhost "$WORK/flowhost" \
       --models "$MODELS" --plugins "$WORK/plugins" --work "$WORK" --lora-id "${LORA:-flux-random-lora}" \
       --inductor-cache "$WORK/compile-cache/inductor" --triton-cache "$WORK/compile-cache/triton" ${SPEED_ARGS:-}
     stamp "speed.py $phase exit $?"
   done
+fi
+if [ "${IDENTITY:-0}" = 1 ]; then
+  # Issue 25: /flux-instantid and /flux-pulid executed through flowhost on full-size random
+  # weights (identity.py), with the node packs and wheels prepare.sh put in $CARRY/identity.
+  stamp "identity: node packs and wheels"
+  mkdir -p "$WORK/ComfyUI/custom_nodes" "$WORK/faces" "$WORK/identity"
+  for t in "$CARRY"/identity/*.tar.xz; do
+    $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2], filter="tar")' "$t" "$WORK/ComfyUI/custom_nodes"
+  done
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site-identity" "$CARRY"/identity/whl/*.whl \
+    || { stamp "identity wheel install failed"; exit 1; }
+  export PYTHONPATH=$WORK/site:$WORK/site-identity
+  $PY -c 'import importlib.metadata as m
+for p in ("insightface","facexlib","onnxruntime","opencv-python-headless","timm","torchvision","scikit-image","albumentations","ftfy"):
+    try: print(p, m.version(p))
+    except Exception as e: print(p, "MISSING", e)
+import insightface, facexlib, ftfy, filterpy' || { stamp "identity imports failed"; exit 1; }
+  t=$(date +%s)
+  $PY "$HERE/make_identity_models.py" --comfyui "$WORK/ComfyUI" --out "$MODELS" --profile "$PROFILE" --images "$WORK/faces" \
+    > "$WORK/identity/models.json" || { stamp "identity model generation failed"; tail -30 "$WORK/identity/models.json"; exit 1; }
+  stamp "identity models written in $(( $(date +%s) - t )) s"; du -sh "$MODELS"/*; free -g
+  left=$(( DEADLINE_S - ($(date +%s) - START) ))
+  stamp "identity.py: ${left}s left"
+  timeout --signal=TERM "$(( left - 15 ))" $PY "$HERE/identity.py" --flowhost "$WORK/flowhost" --comfyui "$WORK/ComfyUI" \
+    --python "$PY" --models "$MODELS" --plugins "$WORK/plugins" --images "$WORK/faces" --out "$WORK/identity" \
+    --size "${IDENTITY_SIZE:-1024}" --steps "${IDENTITY_STEPS:-20}" --warm "${IDENTITY_WARM:-2}" --startup-timeout 300 \
+    --comfyui-arg=--front-end-root --comfyui-arg="$WORK/frontend" ${IDENTITY_ARGS:-}
+  stamp "identity exit $?"
+  cp "$WORK/identity/identity.json" "$OUT/" 2>/dev/null
+  $PY -c 'import json,sys; r=json.load(open(sys.argv[1])); r["files"]=r.get("files"); json.dump(r, open(sys.argv[2],"w"), indent=1)' "$WORK/identity/models.json" "$OUT/identity-models.json" 2>/dev/null \
+    || cp "$WORK/identity/models.json" "$OUT/identity-models.json" 2>/dev/null
+  tail -c 4000000 "$WORK/identity/flowhost.log" > "$OUT/flowhost-identity.log" 2>/dev/null
+  for f in flux-instantid-first flux-pulid-first; do cp "$WORK/identity/$f.jpg" "$OUT/" 2>/dev/null; done
 fi
 if [ -n "${POOL_GPUS:-}" ]; then
   # The worker pool (issues 13, 16): one supervised ComfyUI per --gpus entry, an interleave over
