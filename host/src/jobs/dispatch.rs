@@ -21,7 +21,7 @@ use super::config::JobConfig;
 use super::failure::{JobFailure, RunPhase};
 use super::live::LiveJobs;
 use super::model::JobStatus;
-use super::pool::{ComfyWorker, Dispatch as Switch, WorkerPool};
+use super::pool::{ComfyWorker, Dispatch as WorkerDispatch, WorkerPool};
 use super::runner::Runner;
 use super::shared_queue::PgQueue;
 use super::store::JobStore;
@@ -143,7 +143,7 @@ impl Dispatch {
         }
         if let Some(worker) = self.pool.workers().iter().find(|w| Arc::ptr_eq(&w.backend, backend)) {
             let dispatch = worker.dispatched(job.spec.model_key.as_deref(), job.spec.model_label.as_deref());
-            self.metrics.worker_dispatch(&worker.name, dispatch == Switch::Switch);
+            self.metrics.worker_dispatch(&worker.name, dispatch == WorkerDispatch::Switch);
         }
         self.runner.execute(job, Some(backend.clone())).await;
         Ok(id)
@@ -206,8 +206,8 @@ impl Dispatch {
         self.metrics.observe_dispatch_wait(job.source.route_label(), job.created_at.elapsed().unwrap_or_default());
         if let Some(worker) = worker {
             let dispatch = worker.dispatched(job.spec.model_key.as_deref(), job.spec.model_label.as_deref());
-            self.metrics.worker_dispatch(&worker.name, dispatch == Switch::Switch);
-            tracing::debug!(job_id = %id, worker = %worker.name, switch = dispatch == Switch::Switch, "dispatched");
+            self.metrics.worker_dispatch(&worker.name, dispatch == WorkerDispatch::Switch);
+            tracing::debug!(job_id = %id, worker = %worker.name, switch = dispatch == WorkerDispatch::Switch, "dispatched");
         }
         self.runner.execute(job, worker.map(|w| w.backend.clone())).await;
     }

@@ -487,6 +487,7 @@ impl JobService {
 
     /// Checked before the plugin builds a job that will run, so the caller hears
     /// the real reason first. See [`Readiness::check_ready`].
+    #[allow(clippy::result_large_err)] // JobFailure is the service's one failure type
     pub fn check_ready(&self, plugin: &LoadedPlugin) -> Result<(), JobFailure> {
         self.readiness.check_ready(plugin)
     }
