@@ -4,16 +4,18 @@
 //! reads, deletion and listing. Inputs uploaded here and outputs of jobs share
 //! the one blob store and the one retention.
 //!
-//! Must never: trust a caller's hash (it is compared, never used as a name
+//! Owns: the asset records' rules (tenant, retention, hash checks) over the store and
+//! the blob store. Must never: trust a caller's hash (it is compared, never used as a name
 //! before being validated), or delete a blob (the sweeper does, when unreferenced).
 
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use uuid::Uuid;
 
-use super::blobs::{BlobError, ByteStream, StreamedPut, is_valid_hash};
+use super::blobs::{BlobError, BlobStore, ByteStream, StreamedPut, is_valid_hash};
 use super::model::{Asset, AssetRole};
-use super::service::JobService;
+use super::store::JobStore;
 use super::tenant::Viewer;
 
 /// Why an asset operation failed.
@@ -82,11 +84,23 @@ pub struct AssetContent {
     pub bytes: ByteStream,
 }
 
-impl JobService {
+/// The job service's part that keeps assets.
+pub struct Assets {
+    store: Arc<dyn JobStore>,
+    blobs: Arc<dyn BlobStore>,
+    /// How long a new upload's record is kept.
+    retention: Duration,
+}
+
+impl Assets {
+    pub fn new(store: Arc<dyn JobStore>, blobs: Arc<dyn BlobStore>, retention: Duration) -> Assets {
+        Assets { store, blobs, retention }
+    }
+
     /// Store an upload's bytes as they arrive (hashed on the way, never held whole).
     /// `expected_hash`, when given, must match or nothing is kept. The record is made by
-    /// [`JobService::record_upload`] once the rest of the form is read.
-    pub async fn store_upload(&self, chunks: futures::stream::BoxStream<'_, Result<bytes::Bytes, BlobError>>, expected_hash: Option<&str>) -> Result<StreamedPut, AssetError> {
+    /// [`Assets::record_upload`] once the rest of the form is read.
+    pub(super) async fn store_upload(&self, chunks: futures::stream::BoxStream<'_, Result<bytes::Bytes, BlobError>>, expected_hash: Option<&str>) -> Result<StreamedPut, AssetError> {
         if expected_hash.is_some_and(|e| !is_valid_hash(e)) {
             return Err(AssetError::InvalidHash);
         }
@@ -94,7 +108,7 @@ impl JobService {
     }
 
     /// The record of stored upload bytes, owned by `tenant`.
-    pub async fn record_upload(&self, put: &StreamedPut, name: Option<String>, content_type: &str, tenant: Option<String>) -> Result<CreatedAsset, AssetError> {
+    pub(super) async fn record_upload(&self, put: &StreamedPut, name: Option<String>, content_type: &str, tenant: Option<String>) -> Result<CreatedAsset, AssetError> {
         let asset = self.new_upload_record(put.hash.clone(), put.size, content_type, name, tenant);
         self.store.insert_asset(&asset).await.map_err(unavailable)?;
         Ok(CreatedAsset { asset, created_new: put.created_new })
@@ -102,7 +116,7 @@ impl JobService {
 
     /// A new asset over bytes the server already has (v2 `from-hash`). A tenant may only
     /// name bytes it holds an asset of (else `BlobNotFound`, as if they were not stored).
-    pub async fn asset_from_hash(&self, hash: &str, name: Option<String>, content_type: Option<&str>, viewer: &Viewer, tenant: Option<String>) -> Result<CreatedAsset, AssetError> {
+    pub(super) async fn asset_from_hash(&self, hash: &str, name: Option<String>, content_type: Option<&str>, viewer: &Viewer, tenant: Option<String>) -> Result<CreatedAsset, AssetError> {
         if !is_valid_hash(hash) {
             return Err(AssetError::InvalidHash);
         }
@@ -123,7 +137,7 @@ impl JobService {
     /// among those `viewer` may read ([`may_read`]). What a plain string in an input-folder
     /// input of a v2 graph resolves to (newest wins: uploading `portrait.png` again
     /// replaces what `"portrait.png"` means, as placing a file under that name would).
-    pub async fn upload_named(&self, name: &str, viewer: &Viewer) -> Result<Option<Asset>, AssetError> {
+    pub(super) async fn upload_named(&self, name: &str, viewer: &Viewer) -> Result<Option<Asset>, AssetError> {
         let now = SystemTime::now();
         let candidates = self.store.uploads_named(name, NAMED_CANDIDATES).await.map_err(unavailable)?;
         Ok(candidates.into_iter().find(|a| a.expires_at.is_none_or(|at| at > now) && may_read(a, viewer)))
@@ -132,7 +146,7 @@ impl JobService {
     /// An upload record over `hash` that `from-hash` with the same `hash` and `file_path`
     /// would duplicate (v2's "an identical reference already existed; returned as-is"):
     /// the newest live one named `name` (any name when `name` is `None`) that `viewer` may read.
-    pub async fn identical_reference(&self, hash: &str, name: Option<&str>, viewer: &Viewer) -> Result<Option<Asset>, AssetError> {
+    pub(super) async fn identical_reference(&self, hash: &str, name: Option<&str>, viewer: &Viewer) -> Result<Option<Asset>, AssetError> {
         if !is_valid_hash(hash) {
             return Err(AssetError::InvalidHash);
         }
@@ -151,7 +165,7 @@ impl JobService {
 
     /// Whether bytes with this hash are stored under an asset the viewer sees (v2 `HEAD
     /// /assets/by-hash/{hash}`).
-    pub async fn asset_exists_by_hash(&self, hash: &str, viewer: &Viewer) -> Result<bool, AssetError> {
+    pub(super) async fn asset_exists_by_hash(&self, hash: &str, viewer: &Viewer) -> Result<bool, AssetError> {
         if !is_valid_hash(hash) {
             return Err(AssetError::InvalidHash);
         }
@@ -160,14 +174,14 @@ impl JobService {
     }
 
     /// An asset's record, when the viewer sees it.
-    pub async fn get_asset(&self, id: Uuid, viewer: &Viewer) -> Result<Asset, AssetError> {
+    pub(super) async fn get_asset(&self, id: Uuid, viewer: &Viewer) -> Result<Asset, AssetError> {
         let asset = self.store.get_asset(id).await.map_err(unavailable)?.ok_or(AssetError::NotFound)?;
         if viewer.sees(asset.tenant.as_deref()) { Ok(asset) } else { Err(AssetError::NotFound) }
     }
 
     /// An asset's bytes as a stream: all, or `range = (start, end_inclusive)` clamped to
     /// the size.
-    pub async fn open_asset(&self, asset: Asset, range: Option<(u64, Option<u64>)>) -> Result<AssetContent, AssetError> {
+    pub(super) async fn open_asset(&self, asset: Asset, range: Option<(u64, Option<u64>)>) -> Result<AssetContent, AssetError> {
         let size = asset.size_bytes;
         let (start, end) = match range {
             None => (0, size.saturating_sub(1)),
@@ -181,17 +195,17 @@ impl JobService {
 
     /// A presigned URL the asset's bytes can be fetched from directly, when the blob
     /// store hands those out (S3 with `--blob-presign`); `None`: stream them through.
-    pub async fn asset_download_url(&self, asset: &Asset) -> Result<Option<String>, AssetError> {
+    pub(super) async fn asset_download_url(&self, asset: &Asset) -> Result<Option<String>, AssetError> {
         self.blobs.presigned_get(&asset.hash).await.map_err(blob_error)
     }
 
     /// Remove an asset record (the blob goes at the next sweep if unreferenced).
-    pub async fn delete_asset(&self, id: Uuid) -> Result<(), AssetError> {
+    pub(super) async fn delete_asset(&self, id: Uuid) -> Result<(), AssetError> {
         if self.store.delete_asset(id).await.map_err(unavailable)? { Ok(()) } else { Err(AssetError::NotFound) }
     }
 
     /// Uploaded assets, newest first.
-    pub async fn list_assets(&self, limit: usize, offset: usize) -> Result<Vec<Asset>, AssetError> {
+    pub(super) async fn list_assets(&self, limit: usize, offset: usize) -> Result<Vec<Asset>, AssetError> {
         self.store.list_assets(limit, offset).await.map_err(unavailable)
     }
 
@@ -207,7 +221,7 @@ impl JobService {
             node_id: None,
             role: AssetRole::Upload,
             created_at: now,
-            expires_at: Some(now + self.config.retention),
+            expires_at: Some(now + self.retention),
             tenant,
         }
     }

@@ -3,7 +3,8 @@
 //! it no longer holds, and settle jobs whose holder died — re-queued once, then failed
 //! `worker_lost`.
 //!
-//! Owns: the lease-keeping task. Must never: run a job (the dispatch loops do), settle a
+//! Owns: the lease-keeping task and the fence beside it (their handles kept by the
+//! service). Must never: run a job (the dispatch loops do), settle a
 //! job another live instance holds (only expired leases are taken over), keep running a
 //! prompt past the local deadline ([`fence_after`]) when its lease could not be renewed
 //! (another instance may have it by then: that would run it twice at once), wait on the
@@ -16,11 +17,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use uuid::Uuid;
 
+use tokio::task::JoinHandle;
+
+use super::admission::candidate;
+use super::control::Control;
 use super::failure::JobFailure;
+use super::live::LiveJobs;
+use super::lock;
 use super::model::JobStatus;
-use super::service::{JobService, candidate, lock};
-use super::shared_queue::{ExpiredLease, PgQueue};
 use super::queue::WorkQueue;
+use super::shared_queue::{ExpiredLease, PgQueue};
+use super::store::JobStore;
+use crate::metrics::Metrics;
 
 /// How often leases are renewed and expired ones looked for: several times a lease, at
 /// most every second, at least every 200 ms (cancel requests ride on the renewal, so this
@@ -40,18 +48,31 @@ pub fn fence_after(lease: Duration) -> Duration {
     lease / 2
 }
 
-impl JobService {
+/// The job service's part that keeps this instance's leases of the shared queue.
+pub struct LeaseKeeper {
+    store: Arc<dyn JobStore>,
+    live: Arc<LiveJobs>,
+    /// Acts on the cancel requests other instances leave on jobs this one runs.
+    control: Arc<Control>,
+    metrics: Metrics,
+}
+
+impl LeaseKeeper {
+    pub fn new(store: Arc<dyn JobStore>, live: Arc<LiveJobs>, control: Arc<Control>, metrics: Metrics) -> LeaseKeeper {
+        LeaseKeeper { store, live, control, metrics }
+    }
+
     /// Start keeping this instance's leases (the shared queue only): the renewing task,
     /// and beside it the fence, a task on this process's clock alone that no database
-    /// call can hold up.
-    pub fn start_lease_keeper(self: &Arc<Self>, queue: Arc<PgQueue>) {
+    /// call can hold up. Their handles, for stopping them.
+    pub(super) fn spawn(self: &Arc<Self>, queue: Arc<PgQueue>) -> [JoinHandle<()>; 2] {
         let renewed = Arc::new(Mutex::new(Instant::now()));
         let this = self.clone();
         let (lease, last) = (queue.lease(), renewed.clone());
         let fence = tokio::spawn(async move { this.fence_on_deadline(lease, last).await });
         let this = self.clone();
         let task = tokio::spawn(async move { this.keep_leases(queue, renewed).await });
-        lock(&self.tasks).extend([fence, task]);
+        [fence, task]
     }
 
     /// The local deadline: [`fence_after`] past the last renewal that succeeded, stop every
@@ -63,17 +84,11 @@ impl JobService {
             tick.tick().await;
             let since = lock(&renewed).elapsed();
             if since >= fence_after(lease) {
-                for id in self.live_here() {
-                    self.fence(id, "its lease could not be renewed in time");
+                for id in self.live.ids() {
+                    self.live.fence(id, "its lease could not be renewed in time");
                 }
             }
         }
-    }
-
-    /// Jobs this instance runs now (in the shared setup a job is live on an instance only
-    /// from its claim to its end).
-    fn live_here(&self) -> Vec<Uuid> {
-        lock(&self.live).keys().copied().collect()
     }
 
     async fn keep_leases(self: Arc<Self>, queue: Arc<PgQueue>, renewed: Arc<Mutex<Instant>>) {
@@ -93,7 +108,7 @@ impl JobService {
             tick.tick().await;
             // What runs here now was claimed (committed) before the renewal starts, so the
             // renewal sees its lease.
-            let running = self.live_here();
+            let running = self.live.ids();
             let sent = Instant::now();
             let outcome = match tokio::time::timeout(every, queue.renew(&running)).await {
                 Ok(outcome) => outcome,
@@ -119,13 +134,13 @@ impl JobService {
                 // Not renewed: ended meanwhile, or no longer this instance's. Read who holds
                 // it (a job stopped on the inference alone ended `canceled` in the 3 x 50 test).
                 let holds = tokio::time::timeout(every, queue.holds(id)).await;
-                if lock(&self.live).contains_key(&id) && matches!(holds, Ok(Ok(false))) {
-                    self.fence(id, "another instance holds its lease");
+                if self.live.contains(id) && matches!(holds, Ok(Ok(false))) {
+                    self.live.fence(id, "another instance holds its lease");
                 }
             }
             for id in cancel {
-                if lock(&self.live).contains_key(&id)
-                    && let Err(e) = self.cancel(id).await
+                if self.live.contains(id)
+                    && let Err(e) = self.control.cancel(id).await
                 {
                     tracing::warn!(job_id = %id, error = %e, "acting on a cancel request failed");
                 }
@@ -133,7 +148,7 @@ impl JobService {
             if failed_at.is_some_and(|at| at.elapsed() < lease) {
                 continue;
             }
-            match queue.take_expired(&self.live_here()).await {
+            match queue.take_expired(&self.live.ids()).await {
                 Ok(expired) => {
                     for lost in expired {
                         self.settle_lost(&queue, lost).await;
@@ -188,7 +203,7 @@ impl JobService {
                 }
             }
         }
-        if let Err(e) = self.commit(&job).await {
+        if let Err(e) = self.live.commit(&job).await {
             tracing::warn!(job_id = %job.id, error = %e, "settling a lost job failed; the next pass retries");
             return;
         }

@@ -1,6 +1,7 @@
 //! Durable jobs: every generation — a sync typed request, an async typed request,
 //! a Comfy API v2 submission — is a [`Job`], stored ([`store`], SQLite by default),
-//! queued in flowhost ([`service`]), run against ComfyUI ([`runner`]), its outputs
+//! admitted and queued in flowhost ([`service`], a facade over its parts: [`admission`],
+//! [`dispatch`], [`control`], [`live`]), run against ComfyUI ([`runner`]), its outputs
 //! kept as content-addressed [`Asset`]s ([`blobs`], [`assets`]), recovered after a
 //! restart and expired by retention ([`recovery`]). Failures are domain values
 //! ([`JobFailure`]); `http/` maps them to problem+json or the v2 envelope once.
@@ -36,15 +37,20 @@
 //! a `core/ASSET` reference becomes a `spec.uploads` entry (`UploadSpec { node_id, input_name, filename, hash }`)
 //! naming the asset's blob: the runner uploads it into the job's ComfyUI folder and writes the name in.
 
+pub mod admission;
 pub mod affinity;
 pub mod assets;
 pub mod blobs;
 pub mod blobs_s3;
+pub mod config;
+pub mod control;
+pub mod dispatch;
 pub mod failure;
 pub mod follow;
 pub mod inputs;
 pub mod labels;
 pub mod lease;
+pub mod live;
 pub mod model;
 pub mod outbox;
 pub mod pool;

@@ -1,6 +1,9 @@
 //! Readiness and health: whether ComfyUI can take work and whether an endpoint
 //! has what it needs (node classes, model files), checked before a plugin builds a
 //! job so the caller hears the real reason first; and the dry run's preflight.
+//!
+//! Owns: nothing that changes. Must never: change a worker or the model volume (it only
+//! reads their state).
 
 use std::sync::Arc;
 
@@ -9,8 +12,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::failure::{JobFailure, RETRY_AFTER_DOWN};
-use super::service::JobService;
-use crate::models::{PluginNeeds, Requirement};
+use super::pool::WorkerPool;
+use crate::models::{ModelVolume, PluginNeeds, Requirement};
 use crate::plugins::{LoadedPlugin, PluginJob};
 
 /// What `/health` reports.
@@ -24,12 +27,23 @@ pub struct HealthReport {
     pub workers: Vec<Value>,
 }
 
-impl JobService {
+/// The job service's part that says whether ComfyUI and the endpoints can take work.
+pub struct Readiness {
+    pool: Arc<WorkerPool>,
+    /// The model volume, to check a plugin's model files (none: not checked).
+    models: Option<Arc<ModelVolume>>,
+}
+
+impl Readiness {
+    pub fn new(pool: Arc<WorkerPool>, models: Option<Arc<ModelVolume>>) -> Readiness {
+        Readiness { pool, models }
+    }
+
     /// For `?dry_run=true`: what ComfyUI's validation would say of the built
     /// graph, when a node catalogue is at hand (uploads are not made, so image
     /// inputs that reference uploads are not checked for existence).
-    pub async fn dry_run_preflight(&self, job: &PluginJob) -> Value {
-        let Some(backend) = self.backend() else {
+    pub(super) async fn dry_run_preflight(&self, job: &PluginJob) -> Value {
+        let Some(backend) = self.pool.primary() else {
             return json!({"checked": false, "reason": "no ComfyUI backend configured"});
         };
         if backend.catalogue().is_empty() {
@@ -52,8 +66,8 @@ impl JobService {
     /// Checked before the plugin builds a job that will run, so the caller hears
     /// the real reason first: ComfyUI down (503 `comfyui_unavailable`) before a
     /// missing node class or model file (503 `endpoint_not_ready`, naming it).
-    pub fn check_ready(&self, plugin: &LoadedPlugin) -> Result<(), JobFailure> {
-        let Some(backend) = self.backend() else {
+    pub(super) fn check_ready(&self, plugin: &LoadedPlugin) -> Result<(), JobFailure> {
+        let Some(backend) = self.pool.primary() else {
             return Err(JobFailure::ComfyUnavailable { detail: "no ComfyUI backend is configured; only ?dry_run=true works".into(), retry_after_s: 30 });
         };
         match backend.health() {
@@ -95,8 +109,8 @@ impl JobService {
     }
 
     /// `/health`: ComfyUI's state and per-endpoint readiness.
-    pub async fn health(&self, plugins: &[Arc<LoadedPlugin>]) -> HealthReport {
-        let Some(backend) = self.backend() else {
+    pub(super) async fn health(&self, plugins: &[Arc<LoadedPlugin>]) -> HealthReport {
+        let Some(backend) = self.pool.primary() else {
             return HealthReport {
                 ready: false,
                 status: "down",

@@ -1,24 +1,31 @@
 //! After a restart, and as time passes: every accepted job is accounted for.
-//! - [`JobService::recover`] (before listening): queued jobs go back in the queue
+//! - [`Recovery::recover`] (before listening): queued jobs go back in the queue
 //!   in their order; jobs that were running are reconciled with ComfyUI's
 //!   `/history` — if ComfyUI still has their prompt, its outcome (and outputs) are
 //!   taken; if it is still running there, it is followed to its end; otherwise the
 //!   job ends `failed` with `host_restarted`.
-//! - [`JobService::sweep_at`] (periodically, or on demand in tests): expired
+//! - [`Recovery::sweep_at`] (periodically, or on demand in tests): expired
 //!   records go, then every blob no record references.
 //!
+//! Owns: the reconciling tasks and the sweeper's loop (its handle kept by the service).
 //! Must never: run a prompt twice, or delete a blob a record still references.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use flowhost_comfy::protocol::{PromptOutcome, file_refs_in_ui_output};
+use tokio::task::JoinHandle;
 
+use super::admission::Admission;
+use super::blobs::BlobStore;
+use super::config::JobConfig;
 use super::failure::{JobFailure, RETRY_AFTER_DOWN, RunPhase};
+use super::live::LiveJobs;
 use super::model::{Job, JobStatus};
-use super::runner::{FetchedOutput, clean_comfy_side};
-use super::service::JobService;
-use super::store::SweepReport;
+use super::pool::WorkerPool;
+use super::runner::{FetchedOutput, Runner, clean_comfy_side};
+use super::store::{JobStore, SweepReport};
+use crate::metrics::Metrics;
 
 /// What recovery found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -32,17 +39,45 @@ const RECONCILE_WAIT: Duration = Duration::from_secs(120);
 /// Blobs younger than this are never swept (an upload whose record is being written).
 const BLOB_GRACE: Duration = Duration::from_secs(600);
 
-impl JobService {
+/// The job service's part that accounts for every job after a restart and past retention.
+pub struct Recovery {
+    store: Arc<dyn JobStore>,
+    blobs: Arc<dyn BlobStore>,
+    pool: Arc<WorkerPool>,
+    admission: Arc<Admission>,
+    live: Arc<LiveJobs>,
+    /// Stores the outputs of a prompt that finished while flowhost was down.
+    runner: Arc<Runner>,
+    job_timeout: Duration,
+    retention: Duration,
+    metrics: Metrics,
+}
+
+impl Recovery {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: &JobConfig,
+        store: Arc<dyn JobStore>,
+        blobs: Arc<dyn BlobStore>,
+        pool: Arc<WorkerPool>,
+        admission: Arc<Admission>,
+        live: Arc<LiveJobs>,
+        runner: Arc<Runner>,
+        metrics: Metrics,
+    ) -> Recovery {
+        Recovery { store, blobs, pool, admission, live, runner, job_timeout: config.job_timeout, retention: config.retention, metrics }
+    }
+
     /// Requeue queued jobs; reconcile jobs that were running (in the background,
     /// once ComfyUI answers). Call before listening and before `start_workers`.
-    pub async fn recover(self: &Arc<Self>) -> Result<RecoveryReport, JobFailure> {
+    pub(super) async fn recover(self: &Arc<Self>) -> Result<RecoveryReport, JobFailure> {
         let mut report = RecoveryReport::default();
         for job in self.store.jobs_with_status(&[JobStatus::Queued]).await.map_err(JobFailure::internal)? {
-            self.requeue(&job).await?;
+            self.admission.requeue(&job).await?;
             report.requeued += 1;
         }
         for job in self.store.jobs_with_status(&[JobStatus::Running, JobStatus::Canceling]).await.map_err(JobFailure::internal)? {
-            self.make_live(&job);
+            self.live.make_live(&job);
             report.reconciling += 1;
             let this = self.clone();
             tokio::spawn(async move { this.reconcile(job).await });
@@ -69,7 +104,7 @@ impl JobService {
             }
         }
         tracing::info!(job_id = %job.id, status = job.status.as_str(), "reconciled a job that was running before the restart");
-        let _ = self.commit(&job).await;
+        let _ = self.live.commit(&job).await;
         self.metrics.job_finished(job.source.route_label(), job.status.as_str());
         if let Some(backend) = &backend {
             clean_comfy_side(backend, job.id, job.prompt_id.as_deref(), !job.spec.uploads.is_empty()).await;
@@ -81,7 +116,7 @@ impl JobService {
     async fn backend_of_prompt(&self, prompt_id: Option<&str>) -> Option<Arc<flowhost_comfy::ComfyBackend>> {
         let workers = self.pool.workers();
         if let (Some(prompt_id), true) = (prompt_id, workers.len() > 1) {
-            let primary = self.backend().cloned()?;
+            let primary = self.pool.primary().cloned()?;
             primary.wait_ready(RECONCILE_WAIT).await;
             for worker in workers {
                 if !worker.backend.health().is_serving() {
@@ -95,7 +130,7 @@ impl JobService {
                 }
             }
         }
-        self.backend().cloned()
+        self.pool.primary().cloned()
     }
 
     async fn reconcile_outcome(&self, job: &mut Job, backend: Option<Arc<flowhost_comfy::ComfyBackend>>) -> Result<(), JobFailure> {
@@ -106,7 +141,7 @@ impl JobService {
             return Err(JobFailure::HostRestarted);
         }
         let client = backend.client().clone();
-        let limit = job.started_at.unwrap_or(job.created_at) + self.config.job_timeout;
+        let limit = job.started_at.unwrap_or(job.created_at) + self.job_timeout;
         loop {
             let entry = client.history(&prompt_id).await.map_err(|e| JobFailure::ComfyUnavailable { detail: e.to_string(), retry_after_s: RETRY_AFTER_DOWN })?;
             if let Some(entry) = entry
@@ -117,11 +152,11 @@ impl JobService {
                         // Its pixels went to the socket of the flowhost that stopped: run the
                         // graph again with file outputs (ComfyUI's cache answers all but the save).
                         let outputs = self.rerun_with_files(&backend, job, &prompt_id, limit).await?;
-                        self.store_outputs(job, outputs).await
+                        self.runner.store_outputs(job, outputs).await
                     }
                     PromptOutcome::Success => {
                         let outputs = self.collect_history_outputs(&client, job, &entry).await?;
-                        self.store_outputs(job, outputs).await
+                        self.runner.store_outputs(job, outputs).await
                     }
                     PromptOutcome::Error(e) => Err(JobFailure::Execution {
                         prompt_id,
@@ -143,7 +178,7 @@ impl JobService {
             if !(queue.is_running(&prompt_id) || queue.is_pending(&prompt_id)) {
                 return Err(JobFailure::HostRestarted);
             }
-            let canceled = job.status == JobStatus::Canceling || self.cancel_requested(job.id).is_some_and(|rx| *rx.borrow());
+            let canceled = job.status == JobStatus::Canceling || self.live.cancel_requested(job.id).is_some_and(|rx| *rx.borrow());
             if canceled || SystemTime::now() >= limit {
                 client.cancel(&prompt_id).await;
                 if canceled {
@@ -203,12 +238,12 @@ impl JobService {
     /// Expire what is past retention at `now` (queued jobs past it become `expired`),
     /// remove the records, then every blob no record references (older than a grace
     /// period before `now`), and retry ComfyUI-side cleanup of the removed jobs.
-    pub async fn sweep_at(&self, now: SystemTime) -> Result<(SweepReport, usize), JobFailure> {
+    pub(super) async fn sweep_at(&self, now: SystemTime) -> Result<(SweepReport, usize), JobFailure> {
         for job in self.store.jobs_with_status(&[JobStatus::Queued]).await.map_err(JobFailure::internal)? {
             // Out of the queue, then `expired` (one terminal write: a terminal state is final).
-            if job.expires_at <= now && self.take_from_queue(job.id).await {
+            if job.expires_at <= now && self.admission.take_from_queue(job.id).await {
                 if let Ok(Some(job)) = self.store.get_job(job.id).await {
-                    let _ = self.finish_unrun(job, JobStatus::Expired, None).await;
+                    let _ = self.live.finish_unrun(job, JobStatus::Expired, None).await;
                 }
             }
         }
@@ -235,18 +270,17 @@ impl JobService {
         Ok((report, blobs_removed))
     }
 
-    /// Sweep now and then, forever (spawned by the server).
-    pub fn start_sweeper(self: &Arc<Self>) {
+    /// Sweep now and then, forever: the spawned task's handle, for stopping it.
+    pub(super) fn spawn_sweeper(self: &Arc<Self>) -> JoinHandle<()> {
         let this = self.clone();
-        let every = (self.config.retention / 10).clamp(Duration::from_secs(10), Duration::from_secs(300));
-        let task = tokio::spawn(async move {
+        let every = (self.retention / 10).clamp(Duration::from_secs(10), Duration::from_secs(300));
+        tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 if let Err(e) = this.sweep_at(SystemTime::now()).await {
                     tracing::warn!(error = %e, "retention sweep failed");
                 }
             }
-        });
-        super::service::lock(&self.tasks).push(task);
+        })
     }
 }

@@ -9,21 +9,43 @@
 //! name in an error an address or a path the caller did not send, or read an asset another
 //! tenant owns (it reads as absent).
 
+use std::sync::Arc;
 
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::assets::Assets;
+use super::blobs::BlobStore;
 use super::failure::{FetchReason, JobFailure};
 use super::model::{ModelFileSpec, StoredSource};
-use super::service::JobService;
+use super::store::JobStore;
 use super::tenant::Viewer;
 use crate::models::cache::{CacheError, Expected, ModelCache, ModelSource, Pinned};
 use crate::net::destination::DestinationError;
 use crate::net::fetch::{FetchError, Fetcher};
 use crate::plugins::{FileRef, FileSource, ModelFetch};
 
-pub use super::service::References;
+/// The service's fetching side: the guarded fetcher (images by URL) and the model cache
+/// (models by reference; `None`: the server runs without `--model-cache`).
+#[derive(Debug, Clone)]
+pub struct References {
+    pub fetcher: Fetcher,
+    pub cache: Option<ModelCache>,
+    /// Counts refused destinations of image fetches (the cache counts its own).
+    pub stats: Arc<crate::models::cache::CacheStats>,
+    /// Refreshes the model volume on a miss (`--models-refresh-url`).
+    pub volume_refresh: Option<Arc<crate::models::refresh::VolumeRefresh>>,
+}
 
+/// The job service's part that fetches the files a request names by reference.
+pub struct ReferencedFiles {
+    /// The fetcher and the model cache (none: a reference is refused as unsupported here).
+    references: Option<References>,
+    store: Arc<dyn JobStore>,
+    blobs: Arc<dyn BlobStore>,
+    /// Reads an asset a reference names by its id, by the tenant rule.
+    assets: Arc<Assets>,
+}
 
 fn failure(field: &str, reason: FetchReason, message: impl Into<String>) -> JobFailure {
     JobFailure::Fetch { field: field.to_owned(), message: message.into(), reason }
@@ -82,13 +104,17 @@ fn cache_failure(field: &str, error: CacheError) -> JobFailure {
     failure(field, reason, error.to_string())
 }
 
-impl JobService {
-    pub fn references(&self) -> Option<&References> {
+impl ReferencedFiles {
+    pub fn new(references: Option<References>, store: Arc<dyn JobStore>, blobs: Arc<dyn BlobStore>, assets: Arc<Assets>) -> ReferencedFiles {
+        ReferencedFiles { references, store, blobs, assets }
+    }
+
+    pub(super) fn references(&self) -> Option<&References> {
         self.references.as_ref()
     }
 
     /// The model cache, when the server has one.
-    pub fn model_cache(&self) -> Option<&ModelCache> {
+    pub(super) fn model_cache(&self) -> Option<&ModelCache> {
         self.references.as_ref().and_then(|r| r.cache.as_ref())
     }
 
@@ -97,7 +123,7 @@ impl JobService {
     async fn asset_hash(&self, field: &str, reference: &str, viewer: &Viewer) -> Result<String, JobFailure> {
         let not_found = || failure(field, FetchReason::NotFound, format!("no asset `{}`", reference.chars().take(80).collect::<String>()));
         let asset = if let Ok(id) = Uuid::parse_str(reference) {
-            match self.get_asset(id, viewer).await {
+            match self.assets.get_asset(id, viewer).await {
                 Ok(asset) => asset,
                 Err(super::AssetError::NotFound) => return Err(not_found()),
                 Err(e) => return Err(failure(field, FetchReason::Unavailable, e.to_string())),
@@ -142,7 +168,7 @@ impl JobService {
 
     /// Fetch (or find in the cache) the job's model files, each pinned until the returned
     /// values are dropped, before `deadline`.
-    pub async fn place_models(&self, fetches: &[ModelFetch], viewer: &Viewer, deadline: Instant) -> Result<Vec<(ModelFileSpec, Pinned)>, JobFailure> {
+    pub(super) async fn place_models(&self, fetches: &[ModelFetch], viewer: &Viewer, deadline: Instant) -> Result<Vec<(ModelFileSpec, Pinned)>, JobFailure> {
         if fetches.is_empty() {
             return Ok(Vec::new());
         }
@@ -207,7 +233,7 @@ impl JobService {
 
     /// An image named by reference: an asset's bytes, or a URL fetched through the guard,
     /// at most `max_bytes`, before `deadline`.
-    pub async fn fetch_image(&self, field: &str, file: &FileRef, viewer: &Viewer, max_bytes: u64, deadline: Instant) -> Result<Vec<u8>, JobFailure> {
+    pub(super) async fn fetch_image(&self, field: &str, file: &FileRef, viewer: &Viewer, max_bytes: u64, deadline: Instant) -> Result<Vec<u8>, JobFailure> {
         let expected = expected(field, file)?;
         let bytes = match &file.source {
             FileSource::Asset(reference) => {

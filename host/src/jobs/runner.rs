@@ -6,12 +6,15 @@
 //! the job's files on ComfyUI's side deleted — whatever the outcome. A job cut by its
 //! deadline records the phase it was in (upload, ComfyUI, output fetch) and the limit.
 //!
+//! Owns: a job's run (its signals read from [`LiveJobs`], its outputs stored) and the
+//! per-prompt `extra_data` held in memory only for the job's run.
 //! Must never: decide HTTP statuses, leave a prompt running in ComfyUI after the job
 //! ended (timeout and cancel interrupt it), or leave an upload the deadline cut to land
 //! in ComfyUI's input folder after the job's cleanup (it is removed again when it ends).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -19,13 +22,19 @@ use flowhost_comfy::{ComfyBackend, ComfyError, RunRequest};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
+use super::blobs::BlobStore;
+use super::config::{JobConfig, SpeedRouting};
 use super::failure::{JobFailure, RunPhase, from_comfy, job_limit, validation_failure};
+use super::live::LiveJobs;
+use super::lock;
 use super::model::{Asset, AssetRole, Job, JobEvent, JobStatus, OutputEncoding};
 use super::progress::ProgressTracker;
-use super::service::JobService;
-use super::store::StoreError;
-use crate::events::JobTimings;
+use super::references::ReferencedFiles;
+use super::store::{JobStore, StoreError};
+use crate::events::{Analytics, JobTimings};
 use crate::media;
+use crate::metrics::Metrics;
+use crate::plugins::PluginRegistry;
 use crate::plugins::bindings::wit;
 
 /// Progress snapshots are stored and published at most this often.
@@ -110,7 +119,69 @@ pub fn upload_subfolder(job_id: Uuid) -> String {
     format!("flowhost-{job_id}")
 }
 
-impl JobService {
+/// The job service's part that runs jobs against ComfyUI.
+pub struct Runner {
+    store: Arc<dyn JobStore>,
+    blobs: Arc<dyn BlobStore>,
+    live: Arc<LiveJobs>,
+    /// Model files fetched by reference, placed again before a run.
+    references: Arc<ReferencedFiles>,
+    /// For `explain-failure` on jobs whose plugin is still loaded.
+    plugins: Option<Arc<PluginRegistry>>,
+    /// Whether instances share one queue: then a database outage at a job's end is waited
+    /// out rather than turned into a failure.
+    shared_queue: bool,
+    job_timeout: Duration,
+    jpeg_quality: u8,
+    raster_outputs: bool,
+    speed: Option<SpeedRouting>,
+    /// Per-prompt `extra_data` that must never be stored (v2's `api_key_comfy_org`): held in
+    /// memory for the job's run only, so a restart loses it (the job then runs without it).
+    transient_extra: Mutex<HashMap<Uuid, Map<String, Value>>>,
+    metrics: Metrics,
+    analytics: Analytics,
+}
+
+impl Runner {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: &JobConfig,
+        store: Arc<dyn JobStore>,
+        blobs: Arc<dyn BlobStore>,
+        live: Arc<LiveJobs>,
+        references: Arc<ReferencedFiles>,
+        plugins: Option<Arc<PluginRegistry>>,
+        shared_queue: bool,
+        metrics: Metrics,
+        analytics: Analytics,
+    ) -> Runner {
+        Runner {
+            store,
+            blobs,
+            live,
+            references,
+            plugins,
+            shared_queue,
+            job_timeout: config.job_timeout,
+            jpeg_quality: config.jpeg_quality,
+            raster_outputs: config.raster_outputs,
+            speed: config.speed.clone(),
+            transient_extra: Mutex::new(HashMap::new()),
+            metrics,
+            analytics,
+        }
+    }
+
+    /// Extra `extra_data` for one job's prompt that is forwarded to ComfyUI and never
+    /// persisted (set before the job is submitted, with its preassigned id).
+    pub(super) fn set_transient_extra_data(&self, id: Uuid, extra: Map<String, Value>) {
+        lock(&self.transient_extra).insert(id, extra);
+    }
+
+    fn take_transient_extra_data(&self, id: Uuid) -> Option<Map<String, Value>> {
+        lock(&self.transient_extra).remove(&id)
+    }
+
     /// Run a queued job to its end on `backend` (the worker that claimed it). Every path
     /// ends in a committed terminal status.
     pub(super) async fn execute(&self, mut job: Job, backend: Option<Arc<ComfyBackend>>) {
@@ -122,18 +193,18 @@ impl JobService {
         job.metrics.queue_ms = Some(now.duration_since(job.created_at).unwrap_or_default().as_millis() as u64);
         let prompt_id = Uuid::new_v4().to_string();
         job.prompt_id = Some(prompt_id.clone());
-        if self.commit_typed(&job).await.is_err() {
+        if self.live.commit_typed(&job).await.is_err() {
             // Not started: refused (not this instance's any more) or the store is down.
             // Either way nothing runs here; with the shared queue its lease lapses and
             // whoever takes it over settles it.
-            self.forget(job.id);
+            self.live.forget(job.id);
             return;
         }
-        let Some((mut cancel, mut fence)) = self.signals(job.id) else { return };
+        let Some((mut cancel, mut fence)) = self.live.signals(job.id) else { return };
 
         // One deadline: execution is bounded by the job timeout; a sync request's
         // deadline (admission + timeout) bounds it further.
-        let (deadline, limit) = job_limit(self.config.job_timeout, job.created_at, job.spec.deadline);
+        let (deadline, limit) = job_limit(self.job_timeout, job.created_at, job.spec.deadline);
         let started = Instant::now();
         let created_at = job.created_at;
         let phase = PhaseCell::new(RunPhase::ComfyUi);
@@ -183,7 +254,7 @@ impl JobService {
         }
         if fenced && outcome.is_err() {
             tracing::warn!(job_id = %job.id, "stopped a job this instance may no longer hold; the instance that takes it over settles it");
-            self.forget(job.id);
+            self.live.forget(job.id);
             if let Some(backend) = &backend {
                 clean_comfy_side(backend, job.id, job.prompt_id.as_deref(), !job.spec.uploads.is_empty()).await;
             }
@@ -203,10 +274,10 @@ impl JobService {
     async fn record_end(&self, job: &Job) -> bool {
         let mut wait = Duration::from_millis(100);
         loop {
-            match self.commit_typed(job).await {
+            match self.live.commit_typed(job).await {
                 Ok(()) => return true,
                 Err(StoreError::LeaseLost | StoreError::Ended) => return false,
-                Err(_) if self.shared.as_ref().is_some() => {
+                Err(_) if self.shared_queue => {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(1));
                 }
@@ -225,7 +296,7 @@ impl JobService {
                 Err(e @ (StoreError::LeaseLost | StoreError::Ended)) => {
                     return Err(JobFailure::internal(e));
                 }
-                Err(e) if self.shared.as_ref().is_none() => return Err(JobFailure::internal(e)),
+                Err(e) if !self.shared_queue => return Err(JobFailure::internal(e)),
                 Err(e) => {
                     tracing::warn!(job_id = ?asset.job_id, error = %e, "recording an output failed; retrying");
                     tokio::time::sleep(wait).await;
@@ -307,7 +378,7 @@ impl JobService {
             Vec::new()
         } else {
             phase.set(RunPhase::Upload);
-            self.replace_models(&job.spec.model_files, tokio::time::Instant::from_std(deadline)).await?
+            self.references.replace_models(&job.spec.model_files, tokio::time::Instant::from_std(deadline)).await?
         };
         let subfolder = upload_subfolder(job.id);
         if !job.spec.uploads.is_empty() {
@@ -337,7 +408,7 @@ impl JobService {
             }
         }
         let mut graph = Value::Object(workflow.clone());
-        if let Some(speed) = self.config.speed.as_ref().and_then(|s| s.for_route(job.source.route()))
+        if let Some(speed) = self.speed.as_ref().and_then(|s| s.for_route(job.source.route()))
             && let Some(fast) = speed.apply(&graph)
         {
             // The executed graph (recorded as the job's workflow below) is the transformed one.
@@ -353,7 +424,7 @@ impl JobService {
         tracing::debug!(job_id = %job.id, prepare_us = phase_started.elapsed().as_micros() as u64, "uploads, preflight and the workflow record done");
         let graph = with_job_output_names(graph, job.id);
         // Fenced while preparing: never hand ComfyUI a prompt this instance may not hold.
-        if self.is_fenced(job.id) {
+        if self.live.is_fenced(job.id) {
             return Err(JobFailure::Canceled);
         }
 
@@ -362,7 +433,7 @@ impl JobService {
         request.outputs = job.spec.outputs.clone();
         request.prompt_id = Some(prompt_id.to_string());
         // The job wants a JPEG we encode anyway: ComfyUI's PNG would only be decoded again.
-        request.raster_outputs = self.config.raster_outputs && job.spec.encoding == OutputEncoding::Jpeg;
+        request.raster_outputs = self.raster_outputs && job.spec.encoding == OutputEncoding::Jpeg;
         let mut extra = match &job.spec.extra_data {
             Value::Object(m) => m.clone(),
             _ => Map::new(),
@@ -407,7 +478,7 @@ impl JobService {
                 preview_pending = false;
                 last_preview = Instant::now();
                 if let Some(p) = preview_rx.borrow_and_update().clone() {
-                    self.send_event(job.id, JobEvent::Preview { bytes: p.bytes, media_type: p.media_type, node_id: p.node_id });
+                    self.live.send_event(job.id, JobEvent::Preview { bytes: p.bytes, media_type: p.media_type, node_id: p.node_id });
                 }
             }
             if let Some(p) = pending.take() {
@@ -415,7 +486,7 @@ impl JobService {
                     last_stored = Instant::now();
                     job.progress = Some(p.clone());
                     let _ = self.store.update_job(job).await;
-                    self.send_event(job.id, JobEvent::Progress(p));
+                    self.live.send_event(job.id, JobEvent::Progress(p));
                 } else {
                     pending = Some(p);
                 }
@@ -446,7 +517,7 @@ impl JobService {
     /// once (issue #22: a 30 s S3 outage failed 86 of 100 jobs `internal`).
     async fn put_output(&self, job: &Job, bytes: Bytes) -> Result<(String, bool), JobFailure> {
         let started = job.started_at.unwrap_or_else(SystemTime::now);
-        let deadline = job.spec.deadline.unwrap_or(started + self.config.job_timeout);
+        let deadline = job.spec.deadline.unwrap_or(started + self.job_timeout);
         let mut pause = Duration::from_millis(500);
         loop {
             match self.blobs.put(bytes.clone()).await {
@@ -467,8 +538,8 @@ impl JobService {
             self.metrics.output_stored(if output.raster.is_some() { "raster" } else { "encoded" });
             let started = Instant::now();
             let (bytes, media_type) = match output.raster {
-                Some(shape) => encode_raster(output.bytes, shape, job.spec.encoding, self.config.jpeg_quality).await?,
-                None => encode(output.bytes, &output.media_type, job.spec.encoding, self.config.jpeg_quality).await?,
+                Some(shape) => encode_raster(output.bytes, shape, job.spec.encoding, self.jpeg_quality).await?,
+                None => encode(output.bytes, &output.media_type, job.spec.encoding, self.jpeg_quality).await?,
             };
             let encoded = Instant::now();
             let size = bytes.len() as u64;
@@ -489,7 +560,7 @@ impl JobService {
             };
             self.record_output(&asset).await?;
             job.outputs.push(asset.clone());
-            self.send_event(job.id, JobEvent::Output(asset));
+            self.live.send_event(job.id, JobEvent::Output(asset));
         }
         Ok(())
     }

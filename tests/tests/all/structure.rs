@@ -295,6 +295,26 @@ fn every_host_import_points_down_the_room_list() {
     );
 }
 
+/// The job service is a facade over parts, each a struct of its own file (issue #21): no
+/// other file adds methods to `JobService` (which would reach into its fields).
+#[test]
+fn only_the_facade_implements_the_job_service() {
+    let src = crate_src("host");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut found: Vec<String> = files
+        .iter()
+        .filter(|f| {
+            let text = std::fs::read_to_string(f).expect("readable source");
+            let code = code_of(&text);
+            code.match_indices("impl JobService").any(|(i, m)| !code[i + m.len()..].starts_with(is_ident))
+        })
+        .map(|f| f.strip_prefix(&src).expect("under src").to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    assert_eq!(found, vec!["jobs/service.rs".to_string()], "files with `impl JobService`");
+}
+
 #[test]
 fn the_checker_sees_a_circle_and_an_upward_import() {
     // The checker itself: two files that import each other, one through `super::`.
