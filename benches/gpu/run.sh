@@ -24,7 +24,8 @@
 #   worker-pool phase, pool.py; default empty = skipped), POOL_ARGS (extra pool.py arguments),
 #   SPEED=candidates|flowhost (issue 26's speed.py phases; default empty = skipped; set BENCH=0
 #   JPEG_BENCH=0 to run it alone), SPEED_ARGS (extra speed.py arguments), IDENTITY=1 (issue 25's
-#   identity routes, identity.py; IDENTITY_SIZE/STEPS/WARM, default 1024/20/2; IDENTITY_ARGS).
+#   identity routes, identity.py, run before SPEED; IDENTITY_SIZE/STEPS/WARM, default 1024/20/2;
+#   IDENTITY_S caps its seconds; IDENTITY_ARGS).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 ROOT=$(pwd)
@@ -107,43 +108,6 @@ timeout --signal=TERM "$(( left - 10 - jpeg_reserve ))" $PY "$HERE/bench.py" \
   --keep-png "$OUT/direct.png" ${BENCH_ARGS:-}
 stamp "bench exit $?"
 fi
-if [ -n "${SPEED:-}" ]; then
-  # Issue 26 (speed.py): SPEED=candidates — the one-step op-class profile, then default and the
-  # speed candidates through two ComfyUIs, interleaved; SPEED=flowhost — flowhost with
-  # --comfyui-profile speed against default: cold start with the compile cache cold and warm,
-  # first ÷ warm, interleaved per-image time, LoRA interleave. A comma list runs each in turn;
-  # SPEED_FIRST_S caps the first one's seconds. SPEED_ARGS adds speed.py options.
-  n=0
-  for phase in ${SPEED//,/ }; do
-    n=$((n + 1))
-    left=$(( DEADLINE_S - ($(date +%s) - START) ))
-    cap=$(( left - 20 ))
-    if [ "$n" = 1 ] && [ -n "${SPEED_FIRST_S:-}" ] && [ "$SPEED_FIRST_S" -lt "$cap" ]; then cap=$SPEED_FIRST_S; fi
-    stamp "speed.py $phase: ${left}s left, deadline ${cap}s"
-    pick=()
-    if [ "$phase" = flowhost ] && [ "${SPEED_PICK:-0}" = 1 ] && [ -s "$OUT/speed.json" ]; then
-      # SPEED_PICK=1: the `speed` profile's EasyCache threshold from the candidates just measured
-      # (stage 0, ComfyUI's defaults + EasyCache T at the served shape): the lowest T that reaches
-      # 1.8x images per hour against default, else the fastest T.
-      t=$($PY - "$OUT/speed.json" <<'EOF_PY'
-import json, re, sys
-S = json.load(open(sys.argv[1])).get("candidates", {}).get("summary", {})
-rows = [(float(m.group(1)) / 100, v) for k, v in S.items() if (m := re.match(r"s0:default_ec(\d+)@1024x20$", k)) and v.get("vs_default")]
-ok = sorted(t for t, v in rows if v["vs_default"] >= 1.8)
-print(ok[0] if ok else (max(rows, key=lambda r: r[1]["vs_default"])[0] if rows else ""))
-EOF_PY
-)
-      [ -n "$t" ] && pick=(--fh-profiles "speed=speed+--speed-step-cache=$t") && stamp "speed profile picked: EasyCache $t"
-    fi
-    # shellcheck disable=SC2086
-    timeout --signal=TERM "$(( cap + 15 ))" $PY "$HERE/speed.py" "$phase" "${pick[@]}" \
-      --comfyui "$WORK/ComfyUI" --python "$PY" --front-end-root "$WORK/frontend" --log-dir "$OUT" \
-      --out-json "$OUT/speed.json" --deadline-s "$cap" --flowhost "$WORK/flowhost" \
-      --models "$MODELS" --plugins "$WORK/plugins" --work "$WORK" --lora-id "${LORA:-flux-random-lora}" \
-      --inductor-cache "$WORK/compile-cache/inductor" --triton-cache "$WORK/compile-cache/triton" ${SPEED_ARGS:-}
-    stamp "speed.py $phase exit $?"
-  done
-fi
 if [ "${IDENTITY:-0}" = 1 ]; then
   # Issue 25: /flux-instantid and /flux-pulid executed through flowhost on full-size random
   # weights (identity.py), with the node packs and wheels prepare.sh put in $CARRY/identity.
@@ -165,17 +129,59 @@ import insightface, facexlib, ftfy, filterpy' || { stamp "identity imports faile
     > "$WORK/identity/models.json" || { stamp "identity model generation failed"; tail -30 "$WORK/identity/models.json"; exit 1; }
   stamp "identity models written in $(( $(date +%s) - t )) s"; du -sh "$MODELS"/*; free -g
   left=$(( DEADLINE_S - ($(date +%s) - START) ))
-  stamp "identity.py: ${left}s left"
-  timeout --signal=TERM "$(( left - 15 ))" $PY "$HERE/identity.py" --flowhost "$WORK/flowhost" --comfyui "$WORK/ComfyUI" \
+  cap=$(( left - 15 )); [ -n "${IDENTITY_S:-}" ] && [ "$IDENTITY_S" -lt "$cap" ] && cap=$IDENTITY_S
+  stamp "identity.py: ${left}s left, ${cap}s for it"
+  timeout --signal=TERM "$cap" $PY "$HERE/identity.py" --flowhost "$WORK/flowhost" --comfyui "$WORK/ComfyUI" \
     --python "$PY" --models "$MODELS" --plugins "$WORK/plugins" --images "$WORK/faces" --out "$WORK/identity" \
     --size "${IDENTITY_SIZE:-1024}" --steps "${IDENTITY_STEPS:-20}" --warm "${IDENTITY_WARM:-2}" --startup-timeout 300 \
     --comfyui-arg=--front-end-root --comfyui-arg="$WORK/frontend" ${IDENTITY_ARGS:-}
   stamp "identity exit $?"
+  # $OUT brings back 8 files at most: the JPEGs stay in $WORK/identity (identity.json has their sizes)
   cp "$WORK/identity/identity.json" "$OUT/" 2>/dev/null
-  $PY -c 'import json,sys; r=json.load(open(sys.argv[1])); r["files"]=r.get("files"); json.dump(r, open(sys.argv[2],"w"), indent=1)' "$WORK/identity/models.json" "$OUT/identity-models.json" 2>/dev/null \
-    || cp "$WORK/identity/models.json" "$OUT/identity-models.json" 2>/dev/null
+  echo "identity models:"; cat "$WORK/identity/models.json"
   tail -c 4000000 "$WORK/identity/flowhost.log" > "$OUT/flowhost-identity.log" 2>/dev/null
-  for f in flux-instantid-first flux-pulid-first; do cp "$WORK/identity/$f.jpg" "$OUT/" 2>/dev/null; done
+  export PYTHONPATH=$WORK/site   # the phases after this one run ComfyUI without the packs' packages
+  rm -rf "$WORK/ComfyUI/custom_nodes/ComfyUI_InstantID" "$WORK/ComfyUI/custom_nodes/ComfyUI_PuLID_Flux_ll"
+fi
+if [ -n "${SPEED:-}" ]; then
+  # Issue 26 (speed.py): SPEED=candidates — the one-step op-class profile, then default and the
+  # speed candidates through two ComfyUIs, interleaved; SPEED=flowhost — flowhost with
+  # --comfyui-profile speed against default: cold start with the compile cache cold and warm,
+  # first ÷ warm, interleaved per-image time, LoRA interleave. A comma list runs each in turn;
+  # SPEED_FIRST_S caps the first one's seconds. SPEED_ARGS adds speed.py options.
+  n=0
+  for phase in ${SPEED//,/ }; do
+    n=$((n + 1))
+    left=$(( DEADLINE_S - ($(date +%s) - START) ))
+    cap=$(( left - 20 ))
+    if [ "$n" = 1 ] && [ -n "${SPEED_FIRST_S:-}" ] && [ "$SPEED_FIRST_S" -lt "$cap" ]; then cap=$SPEED_FIRST_S; fi
+    stamp "speed.py $phase: ${left}s left, deadline ${cap}s"
+    pick=()
+    picked_from=$OUT/speed.json; [ -s "$picked_from" ] || picked_from=$WORK/speed-candidates.json
+    if [ "$phase" = flowhost ] && [ "${SPEED_PICK:-0}" = 1 ] && [ -s "$picked_from" ]; then
+      # SPEED_PICK=1: the `speed` profile's EasyCache threshold from the candidates just measured
+      # (stage 0, ComfyUI's defaults + EasyCache T at the served shape): the lowest T that reaches
+      # 1.8x images per hour against default, else the fastest T.
+      t=$($PY - "$picked_from" <<'EOF_PY'
+import json, re, sys
+S = json.load(open(sys.argv[1])).get("candidates", {}).get("summary", {})
+rows = [(float(m.group(1)) / 100, v) for k, v in S.items() if (m := re.match(r"s0:default_ec(\d+)@1024x20$", k)) and v.get("vs_default")]
+ok = sorted(t for t, v in rows if v["vs_default"] >= 1.8)
+print(ok[0] if ok else (max(rows, key=lambda r: r[1]["vs_default"])[0] if rows else ""))
+EOF_PY
+)
+      [ -n "$t" ] && pick=(--fh-profiles "speed=speed+--speed-step-cache=$t") && stamp "speed profile picked: EasyCache $t"
+    fi
+    # shellcheck disable=SC2086
+    timeout --signal=TERM "$(( cap + 15 ))" $PY "$HERE/speed.py" "$phase" "${pick[@]}" \
+      --comfyui "$WORK/ComfyUI" --python "$PY" --front-end-root "$WORK/frontend" --log-dir "$OUT" \
+      --out-json "$OUT/speed.json" --deadline-s "$cap" --flowhost "$WORK/flowhost" \
+      --models "$MODELS" --plugins "$WORK/plugins" --work "$WORK" --lora-id "${LORA:-flux-random-lora}" \
+      --inductor-cache "$WORK/compile-cache/inductor" --triton-cache "$WORK/compile-cache/triton" ${SPEED_ARGS:-}
+    stamp "speed.py $phase exit $?"
+    # kept on the machine: a later call's SPEED_PICK reads it when this call's $OUT has none
+    [ "$phase" = candidates ] && cp "$OUT/speed.json" "$WORK/speed-candidates.json" 2>/dev/null
+  done
 fi
 if [ -n "${POOL_GPUS:-}" ]; then
   # The worker pool (issues 13, 16): one supervised ComfyUI per --gpus entry, an interleave over
@@ -212,6 +218,8 @@ print(f"| Pillow {Image.__version__} (libjpeg-turbo, zlib) PNG → JPEG, for ref
 EOF_PY
   JPEG_BENCH_THREADS=${JPEG_BENCH_THREADS:-1,2,4,8} timeout 60 "$WORK/jpeg_bench" "$OUT/direct.png" "$WORK/ws-level1.png" || stamp "jpeg_bench failed"
 fi
-$PY "$HERE/summarize.py" "$OUT" > "$OUT/summary.md" 2>&1 || stamp "summarize failed"
-cat "$OUT/summary.md"
+if [ -f "$OUT/results.json" ]; then
+  $PY "$HERE/summarize.py" "$OUT" > "$OUT/summary.md" 2>&1 || stamp "summarize failed"
+  cat "$OUT/summary.md"
+fi
 stamp "done"
