@@ -2,7 +2,9 @@
 //! answer HEAD with a redirect carrying `X-Linked-Size`/`X-Linked-ETag` (as huggingface.co does
 //! for LFS files) and GET with a redirect to a "CDN" path that serves bytes with Range support.
 //! The server can cut connections mid-body, require a token, serve wrong bytes, ignore Range,
-//! and hold downloads to observe how many run at once.
+//! and hold downloads to observe how many run at once. It also stands in for GitHub releases:
+//! `/{owner}/{repo}/releases/download/{tag}/{name}` answers with a bare redirect to the CDN path
+//! (no size, no checksum), as github.com does for `url` entries.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -112,6 +114,19 @@ async fn hub_handler(
     let path = uri.path();
     if let Some(file) = path.strip_prefix("/cdn/") {
         return serve_cdn(&hub, file, header_text(header::RANGE)).await;
+    }
+    if let Some((_tag, name)) = path
+        .split_once("/releases/download/")
+        .and_then(|(_, rest)| rest.split_once('/'))
+    {
+        if !hub.files.lock().unwrap().contains_key(name) {
+            return (StatusCode::NOT_FOUND, "Not Found").into_response();
+        }
+        return Response::builder()
+            .status(StatusCode::FOUND)
+            .header(header::LOCATION, format!("{cdn_prefix}{name}"))
+            .body(Body::empty())
+            .unwrap();
     }
     let prefix = format!("/{REPO}/resolve/main/");
     let Some(file) = path.strip_prefix(prefix.as_str()) else {
@@ -576,6 +591,133 @@ mod token_leak {
     }
 }
 
+mod url_entry {
+    use super::*;
+
+    const ASSET: &str = "detection_Resnet50_Final.pth";
+
+    /// A `url` entry on `host` (GitHub-style release path), as the manifest parses it.
+    fn url_entry(host: &str, name: &str) -> ModelFile {
+        let manifest = serde_json::json!({"files": [{
+            "url": format!("http://{host}/xinntao/facexlib/releases/download/v0.1.0/{name}"),
+            "folder": "facexlib",
+            "group": "pulid",
+        }]});
+        Manifest::parse(&manifest.to_string(), "test")
+            .unwrap()
+            .files
+            .remove(0)
+    }
+
+    /// The hub's requests for `name` (the release URL and the CDN path it redirects to).
+    fn requests_for(hub: &Hub, name: &str) -> Vec<Logged> {
+        let log = hub.log.lock().unwrap();
+        log.iter()
+            .filter(|l| l.path.ends_with(&format!("/{name}")))
+            .cloned()
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_url_entry_is_pulled_through_a_redirect_and_never_gets_the_hf_token() {
+        let asset = content(70_000, 40);
+        let hf_file = content(3000, 41);
+        let hub = Hub {
+            required_token: Some("hf_secret".into()),
+            ..Hub::default()
+        };
+        let (hub, endpoint) = start_hub(hub).await;
+        hub.serve_file(ASSET, asset.clone());
+        hub.serve_file("m.bin", hf_file.clone());
+        // The release host is "localhost" (the same server): a host that is not the HF endpoint.
+        let port = endpoint.rsplit(':').next().unwrap();
+        let files = [
+            entry("m.bin", "vae", None),
+            url_entry(&format!("localhost:{port}"), ASSET),
+        ];
+        let models = tempfile::tempdir().unwrap();
+        let opts = PullOptions {
+            token: Some("hf_secret".into()),
+            ..options(models.path(), &endpoint)
+        };
+
+        let report = pull(&files, &opts).await.unwrap();
+        assert!(report.files.iter().all(|f| f.outcome.is_ok()), "{report:?}");
+        assert_eq!(
+            report.files[1].outcome.as_ref().unwrap(),
+            &PullOutcome::Installed {
+                bytes: asset.len() as u64,
+                resumed_from: 0,
+                verified: Verification::Size
+            }
+        );
+        assert_eq!(
+            std::fs::read(models.path().join("facexlib").join(ASSET)).unwrap(),
+            asset
+        );
+        assert!(
+            !models
+                .path()
+                .join("facexlib")
+                .join(format!("{ASSET}.part"))
+                .exists()
+        );
+        let asset_requests = requests_for(&hub, ASSET);
+        assert!(
+            asset_requests.iter().any(|l| l.path.starts_with("/cdn/")),
+            "the redirect was followed: {asset_requests:?}"
+        );
+        assert!(
+            asset_requests.iter().all(|l| l.authorization.is_none()),
+            "the HF token was sent for the url entry: {asset_requests:?}"
+        );
+        // The token is set and does go to Hugging Face.
+        let resolve: Vec<Logged> = requests_for(&hub, "m.bin")
+            .into_iter()
+            .filter(|l| l.path.contains("/resolve/"))
+            .collect();
+        assert!(
+            !resolve.is_empty()
+                && resolve
+                    .iter()
+                    .all(|l| l.authorization.as_deref() == Some("Bearer hf_secret")),
+            "{resolve:?}"
+        );
+
+        // A second run finds it installed and downloads nothing.
+        hub.clear_log();
+        let again = pull(&files[1..], &opts).await.unwrap();
+        assert!(
+            matches!(only_outcome(&again), Ok(PullOutcome::AlreadyPresent { .. })),
+            "{again:?}"
+        );
+        assert!(hub.gets().is_empty(), "{:?}", hub.gets());
+    }
+
+    #[tokio::test]
+    async fn a_missing_url_file_names_its_host_and_file_not_hugging_face() {
+        let (_hub, endpoint) = start_hub(Hub::default()).await;
+        let host = endpoint.trim_start_matches("http://").to_owned();
+        let models = tempfile::tempdir().unwrap();
+
+        let report = pull(
+            &[url_entry(&host, "parsing_bisenet.pth")],
+            &options(models.path(), &endpoint),
+        )
+        .await
+        .unwrap();
+        let message = error_text(&report);
+        assert!(
+            message.contains("127.0.0.1")
+                && message.contains("facexlib/parsing_bisenet.pth")
+                && message.contains("404"),
+            "{message}"
+        );
+        assert!(!message.contains("Hugging Face"), "{message}");
+        assert!(!models.path().join("facexlib/parsing_bisenet.pth").exists());
+    }
+}
+
 mod present {
     use super::*;
 
@@ -771,5 +913,54 @@ mod cli {
         let unknown = run("nope").output().await.unwrap();
         assert!(!unknown.status.success());
         assert!(String::from_utf8_lossy(&unknown.stderr).contains("nope"));
+    }
+
+    #[tokio::test]
+    async fn a_url_entry_picked_by_group_installs_with_hf_token_set_and_never_receives_it() {
+        let (hub, endpoint) = start_hub(Hub::default()).await;
+        let asset = content(5000, 42);
+        hub.serve_file("parsing_bisenet.pth", asset.clone());
+        hub.serve_file("b.bin", content(100, 43));
+        let work = tempfile::tempdir().unwrap();
+        let url =
+            format!("{endpoint}/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth");
+        let manifest = write_manifest(
+            work.path(),
+            serde_json::json!([
+                {"url": url, "folder": "facexlib", "group": "pulid"},
+                {"repo": REPO, "path": "b.bin", "folder": "vae"}
+            ]),
+        );
+        let models = work.path().join("models");
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flowhost"))
+            .args(["models", "pull", "--manifest"])
+            .arg(&manifest)
+            .arg("--models")
+            .arg(&models)
+            .args(["--only", "pulid"])
+            // The HF endpoint is elsewhere: the url entry's host is not Hugging Face.
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env("HF_TOKEN", "hf_secret")
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            std::fs::read(models.join("facexlib/parsing_bisenet.pth")).unwrap(),
+            asset
+        );
+        assert!(
+            !models.join("vae/b.bin").exists(),
+            "--only pulid picked only the url entry"
+        );
+        let log = hub.log.lock().unwrap().clone();
+        assert!(
+            !log.is_empty() && log.iter().all(|l| l.authorization.is_none()),
+            "HF_TOKEN reached the url's host: {log:?}"
+        );
     }
 }

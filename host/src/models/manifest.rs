@@ -1,10 +1,13 @@
-//! The model manifest: which files `flowhost models pull` fetches from Hugging Face and where
+//! The model manifest: which files `flowhost models pull` fetches, from a Hugging Face repository
+//! (`repo` + `path`) or a direct `url` (facexlib's weights are GitHub release assets), and where
 //! each one lands on the models volume (`{models}/{folder}/{name}`).
 //!
 //! Owns parsing and validation of the manifest (JSON) and the shipped default manifest
 //! (`models/manifest.json`, embedded at build time). It must never touch the network or the
 //! file system beyond reading a manifest file: downloading is `pull`'s job. Validation refuses
-//! anything that could write outside the models directory (`..`, absolute paths).
+//! anything that could write outside the models directory (`..`, absolute paths), an entry that
+//! names both sources or neither, a `url` that is not https (http only to a loopback host, for
+//! local mirrors and tests) and a `url` carrying credentials (they would end up in logs).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -12,7 +15,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-/// The manifest shipped with flowhost (Flux Dev, its encoders, InstantID, antelopev2, SDXL base).
+/// The manifest shipped with flowhost (Flux Dev, its encoders, InstantID, antelopev2, SDXL base,
+/// PuLID-Flux with EVA02-CLIP and facexlib).
 pub const SHIPPED_MANIFEST: &str = include_str!("../../../models/manifest.json");
 
 /// Where a manifest came from, for error messages.
@@ -28,20 +32,28 @@ pub struct Manifest {
     pub files: Vec<ModelFile>,
 }
 
-/// One file: where it lives on Hugging Face and where it goes on the models volume.
+/// One file: where it is downloaded from and where it goes on the models volume. The source is
+/// either a Hugging Face file (`repo` + `path`, optionally `revision`) or a direct `url`, never
+/// both (checked by [`Manifest::parse`]).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelFile {
     /// Hugging Face repository, `owner/name`.
-    pub repo: String,
+    #[serde(default)]
+    pub repo: Option<String>,
     /// Path of the file inside the repository (may contain `/`).
-    pub path: String,
-    /// Branch, tag or commit; `main` when absent.
-    #[serde(default = "default_revision")]
-    pub revision: String,
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Branch, tag or commit; `main` when absent (see [`ModelFile::revision`]).
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// A direct download URL (https), for files that are not on Hugging Face. The Hugging Face
+    /// token is never sent to it.
+    #[serde(default)]
+    pub url: Option<String>,
     /// Folder under the models directory (`diffusion_models`, `controlnet/instantid`, ...).
     pub folder: String,
-    /// Installed file name; the last segment of `path` when absent.
+    /// Installed file name; the last segment of `path` (or of the URL's path) when absent.
     #[serde(default)]
     pub name: Option<String>,
     /// Expected SHA-256 (hex). Absent when nobody has verified it; the server's LFS object id
@@ -59,17 +71,22 @@ pub struct ModelFile {
     pub note: Option<String>,
 }
 
-fn default_revision() -> String {
-    "main".to_owned()
-}
-
 impl ModelFile {
     /// The installed file name.
     pub fn file_name(&self) -> &str {
-        match &self.name {
-            Some(name) => name,
-            None => self.path.rsplit('/').next().unwrap_or(&self.path),
+        if let Some(name) = &self.name {
+            return name;
         }
+        match (&self.url, &self.path) {
+            (Some(url), _) => url_last_segment(url),
+            (None, Some(path)) => path.rsplit('/').next().unwrap_or(path),
+            (None, None) => "",
+        }
+    }
+
+    /// The Hugging Face revision: `main` when the manifest names none.
+    pub fn revision(&self) -> &str {
+        self.revision.as_deref().unwrap_or("main")
     }
 
     /// `folder/name`, relative to the models directory; how the file is named in messages.
@@ -87,35 +104,66 @@ impl ModelFile {
         path
     }
 
-    /// `repo/path@revision`, how the source is named in messages.
+    /// How the source is named in messages: `repo/path@revision`, or the URL (without any
+    /// credentials, which validation refuses anyway).
     pub fn source(&self) -> String {
-        format!("{}/{}@{}", self.repo, self.path, self.revision)
+        match &self.url {
+            Some(url) => match url::Url::parse(url) {
+                Ok(mut parsed) => {
+                    let _ = parsed.set_username("");
+                    let _ = parsed.set_password(None);
+                    parsed.to_string()
+                }
+                Err(_) => url.clone(),
+            },
+            None => format!(
+                "{}/{}@{}",
+                self.repo.as_deref().unwrap_or(""),
+                self.path.as_deref().unwrap_or(""),
+                self.revision()
+            ),
+        }
     }
 
     /// Does `--only SELECTOR` pick this file? Matches the installed name, `folder/name`,
-    /// the group, or the repository.
+    /// the group, the repository or the URL.
     pub fn matches(&self, selector: &str) -> bool {
         selector == self.file_name()
             || selector == self.destination()
             || self.group.as_deref() == Some(selector)
-            || selector == self.repo
+            || self.repo.as_deref() == Some(selector)
+            || self.url.as_deref() == Some(selector)
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        let mut repo_parts = self.repo.split('/');
-        let (owner, name) = (repo_parts.next(), repo_parts.next());
-        let repo_ok = matches!((owner, name, repo_parts.next()), (Some(o), Some(n), None) if is_repo_part(o) && is_repo_part(n));
-        if !repo_ok {
-            bail!("repo {:?} is not of the form owner/name", self.repo);
+        match (&self.url, &self.repo, &self.path) {
+            (Some(url), None, None) => {
+                if self.revision.is_some() {
+                    bail!("revision applies to repo + path only, not to url");
+                }
+                check_url(url, self.name.is_some())?;
+            }
+            (Some(_), _, _) => {
+                bail!("gives both url and repo/path: name exactly one source")
+            }
+            (None, Some(repo), Some(path)) => {
+                let mut repo_parts = repo.split('/');
+                let (owner, name) = (repo_parts.next(), repo_parts.next());
+                let repo_ok = matches!((owner, name, repo_parts.next()), (Some(o), Some(n), None) if is_repo_part(o) && is_repo_part(n));
+                if !repo_ok {
+                    bail!("repo {repo:?} is not of the form owner/name");
+                }
+                check_relative(path, "path")?;
+                let revision = self.revision();
+                if revision.is_empty() || revision.chars().any(char::is_whitespace) {
+                    bail!("revision {revision:?} is empty or contains whitespace");
+                }
+            }
+            (None, _, _) => {
+                bail!("names no source: give url, or repo and path")
+            }
         }
-        check_relative(&self.path, "path")?;
         check_relative(&self.folder, "folder")?;
-        if self.revision.is_empty() || self.revision.chars().any(char::is_whitespace) {
-            bail!(
-                "revision {:?} is empty or contains whitespace",
-                self.revision
-            );
-        }
         let file_name = self.file_name();
         if file_name.is_empty()
             || file_name == "."
@@ -134,6 +182,54 @@ impl ModelFile {
         }
         Ok(())
     }
+}
+
+/// The raw last path segment of a URL (no query or fragment); `check_url` makes sure it is the
+/// file's name (or that the manifest names the file).
+fn url_last_segment(url: &str) -> &str {
+    let url = url.split('#').next().unwrap_or(url);
+    let url = url.split('?').next().unwrap_or(url);
+    match url.split_once("://") {
+        Some((_, rest)) => match rest.split_once('/') {
+            Some((_, path)) => path.rsplit('/').next().unwrap_or(""),
+            None => "",
+        },
+        None => "",
+    }
+}
+
+/// A download URL: https, or http to a loopback host (a local mirror or a test server); no
+/// credentials; a file name at the end of its path unless the entry names the file.
+fn check_url(url: &str, has_name: bool) -> anyhow::Result<()> {
+    // The URL is not echoed in these errors: it may carry a password.
+    let parsed = url::Url::parse(url).map_err(|err| anyhow::anyhow!("url is not a URL: {err}"))?;
+    let loopback = match parsed.host() {
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match parsed.scheme() {
+        "https" if parsed.host().is_some() => {}
+        "http" if loopback => {}
+        _ => bail!("url must be https (http only to a loopback host)"),
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        bail!("url must not carry credentials (user:password@); they would be logged");
+    }
+    let last = parsed
+        .path_segments()
+        .and_then(|mut segments| segments.next_back())
+        .unwrap_or("");
+    if !has_name {
+        if last.is_empty() {
+            bail!("url does not end in a file name: set name");
+        }
+        if url_last_segment(url).contains('%') {
+            bail!("url's file name is percent-encoded: set name");
+        }
+    }
+    Ok(())
 }
 
 fn is_repo_part(part: &str) -> bool {
@@ -264,6 +360,119 @@ mod tests {
     }
 
     #[test]
+    fn shipped_manifest_pulls_facexlib_from_its_github_releases_in_group_pulid() {
+        let manifest = Manifest::shipped().unwrap();
+        let pulid = manifest.select(&["pulid".into()]).unwrap();
+        for (destination, url) in [
+            (
+                "facexlib/detection_Resnet50_Final.pth",
+                "https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth",
+            ),
+            (
+                "facexlib/parsing_bisenet.pth",
+                "https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth",
+            ),
+        ] {
+            let file = pulid
+                .iter()
+                .find(|f| f.destination() == destination)
+                .unwrap_or_else(|| panic!("{destination} missing from group pulid"));
+            assert_eq!(file.url.as_deref(), Some(url));
+            assert_eq!(file.source(), url);
+        }
+    }
+
+    #[test]
+    fn url_form_is_accepted_named_after_the_url_path_and_selectable_by_url() {
+        let url =
+            "https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth";
+        let m = Manifest::parse(
+            &one(&format!(
+                r#"{{"url":"{url}","folder":"facexlib","group":"pulid"}}"#
+            )),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(m.files[0].destination(), "facexlib/parsing_bisenet.pth");
+        assert_eq!(m.files[0].source(), url);
+        for selector in [
+            url,
+            "parsing_bisenet.pth",
+            "facexlib/parsing_bisenet.pth",
+            "pulid",
+        ] {
+            assert_eq!(m.select(&[selector.into()]).unwrap().len(), 1, "{selector}");
+        }
+        let with_query = Manifest::parse(
+            &one(r#"{"url":"https://h.example/a/w.pth?download=1#x","folder":"f"}"#),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(with_query.files[0].destination(), "f/w.pth");
+        let named = Manifest::parse(
+            &one(r#"{"url":"https://h.example/get/","folder":"f","name":"w.pth"}"#),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(named.files[0].destination(), "f/w.pth");
+        // Plain http only to a loopback host (a local mirror).
+        for local in [
+            "http://127.0.0.1:8080/w.pth",
+            "http://localhost/w.pth",
+            "http://[::1]/w.pth",
+        ] {
+            let entry = one(&format!(r#"{{"url":"{local}","folder":"f"}}"#));
+            assert!(Manifest::parse(&entry, "t").is_ok(), "refused {local}");
+        }
+    }
+
+    #[test]
+    fn url_form_refusals_name_the_entry_and_the_reason() {
+        for (bad, reason) in [
+            (
+                r#"{"url":"https://h.example/w.pth","repo":"a/b","path":"w.pth","folder":"f"}"#,
+                "both url and repo/path",
+            ),
+            (
+                r#"{"url":"https://h.example/w.pth","path":"w.pth","folder":"f"}"#,
+                "both url and repo/path",
+            ),
+            (r#"{"folder":"f","name":"w.pth"}"#, "no source"),
+            (r#"{"repo":"a/b","folder":"f"}"#, "no source"),
+            (
+                r#"{"url":"http://h.example/w.pth","folder":"f"}"#,
+                "must be https",
+            ),
+            (
+                r#"{"url":"ftp://h.example/w.pth","folder":"f"}"#,
+                "must be https",
+            ),
+            (r#"{"url":"not a url","folder":"f"}"#, "not a URL"),
+            (
+                r#"{"url":"https://user:s3cret@h.example/w.pth","folder":"f"}"#,
+                "credentials",
+            ),
+            (
+                r#"{"url":"https://h.example/dir/","folder":"f"}"#,
+                "set name",
+            ),
+            (
+                r#"{"url":"https://h.example/w.pth","revision":"v1","folder":"f"}"#,
+                "revision",
+            ),
+        ] {
+            let manifest =
+                format!(r#"{{"files":[{{"repo":"a/b","path":"ok.bin","folder":"f"}},{bad}]}}"#);
+            let err = format!("{:#}", Manifest::parse(&manifest, "t").unwrap_err());
+            assert!(
+                err.contains("files[1]") && err.contains(reason),
+                "{bad}: {err}"
+            );
+            assert!(!err.contains("s3cret"), "the password is echoed: {err}");
+        }
+    }
+
+    #[test]
     fn name_defaults_to_last_path_segment() {
         let m = Manifest::parse(
             &one(r#"{"repo":"a/b","path":"x/y.bin","folder":"f/g"}"#),
@@ -271,7 +480,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.files[0].destination(), "f/g/y.bin");
-        assert_eq!(m.files[0].revision, "main");
+        assert_eq!(m.files[0].revision(), "main");
         assert_eq!(
             m.files[0].destination_in(Path::new("/m")),
             PathBuf::from("/m/f/g/y.bin")

@@ -1,12 +1,13 @@
-//! `flowhost models pull`: download what a model manifest lists from Hugging Face onto the
-//! models volume.
+//! `flowhost models pull`: download what a model manifest lists (from Hugging Face, or from a
+//! direct URL such as a GitHub release asset) onto the models volume.
 //!
 //! Owns the download protocol: `{endpoint}/{repo}/resolve/{revision}/{path}` (endpoint from
-//! `HF_ENDPOINT`, token from `HF_TOKEN`), resuming from `{name}.part` with `Range`, SHA-256 and
-//! size verification, the rename that installs a file, skipping files already present, the
-//! concurrency bound and the progress display. It must never leave a file under its final name
-//! unless it was completely downloaded and verified, never send the token anywhere but the
-//! configured endpoint (redirects to other hosts drop it), and never write outside `--models`.
+//! `HF_ENDPOINT`, token from `HF_TOKEN`) or the entry's `url`, resuming from `{name}.part` with
+//! `Range`, SHA-256 and size verification, the rename that installs a file, skipping files
+//! already present, the concurrency bound and the progress display. It must never leave a file
+//! under its final name unless it was completely downloaded and verified, never send the token
+//! anywhere but the configured endpoint (`url` entries go without it; redirects to other hosts
+//! drop it), and never write outside `--models`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -38,8 +39,8 @@ pub struct PullArgs {
     /// How many files download at once.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub concurrency: usize,
-    /// Pull only these files: a file name, `folder/name`, a group (`flux-dev`, `instantid`, ...)
-    /// or a repository. Repeatable.
+    /// Pull only these files: a file name, `folder/name`, a group (`flux-dev`, `instantid`, ...),
+    /// a repository or a URL. Repeatable.
     #[arg(long, value_name = "NAME")]
     pub only: Vec<String>,
     /// How many times an interrupted download is resumed within this run before giving up
@@ -87,7 +88,7 @@ pub enum Verification {
 pub struct FilePullResult {
     /// `folder/name` under the models directory.
     pub destination: String,
-    /// `repo/path@revision`.
+    /// `repo/path@revision`, or the URL.
     pub source: String,
     pub outcome: anyhow::Result<PullOutcome>,
 }
@@ -274,47 +275,88 @@ enum Attempt {
 }
 
 impl Puller {
-    fn url_for(&self, file: &ModelFile) -> url::Url {
+    fn url_for(&self, file: &ModelFile) -> anyhow::Result<url::Url> {
+        if let Some(direct) = &file.url {
+            return url::Url::parse(direct)
+                .map_err(|err| anyhow!("url of {} is not a URL: {err}", file.destination()));
+        }
+        let (Some(repo), Some(path)) = (&file.repo, &file.path) else {
+            bail!(
+                "{} names no source (url, or repo and path)",
+                file.destination()
+            );
+        };
         let mut url = self.endpoint.clone();
         if let Ok(mut segments) = url.path_segments_mut() {
             segments.pop_if_empty();
-            segments.extend(file.repo.split('/'));
+            segments.extend(repo.split('/'));
             segments.push("resolve");
-            segments.push(&file.revision);
-            segments.extend(file.path.split('/'));
+            segments.push(file.revision());
+            segments.extend(path.split('/'));
         }
-        url
+        Ok(url)
     }
 
-    fn authorised(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    /// Adds the Hugging Face token, to Hugging Face requests only: a `url` entry points at some
+    /// other host (GitHub releases), which must never see it.
+    fn authorised(
+        &self,
+        file: &ModelFile,
+        request: reqwest::RequestBuilder,
+    ) -> reqwest::RequestBuilder {
         match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
+            Some(token) if file.url.is_none() => request.bearer_auth(token),
+            _ => request,
         }
     }
 
-    /// The error for a refused or failed response, naming the repo and what to do.
+    /// Who serves `file`, for messages: the URL's host, or Hugging Face.
+    fn server_name(&self, file: &ModelFile) -> String {
+        match &file.url {
+            Some(direct) => url::Url::parse(direct)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_else(|| "the url's server".to_owned()),
+            None => "Hugging Face".to_owned(),
+        }
+    }
+
+    /// The error for a refused or failed response, naming the repo (or the URL's host and the
+    /// file) and what to do.
     fn status_error(&self, file: &ModelFile, status: StatusCode) -> anyhow::Error {
-        let licence_page = format!(
-            "{}/{}",
-            self.endpoint.as_str().trim_end_matches('/'),
-            file.repo
-        );
+        if file.url.is_some() {
+            let host = self.server_name(file);
+            let destination = file.destination();
+            return match status {
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => anyhow!(
+                    "{host} refused {destination} (HTTP {}); pull sends no credentials to a url \
+                     entry: check the url in the manifest",
+                    status.as_u16()
+                ),
+                StatusCode::NOT_FOUND => anyhow!(
+                    "{destination} not found at {host} (HTTP 404): check the url in the manifest"
+                ),
+                other => anyhow!("{host} answered HTTP {} for {destination}", other.as_u16()),
+            };
+        }
+        let repo = file.repo.as_deref().unwrap_or("");
+        let path = file.path.as_deref().unwrap_or("");
+        let licence_page = format!("{}/{repo}", self.endpoint.as_str().trim_end_matches('/'));
         match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if self.token.is_none() => anyhow!(
                 "Hugging Face refused {} (HTTP {}) for {}: the repository is gated or private. \
                  Set HF_TOKEN to a read token (https://huggingface.co/settings/tokens) of an account \
                  that accepted the model licence at {licence_page}",
-                file.repo,
+                repo,
                 status.as_u16(),
-                file.path
+                path
             ),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => anyhow!(
                 "Hugging Face refused {} (HTTP {}) for {} with the token in HF_TOKEN: check that HF_TOKEN \
                  is a valid read token and that its account accepted the model licence at {licence_page}",
-                file.repo,
+                repo,
                 status.as_u16(),
-                file.path
+                path
             ),
             StatusCode::NOT_FOUND => anyhow!(
                 "{} not found on Hugging Face (HTTP 404): check repo, path and revision in the manifest",
@@ -329,15 +371,26 @@ impl Puller {
     }
 
     /// HEAD without following redirects: Hugging Face answers LFS files with a redirect that
-    /// carries `X-Linked-Size` and `X-Linked-ETag` (the object's SHA-256).
+    /// carries `X-Linked-Size` and `X-Linked-ETag` (the object's SHA-256). Other servers (GitHub
+    /// releases) redirect with no size: nothing is known then, and the download's
+    /// `Content-Length` is the size checked.
     async fn probe(&self, file: &ModelFile) -> anyhow::Result<RemoteInfo> {
-        let url = self.url_for(file);
+        let url = self.url_for(file)?;
         let response = self
-            .authorised(self.probe_client.head(url.clone()))
+            .authorised(file, self.probe_client.head(url.clone()))
             .send()
             .await
             .with_context(|| format!("asking {url} for the file size"))?;
         let status = response.status();
+        if file.url.is_some()
+            && matches!(
+                status,
+                StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED
+            )
+        {
+            // A plain web server need not answer HEAD; the GET still can.
+            return Ok(RemoteInfo::default());
+        }
         if !(status.is_success() || status.is_redirection()) {
             return Err(self.status_error(file, status));
         }
@@ -385,7 +438,7 @@ impl Puller {
             Ok(remote) => remote,
             Err(err) => match &present {
                 Some(_) if file.sha256.is_none() => {
-                    tracing::warn!(file = %file.destination(), "present; could not ask Hugging Face to check it: {err:#}");
+                    tracing::warn!(file = %file.destination(), server = %self.server_name(file), "present; could not ask its server to check it: {err:#}");
                     return Ok(PullOutcome::AlreadyPresent {
                         verified: Verification::Unverified,
                     });
@@ -445,8 +498,8 @@ impl Puller {
             .await;
         bar.finish_and_clear();
         self.progress.remove(&bar);
-        let (bytes, resumed_from) = result?;
-        let verified = match (&file.sha256, &expected_sha, expected_size) {
+        let (bytes, resumed_from, size_checked) = result?;
+        let verified = match (&file.sha256, &expected_sha, size_checked) {
             (Some(_), _, _) => Verification::ManifestSha256,
             (None, Some(_), _) => Verification::ServerChecksum,
             (None, None, Some(_)) => Verification::Size,
@@ -459,8 +512,10 @@ impl Puller {
         })
     }
 
-    /// Fill `.part` (resuming), verify it, rename it to `destination`. Returns the final size and
-    /// how many bytes the `.part` held when this run started.
+    /// Fill `.part` (resuming), verify it, rename it to `destination`. Returns the final size,
+    /// how many bytes the `.part` held when this run started, and the size it was checked
+    /// against (the probe's, or else the download's `Content-Length`: a GitHub release redirect
+    /// tells no size).
     async fn download_and_install(
         &self,
         file: &ModelFile,
@@ -469,7 +524,7 @@ impl Puller {
         mut expected_size: Option<u64>,
         expected_sha: Option<&str>,
         bar: &ProgressBar,
-    ) -> anyhow::Result<(u64, u64)> {
+    ) -> anyhow::Result<(u64, u64, Option<u64>)> {
         let resumed_from = file_len(part).await;
         // Hash while downloading; a `.part` left by an earlier run is hashed at the end instead.
         let mut running_hash = None;
@@ -530,7 +585,7 @@ impl Puller {
         tokio::fs::rename(part, destination)
             .await
             .with_context(|| format!("renaming {} to {}", part.display(), destination.display()))?;
-        Ok((size, resumed_from))
+        Ok((size, resumed_from, expected_size))
     }
 
     /// One GET, appending to `.part` from where it ends.
@@ -552,8 +607,8 @@ impl Puller {
                 offset = 0;
             }
         }
-        let url = self.url_for(file);
-        let mut request = self.authorised(self.download_client.get(url.clone()));
+        let url = self.url_for(file)?;
+        let mut request = self.authorised(file, self.download_client.get(url.clone()));
         if offset > 0 {
             request = request.header(RANGE, format!("bytes={offset}-"));
         }
@@ -775,7 +830,7 @@ mod tests {
             progress: MultiProgress::with_draw_target(ProgressDrawTarget::hidden()),
         };
         assert_eq!(
-            puller.url_for(&file).as_str(),
+            puller.url_for(&file).unwrap().as_str(),
             "http://127.0.0.1:9/mirror/InstantX/InstantID/resolve/main/ControlNetModel/diffusion%20pytorch.safetensors"
         );
     }
