@@ -116,9 +116,13 @@ if [ "${IDENTITY:-0}" = 1 ]; then
   for t in "$CARRY"/identity/*.tar.xz; do
     $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2], filter="tar")' "$t" "$WORK/ComfyUI/custom_nodes"
   done
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site-identity" "$CARRY"/identity/whl/*.whl \
+  # Into the same folder as the wheels ComfyUI already starts with (a second PYTHONPATH folder
+  # left the packs' `import insightface.app` unresolved inside ComfyUI on the first GPU run).
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$CARRY"/identity/whl/*.whl \
     || { stamp "identity wheel install failed"; exit 1; }
-  export PYTHONPATH=$WORK/site:$WORK/site-identity
+  export PYTHONPATH=$WORK/site
+  (cd "$WORK/ComfyUI" && HOME=$(mktemp -d) $PY -c 'import sys; print("sys.path", sys.path[:4]); import insightface, insightface.app, insightface.utils.download; print("insightface from", insightface.__file__, list(getattr(insightface, "__path__", [])))') \
+    || stamp "insightface does not import from the ComfyUI folder"
   $PY -c 'import importlib.metadata as m
 for p in ("insightface","facexlib","onnxruntime","opencv-python-headless","timm","torchvision","scikit-image","albumentations","ftfy"):
     try: print(p, m.version(p))
@@ -140,7 +144,6 @@ import insightface, facexlib, ftfy, filterpy' || { stamp "identity imports faile
   cp "$WORK/identity/identity.json" "$OUT/" 2>/dev/null
   echo "identity models:"; cat "$WORK/identity/models.json"
   tail -c 4000000 "$WORK/identity/flowhost.log" > "$OUT/flowhost-identity.log" 2>/dev/null
-  export PYTHONPATH=$WORK/site   # the phases after this one run ComfyUI without the packs' packages
   rm -rf "$WORK/ComfyUI/custom_nodes/ComfyUI_InstantID" "$WORK/ComfyUI/custom_nodes/ComfyUI_PuLID_Flux_ll"
 fi
 if [ -n "${SPEED:-}" ]; then
