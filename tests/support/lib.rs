@@ -25,6 +25,24 @@ pub fn target_dir() -> PathBuf {
 
 static BUILD_LOCK: Mutex<()> = Mutex::new(());
 
+/// `cargo`, without the package variables `cargo test` gave this process (`CARGO_PKG_*`,
+/// `CARGO_MANIFEST_*`, `CARGO_CRATE_NAME`, …). Why: ring's build script watches several of them,
+/// so passing them on would rebuild ring, rustls, sqlx and flowhost in here, and again in the
+/// next plain `cargo build` (scripts/test.sh builds the binaries before the tests).
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let set_by_cargo_test = name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || matches!(&*name, "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR" | "OUT_DIR");
+        if set_by_cargo_test {
+            cmd.env_remove(&*name);
+        }
+    }
+    cmd
+}
+
 /// Build package `package` for wasm32-wasip2 (release) with extra env vars and
 /// return the path of a private copy of the component. Variants with different
 /// env get their own target dir so they don't rebuild each other.
@@ -38,7 +56,7 @@ pub fn build_component(package: &str, env: &[(&str, &str)]) -> Result<PathBuf> {
         (target_dir().join("fixture-variants").join(&slug), format!("{package}-{slug}"))
     };
     let artifact = target.join("wasm32-wasip2/release").join(format!("{}.wasm", package.replace('-', "_")));
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = cargo();
     cmd.current_dir(workspace_root())
         .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", package])
         .env("CARGO_TARGET_DIR", &target);
@@ -180,7 +198,7 @@ pub fn flowhost_binary() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
         let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        let status = cargo()
             .current_dir(workspace_root())
             .args(["build", "--quiet", "-p", "flowhost", "--bin", "flowhost"])
             .status();
@@ -268,7 +286,7 @@ pub fn double_binary() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
         let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        let status = cargo()
             .current_dir(workspace_root())
             .args(["build", "--quiet", "-p", "comfyui-double", "--bin", "comfyui-double"])
             .status();

@@ -20,6 +20,8 @@ mod job_store;
 mod jobs;
 mod liveness;
 mod model_refs;
+mod models_pull;
+mod ops;
 mod plugin_graphs;
 mod pool;
 mod raster;

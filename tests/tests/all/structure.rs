@@ -315,6 +315,14 @@ fn only_the_facade_implements_the_job_service() {
     assert_eq!(found, vec!["jobs/service.rs".to_string()], "files with `impl JobService`");
 }
 
+/// The host's integration tests are modules of the one test binary (`tests/tests/all/`): a
+/// `host/tests/` file would be a test binary of its own, another link of wasmtime, sqlx and axum.
+#[test]
+fn the_host_has_no_integration_tests_of_its_own() {
+    let folder = flowhost_tests::workspace_root().join("host/tests");
+    assert!(!folder.exists(), "host/tests/ exists: move its tests into tests/tests/all/ as modules");
+}
+
 #[test]
 fn the_checker_sees_a_circle_and_an_upward_import() {
     // The checker itself: two files that import each other, one through `super::`.

@@ -1,6 +1,6 @@
 //! Operations modules over real sockets on 127.0.0.1: access control in front of a
 //! router, and analytics delivery to a local PostHog capture server. (`/metrics` labels are
-//! tested through the real router: `tests/tests/all/runtime.rs`.)
+//! tested through the real router: `runtime.rs`.)
 
 use std::net::SocketAddr;
 
@@ -385,7 +385,9 @@ mod analytics {
         analytics.shutdown().await;
         let bodies = server.bodies();
         assert_eq!(bodies.len(), 1, "both events travel in one batch");
-        let version = env!("CARGO_PKG_VERSION");
+        // flowhost's own version (what `flowhost --version` prints), not this test crate's.
+        let cli = <flowhost::app::cli::Cli as clap::CommandFactory>::command();
+        let version = cli.get_version().expect("flowhost has a version");
         assert_eq!(
             without_uuids(bodies[0].clone()),
             json!({

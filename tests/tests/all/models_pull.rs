@@ -853,7 +853,7 @@ mod cli {
             ]),
         );
         let models = work.path().join("models");
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flowhost"))
+        let output = tokio::process::Command::new(flowhost_tests::flowhost_binary())
             .args(["models", "pull", "--manifest"])
             .arg(&manifest)
             .arg("--models")
@@ -893,7 +893,7 @@ mod cli {
         );
         let models = work.path().join("models");
         let run = |only: &'static str| {
-            let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_flowhost"));
+            let mut command = tokio::process::Command::new(flowhost_tests::flowhost_binary());
             command
                 .args(["models", "pull", "--manifest"])
                 .arg(&manifest)
@@ -932,7 +932,7 @@ mod cli {
             ]),
         );
         let models = work.path().join("models");
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flowhost"))
+        let output = tokio::process::Command::new(flowhost_tests::flowhost_binary())
             .args(["models", "pull", "--manifest"])
             .arg(&manifest)
             .arg("--models")
