@@ -120,6 +120,11 @@ if [ "${IDENTITY:-0}" = 1 ]; then
   # left the packs' `import insightface.app` unresolved inside ComfyUI on the first GPU run).
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$CARRY"/identity/whl/*.whl \
     || { stamp "identity wheel install failed"; exit 1; }
+  # insightface's wheel carries data files (the .data/data scheme); pip --target --upgrade moves
+  # them over the package, leaving insightface/ with data/ and thirdparty/ only (a namespace
+  # package: `import insightface.app` fails). Unpacked by hand, the package is whole.
+  for w in "$CARRY"/identity/whl/insightface-*.whl; do $PY -m zipfile -e "$w" "$WORK/site"; done
+  rm -rf "$WORK"/site/insightface-*.data
   export PYTHONPATH=$WORK/site
   (cd "$WORK/ComfyUI" && HOME=$(mktemp -d) $PY -c 'import sys; print("sys.path", sys.path[:4]); import insightface, insightface.app, insightface.utils.download; print("insightface from", insightface.__file__, list(getattr(insightface, "__path__", [])))') \
     || stamp "insightface does not import from the ComfyUI folder"
