@@ -32,22 +32,26 @@ pub enum LaunchProfile {
     Fast,
     /// The measured speed profile (issue 26, BENCHMARKS.md "Speed profile"): ComfyUI's own
     /// bf16 launch, plus a graph transform the host applies to every job ([`SpeedGraph`]: an
-    /// `EasyCache` step cache before each sampler's model). 1.77× images per hour at 1024²/20
-    /// on an H100 (random weights), 43.5 dB PSNR against `default` for the same seed.
+    /// `EasyCache` step cache at [`DEFAULT_STEP_CACHE`] before each sampler's model). 1.83×
+    /// images per hour at 1024²/20 through flowhost on an H100 (random weights; 1.91× from a
+    /// direct client), 41.2 dB PSNR against `default` for the same seed.
     /// **Changes the images** (skipped steps reuse the previous step's output).
     Speed,
     /// fp8 matrix products, `--highvram` and `TorchCompileModel` (inductor) before each
     /// sampler, with the Inductor/Triton caches kept under the state dir: 1.33× at 1024²/20,
-    /// a 90 s compile on the first job of a shape. No step cache unless the operator asks
+    /// a 77–125 s compile on the first job of a shape. No step cache unless the operator asks
     /// (`--speed-step-cache T`): then `LazyCache`, which decides outside the compiled model
-    /// (EasyCache inside it recompiled on its skip branches, 20–80 s per step; not yet timed
-    /// on a GPU with LazyCache). **Changes the images** (fp8 weights).
+    /// (EasyCache inside it recompiled on its skip branches, 20–80 s per step); with 0.3,
+    /// 1.93× interleaved with `default` (1.3 s against 3.6 s per warm image) at 30.3 dB.
+    /// **Changes the images** (fp8 weights, skipped steps).
     SpeedCompiled,
 }
 
-/// `EasyCache`'s `reuse_threshold` under the speed profile (`--speed-step-cache` changes it;
-/// ComfyUI's own default is 0.2).
-pub const DEFAULT_STEP_CACHE: f64 = 0.2;
+/// `EasyCache`'s `reuse_threshold` under the speed profile (`--speed-step-cache` changes it).
+/// 0.25, not ComfyUI's own 0.2: on the H100 (random weights, 1024²/20) 0.2 gave 1.73–1.77×
+/// images per hour, short of the 1.8× the profile is for; 0.25 gave 1.91× (1.83× through
+/// flowhost) at 41.2 dB PSNR against `default` (BENCHMARKS.md, "Speed profile, third pass").
+pub const DEFAULT_STEP_CACHE: f64 = 0.25;
 
 impl LaunchProfile {
     /// Every profile, in the order the docs list them.

@@ -128,12 +128,13 @@ pub struct ServeArgs {
     pub comfyui_args: Vec<String>,
     /// Named bundle of ComfyUI speed options for --comfyui-dir: default (none),
     /// highvram, fp8 (changes images), fast (fp8 + highvram + autotune), speed (a step
-    /// cache on every job: 1.77x), speed-compiled (fp8 + torch.compile: 1.33x).
+    /// cache on every job: 1.83x), speed-compiled (fp8 + torch.compile: 1.33x; 1.93x with
+    /// --speed-step-cache 0.3).
     /// See docs/operations.md.
     #[arg(long, requires = "comfyui_dir", conflicts_with_all = ["comfyui_url", "simulate"])]
     pub comfyui_profile: Option<flowhost_comfy::LaunchProfile>,
     /// With `--comfyui-profile speed`: EasyCache's reuse threshold (0 to 3; 0 turns the step
-    /// cache off; default 0.2). With `speed-compiled`: adds a step cache at this threshold
+    /// cache off; default 0.25). With `speed-compiled`: adds a step cache at this threshold
     /// (LazyCache, outside the compiled model; default none). Higher skips more sampling
     /// steps and changes the image more.
     #[arg(long, requires = "comfyui_profile", value_parser = parse_step_cache)]
