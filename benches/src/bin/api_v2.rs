@@ -55,7 +55,8 @@ async fn main() -> Result<()> {
     std::fs::copy(&workflow_plugin, plugins.path().join("workflow.wasm"))?;
     let cache = tempfile::tempdir()?;
     let mut args = comfy.args();
-    args.extend(["--max-in-flight".to_string(), "8".to_string()]);
+    // 100 listeners on one job: above the default per-job stream cap (64, issue #22).
+    args.extend(["--max-in-flight", "8", "--max-event-streams-per-job", "128"].map(String::from));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = flowhost_tests::TestServer::start_in(plugins, cache, &refs).await?;
     let base = server.base.clone();
@@ -104,6 +105,9 @@ async fn main() -> Result<()> {
             let ready_tx = ready_tx.clone();
             listeners.push(tokio::spawn(async move {
                 let response = client.get(url).send().await.ok()?;
+                if !response.status().is_success() {
+                    return None;
+                }
                 let mut stream = response.bytes_stream();
                 let mut text = String::new();
                 let mut announced = false;
@@ -120,8 +124,11 @@ async fn main() -> Result<()> {
                 None
             }));
         }
+        // Only the listeners hold senders now: one that is refused ends the wait instead of
+        // leaving it hanging.
+        drop(ready_tx);
         for _ in 0..100 {
-            ready_rx.recv().await.context("a listener never connected")?;
+            ready_rx.recv().await.context("a listener never connected (refused, or the stream ended)")?;
         }
         let t0 = Instant::now();
         let response = client.post(format!("{base}/api/v2/jobs/{id}/cancel")).send().await?;
