@@ -148,6 +148,8 @@ async fn main() -> Result<()> {
     // 3. Trivial graph end to end: v2 submit + poll (every 2 ms) + download, vs POST /workflow.
     let mut v2_e2e = Vec::new();
     let mut sync_e2e = Vec::new();
+    // The sync request's own Server-Timing phases: where a trivial job's time goes.
+    let mut phases: std::collections::BTreeMap<String, Vec<Duration>> = std::collections::BTreeMap::new();
     let body = json!({"workflow": graph(66), "output_format": "original"});
     for i in 0..100 {
         // Distinct widths defeat the double's execution cache in both paths alike.
@@ -168,6 +170,15 @@ async fn main() -> Result<()> {
         let t = Instant::now();
         let response = client.post(format!("{base}/workflow")).json(&sync_body).send().await?;
         let status = response.status();
+        if let Some(timing) = response.headers().get("server-timing").and_then(|v| v.to_str().ok()) {
+            for part in timing.split(',') {
+                let mut fields = part.trim().split(';');
+                let name = fields.next().unwrap_or_default().to_string();
+                if let Some(ms) = fields.find_map(|f| f.trim().strip_prefix("dur=")).and_then(|d| d.parse::<f64>().ok()) {
+                    phases.entry(name).or_insert_with(Vec::new).push(Duration::from_secs_f64(ms / 1000.0));
+                }
+            }
+        }
         let bytes = response.bytes().await?;
         sync_e2e.push(t.elapsed());
         if status != 200 || bytes.len() < 8 {
@@ -180,5 +191,8 @@ async fn main() -> Result<()> {
     table_row("SSE fan-out: cancel → all 100 listeners have `canceling`", fanout);
     table_row("trivial graph via `/api/v2/jobs` + poll (2 ms) + download", v2_e2e);
     table_row("same graph via sync `POST /workflow` (PNG as is)", sync_e2e);
+    for (name, samples) in phases {
+        table_row(&format!("  of which Server-Timing `{name}`"), samples);
+    }
     Ok(())
 }
