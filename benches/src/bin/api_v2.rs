@@ -175,7 +175,7 @@ async fn main() -> Result<()> {
                 let mut fields = part.trim().split(';');
                 let name = fields.next().unwrap_or_default().to_string();
                 if let Some(ms) = fields.find_map(|f| f.trim().strip_prefix("dur=")).and_then(|d| d.parse::<f64>().ok()) {
-                    phases.entry(name).or_insert_with(Vec::new).push(Duration::from_secs_f64(ms / 1000.0));
+                    phases.entry(name).or_default().push(Duration::from_secs_f64(ms / 1000.0));
                 }
             }
         }
