@@ -16,7 +16,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use super::admission::Admission;
-use super::failure::{JobFailure, RunPhase};
+use super::failure::JobFailure;
 use super::follow::Follow;
 use super::live::LiveJobs;
 use super::model::{Job, JobEvent, JobStatus};
@@ -132,25 +132,8 @@ impl Control {
     async fn time_out_if_queued(&self, id: Uuid) {
         if self.admission.take_from_queue(id).await {
             if let Ok(Some(job)) = self.store.get_job(id).await {
-                let waited = job.created_at.elapsed().unwrap_or_default().as_millis() as u64;
-                let (_, limit) = super::failure::job_limit(
-                    self.job_timeout,
-                    job.created_at,
-                    job.spec.deadline,
-                );
-                let _ = self
-                    .live
-                    .finish_unrun(
-                        job,
-                        JobStatus::Failed,
-                        Some(JobFailure::Timeout {
-                            prompt_id: None,
-                            waited_ms: waited,
-                            phase: Some(RunPhase::Queue),
-                            limit: Some(limit),
-                        }),
-                    )
-                    .await;
+                let failure = super::failure::queue_timeout(self.job_timeout, job.created_at, job.spec.deadline);
+                let _ = self.live.finish_unrun(job, JobStatus::Failed, Some(failure)).await;
             }
         }
     }

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::admission::{Admission, Submission};
 use super::affinity::Candidate;
 use super::config::JobConfig;
-use super::failure::{JobFailure, RunPhase};
+use super::failure::JobFailure;
 use super::live::LiveJobs;
 use super::model::JobStatus;
 use super::pool::{ComfyWorker, Dispatch as WorkerDispatch, WorkerPool};
@@ -175,25 +175,8 @@ impl Dispatch {
         if let Some(deadline) = job.spec.deadline
             && SystemTime::now() >= deadline
         {
-            let waited = job.created_at.elapsed().unwrap_or_default().as_millis() as u64;
-            let (_, limit) = super::failure::job_limit(
-                self.job_timeout,
-                job.created_at,
-                job.spec.deadline,
-            );
-            let _ = self
-                .live
-                .finish_unrun(
-                    job,
-                    JobStatus::Failed,
-                    Some(JobFailure::Timeout {
-                        prompt_id: None,
-                        waited_ms: waited,
-                        phase: Some(RunPhase::Queue),
-                        limit: Some(limit),
-                    }),
-                )
-                .await;
+            let failure = super::failure::queue_timeout(self.job_timeout, job.created_at, job.spec.deadline);
+            let _ = self.live.finish_unrun(job, JobStatus::Failed, Some(failure)).await;
             return;
         }
         if let Some(worker) = worker

@@ -353,6 +353,19 @@ pub fn from_comfy(err: ComfyError, caller_nodes: &[String]) -> JobFailure {
 /// the run, or a synchronous request's deadline when that comes first. A sync request's
 /// deadline is `--job-timeout` counted from admission (the queue wait included): reported as
 /// `--job-timeout` when it is exactly that, else as the request's own deadline.
+/// The failure of a job whose time ran out before it left the queue: how long it waited and
+/// the limit it was under ([`job_limit`]). Takes the job's times, not the job: the job model
+/// imports this module.
+pub(super) fn queue_timeout(
+    job_timeout: std::time::Duration,
+    created_at: std::time::SystemTime,
+    request_deadline: Option<std::time::SystemTime>,
+) -> JobFailure {
+    let waited_ms = created_at.elapsed().unwrap_or_default().as_millis() as u64;
+    let (_, limit) = job_limit(job_timeout, created_at, request_deadline);
+    JobFailure::Timeout { prompt_id: None, waited_ms, phase: Some(RunPhase::Queue), limit: Some(limit) }
+}
+
 pub(super) fn job_limit(
     job_timeout: std::time::Duration,
     created_at: std::time::SystemTime,
